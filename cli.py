@@ -1,0 +1,2016 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.10"
+# dependencies = ["fabric>=3.2", "filelock>=3.12", "tabulate>=0.9"]
+# ///
+"""cli.py: a persistent SSH job queue in one file.
+
+A background server keeps a list of workers (SSH hosts, each with a number of
+slots) and a queue of jobs in a data directory, and starts each job on a free
+worker by running the user's own job script locally with JOB_ID and SLAVE_IP in
+its environment.  The script itself copies data to the worker and runs the work
+there over ssh (see example_job.sh).  State lives in SQLite and survives stops,
+crashes and kill -9.
+
+    ./cli.py start                      # background server for ./.data
+    ./cli.py add_slave --slots 4 node1 node2
+    ./cli.py add_job ./job.sh input-1.dat
+    ./cli.py status
+    ./cli.py stop                       # running jobs keep running
+
+Run `./cli.py COMMAND --help` for each command.
+"""
+
+###############################################################################
+# Imports ######################################################################
+###############################################################################
+
+# Only light standard modules at the top: every client command pays for what is
+# imported here.  sqlite3 and the server's modules are imported by the server;
+# fabric, tabulate and filelock where they are used.
+import argparse
+import json
+import os
+import re
+import socket
+import sys
+import time
+from enum import Enum
+
+###############################################################################
+# Constants and data-dir layout ################################################
+###############################################################################
+
+VERSION = "0.1.0"
+DEFAULT_DATA_DIR = ".data"
+DEFAULT_LOG_DIR = "logs"
+DATA_DIR_VARIABLE = "CLI_PY_DATA_DIR"        # overrides the default data dir
+SSH_CONFIG_VARIABLE = "CLI_PY_SSH_CONFIG"    # ssh config for the tool's own checks
+
+DATABASE_FILE = "state.db"
+SOCKET_FILE = "server.sock"
+LOCK_FILE = "server.lock"
+PID_FILE = "server.pid"
+RUN_DIR = "run"                  # per-attempt supervisor files: .lock .pid .exit .kill
+SERVER_LOG_FILE = "server.log"   # in the log dir, beside the job logs
+
+SOCKET_PATH_LIMIT = 107          # sun_path is 108 bytes including the final NUL
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+DEFAULT_KILL_GRACE = 10.0        # seconds between SIGTERM and SIGKILL
+DEFAULT_SSH_TIMEOUT = 10.0
+STATUS_TABLE_HEAD = 10           # waiting jobs shown by the status table
+
+RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP")
+VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# Host names reach ssh as one argv element, but also job scripts that may not
+# quote $SLAVE_IP: allow what host names, IPs, user@host and ssh aliases use.
+HOST_NAME = re.compile(r"[A-Za-z0-9_.\[\]][A-Za-z0-9_.@:%+\[\]-]*\Z")
+
+
+def data_dir_paths(data_dir):
+    """The files of one data dir, by role."""
+    return {
+        "database": os.path.join(data_dir, DATABASE_FILE),
+        "lock": os.path.join(data_dir, LOCK_FILE),
+        "pid": os.path.join(data_dir, PID_FILE),
+        "run": os.path.join(data_dir, RUN_DIR),
+        "socket": socket_path(data_dir),
+    }
+
+
+def socket_path(data_dir):
+    """Where the server of DATA_DIR listens.
+
+    Unix socket paths are limited to 107 bytes; a deep data dir gets its socket
+    in an owner-only directory under /tmp, named by a hash of the data dir, so
+    client and server find it without asking anyone.
+    """
+    path = os.path.join(data_dir, SOCKET_FILE)
+    if len(os.fsencode(path)) <= SOCKET_PATH_LIMIT:
+        return path
+    import hashlib
+    digest = hashlib.sha256(os.fsencode(data_dir)).hexdigest()[:24]
+    return os.path.join("/tmp", f"cli-py-{os.getuid()}", f"{digest}.sock")
+
+
+def job_log_path(log_dir, job_id):
+    return os.path.join(log_dir, f"job_{job_id}.txt")
+
+
+def run_file(run_dir, job_id, attempt, kind):
+    """A supervisor file of one attempt of one job: lock, pid, exit or kill."""
+    return os.path.join(run_dir, f"{job_id}-{attempt}.{kind}")
+
+
+###############################################################################
+# Errors #######################################################################
+###############################################################################
+
+class UserError(Exception):
+    """A mistake the user can fix: main() prints 'Error: MESSAGE' and exits 1."""
+
+
+def validate_host_name(name):
+    if not name:
+        raise UserError("empty worker name: give a host name, IP address, user@host or ssh alias")
+    if name.startswith("-"):
+        raise UserError(f"invalid worker name {name!r}: names cannot start with '-' "
+                        "(ssh would read it as an option)")
+    if not HOST_NAME.match(name):
+        raise UserError(f"invalid worker name {name!r}: use a host name, IP address, user@host "
+                        "or ssh alias (letters, digits and . _ - @ : % + [ ] only, no spaces)")
+    return name
+
+
+def validate_variable_name(name, reserved_ok=False):
+    if not VARIABLE_NAME.match(name):
+        raise UserError(f"invalid variable name {name!r}: use letters, digits and _, "
+                        "not starting with a digit")
+    if not reserved_ok and name in RESERVED_VARIABLES:
+        raise UserError(f"{name} is set by cli.py for every job and cannot be overridden; "
+                        "choose another name")
+    return name
+
+
+def parse_assignment(text):
+    """NAME=VALUE from -e; the value may contain '=' (split at the first)."""
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise UserError(f"-e {text!r} has no '=': write -e NAME=VALUE")
+    validate_variable_name(name)
+    return name, value
+
+
+def validate_variables(variables, what):
+    """A {NAME: VALUE} mapping as stored: checked again by the server."""
+    if not isinstance(variables, dict):
+        raise UserError(f"{what}: variables must be an object of NAME: VALUE")
+    for name, value in variables.items():
+        validate_variable_name(name)
+        if not isinstance(value, str) or "\0" in value:
+            raise UserError(f"{what}: the value of {name} must be a string without NUL bytes")
+    return variables
+
+
+###############################################################################
+# States and transitions #######################################################
+###############################################################################
+
+class JobState(str, Enum):
+    """Where a job is.  How it ended is JobResult, kept apart."""
+    WAITING = "waiting"
+    RUNNING = "running"
+    DONE = "done"
+
+
+class JobResult(str, Enum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    KILLED = "killed"
+
+
+class WorkerState(str, Enum):
+    ACTIVE = "active"
+    DRAINING = "draining"       # takes no new jobs; removed when its last job ends
+
+
+# RUNNING -> WAITING happens only in recovery, for an attempt whose supervisor
+# never got as far as starting the script.
+JOB_TRANSITIONS = {
+    JobState.WAITING: {JobState.RUNNING, JobState.DONE},
+    JobState.RUNNING: {JobState.DONE, JobState.WAITING},
+    JobState.DONE: set(),
+}
+WORKER_TRANSITIONS = {
+    WorkerState.ACTIVE: {WorkerState.DRAINING},
+    WorkerState.DRAINING: set(),
+}
+
+
+class IllegalTransition(Exception):
+    """A bug: some code tried a state change the tables above forbid."""
+
+
+def check_transition(table, old, new):
+    if new not in table[old]:
+        raise IllegalTransition(f"{old.value} -> {new.value}")
+
+
+def result_of(exit_code, signal_number, kill_requested):
+    """How an attempt ended, from what its supervisor recorded."""
+    if kill_requested:
+        return JobResult.KILLED
+    if exit_code == 0:
+        return JobResult.SUCCEEDED
+    return JobResult.FAILED
+
+
+###############################################################################
+# Storage ######################################################################
+###############################################################################
+
+# One list of migrations; PRAGMA user_version counts how many are applied.
+MIGRATIONS = [
+    """
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE environments (
+        id INTEGER PRIMARY KEY,
+        digest TEXT NOT NULL UNIQUE,
+        variables TEXT NOT NULL            -- JSON object, the submitter's environment
+    );
+    CREATE TABLE workers (
+        position INTEGER PRIMARY KEY AUTOINCREMENT,   -- order of addition
+        name TEXT NOT NULL UNIQUE,
+        slots INTEGER NOT NULL CHECK (slots >= 1),
+        variables TEXT NOT NULL DEFAULT '{}',
+        state TEXT NOT NULL,
+        ssh_checked INTEGER NOT NULL DEFAULT 0,
+        added_at REAL NOT NULL
+    );
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,         -- never reused
+        state TEXT NOT NULL,
+        result TEXT,
+        script TEXT NOT NULL,
+        args TEXT NOT NULL,                            -- JSON list of strings
+        cwd TEXT NOT NULL,
+        environment_id INTEGER NOT NULL REFERENCES environments(id),
+        variables TEXT NOT NULL DEFAULT '{}',          -- the job's own -e
+        worker TEXT,
+        slot INTEGER,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        exit_code INTEGER,
+        signal INTEGER,
+        reason TEXT,
+        kill_requested_at REAL,
+        submitted_at REAL NOT NULL,
+        started_at REAL,
+        ended_at REAL
+    );
+    CREATE INDEX jobs_by_state ON jobs (state, id);
+    """,
+]
+
+
+class Store:
+    """The SQLite database of one data dir.  Only the server opens it."""
+
+    def __init__(self, path):
+        import sqlite3
+        self.sqlite3 = sqlite3
+        existed = os.path.exists(path)
+        try:
+            # Autocommit mode: every change goes through transaction() below.
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA busy_timeout = 5000")
+            if existed:
+                problem = self.db.execute("PRAGMA quick_check").fetchone()[0]
+                if problem != "ok":
+                    raise sqlite3.DatabaseError(problem)
+            self.db.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL mode survives a crash of the process; only a power
+            # loss can drop the last transactions.
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            self.db.execute("PRAGMA foreign_keys = ON")
+            self.migrate()
+        except sqlite3.DatabaseError as error:
+            raise UserError(
+                f"the database {path} is unreadable or corrupt ({error}); refusing to start. "
+                "Nothing was changed: restore it from a backup, or move it away to start "
+                "with an empty queue") from None
+
+    def migrate(self):
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise UserError(f"the database was written by a newer cli.py (schema {version}); "
+                            "upgrade cli.py")
+        for number in range(version, len(MIGRATIONS)):
+            with self.transaction():
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version = {number + 1}")
+
+    def transaction(self):
+        return _Transaction(self.db)
+
+    def close(self):
+        self.db.close()
+
+    # --- settings ---------------------------------------------------------
+
+    def setting(self, key, default=None):
+        row = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_setting(self, key, value):
+        self.db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
+                        (key, json.dumps(value)))
+
+    # --- environments -----------------------------------------------------
+
+    def intern_environment(self, variables):
+        """The id of this exact environment, stored once however many jobs use it."""
+        import hashlib
+        text = json.dumps(variables, sort_keys=True)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        row = self.db.execute("SELECT id FROM environments WHERE digest = ?", (digest,)).fetchone()
+        if row:
+            return row[0]
+        return self.db.execute("INSERT INTO environments (digest, variables) VALUES (?, ?)",
+                               (digest, text)).lastrowid
+
+    def environment(self, environment_id):
+        row = self.db.execute("SELECT variables FROM environments WHERE id = ?",
+                              (environment_id,)).fetchone()
+        return json.loads(row[0])
+
+    def environments(self, ids):
+        rows = self.db.execute("SELECT id, variables FROM environments").fetchall()
+        return {row["id"]: json.loads(row["variables"]) for row in rows if row["id"] in ids}
+
+    def drop_unused_environments(self):
+        self.db.execute("DELETE FROM environments WHERE id NOT IN "
+                        "(SELECT DISTINCT environment_id FROM jobs)")
+
+    # --- workers ----------------------------------------------------------
+
+    def workers(self):
+        return self.db.execute("SELECT * FROM workers ORDER BY position").fetchall()
+
+    def insert_worker(self, name, slots, variables, ssh_checked):
+        self.db.execute(
+            "INSERT INTO workers (name, slots, variables, state, ssh_checked, added_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (name, slots, json.dumps(variables), WorkerState.ACTIVE.value, int(ssh_checked),
+             time.time()))
+
+    def set_worker_state(self, name, old, new):
+        check_transition(WORKER_TRANSITIONS, old, new)
+        self.db.execute("UPDATE workers SET state = ? WHERE name = ? AND state = ?",
+                        (new.value, name, old.value))
+
+    def delete_worker(self, name):
+        self.db.execute("DELETE FROM workers WHERE name = ?", (name,))
+
+    # --- jobs -------------------------------------------------------------
+
+    def insert_job(self, script, args, cwd, environment_id, variables, job_id=None,
+                   submitted_at=None):
+        return self.db.execute(
+            "INSERT INTO jobs (id, state, script, args, cwd, environment_id, variables, "
+            "submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (job_id, JobState.WAITING.value, script, json.dumps(args), cwd, environment_id,
+             json.dumps(variables), submitted_at or time.time())).lastrowid
+
+    def job(self, job_id):
+        return self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+
+    def jobs_in_state(self, state, limit=-1):
+        return self.db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY id LIMIT ?",
+                               (state.value, limit)).fetchall()
+
+    def waiting_count(self):
+        return self.db.execute("SELECT count(*) FROM jobs WHERE state = ?",
+                               (JobState.WAITING.value,)).fetchone()[0]
+
+    def counts(self):
+        counts = {"waiting": 0, "running": 0}
+        for row in self.db.execute("SELECT state, result, count(*) FROM jobs "
+                                   "GROUP BY state, result"):
+            key = row[1] if row[0] == JobState.DONE.value else row[0]
+            counts[key] = counts.get(key, 0) + row[2]
+        return counts
+
+    def change_job(self, job_id, old, new, **fields):
+        """Move one job from state OLD to NEW, refusing moves the table forbids.
+
+        The WHERE on the old state makes a lost race visible instead of silent.
+        """
+        check_transition(JOB_TRANSITIONS, old, new)
+        fields["state"] = new.value
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        cursor = self.db.execute(f"UPDATE jobs SET {assignments} WHERE id = ? AND state = ?",
+                                 (*fields.values(), job_id, old.value))
+        if cursor.rowcount != 1:
+            raise IllegalTransition(f"job {job_id} is not {old.value}")
+
+    def delete_waiting_jobs(self, job_ids):
+        self.db.executemany("DELETE FROM jobs WHERE id = ? AND state = ?",
+                            [(job_id, JobState.WAITING.value) for job_id in job_ids])
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK if the block raises."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, kind, error, trace):
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        return False
+
+
+def job_to_json(row, log_dir):
+    """The public form of a job: status --json, load_status and later `jobs`."""
+    return {
+        "id": row["id"],
+        "state": row["state"],
+        "result": row["result"],
+        "script": row["script"],
+        "args": json.loads(row["args"]),
+        "cwd": row["cwd"],
+        "envs": json.loads(row["variables"]),
+        "environment": row["environment_id"],
+        "worker": row["worker"],
+        "slot": row["slot"],
+        "attempt": row["attempt"],
+        "exit_code": row["exit_code"],
+        "signal": row["signal"],
+        "reason": row["reason"],
+        "submitted_at": iso_time(row["submitted_at"]),
+        "started_at": iso_time(row["started_at"]),
+        "ended_at": iso_time(row["ended_at"]),
+        "log": job_log_path(log_dir, row["id"]),
+    }
+
+
+def iso_time(timestamp):
+    if timestamp is None:
+        return None
+    from datetime import datetime, timezone
+    moment = datetime.fromtimestamp(timestamp, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+###############################################################################
+# Scheduling policy (pure functions, no I/O) ###################################
+###############################################################################
+
+class WorkerCapacity:
+    """What the scheduler needs to know of one worker."""
+
+    def __init__(self, name, slots, busy_slots, accepting=True):
+        self.name = name
+        self.slots = slots
+        self.busy_slots = set(busy_slots)
+        self.accepting = accepting
+
+    @property
+    def free_slots(self):
+        return max(0, self.slots - len(self.busy_slots)) if self.accepting else 0
+
+    def lowest_free_slot(self):
+        return next(slot for slot in range(self.slots) if slot not in self.busy_slots)
+
+
+def plan_starts(waiting_job_ids, workers):
+    """Which waiting jobs start now, where, and in which slot.
+
+    Jobs go in the order given (FIFO by id); each goes to the accepting worker
+    with the most free slots, so load spreads across machines instead of piling
+    onto the first one.  Ties go to the worker added first.  Returns a list of
+    (job_id, worker_name, slot); WORKERS are not modified.
+    """
+    import heapq
+    capacity = {worker.name: WorkerCapacity(worker.name, worker.slots, worker.busy_slots,
+                                            worker.accepting) for worker in workers}
+    heap = [(-worker.free_slots, position, worker.name)
+            for position, worker in enumerate(capacity.values()) if worker.free_slots > 0]
+    heapq.heapify(heap)
+    starts = []
+    for job_id in waiting_job_ids:
+        if not heap:
+            break
+        free, position, name = heapq.heappop(heap)
+        worker = capacity[name]
+        slot = worker.lowest_free_slot()
+        worker.busy_slots.add(slot)
+        starts.append((job_id, name, slot))
+        if free + 1 < 0:
+            heapq.heappush(heap, (free + 1, position, name))
+    return starts
+
+
+def job_environment(submitter_environment, worker_variables, job_variables, job_id, worker):
+    """The environment a job script runs with; later sources override earlier ones."""
+    environment = dict(submitter_environment)
+    environment.update(worker_variables)
+    environment.update(job_variables)
+    environment["JOB_ID"] = str(job_id)
+    environment["SLAVE_IP"] = worker
+    return environment
+
+
+###############################################################################
+# Job runner ###################################################################
+###############################################################################
+
+# Each attempt runs under a supervisor: a fork of the server that starts the job
+# script in a process group of its own, waits for it and writes how it ended to
+# a file.  It outlives the server, so a job that ends while the server is down
+# still has its exit status recorded.  Its files in DATA_DIR/run:
+#   N-A.lock  held (flock) by the supervisor for as long as it lives: proof of
+#             life that cannot be fooled by a reused pid
+#   N-A.pid   its pid, written before the script is started: no pid file means
+#             the script never started, so recovery may queue the job again
+#   N-A.exit  {"exit_code", "signal", "error"} once the script has ended
+#   N-A.kill  the grace period, written by the server before it asks the
+#             supervisor (SIGTERM) to end the job's process group
+
+def launch_supervisor(run_dir, job_id, attempt, script, args, cwd, environment, log_path,
+                      keep_fds=()):
+    """Fork a supervisor for one attempt; return (pid, pidfd) in the server."""
+    import fcntl
+    import signal
+    lock_fd = os.open(run_file(run_dir, job_id, attempt, "lock"),
+                      os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    # Block the signals the supervisor waits for before forking, so that none
+    # reaches the server's own handlers in the child.
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGCHLD})
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _supervise(run_dir, job_id, attempt, script, args, cwd, environment, log_path,
+                       lock_fd)
+    finally:
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+    os.close(lock_fd)   # the supervisor's copy keeps the lock
+    return pid, os.pidfd_open(pid)
+
+
+def _supervise(run_dir, job_id, attempt, script, args, cwd, environment, log_path, lock_fd):
+    """The body of a supervisor process.  Never returns."""
+    import signal
+    status = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        for number in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(number, signal.SIG_IGN)
+        os.setsid()   # out of the server's session: a stop of the server leaves us alone
+        # Drop every descriptor of the server (its listener, its database, the
+        # data dir lock) except our own lock.
+        os.closerange(3, lock_fd)
+        os.closerange(lock_fd + 1, 1 << 16)
+        _write_file(run_file(run_dir, job_id, attempt, "pid"), f"{os.getpid()}\n")
+        outcome = _run_and_wait(run_dir, job_id, attempt, script, args, cwd, environment,
+                                log_path)
+        _write_file(run_file(run_dir, job_id, attempt, "exit"), json.dumps(outcome))
+        status = 0
+    except BaseException:   # noqa: BLE001 - a supervisor must never unwind into the server
+        pass
+    os._exit(status)
+
+
+def _run_and_wait(run_dir, job_id, attempt, script, args, cwd, environment, log_path):
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if attempt > 1 else os.O_TRUNC)
+    log_fd = os.open(log_path, flags, 0o600)
+    try:
+        os.chdir(cwd)
+    except OSError as error:
+        message = f"cannot enter the job's directory {cwd}: {error.strerror}"
+        os.write(log_fd, f"cli.py: job {job_id}: {message}\n".encode())
+        return {"exit_code": None, "signal": None, "error": message}
+    pid = os.fork()
+    if pid == 0:
+        _exec_job(script, args, environment, log_fd)
+    try:
+        os.setpgid(pid, pid)   # also done in the child: whichever runs first wins
+    except OSError:
+        pass
+    os.close(log_fd)
+    exit_status = _wait_for_group(run_dir, job_id, attempt, pid)
+    if os.WIFSIGNALED(exit_status):
+        return {"exit_code": None, "signal": os.WTERMSIG(exit_status), "error": None}
+    return {"exit_code": os.WEXITSTATUS(exit_status), "signal": None, "error": None}
+
+
+def _exec_job(script, args, environment, log_fd):
+    """In the job's own process: a new process group, default signals, exec."""
+    import signal
+    try:
+        os.setpgid(0, 0)
+        for number in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGXFSZ,
+                       signal.SIGTERM, signal.SIGCHLD):
+            signal.signal(number, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        null_fd = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null_fd, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.execve(script, [script, *args], environment)
+    except OSError as error:
+        os.write(2, f"cli.py: cannot run {script}: {error.strerror}\n".encode(errors="replace"))
+        os._exit(127 if error.errno == 2 else 126)
+    os._exit(126)
+
+
+def _wait_for_group(run_dir, job_id, attempt, pid):
+    """Wait for the job's main process, then for the rest of its process group.
+
+    SIGTERM (from the server) means: end the job.  The group gets SIGTERM, and
+    SIGKILL once the grace period in the .kill file has passed.  Processes the
+    script left behind in its group when it exited get the same treatment, so a
+    freed slot is really free (as Slurm does at the end of a job).
+    """
+    import signal
+    waited = {signal.SIGTERM, signal.SIGCHLD}
+    exit_status = None
+    kill_deadline = None
+    while True:
+        if exit_status is None:
+            reaped, status = os.waitpid(pid, os.WNOHANG)
+            if reaped:
+                exit_status = status
+        if exit_status is not None and not _group_alive(pid):
+            return exit_status
+        if exit_status is not None and kill_deadline is None:
+            kill_deadline = _terminate_group(pid, DEFAULT_KILL_GRACE)
+        if kill_deadline is not None:
+            remaining = kill_deadline - time.monotonic()
+            if remaining <= 0:
+                _signal_group(pid, signal.SIGKILL)
+                remaining = 0.05
+            # Processes that are not our children send no SIGCHLD: look again soon.
+            received = signal.sigtimedwait(waited, min(remaining, 0.05))
+        else:
+            received = signal.sigwaitinfo(waited)
+        if received and received.si_signo == signal.SIGTERM and kill_deadline is None:
+            kill_deadline = _terminate_group(pid, _read_grace(run_dir, job_id, attempt))
+
+
+def _terminate_group(pgid, grace):
+    import signal
+    _signal_group(pgid, signal.SIGTERM)
+    return time.monotonic() + grace
+
+
+def _signal_group(pgid, number):
+    try:
+        os.killpg(pgid, number)
+    except OSError:
+        pass
+
+
+def _group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def _read_grace(run_dir, job_id, attempt):
+    try:
+        with open(run_file(run_dir, job_id, attempt, "kill")) as kill_file:
+            return float(kill_file.read())
+    except (OSError, ValueError):
+        return DEFAULT_KILL_GRACE
+
+
+def _write_file(path, text):
+    """Write beside and rename: a reader sees the whole file or none."""
+    temporary = path + ".tmp"
+    with open(temporary, "w") as stream:
+        stream.write(text)
+    os.replace(temporary, path)
+
+
+def read_outcome(run_dir, job_id, attempt):
+    """What the supervisor of an attempt recorded, or None if it recorded nothing."""
+    try:
+        with open(run_file(run_dir, job_id, attempt, "exit")) as exit_file:
+            return json.loads(exit_file.read())
+    except (OSError, ValueError):
+        return None
+
+
+def supervisor_alive(run_dir, job_id, attempt):
+    """True while the supervisor holds its lock, whatever became of its pid."""
+    import fcntl
+    try:
+        lock_fd = os.open(run_file(run_dir, job_id, attempt, "lock"), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(lock_fd)
+
+
+def supervisor_pid(run_dir, job_id, attempt):
+    try:
+        with open(run_file(run_dir, job_id, attempt, "pid")) as pid_file:
+            return int(pid_file.read())
+    except (OSError, ValueError):
+        return None
+
+
+def remove_run_files(run_dir, job_id, attempt):
+    for kind in ("lock", "pid", "exit", "kill"):
+        try:
+            os.unlink(run_file(run_dir, job_id, attempt, kind))
+        except FileNotFoundError:
+            pass
+
+
+###############################################################################
+# SSH checks ###################################################################
+###############################################################################
+
+def check_hosts(hosts, timeout):
+    """Log in to each host with fabric, in parallel, and run `true`.
+
+    Returns {host: None or the reason it failed}.  Never prompts: only keys and
+    the agent are tried.  The user's ssh config is honoured (or the file named
+    by CLI_PY_SSH_CONFIG).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
+        results = pool.map(lambda host: check_host(host, timeout), hosts)
+        return dict(zip(hosts, results))
+
+
+def check_host(host, timeout):
+    import paramiko
+    from fabric import Config, Connection
+    config_path = os.environ.get(SSH_CONFIG_VARIABLE)
+    config = Config(runtime_ssh_path=config_path) if config_path else Config()
+    connection = Connection(host, config=config, connect_timeout=timeout,
+                            connect_kwargs={"banner_timeout": timeout, "auth_timeout": timeout,
+                                            "allow_agent": True, "look_for_keys": True})
+    try:
+        connection.open()
+        result = connection.run("true", hide=True, warn=True, timeout=timeout, in_stream=False)
+        if result.exited != 0:
+            return f"logged in, but `true` exited with status {result.exited}"
+        return None
+    except paramiko.PasswordRequiredException:
+        return "the private key is encrypted: load it into ssh-agent (ssh-add) first"
+    except paramiko.BadHostKeyException:
+        return ("the host key does not match known_hosts: if the host was reinstalled, "
+                f"run ssh-keygen -R {host}")
+    except paramiko.AuthenticationException:
+        return (f"authentication refused: no key or agent identity was accepted "
+                f"(set up a key with: ssh-copy-id {host})")
+    except paramiko.ssh_exception.NoValidConnectionsError as error:
+        reasons = {getattr(cause, "strerror", None) or str(cause)
+                   for cause in error.errors.values()}
+        if all(isinstance(cause, ConnectionRefusedError) for cause in error.errors.values()):
+            return "connection refused: no SSH server listens on that port"
+        return "cannot connect: " + "; ".join(sorted(reasons))
+    except socket.gaierror as error:
+        return f"unknown host: the name does not resolve ({error.strerror})"
+    except (socket.timeout, TimeoutError):
+        return f"timed out after {timeout:g}s: the host did not answer"
+    except ConnectionRefusedError:
+        return "connection refused: no SSH server listens on that port"
+    except paramiko.SSHException as error:
+        if "banner" in str(error).lower():
+            return f"timed out after {timeout:g}s waiting for the SSH server to greet"
+        return f"SSH error: {error}"
+    except OSError as error:
+        return f"cannot connect: {error.strerror or error}"
+    except Exception as error:   # noqa: BLE001 - any reason is reported for its host
+        return f"{type(error).__name__}: {error}"
+    finally:
+        connection.close()
+
+
+###############################################################################
+# Server #######################################################################
+###############################################################################
+
+class Server:
+    """The event loop: a Unix socket for clients, a pidfd per running attempt.
+
+    Nothing here polls: the loop sleeps in select() until a client writes, a
+    supervisor exits or a signal arrives, and the queue is looked at after each
+    batch of events.
+    """
+
+    def __init__(self, data_dir, log_dir, log):
+        import selectors
+        self.data_dir = data_dir
+        self.log_dir = log_dir
+        self.log = log
+        self.paths = data_dir_paths(data_dir)
+        self.run_dir = self.paths["run"]
+        self.store = Store(self.paths["database"])
+        self.selector = selectors.DefaultSelector()
+        self.listener = None
+        self.running = {}          # job id -> Attempt
+        self.workers = {}          # name -> WorkerCapacity-like dict, in addition order
+        self.schedule_needed = True
+        self.stopping = False
+        self.stop_replies = []     # connections waiting for the stop to finish
+        self.waiters = []          # (predicate, connection, make_reply)
+        self.environment_cache = {}
+
+    # --- start-up and recovery --------------------------------------------
+
+    def open_socket(self):
+        path = self.paths["socket"]
+        directory = os.path.dirname(path)
+        if directory != self.data_dir:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            if os.stat(directory).st_uid != os.getuid():
+                raise UserError(f"{directory} belongs to another user; remove it")
+            os.chmod(directory, 0o700)
+        # We hold the data dir lock, so any socket file here is a dead server's.
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        os.chmod(path, 0o600)
+        listener.listen(256)
+        listener.setblocking(False)
+        self.listener = listener
+        import selectors
+        self.selector.register(listener, selectors.EVENT_READ, self.accept)
+
+    def load(self):
+        for row in self.store.workers():
+            self.workers[row["name"]] = self.worker_from_row(row)
+        self.recover()
+
+    def worker_from_row(self, row):
+        return {"name": row["name"], "slots": row["slots"],
+                "variables": json.loads(row["variables"]),
+                "state": WorkerState(row["state"]), "ssh_checked": bool(row["ssh_checked"]),
+                "busy_slots": set()}
+
+    def recover(self):
+        """Settle every attempt that was running while the server was away."""
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        for row in self.store.jobs_in_state(JobState.RUNNING):
+            job_id, attempt = row["id"], row["attempt"]
+            pid = supervisor_pid(self.run_dir, job_id, attempt)
+            if supervisor_alive(self.run_dir, job_id, attempt) and self.adopt(row, pid):
+                continue
+            outcome = read_outcome(self.run_dir, job_id, attempt)
+            if outcome is not None:
+                self.settle(row, outcome)
+                self.log.info("job %s: ended while the server was away; recorded", job_id)
+            elif pid is None:
+                with self.store.transaction():
+                    self.store.change_job(job_id, JobState.RUNNING, JobState.WAITING,
+                                          attempt=attempt - 1, worker=None, slot=None,
+                                          started_at=None)
+                self.log.info("job %s: had not started when the server stopped; queued again",
+                              job_id)
+            else:
+                self.settle(row, {"exit_code": None, "signal": None,
+                                  "error": "its supervisor vanished (killed, or the machine "
+                                           "restarted): exit status unknown"})
+                self.log.warning("job %s: supervisor vanished; recorded as failed", job_id)
+            remove_run_files(self.run_dir, job_id, attempt)
+        self.remove_stray_run_files()
+        for name, worker in list(self.workers.items()):
+            if worker["state"] == WorkerState.DRAINING and not worker["busy_slots"]:
+                self.forget_worker(name)
+
+    def adopt(self, row, pid):
+        """Watch a supervisor started by an earlier server.  False if it is gone."""
+        job_id, attempt = row["id"], row["attempt"]
+        for _ in range(100):   # a supervisor forked just before a crash may not have written its pid yet
+            if pid is not None:
+                break
+            time.sleep(0.01)
+            pid = supervisor_pid(self.run_dir, job_id, attempt)
+        if pid is None:
+            return False
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return False
+        # The lock still held after pidfd_open proves the pid was not reused.
+        if not supervisor_alive(self.run_dir, job_id, attempt):
+            os.close(pidfd)
+            return False
+        self.watch(row, pid, pidfd, child=False)
+        self.log.info("job %s: still running on %s; adopted", job_id, row["worker"])
+        return True
+
+    def remove_stray_run_files(self):
+        running = {(job_id, attempt.number) for job_id, attempt in self.running.items()}
+        for name in os.listdir(self.run_dir):
+            stem = name.split(".", 1)[0]
+            job_id, _, attempt = stem.partition("-")
+            if not (job_id.isdigit() and attempt.isdigit()) or \
+                    (int(job_id), int(attempt)) not in running:
+                try:
+                    os.unlink(os.path.join(self.run_dir, name))
+                except OSError:
+                    pass
+
+    # --- running jobs -----------------------------------------------------
+
+    def schedule(self):
+        """Start waiting jobs on free slots, as many as fit."""
+        self.schedule_needed = False
+        capacities = [WorkerCapacity(worker["name"], worker["slots"], worker["busy_slots"],
+                                     worker["state"] == WorkerState.ACTIVE)
+                      for worker in self.workers.values()]
+        free = sum(capacity.free_slots for capacity in capacities)
+        if free == 0:
+            return
+        waiting = self.store.jobs_in_state(JobState.WAITING, limit=free)
+        if not waiting:
+            return
+        jobs = {row["id"]: row for row in waiting}
+        starts = plan_starts(list(jobs), capacities)
+        now = time.time()
+        with self.store.transaction():
+            for job_id, worker, slot in starts:
+                self.store.change_job(job_id, JobState.WAITING, JobState.RUNNING,
+                                      worker=worker, slot=slot,
+                                      attempt=jobs[job_id]["attempt"] + 1, started_at=now)
+        # Committed before any fork: a crash from here on leaves attempts with
+        # no pid file, which recovery queues again.
+        for job_id, worker, slot in starts:
+            self.start_attempt(self.store.job(job_id))
+
+    def start_attempt(self, row):
+        worker = self.workers[row["worker"]]
+        environment = job_environment(self.submitter_environment(row["environment_id"]),
+                                      worker["variables"], json.loads(row["variables"]),
+                                      row["id"], worker["name"])
+        pid, pidfd = launch_supervisor(self.run_dir, row["id"], row["attempt"], row["script"],
+                                       json.loads(row["args"]), row["cwd"], environment,
+                                       job_log_path(self.log_dir, row["id"]))
+        self.watch(row, pid, pidfd, child=True)
+        self.log.info("job %s: started on %s slot %s (attempt %s, supervisor %s)",
+                      row["id"], row["worker"], row["slot"], row["attempt"], pid)
+
+    def submitter_environment(self, environment_id):
+        if environment_id not in self.environment_cache:
+            if len(self.environment_cache) > 64:
+                self.environment_cache.clear()
+            self.environment_cache[environment_id] = self.store.environment(environment_id)
+        return self.environment_cache[environment_id]
+
+    def watch(self, row, pid, pidfd, child):
+        import selectors
+        attempt = Attempt(row["id"], row["attempt"], row["worker"], row["slot"], pid, pidfd,
+                          child, row["kill_requested_at"])
+        self.running[row["id"]] = attempt
+        worker = self.workers.get(row["worker"])
+        if worker is not None:
+            worker["busy_slots"].add(row["slot"])
+        self.selector.register(pidfd, selectors.EVENT_READ,
+                               lambda events, attempt=attempt: self.attempt_ended(attempt))
+
+    def attempt_ended(self, attempt):
+        self.selector.unregister(attempt.pidfd)
+        os.close(attempt.pidfd)
+        if attempt.child:
+            try:
+                os.waitpid(attempt.pid, 0)
+            except ChildProcessError:
+                pass
+        outcome = read_outcome(self.run_dir, attempt.job_id, attempt.number) or {
+            "exit_code": None, "signal": None,
+            "error": "its supervisor died without recording an exit status"}
+        row = self.store.job(attempt.job_id)
+        self.settle(row, outcome)
+        remove_run_files(self.run_dir, attempt.job_id, attempt.number)
+
+    def settle(self, row, outcome):
+        """Record how an attempt ended and free its slot."""
+        job_id = row["id"]
+        result = result_of(outcome.get("exit_code"), outcome.get("signal"),
+                           row["kill_requested_at"] is not None)
+        reason = outcome.get("error") or row["reason"]
+        with self.store.transaction():
+            self.store.change_job(job_id, JobState.RUNNING, JobState.DONE, result=result.value,
+                                  exit_code=outcome.get("exit_code"),
+                                  signal=outcome.get("signal"), reason=reason,
+                                  ended_at=time.time())
+        self.running.pop(job_id, None)
+        worker = self.workers.get(row["worker"])
+        if worker is not None:
+            worker["busy_slots"].discard(row["slot"])
+            if worker["state"] == WorkerState.DRAINING and not worker["busy_slots"]:
+                self.forget_worker(row["worker"])
+        self.log.info("job %s: %s (exit code %s, signal %s)%s", job_id, result.value,
+                      outcome.get("exit_code"), outcome.get("signal"),
+                      f": {reason}" if reason else "")
+        self.schedule_needed = True
+        self.answer_waiters()
+
+    def kill_attempt(self, attempt, grace, reason):
+        """Ask a supervisor to end its job's process group (TERM, then KILL)."""
+        import signal
+        with self.store.transaction():
+            self.store.db.execute(
+                "UPDATE jobs SET kill_requested_at = ?, reason = ? WHERE id = ? AND state = ?",
+                (time.time(), reason, attempt.job_id, JobState.RUNNING.value))
+        attempt.kill_requested = True
+        _write_file(run_file(self.run_dir, attempt.job_id, attempt.number, "kill"), f"{grace}")
+        try:
+            signal.pidfd_send_signal(attempt.pidfd, signal.SIGTERM)
+        except ProcessLookupError:
+            pass   # already ending; its pidfd event settles it
+        self.log.info("job %s: killing (%s)", attempt.job_id, reason)
+
+    def forget_worker(self, name):
+        with self.store.transaction():
+            self.store.delete_worker(name)
+        del self.workers[name]
+        self.log.info("worker %s: removed", name)
+        self.answer_waiters()
+
+    # --- clients ----------------------------------------------------------
+
+    def accept(self, events):
+        import selectors
+        try:
+            connection, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        connection.setblocking(False)
+        client = Client(connection)
+        self.selector.register(connection, selectors.EVENT_READ,
+                               lambda events, client=client: self.client_event(client, events))
+
+    def client_event(self, client, events):
+        import selectors
+        if events & selectors.EVENT_READ and not client.request_done:
+            try:
+                chunk = client.connection.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.drop_client(client)
+                return
+            client.buffer.extend(chunk)
+            if b"\n" in client.buffer:
+                client.request_done = True
+                line = bytes(client.buffer[:client.buffer.index(b"\n")])
+                client.buffer.clear()
+                self.handle_request(client, line)
+            elif len(client.buffer) > MAX_REQUEST_BYTES:
+                client.request_done = True
+                client.buffer.clear()
+                self.reply(client, error=f"request larger than {MAX_REQUEST_BYTES} bytes")
+        if events & selectors.EVENT_WRITE:
+            self.flush(client)
+
+    def handle_request(self, client, line):
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict) or not isinstance(request.get("command"), str) \
+                    or not isinstance(request.get("params", {}), dict):
+                raise ValueError("not a request object")
+        except ValueError as error:
+            self.reply(client, error=f"malformed request: {error}")
+            return
+        handler = HANDLERS.get(request["command"])
+        if handler is None:
+            self.reply(client, error=f"unknown command {request['command']!r}")
+            return
+        try:
+            result = handler(self, client, request.get("params", {}))
+        except UserError as error:
+            self.reply(client, error=str(error))
+        except self.store.sqlite3.OperationalError as error:
+            self.log.error("storage error in %s: %s", request["command"], error)
+            self.reply(client, error=f"could not save the change ({error}); nothing was "
+                                     f"changed: check free space and permissions of "
+                                     f"{self.data_dir}")
+        except Exception as error:   # noqa: BLE001 - a bug must not take the server down
+            self.log.exception("internal error in %s", request["command"])
+            self.reply(client, error=f"internal error: {type(error).__name__}: {error} "
+                                     f"(see {os.path.join(self.log_dir, SERVER_LOG_FILE)})")
+        else:
+            if result is not DEFERRED:
+                self.reply(client, result=result)
+
+    def reply(self, client, result=None, error=None):
+        import selectors
+        message = {"ok": True, "result": result} if error is None else \
+            {"ok": False, "error": error}
+        client.outgoing.extend(json.dumps(message).encode() + b"\n")
+        client.closing = True
+        try:
+            self.selector.modify(client.connection, selectors.EVENT_WRITE,
+                                 lambda events: self.client_event(client, events))
+        except (KeyError, ValueError):
+            return
+        self.flush(client)
+
+    def flush(self, client):
+        try:
+            sent = client.connection.send(client.outgoing)
+            del client.outgoing[:sent]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            client.outgoing.clear()
+        if not client.outgoing and client.closing:
+            self.drop_client(client)
+
+    def drop_client(self, client):
+        try:
+            self.selector.unregister(client.connection)
+        except (KeyError, ValueError):
+            pass
+        client.connection.close()
+        self.waiters = [waiter for waiter in self.waiters if waiter[1] is not client]
+
+    def answer_waiters(self):
+        still_waiting = []
+        for predicate, client, make_reply in self.waiters:
+            if predicate():
+                self.reply(client, result=make_reply())
+            else:
+                still_waiting.append((predicate, client, make_reply))
+        self.waiters = still_waiting
+
+    # --- the loop ---------------------------------------------------------
+
+    def serve(self):
+        import selectors
+        import signal
+        wakeup_read, wakeup_write = socket.socketpair()
+        wakeup_read.setblocking(False)
+        wakeup_write.setblocking(False)
+        signal.set_wakeup_fd(wakeup_write.fileno(), warn_on_full_buffer=False)
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, lambda number, frame: self.request_stop())
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self.selector.register(wakeup_read, selectors.EVENT_READ,
+                               lambda events: wakeup_read.recv(4096))
+        while not self.stopping:
+            if self.schedule_needed:
+                self.schedule()
+                continue   # starting jobs may have made more events; look before sleeping
+            for key, events in self.selector.select():
+                key.data(events)
+        self.shutdown()
+
+    def request_stop(self):
+        self.stopping = True
+
+    def shutdown(self):
+        """Stop listening and let go of the data dir; jobs keep running."""
+        self.selector.unregister(self.listener)
+        self.listener.close()
+        try:
+            os.unlink(self.paths["socket"])
+        except FileNotFoundError:
+            pass
+        self.store.close()
+        self.log.info("server stopped; %d job(s) left running", len(self.running))
+
+    # --- request handlers (one per command) -------------------------------
+
+    def cmd_ping(self, client, params):
+        return {"pid": os.getpid(), "data_dir": self.data_dir, "log_dir": self.log_dir}
+
+    def cmd_stop(self, client, params):
+        self.stopping = True
+        self.stop_replies.append(client)
+        return DEFERRED
+
+    def cmd_status(self, client, params):
+        waiting_limit = params.get("waiting_limit")
+        if waiting_limit is not None and not isinstance(waiting_limit, int):
+            raise UserError("malformed request: waiting_limit must be an integer")
+        waiting = self.store.jobs_in_state(JobState.WAITING,
+                                           -1 if waiting_limit is None else waiting_limit)
+        running = self.store.jobs_in_state(JobState.RUNNING)
+        running_json = [job_to_json(row, self.log_dir) for row in running]
+        slaves = []
+        for worker in self.workers.values():
+            jobs_here = [job for job in running_json if job["worker"] == worker["name"]]
+            if worker["state"] == WorkerState.ACTIVE:
+                status = "busy" if worker["busy_slots"] else "idle"
+            else:
+                status = worker["state"].value
+            slaves.append({
+                "ip": worker["name"], "envs": worker["variables"], "status": status,
+                "state": worker["state"].value, "slots": worker["slots"],
+                "slots_in_use": len(worker["busy_slots"]),
+                "running_job": jobs_here[0] if jobs_here else None,
+                "running_jobs": jobs_here, "ssh_checked": worker["ssh_checked"]})
+        waitlist = [job_to_json(row, self.log_dir) for row in waiting]
+        environment_ids = {job["environment"] for job in waitlist + running_json}
+        return {
+            "server": {"pid": os.getpid(), "version": VERSION, "data_dir": self.data_dir,
+                       "log_dir": self.log_dir},
+            "slaves": slaves,
+            "job_waitlist": waitlist,
+            "running_jobs": running_json,
+            "counts": self.store.counts(),
+            "environments": {str(key): value for key, value in
+                             self.store.environments(environment_ids).items()}
+            if params.get("environments", True) else {},
+        }
+
+    def cmd_workers(self, client, params):
+        return [worker["name"] for worker in self.workers.values()]
+
+    def cmd_add_slave(self, client, params):
+        hosts = _list_of_strings(params, "hosts")
+        slots = params.get("slots", 1)
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+            raise UserError("--slots must be a whole number of at least 1")
+        variables = validate_variables(params.get("variables", {}), "add_slave")
+        for host in hosts:
+            validate_host_name(host)
+        self.refuse_duplicate_workers(hosts)
+        with self.store.transaction():
+            for host in hosts:
+                self.store.insert_worker(host, slots, variables, bool(params.get("ssh_checked")))
+        for row in self.store.workers():
+            if row["name"] in hosts:
+                self.workers[row["name"]] = self.worker_from_row(row)
+                self.log.info("worker %s: added with %d slot(s)", row["name"], slots)
+        self.schedule_needed = True
+        return hosts
+
+    def refuse_duplicate_workers(self, hosts):
+        seen = set()
+        for host in hosts:
+            if host in self.workers:
+                raise UserError(f"worker {host} is already registered; remove it first "
+                                f"(./cli.py remove_slave {host}) to add it again")
+            if host in seen:
+                raise UserError(f"worker {host} is named twice")
+            seen.add(host)
+
+    def cmd_remove_slave(self, client, params):
+        hosts = _list_of_strings(params, "hosts")
+        mode = params.get("mode")
+        if mode not in (None, "wait", "kill"):
+            raise UserError("malformed request: mode must be wait or kill")
+        grace = params.get("grace", DEFAULT_KILL_GRACE)
+        if not isinstance(grace, (int, float)) or grace < 0:
+            raise UserError("malformed request: grace must be a number of seconds")
+        for host in hosts:
+            if host not in self.workers:
+                raise UserError(f"unknown worker {host!r}; see ./cli.py status for the "
+                                "registered workers")
+            if self.workers[host]["busy_slots"] and mode is None:
+                jobs = sorted(job_id for job_id, attempt in self.running.items()
+                              if attempt.worker == host)
+                raise UserError(
+                    f"worker {host} is running job(s) {', '.join(map(str, jobs))}: use "
+                    f"--wait to remove it when they end, or --kill to end them now")
+        for host in hosts:
+            worker = self.workers[host]
+            if not worker["busy_slots"]:
+                self.forget_worker(host)
+                continue
+            if worker["state"] == WorkerState.ACTIVE:
+                with self.store.transaction():
+                    self.store.set_worker_state(host, WorkerState.ACTIVE, WorkerState.DRAINING)
+                worker["state"] = WorkerState.DRAINING
+                self.log.info("worker %s: draining; removed when its jobs end", host)
+            if mode == "kill":
+                for attempt in list(self.running.values()):
+                    if attempt.worker == host and not attempt.kill_requested:
+                        self.kill_attempt(attempt, grace, f"worker {host} removed with --kill")
+        draining = [host for host in hosts if host in self.workers]
+        if mode == "kill" and draining:
+            self.waiters.append((lambda: not any(host in self.workers for host in draining),
+                                 client, lambda: {"removed": hosts, "draining": []}))
+            return DEFERRED
+        return {"removed": [host for host in hosts if host not in draining],
+                "draining": draining}
+
+    def cmd_add_job(self, client, params):
+        script = _string(params, "script")
+        args = _list_of_strings(params, "args", allow_empty=True)
+        cwd = _string(params, "cwd")
+        environment = _environment(params)
+        variables = validate_variables(params.get("variables", {}), "add_job -e")
+        check_script(script)
+        with self.store.transaction():
+            environment_id = self.store.intern_environment(environment)
+            job_id = self.store.insert_job(script, args, cwd, environment_id, variables)
+        self.schedule_needed = True
+        return {"id": job_id}
+
+    def cmd_remove_job(self, client, params):
+        if "ids" in params:
+            job_ids = params["ids"]
+            if not isinstance(job_ids, list) or not job_ids or \
+                    not all(isinstance(job_id, int) for job_id in job_ids):
+                raise UserError("malformed request: ids must be a list of integers")
+            for job_id in job_ids:
+                row = self.store.job(job_id)
+                if row is None:
+                    raise UserError(f"unknown job id {job_id}; see ./cli.py status")
+                refuse_unless_waiting(row)
+        else:
+            script = _string(params, "script")
+            args = _list_of_strings(params, "args", allow_empty=True)
+            rows = self.store.db.execute(
+                "SELECT id FROM jobs WHERE state = ? AND script = ? AND args = ? ORDER BY id",
+                (JobState.WAITING.value, script, json.dumps(args))).fetchall()
+            job_ids = [row["id"] for row in rows]
+            if not job_ids:
+                raise UserError(f"no waiting job runs {script} with those arguments; "
+                                "see ./cli.py status")
+        with self.store.transaction():
+            self.store.delete_waiting_jobs(job_ids)
+            self.store.drop_unused_environments()
+        return {"removed": job_ids}
+
+    def cmd_load_status(self, client, params):
+        document = params.get("document")
+        defaults = {"cwd": _string(params, "cwd"), "environment": _environment(params)}
+        workers, jobs = validate_status_document(document, defaults)
+        if self.running:
+            raise UserError(f"{len(self.running)} job(s) are running; load_status replaces the "
+                            "workers and the queue, so wait for them to end first")
+        existing_ids = {row[0] for row in self.store.db.execute(
+            "SELECT id FROM jobs WHERE state != ?", (JobState.WAITING.value,))}
+        keep_ids = not any(job["id"] in existing_ids for job in jobs if job["id"] is not None)
+        with self.store.transaction():
+            self.store.db.execute("DELETE FROM jobs WHERE state = ?", (JobState.WAITING.value,))
+            self.store.db.execute("DELETE FROM workers")
+            for worker in workers:
+                self.store.insert_worker(worker["ip"], worker["slots"], worker["envs"],
+                                         worker["ssh_checked"])
+            for job in jobs:
+                environment_id = self.store.intern_environment(job["environment"])
+                self.store.insert_job(job["script"], job["args"], job["cwd"], environment_id,
+                                      job["envs"], job["id"] if keep_ids else None,
+                                      job["submitted_at"])
+            self.store.drop_unused_environments()
+        self.workers = {row["name"]: self.worker_from_row(row) for row in self.store.workers()}
+        self.schedule_needed = True
+        self.log.info("state replaced by load_status: %d worker(s), %d waiting job(s)",
+                      len(workers), len(jobs))
+        return {"workers": len(workers), "jobs": len(jobs), "ids_kept": keep_ids}
+
+
+DEFERRED = object()   # a handler's way of saying "the reply comes later"
+
+HANDLERS = {
+    "ping": Server.cmd_ping,
+    "stop": Server.cmd_stop,
+    "status": Server.cmd_status,
+    "workers": Server.cmd_workers,
+    "add_slave": Server.cmd_add_slave,
+    "remove_slave": Server.cmd_remove_slave,
+    "add_job": Server.cmd_add_job,
+    "remove_job": Server.cmd_remove_job,
+    "load_status": Server.cmd_load_status,
+}
+
+
+class Attempt:
+    """One running attempt of a job, as the server watches it."""
+
+    def __init__(self, job_id, number, worker, slot, pid, pidfd, child, kill_requested_at):
+        self.job_id = job_id
+        self.number = number
+        self.worker = worker
+        self.slot = slot
+        self.pid = pid
+        self.pidfd = pidfd
+        self.child = child
+        self.kill_requested = kill_requested_at is not None
+
+
+class Client:
+    """One client connection: a request line in, a reply line out."""
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.buffer = bytearray()
+        self.outgoing = bytearray()
+        self.request_done = False
+        self.closing = False
+
+
+def refuse_unless_waiting(row):
+    if row["state"] == JobState.RUNNING.value:
+        raise UserError(f"job {row['id']} is running on {row['worker']} and cannot be removed; "
+                        f"to stop it, remove its worker with ./cli.py remove_slave --kill "
+                        f"{row['worker']}")
+    if row["state"] == JobState.DONE.value:
+        raise UserError(f"job {row['id']} has already ended ({row['result']})")
+
+
+def check_script(script):
+    if not os.path.isabs(script):
+        raise UserError(f"the script path {script!r} must be absolute")
+    if not os.path.isfile(script):
+        raise UserError(f"no such script: {script}")
+    if not os.access(script, os.X_OK):
+        raise UserError(f"{script} is not executable: run chmod +x {script}")
+
+
+def _string(params, name):
+    value = params.get(name)
+    if not isinstance(value, str) or "\0" in value:
+        raise UserError(f"malformed request: {name} must be a string")
+    return value
+
+
+def _list_of_strings(params, name, allow_empty=False):
+    value = params.get(name)
+    if not isinstance(value, list) or not all(isinstance(item, str) and "\0" not in item
+                                              for item in value):
+        raise UserError(f"malformed request: {name} must be a list of strings")
+    if not value and not allow_empty:
+        raise UserError(f"malformed request: {name} is empty")
+    return value
+
+
+def _environment(params):
+    """The submitter's environment: any names (it is the caller's own), string values."""
+    environment = params.get("environment")
+    if not isinstance(environment, dict) or not all(
+            isinstance(name, str) and isinstance(value, str) and "=" not in name
+            and "\0" not in name + value for name, value in environment.items()):
+        raise UserError("malformed request: environment must be an object of strings")
+    return environment
+
+
+def validate_status_document(document, defaults):
+    """Check a status --json document whole; return (workers, jobs) to load."""
+    if not isinstance(document, dict):
+        raise UserError("not a status document: expected a JSON object with "
+                        "'slaves' and 'job_waitlist'")
+    for key in ("slaves", "job_waitlist"):
+        if not isinstance(document.get(key), list):
+            raise UserError(f"not a status document: '{key}' must be a list")
+    environments = document.get("environments", {})
+    if not isinstance(environments, dict):
+        raise UserError("'environments' must be an object")
+    workers, names = [], set()
+    for index, slave in enumerate(document["slaves"]):
+        where = f"slaves[{index}]"
+        if not isinstance(slave, dict) or not isinstance(slave.get("ip"), str):
+            raise UserError(f"{where}: each slave needs an 'ip' string")
+        name = slave["ip"]
+        try:
+            validate_host_name(name)
+            validate_variables(slave.get("envs", {}), f"{where}.envs")
+        except UserError as error:
+            raise UserError(f"{where}: {error}") from None
+        if name in names:
+            raise UserError(f"{where}: worker {name} is listed twice")
+        names.add(name)
+        slots = slave.get("slots", 1)
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+            raise UserError(f"{where}: 'slots' must be a whole number of at least 1")
+        workers.append({"ip": name, "slots": slots, "envs": slave.get("envs", {}),
+                        "ssh_checked": bool(slave.get("ssh_checked", False))})
+    jobs, ids = [], set()
+    for index, entry in enumerate(document["job_waitlist"]):
+        where = f"job_waitlist[{index}]"
+        if not isinstance(entry, dict):
+            raise UserError(f"{where}: each job must be an object")
+        try:
+            jobs.append(_status_job(entry, environments, defaults))
+        except UserError as error:
+            raise UserError(f"{where}: {error}") from None
+        job_id = jobs[-1]["id"]
+        if job_id is not None:
+            if job_id in ids:
+                raise UserError(f"{where}: job id {job_id} is listed twice")
+            ids.add(job_id)
+    return workers, jobs
+
+
+def _status_job(entry, environments, defaults):
+    script = entry.get("script")
+    if not isinstance(script, str):
+        raise UserError("'script' must be a string")
+    check_script(script)
+    args = entry.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(arg, str) and "\0" not in arg
+                                             for arg in args):
+        raise UserError("'args' must be a list of strings")
+    cwd = entry.get("cwd", defaults["cwd"])
+    if not isinstance(cwd, str) or not os.path.isabs(cwd):
+        raise UserError("'cwd' must be an absolute path")
+    variables = validate_variables(entry.get("envs", {}), "'envs'")
+    job_id = entry.get("id")
+    if job_id is not None and (not isinstance(job_id, int) or isinstance(job_id, bool)
+                               or job_id < 1):
+        raise UserError("'id' must be a positive integer")
+    environment_key = entry.get("environment")
+    if environment_key is None:
+        environment = defaults["environment"]
+    else:
+        environment = environments.get(str(environment_key))
+        if environment is None:
+            raise UserError(f"environment {environment_key} is not in 'environments'")
+        environment = _environment({"environment": environment})
+    submitted_at = entry.get("submitted_at")
+    return {"id": job_id, "script": script, "args": args, "cwd": cwd, "envs": variables,
+            "environment": environment, "submitted_at": _parse_iso(submitted_at)}
+
+
+def _parse_iso(text):
+    if text is None:
+        return None
+    from datetime import datetime
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise UserError(f"'submitted_at' {text!r} is not an ISO 8601 time") from None
+
+
+def run_server(data_dir, log_dir, notify):
+    """Own DATA_DIR, recover, listen, and serve until stopped."""
+    os.umask(0o077)
+    for directory in (data_dir, log_dir):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)
+    if not hasattr(os, "pidfd_open"):
+        raise UserError("the server needs Linux 5.3 or later (pidfd) and Python 3.10+")
+    from filelock import FileLock, Timeout
+    paths = data_dir_paths(data_dir)
+    lock = FileLock(paths["lock"], mode=0o600)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(f"a server is already running for {data_dir} (pid "
+                        f"{_read_pid(paths['pid']) or 'unknown'}); stop it with ./cli.py stop"
+                        ) from None
+    _write_file(paths["pid"], f"{os.getpid()}\n")
+    log = server_logger(log_dir, foreground=not notify)
+    server = Server(data_dir, log_dir, log)
+    server.load()
+    server.open_socket()
+    log.info("server %d listening on %s (data dir %s, %d job(s) running)", os.getpid(),
+             paths["socket"], data_dir, len(server.running))
+    if notify:
+        print(f"READY {os.getpid()}", flush=True)
+        null_fd = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null_fd, fd)
+    try:
+        server.serve()
+    finally:
+        try:
+            os.unlink(paths["pid"])
+        except FileNotFoundError:
+            pass
+        lock.release()
+        for client in server.stop_replies:
+            server.reply(client, result={"pid": os.getpid()})
+            client.connection.setblocking(True)
+            server.flush(client)
+
+
+def _read_pid(path):
+    try:
+        with open(path) as pid_file:
+            return int(pid_file.read())
+    except (OSError, ValueError):
+        return None
+
+
+def server_logger(log_dir, foreground):
+    import logging
+    log = logging.getLogger("cli.py")
+    log.setLevel(logging.INFO)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    handlers = [logging.FileHandler(os.path.join(log_dir, SERVER_LOG_FILE))]
+    if foreground:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        log.addHandler(handler)
+    return log
+
+
+###############################################################################
+# Client commands ##############################################################
+###############################################################################
+
+def request(data_dir, command, **params):
+    """Send one request to the server of DATA_DIR and return its result."""
+    path = socket_path(data_dir)
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise UserError(f"no server running for {data_dir}; start it with ./cli.py start"
+                        + ("" if data_dir == os.path.abspath(DEFAULT_DATA_DIR)
+                           else f" --server_data_dir {data_dir}")) from None
+    except PermissionError:
+        raise UserError(f"permission denied on {path}: the server belongs to another user"
+                        ) from None
+    with connection:
+        connection.sendall(json.dumps({"command": command, "params": params}).encode() + b"\n")
+        chunks = []
+        while True:
+            chunk = connection.recv(1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    try:
+        reply = json.loads(b"".join(chunks))
+    except ValueError:
+        raise UserError(f"the server for {data_dir} closed the connection without answering; "
+                        "see its server.log") from None
+    if not reply.get("ok"):
+        raise UserError(reply.get("error", "the server refused the request"))
+    return reply.get("result")
+
+
+def command_start(options):
+    """Start the server for a data dir, in the background unless --foreground.
+
+    Returns once the server accepts commands, so `./cli.py start && ./cli.py
+    add_slave ...` needs no sleep.  A second start on the same data dir fails
+    and names the running server's pid; what a killed server left behind
+    (lock, pid file, socket) does not block a new start.  Running jobs from
+    before are picked up again, and those that ended meanwhile are recorded
+    with their real exit status.
+    """
+    data_dir = options.data_dir
+    log_dir = resolve_dir(options.log_dir or options.log_dir_positional or DEFAULT_LOG_DIR)
+    if options.foreground:
+        run_server(data_dir, log_dir, notify=options.notify)
+        return 0
+    import subprocess
+    server = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "start", "--foreground", "--notify",
+         "--server_data_dir", data_dir, "--log_dir", log_dir],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        start_new_session=True, cwd="/")
+    output = []
+    for line in server.stdout:
+        text = line.decode(errors="replace").rstrip("\n")
+        if text.startswith("READY "):
+            print(f"server started (pid {text.split()[1]}) for {data_dir}; "
+                  f"job logs in {log_dir}")
+            return 0
+        output.append(text)
+    server.wait()
+    message = "\n".join(output).strip() or f"the server exited with status {server.returncode}"
+    raise UserError(message[len("Error: "):] if message.startswith("Error: ") else message)
+
+
+def command_stop(options):
+    """Stop the server.  Running jobs keep running; the next start picks them up."""
+    result = request(options.data_dir, "stop")
+    print(f"server stopped (pid {result['pid']})")
+    return 0
+
+
+def command_status(options):
+    """Show workers, running and waiting jobs (or everything as JSON with --json)."""
+    if options.json:
+        result = request(options.data_dir, "status")
+        json.dump(result, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    result = request(options.data_dir, "status", waiting_limit=STATUS_TABLE_HEAD,
+                     environments=False)
+    print(render_status(result))
+    return 0
+
+
+def render_status(status):
+    from tabulate import tabulate
+    lines = [f"server pid {status['server']['pid']}, data dir {status['server']['data_dir']}, "
+             f"job logs in {status['server']['log_dir']}"]
+    workers = [[slave["ip"], slave["status"], f"{slave['slots_in_use']}/{slave['slots']}",
+                " ".join(str(job["id"]) for job in slave["running_jobs"]) or "-",
+                " ".join(sorted(slave["envs"])) or "-"]
+               for slave in status["slaves"]]
+    lines += ["", f"Workers ({len(workers)})"]
+    lines.append(tabulate(workers, headers=["worker", "status", "slots", "jobs", "variables"])
+                 if workers else "  none: add one with ./cli.py add_slave HOST")
+    now = time.time()
+    running = [[job["id"], job["worker"], job["slot"],
+                _elapsed(now - _parse_iso(job["started_at"])), _command_line(job), job["log"]]
+               for job in status["running_jobs"]]
+    if running:
+        lines += ["", f"Running ({len(running)})",
+                  tabulate(running, headers=["job", "worker", "slot", "running for", "command",
+                                             "log"])]
+    counts = status["counts"]
+    if status["job_waitlist"]:
+        waiting = [[job["id"], _command_line(job), job["cwd"]] for job in status["job_waitlist"]]
+        lines += ["", f"Waiting ({counts.get('waiting', 0)})",
+                  tabulate(waiting, headers=["job", "command", "directory"])]
+        hidden = counts.get("waiting", 0) - len(waiting)
+        if hidden > 0:
+            lines.append(f"... and {hidden} more (./cli.py status --json lists them all)")
+    lines += ["", "Jobs: " + ", ".join(f"{counts.get(name, 0)} {name}" for name in
+                                      ("waiting", "running", "succeeded", "failed", "killed"))]
+    return "\n".join(lines)
+
+
+def _command_line(job, width=60):
+    import shlex
+    text = " ".join(shlex.quote(part) for part in [job["script"], *job["args"]])
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _elapsed(seconds):
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def command_add_slave(options):
+    """Register workers, after checking that each accepts a passwordless SSH login.
+
+    Each host is checked with fabric (keys or agent, never a prompt, the ssh
+    config honoured) by running `true`; hosts are checked in parallel, those
+    that pass are added, and each failure is printed with its reason and makes
+    the exit status non-zero.
+    """
+    hosts = [validate_host_name(host) for host in options.hosts]
+    variables = dict(parse_assignment(text) for text in options.env)
+    if options.slots < 1:
+        raise UserError("--slots must be at least 1")
+    registered = set(request(options.data_dir, "workers"))
+    for host in hosts:
+        if host in registered:
+            raise UserError(f"worker {host} is already registered; remove it first "
+                            f"(./cli.py remove_slave {host}) to add it again")
+    if len(set(hosts)) != len(hosts):
+        raise UserError("a worker is named twice on the command line")
+    failures = {}
+    if not options.skip_ssh_auth_check:
+        failures = {host: reason for host, reason in
+                    check_hosts(hosts, options.timeout).items() if reason}
+    passed = [host for host in hosts if host not in failures]
+    for host, reason in failures.items():
+        print(f"{host}: {reason}", file=sys.stderr)
+    if passed:
+        request(options.data_dir, "add_slave", hosts=passed, slots=options.slots,
+                variables=variables, ssh_checked=not options.skip_ssh_auth_check)
+        for host in passed:
+            print(f"added {host} ({options.slots} slot{'s' if options.slots > 1 else ''})")
+    if failures:
+        raise UserError(f"{len(failures)} of {len(hosts)} worker(s) not added: fix the "
+                        "reasons above (see Troubleshooting in README.md) and add them again")
+    return 0
+
+
+def command_remove_slave(options):
+    """Remove workers.  A busy worker needs --wait (drain) or --kill (end its jobs)."""
+    if options.wait and options.kill:
+        raise UserError("--wait and --kill exclude each other: choose one")
+    hosts = [validate_host_name(host) for host in options.hosts]
+    mode = "wait" if options.wait else "kill" if options.kill else None
+    result = request(options.data_dir, "remove_slave", hosts=hosts, mode=mode)
+    for host in result["removed"]:
+        print(f"removed {host}")
+    for host in result["draining"]:
+        print(f"{host} takes no new jobs and will be removed when its jobs end")
+    return 0
+
+
+def command_add_job(options):
+    """Queue a job and print its id.
+
+    The job runs SCRIPT with ARGS exactly as given, in the current directory,
+    with the current environment plus the worker's and the job's -e variables,
+    plus JOB_ID and SLAVE_IP.
+    """
+    script = resolve_script(options.script)
+    args = options.args[1:] if options.args[:1] == ["--"] else options.args
+    variables = dict(parse_assignment(text) for text in options.env)
+    result = request(options.data_dir, "add_job", script=script, args=args, cwd=current_dir(),
+                     environment=dict(os.environ), variables=variables)
+    print(result["id"])
+    return 0
+
+
+def command_remove_job(options):
+    """Remove waiting jobs by id, or every waiting job with this exact script and args."""
+    if all(target.isdigit() for target in options.targets):
+        result = request(options.data_dir, "remove_job",
+                         ids=[int(target) for target in options.targets])
+    else:
+        script = resolve_script(options.targets[0], must_run=False)
+        result = request(options.data_dir, "remove_job", script=script,
+                         args=options.targets[1:])
+    print("removed job" + ("s " if len(result["removed"]) > 1 else " ")
+          + ", ".join(map(str, result["removed"])))
+    return 0
+
+
+def command_load_status(options):
+    """Replace the workers and the waiting queue with a status --json document."""
+    try:
+        with open(options.file, encoding="utf-8") as document_file:
+            document = json.load(document_file)
+    except OSError as error:
+        raise UserError(f"cannot read {options.file}: {error.strerror}") from None
+    except ValueError as error:
+        raise UserError(f"{options.file} is not valid JSON: {error}") from None
+    result = request(options.data_dir, "load_status", document=document, cwd=current_dir(),
+                     environment=dict(os.environ))
+    print(f"loaded {result['workers']} worker(s) and {result['jobs']} waiting job(s)"
+          + ("" if result["ids_kept"] else " (renumbered: their ids were taken)"))
+    return 0
+
+
+def resolve_script(script, must_run=True):
+    """An absolute path: as given if that exists, else looked up on PATH."""
+    import shutil
+    candidate = script
+    if "/" not in script and not os.path.exists(script):
+        candidate = shutil.which(script) or script
+    path = os.path.abspath(candidate)
+    if must_run:
+        if not os.path.exists(path):
+            raise UserError(f"no such script: {script}")
+        if not os.path.isfile(path):
+            raise UserError(f"{script} is not a file")
+        if not os.access(path, os.X_OK):
+            raise UserError(f"{script} is not executable: run chmod +x {script}")
+    return path
+
+
+def current_dir():
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        raise UserError("the current directory no longer exists; cd somewhere that does") \
+            from None
+
+
+def resolve_dir(path):
+    return os.path.abspath(os.path.expanduser(path))
+
+
+###############################################################################
+# Argument parsing #############################################################
+###############################################################################
+
+COMMANDS = {
+    "start": command_start,
+    "stop": command_stop,
+    "status": command_status,
+    "add_slave": command_add_slave,
+    "remove_slave": command_remove_slave,
+    "add_job": command_add_job,
+    "remove_job": command_remove_job,
+    "load_status": command_load_status,
+}
+
+EXAMPLES = {
+    "start": "./cli.py start\n  ./cli.py start --server_data_dir ~/queue --log_dir ~/queue/logs\n"
+             "  ./cli.py start --foreground          # under systemd or screen",
+    "stop": "./cli.py stop",
+    "status": "./cli.py status\n  ./cli.py status --json > state.json",
+    "add_slave": "./cli.py add_slave node1 node2 alice@10.0.0.7\n"
+                 "  ./cli.py add_slave --slots 8 -e SCRATCH=/scratch bignode",
+    "remove_slave": "./cli.py remove_slave node1\n  ./cli.py remove_slave --wait node2\n"
+                    "  ./cli.py remove_slave --kill node3",
+    "add_job": "./cli.py add_job ./job.sh input-1.dat\n"
+               "  ./cli.py add_job -e THREADS=4 ./job.sh -- --flag 'two words'",
+    "remove_job": "./cli.py remove_job 12 13\n  ./cli.py remove_job ./job.sh input-1.dat",
+    "load_status": "./cli.py status --json > state.json\n  ./cli.py load_status state.json",
+}
+
+
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--server_data_dir", dest="data_dir", metavar="DIR", default=argparse.SUPPRESS,
+        help=f"The server's data directory (default: ${DATA_DIR_VARIABLE}, "
+             f"else {DEFAULT_DATA_DIR}). Relative paths are taken from the current directory.")
+    parser = argparse.ArgumentParser(
+        prog="cli.py", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="A persistent SSH job queue: a background server runs your job script "
+                    "for each queued job on a free worker.",
+        epilog="examples:\n  " + "\n  ".join(
+            ["./cli.py start", "./cli.py add_slave --slots 4 node1 node2",
+             "./cli.py add_job ./job.sh input-1.dat", "./cli.py status", "./cli.py stop"]))
+    parser.add_argument("--version", action="version", version=f"cli.py {VERSION}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name, **kwargs):
+        function = COMMANDS[name]
+        summary = function.__doc__.strip().splitlines()[0]
+        return commands.add_parser(
+            name, parents=[common], help=summary, description=function.__doc__.strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog="examples:\n  " + EXAMPLES[name], **kwargs)
+
+    start = add("start")
+    start.add_argument("data_dir_positional", nargs="?", metavar="DATA_DIR",
+                       help="The data directory (same as --server_data_dir).")
+    start.add_argument("log_dir_positional", nargs="?", metavar="LOG_DIR",
+                       help="The job log directory (same as --log_dir).")
+    start.add_argument("--log_dir", metavar="DIR",
+                       help=f"Where job logs (job_ID.txt) and server.log go (default: "
+                            f"{DEFAULT_LOG_DIR}).")
+    start.add_argument("--foreground", action="store_true",
+                       help="Run in the foreground and log to stderr too (for systemd, "
+                            "screen or tmux).")
+    start.add_argument("--notify", action="store_true", help=argparse.SUPPRESS)
+
+    add("stop")
+    status = add("status")
+    status.add_argument("--json", action="store_true",
+                        help="Print the whole state as JSON (the form load_status reads).")
+
+    add_slave = add("add_slave")
+    add_slave.add_argument("hosts", nargs="+", metavar="HOST",
+                           help="A host name, IP address, user@host or ~/.ssh/config alias.")
+    add_slave.add_argument("--slots", type=int, default=1, metavar="N",
+                           help="How many jobs may run on each of these workers at once "
+                                "(default: 1).")
+    add_slave.add_argument("-e", dest="env", action="append", default=[],
+                           metavar="NAME=VALUE",
+                           help="A variable for every job on these workers; repeatable.")
+    add_slave.add_argument("--skip_ssh_auth_check", action="store_true",
+                           help="Add the hosts without trying an SSH login first.")
+    add_slave.add_argument("--timeout", type=float, default=DEFAULT_SSH_TIMEOUT,
+                           metavar="SECONDS",
+                           help=f"How long the SSH check waits for each host (default: "
+                                f"{DEFAULT_SSH_TIMEOUT:g}).")
+
+    remove_slave = add("remove_slave")
+    remove_slave.add_argument("hosts", nargs="+", metavar="HOST", help="A registered worker.")
+    remove_slave.add_argument("--wait", action="store_true",
+                              help="If busy: take no new jobs, and remove it when its jobs end.")
+    remove_slave.add_argument("--kill", action="store_true",
+                              help="If busy: end its jobs (SIGTERM to each job's process "
+                                   f"group, SIGKILL after {DEFAULT_KILL_GRACE:g}s), record them "
+                                   "as killed, and remove it.")
+
+    add_job = add("add_job")
+    add_job.add_argument("-e", dest="env", action="append", default=[], metavar="NAME=VALUE",
+                         help="A variable for this job; repeatable. JOB_ID and SLAVE_IP are "
+                              "reserved.")
+    add_job.add_argument("script", metavar="SCRIPT",
+                         help="An executable job script (a path, or a command on PATH).")
+    add_job.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
+                         help="Arguments passed to the script verbatim. Put -- before the "
+                              "first one if it starts with '-'.")
+
+    remove_job = add("remove_job")
+    remove_job.add_argument("targets", nargs="+", metavar="ID | SCRIPT [ARGS]",
+                            help="Job ids, or a script and its exact arguments.")
+
+    load_status = add("load_status")
+    load_status.add_argument("file", metavar="FILE", help="A file written by status --json.")
+    return parser
+
+
+def parse_arguments(argv):
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    data_dir = getattr(options, "data_dir", None)
+    positional = getattr(options, "data_dir_positional", None)
+    if data_dir and positional and resolve_dir(data_dir) != resolve_dir(positional):
+        raise UserError("two different data dirs given: use either DATA_DIR or "
+                        "--server_data_dir")
+    options.data_dir = resolve_dir(data_dir or positional or
+                                   os.environ.get(DATA_DIR_VARIABLE) or DEFAULT_DATA_DIR)
+    if options.command == "start":
+        if options.log_dir and options.log_dir_positional and \
+                resolve_dir(options.log_dir) != resolve_dir(options.log_dir_positional):
+            raise UserError("two different log dirs given: use either LOG_DIR or --log_dir")
+    return options
+
+
+###############################################################################
+# main #########################################################################
+###############################################################################
+
+def main(argv=None):
+    try:
+        options = parse_arguments(sys.argv[1:] if argv is None else argv)
+        return COMMANDS[options.command](options)
+    except UserError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (status | head): not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
