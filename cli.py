@@ -555,6 +555,7 @@ def _supervise(run_dir, job_id, attempt, script, args, cwd, environment, log_pat
         for number in (signal.SIGINT, signal.SIGHUP):
             signal.signal(number, signal.SIG_IGN)
         os.setsid()   # out of the server's session: a stop of the server leaves us alone
+        _name_process(f"cli.py job {job_id}")
         # Drop every descriptor of the server (its listener, its database, the
         # data dir lock) except our own lock.
         os.closerange(3, lock_fd)
@@ -567,6 +568,15 @@ def _supervise(run_dir, job_id, attempt, script, args, cwd, environment, log_pat
     except BaseException:   # noqa: BLE001 - a supervisor must never unwind into the server
         pass
     os._exit(status)
+
+
+def _name_process(name):
+    """Show NAME in ps and top instead of a copy of the server's name."""
+    try:
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(name[:15])
+    except OSError:
+        pass
 
 
 def _run_and_wait(run_dir, job_id, attempt, script, args, cwd, environment, log_path):

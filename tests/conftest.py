@@ -1,0 +1,151 @@
+import pytest
+
+from sshd import SshSandbox
+
+# --- SSH: real sshd servers on loopback, isolated from the real ~/.ssh (see sshd.py) ---
+
+
+@pytest.fixture(scope="session")
+def ssh_sandbox(tmp_path_factory):
+    with SshSandbox(tmp_path_factory.mktemp("ssh")) as sandbox:
+        yield sandbox
+
+
+@pytest.fixture(scope="session")
+def workers(ssh_sandbox):
+    return [ssh_sandbox.start_worker(alias) for alias in ("w1", "w2", "w3")]
+
+
+# --- cli.py: a server per test in a temp dir, driven as a user drives it ---
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+CLI = pathlib.Path(__file__).resolve().parent.parent / "cli.py"
+RECORD_JOB = """#!{python}
+# Records what a job saw, then sleeps $SLEEP seconds and exits with $EXIT_CODE.
+import json, os, sys, time
+started = time.time()
+results = os.environ["RESULTS"]
+with open(os.path.join(results, "runs.log"), "a") as runs:
+    runs.write(os.environ["JOB_ID"] + "\\n")
+time.sleep(float(os.environ.get("SLEEP", "0")))
+record = {{"job_id": os.environ["JOB_ID"], "slave": os.environ["SLAVE_IP"], "cwd": os.getcwd(),
+          "args": sys.argv[1:], "env": dict(os.environ), "start": started, "end": time.time()}}
+path = os.path.join(results, os.environ["JOB_ID"] + ".json")
+with open(path + ".tmp", "w") as out:
+    json.dump(record, out)
+os.replace(path + ".tmp", path)
+print("job", os.environ["JOB_ID"], "ran on", os.environ["SLAVE_IP"])
+sys.exit(int(os.environ.get("EXIT_CODE", "0")))
+"""
+
+
+def wait_until(predicate, timeout=20.0, what="condition"):
+    """Poll PREDICATE until it returns something truthy, or fail after TIMEOUT seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Cli:
+    """Runs ./cli.py in a subprocess with one data dir, as a user would."""
+
+    def __init__(self, root, env):
+        self.root = pathlib.Path(root)
+        self.data_dir = self.root / ".data"
+        self.log_dir = self.root / "logs"
+        self.results = self.root / "results"
+        self.results.mkdir(exist_ok=True)
+        self.env = dict(env, RESULTS=str(self.results))
+        self.env.pop("CLI_PY_DATA_DIR", None)
+        self.job = self.root / "record.py"
+        self.job.write_text(RECORD_JOB.format(python=sys.executable))
+        self.job.chmod(0o755)
+
+    def run(self, *args, env=None, cwd=None, timeout=60, input=None):
+        return subprocess.run([sys.executable, str(CLI), *map(str, args)],
+                              cwd=cwd or self.root, env=env or self.env, input=input,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def ok(self, *args, **kwargs):
+        result = self.run(*args, **kwargs)
+        assert result.returncode == 0, f"cli.py {args} failed: {result.stderr}"
+        return result.stdout
+
+    def fails(self, *args, expect=None, **kwargs):
+        """A user error: non-zero exit, one line 'Error: ...' on stderr, no traceback."""
+        result = self.run(*args, **kwargs)
+        assert result.returncode != 0, f"cli.py {args} should have failed: {result.stdout}"
+        lines = result.stderr.strip().splitlines()
+        assert "Traceback" not in result.stderr, result.stderr
+        assert lines and lines[-1].startswith("Error: "), result.stderr
+        if expect:
+            assert expect in result.stderr, result.stderr
+        return result.stderr
+
+    def status(self):
+        return json.loads(self.ok("status", "--json"))
+
+    def add_job(self, *args, **kwargs):
+        return int(self.ok("add_job", *args, **kwargs).strip())
+
+    def job(self, job_id):
+        """A job's row from status --json (waiting or running), or its record if it ran."""
+        record = self.results / f"{job_id}.json"
+        return json.loads(record.read_text()) if record.exists() else None
+
+    def runs(self):
+        path = self.results / "runs.log"
+        return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+    def wait_for_counts(self, timeout=30, **expected):
+        def reached():
+            counts = self.status()["counts"]
+            return all(counts.get(name, 0) == value for name, value in expected.items())
+        wait_until(reached, timeout, f"job counts {expected}")
+
+    def server_pid(self):
+        try:
+            return int((self.data_dir / "server.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def end_leftover_jobs(self):
+        """Teardown: end every supervisor still running for this data dir, at once."""
+        run_dir = self.data_dir / "run"
+        if not run_dir.is_dir():
+            return
+        for pid_file in run_dir.glob("*.pid"):
+            pid_file.with_suffix(".kill").write_text("0")
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
+
+
+@pytest.fixture
+def cli(tmp_path, ssh_sandbox, workers):
+    """A Cli whose server is not started yet."""
+    cli = Cli(tmp_path, ssh_sandbox.env())
+    yield cli
+    if cli.server_pid():
+        cli.run("stop")
+    cli.end_leftover_jobs()
+
+
+@pytest.fixture
+def server(cli):
+    """A Cli with a running server and no workers."""
+    cli.ok("start")
+    return cli

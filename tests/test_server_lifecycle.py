@@ -1,0 +1,138 @@
+"""start and stop: readiness, one server per data dir, stale leftovers, paths, permissions."""
+import os
+import signal
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+
+from conftest import CLI, wait_until
+
+
+def test_start_returns_when_ready_and_stop_ends_the_server(cli):
+    out = cli.ok("start")
+    assert "server started" in out
+    pid = cli.server_pid()
+    # No sleep between start and the next command.
+    assert cli.status()["server"]["pid"] == pid
+    assert "server stopped" in cli.ok("stop")
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}"), what="the server to exit")
+    cli.fails("status", expect=f"no server running for {cli.data_dir}; start it with ./cli.py start")
+
+
+def test_second_start_names_the_running_server(server):
+    error = server.fails("start", expect="already running")
+    assert str(server.server_pid()) in error
+
+
+def test_killed_server_leaves_nothing_that_blocks_a_new_start(server):
+    pid = server.server_pid()
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}"), what="the server to die")
+    assert (server.data_dir / "server.sock").exists()   # stale socket left behind
+    server.fails("status", expect="no server running")
+    server.ok("start")
+    assert server.status()["server"]["pid"] != pid
+
+
+def test_two_racing_starts_give_exactly_one_server(cli):
+    starts = [subprocess.Popen([sys.executable, str(CLI), "start"], cwd=cli.root, env=cli.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(3)]
+    results = [(start.wait(30), start.stderr.read()) for start in starts]
+    assert sorted(code for code, _ in results) == [0, 1, 1], results
+    assert all("already running" in error for code, error in results if code)
+
+
+def test_relative_dirs_resolve_against_the_callers_directory(cli):
+    elsewhere = cli.root / "project"
+    elsewhere.mkdir()
+    cli.ok("start", "mydata", "mylogs", cwd=elsewhere)
+    status = cli.run("status", "--json", "--server_data_dir", "project/mydata")
+    assert status.returncode == 0, status.stderr
+    assert (elsewhere / "mydata" / "state.db").exists()
+    assert (elsewhere / "mylogs" / "server.log").exists()
+    cli.ok("--server_data_dir", "mydata", "stop", cwd=elsewhere)   # option before the action
+
+
+def test_data_dir_from_the_environment_variable(cli):
+    env = dict(cli.env, CLI_PY_DATA_DIR=str(cli.root / "from-env"))
+    cli.ok("start", env=env)
+    cli.ok("status", env=env)
+    cli.fails("status", expect="no server running")   # the default .data has no server
+    cli.ok("stop", env=env)
+
+
+def test_everything_is_owner_only_whatever_the_umask(cli):
+    old = os.umask(0)
+    try:
+        cli.ok("start")
+    finally:
+        os.umask(old)
+    server_pid = cli.server_pid()
+    assert server_pid
+    job = cli.add_job(cli.job)   # no worker: stays waiting, but its log dir exists
+    assert job == 1
+    for path in (cli.data_dir, cli.log_dir, cli.data_dir / "run"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+    for path in (cli.data_dir / "state.db", cli.data_dir / "server.sock",
+                 cli.log_dir / "server.log"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_a_deep_data_dir_still_gets_a_socket(cli):
+    deep = cli.root / ("d" * 60) / ("e" * 60)
+    cli.ok("start", "--server_data_dir", deep)
+    assert cli.run("status", "--server_data_dir", deep).returncode == 0
+    cli.ok("stop", "--server_data_dir", deep)
+
+
+def test_corrupt_database_is_refused_and_kept(cli):
+    cli.data_dir.mkdir(mode=0o700)
+    database = cli.data_dir / "state.db"
+    database.write_bytes(b"this is not an sqlite database" * 100)
+    before = database.read_bytes()
+    cli.fails("start", expect="corrupt")
+    assert database.read_bytes() == before
+
+
+def test_a_truncated_database_is_refused(cli):
+    cli.ok("start")
+    cli.add_job(cli.job)
+    cli.ok("stop")
+    database = cli.data_dir / "state.db"
+    connection = sqlite3.connect(database)
+    connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    connection.close()
+    size = database.stat().st_size
+    with open(database, "r+b") as handle:
+        handle.truncate(size // 2)
+    cli.fails("start", expect="refusing to start")
+    assert database.stat().st_size == size // 2
+
+
+def test_foreground_server_logs_to_stderr_and_stops_on_sigterm(cli):
+    server = subprocess.Popen([sys.executable, str(CLI), "start", "--foreground"], cwd=cli.root,
+                              env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    wait_until(lambda: cli.run("status").returncode == 0, what="the foreground server")
+    server.send_signal(signal.SIGTERM)
+    assert server.wait(10) == 0
+    assert "listening on" in server.stderr.read()
+    cli.fails("status", expect="no server running")
+
+
+def test_garbage_on_the_socket_gets_an_error_and_the_server_keeps_serving(server):
+    path = str(server.data_dir / "server.sock")
+    for garbage in (b"not json\n", b"[1, 2]\n", b'{"command": "nope"}\n',
+                    b'{"command": "add_job", "params": {"script": 5}}\n'):
+        with socket.socket(socket.AF_UNIX) as connection:
+            connection.connect(path)
+            connection.sendall(garbage)
+            reply = connection.makefile().readline()
+            assert '"ok": false' in reply, (garbage, reply)
+    with socket.socket(socket.AF_UNIX) as connection:   # half a request, then gone
+        connection.connect(path)
+        connection.sendall(b'{"command": "sta')
+    server.ok("status")
