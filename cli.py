@@ -745,7 +745,11 @@ def check_hosts(hosts, timeout):
     the agent are tried.  The user's ssh config is honoured (or the file named
     by CLI_PY_SSH_CONFIG).
     """
+    import logging
     from concurrent.futures import ThreadPoolExecutor
+    # Paramiko's transport thread logs its own copy of each failure; we report
+    # the reason per host instead.
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL + 1)
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
         results = pool.map(lambda host: check_host(host, timeout), hosts)
         return dict(zip(hosts, results))
@@ -786,7 +790,9 @@ def check_host(host, timeout):
     except ConnectionRefusedError:
         return "connection refused: no SSH server listens on that port"
     except paramiko.SSHException as error:
-        if "banner" in str(error).lower():
+        # A host that accepts TCP but never speaks ends in "No existing session"
+        # once the connect timeout has passed.
+        if "banner" in str(error).lower() or "no existing session" in str(error).lower():
             return f"timed out after {timeout:g}s waiting for the SSH server to greet"
         return f"SSH error: {error}"
     except OSError as error:
