@@ -1738,8 +1738,12 @@ def render_status(status):
 
 
 def _command_line(job, width=60):
+    """The job's command as the user probably typed it, cut to WIDTH."""
     import shlex
-    text = " ".join(shlex.quote(part) for part in [job["script"], *job["args"]])
+    script = job["script"]
+    if script.startswith(job["cwd"].rstrip("/") + "/"):
+        script = "./" + script[len(job["cwd"].rstrip("/")) + 1:]
+    text = " ".join(shlex.quote(part) for part in [script, *job["args"]])
     return text if len(text) <= width else text[:width - 3] + "..."
 
 

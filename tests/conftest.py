@@ -67,11 +67,11 @@ class Cli:
         self.log_dir = self.root / "logs"
         self.results = self.root / "results"
         self.results.mkdir(exist_ok=True)
-        self.env = dict(env, RESULTS=str(self.results))
-        self.env.pop("CLI_PY_DATA_DIR", None)
-        self.job = self.root / "record.py"
-        self.job.write_text(RECORD_JOB.format(python=sys.executable))
-        self.job.chmod(0o755)
+        # Pinned, so that commands run from other directories reach the same server.
+        self.env = dict(env, RESULTS=str(self.results), CLI_PY_DATA_DIR=str(self.data_dir))
+        self.script = self.root / "record.py"
+        self.script.write_text(RECORD_JOB.format(python=sys.executable))
+        self.script.chmod(0o755)
 
     def run(self, *args, env=None, cwd=None, timeout=60, input=None):
         return subprocess.run([sys.executable, str(CLI), *map(str, args)],
@@ -100,7 +100,7 @@ class Cli:
     def add_job(self, *args, **kwargs):
         return int(self.ok("add_job", *args, **kwargs).strip())
 
-    def job(self, job_id):
+    def record(self, job_id):
         """A job's row from status --json (waiting or running), or its record if it ran."""
         record = self.results / f"{job_id}.json"
         return json.loads(record.read_text()) if record.exists() else None

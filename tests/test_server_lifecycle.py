@@ -56,12 +56,16 @@ def test_relative_dirs_resolve_against_the_callers_directory(cli):
     cli.ok("--server_data_dir", "mydata", "stop", cwd=elsewhere)   # option before the action
 
 
-def test_data_dir_from_the_environment_variable(cli):
-    env = dict(cli.env, CLI_PY_DATA_DIR=str(cli.root / "from-env"))
-    cli.ok("start", env=env)
-    cli.ok("status", env=env)
-    cli.fails("status", expect="no server running")   # the default .data has no server
-    cli.ok("stop", env=env)
+def test_data_dir_defaults_to_dot_data_unless_the_environment_variable_says(cli):
+    plain = {name: value for name, value in cli.env.items() if name != "CLI_PY_DATA_DIR"}
+    cli.ok("start", env=plain)
+    assert (cli.root / ".data" / "state.db").exists()
+    other = dict(plain, CLI_PY_DATA_DIR=str(cli.root / "from-env"))
+    cli.fails("status", env=other, expect="no server running")
+    cli.ok("start", env=other)
+    assert (cli.root / "from-env" / "state.db").exists()
+    cli.ok("stop", env=other)
+    cli.ok("stop", env=plain)
 
 
 def test_everything_is_owner_only_whatever_the_umask(cli):
@@ -72,7 +76,7 @@ def test_everything_is_owner_only_whatever_the_umask(cli):
         os.umask(old)
     server_pid = cli.server_pid()
     assert server_pid
-    job = cli.add_job(cli.job)   # no worker: stays waiting, but its log dir exists
+    job = cli.add_job(cli.script)   # no worker: stays waiting, but its log dir exists
     assert job == 1
     for path in (cli.data_dir, cli.log_dir, cli.data_dir / "run"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
@@ -99,7 +103,7 @@ def test_corrupt_database_is_refused_and_kept(cli):
 
 def test_a_truncated_database_is_refused(cli):
     cli.ok("start")
-    cli.add_job(cli.job)
+    cli.add_job(cli.script)
     cli.ok("stop")
     database = cli.data_dir / "state.db"
     connection = sqlite3.connect(database)

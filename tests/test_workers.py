@@ -87,7 +87,7 @@ def test_remove_idle_worker_and_unknown_worker(server):
 
 def test_busy_worker_needs_wait_or_kill(server):
     server.ok("add_slave", "w1")
-    job = server.add_job(server.job, env=dict(server.env, SLEEP="30"))
+    job = server.add_job(server.script, env=dict(server.env, SLEEP="30"))
     server.wait_for_counts(running=1)
     error = server.fails("remove_slave", "w1")
     assert "--wait" in error and "--kill" in error and str(job) in error
@@ -96,9 +96,9 @@ def test_busy_worker_needs_wait_or_kill(server):
 
 def test_remove_slave_wait_drains_then_removes(server):
     server.ok("add_slave", "w1")
-    long_job = server.add_job(server.job, env=dict(server.env, SLEEP="1.5"))
+    long_job = server.add_job(server.script, env=dict(server.env, SLEEP="1.5"))
     server.wait_for_counts(running=1)
-    later = server.add_job(server.job)
+    later = server.add_job(server.script)
     out = server.ok("remove_slave", "--wait", "w1")
     assert "when its jobs end" in out
     assert slaves(server)["w1"]["status"] == "draining"
@@ -117,7 +117,7 @@ def test_remove_slave_kill_ends_the_whole_process_group(server):
                         "sleep 300\n")
     stubborn.chmod(0o755)
     stubborn_id = server.add_job(stubborn)
-    polite_id = server.add_job(server.job, env=dict(server.env, SLEEP="300"))
+    polite_id = server.add_job(server.script, env=dict(server.env, SLEEP="300"))
     server.wait_for_counts(running=2)
     wait_until(marker.exists, what="the background child")
     child = int(marker.read_text())
