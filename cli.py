@@ -346,6 +346,16 @@ class Store:
             (name, slots, json.dumps(variables), WorkerState.ACTIVE.value, int(ssh_checked),
              time.time()))
 
+    def upsert_worker(self, name, slots, variables, ssh_checked):
+        """Register NAME, or make an existing (even draining) worker match the arguments."""
+        self.db.execute(
+            "INSERT INTO workers (name, slots, variables, state, ssh_checked, added_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET slots = excluded.slots, "
+            "variables = excluded.variables, state = excluded.state, "
+            "ssh_checked = excluded.ssh_checked",
+            (name, slots, json.dumps(variables), WorkerState.ACTIVE.value, int(ssh_checked),
+             time.time()))
+
     def set_worker_state(self, name, old, new):
         check_transition(WORKER_TRANSITIONS, old, new)
         self.db.execute("UPDATE workers SET state = ? WHERE name = ? AND state = ?",
@@ -1351,20 +1361,30 @@ class Server:
         return {"removed": job_ids}
 
     def cmd_load_status(self, client, params):
+        """Replace the workers and the waiting queue; running jobs are left alone.
+
+        A worker missing from the document drains if it is busy (removed when
+        its jobs end) and goes at once otherwise; workers in the document are
+        (re)registered with its slots and variables.
+        """
         document = params.get("document")
         defaults = {"cwd": _string(params, "cwd"), "environment": _environment(params)}
         workers, jobs = validate_status_document(document, defaults)
-        if self.running:
-            raise UserError(f"{len(self.running)} job(s) are running; load_status replaces the "
-                            "workers and the queue, so wait for them to end first")
-        existing_ids = {row[0] for row in self.store.db.execute(
+        taken_ids = {row[0] for row in self.store.db.execute(
             "SELECT id FROM jobs WHERE state != ?", (JobState.WAITING.value,))}
-        keep_ids = not any(job["id"] in existing_ids for job in jobs if job["id"] is not None)
+        keep_ids = not any(job["id"] in taken_ids for job in jobs if job["id"] is not None)
+        wanted = {worker["ip"] for worker in workers}
         with self.store.transaction():
             self.store.db.execute("DELETE FROM jobs WHERE state = ?", (JobState.WAITING.value,))
-            self.store.db.execute("DELETE FROM workers")
+            for name, worker in self.workers.items():
+                if name in wanted:
+                    continue
+                if worker["busy_slots"] and worker["state"] == WorkerState.ACTIVE:
+                    self.store.set_worker_state(name, WorkerState.ACTIVE, WorkerState.DRAINING)
+                elif not worker["busy_slots"]:
+                    self.store.delete_worker(name)
             for worker in workers:
-                self.store.insert_worker(worker["ip"], worker["slots"], worker["envs"],
+                self.store.upsert_worker(worker["ip"], worker["slots"], worker["envs"],
                                          worker["ssh_checked"])
             for job in jobs:
                 environment_id = self.store.intern_environment(job["environment"])
@@ -1373,6 +1393,9 @@ class Server:
                                       job["submitted_at"])
             self.store.drop_unused_environments()
         self.workers = {row["name"]: self.worker_from_row(row) for row in self.store.workers()}
+        for attempt in self.running.values():
+            if attempt.worker in self.workers:
+                self.workers[attempt.worker]["busy_slots"].add(attempt.slot)
         self.schedule_needed = True
         self.log.info("state replaced by load_status: %d worker(s), %d waiting job(s)",
                       len(workers), len(jobs))

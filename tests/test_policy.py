@@ -1,0 +1,104 @@
+"""Pure functions: scheduling decisions, environments, validation, state transitions."""
+import importlib.util
+import pathlib
+
+import pytest
+
+spec = importlib.util.spec_from_file_location(
+    "cli", pathlib.Path(__file__).resolve().parent.parent / "cli.py")
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+
+
+def worker(name, slots, busy=(), accepting=True):
+    return cli.WorkerCapacity(name, slots, busy, accepting)
+
+
+def test_fifo_and_most_free_slots_first():
+    starts = cli.plan_starts([1, 2, 3, 4], [worker("a", 2), worker("b", 3)])
+    assert starts == [(1, "b", 0), (2, "a", 0), (3, "b", 1), (4, "a", 1)]
+
+
+def test_ties_go_to_the_worker_added_first():
+    assert cli.plan_starts([7], [worker("a", 1), worker("b", 1)]) == [(7, "a", 0)]
+
+
+def test_never_more_jobs_than_free_slots():
+    starts = cli.plan_starts(list(range(10)), [worker("a", 2, busy={0}), worker("b", 1)])
+    assert len(starts) == 2
+    assert (0, "a", 1) in starts or (1, "a", 1) in starts
+
+
+def test_busy_slot_numbers_are_skipped():
+    assert cli.plan_starts([1], [worker("a", 3, busy={0, 1})]) == [(1, "a", 2)]
+
+
+def test_draining_workers_take_nothing():
+    assert cli.plan_starts([1], [worker("a", 4, accepting=False)]) == []
+
+
+def test_a_worker_over_its_slots_after_a_change_takes_nothing():
+    assert cli.plan_starts([1], [worker("a", 1, busy={0, 1})]) == []
+
+
+def test_inputs_are_not_modified():
+    busy = {0}
+    workers = [worker("a", 2, busy=busy)]
+    cli.plan_starts([1], workers)
+    assert workers[0].busy_slots == {0}
+
+
+def test_job_environment_precedence_and_reserved_names():
+    environment = cli.job_environment({"A": "caller", "B": "caller", "JOB_ID": "spoof"},
+                                      {"B": "worker", "C": "worker"}, {"C": "job"}, 5, "w1")
+    assert environment == {"A": "caller", "B": "worker", "C": "job", "JOB_ID": "5",
+                           "SLAVE_IP": "w1"}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("A=b", ("A", "b")), ("A=", ("A", "")), ("A=b=c", ("A", "b=c")), ("_x1=y", ("_x1", "y"))])
+def test_assignments(text, expected):
+    assert cli.parse_assignment(text) == expected
+
+
+@pytest.mark.parametrize("text", ["A", "=b", "1A=b", "A-B=c", "JOB_ID=1", "SLAVE_IP=h", "A B=c"])
+def test_bad_assignments(text):
+    with pytest.raises(cli.UserError):
+        cli.parse_assignment(text)
+
+
+@pytest.mark.parametrize("name", ["node1", "10.0.0.7", "alice@node.example.org", "[::1]",
+                                  "gpu_box-2", "fe80::1%eth0"])
+def test_good_host_names(name):
+    assert cli.validate_host_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "-oProxyCommand=x", "a b", "a\tb", "a\nb", "a;b", "$(x)",
+                                  "a/b", "\x07"])
+def test_bad_host_names(name):
+    with pytest.raises(cli.UserError):
+        cli.validate_host_name(name)
+
+
+def test_transitions_are_checked():
+    cli.check_transition(cli.JOB_TRANSITIONS, cli.JobState.WAITING, cli.JobState.RUNNING)
+    with pytest.raises(cli.IllegalTransition):
+        cli.check_transition(cli.JOB_TRANSITIONS, cli.JobState.DONE, cli.JobState.RUNNING)
+    with pytest.raises(cli.IllegalTransition):
+        cli.check_transition(cli.WORKER_TRANSITIONS, cli.WorkerState.DRAINING,
+                             cli.WorkerState.ACTIVE)
+
+
+def test_results():
+    assert cli.result_of(0, None, False) is cli.JobResult.SUCCEEDED
+    assert cli.result_of(1, None, False) is cli.JobResult.FAILED
+    assert cli.result_of(None, 9, False) is cli.JobResult.FAILED
+    assert cli.result_of(0, None, True) is cli.JobResult.KILLED
+
+
+def test_deep_data_dirs_get_a_short_socket_path():
+    deep = "/x" * 80
+    path = cli.socket_path(deep)
+    assert len(path.encode()) <= cli.SOCKET_PATH_LIMIT
+    assert path == cli.socket_path(deep)
+    assert cli.socket_path("/short") == "/short/server.sock"
