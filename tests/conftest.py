@@ -2,6 +2,16 @@ import pytest
 
 from sshd import SshSandbox
 
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A skipped test fails: here a skip could only hide a missing dependency."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"skipped tests count as failures in this suite: {report.longrepr}"
+
 # --- SSH: real sshd servers on loopback, isolated from the real ~/.ssh (see sshd.py) ---
 
 
