@@ -110,6 +110,17 @@ class UserError(Exception):
     """A mistake the user can fix: main() prints 'Error: MESSAGE' and exits 1."""
 
 
+def require(module):
+    """Import a third-party MODULE, or tell the user how to install it."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"the Python package {module!r} is missing: run pip install -r "
+                        "requirements.txt (in the venv you use for cli.py), or run the tool "
+                        "as: uv run cli.py ...") from None
+
+
 def validate_host_name(name):
     if not name:
         raise UserError("empty worker name: give a host name, IP address, user@host or ssh alias")
@@ -757,6 +768,7 @@ def check_hosts(hosts, timeout):
     """
     import logging
     from concurrent.futures import ThreadPoolExecutor
+    require("fabric")   # here, not in the threads: one clear error for a missing package
     # Paramiko's transport thread logs its own copy of each failure; we report
     # the reason per host instead.
     logging.getLogger("paramiko").setLevel(logging.CRITICAL + 1)
@@ -1582,7 +1594,8 @@ def run_server(data_dir, log_dir, notify):
         os.chmod(directory, 0o700)
     if not hasattr(os, "pidfd_open"):
         raise UserError("the server needs Linux 5.3 or later (pidfd) and Python 3.10+")
-    from filelock import FileLock, Timeout
+    filelock = require("filelock")
+    FileLock, Timeout = filelock.FileLock, filelock.Timeout
     paths = data_dir_paths(data_dir)
     lock = FileLock(paths["lock"], mode=0o600)
     try:
@@ -1729,7 +1742,7 @@ def command_status(options):
 
 
 def render_status(status):
-    from tabulate import tabulate
+    tabulate = require("tabulate").tabulate
     lines = [f"server pid {status['server']['pid']}, data dir {status['server']['data_dir']}, "
              f"job logs in {status['server']['log_dir']}"]
     workers = [[slave["ip"], slave["status"], f"{slave['slots_in_use']}/{slave['slots']}",
