@@ -32,7 +32,10 @@ import argparse
 import json
 import os
 import re
+import selectors
+import signal
 import socket
+import struct
 import sys
 import time
 from enum import Enum
@@ -64,7 +67,7 @@ RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP")
 VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # Host names reach ssh as one argv element, but also job scripts that may not
 # quote $SLAVE_IP: allow what host names, IPs, user@host and ssh aliases use.
-HOST_NAME = re.compile(r"[A-Za-z0-9_.\[\]][A-Za-z0-9_.@:%+\[\]-]*\Z")
+HOST_NAME = re.compile(r"[A-Za-z0-9_.:][A-Za-z0-9_.@:%+-]*\Z")
 
 
 def data_dir_paths(data_dir):
@@ -129,7 +132,7 @@ def validate_host_name(name):
                         "(ssh would read it as an option)")
     if not HOST_NAME.match(name):
         raise UserError(f"invalid worker name {name!r}: use a host name, IP address, user@host "
-                        "or ssh alias (letters, digits and . _ - @ : % + [ ] only, no spaces)")
+                        "or ssh alias (letters, digits and . _ - @ : % + only, no spaces)")
     return name
 
 
@@ -188,7 +191,7 @@ class WorkerState(str, Enum):
 # RUNNING -> WAITING happens only in recovery, for an attempt whose supervisor
 # never got as far as starting the script.
 JOB_TRANSITIONS = {
-    JobState.WAITING: {JobState.RUNNING, JobState.DONE},
+    JobState.WAITING: {JobState.RUNNING},
     JobState.RUNNING: {JobState.DONE, JobState.WAITING},
     JobState.DONE: set(),
 }
@@ -207,7 +210,7 @@ def check_transition(table, old, new):
         raise IllegalTransition(f"{old.value} -> {new.value}")
 
 
-def result_of(exit_code, signal_number, kill_requested):
+def result_of(exit_code, kill_requested):
     """How an attempt ended, from what its supervisor recorded."""
     if kill_requested:
         return JobResult.KILLED
@@ -223,7 +226,6 @@ def result_of(exit_code, signal_number, kill_requested):
 # One list of migrations; PRAGMA user_version counts how many are applied.
 MIGRATIONS = [
     """
-    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE environments (
         id INTEGER PRIMARY KEY,
         digest TEXT NOT NULL UNIQUE,
@@ -247,6 +249,7 @@ MIGRATIONS = [
         cwd TEXT NOT NULL,
         environment_id INTEGER NOT NULL REFERENCES environments(id),
         variables TEXT NOT NULL DEFAULT '{}',          -- the job's own -e
+        umask INTEGER NOT NULL DEFAULT 18,             -- the submitter's (0o022)
         worker TEXT,
         slot INTEGER,
         attempt INTEGER NOT NULL DEFAULT 0,
@@ -254,6 +257,7 @@ MIGRATIONS = [
         signal INTEGER,
         reason TEXT,
         kill_requested_at REAL,
+        kill_grace REAL,
         submitted_at REAL NOT NULL,
         started_at REAL,
         ended_at REAL
@@ -272,7 +276,7 @@ class Store:
         existed = os.path.exists(path)
         try:
             # Autocommit mode: every change goes through transaction() below.
-            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db = sqlite3.connect(path, isolation_level=None)
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA busy_timeout = 5000")
             if existed:
@@ -297,27 +301,19 @@ class Store:
             raise UserError(f"the database was written by a newer cli.py (schema {version}); "
                             "upgrade cli.py")
         for number in range(version, len(MIGRATIONS)):
-            with self.transaction():
-                for statement in MIGRATIONS[number].split(";"):
-                    if statement.strip():
-                        self.db.execute(statement)
-                self.db.execute(f"PRAGMA user_version = {number + 1}")
+            try:
+                self.db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[number]}; "
+                                      f"PRAGMA user_version = {number + 1}; COMMIT;")
+            except self.sqlite3.Error:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
 
     def transaction(self):
         return _Transaction(self.db)
 
     def close(self):
         self.db.close()
-
-    # --- settings ---------------------------------------------------------
-
-    def setting(self, key, default=None):
-        row = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else default
-
-    def set_setting(self, key, value):
-        self.db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
-                        (key, json.dumps(value)))
 
     # --- environments -----------------------------------------------------
 
@@ -338,8 +334,10 @@ class Store:
         return json.loads(row[0])
 
     def environments(self, ids):
-        rows = self.db.execute("SELECT id, variables FROM environments").fetchall()
-        return {row["id"]: json.loads(row["variables"]) for row in rows if row["id"] in ids}
+        ids = sorted(ids)
+        rows = self.db.execute(f"SELECT id, variables FROM environments WHERE id IN "
+                               f"({', '.join('?' * len(ids))})", ids).fetchall()
+        return {row["id"]: json.loads(row["variables"]) for row in rows}
 
     def drop_unused_environments(self):
         self.db.execute("DELETE FROM environments WHERE id NOT IN "
@@ -350,14 +348,7 @@ class Store:
     def workers(self):
         return self.db.execute("SELECT * FROM workers ORDER BY position").fetchall()
 
-    def insert_worker(self, name, slots, variables, ssh_checked):
-        self.db.execute(
-            "INSERT INTO workers (name, slots, variables, state, ssh_checked, added_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (name, slots, json.dumps(variables), WorkerState.ACTIVE.value, int(ssh_checked),
-             time.time()))
-
-    def upsert_worker(self, name, slots, variables, ssh_checked):
+    def save_worker(self, name, slots, variables, ssh_checked):
         """Register NAME, or make an existing (even draining) worker match the arguments."""
         self.db.execute(
             "INSERT INTO workers (name, slots, variables, state, ssh_checked, added_at) "
@@ -377,13 +368,13 @@ class Store:
 
     # --- jobs -------------------------------------------------------------
 
-    def insert_job(self, script, args, cwd, environment_id, variables, job_id=None,
+    def insert_job(self, script, args, cwd, environment_id, variables, umask, job_id=None,
                    submitted_at=None):
         return self.db.execute(
-            "INSERT INTO jobs (id, state, script, args, cwd, environment_id, variables, "
-            "submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO jobs (id, state, script, args, cwd, environment_id, variables, umask, "
+            "submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (job_id, JobState.WAITING.value, script, json.dumps(args), cwd, environment_id,
-             json.dumps(variables), submitted_at or time.time())).lastrowid
+             json.dumps(variables), umask, submitted_at or time.time())).lastrowid
 
     def job(self, job_id):
         return self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -391,10 +382,6 @@ class Store:
     def jobs_in_state(self, state, limit=-1):
         return self.db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY id LIMIT ?",
                                (state.value, limit)).fetchall()
-
-    def waiting_count(self):
-        return self.db.execute("SELECT count(*) FROM jobs WHERE state = ?",
-                               (JobState.WAITING.value,)).fetchone()[0]
 
     def counts(self):
         counts = {"waiting": 0, "running": 0}
@@ -433,7 +420,15 @@ class _Transaction:
         return self.db
 
     def __exit__(self, kind, error, trace):
-        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        if kind is None:
+            try:
+                self.db.execute("COMMIT")
+                return False
+            except Exception:
+                # A failed COMMIT (disk full) leaves the transaction open.
+                self.db.execute("ROLLBACK")
+                raise
+        self.db.execute("ROLLBACK")
         return False
 
 
@@ -448,6 +443,7 @@ def job_to_json(row, log_dir):
         "cwd": row["cwd"],
         "envs": json.loads(row["variables"]),
         "environment": row["environment_id"],
+        "umask": row["umask"],
         "worker": row["worker"],
         "slot": row["slot"],
         "attempt": row["attempt"],
@@ -538,57 +534,93 @@ def job_environment(submitter_environment, worker_variables, job_variables, job_
 # still has its exit status recorded.  Its files in DATA_DIR/run:
 #   N-A.lock  held (flock) by the supervisor for as long as it lives: proof of
 #             life that cannot be fooled by a reused pid
-#   N-A.pid   its pid, written before the script is started: no pid file means
-#             the script never started, so recovery may queue the job again
+#   N-A.pid   its pid (also the job's session id), written before the script
+#             starts: no pid file and a free lock mean the script never ran,
+#             so recovery may queue the job again
 #   N-A.exit  {"exit_code", "signal", "error"} once the script has ended
 #   N-A.kill  the grace period, written by the server before it asks the
 #             supervisor (SIGTERM) to end the job's process group
+#
+# The supervisor is a child subreaper: whatever the script leaves behind is
+# reparented to it, so it is told (SIGCHLD) when the last process of the job's
+# group ends, and nothing depends on PID 1 reaping zombies.
 
-def launch_supervisor(run_dir, job_id, attempt, script, args, cwd, environment, log_path,
-                      keep_fds=()):
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class LaunchError(Exception):
+    """The system refused to start a supervisor (process or file limits)."""
+
+
+class AttemptSpec:
+    """Everything a supervisor needs to run one attempt of one job."""
+
+    def __init__(self, job_id, attempt, script, args, cwd, environment, umask, fd_limit,
+                 log_path):
+        self.job_id = job_id
+        self.attempt = attempt
+        self.script = script
+        self.args = args
+        self.cwd = cwd
+        self.environment = environment
+        self.umask = umask
+        self.fd_limit = fd_limit
+        self.log_path = log_path
+
+
+def launch_supervisor(run_dir, spec):
     """Fork a supervisor for one attempt; return (pid, pidfd) in the server."""
     import fcntl
-    import signal
-    lock_fd = os.open(run_file(run_dir, job_id, attempt, "lock"),
-                      os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    try:
+        lock_fd = os.open(run_file(run_dir, spec.job_id, spec.attempt, "lock"),
+                          os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as error:
+        raise LaunchError(f"cannot create its lock file: {error.strerror}") from None
     # Block the signals the supervisor waits for before forking, so that none
     # reaches the server's own handlers in the child.
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGCHLD})
     try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
         pid = os.fork()
         if pid == 0:
-            _supervise(run_dir, job_id, attempt, script, args, cwd, environment, log_path,
-                       lock_fd)
+            _supervise(run_dir, spec, lock_fd)
+        pidfd = os.pidfd_open(pid)
+    except OSError as error:
+        raise LaunchError(f"cannot start a supervisor: {error.strerror}") from None
     finally:
-        if pid != 0:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
-    os.close(lock_fd)   # the supervisor's copy keeps the lock
-    return pid, os.pidfd_open(pid)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        os.close(lock_fd)   # the supervisor's copy keeps the lock
+    return pid, pidfd
 
 
-def _supervise(run_dir, job_id, attempt, script, args, cwd, environment, log_path, lock_fd):
+def _supervise(run_dir, spec, lock_fd):
     """The body of a supervisor process.  Never returns."""
-    import signal
     status = 1
     try:
         signal.set_wakeup_fd(-1)
         for number in (signal.SIGINT, signal.SIGHUP):
             signal.signal(number, signal.SIG_IGN)
         os.setsid()   # out of the server's session: a stop of the server leaves us alone
-        _name_process(f"cli.py job {job_id}")
+        _name_process(f"cli.py job {spec.job_id}")
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)
         # Drop every descriptor of the server (its listener, its database, the
         # data dir lock) except our own lock.
         os.closerange(3, lock_fd)
-        os.closerange(lock_fd + 1, 1 << 16)
-        _write_file(run_file(run_dir, job_id, attempt, "pid"), f"{os.getpid()}\n")
-        outcome = _run_and_wait(run_dir, job_id, attempt, script, args, cwd, environment,
-                                log_path)
-        _write_file(run_file(run_dir, job_id, attempt, "exit"), json.dumps(outcome))
+        os.closerange(lock_fd + 1, os.sysconf("SC_OPEN_MAX"))
+        _write_file(run_file(run_dir, spec.job_id, spec.attempt, "pid"), f"{os.getpid()}\n")
+        outcome = _run_and_wait(run_dir, spec)
+        _write_file(run_file(run_dir, spec.job_id, spec.attempt, "exit"), json.dumps(outcome))
         status = 0
     except BaseException:   # noqa: BLE001 - a supervisor must never unwind into the server
         pass
     os._exit(status)
+
+
+def _prctl(option, value):
+    # ctypes is imported by the server at start, so this costs a supervisor nothing.
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
 
 
 def _name_process(name):
@@ -600,50 +632,61 @@ def _name_process(name):
         pass
 
 
-def _run_and_wait(run_dir, job_id, attempt, script, args, cwd, environment, log_path):
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if attempt > 1 else os.O_TRUNC)
-    log_fd = os.open(log_path, flags, 0o600)
+def _run_and_wait(run_dir, spec):
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if spec.attempt > 1 else os.O_TRUNC)
+    log_fd = os.open(spec.log_path, flags, 0o600)
     try:
-        os.chdir(cwd)
+        os.chdir(spec.cwd)
     except OSError as error:
-        message = f"cannot enter the job's directory {cwd}: {error.strerror}"
-        os.write(log_fd, f"cli.py: job {job_id}: {message}\n".encode())
+        message = f"cannot enter the job's directory {spec.cwd}: {error.strerror}"
+        os.write(log_fd, f"cli.py: job {spec.job_id}: {message}\n".encode())
         return {"exit_code": None, "signal": None, "error": message}
+    supervisor = os.getpid()
     pid = os.fork()
     if pid == 0:
-        _exec_job(script, args, environment, log_fd)
+        _exec_job(spec, log_fd, supervisor)
     try:
         os.setpgid(pid, pid)   # also done in the child: whichever runs first wins
     except OSError:
         pass
     os.close(log_fd)
-    exit_status = _wait_for_group(run_dir, job_id, attempt, pid)
+    exit_status = _wait_for_group(run_dir, spec, pid)
     if os.WIFSIGNALED(exit_status):
         return {"exit_code": None, "signal": os.WTERMSIG(exit_status), "error": None}
     return {"exit_code": os.WEXITSTATUS(exit_status), "signal": None, "error": None}
 
 
-def _exec_job(script, args, environment, log_fd):
-    """In the job's own process: a new process group, default signals, exec."""
-    import signal
+def _exec_job(spec, log_fd, supervisor):
+    """In the job's own process: a new process group, a clean slate, exec."""
     try:
         os.setpgid(0, 0)
-        for number in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE, signal.SIGXFSZ,
-                       signal.SIGTERM, signal.SIGCHLD):
-            signal.signal(number, signal.SIG_DFL)
+        # If the supervisor is killed, the script goes with it rather than run
+        # on unwatched in a slot the server will give to another job.
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != supervisor:
+            os._exit(1)
+        for number in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}:
+            try:
+                signal.signal(number, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        os.umask(spec.umask)
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, spec.fd_limit)
         null_fd = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null_fd, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
-        os.execve(script, [script, *args], environment)
+        os.execve(spec.script, [spec.script, *spec.args], spec.environment)
     except OSError as error:
-        os.write(2, f"cli.py: cannot run {script}: {error.strerror}\n".encode(errors="replace"))
+        os.write(2, f"cli.py: cannot run {spec.script}: {error.strerror}\n"
+                 .encode(errors="replace"))
         os._exit(127 if error.errno == 2 else 126)
     os._exit(126)
 
 
-def _wait_for_group(run_dir, job_id, attempt, pid):
+def _wait_for_group(run_dir, spec, leader):
     """Wait for the job's main process, then for the rest of its process group.
 
     SIGTERM (from the server) means: end the job.  The group gets SIGTERM, and
@@ -651,34 +694,43 @@ def _wait_for_group(run_dir, job_id, attempt, pid):
     script left behind in its group when it exited get the same treatment, so a
     freed slot is really free (as Slurm does at the end of a job).
     """
-    import signal
     waited = {signal.SIGTERM, signal.SIGCHLD}
     exit_status = None
     kill_deadline = None
     while True:
-        if exit_status is None:
-            reaped, status = os.waitpid(pid, os.WNOHANG)
-            if reaped:
-                exit_status = status
-        if exit_status is not None and not _group_alive(pid):
-            return exit_status
-        if exit_status is not None and kill_deadline is None:
-            kill_deadline = _terminate_group(pid, DEFAULT_KILL_GRACE)
-        if kill_deadline is not None:
+        exit_status = _reap_children(leader, exit_status)
+        if exit_status is not None:
+            if not _group_alive(leader):
+                return exit_status
+            if kill_deadline is None:
+                kill_deadline = _terminate_group(leader, DEFAULT_KILL_GRACE)
+        if kill_deadline is None:
+            received = signal.sigwaitinfo(waited)
+        else:
             remaining = kill_deadline - time.monotonic()
             if remaining <= 0:
-                _signal_group(pid, signal.SIGKILL)
-                remaining = 0.05
-            # Processes that are not our children send no SIGCHLD: look again soon.
-            received = signal.sigtimedwait(waited, min(remaining, 0.05))
-        else:
-            received = signal.sigwaitinfo(waited)
+                _signal_group(leader, signal.SIGKILL)
+                remaining = 1.0
+            received = signal.sigtimedwait(waited, remaining)
         if received and received.si_signo == signal.SIGTERM and kill_deadline is None:
-            kill_deadline = _terminate_group(pid, _read_grace(run_dir, job_id, attempt))
+            kill_deadline = _terminate_group(
+                leader, _read_grace(run_dir, spec.job_id, spec.attempt))
+
+
+def _reap_children(leader, leader_status):
+    """Reap every child that has ended; return the leader's status once known."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return leader_status
+        if pid == 0:
+            return leader_status
+        if pid == leader:
+            leader_status = status
 
 
 def _terminate_group(pgid, grace):
-    import signal
     _signal_group(pgid, signal.SIGTERM)
     return time.monotonic() + grace
 
@@ -723,6 +775,14 @@ def read_outcome(run_dir, job_id, attempt):
         return None
 
 
+def read_pid(path):
+    try:
+        with open(path) as pid_file:
+            return int(pid_file.read())
+    except (OSError, ValueError):
+        return None
+
+
 def supervisor_alive(run_dir, job_id, attempt):
     """True while the supervisor holds its lock, whatever became of its pid."""
     import fcntl
@@ -739,12 +799,26 @@ def supervisor_alive(run_dir, job_id, attempt):
         os.close(lock_fd)
 
 
-def supervisor_pid(run_dir, job_id, attempt):
-    try:
-        with open(run_file(run_dir, job_id, attempt, "pid")) as pid_file:
-            return int(pid_file.read())
-    except (OSError, ValueError):
-        return None
+def end_orphaned_job(supervisor):
+    """SIGKILL what is left of a job whose supervisor died without recording anything.
+
+    The supervisor's pid is the session id of every process of its job, and
+    Linux does not hand out a pid while a session still uses it, so this kills
+    nothing else.
+    """
+    killed = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                session = int(stat.read().rsplit(")", 1)[1].split()[3])
+            if session == supervisor:
+                os.kill(int(entry), signal.SIGKILL)
+                killed += 1
+        except (OSError, ValueError, IndexError):
+            continue
+    return killed
 
 
 def remove_run_files(run_dir, job_id, attempt):
@@ -829,6 +903,49 @@ def check_host(host, timeout):
 # Server #######################################################################
 ###############################################################################
 
+RECOVERY_WAIT = 5.0   # seconds to wait for a live supervisor to write its pid file
+
+
+class Worker:
+    """A registered worker as the server keeps it in memory (the database has the same)."""
+
+    def __init__(self, row):
+        self.name = row["name"]
+        self.slots = row["slots"]
+        self.variables = json.loads(row["variables"])
+        self.state = WorkerState(row["state"])
+        self.ssh_checked = bool(row["ssh_checked"])
+        self.busy_slots = set()
+
+    def capacity(self):
+        return WorkerCapacity(self.name, self.slots, self.busy_slots,
+                              self.state == WorkerState.ACTIVE)
+
+
+class Attempt:
+    """One running attempt of a job, as the server watches it."""
+
+    def __init__(self, row, pid, pidfd, child):
+        self.job_id = row["id"]
+        self.number = row["attempt"]
+        self.worker = row["worker"]
+        self.slot = row["slot"]
+        self.pid = pid
+        self.pidfd = pidfd       # None: a live supervisor we could not watch (see adopt)
+        self.child = child
+
+
+class Client:
+    """One client connection: a request line in, a reply line out."""
+
+    def __init__(self, connection):
+        self.connection = connection
+        self.buffer = bytearray()
+        self.outgoing = bytearray()
+        self.request_done = False
+        self.closing = False
+
+
 class Server:
     """The event loop: a Unix socket for clients, a pidfd per running attempt.
 
@@ -837,9 +954,9 @@ class Server:
     batch of events.
     """
 
-    def __init__(self, data_dir, log_dir, log):
-        import selectors
+    def __init__(self, data_dir, log_dir, log, job_fd_limit):
         self.data_dir = data_dir
+        self.job_fd_limit = job_fd_limit
         self.log_dir = log_dir
         self.log = log
         self.paths = data_dir_paths(data_dir)
@@ -847,12 +964,13 @@ class Server:
         self.store = Store(self.paths["database"])
         self.selector = selectors.DefaultSelector()
         self.listener = None
+        self.accepting = True
         self.running = {}          # job id -> Attempt
-        self.workers = {}          # name -> WorkerCapacity-like dict, in addition order
+        self.workers = {}          # name -> Worker, in the order they were added
         self.schedule_needed = True
         self.stopping = False
-        self.stop_replies = []     # connections waiting for the stop to finish
-        self.waiters = []          # (predicate, connection, make_reply)
+        self.stop_replies = []     # clients waiting for the stop to finish
+        self.waiters = []          # (predicate, client, make_reply)
         self.environment_cache = {}
 
     # --- start-up and recovery --------------------------------------------
@@ -862,8 +980,11 @@ class Server:
         directory = os.path.dirname(path)
         if directory != self.data_dir:
             os.makedirs(directory, mode=0o700, exist_ok=True)
-            if os.stat(directory).st_uid != os.getuid():
-                raise UserError(f"{directory} belongs to another user; remove it")
+            info = os.lstat(directory)
+            if info.st_uid != os.getuid() or not os.path.isdir(directory) or \
+                    os.path.islink(directory):
+                raise UserError(f"{directory} is not a directory of yours; remove it and "
+                                "start again")
             os.chmod(directory, 0o700)
         # We hold the data dir lock, so any socket file here is a dead server's.
         try:
@@ -876,33 +997,30 @@ class Server:
         listener.listen(256)
         listener.setblocking(False)
         self.listener = listener
-        import selectors
         self.selector.register(listener, selectors.EVENT_READ, self.accept)
 
     def load(self):
-        for row in self.store.workers():
-            self.workers[row["name"]] = self.worker_from_row(row)
+        self.workers = {row["name"]: Worker(row) for row in self.store.workers()}
         self.recover()
 
-    def worker_from_row(self, row):
-        return {"name": row["name"], "slots": row["slots"],
-                "variables": json.loads(row["variables"]),
-                "state": WorkerState(row["state"]), "ssh_checked": bool(row["ssh_checked"]),
-                "busy_slots": set()}
-
     def recover(self):
-        """Settle every attempt that was running while the server was away."""
+        """Settle every attempt that was running while the server was away.
+
+        Live supervisors are adopted first, so that every worker's busy slots
+        are known before anything is settled or a drained worker is removed.
+        """
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
-        for row in self.store.jobs_in_state(JobState.RUNNING):
+        gone = [row for row in self.store.jobs_in_state(JobState.RUNNING)
+                if not self.adopt(row)]
+        for row in gone:
             job_id, attempt = row["id"], row["attempt"]
-            pid = supervisor_pid(self.run_dir, job_id, attempt)
-            if supervisor_alive(self.run_dir, job_id, attempt) and self.adopt(row, pid):
-                continue
             outcome = read_outcome(self.run_dir, job_id, attempt)
+            pid = read_pid(run_file(self.run_dir, job_id, attempt, "pid"))
             if outcome is not None:
+                self.log.info("job %s: ended while the server was away", job_id)
                 self.settle(row, outcome)
-                self.log.info("job %s: ended while the server was away; recorded", job_id)
             elif pid is None:
+                # No pid file and nobody holds the lock: the script never ran.
                 with self.store.transaction():
                     self.store.change_job(job_id, JobState.RUNNING, JobState.WAITING,
                                           attempt=attempt - 1, worker=None, slot=None,
@@ -910,37 +1028,57 @@ class Server:
                 self.log.info("job %s: had not started when the server stopped; queued again",
                               job_id)
             else:
-                self.settle(row, {"exit_code": None, "signal": None,
-                                  "error": "its supervisor vanished (killed, or the machine "
-                                           "restarted): exit status unknown"})
-                self.log.warning("job %s: supervisor vanished; recorded as failed", job_id)
+                self.settle(row, self.vanished(pid))
             remove_run_files(self.run_dir, job_id, attempt)
         self.remove_stray_run_files()
-        for name, worker in list(self.workers.items()):
-            if worker["state"] == WorkerState.DRAINING and not worker["busy_slots"]:
-                self.forget_worker(name)
+        for worker in list(self.workers.values()):
+            if worker.state == WorkerState.DRAINING and not worker.busy_slots:
+                self.forget_worker(worker.name)
 
-    def adopt(self, row, pid):
-        """Watch a supervisor started by an earlier server.  False if it is gone."""
+    def adopt(self, row):
+        """Watch the supervisor of a running attempt again.  False if it is gone.
+
+        The lock proves the supervisor alive whatever became of pids; once its
+        pid file is there, a pidfd taken while the lock is still held cannot
+        belong to another process.
+        """
         job_id, attempt = row["id"], row["attempt"]
-        for _ in range(100):   # a supervisor forked just before a crash may not have written its pid yet
+        deadline = time.monotonic() + RECOVERY_WAIT
+        while supervisor_alive(self.run_dir, job_id, attempt):
+            pid = read_pid(run_file(self.run_dir, job_id, attempt, "pid"))
+            pidfd = None
             if pid is not None:
-                break
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError:
+                    pass
+            if pidfd is not None and supervisor_alive(self.run_dir, job_id, attempt):
+                attempt_watched = self.watch(row, pid, pidfd, child=False)
+                self.log.info("job %s: still running on %s; adopted", job_id, row["worker"])
+                if row["kill_requested_at"] is not None:
+                    # The server may have died before its SIGTERM went out.
+                    self.signal_kill(attempt_watched, row["kill_grace"])
+                return True
+            if pidfd is not None:
+                os.close(pidfd)
+            if time.monotonic() > deadline:
+                # Alive but not watchable: keep its slot, never start it twice.
+                self.running[job_id] = Attempt(row, pid, None, child=False)
+                self.hold_slot(row["worker"], row["slot"])
+                self.log.warning("job %s: its supervisor holds its lock but cannot be watched; "
+                                 "left running, checked again at the next start", job_id)
+                return True
             time.sleep(0.01)
-            pid = supervisor_pid(self.run_dir, job_id, attempt)
-        if pid is None:
-            return False
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            return False
-        # The lock still held after pidfd_open proves the pid was not reused.
-        if not supervisor_alive(self.run_dir, job_id, attempt):
-            os.close(pidfd)
-            return False
-        self.watch(row, pid, pidfd, child=False)
-        self.log.info("job %s: still running on %s; adopted", job_id, row["worker"])
-        return True
+        return False
+
+    def vanished(self, supervisor):
+        """The outcome of an attempt whose supervisor died without recording one."""
+        killed = end_orphaned_job(supervisor)
+        self.log.warning("supervisor %s vanished; %d leftover process(es) of its job killed",
+                         supervisor, killed)
+        return {"exit_code": None, "signal": None,
+                "error": "its supervisor vanished (killed, or the machine restarted): exit "
+                         "status unknown"}
 
     def remove_stray_run_files(self):
         running = {(job_id, attempt.number) for job_id, attempt in self.running.items()}
@@ -959,9 +1097,7 @@ class Server:
     def schedule(self):
         """Start waiting jobs on free slots, as many as fit."""
         self.schedule_needed = False
-        capacities = [WorkerCapacity(worker["name"], worker["slots"], worker["busy_slots"],
-                                     worker["state"] == WorkerState.ACTIVE)
-                      for worker in self.workers.values()]
+        capacities = [worker.capacity() for worker in self.workers.values()]
         free = sum(capacity.free_slots for capacity in capacities)
         if free == 0:
             return
@@ -977,18 +1113,29 @@ class Server:
                                       worker=worker, slot=slot,
                                       attempt=jobs[job_id]["attempt"] + 1, started_at=now)
         # Committed before any fork: a crash from here on leaves attempts with
-        # no pid file, which recovery queues again.
-        for job_id, worker, slot in starts:
-            self.start_attempt(self.store.job(job_id))
+        # no pid file and a free lock, which recovery queues again.
+        for job_id, _, _ in starts:
+            row = self.store.job(job_id)
+            try:
+                self.start_attempt(row)
+            except LaunchError as error:
+                self.log.error("job %s: %s; queued again", job_id, error)
+                remove_run_files(self.run_dir, job_id, row["attempt"])
+                with self.store.transaction():
+                    self.store.change_job(job_id, JobState.RUNNING, JobState.WAITING,
+                                          attempt=row["attempt"] - 1, worker=None, slot=None,
+                                          started_at=None)
+                # Not schedule_needed: the next event (a job ending) retries.
 
     def start_attempt(self, row):
         worker = self.workers[row["worker"]]
         environment = job_environment(self.submitter_environment(row["environment_id"]),
-                                      worker["variables"], json.loads(row["variables"]),
-                                      row["id"], worker["name"])
-        pid, pidfd = launch_supervisor(self.run_dir, row["id"], row["attempt"], row["script"],
-                                       json.loads(row["args"]), row["cwd"], environment,
-                                       job_log_path(self.log_dir, row["id"]))
+                                      worker.variables, json.loads(row["variables"]),
+                                      row["id"], worker.name)
+        spec = AttemptSpec(row["id"], row["attempt"], row["script"], json.loads(row["args"]),
+                           row["cwd"], environment, row["umask"], self.job_fd_limit,
+                           job_log_path(self.log_dir, row["id"]))
+        pid, pidfd = launch_supervisor(self.run_dir, spec)
         self.watch(row, pid, pidfd, child=True)
         self.log.info("job %s: started on %s slot %s (attempt %s, supervisor %s)",
                       row["id"], row["worker"], row["slot"], row["attempt"], pid)
@@ -1001,15 +1148,17 @@ class Server:
         return self.environment_cache[environment_id]
 
     def watch(self, row, pid, pidfd, child):
-        import selectors
-        attempt = Attempt(row["id"], row["attempt"], row["worker"], row["slot"], pid, pidfd,
-                          child, row["kill_requested_at"])
+        attempt = Attempt(row, pid, pidfd, child)
         self.running[row["id"]] = attempt
-        worker = self.workers.get(row["worker"])
-        if worker is not None:
-            worker["busy_slots"].add(row["slot"])
+        self.hold_slot(row["worker"], row["slot"])
         self.selector.register(pidfd, selectors.EVENT_READ,
                                lambda events, attempt=attempt: self.attempt_ended(attempt))
+        return attempt
+
+    def hold_slot(self, worker_name, slot):
+        worker = self.workers.get(worker_name)
+        if worker is not None:
+            worker.busy_slots.add(slot)
 
     def attempt_ended(self, attempt):
         self.selector.unregister(attempt.pidfd)
@@ -1019,18 +1168,15 @@ class Server:
                 os.waitpid(attempt.pid, 0)
             except ChildProcessError:
                 pass
-        outcome = read_outcome(self.run_dir, attempt.job_id, attempt.number) or {
-            "exit_code": None, "signal": None,
-            "error": "its supervisor died without recording an exit status"}
-        row = self.store.job(attempt.job_id)
-        self.settle(row, outcome)
+        outcome = read_outcome(self.run_dir, attempt.job_id, attempt.number) or \
+            self.vanished(attempt.pid)
+        self.settle(self.store.job(attempt.job_id), outcome)
         remove_run_files(self.run_dir, attempt.job_id, attempt.number)
 
     def settle(self, row, outcome):
         """Record how an attempt ended and free its slot."""
         job_id = row["id"]
-        result = result_of(outcome.get("exit_code"), outcome.get("signal"),
-                           row["kill_requested_at"] is not None)
+        result = result_of(outcome.get("exit_code"), row["kill_requested_at"] is not None)
         reason = outcome.get("error") or row["reason"]
         with self.store.transaction():
             self.store.change_job(job_id, JobState.RUNNING, JobState.DONE, result=result.value,
@@ -1040,9 +1186,9 @@ class Server:
         self.running.pop(job_id, None)
         worker = self.workers.get(row["worker"])
         if worker is not None:
-            worker["busy_slots"].discard(row["slot"])
-            if worker["state"] == WorkerState.DRAINING and not worker["busy_slots"]:
-                self.forget_worker(row["worker"])
+            worker.busy_slots.discard(row["slot"])
+            if worker.state == WorkerState.DRAINING and not worker.busy_slots:
+                self.forget_worker(worker.name)
         self.log.info("job %s: %s (exit code %s, signal %s)%s", job_id, result.value,
                       outcome.get("exit_code"), outcome.get("signal"),
                       f": {reason}" if reason else "")
@@ -1050,19 +1196,25 @@ class Server:
         self.answer_waiters()
 
     def kill_attempt(self, attempt, grace, reason):
-        """Ask a supervisor to end its job's process group (TERM, then KILL)."""
-        import signal
+        """End a running job: recorded first, so that a restart finishes the kill."""
         with self.store.transaction():
             self.store.db.execute(
-                "UPDATE jobs SET kill_requested_at = ?, reason = ? WHERE id = ? AND state = ?",
-                (time.time(), reason, attempt.job_id, JobState.RUNNING.value))
-        attempt.kill_requested = True
-        _write_file(run_file(self.run_dir, attempt.job_id, attempt.number, "kill"), f"{grace}")
+                "UPDATE jobs SET kill_requested_at = coalesce(kill_requested_at, ?), "
+                "kill_grace = ?, reason = ? WHERE id = ? AND state = ?",
+                (time.time(), grace, reason, attempt.job_id, JobState.RUNNING.value))
+        self.log.info("job %s: killing (%s)", attempt.job_id, reason)
+        self.signal_kill(attempt, grace)
+
+    def signal_kill(self, attempt, grace):
+        """Ask a supervisor to end its job's process group (TERM, then KILL after GRACE)."""
+        if attempt.pidfd is None:
+            return
+        _write_file(run_file(self.run_dir, attempt.job_id, attempt.number, "kill"),
+                    f"{DEFAULT_KILL_GRACE if grace is None else grace}")
         try:
             signal.pidfd_send_signal(attempt.pidfd, signal.SIGTERM)
         except ProcessLookupError:
             pass   # already ending; its pidfd event settles it
-        self.log.info("job %s: killing (%s)", attempt.job_id, reason)
 
     def forget_worker(self, name):
         with self.store.transaction():
@@ -1074,10 +1226,17 @@ class Server:
     # --- clients ----------------------------------------------------------
 
     def accept(self, events):
-        import selectors
         try:
             connection, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            # Out of file descriptors: stop accepting until a client goes,
+            # instead of spinning on a listener that stays readable.
+            self.log.error("cannot accept a client (%s); pausing until one disconnects",
+                           error.strerror)
+            self.selector.unregister(self.listener)
+            self.accepting = False
             return
         connection.setblocking(False)
         client = Client(connection)
@@ -1085,8 +1244,7 @@ class Server:
                                lambda events, client=client: self.client_event(client, events))
 
     def client_event(self, client, events):
-        import selectors
-        if events & selectors.EVENT_READ and not client.request_done:
+        if events & selectors.EVENT_READ:
             try:
                 chunk = client.connection.recv(1 << 16)
             except (BlockingIOError, InterruptedError):
@@ -1094,20 +1252,26 @@ class Server:
             except OSError:
                 chunk = b""
             if not chunk:
-                self.drop_client(client)
+                self.drop_client(client)   # gone, even if its reply was still pending
                 return
-            client.buffer.extend(chunk)
-            if b"\n" in client.buffer:
-                client.request_done = True
-                line = bytes(client.buffer[:client.buffer.index(b"\n")])
-                client.buffer.clear()
-                self.handle_request(client, line)
-            elif len(client.buffer) > MAX_REQUEST_BYTES:
-                client.request_done = True
-                client.buffer.clear()
-                self.reply(client, error=f"request larger than {MAX_REQUEST_BYTES} bytes")
+            if not client.request_done:
+                self.receive(client, chunk)
         if events & selectors.EVENT_WRITE:
             self.flush(client)
+
+    def receive(self, client, chunk):
+        client.buffer.extend(chunk)
+        end = client.buffer.find(b"\n", len(client.buffer) - len(chunk))
+        if end >= 0:
+            client.request_done = True
+            line = bytes(client.buffer[:end])
+            client.buffer = bytearray()
+            self.handle_request(client, line)
+        elif len(client.buffer) > MAX_REQUEST_BYTES:
+            client.request_done = True
+            client.buffer = bytearray()
+            self.reply(client, error=f"request larger than {MAX_REQUEST_BYTES} bytes; "
+                                     "split it into smaller ones")
 
     def handle_request(self, client, line):
         try:
@@ -1115,7 +1279,7 @@ class Server:
             if not isinstance(request, dict) or not isinstance(request.get("command"), str) \
                     or not isinstance(request.get("params", {}), dict):
                 raise ValueError("not a request object")
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             self.reply(client, error=f"malformed request: {error}")
             return
         handler = HANDLERS.get(request["command"])
@@ -1126,7 +1290,7 @@ class Server:
             result = handler(self, client, request.get("params", {}))
         except UserError as error:
             self.reply(client, error=str(error))
-        except self.store.sqlite3.OperationalError as error:
+        except self.store.sqlite3.Error as error:
             self.log.error("storage error in %s: %s", request["command"], error)
             self.reply(client, error=f"could not save the change ({error}); nothing was "
                                      f"changed: check free space and permissions of "
@@ -1140,16 +1304,13 @@ class Server:
                 self.reply(client, result=result)
 
     def reply(self, client, result=None, error=None):
-        import selectors
-        message = {"ok": True, "result": result} if error is None else \
-            {"ok": False, "error": error}
-        client.outgoing.extend(json.dumps(message).encode() + b"\n")
+        client.outgoing.extend(encode_reply(result, error))
         client.closing = True
         try:
-            self.selector.modify(client.connection, selectors.EVENT_WRITE,
+            self.selector.modify(client.connection, selectors.EVENT_READ | selectors.EVENT_WRITE,
                                  lambda events: self.client_event(client, events))
         except (KeyError, ValueError):
-            return
+            return   # already dropped
         self.flush(client)
 
     def flush(self, client):
@@ -1170,6 +1331,11 @@ class Server:
             pass
         client.connection.close()
         self.waiters = [waiter for waiter in self.waiters if waiter[1] is not client]
+        if client in self.stop_replies:
+            self.stop_replies.remove(client)
+        if not self.accepting and not self.stopping:
+            self.accepting = True
+            self.selector.register(self.listener, selectors.EVENT_READ, self.accept)
 
     def answer_waiters(self):
         still_waiting = []
@@ -1183,8 +1349,6 @@ class Server:
     # --- the loop ---------------------------------------------------------
 
     def serve(self):
-        import selectors
-        import signal
         wakeup_read, wakeup_write = socket.socketpair()
         wakeup_read.setblocking(False)
         wakeup_write.setblocking(False)
@@ -1196,23 +1360,33 @@ class Server:
                                lambda events: wakeup_read.recv(4096))
         while not self.stopping:
             if self.schedule_needed:
-                self.schedule()
-                continue   # starting jobs may have made more events; look before sleeping
+                self.guarded(self.schedule)
             for key, events in self.selector.select():
-                key.data(events)
+                self.guarded(key.data, events)
         self.shutdown()
+
+    def guarded(self, callback, *args):
+        """Run one event's work; a bug in it is logged, not fatal to the queue."""
+        try:
+            callback(*args)
+        except Exception:   # noqa: BLE001
+            self.log.exception("internal error (the server goes on)")
 
     def request_stop(self):
         self.stopping = True
 
     def shutdown(self):
         """Stop listening and let go of the data dir; jobs keep running."""
-        self.selector.unregister(self.listener)
+        if self.accepting:
+            self.selector.unregister(self.listener)
         self.listener.close()
         try:
             os.unlink(self.paths["socket"])
         except FileNotFoundError:
             pass
+        for _, client, _ in self.waiters:
+            self.reply(client, error="the server stopped before this finished; start it "
+                                     "again and check ./cli.py status")
         self.store.close()
         self.log.info("server stopped; %d job(s) left running", len(self.running))
 
@@ -1236,19 +1410,21 @@ class Server:
         running_json = [job_to_json(row, self.log_dir) for row in running]
         slaves = []
         for worker in self.workers.values():
-            jobs_here = [job for job in running_json if job["worker"] == worker["name"]]
-            if worker["state"] == WorkerState.ACTIVE:
-                status = "busy" if worker["busy_slots"] else "idle"
+            jobs_here = [job for job in running_json if job["worker"] == worker.name]
+            if worker.state == WorkerState.ACTIVE:
+                status = "busy" if worker.busy_slots else "idle"
             else:
-                status = worker["state"].value
+                status = worker.state.value
             slaves.append({
-                "ip": worker["name"], "envs": worker["variables"], "status": status,
-                "state": worker["state"].value, "slots": worker["slots"],
-                "slots_in_use": len(worker["busy_slots"]),
+                "ip": worker.name, "envs": worker.variables, "status": status,
+                "state": worker.state.value, "slots": worker.slots,
+                "slots_in_use": len(worker.busy_slots),
                 "running_job": jobs_here[0] if jobs_here else None,
-                "running_jobs": jobs_here, "ssh_checked": worker["ssh_checked"]})
+                "running_jobs": jobs_here, "ssh_checked": worker.ssh_checked})
         waitlist = [job_to_json(row, self.log_dir) for row in waiting]
         environment_ids = {job["environment"] for job in waitlist + running_json}
+        environments = self.store.environments(environment_ids) \
+            if params.get("environments", True) else {}
         return {
             "server": {"pid": os.getpid(), "version": VERSION, "data_dir": self.data_dir,
                        "log_dir": self.log_dir},
@@ -1256,82 +1432,78 @@ class Server:
             "job_waitlist": waitlist,
             "running_jobs": running_json,
             "counts": self.store.counts(),
-            "environments": {str(key): value for key, value in
-                             self.store.environments(environment_ids).items()}
-            if params.get("environments", True) else {},
+            "environments": {str(key): value for key, value in environments.items()},
         }
 
     def cmd_workers(self, client, params):
-        return [worker["name"] for worker in self.workers.values()]
+        return list(self.workers)
 
     def cmd_add_slave(self, client, params):
-        hosts = _list_of_strings(params, "hosts")
+        hosts = unique_hosts(_list_of_strings(params, "hosts"))
         slots = params.get("slots", 1)
         if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
             raise UserError("--slots must be a whole number of at least 1")
         variables = validate_variables(params.get("variables", {}), "add_slave")
         for host in hosts:
-            validate_host_name(host)
-        self.refuse_duplicate_workers(hosts)
+            if host in self.workers:
+                raise UserError(already_registered(host))
         with self.store.transaction():
             for host in hosts:
-                self.store.insert_worker(host, slots, variables, bool(params.get("ssh_checked")))
+                self.store.save_worker(host, slots, variables, bool(params.get("ssh_checked")))
         for row in self.store.workers():
             if row["name"] in hosts:
-                self.workers[row["name"]] = self.worker_from_row(row)
+                self.workers[row["name"]] = Worker(row)
                 self.log.info("worker %s: added with %d slot(s)", row["name"], slots)
         self.schedule_needed = True
         return hosts
 
-    def refuse_duplicate_workers(self, hosts):
-        seen = set()
-        for host in hosts:
-            if host in self.workers:
-                raise UserError(f"worker {host} is already registered; remove it first "
-                                f"(./cli.py remove_slave {host}) to add it again")
-            if host in seen:
-                raise UserError(f"worker {host} is named twice")
-            seen.add(host)
-
     def cmd_remove_slave(self, client, params):
-        hosts = _list_of_strings(params, "hosts")
+        hosts = unique_hosts(_list_of_strings(params, "hosts"))
         mode = params.get("mode")
         if mode not in (None, "wait", "kill"):
             raise UserError("malformed request: mode must be wait or kill")
         grace = params.get("grace", DEFAULT_KILL_GRACE)
-        if not isinstance(grace, (int, float)) or grace < 0:
+        if not isinstance(grace, (int, float)) or isinstance(grace, bool) or grace < 0:
             raise UserError("malformed request: grace must be a number of seconds")
         for host in hosts:
             if host not in self.workers:
                 raise UserError(f"unknown worker {host!r}; see ./cli.py status for the "
                                 "registered workers")
-            if self.workers[host]["busy_slots"] and mode is None:
-                jobs = sorted(job_id for job_id, attempt in self.running.items()
-                              if attempt.worker == host)
+            jobs = self.jobs_on(host)
+            if jobs and mode is None:
                 raise UserError(
                     f"worker {host} is running job(s) {', '.join(map(str, jobs))}: use "
                     f"--wait to remove it when they end, or --kill to end them now")
+        killed = []
         for host in hosts:
             worker = self.workers[host]
-            if not worker["busy_slots"]:
+            if not worker.busy_slots:
                 self.forget_worker(host)
                 continue
-            if worker["state"] == WorkerState.ACTIVE:
+            if worker.state == WorkerState.ACTIVE:
                 with self.store.transaction():
                     self.store.set_worker_state(host, WorkerState.ACTIVE, WorkerState.DRAINING)
-                worker["state"] = WorkerState.DRAINING
+                worker.state = WorkerState.DRAINING
                 self.log.info("worker %s: draining; removed when its jobs end", host)
             if mode == "kill":
-                for attempt in list(self.running.values()):
-                    if attempt.worker == host and not attempt.kill_requested:
-                        self.kill_attempt(attempt, grace, f"worker {host} removed with --kill")
-        draining = [host for host in hosts if host in self.workers]
-        if mode == "kill" and draining:
-            self.waiters.append((lambda: not any(host in self.workers for host in draining),
-                                 client, lambda: {"removed": hosts, "draining": []}))
+                for job_id in self.jobs_on(host):
+                    self.kill_attempt(self.running[job_id], grace,
+                                      f"worker {host} removed with --kill")
+                    killed.append(job_id)
+
+        def outcome():
+            draining = [host for host in hosts if host in self.workers]
+            return {"removed": [host for host in hosts if host not in draining],
+                    "draining": draining}
+        if killed:
+            self.waiters.append((lambda: not any(job_id in self.running for job_id in killed),
+                                 client, outcome))
             return DEFERRED
-        return {"removed": [host for host in hosts if host not in draining],
-                "draining": draining}
+        return outcome()
+
+    def jobs_on(self, host):
+        return sorted(job_id for job_id, attempt in self.running.items()
+                      if attempt.worker == host)
 
     def cmd_add_job(self, client, params):
         script = _string(params, "script")
@@ -1339,10 +1511,11 @@ class Server:
         cwd = _string(params, "cwd")
         environment = _environment(params)
         variables = validate_variables(params.get("variables", {}), "add_job -e")
+        umask = _umask(params)
         check_script(script)
         with self.store.transaction():
             environment_id = self.store.intern_environment(environment)
-            job_id = self.store.insert_job(script, args, cwd, environment_id, variables)
+            job_id = self.store.insert_job(script, args, cwd, environment_id, variables, umask)
         self.schedule_needed = True
         return {"id": job_id}
 
@@ -1380,7 +1553,8 @@ class Server:
         (re)registered with its slots and variables.
         """
         document = params.get("document")
-        defaults = {"cwd": _string(params, "cwd"), "environment": _environment(params)}
+        defaults = {"cwd": _string(params, "cwd"), "environment": _environment(params),
+                    "umask": _umask(params)}
         workers, jobs = validate_status_document(document, defaults)
         taken_ids = {row[0] for row in self.store.db.execute(
             "SELECT id FROM jobs WHERE state != ?", (JobState.WAITING.value,))}
@@ -1391,23 +1565,22 @@ class Server:
             for name, worker in self.workers.items():
                 if name in wanted:
                     continue
-                if worker["busy_slots"] and worker["state"] == WorkerState.ACTIVE:
+                if worker.busy_slots and worker.state == WorkerState.ACTIVE:
                     self.store.set_worker_state(name, WorkerState.ACTIVE, WorkerState.DRAINING)
-                elif not worker["busy_slots"]:
+                elif not worker.busy_slots:
                     self.store.delete_worker(name)
             for worker in workers:
-                self.store.upsert_worker(worker["ip"], worker["slots"], worker["envs"],
-                                         worker["ssh_checked"])
+                self.store.save_worker(worker["ip"], worker["slots"], worker["envs"],
+                                       worker["ssh_checked"])
             for job in jobs:
                 environment_id = self.store.intern_environment(job["environment"])
                 self.store.insert_job(job["script"], job["args"], job["cwd"], environment_id,
-                                      job["envs"], job["id"] if keep_ids else None,
-                                      job["submitted_at"])
+                                      job["envs"], job["umask"],
+                                      job["id"] if keep_ids else None, job["submitted_at"])
             self.store.drop_unused_environments()
-        self.workers = {row["name"]: self.worker_from_row(row) for row in self.store.workers()}
+        self.workers = {row["name"]: Worker(row) for row in self.store.workers()}
         for attempt in self.running.values():
-            if attempt.worker in self.workers:
-                self.workers[attempt.worker]["busy_slots"].add(attempt.slot)
+            self.hold_slot(attempt.worker, attempt.slot)
         self.schedule_needed = True
         self.log.info("state replaced by load_status: %d worker(s), %d waiting job(s)",
                       len(workers), len(jobs))
@@ -1429,29 +1602,20 @@ HANDLERS = {
 }
 
 
-class Attempt:
-    """One running attempt of a job, as the server watches it."""
-
-    def __init__(self, job_id, number, worker, slot, pid, pidfd, child, kill_requested_at):
-        self.job_id = job_id
-        self.number = number
-        self.worker = worker
-        self.slot = slot
-        self.pid = pid
-        self.pidfd = pidfd
-        self.child = child
-        self.kill_requested = kill_requested_at is not None
+def unique_hosts(hosts):
+    """Valid host names, each named once."""
+    seen = set()
+    for host in hosts:
+        validate_host_name(host)
+        if host in seen:
+            raise UserError(f"worker {host} is named twice")
+        seen.add(host)
+    return hosts
 
 
-class Client:
-    """One client connection: a request line in, a reply line out."""
-
-    def __init__(self, connection):
-        self.connection = connection
-        self.buffer = bytearray()
-        self.outgoing = bytearray()
-        self.request_done = False
-        self.closing = False
+def already_registered(host):
+    return (f"worker {host} is already registered; remove it first "
+            f"(./cli.py remove_slave {host}) to add it again")
 
 
 def refuse_unless_waiting(row):
@@ -1497,6 +1661,13 @@ def _environment(params):
             and "\0" not in name + value for name, value in environment.items()):
         raise UserError("malformed request: environment must be an object of strings")
     return environment
+
+
+def _umask(params):
+    umask = params.get("umask", 0o022)
+    if not isinstance(umask, int) or isinstance(umask, bool) or not 0 <= umask <= 0o777:
+        raise UserError("malformed request: umask must be a number from 0 to 0o777")
+    return umask
 
 
 def validate_status_document(document, defaults):
@@ -1572,8 +1743,12 @@ def _status_job(entry, environments, defaults):
             raise UserError(f"environment {environment_key} is not in 'environments'")
         environment = _environment({"environment": environment})
     submitted_at = entry.get("submitted_at")
+    umask = entry.get("umask", defaults["umask"])
+    if not isinstance(umask, int) or isinstance(umask, bool) or not 0 <= umask <= 0o777:
+        raise UserError("'umask' must be a number from 0 to 511 (0o777)")
     return {"id": job_id, "script": script, "args": args, "cwd": cwd, "envs": variables,
-            "environment": environment, "submitted_at": _parse_iso(submitted_at)}
+            "environment": environment, "umask": umask,
+            "submitted_at": _parse_iso(submitted_at)}
 
 
 def _parse_iso(text):
@@ -1588,25 +1763,30 @@ def _parse_iso(text):
 
 def run_server(data_dir, log_dir, notify):
     """Own DATA_DIR, recover, listen, and serve until stopped."""
+    import ctypes      # noqa: F401 - loaded once here, so supervisors (forks) get it free
+    import resource
     os.umask(0o077)
-    for directory in (data_dir, log_dir):
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        os.chmod(directory, 0o700)
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    os.chmod(data_dir, 0o700)   # the tool's own directory; a log dir the user chose is left as it is
+    os.makedirs(log_dir, mode=0o700, exist_ok=True)
     if not hasattr(os, "pidfd_open"):
         raise UserError("the server needs Linux 5.3 or later (pidfd) and Python 3.10+")
     filelock = require("filelock")
-    FileLock, Timeout = filelock.FileLock, filelock.Timeout
     paths = data_dir_paths(data_dir)
-    lock = FileLock(paths["lock"], mode=0o600)
+    lock = filelock.FileLock(paths["lock"], mode=0o600)
     try:
         lock.acquire(timeout=0)
-    except Timeout:
+    except filelock.Timeout:
         raise UserError(f"a server is already running for {data_dir} (pid "
-                        f"{_read_pid(paths['pid']) or 'unknown'}); stop it with ./cli.py stop"
-                        ) from None
+                        f"{running_server_pid(paths['pid']) or 'unknown'}); stop it with "
+                        "./cli.py stop") from None
     _write_file(paths["pid"], f"{os.getpid()}\n")
+    # One pidfd per running job: lift the soft limit on descriptors to the hard
+    # one (jobs get the original limit back).
+    job_fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (job_fd_limit[1], job_fd_limit[1]))
     log = server_logger(log_dir, foreground=not notify)
-    server = Server(data_dir, log_dir, log)
+    server = Server(data_dir, log_dir, log, job_fd_limit)
     server.load()
     server.open_socket()
     log.info("server %d listening on %s (data dir %s, %d job(s) running)", os.getpid(),
@@ -1624,18 +1804,30 @@ def run_server(data_dir, log_dir, notify):
         except FileNotFoundError:
             pass
         lock.release()
+        # Answered last, so that a client sees "stopped" only once a new start can run.
         for client in server.stop_replies:
-            server.reply(client, result={"pid": os.getpid()})
-            client.connection.setblocking(True)
-            server.flush(client)
+            try:
+                client.connection.setblocking(True)
+                client.connection.sendall(encode_reply(result={"pid": os.getpid()}))
+            except OSError:
+                pass
+            client.connection.close()
 
 
-def _read_pid(path):
-    try:
-        with open(path) as pid_file:
-            return int(pid_file.read())
-    except (OSError, ValueError):
-        return None
+def running_server_pid(pid_path):
+    """The pid of the server holding the lock; a racing winner may not have written it yet."""
+    deadline = time.monotonic() + 1.0
+    while True:
+        pid = read_pid(pid_path)
+        if pid is not None and os.path.exists(f"/proc/{pid}") or time.monotonic() > deadline:
+            return pid
+        time.sleep(0.02)
+
+
+def encode_reply(result=None, error=None):
+    """A reply line: ok with data, or an error with a message meant for the user."""
+    message = {"ok": True, "result": result} if error is None else {"ok": False, "error": error}
+    return json.dumps(message).encode() + b"\n"
 
 
 def server_logger(log_dir, foreground):
@@ -1670,10 +1862,23 @@ def request(data_dir, command, **params):
         raise UserError(f"permission denied on {path}: the server belongs to another user"
                         ) from None
     with connection:
-        connection.sendall(json.dumps({"command": command, "params": params}).encode() + b"\n")
+        # The request carries the caller's environment: only hand it to our own server.
+        peer_uid = struct.unpack("3i", connection.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+        if peer_uid != os.getuid():
+            raise UserError(f"the server on {path} runs as another user (uid {peer_uid}); "
+                            "refusing to talk to it")
+        try:
+            connection.sendall(json.dumps({"command": command, "params": params}).encode()
+                               + b"\n")
+        except OSError:
+            pass   # the server may have refused the request early: read why below
         chunks = []
         while True:
-            chunk = connection.recv(1 << 20)
+            try:
+                chunk = connection.recv(1 << 20)
+            except OSError:
+                break
             if not chunk:
                 break
             chunks.append(chunk)
@@ -1685,6 +1890,12 @@ def request(data_dir, command, **params):
     if not reply.get("ok"):
         raise UserError(reply.get("error", "the server refused the request"))
     return reply.get("result")
+
+
+def current_umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def command_start(options):
@@ -1797,17 +2008,14 @@ def command_add_slave(options):
     that pass are added, and each failure is printed with its reason and makes
     the exit status non-zero.
     """
-    hosts = [validate_host_name(host) for host in options.hosts]
+    hosts = unique_hosts(options.hosts)
     variables = dict(parse_assignment(text) for text in options.env)
     if options.slots < 1:
         raise UserError("--slots must be at least 1")
     registered = set(request(options.data_dir, "workers"))
     for host in hosts:
         if host in registered:
-            raise UserError(f"worker {host} is already registered; remove it first "
-                            f"(./cli.py remove_slave {host}) to add it again")
-    if len(set(hosts)) != len(hosts):
-        raise UserError("a worker is named twice on the command line")
+            raise UserError(already_registered(host))
     failures = {}
     if not options.skip_ssh_auth_check:
         failures = {host: reason for host, reason in
@@ -1830,7 +2038,7 @@ def command_remove_slave(options):
     """Remove workers.  A busy worker needs --wait (drain) or --kill (end its jobs)."""
     if options.wait and options.kill:
         raise UserError("--wait and --kill exclude each other: choose one")
-    hosts = [validate_host_name(host) for host in options.hosts]
+    hosts = unique_hosts(options.hosts)
     mode = "wait" if options.wait else "kill" if options.kill else None
     result = request(options.data_dir, "remove_slave", hosts=hosts, mode=mode)
     for host in result["removed"]:
@@ -1851,7 +2059,7 @@ def command_add_job(options):
     args = options.args[1:] if options.args[:1] == ["--"] else options.args
     variables = dict(parse_assignment(text) for text in options.env)
     result = request(options.data_dir, "add_job", script=script, args=args, cwd=current_dir(),
-                     environment=dict(os.environ), variables=variables)
+                     environment=dict(os.environ), variables=variables, umask=current_umask())
     print(result["id"])
     return 0
 
@@ -1880,7 +2088,7 @@ def command_load_status(options):
     except ValueError as error:
         raise UserError(f"{options.file} is not valid JSON: {error}") from None
     result = request(options.data_dir, "load_status", document=document, cwd=current_dir(),
-                     environment=dict(os.environ))
+                     environment=dict(os.environ), umask=current_umask())
     print(f"loaded {result['workers']} worker(s) and {result['jobs']} waiting job(s)"
           + ("" if result["ids_kept"] else " (renumbered: their ids were taken)"))
     return 0

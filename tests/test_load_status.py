@@ -89,6 +89,7 @@ def bad_documents(script):
 def test_a_bad_document_is_rejected_whole(server, tmp_path, index):
     text, message = bad_documents(server.script)[index]
     server.ok("add_slave", "--skip_ssh_auth_check", "keep")
+    occupy(server, 1)                      # so the waiting job below stays waiting
     server.add_job(server.script, "keep")
     before = comparable(server.status())
     path = tmp_path / "bad.json"

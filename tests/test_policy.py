@@ -67,14 +67,14 @@ def test_bad_assignments(text):
         cli.parse_assignment(text)
 
 
-@pytest.mark.parametrize("name", ["node1", "10.0.0.7", "alice@node.example.org", "[::1]",
+@pytest.mark.parametrize("name", ["node1", "10.0.0.7", "alice@node.example.org", "::1",
                                   "gpu_box-2", "fe80::1%eth0"])
 def test_good_host_names(name):
     assert cli.validate_host_name(name) == name
 
 
 @pytest.mark.parametrize("name", ["", "-oProxyCommand=x", "a b", "a\tb", "a\nb", "a;b", "$(x)",
-                                  "a/b", "\x07"])
+                                  "a/b", "\x07", "[::1]", "node[1-3]"])
 def test_bad_host_names(name):
     with pytest.raises(cli.UserError):
         cli.validate_host_name(name)
@@ -90,10 +90,10 @@ def test_transitions_are_checked():
 
 
 def test_results():
-    assert cli.result_of(0, None, False) is cli.JobResult.SUCCEEDED
-    assert cli.result_of(1, None, False) is cli.JobResult.FAILED
-    assert cli.result_of(None, 9, False) is cli.JobResult.FAILED
-    assert cli.result_of(0, None, True) is cli.JobResult.KILLED
+    assert cli.result_of(0, False) is cli.JobResult.SUCCEEDED
+    assert cli.result_of(1, False) is cli.JobResult.FAILED
+    assert cli.result_of(None, False) is cli.JobResult.FAILED     # ended by a signal
+    assert cli.result_of(0, True) is cli.JobResult.KILLED
 
 
 def test_deep_data_dirs_get_a_short_socket_path():
