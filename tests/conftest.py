@@ -83,10 +83,13 @@ class Cli:
         self.script.write_text(RECORD_JOB.format(python=sys.executable))
         self.script.chmod(0o755)
 
-    def run(self, *args, env=None, cwd=None, timeout=60, input=None):
+    def run(self, *args, env=None, cwd=None, timeout=60, input=None, umask=None):
+        def set_umask():
+            os.umask(umask)
         return subprocess.run([sys.executable, str(CLI), *map(str, args)],
                               cwd=cwd or self.root, env=env or self.env, input=input,
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=set_umask if umask is not None else None)
 
     def ok(self, *args, **kwargs):
         result = self.run(*args, **kwargs)

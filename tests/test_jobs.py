@@ -32,6 +32,30 @@ def test_job_sees_its_id_worker_cwd_environment_and_verbatim_arguments(server):
     wait_until(lambda: log.exists() and "ran on w1" in log.read_text(), what="the job log")
 
 
+def test_job_gets_the_submitters_umask(server):
+    server.ok("add_slave", "w1")
+    script = server.root / "touch.sh"
+    script.write_text("#!/bin/sh\ntouch created\n")
+    script.chmod(0o755)
+    server.add_job(script, env=server.env, umask=0o027)
+    server.wait_for_counts(succeeded=1)
+    assert oct((server.root / "created").stat().st_mode & 0o777) == oct(0o640)
+
+
+def test_processes_a_job_leaves_behind_are_ended_with_it(server):
+    server.ok("add_slave", "w1")
+    marker = server.root / "child.pid"
+    script = server.root / "leaves_child.sh"
+    script.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {marker}\nexit 0\n")
+    script.chmod(0o755)
+    server.add_job(script)
+    server.wait_for_counts(succeeded=1, running=0)
+    child = int(marker.read_text())
+    wait_until(lambda: not os.path.exists(f"/proc/{child}") or
+               open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0] == "Z",
+               what="the leftover child to be ended")
+
+
 def test_script_is_found_on_path_and_relative_paths_are_made_absolute(server):
     server.ok("add_slave", "w1")
     job_id = server.add_job("true")

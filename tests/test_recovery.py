@@ -2,6 +2,8 @@
 import os
 import random
 import signal
+import sqlite3
+import subprocess
 import time
 
 from conftest import wait_until
@@ -83,3 +85,99 @@ def test_kill_9_of_the_server_again_and_again_runs_every_job_exactly_once(server
     assert sorted(runs) == sorted(ids), "a job ran twice or never"
     records = [server.record(job_id) for job_id in ids]
     assert all(records)
+
+
+def supervisor_of(cli, job_id, attempt=1):
+    return int((cli.data_dir / "run" / f"{job_id}-{attempt}.pid").read_text())
+
+
+def test_a_draining_worker_is_kept_while_recovery_adopts_its_other_jobs(server):
+    server.ok("add_slave", "--slots", "2", "w1")
+    short = server.add_job(server.script, env=dict(server.env, SLEEP="0.5"))
+    long = server.add_job(server.script, env=dict(server.env, SLEEP="60"))
+    server.wait_for_counts(running=2)
+    server.ok("remove_slave", "--wait", "w1")
+    server.ok("stop")
+    wait_until(lambda: server.record(short), what="the short job to end while stopped")
+    server.ok("start")
+    status = server.status()
+    assert [(slave["ip"], slave["status"], slave["slots_in_use"])
+            for slave in status["slaves"]] == [("w1", "draining", 1)]
+    assert [job["id"] for job in status["running_jobs"]] == [long]
+
+
+def test_a_kill_cut_off_by_a_crash_is_finished_after_the_restart(server):
+    server.ok("add_slave", "w1")
+    job_id = server.add_job(server.script, env=dict(server.env, SLEEP="60"))
+    server.wait_for_counts(running=1)
+    server.ok("stop")
+    # What a server killed between recording the kill and signalling leaves behind.
+    database = sqlite3.connect(server.data_dir / "state.db")
+    with database:
+        database.execute("UPDATE jobs SET kill_requested_at = 1, kill_grace = 1 WHERE id = ?",
+                         (job_id,))
+    database.close()
+    server.ok("start")
+    server.wait_for_counts(killed=1, running=0, timeout=15)
+
+
+def test_a_killed_supervisor_takes_its_job_along_and_frees_the_slot_honestly(server):
+    server.ok("add_slave", "w1")
+    marker = server.root / "job.pid"
+    script = server.root / "long.sh"
+    script.write_text(f"#!/bin/sh\nsleep 300 &\necho $$ $! > {marker}\nwait\n")
+    script.chmod(0o755)
+    job_id = server.add_job(script)
+    wait_until(marker.exists, what="the job to start")
+    job_pids = [int(pid) for pid in marker.read_text().split()]
+    os.kill(supervisor_of(server, job_id), signal.SIGKILL)
+    server.wait_for_counts(failed=1, running=0)
+    assert f"job {job_id}: failed" in (server.log_dir / "server.log").read_text()
+    assert "supervisor vanished" in (server.log_dir / "server.log").read_text()
+    wait_until(lambda: not any(alive(pid) for pid in job_pids),
+               what="the job's processes to be gone")
+
+
+def test_a_held_lock_without_pid_file_is_never_queued_again_until_released(server):
+    """A supervisor that has its lock but not yet its pid file may be about to run the script."""
+    server.ok("add_slave", "w1")
+    job_id = server.add_job(server.script, env=dict(server.env, SLEEP="60"))
+    server.wait_for_counts(running=1)
+    supervisor = supervisor_of(server, job_id)
+    server.ok("stop")
+    run_dir = server.data_dir / "run"
+    os.kill(supervisor, signal.SIGKILL)
+    wait_until(lambda: not any(alive(pid) for pid in session_members(supervisor)),
+               what="the job to die with its supervisor")
+    lock = run_dir / f"{job_id}-1.lock"
+    (run_dir / f"{job_id}-1.pid").unlink()
+    holder = subprocess.Popen(["flock", str(lock), "sleep", "1.5"])
+    try:
+        wait_until(lambda: subprocess.run(["flock", "-n", str(lock), "true"]).returncode == 1,
+                   what="the lock to be held")
+        server.ok("start")
+        assert holder.poll() is not None, "start queued the job again while its lock was held"
+    finally:
+        holder.kill()
+        holder.wait()
+    wait_until(lambda: server.runs() == [job_id, job_id], what="the job to run again")
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def session_members(session):
+    members = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                if int(stat.read().rsplit(")", 1)[1].split()[3]) == session:
+                    members.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return members

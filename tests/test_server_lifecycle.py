@@ -116,15 +116,41 @@ def test_a_truncated_database_is_refused(cli):
     assert database.stat().st_size == size // 2
 
 
-def test_foreground_server_logs_to_stderr_and_stops_on_sigterm(cli):
+def foreground_server(cli):
     server = subprocess.Popen([sys.executable, str(CLI), "start", "--foreground"], cwd=cli.root,
                               env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True)
     wait_until(lambda: cli.run("status").returncode == 0, what="the foreground server")
+    return server
+
+
+def test_foreground_server_logs_to_stderr_and_stops_on_sigterm(cli):
+    server = foreground_server(cli)
     server.send_signal(signal.SIGTERM)
     assert server.wait(10) == 0
     assert "listening on" in server.stderr.read()
     cli.fails("status", expect="no server running")
+
+
+def test_stop_ends_a_foreground_server_cleanly_and_answers_every_stop(cli):
+    """A clean exit matters under systemd's Restart=on-failure."""
+    server = foreground_server(cli)
+    stops = [subprocess.Popen([sys.executable, str(CLI), "stop"], cwd=cli.root, env=cli.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    assert server.wait(10) == 0
+    assert "Traceback" not in server.stderr.read()
+    outcomes = [(stop.wait(10), stop.stdout.read() + stop.stderr.read()) for stop in stops]
+    assert all(code == 0 and "server stopped" in output or "no server running" in output
+               for code, output in outcomes), outcomes
+
+
+def test_an_existing_log_dir_keeps_its_mode(cli):
+    cli.log_dir.mkdir(mode=0o755)
+    os.chmod(cli.log_dir, 0o755)
+    cli.ok("start")
+    assert stat.S_IMODE(cli.log_dir.stat().st_mode) == 0o755
+    assert stat.S_IMODE((cli.log_dir / "server.log").stat().st_mode) == 0o600
 
 
 def test_garbage_on_the_socket_gets_an_error_and_the_server_keeps_serving(server):
@@ -139,4 +165,54 @@ def test_garbage_on_the_socket_gets_an_error_and_the_server_keeps_serving(server
     with socket.socket(socket.AF_UNIX) as connection:   # half a request, then gone
         connection.connect(path)
         connection.sendall(b'{"command": "sta')
+    with socket.socket(socket.AF_UNIX) as connection:   # nesting deep enough to overflow json
+        connection.connect(path)
+        connection.sendall(b"[" * 200000 + b"\n")
+        assert b"malformed request" in connection.makefile("rb").readline()
     server.ok("status")
+
+
+def test_an_oversized_request_is_refused_with_a_reason(server, tmp_path):
+    huge = tmp_path / "huge.json"
+    huge.write_text('{"slaves": [], "job_waitlist": [], "padding": "' + "x" * (70 << 20) + '"}')
+    server.fails("load_status", huge, expect="request larger than")
+    server.ok("status")
+
+
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_client_leaving_while_its_reply_is_pending_costs_no_cpu(server):
+    server.ok("add_slave", "w1")
+    stubborn = server.root / "stubborn.sh"
+    stubborn.write_text("#!/bin/sh\ntrap '' TERM\nsleep 300\n")
+    stubborn.chmod(0o755)
+    server.add_job(stubborn)
+    server.wait_for_counts(running=1)
+    with socket.socket(socket.AF_UNIX) as connection:
+        connection.connect(str(server.data_dir / "server.sock"))
+        connection.sendall(b'{"command": "remove_slave", "params": {"hosts": ["w1"], '
+                           b'"mode": "kill", "grace": 3}}\n')
+    pid = server.server_pid()
+    before = cpu_seconds(pid)
+    server.wait_for_counts(killed=1, timeout=20)
+    assert cpu_seconds(pid) - before < 1.0, "the server spun while the kill was pending"
+
+
+def test_running_out_of_descriptors_pauses_accepting_instead_of_crashing(cli):
+    limited = subprocess.run(["bash", "-c", f"ulimit -n 64 && exec {sys.executable} {CLI} start"],
+                             cwd=cli.root, env=cli.env, capture_output=True, text=True)
+    assert limited.returncode == 0, limited.stderr
+    path = str(cli.data_dir / "server.sock")
+    idle = []
+    for _ in range(100):
+        connection = socket.socket(socket.AF_UNIX)
+        connection.connect(path)   # queued by the kernel even while the server cannot accept
+        idle.append(connection)
+    log = cli.log_dir / "server.log"
+    wait_until(lambda: "cannot accept a client" in log.read_text(), what="the server to run out")
+    for connection in idle:
+        connection.close()
+    wait_until(lambda: cli.run("status").returncode == 0, what="the server to serve again")

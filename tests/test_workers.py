@@ -83,6 +83,8 @@ def test_remove_idle_worker_and_unknown_worker(server):
     assert "removed w1" in server.ok("remove_slave", "w1")
     assert list(slaves(server)) == ["w2"]
     server.fails("remove_slave", "--wait", "--kill", "w2", expect="exclude each other")
+    server.fails("remove_slave", "w2", "w2", expect="named twice")
+    assert list(slaves(server)) == ["w2"]
 
 
 def test_busy_worker_needs_wait_or_kill(server):
