@@ -969,6 +969,7 @@ class Server:
         self.workers = {}          # name -> Worker, in the order they were added
         self.schedule_needed = True
         self.stopping = False
+        self.clients = set()
         self.stop_replies = []     # clients waiting for the stop to finish
         self.waiters = []          # (predicate, client, make_reply)
         self.environment_cache = {}
@@ -1240,6 +1241,7 @@ class Server:
             return
         connection.setblocking(False)
         client = Client(connection)
+        self.clients.add(client)
         self.selector.register(connection, selectors.EVENT_READ,
                                lambda events, client=client: self.client_event(client, events))
 
@@ -1330,6 +1332,7 @@ class Server:
         except (KeyError, ValueError):
             pass
         client.connection.close()
+        self.clients.discard(client)
         self.waiters = [waiter for waiter in self.waiters if waiter[1] is not client]
         if client in self.stop_replies:
             self.stop_replies.remove(client)
@@ -1376,19 +1379,53 @@ class Server:
         self.stopping = True
 
     def shutdown(self):
-        """Stop listening and let go of the data dir; jobs keep running."""
-        if self.accepting:
-            self.selector.unregister(self.listener)
-        self.listener.close()
+        """Stop listening and let go of the data dir; jobs keep running.
+
+        Every client already connected, or queued on the listener, gets an
+        answer: a second stop is told the server stopped, anything else that
+        it is stopping.
+        """
         try:
-            os.unlink(self.paths["socket"])
+            os.unlink(self.paths["socket"])   # no new clients from here on
         except FileNotFoundError:
             pass
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                break
+            self.clients.add(Client(connection))
+        self.listener.close()
         for _, client, _ in self.waiters:
             self.reply(client, error="the server stopped before this finished; start it "
                                      "again and check ./cli.py status")
+        for client in list(self.clients - set(self.stop_replies)):
+            self.answer_while_stopping(client)
         self.store.close()
         self.log.info("server stopped; %d job(s) left running", len(self.running))
+
+    def answer_while_stopping(self, client):
+        connection = client.connection
+        try:
+            connection.setblocking(True)
+            connection.settimeout(1.0)
+            while b"\n" not in client.buffer and len(client.buffer) < MAX_REQUEST_BYTES:
+                chunk = connection.recv(1 << 16)
+                if not chunk:
+                    break
+                client.buffer.extend(chunk)
+            request = json.loads(bytes(client.buffer).split(b"\n", 1)[0] or b"{}")
+        except (OSError, ValueError, RecursionError):
+            request = {}
+        if isinstance(request, dict) and request.get("command") == "stop":
+            self.stop_replies.append(client)   # answered once the lock is released
+            return
+        try:
+            connection.sendall(encode_reply(error="the server is stopping; start it again "
+                                                  "with ./cli.py start"))
+        except OSError:
+            pass
+        connection.close()
 
     # --- request handlers (one per command) -------------------------------
 
@@ -1627,13 +1664,17 @@ def refuse_unless_waiting(row):
         raise UserError(f"job {row['id']} has already ended ({row['result']})")
 
 
-def check_script(script):
-    if not os.path.isabs(script):
-        raise UserError(f"the script path {script!r} must be absolute")
-    if not os.path.isfile(script):
-        raise UserError(f"no such script: {script}")
-    if not os.access(script, os.X_OK):
-        raise UserError(f"{script} is not executable: run chmod +x {script}")
+def check_script(path, shown=None):
+    """PATH must be an executable file; errors name it as the user wrote it (SHOWN)."""
+    shown = shown or path
+    if not os.path.isabs(path):
+        raise UserError(f"the script path {shown!r} must be absolute")
+    if not os.path.exists(path):
+        raise UserError(f"no such script: {shown}")
+    if not os.path.isfile(path):
+        raise UserError(f"{shown} is not a file")
+    if not os.access(path, os.X_OK):
+        raise UserError(f"{shown} is not executable: run chmod +x {shown}")
 
 
 def _string(params, name):
@@ -2102,12 +2143,7 @@ def resolve_script(script, must_run=True):
         candidate = shutil.which(script) or script
     path = os.path.abspath(candidate)
     if must_run:
-        if not os.path.exists(path):
-            raise UserError(f"no such script: {script}")
-        if not os.path.isfile(path):
-            raise UserError(f"{script} is not a file")
-        if not os.access(path, os.X_OK):
-            raise UserError(f"{script} is not executable: run chmod +x {script}")
+        check_script(path, shown=script)
     return path
 
 

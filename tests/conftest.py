@@ -68,6 +68,15 @@ def wait_until(predicate, timeout=20.0, what="condition"):
         time.sleep(0.02)
 
 
+def process_alive(pid):
+    """True while PID runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 class Cli:
     """Runs ./cli.py in a subprocess with one data dir, as a user would."""
 
@@ -106,6 +115,13 @@ class Cli:
         if expect:
             assert expect in result.stderr, result.stderr
         return result.stderr
+
+    def write_script(self, name, body, shell="/bin/sh"):
+        """An executable script in the test's directory."""
+        path = self.root / name
+        path.write_text(f"#!{shell}\n{body}")
+        path.chmod(0o755)
+        return path
 
     def status(self):
         return json.loads(self.ok("status", "--json"))

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import CLI, wait_until
+from conftest import CLI, process_alive, wait_until
 
 TRICKY_ARGS = ["two words", "", "it's \"quoted\"", "$(touch /tmp/pwned)", "a; rm -rf /",
                "ünïcödé ✓", "*", "--flag", "-e", "new\nline", "back\\slash"]
@@ -34,9 +34,7 @@ def test_job_sees_its_id_worker_cwd_environment_and_verbatim_arguments(server):
 
 def test_job_gets_the_submitters_umask(server):
     server.ok("add_slave", "w1")
-    script = server.root / "touch.sh"
-    script.write_text("#!/bin/sh\ntouch created\n")
-    script.chmod(0o755)
+    script = server.write_script("touch.sh", "touch created\n")
     server.add_job(script, env=server.env, umask=0o027)
     server.wait_for_counts(succeeded=1)
     assert oct((server.root / "created").stat().st_mode & 0o777) == oct(0o640)
@@ -45,15 +43,11 @@ def test_job_gets_the_submitters_umask(server):
 def test_processes_a_job_leaves_behind_are_ended_with_it(server):
     server.ok("add_slave", "w1")
     marker = server.root / "child.pid"
-    script = server.root / "leaves_child.sh"
-    script.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {marker}\nexit 0\n")
-    script.chmod(0o755)
+    script = server.write_script("leaves_child.sh", f"sleep 300 &\necho $! > {marker}\nexit 0\n")
     server.add_job(script)
     server.wait_for_counts(succeeded=1, running=0)
     child = int(marker.read_text())
-    wait_until(lambda: not os.path.exists(f"/proc/{child}") or
-               open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0] == "Z",
-               what="the leftover child to be ended")
+    wait_until(lambda: not process_alive(child), what="the leftover child to be ended")
 
 
 def test_script_is_found_on_path_and_relative_paths_are_made_absolute(server):
@@ -183,8 +177,7 @@ def test_finished_job_cannot_be_removed(server):
 
 @pytest.fixture
 def not_executable(server):
-    path = server.root / "plain.sh"
-    path.write_text("#!/bin/sh\n")
+    path = server.write_script("plain.sh", "")
     path.chmod(0o644)
     return path
 

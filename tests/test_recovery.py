@@ -6,7 +6,7 @@ import sqlite3
 import subprocess
 import time
 
-from conftest import wait_until
+from conftest import process_alive, wait_until
 
 
 def jobs_by_id(cli):
@@ -17,11 +17,10 @@ def jobs_by_id(cli):
 def test_jobs_finishing_while_the_server_is_stopped_keep_their_exit_codes(server):
     server.ok("add_slave", "--slots", "4", "w1")
     gate = server.root / "gate"
-    waiter = server.root / "wait_for_gate.sh"
     # Each job ends only once the test opens the gate, i.e. while the server is down.
-    waiter.write_text(f"#!/bin/sh\nwhile [ ! -e {gate} ]; do sleep 0.05; done\n"
-                      "[ -n \"$SIGNAL_SELF\" ] && kill -$SIGNAL_SELF $$\nexit $CODE\n")
-    waiter.chmod(0o755)
+    waiter = server.write_script("wait_for_gate.sh",
+                                 f"while [ ! -e {gate} ]; do sleep 0.05; done\n"
+                                 "[ -n \"$SIGNAL_SELF\" ] && kill -$SIGNAL_SELF $$\nexit $CODE\n")
     codes = {server.add_job(waiter, env=dict(server.env, CODE=str(code))): code
              for code in (0, 3, 42)}
     by_signal = server.add_job(waiter, env=dict(server.env, CODE="0", SIGNAL_SELF="USR1"))
@@ -124,9 +123,7 @@ def test_a_kill_cut_off_by_a_crash_is_finished_after_the_restart(server):
 def test_a_killed_supervisor_takes_its_job_along_and_frees_the_slot_honestly(server):
     server.ok("add_slave", "w1")
     marker = server.root / "job.pid"
-    script = server.root / "long.sh"
-    script.write_text(f"#!/bin/sh\nsleep 300 &\necho $$ $! > {marker}\nwait\n")
-    script.chmod(0o755)
+    script = server.write_script("long.sh", f"sleep 300 &\necho $$ $! > {marker}\nwait\n")
     job_id = server.add_job(script)
     wait_until(marker.exists, what="the job to start")
     job_pids = [int(pid) for pid in marker.read_text().split()]
@@ -134,7 +131,7 @@ def test_a_killed_supervisor_takes_its_job_along_and_frees_the_slot_honestly(ser
     server.wait_for_counts(failed=1, running=0)
     assert f"job {job_id}: failed" in (server.log_dir / "server.log").read_text()
     assert "supervisor vanished" in (server.log_dir / "server.log").read_text()
-    wait_until(lambda: not any(alive(pid) for pid in job_pids),
+    wait_until(lambda: not any(process_alive(pid) for pid in job_pids),
                what="the job's processes to be gone")
 
 
@@ -147,7 +144,7 @@ def test_a_held_lock_without_pid_file_is_never_queued_again_until_released(serve
     server.ok("stop")
     run_dir = server.data_dir / "run"
     os.kill(supervisor, signal.SIGKILL)
-    wait_until(lambda: not any(alive(pid) for pid in session_members(supervisor)),
+    wait_until(lambda: not any(process_alive(pid) for pid in session_members(supervisor)),
                what="the job to die with its supervisor")
     lock = run_dir / f"{job_id}-1.lock"
     (run_dir / f"{job_id}-1.pid").unlink()
@@ -161,14 +158,6 @@ def test_a_held_lock_without_pid_file_is_never_queued_again_until_released(serve
         holder.kill()
         holder.wait()
     wait_until(lambda: server.runs() == [job_id, job_id], what="the job to run again")
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def session_members(session):

@@ -186,9 +186,7 @@ def cpu_seconds(pid):
 
 def test_a_client_leaving_while_its_reply_is_pending_costs_no_cpu(server):
     server.ok("add_slave", "w1")
-    stubborn = server.root / "stubborn.sh"
-    stubborn.write_text("#!/bin/sh\ntrap '' TERM\nsleep 300\n")
-    stubborn.chmod(0o755)
+    stubborn = server.write_script("stubborn.sh", "trap '' TERM\nsleep 300\n")
     server.add_job(stubborn)
     server.wait_for_counts(running=1)
     with socket.socket(socket.AF_UNIX) as connection:

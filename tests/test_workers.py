@@ -3,7 +3,7 @@ import socket
 
 import pytest
 
-from conftest import wait_until
+from conftest import process_alive, wait_until
 
 
 def slaves(cli):
@@ -113,11 +113,9 @@ def test_remove_slave_wait_drains_then_removes(server):
 
 def test_remove_slave_kill_ends_the_whole_process_group(server):
     server.ok("add_slave", "--slots", "2", "w1")
-    stubborn = server.root / "stubborn.sh"
     marker = server.root / "child.pid"
-    stubborn.write_text(f"#!/bin/bash\ntrap '' TERM\nsleep 300 &\necho $! > {marker}\n"
-                        "sleep 300\n")
-    stubborn.chmod(0o755)
+    stubborn = server.write_script("stubborn.sh",
+                                   f"trap '' TERM\nsleep 300 &\necho $! > {marker}\nsleep 300\n")
     stubborn_id = server.add_job(stubborn)
     polite_id = server.add_job(server.script, env=dict(server.env, SLEEP="300"))
     server.wait_for_counts(running=2)
@@ -129,13 +127,5 @@ def test_remove_slave_kill_ends_the_whole_process_group(server):
     assert "w1" not in slaves(server)
     status = server.status()
     assert status["counts"]["killed"] == 2
-    assert not _alive(child), "a child that ignores SIGTERM survived --kill"
+    assert not process_alive(child), "a child that ignores SIGTERM survived --kill"
     assert polite_id and stubborn_id
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
