@@ -75,6 +75,30 @@ def test_example_job_copies_works_remotely_and_brings_the_result_back(server):
     assert not os.path.exists(f"/tmp/cli-py-job-{job_id}"), "remote scratch dir not cleaned up"
 
 
+def test_cancelling_example_job_stops_the_remote_work_and_cleans_up(server):
+    server.ok("add_slave", "w1")
+    example = (CLI.parent / "example_job.sh").read_text()
+    work = 'work=$(printf \'cd %q && tr "[:lower:]" "[:upper:]" < %q > %q\' "$remote_dir" "$name" "$name.out")'
+    assert work in example, "the example's work line changed: update this test"
+    slow = server.write_script("slow_example.sh",
+                               example.replace(work, 'work="cd $remote_dir && sleep 301.5"')
+                               .split("\n", 1)[1], shell="/usr/bin/env bash")
+    data = server.root / "input.txt"
+    data.write_text("x\n")
+    job_id = server.add_job(slow, data.name)
+    # The remote process itself, not the local ssh whose command line also holds it.
+    remote_sleep = lambda: subprocess.run(["pgrep", "-f", "^sleep 301.5"],
+                                          capture_output=True).returncode == 0
+    wait_until(remote_sleep, what="the remote work to start")
+    assert os.path.isdir(f"/tmp/cli-py-job-{job_id}")
+    server.ok("remove_slave", "--kill", "w1")
+    assert server.status()["counts"]["killed"] == 1
+    wait_until(lambda: not remote_sleep(), what="the remote work to stop")
+    wait_until(lambda: not os.path.exists(f"/tmp/cli-py-job-{job_id}"),
+               what="the remote scratch dir to be removed")
+    assert "cancelled, cleaning up" in (server.log_dir / f"job_{job_id}.txt").read_text()
+
+
 def test_example_job_fails_loudly(server):
     server.ok("add_slave", "w1")
     job_id = server.add_job(CLI.parent / "example_job.sh", "missing.txt")
