@@ -1804,16 +1804,41 @@ def _parse_iso(text):
 
 def run_server(data_dir, log_dir, notify):
     """Own DATA_DIR, recover, listen, and serve until stopped."""
+    if not hasattr(os, "pidfd_open"):
+        raise UserError("the server needs Linux 5.3 or later (pidfd) and Python 3.10+")
+    filelock = require("filelock")
+    paths = data_dir_paths(data_dir)
+    try:
+        lock, server = open_server(data_dir, log_dir, paths, filelock, notify)
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        raise UserError(f"cannot start the server: {error.strerror or error}{where}") from None
+    try:
+        server.serve()
+    finally:
+        try:
+            os.unlink(paths["pid"])
+        except FileNotFoundError:
+            pass
+        lock.release()
+        # Answered last, so that a client sees "stopped" only once a new start can run.
+        for client in server.stop_replies:
+            try:
+                client.connection.setblocking(True)
+                client.connection.sendall(encode_reply(result={"pid": os.getpid()}))
+            except OSError:
+                pass
+            client.connection.close()
+
+
+def open_server(data_dir, log_dir, paths, filelock, notify):
+    """Take the data dir, recover and listen; return (lock, server) ready to serve."""
     import ctypes      # noqa: F401 - loaded once here, so supervisors (forks) get it free
     import resource
     os.umask(0o077)
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     os.chmod(data_dir, 0o700)   # the tool's own directory; a log dir the user chose is left as it is
     os.makedirs(log_dir, mode=0o700, exist_ok=True)
-    if not hasattr(os, "pidfd_open"):
-        raise UserError("the server needs Linux 5.3 or later (pidfd) and Python 3.10+")
-    filelock = require("filelock")
-    paths = data_dir_paths(data_dir)
     lock = filelock.FileLock(paths["lock"], mode=0o600)
     try:
         lock.acquire(timeout=0)
@@ -1837,22 +1862,7 @@ def run_server(data_dir, log_dir, notify):
         null_fd = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null_fd, fd)
-    try:
-        server.serve()
-    finally:
-        try:
-            os.unlink(paths["pid"])
-        except FileNotFoundError:
-            pass
-        lock.release()
-        # Answered last, so that a client sees "stopped" only once a new start can run.
-        for client in server.stop_replies:
-            try:
-                client.connection.setblocking(True)
-                client.connection.sendall(encode_reply(result={"pid": os.getpid()}))
-            except OSError:
-                pass
-            client.connection.close()
+    return lock, server
 
 
 def running_server_pid(pid_path):

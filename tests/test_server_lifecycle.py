@@ -7,6 +7,8 @@ import stat
 import subprocess
 import sys
 
+import pytest
+
 from conftest import CLI, wait_until
 
 
@@ -56,6 +58,25 @@ def test_relative_dirs_resolve_against_the_callers_directory(cli):
     cli.ok("--server_data_dir", "mydata", "stop", cwd=elsewhere)   # option before the action
 
 
+def test_log_dir_flag_puts_job_logs_and_the_server_log_there(cli):
+    cli.ok("start", "--log_dir", "elsewhere/logs")
+    cli.ok("add_slave", "w1")
+    job_id = cli.add_job(cli.script)
+    cli.wait_for_counts(succeeded=1)
+    logs = cli.root / "elsewhere" / "logs"
+    assert "ran on w1" in (logs / f"job_{job_id}.txt").read_text()
+    assert (logs / "server.log").exists()
+    assert cli.status()["running_jobs"] == [] and str(logs) in cli.ok("status")
+
+
+@pytest.mark.parametrize("command", ["", "start", "stop", "status", "add_slave",
+                                     "remove_slave", "add_job", "remove_job", "load_status"])
+def test_every_command_has_help_ending_with_examples(cli, command):
+    out = cli.ok(*([command] if command else []), "--help")
+    assert "usage: cli.py" in out
+    assert "examples:" in out.split("options:")[-1], out
+
+
 def test_data_dir_defaults_to_dot_data_unless_the_environment_variable_says(cli):
     plain = {name: value for name, value in cli.env.items() if name != "CLI_PY_DATA_DIR"}
     cli.ok("start", env=plain)
@@ -90,6 +111,14 @@ def test_a_deep_data_dir_still_gets_a_socket(cli):
     cli.ok("start", "--server_data_dir", deep)
     assert cli.run("status", "--server_data_dir", deep).returncode == 0
     cli.ok("stop", "--server_data_dir", deep)
+
+
+def test_unusable_dirs_are_one_line_errors(cli):
+    afile = cli.root / "a-file"
+    afile.write_text("")
+    cli.fails("start", "--server_data_dir", afile / "data", expect="Not a directory")
+    cli.fails("start", "--log_dir", afile / "logs", expect="cannot start the server")
+    cli.fails("start", "one", "--server_data_dir", "two", expect="two different data dirs")
 
 
 def test_corrupt_database_is_refused_and_kept(cli):
