@@ -119,9 +119,10 @@ def require(module):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UserError(f"the Python package {module!r} is missing: run pip install -r "
-                        "requirements.txt (in the venv you use for cli.py), or run the tool "
-                        "as: uv run cli.py ...") from None
+        raise UserError(f"the Python package {module!r} is missing: activate the venv you "
+                        "installed cli.py's requirements in (. .venv/bin/activate), or run "
+                        "pip install -r requirements.txt, or run the tool as: uv run cli.py ..."
+                        ) from None
 
 
 def validate_host_name(name):
@@ -166,6 +167,41 @@ def validate_variables(variables, what):
     return variables
 
 
+DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)\Z")
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+JOB_ID_RANGE = re.compile(r"(\d+)(?:-(\d+))?\Z")
+
+
+def parse_duration(text, what):
+    """Seconds from 90, 90s, 10m, 2h, 7d or 1w."""
+    match = DURATION.match(text.strip().lower())
+    if not match:
+        raise UserError(f"{what} {text!r} is not a duration: write a number of seconds, or "
+                        "one with a unit like 30s, 10m, 2h or 7d")
+    return float(match[1]) * DURATION_UNITS[match[2]]
+
+
+def parse_job_ids(words):
+    """Job ids as typed: 12, a range 12-14 (what a bulk add_job prints), or 12,13."""
+    job_ids = []
+    for word in words:
+        for part in filter(None, word.split(",")):
+            match = JOB_ID_RANGE.match(part)
+            if not match:
+                raise UserError(f"{part!r} is not a job id or a range of ids (like 12 or 12-14)")
+            first, last = int(match[1]), int(match[2] or match[1])
+            if last < first:
+                raise UserError(f"the range {part} runs backwards: write {last}-{first}")
+            job_ids.extend(range(first, last + 1))
+    if not job_ids:
+        raise UserError("no job ids given")
+    return job_ids
+
+
+def looks_like_job_ids(words):
+    return all(JOB_ID_RANGE.match(part) for word in words for part in word.split(",") if part)
+
+
 ###############################################################################
 # States and transitions #######################################################
 ###############################################################################
@@ -185,18 +221,21 @@ class JobResult(str, Enum):
 
 class WorkerState(str, Enum):
     ACTIVE = "active"
+    PAUSED = "paused"           # takes no new jobs until resumed; its jobs run on
     DRAINING = "draining"       # takes no new jobs; removed when its last job ends
 
 
-# RUNNING -> WAITING happens only in recovery, for an attempt whose supervisor
-# never got as far as starting the script.
+# WAITING -> DONE is a waiting job killed before it ran.  RUNNING -> WAITING
+# happens only in recovery or after a failed launch, for an attempt whose
+# script never started.
 JOB_TRANSITIONS = {
-    JobState.WAITING: {JobState.RUNNING},
+    JobState.WAITING: {JobState.RUNNING, JobState.DONE},
     JobState.RUNNING: {JobState.DONE, JobState.WAITING},
     JobState.DONE: set(),
 }
 WORKER_TRANSITIONS = {
-    WorkerState.ACTIVE: {WorkerState.DRAINING},
+    WorkerState.ACTIVE: {WorkerState.PAUSED, WorkerState.DRAINING},
+    WorkerState.PAUSED: {WorkerState.ACTIVE, WorkerState.DRAINING},
     WorkerState.DRAINING: set(),
 }
 
@@ -226,6 +265,7 @@ def result_of(exit_code, kill_requested):
 # One list of migrations; PRAGMA user_version counts how many are applied.
 MIGRATIONS = [
     """
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);   -- JSON values
     CREATE TABLE environments (
         id INTEGER PRIMARY KEY,
         digest TEXT NOT NULL UNIQUE,
@@ -258,11 +298,14 @@ MIGRATIONS = [
         reason TEXT,
         kill_requested_at REAL,
         kill_grace REAL,
+        log TEXT,                                      -- set when it starts
         submitted_at REAL NOT NULL,
         started_at REAL,
         ended_at REAL
     );
     CREATE INDEX jobs_by_state ON jobs (state, id);
+    CREATE INDEX jobs_by_result ON jobs (state, result);
+    CREATE INDEX jobs_by_end ON jobs (ended_at) WHERE state = 'done';
     """,
 ]
 
@@ -314,6 +357,16 @@ class Store:
 
     def close(self):
         self.db.close()
+
+    # --- settings -----------------------------------------------------------
+
+    def setting(self, key, default=None):
+        row = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_setting(self, key, value):
+        self.db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
+                        (key, json.dumps(value)))
 
     # --- environments -----------------------------------------------------
 
@@ -404,6 +457,17 @@ class Store:
         if cursor.rowcount != 1:
             raise IllegalTransition(f"job {job_id} is not {old.value}")
 
+    def change_jobs(self, job_ids, old, new, **fields):
+        """change_job for many jobs at once (all of them must be OLD)."""
+        check_transition(JOB_TRANSITIONS, old, new)
+        fields["state"] = new.value
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        cursor = self.db.executemany(
+            f"UPDATE jobs SET {assignments} WHERE id = ? AND state = ?",
+            [(*fields.values(), job_id, old.value) for job_id in job_ids])
+        if cursor.rowcount != len(job_ids):
+            raise IllegalTransition(f"not all of {len(job_ids)} jobs were {old.value}")
+
     def delete_waiting_jobs(self, job_ids):
         self.db.executemany("DELETE FROM jobs WHERE id = ? AND state = ?",
                             [(job_id, JobState.WAITING.value) for job_id in job_ids])
@@ -453,7 +517,7 @@ def job_to_json(row, log_dir):
         "submitted_at": iso_time(row["submitted_at"]),
         "started_at": iso_time(row["started_at"]),
         "ended_at": iso_time(row["ended_at"]),
-        "log": job_log_path(log_dir, row["id"]),
+        "log": row["log"] or job_log_path(log_dir, row["id"]),
     }
 
 
@@ -967,6 +1031,7 @@ class Server:
         self.accepting = True
         self.running = {}          # job id -> Attempt
         self.workers = {}          # name -> Worker, in the order they were added
+        self.paused = False        # the whole queue: no job starts while set
         self.schedule_needed = True
         self.stopping = False
         self.clients = set()
@@ -1002,6 +1067,7 @@ class Server:
 
     def load(self):
         self.workers = {row["name"]: Worker(row) for row in self.store.workers()}
+        self.paused = self.store.setting("paused", False)
         self.recover()
 
     def recover(self):
@@ -1098,6 +1164,8 @@ class Server:
     def schedule(self):
         """Start waiting jobs on free slots, as many as fit."""
         self.schedule_needed = False
+        if self.paused:
+            return
         capacities = [worker.capacity() for worker in self.workers.values()]
         free = sum(capacity.free_slots for capacity in capacities)
         if free == 0:
@@ -1112,7 +1180,8 @@ class Server:
             for job_id, worker, slot in starts:
                 self.store.change_job(job_id, JobState.WAITING, JobState.RUNNING,
                                       worker=worker, slot=slot,
-                                      attempt=jobs[job_id]["attempt"] + 1, started_at=now)
+                                      attempt=jobs[job_id]["attempt"] + 1, started_at=now,
+                                      log=job_log_path(self.log_dir, job_id))
         # Committed before any fork: a crash from here on leaves attempts with
         # no pid file and a free lock, which recovery queues again.
         for job_id, _, _ in starts:
@@ -1134,8 +1203,7 @@ class Server:
                                       worker.variables, json.loads(row["variables"]),
                                       row["id"], worker.name)
         spec = AttemptSpec(row["id"], row["attempt"], row["script"], json.loads(row["args"]),
-                           row["cwd"], environment, row["umask"], self.job_fd_limit,
-                           job_log_path(self.log_dir, row["id"]))
+                           row["cwd"], environment, row["umask"], self.job_fd_limit, row["log"])
         pid, pidfd = launch_supervisor(self.run_dir, spec)
         self.watch(row, pid, pidfd, child=True)
         self.log.info("job %s: started on %s slot %s (attempt %s, supervisor %s)",
@@ -1194,6 +1262,10 @@ class Server:
                       outcome.get("exit_code"), outcome.get("signal"),
                       f": {reason}" if reason else "")
         self.schedule_needed = True
+        self.jobs_ended([job_id])
+
+    def jobs_ended(self, job_ids):
+        """Everything that follows jobs reaching DONE: waiting clients hear of it."""
         self.answer_waiters()
 
     def kill_attempt(self, attempt, grace, reason):
@@ -1465,6 +1537,7 @@ class Server:
         return {
             "server": {"pid": os.getpid(), "version": VERSION, "data_dir": self.data_dir,
                        "log_dir": self.log_dir},
+            "paused": self.paused,
             "slaves": slaves,
             "job_waitlist": waitlist,
             "running_jobs": running_json,
@@ -1499,9 +1572,7 @@ class Server:
         mode = params.get("mode")
         if mode not in (None, "wait", "kill"):
             raise UserError("malformed request: mode must be wait or kill")
-        grace = params.get("grace", DEFAULT_KILL_GRACE)
-        if not isinstance(grace, (int, float)) or isinstance(grace, bool) or grace < 0:
-            raise UserError("malformed request: grace must be a number of seconds")
+        grace = _grace(params)
         for host in hosts:
             if host not in self.workers:
                 raise UserError(f"unknown worker {host!r}; see ./cli.py status for the "
@@ -1517,9 +1588,9 @@ class Server:
             if not worker.busy_slots:
                 self.forget_worker(host)
                 continue
-            if worker.state == WorkerState.ACTIVE:
+            if worker.state != WorkerState.DRAINING:
                 with self.store.transaction():
-                    self.store.set_worker_state(host, WorkerState.ACTIVE, WorkerState.DRAINING)
+                    self.store.set_worker_state(host, worker.state, WorkerState.DRAINING)
                 worker.state = WorkerState.DRAINING
                 self.log.info("worker %s: draining; removed when its jobs end", host)
             if mode == "kill":
@@ -1541,6 +1612,106 @@ class Server:
     def jobs_on(self, host):
         return sorted(job_id for job_id, attempt in self.running.items()
                       if attempt.worker == host)
+
+    def cmd_kill(self, client, params):
+        """Kill running jobs (process group, grace, SIGKILL) and waiting ones before they run."""
+        job_ids = _job_ids(params)
+        grace = _grace(params)
+        rows = self.existing_jobs(job_ids)
+        for row in rows:
+            if row["state"] == JobState.DONE.value:
+                raise UserError(f"job {row['id']} has already ended ({row['result']})")
+        waiting = [row["id"] for row in rows if row["state"] == JobState.WAITING.value]
+        running = [row["id"] for row in rows if row["state"] == JobState.RUNNING.value]
+        if waiting:
+            with self.store.transaction():
+                self.store.change_jobs(waiting, JobState.WAITING, JobState.DONE,
+                                       result=JobResult.KILLED.value, ended_at=time.time(),
+                                       reason="killed before it started")
+            self.log.info("%d waiting job(s) killed before they started", len(waiting))
+            self.jobs_ended(waiting)
+        for job_id in running:
+            self.kill_attempt(self.running[job_id], grace, "killed with ./cli.py kill")
+        if running:
+            self.waiters.append((lambda: not any(job_id in self.running for job_id in running),
+                                 client, lambda: {"killed": job_ids}))
+            return DEFERRED
+        return {"killed": job_ids}
+
+    def existing_jobs(self, job_ids):
+        """The rows of JOB_IDS, or an error naming the first unknown id."""
+        rows = []
+        for first in range(0, len(job_ids), 500):
+            chunk = job_ids[first:first + 500]
+            rows += self.store.db.execute(
+                f"SELECT id, state, result FROM jobs WHERE id IN ({', '.join('?' * len(chunk))})",
+                chunk).fetchall()
+        if len(rows) != len(set(job_ids)):
+            known = {row["id"] for row in rows}
+            unknown = next(job_id for job_id in job_ids if job_id not in known)
+            raise UserError(f"unknown job id {unknown}; see ./cli.py jobs")
+        return rows
+
+    def cmd_pause(self, client, params):
+        return self.set_paused(params, True)
+
+    def cmd_resume(self, client, params):
+        return self.set_paused(params, False)
+
+    def set_paused(self, params, paused):
+        """Pause or resume the whole queue, or the workers named in HOSTS."""
+        hosts = unique_hosts(_list_of_strings(params, "hosts", allow_empty=True))
+        if not hosts:
+            with self.store.transaction():
+                self.store.set_setting("paused", paused)
+            self.paused = paused
+            self.log.info("queue %s", "paused" if paused else "resumed")
+        else:
+            old, new = (WorkerState.ACTIVE, WorkerState.PAUSED) if paused else \
+                (WorkerState.PAUSED, WorkerState.ACTIVE)
+            for host in hosts:
+                if host not in self.workers:
+                    raise UserError(f"unknown worker {host!r}; see ./cli.py status")
+                if self.workers[host].state == WorkerState.DRAINING:
+                    raise UserError(f"worker {host} is being removed (remove_slave --wait)")
+            changing = [host for host in hosts if self.workers[host].state == old]
+            with self.store.transaction():
+                for host in changing:
+                    self.store.set_worker_state(host, old, new)
+            for host in changing:
+                self.workers[host].state = new
+                self.log.info("worker %s: %s", host, new.value)
+        self.schedule_needed = True
+        return {"hosts": hosts, "paused": paused}
+
+    def cmd_edit_slave(self, client, params):
+        """Change a worker's slots or variables; running jobs are not touched."""
+        host = _string(params, "host")
+        worker = self.workers.get(host)
+        if worker is None:
+            raise UserError(f"unknown worker {host!r}; see ./cli.py status")
+        slots = params.get("slots")
+        if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool)
+                                  or slots < 1):
+            raise UserError("--slots must be a whole number of at least 1")
+        updates = validate_variables(params.get("variables", {}), "edit_slave -e")
+        unset = _list_of_strings(params, "unset", allow_empty=True)
+        for name in unset:
+            validate_variable_name(name)
+            if name not in worker.variables and name not in updates:
+                raise UserError(f"worker {host} has no variable {name} to unset")
+        variables = {name: value for name, value in {**worker.variables, **updates}.items()
+                     if name not in unset}
+        new_slots = worker.slots if slots is None else slots
+        with self.store.transaction():
+            self.store.db.execute("UPDATE workers SET slots = ?, variables = ? WHERE name = ?",
+                                  (new_slots, json.dumps(variables), host))
+        worker.slots, worker.variables = new_slots, variables
+        self.log.info("worker %s: edited (%d slot(s), variables %s)", host, new_slots,
+                      " ".join(sorted(variables)) or "none")
+        self.schedule_needed = True
+        return {"host": host, "slots": new_slots, "variables": sorted(variables),
+                "slots_in_use": len(worker.busy_slots)}
 
     def cmd_add_job(self, client, params):
         script = _string(params, "script")
@@ -1602,8 +1773,8 @@ class Server:
             for name, worker in self.workers.items():
                 if name in wanted:
                     continue
-                if worker.busy_slots and worker.state == WorkerState.ACTIVE:
-                    self.store.set_worker_state(name, WorkerState.ACTIVE, WorkerState.DRAINING)
+                if worker.busy_slots and worker.state != WorkerState.DRAINING:
+                    self.store.set_worker_state(name, worker.state, WorkerState.DRAINING)
                 elif not worker.busy_slots:
                     self.store.delete_worker(name)
             for worker in workers:
@@ -1636,6 +1807,10 @@ HANDLERS = {
     "add_job": Server.cmd_add_job,
     "remove_job": Server.cmd_remove_job,
     "load_status": Server.cmd_load_status,
+    "kill": Server.cmd_kill,
+    "pause": Server.cmd_pause,
+    "resume": Server.cmd_resume,
+    "edit_slave": Server.cmd_edit_slave,
 }
 
 
@@ -1702,6 +1877,21 @@ def _environment(params):
             and "\0" not in name + value for name, value in environment.items()):
         raise UserError("malformed request: environment must be an object of strings")
     return environment
+
+
+def _job_ids(params):
+    job_ids = params.get("ids")
+    if not isinstance(job_ids, list) or not job_ids or not all(
+            isinstance(job_id, int) and not isinstance(job_id, bool) for job_id in job_ids):
+        raise UserError("malformed request: ids must be a non-empty list of integers")
+    return job_ids
+
+
+def _grace(params):
+    grace = params.get("grace", DEFAULT_KILL_GRACE)
+    if not isinstance(grace, (int, float)) or isinstance(grace, bool) or grace < 0:
+        raise UserError("malformed request: grace must be a number of seconds")
+    return grace
 
 
 def _umask(params):
@@ -2007,6 +2197,8 @@ def render_status(status):
     tabulate = require("tabulate").tabulate
     lines = [f"server pid {status['server']['pid']}, data dir {status['server']['data_dir']}, "
              f"job logs in {status['server']['log_dir']}"]
+    if status["paused"]:
+        lines.append("QUEUE PAUSED: no new job starts (./cli.py resume)")
     workers = [[slave["ip"], slave["status"], f"{slave['slots_in_use']}/{slave['slots']}",
                 " ".join(str(job["id"]) for job in slave["running_jobs"]) or "-",
                 " ".join(sorted(slave["envs"])) or "-"]
@@ -2117,15 +2309,77 @@ def command_add_job(options):
 
 def command_remove_job(options):
     """Remove waiting jobs by id, or every waiting job with this exact script and args."""
-    if all(target.isdigit() for target in options.targets):
-        result = request(options.data_dir, "remove_job",
-                         ids=[int(target) for target in options.targets])
+    if looks_like_job_ids(options.targets):
+        result = request(options.data_dir, "remove_job", ids=parse_job_ids(options.targets))
     else:
         script = resolve_script(options.targets[0], must_run=False)
         result = request(options.data_dir, "remove_job", script=script,
                          args=options.targets[1:])
-    print("removed job" + ("s " if len(result["removed"]) > 1 else " ")
-          + ", ".join(map(str, result["removed"])))
+    print(f"removed {describe_ids(result['removed'])}")
+    return 0
+
+
+def describe_ids(job_ids):
+    """job 4, or jobs 4-9 for a run, or jobs 4, 7, 9."""
+    job_ids = sorted(job_ids)
+    if len(job_ids) == 1:
+        return f"job {job_ids[0]}"
+    if job_ids == list(range(job_ids[0], job_ids[-1] + 1)):
+        return f"jobs {job_ids[0]}-{job_ids[-1]}"
+    return "jobs " + ", ".join(map(str, job_ids))
+
+
+def command_kill(options):
+    """End jobs: running ones get SIGTERM to their process group, then SIGKILL.
+
+    Running jobs get SIGTERM to their whole process group, and SIGKILL after
+    the grace period if anything is left; waiting jobs end without running.
+    Either way they end as killed.  Returns once they have ended.
+    """
+    grace = parse_duration(options.grace, "--grace")
+    job_ids = parse_job_ids(options.ids)
+    result = request(options.data_dir, "kill", ids=job_ids, grace=grace)
+    print(f"killed {describe_ids(result['killed'])}")
+    return 0
+
+
+def command_pause(options):
+    """Stop starting jobs: on every worker, or only on the HOSTs given.
+
+    Running jobs go on.  A paused queue or worker stays paused across restarts
+    until resume.
+    """
+    request(options.data_dir, "pause", hosts=unique_hosts(options.hosts))
+    if options.hosts:
+        print(f"paused {', '.join(options.hosts)}: running jobs go on, no new job starts "
+              "there (resume with ./cli.py resume " + " ".join(options.hosts) + ")")
+    else:
+        print("queue paused: running jobs go on, no new job starts (./cli.py resume)")
+    return 0
+
+
+def command_resume(options):
+    """Start jobs again: the whole queue, or only on the HOSTs given."""
+    request(options.data_dir, "resume", hosts=unique_hosts(options.hosts))
+    print(f"resumed {', '.join(options.hosts)}" if options.hosts else "queue resumed")
+    return 0
+
+
+def command_edit_slave(options):
+    """Change a worker's slots or variables without removing it.
+
+    With fewer slots than are in use, running jobs finish and no new job
+    starts there until it fits.  Variables reach jobs started from now on.
+    """
+    variables = dict(parse_assignment(text) for text in options.env)
+    for name in options.unset:
+        validate_variable_name(name)
+    if options.slots is None and not variables and not options.unset:
+        raise UserError("nothing to change: give --slots, -e NAME=VALUE or --unset NAME")
+    result = request(options.data_dir, "edit_slave", host=validate_host_name(options.host),
+                     slots=options.slots, variables=variables, unset=options.unset)
+    print(f"{result['host']}: {result['slots']} slot(s) ({result['slots_in_use']} in use), "
+          f"variables: {' '.join(result['variables']) or 'none'}")
     return 0
 
 
@@ -2182,6 +2436,10 @@ COMMANDS = {
     "add_job": command_add_job,
     "remove_job": command_remove_job,
     "load_status": command_load_status,
+    "kill": command_kill,
+    "pause": command_pause,
+    "resume": command_resume,
+    "edit_slave": command_edit_slave,
 }
 
 EXAMPLES = {
@@ -2197,6 +2455,12 @@ EXAMPLES = {
                "  ./cli.py add_job -e THREADS=4 ./job.sh -- --flag 'two words'",
     "remove_job": "./cli.py remove_job 12 13\n  ./cli.py remove_job ./job.sh input-1.dat",
     "load_status": "./cli.py status --json > state.json\n  ./cli.py load_status state.json",
+    "kill": "./cli.py kill 12\n  ./cli.py kill --grace 1m 12-20 31",
+    "pause": "./cli.py pause              # the whole queue\n  ./cli.py pause node3        "
+             "# drain node3 without removing it",
+    "resume": "./cli.py resume\n  ./cli.py resume node3",
+    "edit_slave": "./cli.py edit_slave node1 --slots 8\n"
+                  "  ./cli.py edit_slave node1 -e SCRATCH=/fast --unset OLD_VAR",
 }
 
 
@@ -2209,7 +2473,8 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="cli.py", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         description="A persistent SSH job queue: a background server runs your job script "
-                    "for each queued job on a free worker.",
+                    "for each queued job on a free worker (the commands call workers slaves, "
+                    "as the tool this one grew out of did).",
         epilog="examples:\n  " + "\n  ".join(
             ["./cli.py start", "./cli.py add_slave --slots 4 node1 node2",
              "./cli.py add_job ./job.sh input-1.dat", "./cli.py status", "./cli.py stop"]))
@@ -2283,6 +2548,26 @@ def build_parser():
 
     load_status = add("load_status")
     load_status.add_argument("file", metavar="FILE", help="A file written by status --json.")
+
+    kill = add("kill")
+    kill.add_argument("ids", nargs="+", metavar="ID",
+                      help="Job ids, or ranges like 12-20 (what a bulk add_job prints).")
+    kill.add_argument("--grace", default=f"{DEFAULT_KILL_GRACE:g}s", metavar="DURATION",
+                      help="Time between SIGTERM and SIGKILL, like 10s or 1m "
+                           f"(default: {DEFAULT_KILL_GRACE:g}s).")
+
+    for name in ("pause", "resume"):
+        add(name).add_argument("hosts", nargs="*", metavar="HOST",
+                               help="Only these workers (default: the whole queue).")
+
+    edit_slave = add("edit_slave")
+    edit_slave.add_argument("host", metavar="HOST", help="A registered worker.")
+    edit_slave.add_argument("--slots", type=int, metavar="N",
+                            help="The new number of slots.")
+    edit_slave.add_argument("-e", dest="env", action="append", default=[],
+                            metavar="NAME=VALUE", help="Set a variable; repeatable.")
+    edit_slave.add_argument("--unset", action="append", default=[], metavar="NAME",
+                            help="Remove a variable; repeatable.")
     return parser
 
 

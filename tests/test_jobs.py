@@ -177,7 +177,7 @@ def test_remove_job_by_id_and_by_script_and_arguments(server):
     d = server.add_job(server.script)
     assert "removed job" in server.ok("remove_job", d)
     out = server.ok("remove_job", "./record.py", "x")
-    assert f"{a}, {b}" in out
+    assert f"removed jobs {a}-{b}" in out
     assert [job["id"] for job in server.status()["job_waitlist"]] == [c]
     server.fails("remove_job", "./record.py", "nothing-like-this", expect="no waiting job")
 
