@@ -62,6 +62,7 @@ MAX_REQUEST_BYTES = 64 * 1024 * 1024
 DEFAULT_KILL_GRACE = 10.0        # seconds between SIGTERM and SIGKILL
 DEFAULT_SSH_TIMEOUT = 10.0
 STATUS_TABLE_HEAD = 10           # waiting jobs shown by the status table
+JOBS_TABLE_LAST = 50             # jobs shown by the jobs table without --last
 
 RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP")
 VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -456,6 +457,33 @@ class Store:
                                  (*fields.values(), job_id, old.value))
         if cursor.rowcount != 1:
             raise IllegalTransition(f"job {job_id} is not {old.value}")
+
+    def find_jobs(self, state=None, result=None, worker=None, script=None, last=None):
+        """Jobs matching every filter given, oldest first (the LAST most recent if given)."""
+        conditions, values = [], []
+        for column, value in (("state", state), ("result", result), ("worker", worker)):
+            if value is not None:
+                conditions.append(f"{column} = ?")
+                values.append(value)
+        if script is not None:
+            # An absolute path matches exactly; a bare name matches any script of that name.
+            conditions.append("(script = ? OR substr(script, -length(?) - 1) = '/' || ?)")
+            values += [script, script, script]
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        if last is None:
+            return self.db.execute(f"SELECT * FROM jobs {where} ORDER BY id", values).fetchall()
+        rows = self.db.execute(f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?",
+                               (*values, last)).fetchall()
+        return rows[::-1]
+
+    def purge_jobs(self, ended_before):
+        """Delete finished jobs that ended before then; return their (id, log) pairs."""
+        rows = self.db.execute("SELECT id, log FROM jobs WHERE state = ? AND ended_at < ?",
+                               (JobState.DONE.value, ended_before)).fetchall()
+        self.db.execute("DELETE FROM jobs WHERE state = ? AND ended_at < ?",
+                        (JobState.DONE.value, ended_before))
+        self.drop_unused_environments()
+        return [(row["id"], row["log"]) for row in rows]
 
     def change_jobs(self, job_ids, old, new, **fields):
         """change_job for many jobs at once (all of them must be OLD)."""
@@ -1010,6 +1038,25 @@ class Client:
         self.closing = False
 
 
+class Subscription:
+    """A `wait` client: which of its jobs are not done yet, and where the others are."""
+
+    def __init__(self, client, states, started):
+        self.client = client
+        self.pending = {job_id: state for job_id, state in states.items()
+                        if state != JobState.DONE.value}
+        self.total = len(states)
+        self.started = started
+        self.not_succeeded = {}      # job id -> {"result", "exit_code", "signal"}
+        self.dirty = True
+
+    def progress(self):
+        running = sum(1 for state in self.pending.values() if state == JobState.RUNNING.value)
+        return {"event": "progress", "total": self.total,
+                "done": self.total - len(self.pending), "running": running,
+                "waiting": len(self.pending) - running, "failed": len(self.not_succeeded)}
+
+
 class Server:
     """The event loop: a Unix socket for clients, a pidfd per running attempt.
 
@@ -1037,6 +1084,7 @@ class Server:
         self.clients = set()
         self.stop_replies = []     # clients waiting for the stop to finish
         self.waiters = []          # (predicate, client, make_reply)
+        self.subscriptions = []    # wait clients
         self.environment_cache = {}
 
     # --- start-up and recovery --------------------------------------------
@@ -1182,6 +1230,7 @@ class Server:
                                       worker=worker, slot=slot,
                                       attempt=jobs[job_id]["attempt"] + 1, started_at=now,
                                       log=job_log_path(self.log_dir, job_id))
+        self.jobs_moved([job_id for job_id, _, _ in starts], JobState.RUNNING)
         # Committed before any fork: a crash from here on leaves attempts with
         # no pid file and a free lock, which recovery queues again.
         for job_id, _, _ in starts:
@@ -1195,6 +1244,7 @@ class Server:
                     self.store.change_job(job_id, JobState.RUNNING, JobState.WAITING,
                                           attempt=row["attempt"] - 1, worker=None, slot=None,
                                           started_at=None)
+                self.jobs_moved([job_id], JobState.WAITING)
                 # Not schedule_needed: the next event (a job ending) retries.
 
     def start_attempt(self, row):
@@ -1266,7 +1316,49 @@ class Server:
 
     def jobs_ended(self, job_ids):
         """Everything that follows jobs reaching DONE: waiting clients hear of it."""
+        self.jobs_moved(job_ids, JobState.DONE)
         self.answer_waiters()
+
+    def jobs_moved(self, job_ids, state):
+        """Tell the wait clients watching any of JOB_IDS where those jobs are now."""
+        for subscription in self.subscriptions:
+            watched = [job_id for job_id in job_ids if job_id in subscription.pending]
+            if not watched:
+                continue
+            subscription.dirty = True
+            if state != JobState.DONE:
+                for job_id in watched:
+                    subscription.pending[job_id] = state.value
+                continue
+            for job_id in watched:
+                del subscription.pending[job_id]
+            for row in self.ended_badly(watched):
+                subscription.not_succeeded[row["id"]] = dict(row)
+
+    def ended_badly(self, job_ids):
+        rows = []
+        for first in range(0, len(job_ids), 500):
+            chunk = job_ids[first:first + 500]
+            rows += self.store.db.execute(
+                f"SELECT id, result, exit_code, signal, reason FROM jobs WHERE id IN "
+                f"({', '.join('?' * len(chunk))}) AND result != ?",
+                (*chunk, JobResult.SUCCEEDED.value)).fetchall()
+        return rows
+
+    def send_progress(self):
+        """One progress line per wait client per turn of the loop, and its last word."""
+        for subscription in list(self.subscriptions):
+            client = subscription.client
+            if not subscription.dirty or client.outgoing:
+                continue   # nothing new, or the client has not read the last line yet
+            subscription.dirty = False
+            if subscription.pending:
+                self.send_event(client, subscription.progress())
+                continue
+            self.subscriptions.remove(subscription)
+            self.reply(client, result={"total": subscription.total,
+                                       "not_succeeded": list(
+                                           subscription.not_succeeded.values())})
 
     def kill_attempt(self, attempt, grace, reason):
         """End a running job: recorded first, so that a restart finishes the kill."""
@@ -1387,6 +1479,16 @@ class Server:
             return   # already dropped
         self.flush(client)
 
+    def send_event(self, client, event):
+        """A line that is not the reply: the connection stays open."""
+        client.outgoing.extend(json.dumps(event).encode() + b"\n")
+        try:
+            self.selector.modify(client.connection, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                 lambda events: self.client_event(client, events))
+        except (KeyError, ValueError):
+            return
+        self.flush(client)
+
     def flush(self, client):
         try:
             sent = client.connection.send(client.outgoing)
@@ -1406,6 +1508,8 @@ class Server:
         client.connection.close()
         self.clients.discard(client)
         self.waiters = [waiter for waiter in self.waiters if waiter[1] is not client]
+        self.subscriptions = [subscription for subscription in self.subscriptions
+                              if subscription.client is not client]
         if client in self.stop_replies:
             self.stop_replies.remove(client)
         if not self.accepting and not self.stopping:
@@ -1438,6 +1542,8 @@ class Server:
                 self.guarded(self.schedule)
             for key, events in self.selector.select():
                 self.guarded(key.data, events)
+            if self.subscriptions:
+                self.guarded(self.send_progress)
         self.shutdown()
 
     def guarded(self, callback, *args):
@@ -1468,7 +1574,8 @@ class Server:
                 break
             self.clients.add(Client(connection))
         self.listener.close()
-        for _, client, _ in self.waiters:
+        for client in [waiter[1] for waiter in self.waiters] + \
+                [subscription.client for subscription in self.subscriptions]:
             self.reply(client, error="the server stopped before this finished; start it "
                                      "again and check ./cli.py status")
         for client in list(self.clients - set(self.stop_replies)):
@@ -1646,11 +1753,75 @@ class Server:
             rows += self.store.db.execute(
                 f"SELECT id, state, result FROM jobs WHERE id IN ({', '.join('?' * len(chunk))})",
                 chunk).fetchall()
+        if len(rows) == len(job_ids):
+            return rows
         if len(rows) != len(set(job_ids)):
             known = {row["id"] for row in rows}
             unknown = next(job_id for job_id in job_ids if job_id not in known)
             raise UserError(f"unknown job id {unknown}; see ./cli.py jobs")
         return rows
+
+    def cmd_jobs(self, client, params):
+        """Jobs from the history, filtered; or one job in full."""
+        if "id" in params:
+            job_id = params["id"]
+            if not isinstance(job_id, int) or isinstance(job_id, bool):
+                raise UserError("malformed request: id must be an integer")
+            row = self.store.job(job_id)
+            if row is None:
+                raise UserError(f"unknown job id {job_id}; see ./cli.py jobs")
+            return [job_to_json(row, self.log_dir)]
+        state = params.get("state")
+        result = None
+        if state in {result.value for result in JobResult}:
+            state, result = JobState.DONE.value, state
+        elif state is not None and state not in {state.value for state in JobState}:
+            raise UserError(f"unknown state {state!r}: use waiting, running, done, "
+                            + ", ".join(result.value for result in JobResult))
+        last = params.get("last")
+        if last is not None and (not isinstance(last, int) or isinstance(last, bool) or last < 1):
+            raise UserError("--last must be a whole number of at least 1")
+        worker, script = params.get("worker"), params.get("script")
+        for name, value in (("worker", worker), ("script", script)):
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"malformed request: {name} must be a string")
+        rows = self.store.find_jobs(state, result, worker, script, last)
+        return [job_to_json(row, self.log_dir) for row in rows]
+
+    def cmd_purge(self, client, params):
+        """Delete finished jobs that ended more than OLDER_THAN seconds ago, with their logs."""
+        older_than = params.get("older_than", 0)
+        if not isinstance(older_than, (int, float)) or isinstance(older_than, bool) or \
+                older_than < 0:
+            raise UserError("malformed request: older_than must be a number of seconds")
+        with self.store.transaction():
+            purged = self.store.purge_jobs(time.time() - older_than)
+        for job_id, log in purged:
+            # Only a log this server named for that job: never another file.
+            if log and os.path.basename(log) == f"job_{job_id}.txt":
+                try:
+                    os.unlink(log)
+                except OSError:
+                    pass
+        self.log.info("purged %d finished job(s)", len(purged))
+        return {"purged": len(purged)}
+
+    def cmd_wait(self, client, params):
+        """Stream progress until the jobs (default: all waiting or running now) are done."""
+        if params.get("ids") is None:
+            rows = self.store.db.execute("SELECT id, state FROM jobs WHERE state != ?",
+                                         (JobState.DONE.value,)).fetchall()
+        else:
+            rows = self.existing_jobs(_job_ids(params))
+        subscription = Subscription(client, {row["id"]: row["state"] for row in rows},
+                                    time.time())
+        done = [row["id"] for row in rows if row["state"] == JobState.DONE.value]
+        for row in self.ended_badly(done):
+            subscription.not_succeeded[row["id"]] = dict(row)
+        self.subscriptions.append(subscription)
+        self.log.info("a client waits for %d job(s), %d not done", subscription.total,
+                      len(subscription.pending))
+        return DEFERRED
 
     def cmd_pause(self, client, params):
         return self.set_paused(params, True)
@@ -1808,6 +1979,9 @@ HANDLERS = {
     "remove_job": Server.cmd_remove_job,
     "load_status": Server.cmd_load_status,
     "kill": Server.cmd_kill,
+    "jobs": Server.cmd_jobs,
+    "purge": Server.cmd_purge,
+    "wait": Server.cmd_wait,
     "pause": Server.cmd_pause,
     "resume": Server.cmd_resume,
     "edit_slave": Server.cmd_edit_slave,
@@ -2089,48 +2263,72 @@ def server_logger(log_dir, foreground):
 # Client commands ##############################################################
 ###############################################################################
 
-def request(data_dir, command, **params):
-    """Send one request to the server of DATA_DIR and return its result."""
+class LostServer(UserError):
+    """The server went away while a client waited for it."""
+    exit_status = 2
+
+
+def connect(data_dir, command, params):
+    """A connection to the server of DATA_DIR with the request already sent."""
     path = socket_path(data_dir)
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         connection.connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
+        connection.close()
         raise UserError(f"no server running for {data_dir}; start it with ./cli.py start"
                         + ("" if data_dir == os.path.abspath(DEFAULT_DATA_DIR)
                            else f" --server_data_dir {data_dir}")) from None
     except PermissionError:
+        connection.close()
         raise UserError(f"permission denied on {path}: the server belongs to another user"
                         ) from None
-    with connection:
-        # The request carries the caller's environment: only hand it to our own server.
-        peer_uid = struct.unpack("3i", connection.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
-        if peer_uid != os.getuid():
-            raise UserError(f"the server on {path} runs as another user (uid {peer_uid}); "
-                            "refusing to talk to it")
-        try:
-            connection.sendall(json.dumps({"command": command, "params": params}).encode()
-                               + b"\n")
-        except OSError:
-            pass   # the server may have refused the request early: read why below
-        chunks = []
-        while True:
-            try:
-                chunk = connection.recv(1 << 20)
-            except OSError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
+    # The request carries the caller's environment: only hand it to our own server.
+    peer_uid = struct.unpack("3i", connection.getsockopt(
+        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
+    if peer_uid != os.getuid():
+        connection.close()
+        raise UserError(f"the server on {path} runs as another user (uid {peer_uid}); "
+                        "refusing to talk to it")
     try:
-        reply = json.loads(b"".join(chunks))
+        connection.sendall(json.dumps({"command": command, "params": params}).encode() + b"\n")
+    except OSError:
+        pass   # the server may have refused the request early: its reply says why
+    return connection
+
+
+def request(data_dir, command, **params):
+    """Send one request to the server of DATA_DIR and return its result."""
+    return stream(data_dir, command, None, **params)
+
+
+def stream(data_dir, command, on_event, **params):
+    """Send one request; hand each event line to ON_EVENT until the reply; return its result."""
+    with connect(data_dir, command, params) as connection:
+        for line in connection.makefile("rb"):
+            message = parse_reply_line(line, data_dir)
+            if "event" in message and on_event is not None:
+                on_event(message)
+            elif "ok" in message:
+                return reply_result(message)
+    raise LostServer(f"the server for {data_dir} went away before answering (stopped or "
+                     "crashed; see its server.log); start it again and retry")
+
+
+def parse_reply_line(line, data_dir):
+    try:
+        message = json.loads(line)
+        if isinstance(message, dict):
+            return message
     except ValueError:
-        raise UserError(f"the server for {data_dir} closed the connection without answering; "
-                        "see its server.log") from None
-    if not reply.get("ok"):
-        raise UserError(reply.get("error", "the server refused the request"))
-    return reply.get("result")
+        pass
+    raise UserError(f"the server for {data_dir} sent something unreadable; see its server.log")
+
+
+def reply_result(message):
+    if not message.get("ok"):
+        raise UserError(message.get("error", "the server refused the request"))
+    return message.get("result")
 
 
 def current_umask():
@@ -2343,6 +2541,237 @@ def command_kill(options):
     return 0
 
 
+def command_jobs(options):
+    """List jobs from the history: where each is, how it ended, where its log is.
+
+    Without --last the table shows the most recent 50; --json lists every job
+    that matches.  With an ID, shows that one job in full.
+    """
+    if options.id is not None:
+        job = request(options.data_dir, "jobs", id=options.id)[0]
+        if options.json:
+            print(json.dumps(job, indent=1))
+        else:
+            print(render_job(job))
+        return 0
+    script = options.script
+    if script is not None and "/" in script:
+        script = os.path.abspath(script)
+    if options.last is not None and options.last < 1:
+        raise UserError("--last must be a whole number of at least 1")
+    last = options.last if options.last is not None or options.json else JOBS_TABLE_LAST
+    jobs = request(options.data_dir, "jobs", state=options.state, worker=options.worker,
+                   script=script, last=last)
+    if options.json:
+        json.dump(jobs, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    tabulate = require("tabulate").tabulate
+    now = time.time()
+    table = [[job["id"], job["result"] or job["state"], _exit_text(job), job["worker"] or "-",
+              "-" if job["slot"] is None else job["slot"], job["attempt"],
+              _local_time(job["submitted_at"]), _runtime(job, now), _command_line(job)]
+             for job in jobs]
+    print(tabulate(table, headers=["job", "state", "exit", "worker", "slot", "attempt",
+                                   "submitted", "runtime", "command"]) if table else "no jobs")
+    if options.last is None and len(jobs) == JOBS_TABLE_LAST:
+        print(f"(the last {JOBS_TABLE_LAST}: --last N shows more, --json every one)")
+    return 0
+
+
+def render_job(job):
+    lines = []
+    for key in ("id", "state", "result", "exit_code", "signal", "reason", "worker", "slot",
+                "attempt", "script", "args", "cwd", "envs", "submitted_at", "started_at",
+                "ended_at", "log"):
+        value = job[key]
+        if key == "signal" and value is not None:
+            value = f"{value} ({_signal_name(value)})"
+        elif isinstance(value, (list, dict)):
+            value = json.dumps(value, ensure_ascii=False)
+        lines.append(f"{key + ':':14s}{'-' if value is None else value}")
+    return "\n".join(lines)
+
+
+def _exit_text(job):
+    if job["signal"] is not None:
+        return _signal_name(job["signal"])
+    return "-" if job["exit_code"] is None else str(job["exit_code"])
+
+
+def _signal_name(number):
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _local_time(iso):
+    return "-" if iso is None else time.strftime("%m-%d %H:%M:%S",
+                                                 time.localtime(_parse_iso(iso)))
+
+
+def _runtime(job, now):
+    if job["started_at"] is None:
+        return "-"
+    end = _parse_iso(job["ended_at"]) if job["ended_at"] else now
+    return _elapsed(end - _parse_iso(job["started_at"]))
+
+
+def command_logs(options):
+    """Print a job's output; with -f follow it until the job ends.
+
+    With -f, exits with the job's own exit status (128 + N for a job ended by
+    signal N), like the job itself would.
+    """
+    job = request(options.data_dir, "jobs", id=options.id)[0]
+    if not options.follow:
+        if job["started_at"] is None:
+            raise UserError(f"job {job['id']} has not started yet, so it has no output; "
+                            f"use ./cli.py logs -f {job['id']} to wait for it")
+        copy_log(job["log"], 0, missing_ok=False)
+        return 0
+    return follow_log(options.data_dir, job)
+
+
+def copy_log(path, offset, missing_ok=True):
+    """Write the log from OFFSET to stdout; return the new offset."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(offset)
+            while True:
+                chunk = log.read(1 << 16)
+                if not chunk:
+                    break
+                sys.stdout.buffer.write(chunk)
+                offset += len(chunk)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise UserError(f"the log {path} is gone (purged, or deleted by hand)") from None
+        return offset
+    sys.stdout.buffer.flush()
+    return offset
+
+
+def follow_log(data_dir, job):
+    """tail -f the log while the server tells us (wait) when the job ends."""
+    import select
+    offset = 0
+    with connect(data_dir, "wait", {"ids": [job["id"]]}) as connection:
+        pending = b""
+        while True:
+            readable, _, _ = select.select([connection], [], [], 0.2)
+            offset = copy_log(job["log"], offset)
+            if not readable:
+                continue
+            chunk = connection.recv(1 << 16)
+            if not chunk:
+                raise LostServer(f"the server for {data_dir} went away while following job "
+                                 f"{job['id']}; start it again and retry")
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                message = parse_reply_line(line, data_dir)
+                if "ok" in message:
+                    result = reply_result(message)
+                    copy_log(job["log"], offset)
+                    ended = request(data_dir, "jobs", id=job["id"])[0]
+                    return job_exit_status(ended) if result["not_succeeded"] else 0
+
+
+def job_exit_status(job):
+    """The status a shell would report for the job: its exit code, or 128 + signal."""
+    if job["exit_code"] is not None:
+        return job["exit_code"] or (0 if job["result"] == JobResult.SUCCEEDED.value else 1)
+    if job["signal"] is not None:
+        return 128 + job["signal"]
+    return 1
+
+
+def command_purge(options):
+    """Delete finished jobs (and their logs) that ended longer ago than --older-than.
+
+    Waiting and running jobs are never touched.  Without --older-than, every
+    finished job goes.
+    """
+    older_than = parse_duration(options.older_than, "--older-than") \
+        if options.older_than else 0
+    result = request(options.data_dir, "purge", older_than=older_than)
+    print(f"purged {result['purged']} finished job(s) and their logs")
+    return 0
+
+
+def command_wait(options):
+    """Wait until jobs have ended; exit 0 only if every one succeeded.
+
+    Waits for the given jobs, or for every job waiting or running when wait
+    starts.  The server tells wait when jobs end (nothing polls).  On a
+    terminal a progress line is redrawn in place; in a pipe or with --quiet
+    only the result is printed.  Jobs that did not succeed are listed on
+    stderr and the exit status is 1; 2 if the server went away meanwhile.
+    """
+    job_ids = parse_job_ids(options.ids) if options.ids else None
+    progress = ProgressLine(sys.stderr.isatty() and not options.quiet)
+    try:
+        result = stream(options.data_dir, "wait", progress.show, ids=job_ids)
+    finally:
+        progress.clear()
+    total, failures = result["total"], sorted(result["not_succeeded"], key=lambda job: job["id"])
+    if total == 0:
+        print("nothing to wait for: no job is waiting or running")
+        return 0
+    if not failures:
+        print(f"all {total} job(s) succeeded" if total > 1 else "the job succeeded")
+        return 0
+    for job in failures:
+        print(f"job {job['id']}: {describe_outcome(job)}", file=sys.stderr)
+    raise UserError(f"{len(failures)} of {total} job(s) did not succeed: "
+                    f"{', '.join(str(job['id']) for job in failures[:20])}"
+                    + (" ..." if len(failures) > 20 else ""))
+
+
+def describe_outcome(job):
+    details = []
+    if job["exit_code"] is not None:
+        details.append(f"exit code {job['exit_code']}")
+    if job["signal"] is not None:
+        details.append(_signal_name(job["signal"]))
+    if job.get("reason"):
+        details.append(job["reason"])
+    return job["result"] + (f" ({'; '.join(details)})" if details else "")
+
+
+class ProgressLine:
+    """One line on a terminal, redrawn in place at most ten times a second."""
+
+    def __init__(self, enabled):
+        self.enabled = enabled
+        self.started = time.monotonic()
+        self.drawn_at = 0.0
+        self.width = 0
+
+    def show(self, progress):
+        now = time.monotonic()
+        if not self.enabled or (now - self.drawn_at < 0.1 and progress["running"]):
+            return
+        self.drawn_at = now
+        elapsed = now - self.started
+        text = (f"{progress['done']}/{progress['total']} done"
+                f" ({progress['failed']} failed), {progress['running']} running, "
+                f"{progress['waiting']} waiting, {_elapsed(elapsed)} elapsed")
+        if progress["done"] and progress["done"] < progress["total"] and elapsed > 1:
+            remaining = elapsed / progress["done"] * (progress["total"] - progress["done"])
+            text += f", about {_elapsed(remaining)} left"
+        sys.stderr.write("\r" + text.ljust(self.width))
+        sys.stderr.flush()
+        self.width = len(text)
+
+    def clear(self):
+        if self.enabled and self.width:
+            sys.stderr.write("\r" + " " * self.width + "\r")
+            sys.stderr.flush()
+
+
 def command_pause(options):
     """Stop starting jobs: on every worker, or only on the HOSTs given.
 
@@ -2437,6 +2866,10 @@ COMMANDS = {
     "remove_job": command_remove_job,
     "load_status": command_load_status,
     "kill": command_kill,
+    "jobs": command_jobs,
+    "logs": command_logs,
+    "purge": command_purge,
+    "wait": command_wait,
     "pause": command_pause,
     "resume": command_resume,
     "edit_slave": command_edit_slave,
@@ -2456,6 +2889,12 @@ EXAMPLES = {
     "remove_job": "./cli.py remove_job 12 13\n  ./cli.py remove_job ./job.sh input-1.dat",
     "load_status": "./cli.py status --json > state.json\n  ./cli.py load_status state.json",
     "kill": "./cli.py kill 12\n  ./cli.py kill --grace 1m 12-20 31",
+    "jobs": "./cli.py jobs --last 20\n  ./cli.py jobs --state failed --worker node3\n"
+            "  ./cli.py jobs 42\n  ./cli.py jobs --json > history.json",
+    "logs": "./cli.py logs 42\n  ./cli.py logs -f 42 && echo 'job 42 succeeded'",
+    "purge": "./cli.py purge --older-than 7d\n  ./cli.py purge",
+    "wait": "./cli.py wait && ./collect-results.sh\n  ./cli.py wait 12-20 31\n"
+            "  ids=$(./cli.py add_job ./job.sh ::: a b c) && ./cli.py wait --quiet $ids",
     "pause": "./cli.py pause              # the whole queue\n  ./cli.py pause node3        "
              "# drain node3 without removing it",
     "resume": "./cli.py resume\n  ./cli.py resume node3",
@@ -2482,10 +2921,11 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name, **kwargs):
-        function = COMMANDS[name]
-        summary = function.__doc__.strip().splitlines()[0]
+        # The docstring's body is indented like the code; the help should not be.
+        lines = COMMANDS[name].__doc__.strip().splitlines()
+        description = "\n".join(line[4:] if line.startswith("    ") else line for line in lines)
         return commands.add_parser(
-            name, parents=[common], help=summary, description=function.__doc__.strip(),
+            name, parents=[common], help=lines[0], description=description,
             formatter_class=argparse.RawDescriptionHelpFormatter,
             epilog="examples:\n  " + EXAMPLES[name], **kwargs)
 
@@ -2556,6 +2996,36 @@ def build_parser():
                       help="Time between SIGTERM and SIGKILL, like 10s or 1m "
                            f"(default: {DEFAULT_KILL_GRACE:g}s).")
 
+    jobs = add("jobs")
+    jobs.add_argument("id", nargs="?", type=int, metavar="ID", help="Show this one job in full.")
+    jobs.add_argument("--state", metavar="S",
+                      help="Only jobs in this state: waiting, running or done, or ended this "
+                           "way: " + ", ".join(result.value for result in JobResult) + ".")
+    jobs.add_argument("--worker", metavar="HOST", help="Only jobs that ran on this worker.")
+    jobs.add_argument("--script", metavar="P",
+                      help="Only jobs of this script: a path, or a bare name matching any "
+                           "script of that name.")
+    jobs.add_argument("--last", type=int, metavar="N", help="Only the N most recent jobs.")
+    jobs.add_argument("--json", action="store_true",
+                      help="Print a JSON list (every matching job unless --last is given).")
+
+    logs = add("logs")
+    logs.add_argument("id", type=int, metavar="ID", help="The job.")
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="Follow the output until the job ends, then exit with its status.")
+
+    purge = add("purge")
+    purge.add_argument("--older-than", metavar="DURATION",
+                       help="Only jobs that ended longer ago than this, like 7d or 12h "
+                            "(default: every finished job).")
+
+    wait = add("wait")
+    wait.add_argument("ids", nargs="*", metavar="ID",
+                      help="Job ids or ranges like 12-20 (default: every job waiting or "
+                           "running now).")
+    wait.add_argument("--quiet", "-q", action="store_true",
+                      help="No progress line, only the result.")
+
     for name in ("pause", "resume"):
         add(name).add_argument("hosts", nargs="*", metavar="HOST",
                                help="Only these workers (default: the whole queue).")
@@ -2598,7 +3068,7 @@ def main(argv=None):
         return COMMANDS[options.command](options)
     except UserError as error:
         print(f"Error: {error}", file=sys.stderr)
-        return 1
+        return getattr(error, "exit_status", 1)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -1,0 +1,129 @@
+"""wait: pushed by the server, a progress line on a terminal, honest exit status."""
+import os
+import pty
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import CLI, wait_until
+
+
+def start_wait(cli, *args, **kwargs):
+    return subprocess.Popen([sys.executable, str(CLI), "wait", *map(str, args)],
+                            cwd=cli.root, env=cli.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def subscribed(cli, count=1):
+    log = cli.log_dir / "server.log"
+    wait_until(lambda: log.read_text().count("a client waits for") >= count,
+               what="wait to subscribe")
+
+
+def test_wait_for_everything_succeeds_quietly_in_a_pipe(server):
+    server.ok("add_slave", "--slots", "2", "w1")
+    server.ok("pause")
+    for _ in range(4):
+        server.add_job(server.script, env=dict(server.env, SLEEP="0.3"))
+    waiter = start_wait(server)
+    subscribed(server)
+    server.ok("resume")
+    out, err = waiter.communicate(timeout=30)
+    assert waiter.returncode == 0, err
+    assert out == "all 4 job(s) succeeded\n" and err == ""
+    assert server.status()["counts"]["succeeded"] == 4
+
+
+def test_wait_names_what_did_not_succeed(server):
+    server.ok("add_slave", "--slots", "3", "w1")
+    ok = server.add_job(server.script)
+    bad = server.add_job(server.script, env=dict(server.env, EXIT_CODE="2"))
+    doomed = server.add_job(server.script, env=dict(server.env, SLEEP="60"))
+    server.wait_for_counts(running=1)
+    waiter = start_wait(server, ok, bad, doomed)
+    server.ok("kill", doomed)
+    out, err = waiter.communicate(timeout=30)
+    assert waiter.returncode == 1
+    assert f"job {bad}: failed (exit code 2)" in err
+    assert f"job {doomed}: killed" in err
+    assert f"2 of 3 job(s) did not succeed: {bad}, {doomed}" in err
+
+
+def test_wait_takes_ranges_and_refuses_unknown_ids(server):
+    server.ok("add_slave", "w1")
+    first = server.add_job(server.script)
+    second = server.add_job(server.script)
+    assert server.ok("wait", f"{first}-{second}") == "all 2 job(s) succeeded\n"
+    server.fails("wait", first, 999, expect="unknown job id 999")
+    assert "nothing to wait for" in server.ok("wait")
+
+
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_wait_is_told_by_the_server_instead_of_polling(server):
+    server.ok("add_slave", "w1")
+    gate = server.root / "gate"
+    job_id = server.add_job(server.write_script(
+        "gated.sh", f"while [ ! -e {gate} ]; do sleep 0.05; done\n"))
+    waiter = start_wait(server, job_id)
+    subscribed(server)
+    idle_from = cpu_seconds(waiter.pid)
+    time.sleep(1.5)
+    assert cpu_seconds(waiter.pid) - idle_from < 0.05, "wait used CPU while nothing happened"
+    gate.touch()
+    assert waiter.wait(5) == 0
+
+
+def test_wait_shows_a_progress_line_on_a_terminal(server):
+    server.ok("add_slave", "--slots", "2", "w1")
+    server.ok("pause")
+    for _ in range(4):
+        server.add_job(server.script, env=dict(server.env, SLEEP="0.4"))
+    controller, terminal = pty.openpty()
+    waiter = subprocess.Popen([sys.executable, str(CLI), "wait"], cwd=server.root,
+                              env=server.env, stdout=subprocess.PIPE, stderr=terminal,
+                              text=True)
+    os.close(terminal)
+    subscribed(server)
+    server.ok("resume")
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(controller)
+    assert waiter.wait(30) == 0
+    assert b"\r" in output and b"done (0 failed)" in output and b"running" in output
+    assert waiter.stdout.read() == "all 4 job(s) succeeded\n"
+
+
+def test_a_wait_that_loses_its_server_says_so_instead_of_hanging(server):
+    server.ok("add_slave", "w1")
+    job_id = server.add_job(server.script, env=dict(server.env, SLEEP="60"))
+    server.wait_for_counts(running=1)
+    waiter = start_wait(server, job_id)
+    subscribed(server)
+    os.kill(server.server_pid(), signal.SIGKILL)
+    out, err = waiter.communicate(timeout=10)
+    assert waiter.returncode == 2
+    assert "went away" in err and "Traceback" not in err
+
+
+def test_a_wait_interrupted_by_stop_says_so(server):
+    server.ok("add_slave", "w1")
+    server.add_job(server.script, env=dict(server.env, SLEEP="60"))
+    server.wait_for_counts(running=1)
+    waiter = start_wait(server)
+    subscribed(server)
+    server.ok("stop")
+    out, err = waiter.communicate(timeout=10)
+    assert waiter.returncode != 0
+    assert "server stopped before this finished" in err
