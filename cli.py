@@ -2031,8 +2031,7 @@ def already_registered(host):
 def refuse_unless_waiting(row):
     if row["state"] == JobState.RUNNING.value:
         raise UserError(f"job {row['id']} is running on {row['worker']} and cannot be removed; "
-                        f"to stop it, remove its worker with ./cli.py remove_slave --kill "
-                        f"{row['worker']}")
+                        f"to stop it: ./cli.py kill {row['id']}")
     if row["state"] == JobState.DONE.value:
         raise UserError(f"job {row['id']} has already ended ({row['result']})")
 

@@ -187,7 +187,7 @@ def test_remove_job_refuses_unknown_running_and_finished_jobs(server):
     running = server.add_job(server.script, env=dict(server.env, SLEEP="30"))
     server.wait_for_counts(running=1)
     waiting = server.add_job(server.script)
-    server.fails("remove_job", running, expect="remove_slave --kill")
+    server.fails("remove_job", running, expect=f"./cli.py kill {running}")
     server.fails("remove_job", waiting, 999, expect="unknown job id 999")
     assert [job["id"] for job in server.status()["job_waitlist"]] == [waiting]
 

@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""How cli.py copes with a big queue: 100,000 jobs in one add_job call, then
+how quickly the other commands answer at that size.
+
+    python3 bench/bulk.py            # 100,000 jobs, 3 runs
+    python3 bench/bulk.py --quick    # 10,000 jobs, 1 run (under a minute)
+
+Each run starts a fresh server in a temp dir with no worker, so the jobs stay
+queued: this measures the queue, not the jobs.  Prints a markdown table of
+medians with min-max over the runs.  It is a benchmark, not a test: it never
+fails on a number.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CLI = Path(__file__).resolve().parent.parent / "cli.py"
+
+
+def cli(data_dir, *args, stdin=None):
+    """Run cli.py through this interpreter (not a shim) and return seconds taken."""
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, str(CLI), *map(str, args)],
+                            env=dict(os.environ, CLI_PY_DATA_DIR=str(data_dir)),
+                            cwd=data_dir.parent, stdin=stdin, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"cli.py {' '.join(map(str, args))} failed: {result.stderr}")
+    return elapsed
+
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def one_run(jobs):
+    """Seconds (or MB) for each step, in a fresh data dir."""
+    with tempfile.TemporaryDirectory() as root:
+        root = Path(root)
+        data_dir = root / ".data"
+        script = root / "job.sh"
+        script.write_text("#!/bin/sh\nexit 0\n")
+        script.chmod(0o755)
+        arguments = root / "args.txt"
+        arguments.write_text("".join(f"input-{number}.dat\n" for number in range(jobs)))
+        cli(data_dir, "start")
+        try:
+            figures = {}
+            figures[f"add_job --args-file ({jobs:,} lines)"] = \
+                cli(data_dir, "add_job", "--args-file", arguments, script)
+            figures[f"add_job ::: ({jobs:,} arguments)"] = \
+                cli(data_dir, "add_job", script, ":::", *(f"x{n}" for n in range(jobs)))
+            queued = 2 * jobs
+            figures[f"status with {queued:,} waiting"] = cli(data_dir, "status")
+            figures[f"status --json with {queued:,} waiting"] = cli(data_dir, "status", "--json")
+            figures[f"jobs --last 20 with {queued:,} waiting"] = cli(data_dir, "jobs", "--last", 20)
+            figures[f"add_job (one more) with {queued:,} waiting"] = cli(data_dir, "add_job", script)
+            pid = int((data_dir / "server.pid").read_text())
+            figures["server memory (RSS, MB)"] = rss_mb(pid)
+            # wait for every job while all of them are killed: one push per batch of ends
+            waiter = subprocess.Popen([sys.executable, str(CLI), "wait", "--quiet"],
+                                      env=dict(os.environ, CLI_PY_DATA_DIR=str(data_dir)),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            log = root / "logs" / "server.log"
+            while "a client waits for" not in log.read_text():
+                time.sleep(0.01)
+            started = time.perf_counter()
+            figures[f"kill 1-{queued + 1} (all waiting)"] = \
+                cli(data_dir, "kill", f"1-{queued + 1}")
+            waiter.wait()
+            figures["wait (all) returns after that kill"] = time.perf_counter() - started
+            return figures
+        finally:
+            cli(data_dir, "stop")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=100_000, help="jobs per add_job call")
+    parser.add_argument("--runs", type=int, default=3, help="runs (each in a fresh data dir)")
+    parser.add_argument("--quick", action="store_true", help="10,000 jobs, 1 run")
+    options = parser.parse_args()
+    if options.quick:
+        options.jobs, options.runs = 10_000, 1
+    runs = []
+    for number in range(options.runs):
+        print(f"run {number + 1} of {options.runs} ...", file=sys.stderr)
+        runs.append(one_run(options.jobs))
+    print(f"\n{options.runs} run(s), {os.cpu_count()} CPUs, Python "
+          f"{sys.version.split()[0]}, median (min-max)\n")
+    print("| step | median | min-max |\n|---|---|---|")
+    for step in runs[0]:
+        values = [run[step] for run in runs]
+        unit = "MB" if "MB" in step else "s"
+        print(f"| {step} | {statistics.median(values):.2f} {unit} | "
+              f"{min(values):.2f}-{max(values):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
