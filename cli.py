@@ -1058,16 +1058,27 @@ class Subscription:
         self.client = client
         self.pending = {job_id: state for job_id, state in states.items()
                         if state != JobState.DONE.value}
+        self.running = sum(1 for state in self.pending.values()
+                           if state == JobState.RUNNING.value)
         self.total = len(states)
         self.started = started
         self.not_succeeded = {}      # job id -> {"result", "exit_code", "signal"}
         self.dirty = True
 
+    def move(self, job_id, state):
+        """Note that a watched job is now in STATE (counts kept as we go: no scans)."""
+        was_running = self.pending[job_id] == JobState.RUNNING.value
+        self.running += (state == JobState.RUNNING) - was_running
+        if state == JobState.DONE:
+            del self.pending[job_id]
+        else:
+            self.pending[job_id] = state.value
+        self.dirty = True
+
     def progress(self):
-        running = sum(1 for state in self.pending.values() if state == JobState.RUNNING.value)
         return {"event": "progress", "total": self.total,
-                "done": self.total - len(self.pending), "running": running,
-                "waiting": len(self.pending) - running, "failed": len(self.not_succeeded)}
+                "done": self.total - len(self.pending), "running": self.running,
+                "waiting": len(self.pending) - self.running, "failed": len(self.not_succeeded)}
 
 
 class Server:
@@ -1336,17 +1347,11 @@ class Server:
         """Tell the wait clients watching any of JOB_IDS where those jobs are now."""
         for subscription in self.subscriptions:
             watched = [job_id for job_id in job_ids if job_id in subscription.pending]
-            if not watched:
-                continue
-            subscription.dirty = True
-            if state != JobState.DONE:
-                for job_id in watched:
-                    subscription.pending[job_id] = state.value
-                continue
             for job_id in watched:
-                del subscription.pending[job_id]
-            for row in self.ended_badly(watched):
-                subscription.not_succeeded[row["id"]] = dict(row)
+                subscription.move(job_id, state)
+            if watched and state == JobState.DONE:
+                for row in self.ended_badly(watched):
+                    subscription.not_succeeded[row["id"]] = dict(row)
 
     def ended_badly(self, job_ids):
         rows = []
