@@ -1487,8 +1487,8 @@ class Server:
             if result is not DEFERRED:
                 self.reply(client, result=result)
 
-    def reply(self, client, result=None, error=None):
-        client.outgoing.extend(encode_reply(result, error))
+    def reply(self, client, result=None, error=None, stopping=False):
+        client.outgoing.extend(encode_reply(result, error, stopping))
         client.closing = True
         try:
             self.selector.modify(client.connection, selectors.EVENT_READ | selectors.EVENT_WRITE,
@@ -1595,7 +1595,7 @@ class Server:
         for client in [waiter[1] for waiter in self.waiters] + \
                 [subscription.client for subscription in self.subscriptions]:
             self.reply(client, error="the server stopped before this finished; start it "
-                                     "again and check ./cli.py status")
+                                     "again and check ./cli.py status", stopping=True)
         for client in list(self.clients - set(self.stop_replies)):
             self.answer_while_stopping(client)
         self.store.close()
@@ -1619,7 +1619,7 @@ class Server:
             return
         try:
             connection.sendall(encode_reply(error="the server is stopping; start it again "
-                                                  "with ./cli.py start"))
+                                                  "with ./cli.py start", stopping=True))
         except OSError:
             pass
         connection.close()
@@ -2267,9 +2267,14 @@ def running_server_pid(pid_path):
         time.sleep(0.02)
 
 
-def encode_reply(result=None, error=None):
-    """A reply line: ok with data, or an error with a message meant for the user."""
+def encode_reply(result=None, error=None, stopping=False):
+    """A reply line: ok with data, or an error with a message meant for the user.
+
+    STOPPING marks an error that only says the server is going away.
+    """
     message = {"ok": True, "result": result} if error is None else {"ok": False, "error": error}
+    if stopping:
+        message["stopping"] = True
     return json.dumps(message).encode() + b"\n"
 
 
@@ -2355,7 +2360,8 @@ def parse_reply_line(line, data_dir):
 
 def reply_result(message):
     if not message.get("ok"):
-        raise UserError(message.get("error", "the server refused the request"))
+        error = LostServer if message.get("stopping") else UserError
+        raise error(message.get("error", "the server refused the request"))
     return message.get("result")
 
 

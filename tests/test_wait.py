@@ -125,5 +125,5 @@ def test_a_wait_interrupted_by_stop_says_so(server):
     subscribed(server)
     server.ok("stop")
     out, err = waiter.communicate(timeout=10)
-    assert waiter.returncode != 0
+    assert waiter.returncode == 2
     assert "server stopped before this finished" in err
