@@ -2225,7 +2225,7 @@ def run_server(data_dir, log_dir, notify):
 
 def open_server(data_dir, log_dir, paths, filelock, notify):
     """Take the data dir, recover and listen; return (lock, server) ready to serve."""
-    import ctypes      # noqa: F401 - loaded once here, so supervisors (forks) get it free
+    __import__("ctypes")   # loaded once here, so that supervisors (forks) get it free
     import resource
     os.umask(0o077)
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
