@@ -63,7 +63,10 @@ DEFAULT_KILL_GRACE = 10.0        # seconds between SIGTERM and SIGKILL
 DEFAULT_SSH_TIMEOUT = 10.0
 STATUS_TABLE_HEAD = 10           # waiting jobs shown by the status table
 JOBS_TABLE_LAST = 50             # jobs shown by the jobs table without --last
-MAX_BULK_JOBS = 1_000_000        # jobs one add_job call may queue
+MAX_BULK_JOBS = 1_000_000        # jobs one add_job call may queue, ids one command may name
+MAX_JOB_ID = 2 ** 63 - 1         # SQLite's largest integer
+MAX_DURATION = 100 * 365 * 86400
+MAX_KILL_GRACE = 86400.0
 
 RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP")
 VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -174,13 +177,16 @@ DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 JOB_ID_RANGE = re.compile(r"(\d+)(?:-(\d+))?\Z")
 
 
-def parse_duration(text, what):
-    """Seconds from 90, 90s, 10m, 2h, 7d or 1w."""
+def parse_duration(text, what, limit=MAX_DURATION):
+    """Seconds from 90, 90s, 10m, 2h, 7d or 1w, at most LIMIT."""
     match = DURATION.match(text.strip().lower())
     if not match:
         raise UserError(f"{what} {text!r} is not a duration: write a number of seconds, or "
                         "one with a unit like 30s, 10m, 2h or 7d")
-    return float(match[1]) * DURATION_UNITS[match[2]]
+    seconds = float(match[1]) * DURATION_UNITS[match[2]]
+    if seconds > limit:
+        raise UserError(f"{what} {text} is too long: at most {limit / 86400:g} days")
+    return seconds
 
 
 def parse_job_ids(words):
@@ -194,10 +200,14 @@ def parse_job_ids(words):
             first, last = int(match[1]), int(match[2] or match[1])
             if last < first:
                 raise UserError(f"the range {part} runs backwards: write {last}-{first}")
+            if first < 1 or last > MAX_JOB_ID:
+                raise UserError(f"{part}: job ids run from 1 to {MAX_JOB_ID}")
+            if last - first + len(job_ids) >= MAX_BULK_JOBS:
+                raise UserError(f"more than {MAX_BULK_JOBS} job ids at once: give smaller ranges")
             job_ids.extend(range(first, last + 1))
     if not job_ids:
         raise UserError("no job ids given")
-    return job_ids
+    return list(dict.fromkeys(job_ids))   # each once, in the order given
 
 
 def looks_like_job_ids(words):
@@ -219,6 +229,8 @@ class JobResult(str, Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     KILLED = "killed"
+    TIMED_OUT = "timed_out"     # set by the timeout policy
+    SKIPPED = "skipped"         # set when a dependency can no longer be met
 
 
 class WorkerState(str, Enum):
@@ -265,6 +277,7 @@ def result_of(exit_code, kill_requested):
 ###############################################################################
 
 # One list of migrations; PRAGMA user_version counts how many are applied.
+# A migration that has been released is never edited: add a new one.
 MIGRATIONS = [
     """
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);   -- JSON values
@@ -403,15 +416,14 @@ class Store:
     def workers(self):
         return self.db.execute("SELECT * FROM workers ORDER BY position").fetchall()
 
-    def save_worker(self, name, slots, variables, ssh_checked):
+    def save_worker(self, name, slots, variables, ssh_checked, state=WorkerState.ACTIVE):
         """Register NAME, or make an existing (even draining) worker match the arguments."""
         self.db.execute(
             "INSERT INTO workers (name, slots, variables, state, ssh_checked, added_at) "
             "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET slots = excluded.slots, "
             "variables = excluded.variables, state = excluded.state, "
             "ssh_checked = excluded.ssh_checked",
-            (name, slots, json.dumps(variables), WorkerState.ACTIVE.value, int(ssh_checked),
-             time.time()))
+            (name, slots, json.dumps(variables), state.value, int(ssh_checked), time.time()))
 
     def set_worker_state(self, name, old, new):
         check_transition(WORKER_TRANSITIONS, old, new)
@@ -491,12 +503,39 @@ class Store:
 
     def purge_jobs(self, ended_before):
         """Delete finished jobs that ended before then; return their (id, log) pairs."""
-        rows = self.db.execute("SELECT id, log FROM jobs WHERE state = ? AND ended_at < ?",
-                               (JobState.DONE.value, ended_before)).fetchall()
-        self.db.execute("DELETE FROM jobs WHERE state = ? AND ended_at < ?",
-                        (JobState.DONE.value, ended_before))
+        # 'done' is spelled out so that SQLite can use the partial index jobs_by_end.
+        rows = self.db.execute("SELECT id, log FROM jobs WHERE state = 'done' AND ended_at < ?",
+                               (ended_before,)).fetchall()
+        self.db.execute("DELETE FROM jobs WHERE state = 'done' AND ended_at < ?",
+                        (ended_before,))
         self.drop_unused_environments()
         return [(row["id"], row["log"]) for row in rows]
+
+    def jobs_by_id(self, job_ids, columns="id, state, result"):
+        """COLUMNS of those of JOB_IDS that exist, 500 ids per query."""
+        rows = []
+        for first in range(0, len(job_ids), 500):
+            chunk = job_ids[first:first + 500]
+            rows += self.db.execute(f"SELECT {columns} FROM jobs WHERE id IN "
+                                    f"({', '.join('?' * len(chunk))})", chunk).fetchall()
+        return rows
+
+    def not_succeeded(self, job_ids):
+        """How those of JOB_IDS that ended without success ended."""
+        return [row for row in self.jobs_by_id(job_ids, "id, result, exit_code, signal, reason")
+                if row["result"] != JobResult.SUCCEEDED.value]
+
+    def unfinished_jobs(self):
+        return self.db.execute("SELECT id, state FROM jobs WHERE state != ?",
+                               (JobState.DONE.value,)).fetchall()
+
+    def waiting_ids(self):
+        return [row[0] for row in self.db.execute("SELECT id FROM jobs WHERE state = ?",
+                                                  (JobState.WAITING.value,))]
+
+    def update_worker(self, name, slots, variables):
+        self.db.execute("UPDATE workers SET slots = ?, variables = ? WHERE name = ?",
+                        (slots, json.dumps(variables), name))
 
     def change_jobs(self, job_ids, old, new, **fields):
         """change_job for many jobs at once (all of them must be OLD)."""
@@ -817,9 +856,13 @@ def _wait_for_group(run_dir, spec, leader):
                 _signal_group(leader, signal.SIGKILL)
                 remaining = 1.0
             received = signal.sigtimedwait(waited, remaining)
-        if received and received.si_signo == signal.SIGTERM and kill_deadline is None:
-            kill_deadline = _terminate_group(
-                leader, _read_grace(run_dir, spec.job_id, spec.attempt))
+        if received and received.si_signo == signal.SIGTERM:
+            # A second kill may ask for a shorter grace than the first.
+            grace = _read_grace(run_dir, spec.job_id, spec.attempt)
+            if kill_deadline is None:
+                kill_deadline = _terminate_group(leader, grace)
+            else:
+                kill_deadline = min(kill_deadline, time.monotonic() + grace)
 
 
 def _reap_children(leader, leader_status):
@@ -1054,14 +1097,13 @@ class Client:
 class Subscription:
     """A `wait` client: which of its jobs are not done yet, and where the others are."""
 
-    def __init__(self, client, states, started):
+    def __init__(self, client, states):
         self.client = client
         self.pending = {job_id: state for job_id, state in states.items()
                         if state != JobState.DONE.value}
         self.running = sum(1 for state in self.pending.values()
                            if state == JobState.RUNNING.value)
         self.total = len(states)
-        self.started = started
         self.not_succeeded = {}      # job id -> {"result", "exit_code", "signal"}
         self.dirty = True
 
@@ -1350,18 +1392,19 @@ class Server:
             for job_id in watched:
                 subscription.move(job_id, state)
             if watched and state == JobState.DONE:
-                for row in self.ended_badly(watched):
+                for row in self.store.not_succeeded(watched):
                     subscription.not_succeeded[row["id"]] = dict(row)
 
-    def ended_badly(self, job_ids):
-        rows = []
-        for first in range(0, len(job_ids), 500):
-            chunk = job_ids[first:first + 500]
-            rows += self.store.db.execute(
-                f"SELECT id, result, exit_code, signal, reason FROM jobs WHERE id IN "
-                f"({', '.join('?' * len(chunk))}) AND result != ?",
-                (*chunk, JobResult.SUCCEEDED.value)).fetchall()
-        return rows
+    def jobs_removed(self, job_ids):
+        """Jobs deleted from the queue (remove_job, load_status): wait clients stop
+        waiting for them and hear that they will never run."""
+        for subscription in self.subscriptions:
+            for job_id in job_ids:
+                if job_id in subscription.pending:
+                    subscription.move(job_id, JobState.DONE)
+                    subscription.not_succeeded[job_id] = {
+                        "id": job_id, "result": "removed", "exit_code": None, "signal": None,
+                        "reason": "removed from the queue before it ran"}
 
     def send_progress(self):
         """One progress line per wait client per turn of the loop, and its last word."""
@@ -1371,7 +1414,7 @@ class Server:
                 continue   # nothing new, or the client has not read the last line yet
             subscription.dirty = False
             if subscription.pending:
-                self.send_event(client, subscription.progress())
+                self.send_event(client, dict(subscription.progress(), paused=self.paused))
                 continue
             self.subscriptions.remove(subscription)
             self.reply(client, result={"total": subscription.total,
@@ -1515,8 +1558,15 @@ class Server:
             return
         except OSError:
             client.outgoing.clear()
-        if not client.outgoing and client.closing:
+        if client.outgoing:
+            return
+        if client.closing:
             self.drop_client(client)
+        else:
+            # A socket is nearly always writable: asking for EVENT_WRITE with nothing
+            # to send would wake select() at once, forever.
+            self.selector.modify(client.connection, selectors.EVENT_READ,
+                                 lambda events: self.client_event(client, events))
 
     def drop_client(self, client):
         try:
@@ -1743,11 +1793,13 @@ class Server:
         job_ids = _job_ids(params)
         grace = _grace(params)
         rows = self.existing_jobs(job_ids)
-        for row in rows:
-            if row["state"] == JobState.DONE.value:
-                raise UserError(f"job {row['id']} has already ended ({row['result']})")
+        ended = [row for row in rows if row["state"] == JobState.DONE.value]
+        if len(ended) == len(rows):
+            raise UserError(f"job {ended[0]['id']} has already ended ({ended[0]['result']})"
+                            if len(ended) == 1 else "all those jobs have already ended")
         waiting = [row["id"] for row in rows if row["state"] == JobState.WAITING.value]
         running = [row["id"] for row in rows if row["state"] == JobState.RUNNING.value]
+        job_ids = waiting + running   # a range may hold jobs that already ended: left alone
         if waiting:
             with self.store.transaction():
                 self.store.change_jobs(waiting, JobState.WAITING, JobState.DONE,
@@ -1759,21 +1811,14 @@ class Server:
             self.kill_attempt(self.running[job_id], grace, "killed with ./cli.py kill")
         if running:
             self.waiters.append((lambda: not any(job_id in self.running for job_id in running),
-                                 client, lambda: {"killed": job_ids}))
+                                 client, lambda: {"killed": job_ids, "ended": len(ended)}))
             return DEFERRED
-        return {"killed": job_ids}
+        return {"killed": job_ids, "ended": len(ended)}
 
     def existing_jobs(self, job_ids):
         """The rows of JOB_IDS, or an error naming the first unknown id."""
-        rows = []
-        for first in range(0, len(job_ids), 500):
-            chunk = job_ids[first:first + 500]
-            rows += self.store.db.execute(
-                f"SELECT id, state, result FROM jobs WHERE id IN ({', '.join('?' * len(chunk))})",
-                chunk).fetchall()
-        if len(rows) == len(job_ids):
-            return rows
-        if len(rows) != len(set(job_ids)):
+        rows = self.store.jobs_by_id(job_ids)
+        if len(rows) != len(job_ids):
             known = {row["id"] for row in rows}
             unknown = next(job_id for job_id in job_ids if job_id not in known)
             raise UserError(f"unknown job id {unknown}; see ./cli.py jobs")
@@ -1782,9 +1827,7 @@ class Server:
     def cmd_jobs(self, client, params):
         """Jobs from the history, filtered; or one job in full."""
         if "id" in params:
-            job_id = params["id"]
-            if not isinstance(job_id, int) or isinstance(job_id, bool):
-                raise UserError("malformed request: id must be an integer")
+            job_id = _job_id(params["id"])
             row = self.store.job(job_id)
             if row is None:
                 raise UserError(f"unknown job id {job_id}; see ./cli.py jobs")
@@ -1827,14 +1870,12 @@ class Server:
     def cmd_wait(self, client, params):
         """Stream progress until the jobs (default: all waiting or running now) are done."""
         if params.get("ids") is None:
-            rows = self.store.db.execute("SELECT id, state FROM jobs WHERE state != ?",
-                                         (JobState.DONE.value,)).fetchall()
+            rows = self.store.unfinished_jobs()
         else:
             rows = self.existing_jobs(_job_ids(params))
-        subscription = Subscription(client, {row["id"]: row["state"] for row in rows},
-                                    time.time())
+        subscription = Subscription(client, {row["id"]: row["state"] for row in rows})
         done = [row["id"] for row in rows if row["state"] == JobState.DONE.value]
-        for row in self.ended_badly(done):
+        for row in self.store.not_succeeded(done):
             subscription.not_succeeded[row["id"]] = dict(row)
         self.subscriptions.append(subscription)
         self.log.info("a client waits for %d job(s), %d not done", subscription.total,
@@ -1855,6 +1896,8 @@ class Server:
                 self.store.set_setting("paused", paused)
             self.paused = paused
             self.log.info("queue %s", "paused" if paused else "resumed")
+            for subscription in self.subscriptions:
+                subscription.dirty = True   # their progress line says so
         else:
             old, new = (WorkerState.ACTIVE, WorkerState.PAUSED) if paused else \
                 (WorkerState.PAUSED, WorkerState.ACTIVE)
@@ -1893,8 +1936,7 @@ class Server:
                      if name not in unset}
         new_slots = worker.slots if slots is None else slots
         with self.store.transaction():
-            self.store.db.execute("UPDATE workers SET slots = ?, variables = ? WHERE name = ?",
-                                  (new_slots, json.dumps(variables), host))
+            self.store.update_worker(host, new_slots, variables)
         worker.slots, worker.variables = new_slots, variables
         self.log.info("worker %s: edited (%d slot(s), variables %s)", host, new_slots,
                       " ".join(sorted(variables)) or "none")
@@ -1951,6 +1993,7 @@ class Server:
         with self.store.transaction():
             self.store.delete_waiting_jobs(job_ids)
             self.store.drop_unused_environments()
+        self.jobs_removed(job_ids)
         return {"removed": job_ids}
 
     def cmd_load_status(self, client, params):
@@ -1968,6 +2011,7 @@ class Server:
             "SELECT id FROM jobs WHERE state != ?", (JobState.WAITING.value,))}
         keep_ids = not any(job["id"] in taken_ids for job in jobs if job["id"] is not None)
         wanted = {worker["ip"] for worker in workers}
+        replaced = self.store.waiting_ids()
         with self.store.transaction():
             self.store.db.execute("DELETE FROM jobs WHERE state = ?", (JobState.WAITING.value,))
             for name, worker in self.workers.items():
@@ -1979,7 +2023,9 @@ class Server:
                     self.store.delete_worker(name)
             for worker in workers:
                 self.store.save_worker(worker["ip"], worker["slots"], worker["envs"],
-                                       worker["ssh_checked"])
+                                       worker["ssh_checked"], worker["state"])
+            if document.get("paused") is not None:
+                self.store.set_setting("paused", document["paused"])
             for job in jobs:
                 environment_id = self.store.intern_environment(job["environment"])
                 self.store.insert_job(job["script"], job["args"], job["cwd"], environment_id,
@@ -1987,8 +2033,10 @@ class Server:
                                       job["id"] if keep_ids else None, job["submitted_at"])
             self.store.drop_unused_environments()
         self.workers = {row["name"]: Worker(row) for row in self.store.workers()}
+        self.paused = self.store.setting("paused", False)
         for attempt in self.running.values():
             self.hold_slot(attempt.worker, attempt.slot)
+        self.jobs_removed(replaced)
         self.schedule_needed = True
         self.log.info("state replaced by load_status: %d worker(s), %d waiting job(s)",
                       len(workers), len(jobs))
@@ -2081,18 +2129,24 @@ def _environment(params):
     return environment
 
 
+def _job_id(value):
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_JOB_ID:
+        raise UserError(f"malformed request: job ids are integers from 1 to {MAX_JOB_ID}")
+    return value
+
+
 def _job_ids(params):
     job_ids = params.get("ids")
-    if not isinstance(job_ids, list) or not job_ids or not all(
-            isinstance(job_id, int) and not isinstance(job_id, bool) for job_id in job_ids):
+    if not isinstance(job_ids, list) or not job_ids:
         raise UserError("malformed request: ids must be a non-empty list of integers")
-    return job_ids
+    return list(dict.fromkeys(_job_id(job_id) for job_id in job_ids))
 
 
 def _grace(params):
     grace = params.get("grace", DEFAULT_KILL_GRACE)
-    if not isinstance(grace, (int, float)) or isinstance(grace, bool) or grace < 0:
-        raise UserError("malformed request: grace must be a number of seconds")
+    if not isinstance(grace, (int, float)) or isinstance(grace, bool) or \
+            not 0 <= grace <= MAX_KILL_GRACE:
+        raise UserError(f"the grace period must be from 0 to {MAX_KILL_GRACE:g} seconds")
     return grace
 
 
@@ -2114,6 +2168,8 @@ def validate_status_document(document, defaults):
     environments = document.get("environments", {})
     if not isinstance(environments, dict):
         raise UserError("'environments' must be an object")
+    if not isinstance(document.get("paused", False), bool):
+        raise UserError("'paused' must be true or false")
     workers, names = [], set()
     for index, slave in enumerate(document["slaves"]):
         where = f"slaves[{index}]"
@@ -2131,8 +2187,11 @@ def validate_status_document(document, defaults):
         slots = slave.get("slots", 1)
         if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
             raise UserError(f"{where}: 'slots' must be a whole number of at least 1")
+        # A paused worker stays paused; one that was draining is registered afresh.
+        state = WorkerState.PAUSED if slave.get("state") == WorkerState.PAUSED.value \
+            else WorkerState.ACTIVE
         workers.append({"ip": name, "slots": slots, "envs": slave.get("envs", {}),
-                        "ssh_checked": bool(slave.get("ssh_checked", False))})
+                        "ssh_checked": bool(slave.get("ssh_checked", False)), "state": state})
     jobs, ids = [], set()
     for index, entry in enumerate(document["job_waitlist"]):
         where = f"job_waitlist[{index}]"
@@ -2645,10 +2704,11 @@ def command_kill(options):
     the grace period if anything is left; waiting jobs end without running.
     Either way they end as killed.  Returns once they have ended.
     """
-    grace = parse_duration(options.grace, "--grace")
+    grace = parse_duration(options.grace, "--grace", limit=MAX_KILL_GRACE)
     job_ids = parse_job_ids(options.ids)
     result = request(options.data_dir, "kill", ids=job_ids, grace=grace)
-    print(f"killed {describe_ids(result['killed'])}")
+    print(f"killed {describe_ids(result['killed'])}"
+          + (f" ({result['ended']} had already ended)" if result["ended"] else ""))
     return 0
 
 
@@ -2659,6 +2719,9 @@ def command_jobs(options):
     that matches.  With an ID, shows that one job in full.
     """
     if options.id is not None:
+        if options.state or options.worker or options.script or options.last:
+            raise UserError("give either a job ID or filters (--state, --worker, --script, "
+                            "--last), not both")
         job = request(options.data_dir, "jobs", id=options.id)[0]
         if options.json:
             print(json.dumps(job, indent=1))
@@ -2736,6 +2799,8 @@ def command_logs(options):
     """
     job = request(options.data_dir, "jobs", id=options.id)[0]
     if not options.follow:
+        if job["started_at"] is None and job["state"] == JobState.DONE.value:
+            raise UserError(f"job {job['id']} never ran ({job['result']}), so it has no output")
         if job["started_at"] is None:
             raise UserError(f"job {job['id']} has not started yet, so it has no output; "
                             f"use ./cli.py logs -f {job['id']} to wait for it")
@@ -2801,11 +2866,10 @@ def job_exit_status(job):
 def command_purge(options):
     """Delete finished jobs (and their logs) that ended longer ago than --older-than.
 
-    Waiting and running jobs are never touched.  Without --older-than, every
-    finished job goes.
+    Waiting and running jobs are never touched.  --older-than 0 purges every
+    finished job.
     """
-    older_than = parse_duration(options.older_than, "--older-than") \
-        if options.older_than else 0
+    older_than = parse_duration(options.older_than, "--older-than")
     result = request(options.data_dir, "purge", older_than=older_than)
     print(f"purged {result['purged']} finished job(s) and their logs")
     return 0
@@ -2869,7 +2933,9 @@ class ProgressLine:
         text = (f"{progress['done']}/{progress['total']} done"
                 f" ({progress['failed']} failed), {progress['running']} running, "
                 f"{progress['waiting']} waiting, {_elapsed(elapsed)} elapsed")
-        if progress["done"] and progress["done"] < progress["total"] and elapsed > 1:
+        if progress.get("paused"):
+            text += ", QUEUE PAUSED (./cli.py resume)"
+        elif progress["done"] and progress["done"] < progress["total"] and elapsed > 1:
             remaining = elapsed / progress["done"] * (progress["total"] - progress["done"])
             text += f", about {_elapsed(remaining)} left"
         sys.stderr.write("\r" + text.ljust(self.width))
@@ -3005,7 +3071,9 @@ EXAMPLES = {
     "jobs": "./cli.py jobs --last 20\n  ./cli.py jobs --state failed --worker node3\n"
             "  ./cli.py jobs 42\n  ./cli.py jobs --json > history.json",
     "logs": "./cli.py logs 42\n  ./cli.py logs -f 42 && echo 'job 42 succeeded'",
-    "purge": "./cli.py purge --older-than 7d\n  ./cli.py purge",
+    "purge": "./cli.py purge                    # finished more than 7 days ago\n"
+             "  ./cli.py purge --older-than 12h\n"
+             "  ./cli.py purge --older-than 0      # every finished job",
     "wait": "./cli.py wait && ./collect-results.sh\n  ./cli.py wait 12-20 31\n"
             "  ids=$(./cli.py add_job ./job.sh ::: a b c) && ./cli.py wait --quiet $ids",
     "pause": "./cli.py pause              # the whole queue\n  ./cli.py pause node3        "
@@ -3092,7 +3160,7 @@ def build_parser():
     add_job.add_argument("--args-file", metavar="FILE",
                          help="One job per line of FILE (- for stdin), split into arguments as "
                               "a POSIX shell would, without running anything; they follow "
-                              "ARGS.")
+                              "ARGS. Like -e, it goes before SCRIPT.")
     add_job.add_argument("script", metavar="SCRIPT",
                          help="An executable job script (a path, or a command on PATH).")
     add_job.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
@@ -3132,9 +3200,9 @@ def build_parser():
                       help="Follow the output until the job ends, then exit with its status.")
 
     purge = add("purge")
-    purge.add_argument("--older-than", metavar="DURATION",
-                       help="Only jobs that ended longer ago than this, like 7d or 12h "
-                            "(default: every finished job).")
+    purge.add_argument("--older-than", metavar="DURATION", default="7d",
+                       help="Only jobs that ended longer ago than this, like 12h or 30d "
+                            "(default: 7d; 0 for every finished job).")
 
     wait = add("wait")
     wait.add_argument("ids", nargs="*", metavar="ID",

@@ -1,7 +1,10 @@
 """jobs, logs and purge: knowing what happened, kept across restarts."""
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -68,6 +71,8 @@ def test_filters(server):
     (["--state", "sleeping"], "unknown state"),
     (["--last", "0"], "at least 1"),
     (["999"], "unknown job id 999"),
+    (["1", "--state", "done"], "not both"),
+    (["99999999999999999999"], "job ids are integers from 1"),
 ])
 def test_bad_jobs_input(server, arguments, message):
     server.fails("jobs", *arguments, expect=message)
@@ -117,9 +122,43 @@ def test_purge_removes_old_finished_jobs_and_their_logs_only(server):
     server.ok("pause")
     waiting = server.add_job(server.script)
     assert "purged 0" in server.ok("purge", "--older-than", "1h")
+    assert "purged 0" in server.ok("purge")          # the default keeps a week
     log = server.log_dir / f"job_{finished}.txt"
     assert log.exists()
-    assert "purged 1" in server.ok("purge")
+    assert "purged 1" in server.ok("purge", "--older-than", "0")
     assert not log.exists()
     assert [job["id"] for job in jobs_json(server)] == [running, waiting]
     server.fails("purge", "--older-than", "a while", expect="not a duration")
+    server.fails("purge", "--older-than", "", expect="not a duration")
+
+
+def test_purge_goes_by_when_a_job_ended(server):
+    server.ok("add_slave", "w1")
+    old = server.add_job(server.script)
+    server.wait_for_counts(succeeded=1)
+    time.sleep(1.5)   # let job `old` age past the cut-off below
+    new = server.add_job(server.script)
+    server.wait_for_counts(succeeded=2)
+    assert "purged 1" in server.ok("purge", "--older-than", "1s")
+    assert [job["id"] for job in jobs_json(server, "--state", "done")] == [new]
+    assert old < new
+
+
+def test_logs_of_a_job_that_never_ran(server):
+    job_id = server.add_job(server.script)
+    server.ok("kill", job_id)
+    server.fails("logs", job_id, expect="never ran (killed)")
+
+
+def test_logs_follow_that_loses_its_server_exits_2(server):
+    server.ok("add_slave", "w1")
+    job_id = server.add_job(server.script, env=dict(server.env, SLEEP="60"))
+    server.wait_for_counts(running=1)
+    follower = subprocess.Popen([sys.executable, str(CLI), "logs", "-f", str(job_id)],
+                                cwd=server.root, env=server.env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    log = server.log_dir / "server.log"
+    wait_until(lambda: "a client waits for" in log.read_text(), what="logs -f to subscribe")
+    os.kill(server.server_pid(), signal.SIGKILL)
+    assert follower.wait(10) == 2
+    assert "went away" in follower.stderr.read()

@@ -1,7 +1,12 @@
 """kill, pause and resume, edit_slave: stopping and steering a live queue."""
+import os
+import signal
+import subprocess
+import sys
+
 import pytest
 
-from conftest import process_alive, wait_until
+from conftest import CLI, process_alive, wait_until
 
 
 def counts(cli):
@@ -35,6 +40,9 @@ def test_kill_of_waiting_jobs_ends_them_without_running(server):
     (["abc"], "not a job id"),
     (["5-3"], "runs backwards"),
     (["--grace", "soon", "1"], "not a duration"),
+    (["--grace", "40000w", "1"], "too long"),
+    (["1-2000000000"], "more than 1000000 job ids"),
+    (["99999999999999999999"], "job ids run from 1 to"),
 ])
 def test_bad_kill_input_changes_nothing(server, arguments, message):
     server.add_job(server.script)
@@ -42,11 +50,62 @@ def test_bad_kill_input_changes_nothing(server, arguments, message):
     assert counts(server)["waiting"] == 1
 
 
-def test_kill_of_a_finished_job_is_refused(server):
+def test_kill_of_a_finished_job_is_refused_but_a_range_kills_what_is_left(server):
     server.ok("add_slave", "w1")
     job_id = server.add_job(server.script)
     server.wait_for_counts(succeeded=1)
     server.fails("kill", job_id, expect="already ended")
+    server.ok("pause")
+    later = server.add_job(server.script)
+    out = server.ok("kill", f"{job_id}-{later}")
+    assert f"killed job {later} (1 had already ended)" in out
+
+
+def test_a_second_kill_can_shorten_the_grace(server):
+    server.ok("add_slave", "w1")
+    job_id = server.add_job(server.write_script("stubborn.sh", "trap '' TERM\nsleep 300\n"))
+    server.wait_for_counts(running=1)
+    patient = subprocess.Popen([sys.executable, str(CLI), "kill", "--grace", "1h", str(job_id)],
+                               cwd=server.root, env=server.env, stdout=subprocess.PIPE,
+                               text=True)
+    wait_until(lambda: "killing" in (server.log_dir / "server.log").read_text(),
+               what="the first kill")
+    server.ok("kill", "--grace", "0", job_id, timeout=20)
+    assert patient.wait(10) == 0
+    assert counts(server)["killed"] == 1
+
+
+def test_kill_stops_the_work_on_the_worker_too(server):
+    server.ok("add_slave", "w1")
+    remote = server.write_script(
+        "remote.sh", 'ssh -t -t "$SLAVE_IP" "sleep 303.5" </dev/null &\nwait\n',
+        shell="/bin/bash")
+    server.add_job(remote)
+    remote_sleep = lambda: subprocess.run(["pgrep", "-f", "^sleep 303.5"],
+                                          capture_output=True).returncode == 0
+    wait_until(remote_sleep, what="the remote work to start")
+    server.ok("kill", "1")
+    wait_until(lambda: not remote_sleep(), what="the remote work to stop")
+
+
+def test_pause_edit_and_kill_survive_a_kill_9_of_the_server(server):
+    server.ok("add_slave", "w1", "w2")
+    server.ok("pause")
+    server.ok("pause", "w2")
+    server.ok("edit_slave", "w1", "--slots", "3", "-e", "X=1")
+    killed = server.add_job(server.script)
+    server.ok("kill", killed)
+    waiting = server.add_job(server.script)
+    os.kill(server.server_pid(), signal.SIGKILL)
+    wait_until(lambda: server.run("status").returncode != 0, what="the server to die")
+    server.ok("start")
+    status = server.status()
+    assert status["paused"] is True
+    slaves = {slave["ip"]: slave for slave in status["slaves"]}
+    assert slaves["w2"]["status"] == "paused"
+    assert (slaves["w1"]["slots"], slaves["w1"]["envs"]) == (3, {"X": "1"})
+    assert [job["id"] for job in status["job_waitlist"]] == [waiting]
+    assert status["counts"]["killed"] == 1
 
 
 def test_a_paused_queue_starts_nothing_and_stays_paused_across_a_restart(server):
@@ -115,7 +174,8 @@ def test_edit_slave_changes_slots_and_variables_for_new_jobs(server):
     env_of_later = server.record(later)["env"]
     assert env_of_later["NEW"] == "x=y" and env_of_later["KEEP"] == "1"
     assert "DROP" not in env_of_later
-    assert first
+    second = server.record(first[1])
+    assert second["start"] < server.record(first[0])["end"], "the third slot was not used"
 
 
 def test_fewer_slots_than_in_use_lets_jobs_finish_and_starts_nothing_until_it_fits(server):
@@ -127,7 +187,9 @@ def test_fewer_slots_than_in_use_lets_jobs_finish_and_starts_nothing_until_it_fi
     server.ok("edit_slave", "w1", "--slots", "1")
     ids = [server.add_job(server.script, env=dict(server.env, SLEEP="0.3")) for _ in range(2)]
     server.wait_for_counts(succeeded=5, timeout=30)
+    old_ends = [server.record(job_id)["end"] for job_id in range(1, 4)]
     first, second = (server.record(job_id) for job_id in ids)
+    assert first["start"] >= max(old_ends), "a job started before the worker fitted 1 slot"
     assert second["start"] >= first["end"], "two jobs ran at once on a 1-slot worker"
 
 

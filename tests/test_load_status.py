@@ -36,6 +36,20 @@ def test_status_json_then_load_status_reproduces_the_state(server, tmp_path):
     assert comparable(server.status()) == before
 
 
+def test_a_paused_queue_and_worker_stay_paused_through_a_round_trip(server, tmp_path):
+    server.ok("add_slave", "--skip_ssh_auth_check", "w1", "w2")
+    server.ok("pause")
+    server.ok("pause", "w2")
+    saved = tmp_path / "state.json"
+    saved.write_text(server.ok("status", "--json"))
+    server.ok("resume")
+    server.ok("resume", "w2")
+    server.ok("load_status", saved)
+    status = server.status()
+    assert status["paused"] is True
+    assert [slave["status"] for slave in status["slaves"]] == ["idle", "paused"]
+
+
 def test_loaded_jobs_run_with_their_saved_environment(server, tmp_path):
     server.add_job(server.script, env=dict(server.env, SAVED="from-submitter"))
     saved = tmp_path / "state.json"

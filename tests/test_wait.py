@@ -71,9 +71,11 @@ def test_wait_is_told_by_the_server_instead_of_polling(server):
         "gated.sh", f"while [ ! -e {gate} ]; do sleep 0.05; done\n"))
     waiter = start_wait(server, job_id)
     subscribed(server)
-    idle_from = cpu_seconds(waiter.pid)
+    server_pid = server.server_pid()
+    client_from, server_from = cpu_seconds(waiter.pid), cpu_seconds(server_pid)
     time.sleep(1.5)
-    assert cpu_seconds(waiter.pid) - idle_from < 0.05, "wait used CPU while nothing happened"
+    assert cpu_seconds(waiter.pid) - client_from < 0.05, "wait used CPU while nothing happened"
+    assert cpu_seconds(server_pid) - server_from < 0.1, "the server spun while wait waited"
     gate.touch()
     assert waiter.wait(5) == 0
 
@@ -103,6 +105,31 @@ def test_wait_shows_a_progress_line_on_a_terminal(server):
     assert waiter.wait(30) == 0
     assert b"\r" in output and b"done (0 failed)" in output and b"running" in output
     assert waiter.stdout.read() == "all 4 job(s) succeeded\n"
+
+
+def test_a_job_removed_while_waited_for_ends_the_wait_instead_of_hanging_it(server):
+    server.ok("pause")
+    keep = server.add_job(server.script)
+    drop = server.add_job(server.script)
+    waiter = start_wait(server, keep, drop)
+    subscribed(server)
+    server.ok("remove_job", drop)
+    server.ok("kill", keep)
+    out, err = waiter.communicate(timeout=10)
+    assert waiter.returncode == 1
+    assert f"job {drop}: removed" in err and f"job {keep}: killed" in err
+
+
+def test_load_status_replacing_the_queue_ends_the_wait_for_replaced_jobs(server, tmp_path):
+    server.ok("pause")
+    job_id = server.add_job(server.script)
+    waiter = start_wait(server, job_id)
+    subscribed(server)
+    document = tmp_path / "empty.json"
+    document.write_text('{"slaves": [], "job_waitlist": []}')
+    server.ok("load_status", document)
+    out, err = waiter.communicate(timeout=10)
+    assert waiter.returncode == 1 and f"job {job_id}: removed" in err
 
 
 def test_a_wait_that_loses_its_server_says_so_instead_of_hanging(server):
