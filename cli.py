@@ -713,8 +713,124 @@ class AttemptSpec:
         self.log_path = log_path
 
 
+class Spawner:
+    """A small process that forks the supervisors, started before the server loads
+    its database, logging and locks.
+
+    Forking the server itself cost 1-2 ms a job: the page tables of a large
+    process, and the at-fork hooks of the libraries it loaded, paid twice (the
+    supervisor forks the script too).  The spawner stays small.  It opens each
+    supervisor's pidfd at once (so no reaping can race it) and hands it over
+    the socket; it reaps its children as they end; it exits when the server
+    goes away.
+    """
+
+    def __init__(self):
+        self.channel = None
+        self.start()
+
+    def start(self):
+        server_end, spawner_end = socket.socketpair()
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            pid = os.fork()
+            if pid == 0:
+                server_end.close()
+                _spawner_main(spawner_end)
+        finally:
+            if pid != 0:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+        spawner_end.close()
+        self.channel = server_end
+        self.pid = pid
+
+    def spawn(self, run_dir, spec):
+        """Start a supervisor for SPEC; return (pid, pidfd)."""
+        request = json.dumps({"run_dir": run_dir, "spec": vars(spec)}).encode() + b"\n"
+        for attempt in (1, 2):   # a spawner that died is replaced once
+            try:
+                self.channel.sendall(request)
+                reply, fds = b"", []
+                while not reply.endswith(b"\n"):
+                    chunk, new_fds, _, _ = socket.recv_fds(self.channel, 4096, 1)
+                    if not chunk:
+                        raise ConnectionError("the spawner process is gone")
+                    reply += chunk
+                    fds += new_fds
+                break
+            except OSError as error:
+                if attempt == 2:
+                    raise LaunchError(f"cannot reach the spawner ({error})") from None
+                self.channel.close()
+                self.start()
+        answer = json.loads(reply)
+        if "error" in answer:
+            raise LaunchError(answer["error"])
+        return answer["pid"], fds[0]
+
+    def close(self):
+        self.channel.close()   # the spawner sees EOF and exits
+
+
+def _spawner_main(channel):
+    """The spawner's loop: a request line in, a supervisor and its pidfd out."""
+    status = 1
+    try:
+        for number in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+            signal.signal(number, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        _name_process("cli.py spawner")
+        os.closerange(3, channel.fileno())
+        os.closerange(channel.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
+        # SIGCHLD wakes the loop to reap supervisors as they end.
+        wakeup_read, wakeup_write = socket.socketpair()
+        wakeup_write.setblocking(False)
+        signal.set_wakeup_fd(wakeup_write.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda number, frame: None)
+        buffer = b""
+        while True:
+            readable, _, _ = select_readable([channel, wakeup_read])
+            if wakeup_read in readable:
+                wakeup_read.recv(4096)
+            _reap_children(None, None)
+            if channel not in readable:
+                continue
+            chunk = channel.recv(1 << 20)
+            if not chunk:
+                break
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                _spawn_one(channel, json.loads(line))
+        status = 0
+    except BaseException:   # noqa: BLE001 - never unwind into the server's code
+        pass
+    os._exit(status)
+
+
+def select_readable(sockets):
+    import select
+    while True:
+        try:
+            return select.select(sockets, [], [])
+        except InterruptedError:
+            continue
+
+
+def _spawn_one(channel, request):
+    try:
+        spec = AttemptSpec(**request["spec"])
+        pid = launch_supervisor(request["run_dir"], spec)
+        pidfd = os.pidfd_open(pid)   # before any reaping: the pid cannot be reused yet
+    except (LaunchError, OSError) as error:
+        channel.sendall(json.dumps({"error": str(error)}).encode() + b"\n")
+        return
+    socket.send_fds(channel, [json.dumps({"pid": pid}).encode() + b"\n"], [pidfd])
+    os.close(pidfd)
+
+
 def launch_supervisor(run_dir, spec):
-    """Fork a supervisor for one attempt; return (pid, pidfd) in the server."""
+    """Fork a supervisor for one attempt (in the spawner); return its pid."""
     import fcntl
     try:
         lock_fd = os.open(run_file(run_dir, spec.job_id, spec.attempt, "lock"),
@@ -722,20 +838,19 @@ def launch_supervisor(run_dir, spec):
     except OSError as error:
         raise LaunchError(f"cannot create its lock file: {error.strerror}") from None
     # Block the signals the supervisor waits for before forking, so that none
-    # reaches the server's own handlers in the child.
+    # reaches the spawner's own handler in the child.
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGCHLD})
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         pid = os.fork()
         if pid == 0:
             _supervise(run_dir, spec, lock_fd)
-        pidfd = os.pidfd_open(pid)
     except OSError as error:
         raise LaunchError(f"cannot start a supervisor: {error.strerror}") from None
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         os.close(lock_fd)   # the supervisor's copy keeps the lock
-    return pid, pidfd
+    return pid
 
 
 def _supervise(run_dir, spec, lock_fd):
@@ -743,6 +858,7 @@ def _supervise(run_dir, spec, lock_fd):
     status = 1
     try:
         signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # the spawner's handler, not ours
         for number in (signal.SIGINT, signal.SIGHUP):
             signal.signal(number, signal.SIG_IGN)
         os.setsid()   # out of the server's session: a stop of the server leaves us alone
@@ -866,7 +982,7 @@ def _wait_for_group(run_dir, spec, leader):
 
 
 def _reap_children(leader, leader_status):
-    """Reap every child that has ended; return the leader's status once known."""
+    """Reap every child that has ended; return LEADER's status once known."""
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -874,7 +990,7 @@ def _reap_children(leader, leader_status):
             return leader_status
         if pid == 0:
             return leader_status
-        if pid == leader:
+        if leader is not None and pid == leader:
             leader_status = status
 
 
@@ -1073,14 +1189,13 @@ class Worker:
 class Attempt:
     """One running attempt of a job, as the server watches it."""
 
-    def __init__(self, row, pid, pidfd, child):
+    def __init__(self, row, pid, pidfd):
         self.job_id = row["id"]
         self.number = row["attempt"]
         self.worker = row["worker"]
         self.slot = row["slot"]
         self.pid = pid
         self.pidfd = pidfd       # None: a live supervisor we could not watch (see adopt)
-        self.child = child
 
 
 class Client:
@@ -1131,7 +1246,8 @@ class Server:
     batch of events.
     """
 
-    def __init__(self, data_dir, log_dir, log, job_fd_limit):
+    def __init__(self, data_dir, log_dir, log, job_fd_limit, spawner):
+        self.spawner = spawner
         self.data_dir = data_dir
         self.job_fd_limit = job_fd_limit
         self.log_dir = log_dir
@@ -1234,7 +1350,7 @@ class Server:
                 except OSError:
                     pass
             if pidfd is not None and supervisor_alive(self.run_dir, job_id, attempt):
-                attempt_watched = self.watch(row, pid, pidfd, child=False)
+                attempt_watched = self.watch(row, pid, pidfd)
                 self.log.info("job %s: still running on %s; adopted", job_id, row["worker"])
                 if row["kill_requested_at"] is not None:
                     # The server may have died before its SIGTERM went out.
@@ -1244,7 +1360,7 @@ class Server:
                 os.close(pidfd)
             if time.monotonic() > deadline:
                 # Alive but not watchable: keep its slot, never start it twice.
-                self.running[job_id] = Attempt(row, pid, None, child=False)
+                self.running[job_id] = Attempt(row, pid, None)
                 self.hold_slot(row["worker"], row["slot"])
                 self.log.warning("job %s: its supervisor holds its lock but cannot be watched; "
                                  "left running, checked again at the next start", job_id)
@@ -1320,8 +1436,8 @@ class Server:
                                       row["id"], worker.name)
         spec = AttemptSpec(row["id"], row["attempt"], row["script"], json.loads(row["args"]),
                            row["cwd"], environment, row["umask"], self.job_fd_limit, row["log"])
-        pid, pidfd = launch_supervisor(self.run_dir, spec)
-        self.watch(row, pid, pidfd, child=True)
+        pid, pidfd = self.spawner.spawn(self.run_dir, spec)
+        self.watch(row, pid, pidfd)
         self.log.info("job %s: started on %s slot %s (attempt %s, supervisor %s)",
                       row["id"], row["worker"], row["slot"], row["attempt"], pid)
 
@@ -1332,8 +1448,8 @@ class Server:
             self.environment_cache[environment_id] = self.store.environment(environment_id)
         return self.environment_cache[environment_id]
 
-    def watch(self, row, pid, pidfd, child):
-        attempt = Attempt(row, pid, pidfd, child)
+    def watch(self, row, pid, pidfd):
+        attempt = Attempt(row, pid, pidfd)
         self.running[row["id"]] = attempt
         self.hold_slot(row["worker"], row["slot"])
         self.selector.register(pidfd, selectors.EVENT_READ,
@@ -1348,11 +1464,6 @@ class Server:
     def attempt_ended(self, attempt):
         self.selector.unregister(attempt.pidfd)
         os.close(attempt.pidfd)
-        if attempt.child:
-            try:
-                os.waitpid(attempt.pid, 0)
-            except ChildProcessError:
-                pass
         outcome = read_outcome(self.run_dir, attempt.job_id, attempt.number) or \
             self.vanished(attempt.pid)
         self.settle(self.store.job(attempt.job_id), outcome)
@@ -1649,6 +1760,11 @@ class Server:
         for client in list(self.clients - set(self.stop_replies)):
             self.answer_while_stopping(client)
         self.store.close()
+        self.spawner.close()
+        try:
+            os.waitpid(self.spawner.pid, 0)
+        except ChildProcessError:
+            pass
         self.log.info("server stopped; %d job(s) left running", len(self.running))
 
     def answer_while_stopping(self, client):
@@ -2257,10 +2373,13 @@ def run_server(data_dir, log_dir, notify):
     """Own DATA_DIR, recover, listen, and serve until stopped."""
     if not hasattr(os, "pidfd_open"):
         raise UserError("the server needs Linux 5.3 or later (pidfd) and Python 3.10+")
+    os.umask(0o077)
+    __import__("ctypes")   # loaded before the spawner forks, so supervisors get it free
+    spawner = Spawner()    # before anything big is loaded: see Spawner
     filelock = require("filelock")
     paths = data_dir_paths(data_dir)
     try:
-        lock, server = open_server(data_dir, log_dir, paths, filelock, notify)
+        lock, server = open_server(data_dir, log_dir, paths, filelock, notify, spawner)
     except OSError as error:
         where = f" ({error.filename})" if error.filename else ""
         raise UserError(f"cannot start the server: {error.strerror or error}{where}") from None
@@ -2282,11 +2401,9 @@ def run_server(data_dir, log_dir, notify):
             client.connection.close()
 
 
-def open_server(data_dir, log_dir, paths, filelock, notify):
+def open_server(data_dir, log_dir, paths, filelock, notify, spawner):
     """Take the data dir, recover and listen; return (lock, server) ready to serve."""
-    __import__("ctypes")   # loaded once here, so that supervisors (forks) get it free
     import resource
-    os.umask(0o077)
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     os.chmod(data_dir, 0o700)   # the tool's own directory; a log dir the user chose is left as it is
     os.makedirs(log_dir, mode=0o700, exist_ok=True)
@@ -2303,7 +2420,7 @@ def open_server(data_dir, log_dir, paths, filelock, notify):
     job_fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (job_fd_limit[1], job_fd_limit[1]))
     log = server_logger(log_dir, foreground=not notify)
-    server = Server(data_dir, log_dir, log, job_fd_limit)
+    server = Server(data_dir, log_dir, log, job_fd_limit, spawner)
     server.load()
     server.open_socket()
     log.info("server %d listening on %s (data dir %s, %d job(s) running)", os.getpid(),
