@@ -185,7 +185,8 @@ def parse_duration(text, what, limit=MAX_DURATION):
                         "one with a unit like 30s, 10m, 2h or 7d")
     seconds = float(match[1]) * DURATION_UNITS[match[2]]
     if seconds > limit:
-        raise UserError(f"{what} {text} is too long: at most {limit / 86400:g} days")
+        longest = f"{limit / 86400:g} days" if limit > 86400 else f"{limit / 3600:g} hours"
+        raise UserError(f"{what} {text} is too long: at most {longest}")
     return seconds
 
 
@@ -208,6 +209,14 @@ def parse_job_ids(words):
     if not job_ids:
         raise UserError("no job ids given")
     return list(dict.fromkeys(job_ids))   # each once, in the order given
+
+
+def one_job_id(text):
+    """argparse type for commands that show one job."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not one job id (for several jobs: jobs --last N, or jobs --json)")
+    return int(text)
 
 
 def looks_like_job_ids(words):
@@ -1936,8 +1945,10 @@ class Server:
         rows = self.store.jobs_by_id(job_ids)
         if len(rows) != len(job_ids):
             known = {row["id"] for row in rows}
-            unknown = next(job_id for job_id in job_ids if job_id not in known)
-            raise UserError(f"unknown job id {unknown}; see ./cli.py jobs")
+            unknown = [job_id for job_id in job_ids if job_id not in known]
+            more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+            raise UserError(f"unknown job id {unknown[0]}{more} (never queued, or purged); "
+                            "nothing was changed: see ./cli.py jobs")
         return rows
 
     def cmd_jobs(self, client, params):
@@ -1946,7 +1957,8 @@ class Server:
             job_id = _job_id(params["id"])
             row = self.store.job(job_id)
             if row is None:
-                raise UserError(f"unknown job id {job_id}; see ./cli.py jobs")
+                raise UserError(f"unknown job id {job_id} (never queued, or purged); "
+                                "see ./cli.py jobs")
             return [job_to_json(row, self.log_dir)]
         state = params.get("state")
         result = None
@@ -2008,6 +2020,7 @@ class Server:
         """Pause or resume the whole queue, or the workers named in HOSTS."""
         hosts = unique_hosts(_list_of_strings(params, "hosts", allow_empty=True))
         if not hosts:
+            changed = self.paused != paused
             with self.store.transaction():
                 self.store.set_setting("paused", paused)
             self.paused = paused
@@ -2015,6 +2028,7 @@ class Server:
             for subscription in self.subscriptions:
                 subscription.dirty = True   # their progress line says so
         else:
+            changed = True
             old, new = (WorkerState.ACTIVE, WorkerState.PAUSED) if paused else \
                 (WorkerState.PAUSED, WorkerState.ACTIVE)
             for host in hosts:
@@ -2030,7 +2044,7 @@ class Server:
                 self.workers[host].state = new
                 self.log.info("worker %s: %s", host, new.value)
         self.schedule_needed = True
-        return {"hosts": hosts, "paused": paused}
+        return {"hosts": hosts, "paused": paused, "changed": changed}
 
     def cmd_edit_slave(self, client, params):
         """Change a worker's slots or variables; running jobs are not touched."""
@@ -2046,7 +2060,9 @@ class Server:
         unset = _list_of_strings(params, "unset", allow_empty=True)
         for name in unset:
             validate_variable_name(name)
-            if name not in worker.variables and name not in updates:
+            if name in updates:
+                raise UserError(f"{name} is both set (-e) and unset (--unset): choose one")
+            if name not in worker.variables:
                 raise UserError(f"worker {host} has no variable {name} to unset")
         variables = {name: value for name, value in {**worker.variables, **updates}.items()
                      if name not in unset}
@@ -2728,7 +2744,10 @@ def command_add_job(options):
     are queued or none.
     """
     script = resolve_script(options.script)
-    args = options.args[1:] if options.args[:1] == ["--"] else options.args
+    args = options.args
+    if args[:1] in (["-e"], ["--args-file"]):
+        print(f"note: {args[0]} after SCRIPT goes to the script as an argument; put "
+              "add_job's own options before SCRIPT", file=sys.stderr)
     variables = dict(parse_assignment(text) for text in options.env)
     arg_lists = job_arguments(args, options.args_file)
     one = {"args": arg_lists[0]} if len(arg_lists) == 1 else {"args_list": arg_lists}
@@ -2794,12 +2813,12 @@ def read_args_file(path):
 
 def command_remove_job(options):
     """Remove waiting jobs by id, or every waiting job with this exact script and args."""
-    if looks_like_job_ids(options.targets):
-        result = request(options.data_dir, "remove_job", ids=parse_job_ids(options.targets))
+    targets = [options.first, *options.rest]
+    if looks_like_job_ids(targets):
+        result = request(options.data_dir, "remove_job", ids=parse_job_ids(targets))
     else:
-        script = resolve_script(options.targets[0], must_run=False)
-        result = request(options.data_dir, "remove_job", script=script,
-                         args=options.targets[1:])
+        script = resolve_script(options.first, must_run=False)
+        result = request(options.data_dir, "remove_job", script=script, args=options.rest)
     print(f"removed {describe_ids(result['removed'])}")
     return 0
 
@@ -2862,7 +2881,7 @@ def command_jobs(options):
               "-" if job["slot"] is None else job["slot"], job["attempt"],
               _local_time(job["submitted_at"]), _runtime(job, now), _command_line(job)]
              for job in jobs]
-    print(tabulate(table, headers=["job", "state", "exit", "worker", "slot", "attempt",
+    print(tabulate(table, headers=["job", "state/result", "exit", "worker", "slot", "attempt",
                                    "submitted", "runtime", "command"]) if table else "no jobs")
     if options.last is None and len(jobs) == JOBS_TABLE_LAST:
         print(f"(the last {JOBS_TABLE_LAST}: --last N shows more, --json every one)")
@@ -3071,19 +3090,23 @@ def command_pause(options):
     Running jobs go on.  A paused queue or worker stays paused across restarts
     until resume.
     """
-    request(options.data_dir, "pause", hosts=unique_hosts(options.hosts))
+    result = request(options.data_dir, "pause", hosts=unique_hosts(options.hosts))
     if options.hosts:
         print(f"paused {', '.join(options.hosts)}: running jobs go on, no new job starts "
               "there (resume with ./cli.py resume " + " ".join(options.hosts) + ")")
     else:
-        print("queue paused: running jobs go on, no new job starts (./cli.py resume)")
+        result_word = "queue paused" if result["changed"] else "the queue was already paused"
+        print(f"{result_word}: running jobs go on, no new job starts (./cli.py resume)")
     return 0
 
 
 def command_resume(options):
     """Start jobs again: the whole queue, or only on the HOSTs given."""
-    request(options.data_dir, "resume", hosts=unique_hosts(options.hosts))
-    print(f"resumed {', '.join(options.hosts)}" if options.hosts else "queue resumed")
+    result = request(options.data_dir, "resume", hosts=unique_hosts(options.hosts))
+    if options.hosts:
+        print(f"resumed {', '.join(options.hosts)}")
+    else:
+        print("queue resumed" if result["changed"] else "the queue was not paused")
     return 0
 
 
@@ -3281,12 +3304,14 @@ def build_parser():
     add_job.add_argument("script", metavar="SCRIPT",
                          help="An executable job script (a path, or a command on PATH).")
     add_job.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
-                         help="Arguments passed to the script verbatim. Put -- before the "
-                              "first one if it starts with '-'.")
+                         help="Arguments passed to the script verbatim, even ones that look "
+                              "like options.")
 
     remove_job = add("remove_job")
-    remove_job.add_argument("targets", nargs="+", metavar="ID | SCRIPT [ARGS]",
-                            help="Job ids, or a script and its exact arguments.")
+    remove_job.add_argument("first", metavar="ID | SCRIPT",
+                            help="A job id or range, or the script of the jobs to remove.")
+    remove_job.add_argument("rest", nargs=argparse.REMAINDER, metavar="ID | ARGS",
+                            help="More ids, or the script's exact arguments.")
 
     load_status = add("load_status")
     load_status.add_argument("file", metavar="FILE", help="A file written by status --json.")
@@ -3299,7 +3324,8 @@ def build_parser():
                            f"(default: {DEFAULT_KILL_GRACE:g}s).")
 
     jobs = add("jobs")
-    jobs.add_argument("id", nargs="?", type=int, metavar="ID", help="Show this one job in full.")
+    jobs.add_argument("id", nargs="?", type=one_job_id, metavar="ID",
+                      help="Show this one job in full.")
     jobs.add_argument("--state", metavar="S",
                       help="Only jobs in this state: waiting, running or done, or ended this "
                            "way: " + ", ".join(result.value for result in JobResult) + ".")
@@ -3312,7 +3338,7 @@ def build_parser():
                       help="Print a JSON list (every matching job unless --last is given).")
 
     logs = add("logs")
-    logs.add_argument("id", type=int, metavar="ID", help="The job.")
+    logs.add_argument("id", type=one_job_id, metavar="ID", help="The job.")
     logs.add_argument("-f", "--follow", action="store_true",
                       help="Follow the output until the job ends, then exit with its status.")
 

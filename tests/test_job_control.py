@@ -123,6 +123,13 @@ def test_a_paused_queue_starts_nothing_and_stays_paused_across_a_restart(server)
     assert server.runs() == [job_id]
 
 
+def test_resume_says_when_nothing_was_paused(server):
+    assert "was not paused" in server.ok("resume")
+    server.ok("pause")
+    assert "already paused" in server.ok("pause")
+    assert server.ok("resume") == "queue resumed\n"
+
+
 def test_pausing_the_queue_lets_running_jobs_finish(server):
     server.ok("add_slave", "w1")
     server.add_job(server.script, env=dict(server.env, SLEEP="1"))
@@ -199,6 +206,7 @@ def test_fewer_slots_than_in_use_lets_jobs_finish_and_starts_nothing_until_it_fi
     (["w1", "--slots", "0"], "at least 1"),
     (["w1", "-e", "JOB_ID=1"], "cannot be overridden"),
     (["w1", "--unset", "MISSING"], "no variable MISSING"),
+    (["w1", "-e", "A=2", "--unset", "A"], "both set"),
     (["w1", "-e", "BAD"], "has no '='"),
 ])
 def test_bad_edit_slave_input_changes_nothing(server, arguments, message):

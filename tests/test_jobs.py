@@ -182,6 +182,16 @@ def test_remove_job_by_id_and_by_script_and_arguments(server):
     server.fails("remove_job", "./record.py", "nothing-like-this", expect="no waiting job")
 
 
+def test_option_like_arguments_go_to_the_script_for_add_and_remove(server):
+    server.add_job(server.script, "-x", "--help")
+    server.add_job(server.script, "-x")
+    result = server.run("add_job", server.script, "-e", "A=1")
+    assert result.returncode == 0 and "goes to the script as an argument" in result.stderr
+    assert [job["args"] for job in server.status()["job_waitlist"]] == \
+        [["-x", "--help"], ["-x"], ["-e", "A=1"]]
+    assert "removed job 2" in server.ok("remove_job", "./record.py", "-x")
+
+
 def test_remove_job_refuses_unknown_running_and_finished_jobs(server):
     server.ok("add_slave", "w1")
     running = server.add_job(server.script, env=dict(server.env, SLEEP="30"))
