@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""cli.py beside GNU parallel and xargs, measured in the same run.
+
+    bench/run                 # installs what it needs, then runs everything (3 runs each)
+    bench/run --quick         # smaller sizes, 1 run: under a minute
+    bench/run --only B1,B6
+
+Workloads (medians over the runs, min-max beside them):
+  B1 dispatch    N jobs of `exit 0`, 4 workers x 4 slots, one add_job ::: call
+                 ended by wait; against parallel -j16 and xargs -P16
+  B2 SSH jobs    jobs running `ssh "$SLAVE_IP" true` on 4 real sshd workers x 4
+                 slots; against parallel -S 4/w1,... with and without -M
+  B3 latency     one add_job / status --json / status, next to the floor:
+                 starting Python and compiling cli.py
+  B5 workers     500 workers x 2 slots (registered without the SSH check)
+  B6 refill      time from a job's end to the next start on the same slot
+It is a benchmark, not a test: it never fails on a number.  B4 (queue size)
+is bench/bulk.py.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = ROOT / "cli.py"
+sys.path.insert(0, str(ROOT / "tests"))
+from sshd import SshSandbox  # noqa: E402 - the tests' sshd harness, not a copy of it
+
+
+class Queue:
+    """A cli.py server in a temp dir, driven through this interpreter."""
+
+    def __init__(self, root, env):
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.env = dict(env, CLI_PY_DATA_DIR=str(root / ".data"))
+
+    def __call__(self, *args, check=True):
+        result = subprocess.run([sys.executable, str(CLI), *map(str, args)], cwd=self.root,
+                                env=self.env, capture_output=True, text=True)
+        if check and result.returncode != 0:
+            raise SystemExit(f"cli.py {' '.join(map(str, args[:4]))} failed: {result.stderr}")
+        return result.stdout
+
+    def __enter__(self):
+        self("start")
+        return self
+
+    def __exit__(self, *exc):
+        self("stop", check=False)
+
+
+def timed(function):
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def script(directory, name, body):
+    path = directory / name
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return path
+
+
+def run_shell(command, env, cwd):
+    subprocess.run(command, shell=True, check=True, env=env, cwd=cwd,  # noqa: S602 - our own fixed command
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, executable="/bin/bash")
+
+
+# --- workloads: each returns {row name: (value, unit)} ------------------------
+
+def b1_dispatch(sandbox, root, jobs):
+    job = script(root, "exit0.sh", "exit 0\n")
+    numbers = root / "numbers.txt"
+    numbers.write_text("".join(f"{n}\n" for n in range(jobs)))
+    figures = {}
+    with Queue(root / "b1", sandbox.env()) as queue:
+        queue("add_slave", "--skip_ssh_auth_check", "--slots", 4, "w1", "w2", "w3", "w4")
+        figures["B1 cli.py (jobs/s)"] = jobs / timed(lambda: (
+            queue("add_job", "--args-file", numbers, job), queue("wait", "--quiet")))
+    env = sandbox.env()
+    figures["B1 GNU parallel -j16 (jobs/s)"] = jobs / timed(
+        lambda: run_shell(f"parallel -j16 {job} :::: {numbers}", env, root))
+    figures["B1 xargs -P16 (jobs/s)"] = jobs / timed(
+        lambda: run_shell(f"xargs -P16 -n1 {job} < {numbers}", env, root))
+    return figures
+
+
+def b2_ssh(sandbox, root, jobs):
+    job = script(root, "ssh_true.sh", 'exec ssh "$SLAVE_IP" true\n')
+    numbers = root / "numbers.txt"
+    numbers.write_text("".join(f"{n}\n" for n in range(jobs)))
+    figures = {}
+    with Queue(root / "b2", sandbox.env()) as queue:
+        queue("add_slave", "--slots", 4, "w1", "w2", "w3", "w4")
+        figures["B2 cli.py (jobs/s)"] = jobs / timed(lambda: (
+            queue("add_job", "--args-file", numbers, job), queue("wait", "--quiet")))
+    env, logins = sandbox.env(), "4/w1,4/w2,4/w3,4/w4"
+    figures["B2 GNU parallel -S (jobs/s)"] = jobs / timed(
+        lambda: run_shell(f"parallel -S {logins} true :::: {numbers}", env, root))
+    figures["B2 GNU parallel -S -M (jobs/s)"] = jobs / timed(
+        lambda: run_shell(f"parallel -M -S {logins} true :::: {numbers}", env, root))
+    return figures
+
+
+def b3_latency(sandbox, root, jobs, samples=15):
+    job = script(root, "exit0.sh", "exit 0\n")
+    figures = {}
+
+    def median_ms(*command):
+        return statistics.median(timed(lambda: subprocess.run(
+            command, cwd=root, env=queue.env, stdout=subprocess.DEVNULL, check=True))
+            for _ in range(samples)) * 1000
+
+    with Queue(root / "b3", sandbox.env()) as queue:
+        figures["B3 floor: python + compile cli.py (ms)"] = median_ms(
+            sys.executable, "-c", f"compile(open({str(CLI)!r}).read(), 'cli.py', 'exec')")
+        figures["B3 floor + import tabulate (ms)"] = median_ms(
+            sys.executable, "-c", f"compile(open({str(CLI)!r}).read(), 'cli.py', 'exec'); "
+                                  "import tabulate")
+        queue("pause")   # keep what is queued waiting
+        for size in (0, jobs):
+            if size:
+                queue("add_job", job, ":::", *range(size))
+            for label, command in (("add_job", ("add_job", str(job))),
+                                   ("status --json", ("status", "--json")),
+                                   ("status", ("status",))):
+                figures[f"B3 {label} with {size:,} waiting (ms)"] = \
+                    median_ms(sys.executable, str(CLI), *command)
+    return figures
+
+
+def b5_many_workers(sandbox, root, jobs):
+    job = script(root, "exit0.sh", "exit 0\n")
+    numbers = root / "numbers.txt"
+    numbers.write_text("".join(f"{n}\n" for n in range(jobs)))
+    with Queue(root / "b5", sandbox.env()) as queue:
+        queue("add_slave", "--skip_ssh_auth_check", "--slots", 2,
+              *(f"node{n}" for n in range(500)))
+        return {"B5 cli.py, 500 workers x 2 slots (jobs/s)": jobs / timed(lambda: (
+            queue("add_job", "--args-file", numbers, job), queue("wait", "--quiet")))}
+
+
+def b6_refill(sandbox, root, jobs):
+    times = root / "times"
+    times.mkdir()
+    job = script(root, "stamp.sh", f'echo "$(date +%s%N) start" >> {times}/$JOB_ID\n'
+                                   f'echo "$(date +%s%N) end" >> {times}/$JOB_ID\n')
+    with Queue(root / "b6", sandbox.env()) as queue:
+        queue("add_slave", "--skip_ssh_auth_check", "--slots", 4, "w1", "w2", "w3", "w4")
+        queue("add_job", job, ":::", *range(jobs))
+        queue("wait", "--quiet")
+        placed = json.loads(queue("jobs", "--json"))
+    by_slot = {}
+    for entry in placed:
+        stamps = dict(reversed(line.split()) for line in
+                      (times / str(entry["id"])).read_text().split("\n") if line)
+        by_slot.setdefault((entry["worker"], entry["slot"]), []).append(
+            (int(stamps["start"]), int(stamps["end"])))
+    gaps = []
+    for spans in by_slot.values():
+        spans.sort()
+        gaps += [(start - previous_end) / 1e6 for (_, previous_end), (start, _)
+                 in zip(spans, spans[1:])]
+    gaps.sort()
+    return {"B6 refill latency, median (ms)": statistics.median(gaps),
+            "B6 refill latency, p99 (ms)": gaps[int(len(gaps) * 0.99)]}
+
+
+WORKLOADS = {"B1": (b1_dispatch, 5000, 1000), "B2": (b2_ssh, 500, 100),
+             "B3": (b3_latency, 100_000, 10_000), "B5": (b5_many_workers, 20_000, 2000),
+             "B6": (b6_refill, 1000, 200)}
+TARGETS = {
+    "B1": "cli.py >= 3x GNU parallel, >= 0.5x xargs",
+    "B2": "cli.py >= 3x parallel -S, >= parallel -S -M",
+    "B3": "add_job, status --json within 10 ms of the floor; no growth with the queue",
+    "B5": "cli.py >= 0.8x its B1 rate",
+    "B6": "median < 5 ms, p99 < 20 ms",
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, one run")
+    parser.add_argument("--runs", type=int, help="runs of each workload (default: 3, or 1 "
+                                                 "with --quick)")
+    parser.add_argument("--only", default=",".join(WORKLOADS), help="e.g. B1,B6")
+    options = parser.parse_args()
+    runs = options.runs or (1 if options.quick else 3)
+    for program in ("parallel", "xargs"):
+        if not shutil.which(program):
+            raise SystemExit(f"{program} not found: run bench/run, which installs it")
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch, \
+            SshSandbox(Path(scratch) / "ssh") as sandbox:
+        for alias in ("w1", "w2", "w3", "w4"):
+            sandbox.start_worker(alias)
+        for name in options.only.split(","):
+            function, size, quick_size = WORKLOADS[name]
+            size = quick_size if options.quick else size
+            for run in range(runs):
+                print(f"{name} run {run + 1}/{runs} ({size:,} jobs) ...", file=sys.stderr)
+                root = Path(tempfile.mkdtemp(dir=scratch))
+                for row, value in function(sandbox, root, size).items():
+                    results.setdefault(name, {}).setdefault(row, []).append(value)
+    print(f"\n{runs} run(s) each, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
+          f"{'quick sizes' if options.quick else 'full sizes'}: median (min-max)\n")
+    print("| workload | median | min-max |\n|---|---|---|")
+    for name, rows in results.items():
+        for row, values in rows.items():
+            print(f"| {row} | {statistics.median(values):.1f} | "
+                  f"{min(values):.1f}-{max(values):.1f} |")
+        print(f"| *{name} target: {TARGETS[name]}* | | |")
+    print()
+    for name, rows in results.items():
+        medians = {row: statistics.median(values) for row, values in rows.items()}
+        ours = next((value for row, value in medians.items() if "cli.py" in row), None)
+        for row, value in medians.items():
+            if ours and "cli.py" not in row and "(jobs/s)" in row:
+                print(f"- {name}: cli.py / {row.split(' ', 1)[1].rsplit(' (', 1)[0]} = "
+                      f"{ours / value:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

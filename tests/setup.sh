@@ -1,0 +1,19 @@
+# Sourced by tests/run and bench/run: install what is missing, make .venv.
+#   setup_machine [EXTRA_DEBIAN_PACKAGE...]
+setup_machine() {
+    local missing=("$@")
+    [ -x /usr/sbin/sshd ] || command -v sshd >/dev/null || missing+=(openssh-server)
+    command -v ssh >/dev/null && command -v ssh-keygen >/dev/null || missing+=(openssh-client)
+    command -v rsync >/dev/null || missing+=(rsync)
+    python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null \
+        || missing+=(python3-venv)
+    if [ ${#missing[@]} -gt 0 ]; then
+        local sudo=; [ "$(id -u)" -eq 0 ] || sudo=sudo
+        echo "installing ${missing[*]}" >&2
+        $sudo apt-get update -qq
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    .venv/bin/python -m pip install -q --disable-pip-version-check \
+        -r requirements.txt -r tests/requirements.txt
+}
