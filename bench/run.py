@@ -70,6 +70,19 @@ def script(directory, name, body):
     return path
 
 
+def numbers(root, count):
+    """A file of COUNT lines, one job's argument each."""
+    path = root / "numbers.txt"
+    path.write_text("".join(f"{n}\n" for n in range(count)))
+    return path
+
+
+def queue_rate(queue, job, arguments, count):
+    """Jobs per second from one add_job call to the end of wait."""
+    return count / timed(lambda: (queue("add_job", "--args-file", arguments, job),
+                                  queue("wait", "--quiet")))
+
+
 def run_shell(command, env, cwd):
     subprocess.run(command, shell=True, check=True, env=env, cwd=cwd,  # noqa: S602 - our own fixed command
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, executable="/bin/bash")
@@ -78,36 +91,31 @@ def run_shell(command, env, cwd):
 # --- workloads: each returns {row name: (value, unit)} ------------------------
 
 def b1_dispatch(sandbox, root, jobs):
-    job = script(root, "exit0.sh", "exit 0\n")
-    numbers = root / "numbers.txt"
-    numbers.write_text("".join(f"{n}\n" for n in range(jobs)))
+    job, arguments = script(root, "exit0.sh", "exit 0\n"), numbers(root, jobs)
     figures = {}
     with Queue(root / "b1", sandbox.env()) as queue:
         queue("add_slave", "--skip_ssh_auth_check", "--slots", 4, "w1", "w2", "w3", "w4")
-        figures["B1 cli.py (jobs/s)"] = jobs / timed(lambda: (
-            queue("add_job", "--args-file", numbers, job), queue("wait", "--quiet")))
+        figures["B1 cli.py (jobs/s)"] = queue_rate(queue, job, arguments, jobs)
     env = sandbox.env()
     figures["B1 GNU parallel -j16 (jobs/s)"] = jobs / timed(
-        lambda: run_shell(f"parallel -j16 {job} :::: {numbers}", env, root))
+        lambda: run_shell(f"parallel -j16 {job} :::: {arguments}", env, root))
     figures["B1 xargs -P16 (jobs/s)"] = jobs / timed(
-        lambda: run_shell(f"xargs -P16 -n1 {job} < {numbers}", env, root))
+        lambda: run_shell(f"xargs -P16 -n1 {job} < {arguments}", env, root))
     return figures
 
 
 def b2_ssh(sandbox, root, jobs):
     job = script(root, "ssh_true.sh", 'exec ssh "$SLAVE_IP" true\n')
-    numbers = root / "numbers.txt"
-    numbers.write_text("".join(f"{n}\n" for n in range(jobs)))
+    arguments = numbers(root, jobs)
     figures = {}
     with Queue(root / "b2", sandbox.env()) as queue:
         queue("add_slave", "--slots", 4, "w1", "w2", "w3", "w4")
-        figures["B2 cli.py (jobs/s)"] = jobs / timed(lambda: (
-            queue("add_job", "--args-file", numbers, job), queue("wait", "--quiet")))
+        figures["B2 cli.py (jobs/s)"] = queue_rate(queue, job, arguments, jobs)
     env, logins = sandbox.env(), "4/w1,4/w2,4/w3,4/w4"
     figures["B2 GNU parallel -S (jobs/s)"] = jobs / timed(
-        lambda: run_shell(f"parallel -S {logins} true :::: {numbers}", env, root))
+        lambda: run_shell(f"parallel -S {logins} true :::: {arguments}", env, root))
     figures["B2 GNU parallel -S -M (jobs/s)"] = jobs / timed(
-        lambda: run_shell(f"parallel -M -S {logins} true :::: {numbers}", env, root))
+        lambda: run_shell(f"parallel -M -S {logins} true :::: {arguments}", env, root))
     return figures
 
 
@@ -139,14 +147,12 @@ def b3_latency(sandbox, root, jobs, samples=15):
 
 
 def b5_many_workers(sandbox, root, jobs):
-    job = script(root, "exit0.sh", "exit 0\n")
-    numbers = root / "numbers.txt"
-    numbers.write_text("".join(f"{n}\n" for n in range(jobs)))
+    job, arguments = script(root, "exit0.sh", "exit 0\n"), numbers(root, jobs)
     with Queue(root / "b5", sandbox.env()) as queue:
         queue("add_slave", "--skip_ssh_auth_check", "--slots", 2,
               *(f"node{n}" for n in range(500)))
-        return {"B5 cli.py, 500 workers x 2 slots (jobs/s)": jobs / timed(lambda: (
-            queue("add_job", "--args-file", numbers, job), queue("wait", "--quiet")))}
+        return {"B5 cli.py, 500 workers x 2 slots (jobs/s)":
+                queue_rate(queue, job, arguments, jobs)}
 
 
 def b6_refill(sandbox, root, jobs):
