@@ -101,8 +101,12 @@ def socket_path(data_dir):
     return os.path.join("/tmp", f"cli-py-{os.getuid()}", f"{digest}.sock")
 
 
+def job_log_name(job_id):
+    return f"job_{job_id}.txt"
+
+
 def job_log_path(log_dir, job_id):
-    return os.path.join(log_dir, f"job_{job_id}.txt")
+    return os.path.join(log_dir, job_log_name(job_id))
 
 
 def run_file(run_dir, job_id, attempt, kind):
@@ -484,13 +488,7 @@ class Store:
 
         The WHERE on the old state makes a lost race visible instead of silent.
         """
-        check_transition(JOB_TRANSITIONS, old, new)
-        fields["state"] = new.value
-        assignments = ", ".join(f"{name} = ?" for name in fields)
-        cursor = self.db.execute(f"UPDATE jobs SET {assignments} WHERE id = ? AND state = ?",
-                                 (*fields.values(), job_id, old.value))
-        if cursor.rowcount != 1:
-            raise IllegalTransition(f"job {job_id} is not {old.value}")
+        self.change_jobs([job_id], old, new, **fields)
 
     def find_jobs(self, state=None, result=None, worker=None, script=None, last=None):
         """Jobs matching every filter given, oldest first (the LAST most recent if given)."""
@@ -541,6 +539,30 @@ class Store:
     def waiting_ids(self):
         return [row[0] for row in self.db.execute("SELECT id FROM jobs WHERE state = ?",
                                                   (JobState.WAITING.value,))]
+
+    def request_kill(self, job_id, grace, reason):
+        """Record a kill before it is sent, so that a restart can finish it."""
+        self.db.execute(
+            "UPDATE jobs SET kill_requested_at = coalesce(kill_requested_at, ?), "
+            "kill_grace = ?, reason = ? WHERE id = ? AND state = ?",
+            (time.time(), grace, reason, job_id, JobState.RUNNING.value))
+
+    def requeue(self, job_id, attempt):
+        """An attempt whose script never started goes back to the queue, unnumbered."""
+        self.change_job(job_id, JobState.RUNNING, JobState.WAITING, attempt=attempt - 1,
+                        worker=None, slot=None, started_at=None, log=None)
+
+    def waiting_with_command(self, script, args):
+        return [row[0] for row in self.db.execute(
+            "SELECT id FROM jobs WHERE state = ? AND script = ? AND args = ? ORDER BY id",
+            (JobState.WAITING.value, script, json.dumps(args)))]
+
+    def ids_not_waiting(self):
+        return {row[0] for row in self.db.execute("SELECT id FROM jobs WHERE state != ?",
+                                                  (JobState.WAITING.value,))}
+
+    def delete_all_waiting(self):
+        self.db.execute("DELETE FROM jobs WHERE state = ?", (JobState.WAITING.value,))
 
     def update_worker(self, name, slots, variables):
         self.db.execute("UPDATE workers SET slots = ?, variables = ? WHERE name = ?",
@@ -741,15 +763,19 @@ class Spawner:
     def start(self):
         server_end, spawner_end = socket.socketpair()
         previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        pid = -1
         try:
             pid = os.fork()
             if pid == 0:
                 server_end.close()
                 _spawner_main(spawner_end)
+        except OSError as error:
+            server_end.close()
+            raise LaunchError(f"cannot start the spawner process: {error.strerror}") from None
         finally:
             if pid != 0:
                 signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
-        spawner_end.close()
+            spawner_end.close()
         self.channel = server_end
         self.pid = pid
 
@@ -771,7 +797,7 @@ class Spawner:
                 if attempt == 2:
                     raise LaunchError(f"cannot reach the spawner ({error})") from None
                 self.channel.close()
-                self.start()
+                self.start()   # raises LaunchError if even that fails
         answer = json.loads(reply)
         if "error" in answer:
             raise LaunchError(answer["error"])
@@ -1244,6 +1270,7 @@ class Subscription:
         self.running = sum(1 for state in self.pending.values()
                            if state == JobState.RUNNING.value)
         self.total = len(states)
+        self.watched = set(states)
         self.not_succeeded = {}      # job id -> {"result", "exit_code", "signal"}
         self.dirty = True
 
@@ -1256,6 +1283,12 @@ class Subscription:
         else:
             self.pending[job_id] = state.value
         self.dirty = True
+
+    def note_outcomes(self, rows):
+        """Remember how the jobs of ROWS that we watch ended without success."""
+        for row in rows:
+            if row["id"] in self.watched:
+                self.not_succeeded[row["id"]] = dict(row)
 
     def progress(self):
         return {"event": "progress", "total": self.total,
@@ -1344,9 +1377,7 @@ class Server:
             elif pid is None:
                 # No pid file and nobody holds the lock: the script never ran.
                 with self.store.transaction():
-                    self.store.change_job(job_id, JobState.RUNNING, JobState.WAITING,
-                                          attempt=attempt - 1, worker=None, slot=None,
-                                          started_at=None)
+                    self.store.requeue(job_id, attempt)
                 self.log.info("job %s: had not started when the server stopped; queued again",
                               job_id)
             else:
@@ -1431,26 +1462,27 @@ class Server:
         jobs = {row["id"]: row for row in waiting}
         starts = plan_starts(list(jobs), capacities)
         now = time.time()
+        started = []
         with self.store.transaction():
             for job_id, worker, slot in starts:
-                self.store.change_job(job_id, JobState.WAITING, JobState.RUNNING,
-                                      worker=worker, slot=slot,
-                                      attempt=jobs[job_id]["attempt"] + 1, started_at=now,
-                                      log=job_log_path(self.log_dir, job_id))
+                changes = {"worker": worker, "slot": slot, "started_at": now,
+                           "attempt": jobs[job_id]["attempt"] + 1,
+                           "log": job_log_path(self.log_dir, job_id)}
+                self.store.change_job(job_id, JobState.WAITING, JobState.RUNNING, **changes)
+                started.append({**dict(jobs[job_id]), **changes,
+                                "state": JobState.RUNNING.value})
         self.jobs_moved([job_id for job_id, _, _ in starts], JobState.RUNNING)
         # Committed before any fork: a crash from here on leaves attempts with
         # no pid file and a free lock, which recovery queues again.
-        for job_id, _, _ in starts:
-            row = self.store.job(job_id)
+        for row in started:
+            job_id = row["id"]
             try:
                 self.start_attempt(row)
             except LaunchError as error:
                 self.log.error("job %s: %s; queued again", job_id, error)
                 remove_run_files(self.run_dir, job_id, row["attempt"])
                 with self.store.transaction():
-                    self.store.change_job(job_id, JobState.RUNNING, JobState.WAITING,
-                                          attempt=row["attempt"] - 1, worker=None, slot=None,
-                                          started_at=None)
+                    self.store.requeue(job_id, row["attempt"])
                 self.jobs_moved([job_id], JobState.WAITING)
                 # Not schedule_needed: the next event (a job ending) retries.
 
@@ -1523,13 +1555,15 @@ class Server:
 
     def jobs_moved(self, job_ids, state):
         """Tell the wait clients watching any of JOB_IDS where those jobs are now."""
+        outcomes = None
         for subscription in self.subscriptions:
             watched = [job_id for job_id in job_ids if job_id in subscription.pending]
             for job_id in watched:
                 subscription.move(job_id, state)
             if watched and state == JobState.DONE:
-                for row in self.store.not_succeeded(watched):
-                    subscription.not_succeeded[row["id"]] = dict(row)
+                if outcomes is None:   # one query however many clients wait
+                    outcomes = self.store.not_succeeded(job_ids)
+                subscription.note_outcomes(outcomes)
 
     def jobs_removed(self, job_ids):
         """Jobs deleted from the queue (remove_job, load_status): wait clients stop
@@ -1560,10 +1594,7 @@ class Server:
     def kill_attempt(self, attempt, grace, reason):
         """End a running job: recorded first, so that a restart finishes the kill."""
         with self.store.transaction():
-            self.store.db.execute(
-                "UPDATE jobs SET kill_requested_at = coalesce(kill_requested_at, ?), "
-                "kill_grace = ?, reason = ? WHERE id = ? AND state = ?",
-                (time.time(), grace, reason, attempt.job_id, JobState.RUNNING.value))
+            self.store.request_kill(attempt.job_id, grace, reason)
         self.log.info("job %s: killing (%s)", attempt.job_id, reason)
         self.signal_kill(attempt, grace)
 
@@ -1890,9 +1921,7 @@ class Server:
             raise UserError("malformed request: mode must be wait or kill")
         grace = _grace(params)
         for host in hosts:
-            if host not in self.workers:
-                raise UserError(f"unknown worker {host!r}; see ./cli.py status for the "
-                                "registered workers")
+            self.worker_named(host)
             jobs = self.jobs_on(host)
             if jobs and mode is None:
                 raise UserError(
@@ -2003,7 +2032,7 @@ class Server:
             purged = self.store.purge_jobs(time.time() - older_than)
         for job_id, log in purged:
             # Only a log this server named for that job: never another file.
-            if log and os.path.basename(log) == f"job_{job_id}.txt":
+            if log and os.path.basename(log) == job_log_name(job_id):
                 try:
                     os.unlink(log)
                 except OSError:
@@ -2018,9 +2047,8 @@ class Server:
         else:
             rows = self.existing_jobs(_job_ids(params))
         subscription = Subscription(client, {row["id"]: row["state"] for row in rows})
-        done = [row["id"] for row in rows if row["state"] == JobState.DONE.value]
-        for row in self.store.not_succeeded(done):
-            subscription.not_succeeded[row["id"]] = dict(row)
+        subscription.note_outcomes(self.store.not_succeeded(
+            [row["id"] for row in rows if row["state"] == JobState.DONE.value]))
         self.subscriptions.append(subscription)
         self.log.info("a client waits for %d job(s), %d not done", subscription.total,
                       len(subscription.pending))
@@ -2048,9 +2076,7 @@ class Server:
             old, new = (WorkerState.ACTIVE, WorkerState.PAUSED) if paused else \
                 (WorkerState.PAUSED, WorkerState.ACTIVE)
             for host in hosts:
-                if host not in self.workers:
-                    raise UserError(f"unknown worker {host!r}; see ./cli.py status")
-                if self.workers[host].state == WorkerState.DRAINING:
+                if self.worker_named(host).state == WorkerState.DRAINING:
                     raise UserError(f"worker {host} is being removed (remove_slave --wait)")
             changing = [host for host in hosts if self.workers[host].state == old]
             with self.store.transaction():
@@ -2062,12 +2088,16 @@ class Server:
         self.schedule_needed = True
         return {"hosts": hosts, "paused": paused, "changed": changed}
 
+    def worker_named(self, host):
+        if host not in self.workers:
+            raise UserError(f"unknown worker {host!r}; see ./cli.py status for the "
+                            "registered workers")
+        return self.workers[host]
+
     def cmd_edit_slave(self, client, params):
         """Change a worker's slots or variables; running jobs are not touched."""
         host = _string(params, "host")
-        worker = self.workers.get(host)
-        if worker is None:
-            raise UserError(f"unknown worker {host!r}; see ./cli.py status")
+        worker = self.worker_named(host)
         slots = params.get("slots")
         if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool)
                                   or slots < 1):
@@ -2119,22 +2149,14 @@ class Server:
 
     def cmd_remove_job(self, client, params):
         if "ids" in params:
-            job_ids = params["ids"]
-            if not isinstance(job_ids, list) or not job_ids or \
-                    not all(isinstance(job_id, int) for job_id in job_ids):
-                raise UserError("malformed request: ids must be a list of integers")
-            for job_id in job_ids:
-                row = self.store.job(job_id)
-                if row is None:
-                    raise UserError(f"unknown job id {job_id}; see ./cli.py status")
+            job_ids = _job_ids(params)
+            self.existing_jobs(job_ids)   # names an unknown id, if any
+            for row in self.store.jobs_by_id(job_ids, "id, state, result, worker"):
                 refuse_unless_waiting(row)
         else:
             script = _string(params, "script")
             args = _list_of_strings(params, "args", allow_empty=True)
-            rows = self.store.db.execute(
-                "SELECT id FROM jobs WHERE state = ? AND script = ? AND args = ? ORDER BY id",
-                (JobState.WAITING.value, script, json.dumps(args))).fetchall()
-            job_ids = [row["id"] for row in rows]
+            job_ids = self.store.waiting_with_command(script, args)
             if not job_ids:
                 raise UserError(f"no waiting job runs {script} with those arguments; "
                                 "see ./cli.py status")
@@ -2155,13 +2177,12 @@ class Server:
         defaults = {"cwd": _string(params, "cwd"), "environment": _environment(params),
                     "umask": _umask(params)}
         workers, jobs = validate_status_document(document, defaults)
-        taken_ids = {row[0] for row in self.store.db.execute(
-            "SELECT id FROM jobs WHERE state != ?", (JobState.WAITING.value,))}
+        taken_ids = self.store.ids_not_waiting()
         keep_ids = not any(job["id"] in taken_ids for job in jobs if job["id"] is not None)
         wanted = {worker["ip"] for worker in workers}
         replaced = self.store.waiting_ids()
         with self.store.transaction():
-            self.store.db.execute("DELETE FROM jobs WHERE state = ?", (JobState.WAITING.value,))
+            self.store.delete_all_waiting()
             for name, worker in self.workers.items():
                 if name in wanted:
                     continue
@@ -3001,8 +3022,8 @@ def follow_log(data_dir, job):
                 if "ok" in message:
                     result = reply_result(message)
                     copy_log(job["log"], offset)
-                    ended = request(data_dir, "jobs", id=job["id"])[0]
-                    return job_exit_status(ended) if result["not_succeeded"] else 0
+                    failures = result["not_succeeded"]
+                    return job_exit_status(failures[0]) if failures else 0
 
 
 def job_exit_status(job):

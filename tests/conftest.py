@@ -68,13 +68,23 @@ def wait_until(predicate, timeout=20.0, what="condition"):
         time.sleep(0.02)
 
 
+def proc_stat(pid):
+    """The fields of /proc/PID/stat after the command name (state, ppid, pgrp, session, ...)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()
+
+
 def process_alive(pid):
     """True while PID runs (a zombie counts as gone)."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return proc_stat(pid)[0] != "Z"
     except OSError:
         return False
+
+
+def cpu_seconds(pid):
+    fields = proc_stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Cli:

@@ -6,7 +6,7 @@ import sqlite3
 import subprocess
 import time
 
-from conftest import process_alive, wait_until
+from conftest import proc_stat, process_alive, wait_until
 
 
 def jobs_by_id(cli):
@@ -75,9 +75,7 @@ def test_kill_9_of_the_server_again_and_again_runs_every_job_exactly_once(server
         time.sleep(rng.uniform(0.05, 0.4))
         pid = server.server_pid()
         os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not os.path.exists(f"/proc/{pid}") or
-                   open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] == "Z",
-                   what="the server to die")
+        wait_until(lambda: not process_alive(pid), what="the server to die")
         server.ok("start")
     server.wait_for_counts(succeeded=total, timeout=90)
     runs = server.runs()
@@ -164,9 +162,8 @@ def session_members(session):
     members = []
     for entry in os.listdir("/proc"):
         try:
-            with open(f"/proc/{entry}/stat") as stat:
-                if int(stat.read().rsplit(")", 1)[1].split()[3]) == session:
-                    members.append(int(entry))
-        except (OSError, ValueError, IndexError):
+            if entry.isdigit() and int(proc_stat(entry)[3]) == session:
+                members.append(int(entry))
+        except OSError:
             continue
     return members

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import CLI, wait_until
+from conftest import CLI, cpu_seconds, wait_until
 
 
 def test_start_returns_when_ready_and_stop_ends_the_server(cli):
@@ -206,11 +206,6 @@ def test_an_oversized_request_is_refused_with_a_reason(server, tmp_path):
     huge.write_text('{"slaves": [], "job_waitlist": [], "padding": "' + "x" * (70 << 20) + '"}')
     server.fails("load_status", huge, expect="request larger than")
     server.ok("status")
-
-
-def cpu_seconds(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_a_client_leaving_while_its_reply_is_pending_costs_no_cpu(server):

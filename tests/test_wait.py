@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from conftest import CLI, wait_until
+from conftest import CLI, cpu_seconds, wait_until
 
 
 def start_wait(cli, *args, **kwargs):
@@ -57,11 +57,6 @@ def test_wait_takes_ranges_and_refuses_unknown_ids(server):
     assert server.ok("wait", f"{first}-{second}") == "all 2 job(s) succeeded\n"
     server.fails("wait", first, 999, expect="unknown job id 999")
     assert "nothing to wait for" in server.ok("wait")
-
-
-def cpu_seconds(pid):
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_wait_is_told_by_the_server_instead_of_polling(server):
