@@ -68,6 +68,10 @@ MAX_JOB_ID = 2 ** 63 - 1         # SQLite's largest integer
 MAX_DURATION = 100 * 365 * 86400
 MAX_KILL_GRACE = 86400.0
 
+RECOVERY_WAIT = 5.0              # seconds a live supervisor gets to write its pid file
+PR_SET_PDEATHSIG = 1             # prctl options (linux/prctl.h)
+PR_SET_CHILD_SUBREAPER = 36
+
 RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP")
 VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # Host names reach ssh as one argv element, but also job scripts that may not
@@ -174,57 +178,6 @@ def validate_variables(variables, what):
         if not isinstance(value, str) or "\0" in value:
             raise UserError(f"{what}: the value of {name} must be a string without NUL bytes")
     return variables
-
-
-DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)\Z")
-DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-JOB_ID_RANGE = re.compile(r"(\d+)(?:-(\d+))?\Z")
-
-
-def parse_duration(text, what, limit=MAX_DURATION):
-    """Seconds from 90, 90s, 10m, 2h, 7d or 1w, at most LIMIT."""
-    match = DURATION.match(text.strip().lower())
-    if not match:
-        raise UserError(f"{what} {text!r} is not a duration: write a number of seconds, or "
-                        "one with a unit like 30s, 10m, 2h or 7d")
-    seconds = float(match[1]) * DURATION_UNITS[match[2]]
-    if seconds > limit:
-        longest = f"{limit / 86400:g} days" if limit > 86400 else f"{limit / 3600:g} hours"
-        raise UserError(f"{what} {text} is too long: at most {longest}")
-    return seconds
-
-
-def parse_job_ids(words):
-    """Job ids as typed: 12, a range 12-14 (what a bulk add_job prints), or 12,13."""
-    job_ids = []
-    for word in words:
-        for part in filter(None, word.split(",")):
-            match = JOB_ID_RANGE.match(part)
-            if not match:
-                raise UserError(f"{part!r} is not a job id or a range of ids (like 12 or 12-14)")
-            first, last = int(match[1]), int(match[2] or match[1])
-            if last < first:
-                raise UserError(f"the range {part} runs backwards: write {last}-{first}")
-            if first < 1 or last > MAX_JOB_ID:
-                raise UserError(f"{part}: job ids run from 1 to {MAX_JOB_ID}")
-            if last - first + len(job_ids) >= MAX_BULK_JOBS:
-                raise UserError(f"more than {MAX_BULK_JOBS} job ids at once: give smaller ranges")
-            job_ids.extend(range(first, last + 1))
-    if not job_ids:
-        raise UserError("no job ids given")
-    return list(dict.fromkeys(job_ids))   # each once, in the order given
-
-
-def one_job_id(text):
-    """argparse type for commands that show one job."""
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not one job id (for several jobs: jobs --last N, or jobs --json)")
-    return int(text)
-
-
-def looks_like_job_ids(words):
-    return all(JOB_ID_RANGE.match(part) for word in words for part in word.split(",") if part)
 
 
 ###############################################################################
@@ -703,9 +656,9 @@ def job_environment(submitter_environment, worker_variables, job_variables, job_
 # Job runner ###################################################################
 ###############################################################################
 
-# Each attempt runs under a supervisor: a fork of the server that starts the job
-# script in a process group of its own, waits for it and writes how it ended to
-# a file.  It outlives the server, so a job that ends while the server is down
+# Each attempt runs under a supervisor, a process forked by the spawner (see
+# Spawner), that starts the job script in a process group of its own, waits
+# for it and writes how it ended to a file.  It outlives the server, so a job that ends while the server is down
 # still has its exit status recorded.  Its files in DATA_DIR/run:
 #   N-A.lock  held (flock) by the supervisor for as long as it lives: proof of
 #             life that cannot be fooled by a reused pid
@@ -719,10 +672,6 @@ def job_environment(submitter_environment, worker_variables, job_variables, job_
 # The supervisor is a child subreaper: whatever the script leaves behind is
 # reparented to it, so it is told (SIGCHLD) when the last process of the job's
 # group ends, and nothing depends on PID 1 reaping zombies.
-
-PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
-
 
 class LaunchError(Exception):
     """The system refused to start a supervisor (process or file limits)."""
@@ -1218,9 +1167,6 @@ def check_host(host, timeout):
 # Server #######################################################################
 ###############################################################################
 
-RECOVERY_WAIT = 5.0   # seconds to wait for a live supervisor to write its pid file
-
-
 class Worker:
     """A registered worker as the server keeps it in memory (the database has the same)."""
 
@@ -1296,6 +1242,9 @@ class Subscription:
                 "waiting": len(self.pending) - self.running, "failed": len(self.not_succeeded)}
 
 
+DEFERRED = object()   # a handler's way of saying "the reply comes later"
+
+
 class Server:
     """The event loop: a Unix socket for clients, a pidfd per running attempt.
 
@@ -1334,8 +1283,8 @@ class Server:
         directory = os.path.dirname(path)
         if directory != self.data_dir:
             os.makedirs(directory, mode=0o700, exist_ok=True)
-            info = os.lstat(directory)
-            if info.st_uid != os.getuid() or not os.path.isdir(directory) or \
+            directory_stat = os.lstat(directory)
+            if directory_stat.st_uid != os.getuid() or not os.path.isdir(directory) or \
                     os.path.islink(directory):
                 raise UserError(f"{directory} is not a directory of yours; remove it and "
                                 "start again")
@@ -2212,8 +2161,6 @@ class Server:
         return {"workers": len(workers), "jobs": len(jobs), "ids_kept": keep_ids}
 
 
-DEFERRED = object()   # a handler's way of saying "the reply comes later"
-
 HANDLERS = {
     "ping": Server.cmd_ping,
     "stop": Server.cmd_stop,
@@ -2409,17 +2356,22 @@ def _status_job(entry, environments, defaults):
         raise UserError("'umask' must be a number from 0 to 511 (0o777)")
     return {"id": job_id, "script": script, "args": args, "cwd": cwd, "envs": variables,
             "environment": environment, "umask": umask,
-            "submitted_at": _parse_iso(submitted_at)}
+            "submitted_at": _submitted_at(submitted_at)}
 
 
-def _parse_iso(text):
+def _submitted_at(text):
+    try:
+        return parse_iso_time(text)
+    except ValueError:
+        raise UserError(f"'submitted_at' {text!r} is not an ISO 8601 time") from None
+
+
+def parse_iso_time(text):
+    """Seconds since the epoch from an ISO 8601 time (None stays None)."""
     if text is None:
         return None
     from datetime import datetime
-    try:
-        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        raise UserError(f"'submitted_at' {text!r} is not an ISO 8601 time") from None
+    return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
 
 
 def run_server(data_dir, log_dir, notify):
@@ -2523,6 +2475,64 @@ def server_logger(log_dir, foreground):
 ###############################################################################
 # Client commands ##############################################################
 ###############################################################################
+
+DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)\Z")
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+JOB_ID_RANGE = re.compile(r"(\d+)(?:-(\d+))?\Z")
+
+
+def parse_duration(text, what, limit=MAX_DURATION):
+    """Seconds from 90, 90s, 10m, 2h, 7d or 1w, at most LIMIT."""
+    match = DURATION.match(text.strip().lower())
+    if not match:
+        raise UserError(f"{what} {text!r} is not a duration: write a number of seconds, or "
+                        "one with a unit like 30s, 10m, 2h or 7d")
+    seconds = float(match[1]) * DURATION_UNITS[match[2]]
+    if seconds > limit:
+        longest = f"{limit / 86400:g} days" if limit > 86400 else f"{limit / 3600:g} hours"
+        raise UserError(f"{what} {text} is too long: at most {longest}")
+    return seconds
+
+
+def parse_job_ids(words):
+    """Job ids as typed: 12, a range 12-14 (what a bulk add_job prints), or 12,13."""
+    job_ids = []
+    for word in words:
+        for part in filter(None, word.split(",")):
+            match = JOB_ID_RANGE.match(part)
+            if not match:
+                raise UserError(f"{part!r} is not a job id or a range of ids (like 12 or 12-14)")
+            first, last = int(match[1]), int(match[2] or match[1])
+            if last < first:
+                raise UserError(f"the range {part} runs backwards: write {last}-{first}")
+            if first < 1 or last > MAX_JOB_ID:
+                raise UserError(f"{part}: job ids run from 1 to {MAX_JOB_ID}")
+            if last - first + len(job_ids) >= MAX_BULK_JOBS:
+                raise UserError(f"more than {MAX_BULK_JOBS} job ids at once: give smaller ranges")
+            job_ids.extend(range(first, last + 1))
+    if not job_ids:
+        raise UserError("no job ids given")
+    return list(dict.fromkeys(job_ids))   # each once, in the order given
+
+
+def one_job_id(text):
+    """argparse type for commands that show one job."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not one job id (for several jobs: jobs --last N, or jobs --json)")
+    return int(text)
+
+
+def looks_like_job_ids(words):
+    return all(JOB_ID_RANGE.match(part) for word in words for part in word.split(",") if part)
+
+
+def positive_int(text):
+    """argparse type for counts that must be at least 1 (--slots, --last)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
 
 class LostServer(UserError):
     """The server went away while a client waited for it."""
@@ -2686,7 +2696,7 @@ def render_status(status):
                  if workers else "  none: add one with ./cli.py add_slave HOST")
     now = time.time()
     running = [[job["id"], job["worker"], job["slot"],
-                _elapsed(now - _parse_iso(job["started_at"])), _command_line(job), job["log"]]
+                _elapsed(now - parse_iso_time(job["started_at"])), _command_line(job), job["log"]]
                for job in status["running_jobs"]]
     if running:
         lines += ["", f"Running ({len(running)})",
@@ -2731,8 +2741,6 @@ def command_add_slave(options):
     """
     hosts = unique_hosts(options.hosts)
     variables = dict(parse_assignment(text) for text in options.env)
-    if options.slots < 1:
-        raise UserError("--slots must be at least 1")
     registered = set(request(options.data_dir, "workers"))
     for host in hosts:
         if host in registered:
@@ -2903,8 +2911,6 @@ def command_jobs(options):
     script = options.script
     if script is not None and "/" in script:
         script = os.path.abspath(script)
-    if options.last is not None and options.last < 1:
-        raise UserError("--last must be a whole number of at least 1")
     last = options.last if options.last is not None or options.json else JOBS_TABLE_LAST
     jobs = request(options.data_dir, "jobs", state=options.state, worker=options.worker,
                    script=script, last=last)
@@ -2953,14 +2959,14 @@ def _signal_name(number):
 
 def _local_time(iso):
     return "-" if iso is None else time.strftime("%m-%d %H:%M:%S",
-                                                 time.localtime(_parse_iso(iso)))
+                                                 time.localtime(parse_iso_time(iso)))
 
 
 def _runtime(job, now):
     if job["started_at"] is None:
         return "-"
-    end = _parse_iso(job["ended_at"]) if job["ended_at"] else now
-    return _elapsed(end - _parse_iso(job["started_at"]))
+    end = parse_iso_time(job["ended_at"]) if job["ended_at"] else now
+    return _elapsed(end - parse_iso_time(job["started_at"]))
 
 
 def command_logs(options):
@@ -3260,13 +3266,20 @@ EXAMPLES = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with mistakes reported like every other user error: one line, exit 1."""
+
+    def error(self, message):
+        self.exit(1, f"Error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser():
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     common.add_argument(
         "--server_data_dir", dest="data_dir", metavar="DIR", default=argparse.SUPPRESS,
         help=f"The server's data directory (default: ${DATA_DIR_VARIABLE}, "
              f"else {DEFAULT_DATA_DIR}). Relative paths are taken from the current directory.")
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="cli.py", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         description="A persistent SSH job queue: a background server runs your job script "
                     "for each queued job on a free worker (the commands call workers slaves, "
@@ -3307,7 +3320,7 @@ def build_parser():
     add_slave = add("add_slave")
     add_slave.add_argument("hosts", nargs="+", metavar="HOST",
                            help="A host name, IP address, user@host or ~/.ssh/config alias.")
-    add_slave.add_argument("--slots", type=int, default=1, metavar="N",
+    add_slave.add_argument("--slots", type=positive_int, default=1, metavar="N",
                            help="How many jobs may run on each of these workers at once "
                                 "(default: 1).")
     add_slave.add_argument("-e", dest="env", action="append", default=[],
@@ -3369,7 +3382,8 @@ def build_parser():
     jobs.add_argument("--script", metavar="P",
                       help="Only jobs of this script: a path, or a bare name matching any "
                            "script of that name.")
-    jobs.add_argument("--last", type=int, metavar="N", help="Only the N most recent jobs.")
+    jobs.add_argument("--last", type=positive_int, metavar="N",
+                      help="Only the N most recent jobs.")
     jobs.add_argument("--json", action="store_true",
                       help="Print a JSON list (every matching job unless --last is given).")
 
@@ -3396,7 +3410,7 @@ def build_parser():
 
     edit_slave = add("edit_slave")
     edit_slave.add_argument("host", metavar="HOST", help="A registered worker.")
-    edit_slave.add_argument("--slots", type=int, metavar="N",
+    edit_slave.add_argument("--slots", type=positive_int, metavar="N",
                             help="The new number of slots.")
     edit_slave.add_argument("-e", dest="env", action="append", default=[],
                             metavar="NAME=VALUE", help="Set a variable; repeatable.")

@@ -79,8 +79,7 @@ def test_bad_jobs_input(server, arguments, message):
 
 
 def test_jobs_with_a_range_says_how_to_see_several(server):
-    result = server.run("jobs", "1-5")
-    assert result.returncode == 2 and "jobs --last N" in result.stderr
+    server.fails("jobs", "1-5", expect="jobs --last N")
 
 
 def test_logs_prints_the_output_and_refuses_what_has_none(server):
