@@ -1204,6 +1204,7 @@ class Client:
         self.outgoing = bytearray()
         self.request_done = False
         self.closing = False
+        self.on_event = None       # the selector callback, set when accepted
 
 
 class Subscription:
@@ -1334,8 +1335,7 @@ class Server:
             remove_run_files(self.run_dir, job_id, attempt)
         self.remove_stray_run_files()
         for worker in list(self.workers.values()):
-            if worker.state == WorkerState.DRAINING and not worker.busy_slots:
-                self.forget_worker(worker.name)
+            self.forget_if_drained(worker)
 
     def adopt(self, row):
         """Watch the supervisor of a running attempt again.  False if it is gone.
@@ -1489,8 +1489,7 @@ class Server:
         worker = self.workers.get(row["worker"])
         if worker is not None:
             worker.busy_slots.discard(row["slot"])
-            if worker.state == WorkerState.DRAINING and not worker.busy_slots:
-                self.forget_worker(worker.name)
+            self.forget_if_drained(worker)
         self.log.info("job %s: %s (exit code %s, signal %s)%s", job_id, result.value,
                       outcome.get("exit_code"), outcome.get("signal"),
                       f": {reason}" if reason else "")
@@ -1558,6 +1557,11 @@ class Server:
         except ProcessLookupError:
             pass   # already ending; its pidfd event settles it
 
+    def forget_if_drained(self, worker):
+        """A draining worker goes once its last job has ended."""
+        if worker.state == WorkerState.DRAINING and not worker.busy_slots:
+            self.forget_worker(worker.name)
+
     def forget_worker(self, name):
         with self.store.transaction():
             self.store.delete_worker(name)
@@ -1583,8 +1587,8 @@ class Server:
         connection.setblocking(False)
         client = Client(connection)
         self.clients.add(client)
-        self.selector.register(connection, selectors.EVENT_READ,
-                               lambda events, client=client: self.client_event(client, events))
+        client.on_event = lambda events: self.client_event(client, events)
+        self.selector.register(connection, selectors.EVENT_READ, client.on_event)
 
     def client_event(self, client, events):
         if events & selectors.EVENT_READ:
@@ -1647,23 +1651,21 @@ class Server:
                 self.reply(client, result=result)
 
     def reply(self, client, result=None, error=None, stopping=False):
-        client.outgoing.extend(encode_reply(result, error, stopping))
+        """The last line to a client: the connection closes once it is sent."""
         client.closing = True
-        try:
-            self.selector.modify(client.connection, selectors.EVENT_READ | selectors.EVENT_WRITE,
-                                 lambda events: self.client_event(client, events))
-        except (KeyError, ValueError):
-            return   # already dropped
-        self.flush(client)
+        self.send_line(client, encode_reply(result, error, stopping))
 
     def send_event(self, client, event):
         """A line that is not the reply: the connection stays open."""
-        client.outgoing.extend(json.dumps(event).encode() + b"\n")
+        self.send_line(client, json.dumps(event).encode() + b"\n")
+
+    def send_line(self, client, line):
+        client.outgoing.extend(line)
         try:
             self.selector.modify(client.connection, selectors.EVENT_READ | selectors.EVENT_WRITE,
-                                 lambda events: self.client_event(client, events))
+                                 client.on_event)
         except (KeyError, ValueError):
-            return
+            return   # already dropped
         self.flush(client)
 
     def flush(self, client):
@@ -1681,8 +1683,7 @@ class Server:
         else:
             # A socket is nearly always writable: asking for EVENT_WRITE with nothing
             # to send would wake select() at once, forever.
-            self.selector.modify(client.connection, selectors.EVENT_READ,
-                                 lambda events: self.client_event(client, events))
+            self.selector.modify(client.connection, selectors.EVENT_READ, client.on_event)
 
     def drop_client(self, client):
         try:
@@ -1699,6 +1700,12 @@ class Server:
         if not self.accepting and not self.stopping:
             self.accepting = True
             self.selector.register(self.listener, selectors.EVENT_READ, self.accept)
+
+    def reply_when_ended(self, client, job_ids, make_reply):
+        """Defer CLIENT's reply until none of JOB_IDS is running any more."""
+        self.waiters.append((lambda: not any(job_id in self.running for job_id in job_ids),
+                             client, make_reply))
+        return DEFERRED
 
     def answer_waiters(self):
         still_waiting = []
@@ -1898,9 +1905,7 @@ class Server:
             return {"removed": [host for host in hosts if host not in draining],
                     "draining": draining}
         if killed:
-            self.waiters.append((lambda: not any(job_id in self.running for job_id in killed),
-                                 client, outcome))
-            return DEFERRED
+            return self.reply_when_ended(client, killed, outcome)
         return outcome()
 
     def jobs_on(self, host):
@@ -1928,11 +1933,10 @@ class Server:
             self.jobs_ended(waiting)
         for job_id in running:
             self.kill_attempt(self.running[job_id], grace, "killed with ./cli.py kill")
+        outcome = {"killed": job_ids, "ended": len(ended)}
         if running:
-            self.waiters.append((lambda: not any(job_id in self.running for job_id in running),
-                                 client, lambda: {"killed": job_ids, "ended": len(ended)}))
-            return DEFERRED
-        return {"killed": job_ids, "ended": len(ended)}
+            return self.reply_when_ended(client, running, lambda: outcome)
+        return outcome
 
     def existing_jobs(self, job_ids):
         """The rows of JOB_IDS, or an error naming the first unknown id."""
