@@ -73,6 +73,8 @@ PR_SET_PDEATHSIG = 1             # prctl options (linux/prctl.h)
 PR_SET_CHILD_SUBREAPER = 36
 
 RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP")
+SSH_SHIM_VARIABLE = "CLI_PY_SSH_SHIM_DIR"            # set for jobs that share SSH connections
+SSH_CONTROL_VARIABLE = "CLI_PY_SSH_CONTROL_PATH"
 VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # Host names reach ssh as one argv element, but also job scripts that may not
 # quote $SLAVE_IP: allow what host names, IPs, user@host and ssh aliases use.
@@ -103,6 +105,15 @@ def socket_path(data_dir):
     import hashlib
     digest = hashlib.sha256(os.fsencode(data_dir)).hexdigest()[:24]
     return os.path.join("/tmp", f"cli-py-{os.getuid()}", f"{digest}.sock")
+
+
+def make_private_dir(path):
+    """Create PATH (mode 0700) or make sure the one there is ours and owner-only."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    path_stat = os.lstat(path)
+    if path_stat.st_uid != os.getuid() or not os.path.isdir(path) or os.path.islink(path):
+        raise UserError(f"{path} is not a directory of yours; remove it and start again")
+    os.chmod(path, 0o700)
 
 
 def job_log_name(job_id):
@@ -288,7 +299,17 @@ MIGRATIONS = [
     CREATE INDEX jobs_by_result ON jobs (state, result);
     CREATE INDEX jobs_by_end ON jobs (ended_at) WHERE state = 'done';
     """,
+    # 2: job scripts share one SSH connection per host, unless the worker or
+    # the job turns it off.
+    """
+    ALTER TABLE workers ADD COLUMN ssh_reuse INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE jobs ADD COLUMN ssh_reuse INTEGER NOT NULL DEFAULT 1;
+    """,
 ]
+
+# Per-job options beyond the command itself: column -> default.  add_job,
+# load_status and the JSON forms all take them from here.
+JOB_OPTIONS = {"ssh_reuse": True}
 
 
 class Store:
@@ -382,14 +403,16 @@ class Store:
     def workers(self):
         return self.db.execute("SELECT * FROM workers ORDER BY position").fetchall()
 
-    def save_worker(self, name, slots, variables, ssh_checked, state=WorkerState.ACTIVE):
+    def save_worker(self, name, slots, variables, ssh_checked, state=WorkerState.ACTIVE,
+                    ssh_reuse=True):
         """Register NAME, or make an existing (even draining) worker match the arguments."""
         self.db.execute(
-            "INSERT INTO workers (name, slots, variables, state, ssh_checked, added_at) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET slots = excluded.slots, "
-            "variables = excluded.variables, state = excluded.state, "
-            "ssh_checked = excluded.ssh_checked",
-            (name, slots, json.dumps(variables), state.value, int(ssh_checked), time.time()))
+            "INSERT INTO workers (name, slots, variables, state, ssh_checked, ssh_reuse, "
+            "added_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+            "slots = excluded.slots, variables = excluded.variables, state = excluded.state, "
+            "ssh_checked = excluded.ssh_checked, ssh_reuse = excluded.ssh_reuse",
+            (name, slots, json.dumps(variables), state.value, int(ssh_checked), int(ssh_reuse),
+             time.time()))
 
     def set_worker_state(self, name, old, new):
         check_transition(WORKER_TRANSITIONS, old, new)
@@ -401,23 +424,27 @@ class Store:
 
     # --- jobs -------------------------------------------------------------
 
-    def insert_job(self, script, args, cwd, environment_id, variables, umask, job_id=None,
-                   submitted_at=None):
+    def insert_job(self, script, args, cwd, environment_id, variables, umask, options,
+                   job_id=None, submitted_at=None):
+        columns = ", ".join(JOB_OPTIONS)
         return self.db.execute(
-            "INSERT INTO jobs (id, state, script, args, cwd, environment_id, variables, umask, "
-            "submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO jobs (id, state, script, args, cwd, environment_id, variables, umask, "
+            f"submitted_at, {columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
             (job_id, JobState.WAITING.value, script, json.dumps(args), cwd, environment_id,
-             json.dumps(variables), umask, submitted_at or time.time())).lastrowid
+             json.dumps(variables), umask, submitted_at or time.time(),
+             *(options[name] for name in JOB_OPTIONS))).lastrowid
 
-    def insert_jobs(self, script, arg_lists, cwd, environment_id, variables, umask):
+    def insert_jobs(self, script, arg_lists, cwd, environment_id, variables, umask, options):
         """Queue one job per argument list; return the (contiguous) first and last ids."""
         now = time.time()
         variables_text = json.dumps(variables)
+        option_values = tuple(options[name] for name in JOB_OPTIONS)
         self.db.executemany(
-            "INSERT INTO jobs (state, script, args, cwd, environment_id, variables, umask, "
-            "submitted_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO jobs (state, script, args, cwd, environment_id, variables, umask, "
+            f"submitted_at, {', '.join(JOB_OPTIONS)}) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
             ((JobState.WAITING.value, script, json.dumps(args), cwd, environment_id,
-              variables_text, umask, now) for args in arg_lists))
+              variables_text, umask, now, *option_values) for args in arg_lists))
         last = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()[0]
         return last - len(arg_lists) + 1, last
 
@@ -517,9 +544,9 @@ class Store:
     def delete_all_waiting(self):
         self.db.execute("DELETE FROM jobs WHERE state = ?", (JobState.WAITING.value,))
 
-    def update_worker(self, name, slots, variables):
-        self.db.execute("UPDATE workers SET slots = ?, variables = ? WHERE name = ?",
-                        (slots, json.dumps(variables), name))
+    def update_worker(self, name, slots, variables, ssh_reuse):
+        self.db.execute("UPDATE workers SET slots = ?, variables = ?, ssh_reuse = ? "
+                        "WHERE name = ?", (slots, json.dumps(variables), int(ssh_reuse), name))
 
     def change_jobs(self, job_ids, old, new, **fields):
         """change_job for many jobs at once (all of them must be OLD)."""
@@ -582,6 +609,7 @@ def job_to_json(row, log_dir):
         "started_at": iso_time(row["started_at"]),
         "ended_at": iso_time(row["ended_at"]),
         "log": row["log"] or job_log_path(log_dir, row["id"]),
+        "ssh_reuse": bool(row["ssh_reuse"]),
     }
 
 
@@ -642,13 +670,23 @@ def plan_starts(waiting_job_ids, workers):
     return starts
 
 
-def job_environment(submitter_environment, worker_variables, job_variables, job_id, worker):
-    """The environment a job script runs with; later sources override earlier ones."""
+def job_environment(submitter_environment, worker_variables, job_variables, job_id, worker,
+                    ssh_reuse=None):
+    """The environment a job script runs with; later sources override earlier ones.
+
+    SSH_REUSE, if given, is (shim dir, ControlPath): the shim dir goes first on
+    PATH so that the job's ssh, scp, sftp and rsync share connections.
+    """
     environment = dict(submitter_environment)
     environment.update(worker_variables)
     environment.update(job_variables)
     environment["JOB_ID"] = str(job_id)
     environment["SLAVE_IP"] = worker
+    if ssh_reuse is not None:
+        shim_dir, control_path = ssh_reuse
+        environment["PATH"] = shim_dir + os.pathsep + environment.get("PATH", os.defpath)
+        environment[SSH_SHIM_VARIABLE] = shim_dir
+        environment[SSH_CONTROL_VARIABLE] = control_path
     return environment
 
 
@@ -1094,6 +1132,118 @@ def remove_run_files(run_dir, job_id, attempt):
 
 
 ###############################################################################
+# SSH connection reuse for job scripts ##########################################
+###############################################################################
+
+# A job script that runs ssh, scp or rsync to its worker several times would
+# pay a full SSH handshake each time.  Jobs find a shim first on their PATH that
+# runs the real program with OpenSSH connection sharing: the first connection
+# to a host becomes a background master, later ones are sessions over it.
+# Masters live in one owner-only directory per worker, so that removing the
+# worker (or stopping the server) can stop exactly its masters.  A dead master
+# leaves a socket that refuses connections; ssh then unlinks it and becomes the
+# new master by itself.
+
+SHIMMED_PROGRAMS = ("ssh", "scp", "sftp")
+SSH_CONTROL_PERSIST = 120        # seconds an idle master stays for the next job
+# ssh appends 17 bytes to the ControlPath while it sets up a master, and %C is
+# 40: the per-worker directory must leave room under the 107-byte limit.
+SSH_CONTROL_DIR_LIMIT = SOCKET_PATH_LIMIT - 17 - 41
+SSH_WORKER_KEY_LENGTH = 8
+PLAIN_PATH = re.compile(r"[A-Za-z0-9/._+-]*\Z")   # nothing ssh would expand (%, ~)
+
+# No shell re-parses anything here: "$@" is passed on as it came.  The caller's
+# own -S or Control* options win (ssh takes the first value it sees): then the
+# shim adds nothing.
+SSH_SHIM = f"""#!/bin/sh
+# Written by cli.py: runs the next $0 on PATH with OpenSSH connection sharing,
+# so that the jobs of one worker share one connection per host.
+program=${{0##*/}}
+real=
+set -f; IFS=:
+for dir in $PATH; do
+    if [ -n "$dir" ] && [ "$dir" != "${SSH_SHIM_VARIABLE}" ] && [ -f "$dir/$program" ] &&
+            [ -x "$dir/$program" ]; then
+        real=$dir/$program; break
+    fi
+done
+unset IFS; set +f
+if [ -z "$real" ]; then
+    echo "$program: command not found on PATH" >&2; exit 127
+fi
+for arg; do
+    case $arg in
+        -S*|*[Cc][Oo][Nn][Tt][Rr][Oo][Ll][MmPp]*) exec "$real" "$@" ;;
+    esac
+done
+if [ "$program" != ssh ]; then
+    # scp and sftp run /usr/bin/ssh unless told otherwise: make it this shim.
+    exec "$real" -S "${SSH_SHIM_VARIABLE}/ssh" "$@"
+fi
+exec "$real" -o ControlMaster=auto -o "ControlPath=${SSH_CONTROL_VARIABLE}" \\
+    -o ControlPersist={SSH_CONTROL_PERSIST} "$@"
+"""
+
+
+def ssh_reuse_root(data_dir):
+    """Where the shims and control sockets of DATA_DIR live.
+
+    In the data dir when its path is short and plain; else in an owner-only
+    directory under /tmp named by a hash of the data dir, as for the socket.
+    """
+    root = os.path.join(data_dir, "ssh")
+    if len(root) + 1 + SSH_WORKER_KEY_LENGTH <= SSH_CONTROL_DIR_LIMIT and \
+            PLAIN_PATH.match(root):
+        return root
+    import hashlib
+    digest = hashlib.sha256(os.fsencode(data_dir)).hexdigest()[:12]
+    return os.path.join("/tmp", f"cli-py-{os.getuid()}", f"ssh-{digest}")
+
+
+def ssh_control_dir(root, worker):
+    import hashlib
+    key = hashlib.sha256(worker.encode()).hexdigest()[:SSH_WORKER_KEY_LENGTH]
+    return os.path.join(root, key)
+
+
+def write_ssh_shims(shim_dir):
+    """(Re)write the shims, each in one rename so a starting job never sees half."""
+    for program in SHIMMED_PROGRAMS:
+        path = os.path.join(shim_dir, program)
+        _write_file(path + ".new", SSH_SHIM)
+        os.chmod(path + ".new", 0o700)
+        os.replace(path + ".new", path)
+
+
+def stop_ssh_masters(control_dir):
+    """Ask each master under CONTROL_DIR to stop (sessions in use finish first), then
+    remove the directory.  A master that does not answer is left to its
+    ControlPersist timeout; its socket goes anyway."""
+    import subprocess
+    try:
+        names = os.listdir(control_dir)
+    except FileNotFoundError:
+        return
+    for name in names:
+        path = os.path.join(control_dir, name)
+        try:
+            # -F /dev/null: no user config (and no Match exec) for a local request.
+            subprocess.run(["ssh", "-F", "/dev/null", "-S", path, "-O", "stop", "cli.py"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=5, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+    try:
+        os.rmdir(control_dir)
+    except OSError:
+        pass   # a job made a new master meanwhile: it times out by itself
+
+
+###############################################################################
 # SSH checks ###################################################################
 ###############################################################################
 
@@ -1176,6 +1326,7 @@ class Worker:
         self.variables = json.loads(row["variables"])
         self.state = WorkerState(row["state"])
         self.ssh_checked = bool(row["ssh_checked"])
+        self.ssh_reuse = bool(row["ssh_reuse"])
         self.busy_slots = set()
 
     def capacity(self):
@@ -1262,6 +1413,8 @@ class Server:
         self.log = log
         self.paths = data_dir_paths(data_dir)
         self.run_dir = self.paths["run"]
+        self.ssh_root = ssh_reuse_root(data_dir)
+        self.shim_dir = os.path.join(self.ssh_root, "bin")
         self.store = Store(self.paths["database"])
         self.selector = selectors.DefaultSelector()
         self.listener = None
@@ -1283,13 +1436,7 @@ class Server:
         path = self.paths["socket"]
         directory = os.path.dirname(path)
         if directory != self.data_dir:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            directory_stat = os.lstat(directory)
-            if directory_stat.st_uid != os.getuid() or not os.path.isdir(directory) or \
-                    os.path.islink(directory):
-                raise UserError(f"{directory} is not a directory of yours; remove it and "
-                                "start again")
-            os.chmod(directory, 0o700)
+            make_private_dir(directory)
         # We hold the data dir lock, so any socket file here is a dead server's.
         try:
             os.unlink(path)
@@ -1307,6 +1454,20 @@ class Server:
         self.workers = {row["name"]: Worker(row) for row in self.store.workers()}
         self.paused = self.store.setting("paused", False)
         self.recover()
+        self.prepare_ssh_reuse()
+
+    def prepare_ssh_reuse(self):
+        """Write the job scripts' ssh shims; stop the masters of workers now gone."""
+        if os.path.dirname(self.ssh_root) != self.data_dir:
+            make_private_dir(os.path.dirname(self.ssh_root))
+        make_private_dir(self.ssh_root)
+        make_private_dir(self.shim_dir)
+        write_ssh_shims(self.shim_dir)
+        wanted = {os.path.basename(ssh_control_dir(self.ssh_root, name))
+                  for name in self.workers}
+        for name in os.listdir(self.ssh_root):
+            if name not in wanted and name != os.path.basename(self.shim_dir):
+                stop_ssh_masters(os.path.join(self.ssh_root, name))
 
     def recover(self):
         """Settle every attempt that was running while the server was away.
@@ -1437,9 +1598,15 @@ class Server:
 
     def start_attempt(self, row):
         worker = self.workers[row["worker"]]
+        ssh_reuse = None
+        if worker.ssh_reuse and row["ssh_reuse"]:
+            control_dir = ssh_control_dir(self.ssh_root, worker.name)
+            if not os.path.isdir(control_dir):
+                os.mkdir(control_dir, 0o700)
+            ssh_reuse = (self.shim_dir, os.path.join(control_dir, "%C"))
         environment = job_environment(self.submitter_environment(row["environment_id"]),
                                       worker.variables, json.loads(row["variables"]),
-                                      row["id"], worker.name)
+                                      row["id"], worker.name, ssh_reuse)
         spec = AttemptSpec(row["id"], row["attempt"], row["script"], json.loads(row["args"]),
                            row["cwd"], environment, row["umask"], self.job_fd_limit, row["log"])
         pid, pidfd = self.spawner.spawn(self.run_dir, spec)
@@ -1566,6 +1733,7 @@ class Server:
         with self.store.transaction():
             self.store.delete_worker(name)
         del self.workers[name]
+        stop_ssh_masters(ssh_control_dir(self.ssh_root, name))
         self.log.info("worker %s: removed", name)
         self.answer_waiters()
 
@@ -1771,6 +1939,8 @@ class Server:
                                      "again and check ./cli.py status", stopping=True)
         for client in list(self.clients - set(self.stop_replies)):
             self.answer_while_stopping(client)
+        for name in self.workers:
+            stop_ssh_masters(ssh_control_dir(self.ssh_root, name))
         self.store.close()
         self.spawner.close()
         try:
@@ -1832,7 +2002,8 @@ class Server:
                 "state": worker.state.value, "slots": worker.slots,
                 "slots_in_use": len(worker.busy_slots),
                 "running_job": jobs_here[0] if jobs_here else None,
-                "running_jobs": jobs_here, "ssh_checked": worker.ssh_checked})
+                "running_jobs": jobs_here, "ssh_checked": worker.ssh_checked,
+                "ssh_reuse": worker.ssh_reuse})
         waitlist = [job_to_json(row, self.log_dir) for row in waiting]
         environment_ids = {job["environment"] for job in waitlist + running_json}
         environments = self.store.environments(environment_ids) \
@@ -1857,12 +2028,14 @@ class Server:
         if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
             raise UserError("--slots must be a whole number of at least 1")
         variables = validate_variables(params.get("variables", {}), "add_slave")
+        ssh_reuse = _flag(params, "ssh_reuse", True)
         for host in hosts:
             if host in self.workers:
                 raise UserError(already_registered(host))
         with self.store.transaction():
             for host in hosts:
-                self.store.save_worker(host, slots, variables, bool(params.get("ssh_checked")))
+                self.store.save_worker(host, slots, variables, bool(params.get("ssh_checked")),
+                                       ssh_reuse=ssh_reuse)
         for row in self.store.workers():
             if row["name"] in hosts:
                 self.workers[row["name"]] = Worker(row)
@@ -2066,14 +2239,18 @@ class Server:
         variables = {name: value for name, value in {**worker.variables, **updates}.items()
                      if name not in unset}
         new_slots = worker.slots if slots is None else slots
+        ssh_reuse = _flag(params, "ssh_reuse", worker.ssh_reuse)
         with self.store.transaction():
-            self.store.update_worker(host, new_slots, variables)
-        worker.slots, worker.variables = new_slots, variables
-        self.log.info("worker %s: edited (%d slot(s), variables %s)", host, new_slots,
-                      " ".join(sorted(variables)) or "none")
+            self.store.update_worker(host, new_slots, variables, ssh_reuse)
+        if worker.ssh_reuse and not ssh_reuse:
+            stop_ssh_masters(ssh_control_dir(self.ssh_root, host))
+        worker.slots, worker.variables, worker.ssh_reuse = new_slots, variables, ssh_reuse
+        self.log.info("worker %s: edited (%d slot(s), variables %s, ssh reuse %s)", host,
+                      new_slots, " ".join(sorted(variables)) or "none",
+                      "on" if ssh_reuse else "off")
         self.schedule_needed = True
         return {"host": host, "slots": new_slots, "variables": sorted(variables),
-                "slots_in_use": len(worker.busy_slots)}
+                "slots_in_use": len(worker.busy_slots), "ssh_reuse": ssh_reuse}
 
     def cmd_add_job(self, client, params):
         """Queue one job (ARGS), or one per list in ARGS_LIST, all or none."""
@@ -2090,11 +2267,12 @@ class Server:
         environment = _environment(params)
         variables = validate_variables(params.get("variables", {}), "add_job -e")
         umask = _umask(params)
+        options = _job_options(params)
         check_script(script)
         with self.store.transaction():
             environment_id = self.store.intern_environment(environment)
             first, last = self.store.insert_jobs(script, arg_lists, cwd, environment_id,
-                                                 variables, umask)
+                                                 variables, umask, options)
         if len(arg_lists) > 1:
             self.log.info("jobs %d-%d queued (%s)", first, last, os.path.basename(script))
         self.schedule_needed = True
@@ -2134,6 +2312,7 @@ class Server:
         keep_ids = not any(job["id"] in taken_ids for job in jobs if job["id"] is not None)
         wanted = {worker["ip"] for worker in workers}
         replaced = self.store.waiting_ids()
+        gone = []
         with self.store.transaction():
             self.store.delete_all_waiting()
             for name, worker in self.workers.items():
@@ -2143,17 +2322,21 @@ class Server:
                     self.store.set_worker_state(name, worker.state, WorkerState.DRAINING)
                 elif not worker.busy_slots:
                     self.store.delete_worker(name)
+                    gone.append(name)
             for worker in workers:
                 self.store.save_worker(worker["ip"], worker["slots"], worker["envs"],
-                                       worker["ssh_checked"], worker["state"])
+                                       worker["ssh_checked"], worker["state"],
+                                       worker["ssh_reuse"])
             if document.get("paused") is not None:
                 self.store.set_setting("paused", document["paused"])
             for job in jobs:
                 environment_id = self.store.intern_environment(job["environment"])
                 self.store.insert_job(job["script"], job["args"], job["cwd"], environment_id,
-                                      job["envs"], job["umask"],
+                                      job["envs"], job["umask"], job["options"],
                                       job["id"] if keep_ids else None, job["submitted_at"])
             self.store.drop_unused_environments()
+        for name in gone:
+            stop_ssh_masters(ssh_control_dir(self.ssh_root, name))
         self.workers = {row["name"]: Worker(row) for row in self.store.workers()}
         self.paused = self.store.setting("paused", False)
         for attempt in self.running.values():
@@ -2249,6 +2432,21 @@ def _environment(params):
     return environment
 
 
+def _flag(params, name, default):
+    value = params.get(name, default)
+    if not isinstance(value, bool):
+        raise UserError(f"malformed request: {name} must be true or false")
+    return value
+
+
+def _job_options(source):
+    """The per-job options (JOB_OPTIONS) of an add_job request or a load_status entry."""
+    ssh_reuse = source.get("ssh_reuse", JOB_OPTIONS["ssh_reuse"])
+    if not isinstance(ssh_reuse, bool):
+        raise UserError("'ssh_reuse' must be true or false")
+    return {"ssh_reuse": ssh_reuse}
+
+
 def _job_id(value):
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_JOB_ID:
         raise UserError(f"malformed request: job ids are integers from 1 to {MAX_JOB_ID}")
@@ -2310,8 +2508,12 @@ def validate_status_document(document, defaults):
         # A paused worker stays paused; one that was draining is registered afresh.
         state = WorkerState.PAUSED if slave.get("state") == WorkerState.PAUSED.value \
             else WorkerState.ACTIVE
+        ssh_reuse = slave.get("ssh_reuse", True)
+        if not isinstance(ssh_reuse, bool):
+            raise UserError(f"{where}: 'ssh_reuse' must be true or false")
         workers.append({"ip": name, "slots": slots, "envs": slave.get("envs", {}),
-                        "ssh_checked": bool(slave.get("ssh_checked", False)), "state": state})
+                        "ssh_checked": bool(slave.get("ssh_checked", False)), "state": state,
+                        "ssh_reuse": ssh_reuse})
     jobs, ids = [], set()
     for index, entry in enumerate(document["job_waitlist"]):
         where = f"job_waitlist[{index}]"
@@ -2359,7 +2561,7 @@ def _status_job(entry, environments, defaults):
     if not isinstance(umask, int) or isinstance(umask, bool) or not 0 <= umask <= 0o777:
         raise UserError("'umask' must be a number from 0 to 511 (0o777)")
     return {"id": job_id, "script": script, "args": args, "cwd": cwd, "envs": variables,
-            "environment": environment, "umask": umask,
+            "environment": environment, "umask": umask, "options": _job_options(entry),
             "submitted_at": _submitted_at(submitted_at)}
 
 
@@ -2758,7 +2960,8 @@ def command_add_slave(options):
         print(f"{host}: {reason}", file=sys.stderr)
     if passed:
         request(options.data_dir, "add_slave", hosts=passed, slots=options.slots,
-                variables=variables, ssh_checked=not options.skip_ssh_auth_check)
+                variables=variables, ssh_checked=not options.skip_ssh_auth_check,
+                ssh_reuse=options.ssh_reuse)
         for host in passed:
             print(f"added {host} ({options.slots} slot{'s' if options.slots > 1 else ''})")
     if failures:
@@ -2801,7 +3004,7 @@ def command_add_job(options):
     one = {"args": arg_lists[0]} if len(arg_lists) == 1 else {"args_list": arg_lists}
     result = request(options.data_dir, "add_job", script=script, cwd=current_dir(),
                      environment=dict(os.environ), variables=variables, umask=current_umask(),
-                     **one)
+                     ssh_reuse=options.ssh_reuse, **one)
     print(result["id"] if result["first"] == result["last"]
           else f"{result['first']}-{result['last']}")
     return 0
@@ -3165,12 +3368,16 @@ def command_edit_slave(options):
     variables = dict(parse_assignment(text) for text in options.env)
     for name in options.unset:
         validate_variable_name(name)
-    if options.slots is None and not variables and not options.unset:
-        raise UserError("nothing to change: give --slots, -e NAME=VALUE or --unset NAME")
+    if options.slots is None and not variables and not options.unset and \
+            options.ssh_reuse is None:
+        raise UserError("nothing to change: give --slots, -e NAME=VALUE, --unset NAME or "
+                        "--[no-]ssh-reuse")
+    changes = {} if options.ssh_reuse is None else {"ssh_reuse": options.ssh_reuse}
     result = request(options.data_dir, "edit_slave", host=validate_host_name(options.host),
-                     slots=options.slots, variables=variables, unset=options.unset)
+                     slots=options.slots, variables=variables, unset=options.unset, **changes)
     print(f"{result['host']}: {result['slots']} slot(s) ({result['slots_in_use']} in use), "
-          f"variables: {' '.join(result['variables']) or 'none'}")
+          f"variables: {' '.join(result['variables']) or 'none'}, "
+          f"ssh reuse: {'on' if result['ssh_reuse'] else 'off'}")
     return 0
 
 
@@ -3332,6 +3539,10 @@ def build_parser():
                            help="A variable for every job on these workers; repeatable.")
     add_slave.add_argument("--skip_ssh_auth_check", action="store_true",
                            help="Add the hosts without trying an SSH login first.")
+    add_slave.add_argument("--no-ssh-reuse", dest="ssh_reuse", action="store_false",
+                           help="Jobs on these workers open a new SSH connection for each "
+                                "ssh/scp/rsync call, instead of sharing one per host "
+                                "(see README: SSH connection reuse).")
     add_slave.add_argument("--timeout", type=float, default=DEFAULT_SSH_TIMEOUT,
                            metavar="SECONDS",
                            help=f"How long the SSH check waits for each host (default: "
@@ -3354,6 +3565,9 @@ def build_parser():
                          help="One job per line of FILE (- for stdin), split into arguments as "
                               "a POSIX shell would, without running anything; they follow "
                               "ARGS. Like -e, it goes before SCRIPT.")
+    add_job.add_argument("--no-ssh-reuse", dest="ssh_reuse", action="store_false",
+                         help="This job's ssh, scp and rsync calls each open a new connection "
+                              "instead of sharing one per host.")
     add_job.add_argument("script", metavar="SCRIPT",
                          help="An executable job script (a path, or a command on PATH).")
     add_job.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
@@ -3420,6 +3634,9 @@ def build_parser():
                             metavar="NAME=VALUE", help="Set a variable; repeatable.")
     edit_slave.add_argument("--unset", action="append", default=[], metavar="NAME",
                             help="Remove a variable; repeatable.")
+    edit_slave.add_argument("--ssh-reuse", action=argparse.BooleanOptionalAction, default=None,
+                            help="Whether jobs started here from now on share SSH "
+                                 "connections (turning it off stops the shared ones).")
     return parser
 
 

@@ -181,9 +181,16 @@ class SshWorker:
             # (MaxStartups 10:30:100, MaxSessions 10) would randomly drop some.
             "MaxStartups 100:30:200",
             "MaxSessions 100",
-            "LogLevel ERROR",
+            # INFO logs one "Accepted publickey" line per connection: see connections().
+            "LogLevel INFO",
             "Subsystem sftp internal-sftp",
         ]
+
+    def connections(self) -> int:
+        """How many SSH connections this sshd has accepted (logged in) so far."""
+        if not self.log.exists():
+            return 0
+        return self.log.read_text(errors="replace").count("Accepted publickey for ")
 
     @property
     def pid(self) -> int | None:

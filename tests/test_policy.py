@@ -55,6 +55,27 @@ def test_job_environment_precedence_and_reserved_names():
                            "SLAVE_IP": "w1"}
 
 
+def test_job_environment_puts_the_ssh_shim_first_on_path():
+    environment = cli.job_environment({"PATH": "/usr/bin:/bin"}, {}, {"PATH": "/opt/bin"}, 5, "w1",
+                                      ("/data/ssh/bin", "/data/ssh/1234abcd/%C"))
+    assert environment["PATH"] == "/data/ssh/bin:/opt/bin"
+    assert environment["CLI_PY_SSH_SHIM_DIR"] == "/data/ssh/bin"
+    assert environment["CLI_PY_SSH_CONTROL_PATH"] == "/data/ssh/1234abcd/%C"
+    no_path = cli.job_environment({}, {}, {}, 5, "w1", ("/s", "/c/%C"))
+    assert no_path["PATH"] == "/s:" + cli.os.defpath
+
+
+def test_ssh_control_paths_fit_a_unix_socket():
+    for data_dir in ["/d", "/home/alice/a-rather-long/project/path/.data",
+                     "/tmp/with space/.data", "/tmp/100%/.data", "/x/" + "y" * 200]:
+        root = cli.ssh_reuse_root(data_dir)
+        control_dir = cli.ssh_control_dir(root, "alice@node-1.example.org")
+        # ssh adds a 17-byte suffix to %C (40 hex digits) while it sets up a master.
+        assert len(control_dir + "/" + "c" * 40 + "." + "r" * 16) <= 107
+        assert cli.PLAIN_PATH.match(control_dir)
+    assert cli.ssh_reuse_root("/d") == "/d/ssh"
+
+
 @pytest.mark.parametrize("text, expected", [
     ("A=b", ("A", "b")), ("A=", ("A", "")), ("A=b=c", ("A", "b=c")), ("_x1=y", ("_x1", "y"))])
 def test_assignments(text, expected):
