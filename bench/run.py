@@ -9,7 +9,8 @@ Workloads (medians over the runs, min-max beside them):
   B1 dispatch    N jobs of `exit 0`, 4 workers x 4 slots, one add_job ::: call
                  ended by wait; against parallel -j16 and xargs -P16
   B2 SSH jobs    jobs running `ssh "$SLAVE_IP" true` on 4 real sshd workers x 4
-                 slots; against parallel -S 4/w1,... with and without -M
+                 slots, with and without connection reuse; against parallel
+                 -S 4/w1,... with and without -M
   B3 latency     one add_job / status --json / status, next to the floor:
                  starting Python and compiling cli.py
   B5 workers     500 workers x 2 slots (registered without the SSH check)
@@ -111,6 +112,9 @@ def b2_ssh(sandbox, root, jobs):
     with Queue(root / "b2", sandbox.env()) as queue:
         queue("add_slave", "--slots", 4, "w1", "w2", "w3", "w4")
         figures["B2 cli.py (jobs/s)"] = queue_rate(queue, job, arguments, jobs)
+        for worker in ("w1", "w2", "w3", "w4"):
+            queue("edit_slave", worker, "--no-ssh-reuse")
+        figures["B2 cli.py --no-ssh-reuse (jobs/s)"] = queue_rate(queue, job, arguments, jobs)
     env, logins = sandbox.env(), "4/w1,4/w2,4/w3,4/w4"
     figures["B2 GNU parallel -S (jobs/s)"] = jobs / timed(
         lambda: run_shell(f"parallel -S {logins} true :::: {arguments}", env, root))
@@ -207,8 +211,13 @@ def main():
     results = {}
     with tempfile.TemporaryDirectory() as scratch, \
             SshSandbox(Path(scratch) / "ssh") as sandbox:
+        # The workers' login shells get an empty HOME, so they read no ~/.bashrc,
+        # as on a lean server: here root's .bashrc starts pyenv (~100 ms), which
+        # would dominate every tool's SSH figures.
+        lean_home = Path(scratch) / "worker-home"
+        lean_home.mkdir()
         for alias in ("w1", "w2", "w3", "w4"):
-            sandbox.start_worker(alias)
+            sandbox.start_worker(alias, extra_config=(f"SetEnv HOME={lean_home}",))
         for name in options.only.split(","):
             function, size, quick_size = WORKLOADS[name]
             size = quick_size if options.quick else size

@@ -70,7 +70,8 @@ class SshSandbox:
         )
         shim.chmod(0o755)
 
-    def start_worker(self, alias: str, authorized: bool = True) -> SshWorker:
+    def start_worker(self, alias: str, authorized: bool = True,
+                     extra_config: tuple[str, ...] = ()) -> SshWorker:
         worker_dir = self.root / f"sshd-{alias}"
         worker_dir.mkdir()
         _keygen(worker_dir / "host_ed25519_key")
@@ -81,7 +82,8 @@ class SshSandbox:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
 
         for attempt in range(1, START_ATTEMPTS + 1):
-            worker = SshWorker(alias, _free_port(), worker_dir, self._sshd, self._sshd_options)
+            worker = SshWorker(alias, _free_port(), worker_dir, self._sshd,
+                               self._sshd_options + list(extra_config))
             try:
                 worker.start()
                 break
