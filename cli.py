@@ -69,8 +69,7 @@ MAX_DURATION = 100 * 365 * 86400
 MAX_KILL_GRACE = 86400.0
 
 RECOVERY_WAIT = 5.0              # seconds a live supervisor gets to write its pid file
-PR_SET_PDEATHSIG = 1             # prctl options (linux/prctl.h)
-PR_SET_CHILD_SUBREAPER = 36
+PR_SET_CHILD_SUBREAPER = 36      # a prctl option (linux/prctl.h)
 
 RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP")
 SSH_SHIM_VARIABLE = "CLI_PY_SSH_SHIM_DIR"            # set for jobs that share SSH connections
@@ -803,6 +802,10 @@ def _spawner_main(channel):
             signal.signal(number, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
         _name_process("cli.py spawner")
+        # Supervisors are forks of this process: the collector must not walk
+        # (and so copy) the pages of objects they inherit.  See _supervise.
+        import gc
+        gc.freeze()
         os.closerange(3, channel.fileno())
         os.closerange(channel.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
         # SIGCHLD wakes the loop to reap supervisors as they end.
@@ -880,6 +883,8 @@ def _supervise(run_dir, spec, lock_fd, setup):
     """The body of a supervisor process.  Never returns."""
     status = 1
     try:
+        import gc
+        gc.disable()   # a short life with few objects: nothing worth collecting
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # the spawner's handler, not ours
         for number in (signal.SIGINT, signal.SIGHUP):
@@ -940,48 +945,38 @@ def _run_and_wait(run_dir, spec, setup):
         message = f"cannot enter the job's directory {spec.cwd}: {error.strerror}"
         os.write(log_fd, f"cli.py: job {spec.job_id}: {message}\n".encode())
         return {"exit_code": None, "signal": None, "error": message}
-    supervisor = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        _exec_job(spec, log_fd, supervisor, setup)
-    try:
-        os.setpgid(pid, pid)   # also done in the child: whichever runs first wins
-    except OSError:
-        pass
+    pid = _spawn_job(spec, log_fd, setup)
     os.close(log_fd)
+    if isinstance(pid, dict):
+        return pid
     exit_status = _wait_for_group(run_dir, spec, pid)
     if os.WIFSIGNALED(exit_status):
         return {"exit_code": None, "signal": os.WTERMSIG(exit_status), "error": None}
     return {"exit_code": os.WEXITSTATUS(exit_status), "signal": None, "error": None}
 
 
-def _exec_job(spec, log_fd, supervisor, setup):
-    """In the job's own process: a new process group, a clean slate, exec."""
+def _spawn_job(spec, log_fd, setup):
+    """Start the job script in a process group of its own, with a clean slate.
+
+    posix_spawn (a vfork) rather than fork: a fork of even this small Python
+    process costs more than the whole script (page tables copied, then every
+    page the child touches).  What posix_spawn cannot do for the child (umask,
+    fd limit) is set in this process, which has no other use for it.
+    Returns the pid, or the outcome if the script could not be started.
+    """
+    os.umask(spec.umask)
+    setup.setrlimit(setup.rlimit_nofile, tuple(spec.fd_limit))
     try:
-        os.setpgid(0, 0)
-        # If the supervisor is killed, the script goes with it rather than run
-        # on unwatched in a slot the server will give to another job.
-        setup.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != supervisor:
-            os._exit(1)
-        for number in setup.reset_signals:
-            try:
-                signal.signal(number, signal.SIG_DFL)
-            except (OSError, ValueError):
-                pass
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        os.umask(spec.umask)
-        setup.setrlimit(setup.rlimit_nofile, tuple(spec.fd_limit))
-        null_fd = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null_fd, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.execve(spec.script, [spec.script, *spec.args], spec.environment)
+        return os.posix_spawn(
+            spec.script, [spec.script, *spec.args], spec.environment,
+            file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                          (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                          (os.POSIX_SPAWN_DUP2, log_fd, 2)],
+            setpgroup=0, setsigmask=(), setsigdef=setup.reset_signals)
     except OSError as error:
-        os.write(2, f"cli.py: cannot run {spec.script}: {error.strerror}\n"
-                 .encode(errors="replace"))
-        os._exit(127 if error.errno == 2 else 126)
-    os._exit(126)
+        message = f"cannot run {spec.script}: {error.strerror}"
+        os.write(log_fd, f"cli.py: {message}\n".encode(errors="replace"))
+        return {"exit_code": 127 if error.errno == 2 else 126, "signal": None, "error": None}
 
 
 def _wait_for_group(run_dir, spec, leader):

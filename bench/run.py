@@ -160,12 +160,24 @@ def b5_many_workers(sandbox, root, jobs):
 
 
 def b6_refill(sandbox, root, jobs):
+    figures = {}
+    for workers, slots in ((1, 1), (4, 4)):
+        gaps = refill_gaps(sandbox, root / f"{workers}x{slots}", jobs, workers, slots)
+        label = f"{workers} worker{'s' if workers > 1 else ''} x {slots} slot{'s' if slots > 1 else ''}"
+        figures[f"B6 refill latency, {label}, median (ms)"] = statistics.median(gaps)
+        figures[f"B6 refill latency, {label}, p99 (ms)"] = gaps[int(len(gaps) * 0.99)]
+    return figures
+
+
+def refill_gaps(sandbox, root, jobs, workers, slots):
+    """Milliseconds from each job's end to the next start on its slot, as the jobs saw it."""
     times = root / "times"
-    times.mkdir()
+    times.mkdir(parents=True)
     job = script(root, "stamp.sh", f'echo "$(date +%s%N) start" >> {times}/$JOB_ID\n'
                                    f'echo "$(date +%s%N) end" >> {times}/$JOB_ID\n')
     with Queue(root / "b6", sandbox.env()) as queue:
-        queue("add_slave", "--skip_ssh_auth_check", "--slots", 4, "w1", "w2", "w3", "w4")
+        queue("add_slave", "--skip_ssh_auth_check", "--slots", slots,
+              *(f"w{n + 1}" for n in range(workers)))
         queue("add_job", job, ":::", *range(jobs))
         queue("wait", "--quiet")
         placed = json.loads(queue("jobs", "--json"))
@@ -180,9 +192,7 @@ def b6_refill(sandbox, root, jobs):
         spans.sort()
         gaps += [(start - previous_end) / 1e6 for (_, previous_end), (start, _)
                  in zip(spans, spans[1:])]
-    gaps.sort()
-    return {"B6 refill latency, median (ms)": statistics.median(gaps),
-            "B6 refill latency, p99 (ms)": gaps[int(len(gaps) * 0.99)]}
+    return sorted(gaps)
 
 
 WORKLOADS = {"B1": (b1_dispatch, 5000, 1000), "B2": (b2_ssh, 500, 100),

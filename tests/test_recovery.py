@@ -141,9 +141,12 @@ def test_a_held_lock_without_pid_file_is_never_queued_again_until_released(serve
     supervisor = supervisor_of(server, job_id)
     server.ok("stop")
     run_dir = server.data_dir / "run"
-    os.kill(supervisor, signal.SIGKILL)
+    # The state a supervisor leaves when it dies with its job between taking
+    # its lock and writing its pid file.
+    for pid in [supervisor] + session_members(supervisor):
+        os.kill(pid, signal.SIGKILL)
     wait_until(lambda: not any(process_alive(pid) for pid in session_members(supervisor)),
-               what="the job to die with its supervisor")
+               what="the job and its supervisor to die")
     lock = run_dir / f"{job_id}-1.lock"
     (run_dir / f"{job_id}-1.pid").unlink()
     holder = subprocess.Popen(["flock", str(lock), "sleep", "1.5"])
