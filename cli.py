@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import re
-import selectors
 import signal
 import socket
 import struct
@@ -68,6 +67,7 @@ MAX_JOB_ID = 2 ** 63 - 1         # SQLite's largest integer
 MAX_DURATION = 100 * 365 * 86400
 MAX_KILL_GRACE = 86400.0
 
+EVENT_READ, EVENT_WRITE = 1, 2   # selectors' event masks (imported by the server only)
 RECOVERY_WAIT = 5.0              # seconds a live supervisor gets to write its pid file
 PR_SET_CHILD_SUBREAPER = 36      # a prctl option (linux/prctl.h)
 
@@ -1411,6 +1411,7 @@ class Server:
         self.ssh_root = ssh_reuse_root(data_dir)
         self.shim_dir = os.path.join(self.ssh_root, "bin")
         self.store = Store(self.paths["database"])
+        import selectors   # here: clients do not need it
         self.selector = selectors.DefaultSelector()
         self.listener = None
         self.accepting = True
@@ -1443,7 +1444,7 @@ class Server:
         listener.listen(256)
         listener.setblocking(False)
         self.listener = listener
-        self.selector.register(listener, selectors.EVENT_READ, self.accept)
+        self.selector.register(listener, EVENT_READ, self.accept)
 
     def load(self):
         self.workers = {row["name"]: Worker(row) for row in self.store.workers()}
@@ -1620,7 +1621,7 @@ class Server:
         attempt = Attempt(row, pid, pidfd)
         self.running[row["id"]] = attempt
         self.hold_slot(row["worker"], row["slot"])
-        self.selector.register(pidfd, selectors.EVENT_READ,
+        self.selector.register(pidfd, EVENT_READ,
                                lambda events, attempt=attempt: self.attempt_ended(attempt))
         return attempt
 
@@ -1751,10 +1752,10 @@ class Server:
         client = Client(connection)
         self.clients.add(client)
         client.on_event = lambda events: self.client_event(client, events)
-        self.selector.register(connection, selectors.EVENT_READ, client.on_event)
+        self.selector.register(connection, EVENT_READ, client.on_event)
 
     def client_event(self, client, events):
-        if events & selectors.EVENT_READ:
+        if events & EVENT_READ:
             try:
                 chunk = client.connection.recv(1 << 16)
             except (BlockingIOError, InterruptedError):
@@ -1766,7 +1767,7 @@ class Server:
                 return
             if not client.request_done:
                 self.receive(client, chunk)
-        if events & selectors.EVENT_WRITE:
+        if events & EVENT_WRITE:
             self.flush(client)
 
     def receive(self, client, chunk):
@@ -1825,7 +1826,7 @@ class Server:
     def send_line(self, client, line):
         client.outgoing.extend(line)
         try:
-            self.selector.modify(client.connection, selectors.EVENT_READ | selectors.EVENT_WRITE,
+            self.selector.modify(client.connection, EVENT_READ | EVENT_WRITE,
                                  client.on_event)
         except (KeyError, ValueError):
             return   # already dropped
@@ -1846,7 +1847,7 @@ class Server:
         else:
             # A socket is nearly always writable: asking for EVENT_WRITE with nothing
             # to send would wake select() at once, forever.
-            self.selector.modify(client.connection, selectors.EVENT_READ, client.on_event)
+            self.selector.modify(client.connection, EVENT_READ, client.on_event)
 
     def drop_client(self, client):
         try:
@@ -1862,7 +1863,7 @@ class Server:
             self.stop_replies.remove(client)
         if not self.accepting and not self.stopping:
             self.accepting = True
-            self.selector.register(self.listener, selectors.EVENT_READ, self.accept)
+            self.selector.register(self.listener, EVENT_READ, self.accept)
 
     def reply_when_ended(self, client, job_ids, make_reply):
         """Defer CLIENT's reply until none of JOB_IDS is running any more."""
@@ -1889,7 +1890,7 @@ class Server:
         for number in (signal.SIGTERM, signal.SIGINT):
             signal.signal(number, lambda number, frame: self.request_stop())
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        self.selector.register(wakeup_read, selectors.EVENT_READ,
+        self.selector.register(wakeup_read, EVENT_READ,
                                lambda events: wakeup_read.recv(4096))
         while not self.stopping:
             if self.schedule_needed:
@@ -3394,9 +3395,9 @@ def command_load_status(options):
 
 def resolve_script(script, must_run=True):
     """An absolute path: as given if that exists, else looked up on PATH."""
-    import shutil
     candidate = script
     if "/" not in script and not os.path.exists(script):
+        import shutil
         candidate = shutil.which(script) or script
     path = os.path.abspath(candidate)
     if must_run:
@@ -3479,7 +3480,19 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(1, f"Error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser():
+class _NotBuilt:
+    """Stands in for the parser of a command that this run does not need."""
+
+    def add_argument(self, *args, **kwargs):
+        return None
+
+
+def build_parser(only=None):
+    """The whole command line; with ONLY, just that command (what most runs need).
+
+    Building the parsers of all the commands costs a client a few milliseconds
+    for nothing: only one of them can be on the command line.
+    """
     common = ArgumentParser(add_help=False)
     common.add_argument(
         "--server_data_dir", dest="data_dir", metavar="DIR", default=argparse.SUPPRESS,
@@ -3497,6 +3510,8 @@ def build_parser():
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name, **kwargs):
+        if only is not None and name != only:
+            return _NotBuilt()
         # The docstring's body is indented like the code; the help should not be.
         lines = COMMANDS[name].__doc__.strip().splitlines()
         description = "\n".join(line[4:] if line.startswith("    ") else line for line in lines)
@@ -3635,8 +3650,23 @@ def build_parser():
     return parser
 
 
+def command_named(argv):
+    """The command ARGV runs, if it plainly names one before any other option."""
+    words = iter(argv)
+    for word in words:
+        if word == "--server_data_dir":
+            next(words, None)
+        elif word.startswith("--server_data_dir="):
+            continue
+        elif word in COMMANDS:
+            return word
+        else:
+            return None   # --help, --version, a typo: the whole parser answers
+    return None
+
+
 def parse_arguments(argv):
-    parser = build_parser()
+    parser = build_parser(only=command_named(argv))
     options = parser.parse_args(argv)
     data_dir = getattr(options, "data_dir", None)
     positional = getattr(options, "data_dir_positional", None)

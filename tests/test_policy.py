@@ -123,3 +123,16 @@ def test_deep_data_dirs_get_a_short_socket_path():
     assert len(path.encode()) <= cli.SOCKET_PATH_LIMIT
     assert path == cli.socket_path(deep)
     assert cli.socket_path("/short") == "/short/server.sock"
+
+
+def test_event_masks_match_selectors():
+    import selectors
+    assert (cli.EVENT_READ, cli.EVENT_WRITE) == (selectors.EVENT_READ, selectors.EVENT_WRITE)
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["add_job", "./a.sh"], "add_job"), (["--server_data_dir", "d", "status"], "status"),
+    (["--server_data_dir=d", "wait"], "wait"), (["--help"], None), (["addjob"], None),
+    ([], None), (["--server_data_dir", "add_job"], None)])
+def test_only_the_named_command_is_built(argv, command):
+    assert cli.command_named(argv) == command
