@@ -66,12 +66,15 @@ MAX_BULK_JOBS = 1_000_000        # jobs one add_job call may queue, ids one comm
 MAX_JOB_ID = 2 ** 63 - 1         # SQLite's largest integer
 MAX_DURATION = 100 * 365 * 86400
 MAX_KILL_GRACE = 86400.0
+MAX_PRIORITY = 10 ** 9
+MAX_RETRIES = 10_000
+MAX_SLOTS = 100_000              # slots of one worker, or wanted by one job
 
 EVENT_READ, EVENT_WRITE = 1, 2   # selectors' event masks (imported by the server only)
 RECOVERY_WAIT = 5.0              # seconds a live supervisor gets to write its pid file
 PR_SET_CHILD_SUBREAPER = 36      # a prctl option (linux/prctl.h)
 
-RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP")
+RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP", "JOB_ATTEMPT", "SLOT", "SLOTS")
 SSH_SHIM_VARIABLE = "CLI_PY_SSH_SHIM_DIR"            # set for jobs that share SSH connections
 SSH_CONTROL_VARIABLE = "CLI_PY_SSH_CONTROL_PATH"
 VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -304,11 +307,59 @@ MIGRATIONS = [
     ALTER TABLE workers ADD COLUMN ssh_reuse INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE jobs ADD COLUMN ssh_reuse INTEGER NOT NULL DEFAULT 1;
     """,
+    # 3: scheduling policy: priorities, retries, timeouts, start times,
+    # dependencies, multi-slot jobs, placement, worker health.
+    """
+    ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN retries INTEGER NOT NULL DEFAULT 0;      -- more attempts allowed
+    ALTER TABLE jobs ADD COLUMN retry_delay REAL NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN timeout REAL;                          -- seconds an attempt may run
+    ALTER TABLE jobs ADD COLUMN timed_out INTEGER NOT NULL DEFAULT 0;  -- its kill is the timeout's
+    ALTER TABLE jobs ADD COLUMN not_before REAL;                       -- --at, --delay, --retry-delay
+    ALTER TABLE jobs ADD COLUMN slots_wanted INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE jobs ADD COLUMN slots TEXT;                            -- JSON list, while it runs
+    ALTER TABLE jobs ADD COLUMN run_on TEXT;                           -- JSON lists of workers
+    ALTER TABLE jobs ADD COLUMN prefer TEXT;
+    ALTER TABLE jobs ADD COLUMN exclude TEXT;
+    -- 1 while a waiting job may not start: open dependencies, or a start time
+    -- still to come.  Kept up to date so that choosing the next job never
+    -- scans the blocked ones.
+    ALTER TABLE jobs ADD COLUMN blocked INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX jobs_ready ON jobs (priority DESC, id) WHERE state = 'waiting' AND blocked = 0;
+    CREATE INDEX jobs_not_before ON jobs (not_before) WHERE state = 'waiting' AND blocked = 1;
+    -- A row is a condition not yet met: it goes when the prerequisite succeeds
+    -- (or, for --after-any, when any of them does).
+    CREATE TABLE dependencies (
+        job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        prerequisite INTEGER NOT NULL,
+        any_of INTEGER NOT NULL,                        -- 0: --after, 1: --after-any
+        PRIMARY KEY (job_id, prerequisite)
+    );
+    CREATE INDEX dependencies_by_prerequisite ON dependencies (prerequisite);
+    CREATE TABLE attempts (                             -- every ended attempt of every job
+        job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        attempt INTEGER NOT NULL,
+        worker TEXT,
+        slots TEXT,
+        started_at REAL,
+        ended_at REAL,
+        result TEXT,
+        exit_code INTEGER,
+        signal INTEGER,
+        reason TEXT,
+        PRIMARY KEY (job_id, attempt)
+    );
+    ALTER TABLE workers ADD COLUMN health TEXT NOT NULL DEFAULT 'up';
+    ALTER TABLE workers ADD COLUMN checked_at REAL;
+    ALTER TABLE workers ADD COLUMN check_reason TEXT;
+    """,
 ]
 
 # Per-job options beyond the command itself: column -> default.  add_job,
-# load_status and the JSON forms all take them from here.
-JOB_OPTIONS = {"ssh_reuse": True}
+# load_status and the JSON forms all take them from here (see _job_options).
+JOB_OPTIONS = {"ssh_reuse": True, "priority": 0, "retries": 0, "retry_delay": 0.0,
+               "timeout": None, "not_before": None, "slots_wanted": 1, "run_on": None,
+               "prefer": None, "exclude": None}
 
 
 class Store:
@@ -451,8 +502,27 @@ class Store:
         return self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
 
     def jobs_in_state(self, state, limit=-1):
-        return self.db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY id LIMIT ?",
+        """Jobs in STATE; waiting ones in the order they would start."""
+        order = "blocked, priority DESC, id" if state == JobState.WAITING else "id"
+        return self.db.execute(f"SELECT * FROM jobs WHERE state = ? ORDER BY {order} LIMIT ?",
                                (state.value, limit)).fetchall()
+
+    def ready_jobs(self, limit, after=None):
+        """Waiting jobs free to start, highest priority first, then oldest; the
+        ones after AFTER, the (priority, id) of the last one seen, if given."""
+        if after is None:
+            return self.db.execute(
+                "SELECT * FROM jobs WHERE state = 'waiting' AND blocked = 0 "
+                "ORDER BY priority DESC, id LIMIT ?", (limit,)).fetchall()
+        priority, job_id = after
+        return self.db.execute(
+            "SELECT * FROM jobs WHERE state = 'waiting' AND blocked = 0 AND "
+            "(priority < ? OR (priority = ? AND id > ?)) ORDER BY priority DESC, id LIMIT ?",
+            (priority, priority, job_id, limit)).fetchall()
+
+    def set_priority(self, job_ids, priority):
+        self.db.executemany("UPDATE jobs SET priority = ? WHERE id = ? AND state = ?",
+                            [(priority, job_id, JobState.WAITING.value) for job_id in job_ids])
 
     def counts(self):
         counts = {"waiting": 0, "running": 0}
@@ -609,6 +679,17 @@ def job_to_json(row, log_dir):
         "ended_at": iso_time(row["ended_at"]),
         "log": row["log"] or job_log_path(log_dir, row["id"]),
         "ssh_reuse": bool(row["ssh_reuse"]),
+        "priority": row["priority"],
+        "retries": row["retries"],
+        "retry_delay": row["retry_delay"],
+        "timeout": row["timeout"],
+        "not_before": iso_time(row["not_before"]),
+        "slots_wanted": row["slots_wanted"],
+        "slots": json.loads(row["slots"]) if row["slots"] else
+        (None if row["slot"] is None else [row["slot"]]),
+        "on": json.loads(row["run_on"] or "null"),
+        "prefer": json.loads(row["prefer"] or "null"),
+        "exclude": json.loads(row["exclude"] or "null"),
     }
 
 
@@ -670,7 +751,7 @@ def plan_starts(waiting_job_ids, workers):
 
 
 def job_environment(submitter_environment, worker_variables, job_variables, job_id, worker,
-                    ssh_reuse=None):
+                    attempt=1, slots=(0,), ssh_reuse=None):
     """The environment a job script runs with; later sources override earlier ones.
 
     SSH_REUSE, if given, is (shim dir, ControlPath): the shim dir goes first on
@@ -681,6 +762,9 @@ def job_environment(submitter_environment, worker_variables, job_variables, job_
     environment.update(job_variables)
     environment["JOB_ID"] = str(job_id)
     environment["SLAVE_IP"] = worker
+    environment["JOB_ATTEMPT"] = str(attempt)
+    environment["SLOT"] = str(slots[0])
+    environment["SLOTS"] = ",".join(map(str, slots))
     if ssh_reuse is not None:
         shim_dir, control_path = ssh_reuse
         environment["PATH"] = shim_dir + os.pathsep + environment.get("PATH", os.defpath)
@@ -1562,7 +1646,7 @@ class Server:
         free = sum(capacity.free_slots for capacity in capacities)
         if free == 0:
             return
-        waiting = self.store.jobs_in_state(JobState.WAITING, limit=free)
+        waiting = self.store.ready_jobs(limit=free)
         if not waiting:
             return
         jobs = {row["id"]: row for row in waiting}
@@ -1602,7 +1686,9 @@ class Server:
             ssh_reuse = (self.shim_dir, os.path.join(control_dir, "%C"))
         environment = job_environment(self.submitter_environment(row["environment_id"]),
                                       worker.variables, json.loads(row["variables"]),
-                                      row["id"], worker.name, ssh_reuse)
+                                      row["id"], worker.name, row["attempt"],
+                                      json.loads(row["slots"] or "null") or [row["slot"]],
+                                      ssh_reuse)
         spec = AttemptSpec(row["id"], row["attempt"], row["script"], json.loads(row["args"]),
                            row["cwd"], environment, row["umask"], self.job_fd_limit, row["log"])
         pid, pidfd = self.spawner.spawn(self.run_dir, spec)
@@ -2107,6 +2193,22 @@ class Server:
             return self.reply_when_ended(client, running, lambda: outcome)
         return outcome
 
+    def cmd_priority(self, client, params):
+        """Give waiting jobs a new priority: higher starts first, FIFO among equals."""
+        job_ids = _job_ids(params)
+        priority = _option_int(params, "priority", -MAX_PRIORITY, MAX_PRIORITY)
+        for row in self.existing_jobs(job_ids):
+            if row["state"] != JobState.WAITING.value:
+                raise UserError(f"job {row['id']} is {row['state']}"
+                                + (f" ({row['result']})" if row["result"] else "")
+                                + ": priority only orders jobs that are still waiting; "
+                                  "nothing was changed")
+        with self.store.transaction():
+            self.store.set_priority(job_ids, priority)
+        self.log.info("%d job(s) now have priority %d", len(job_ids), priority)
+        self.schedule_needed = True
+        return {"ids": job_ids, "priority": priority}
+
     def existing_jobs(self, job_ids):
         """The rows of JOB_IDS, or an error naming the first unknown id."""
         rows = self.store.jobs_by_id(job_ids)
@@ -2355,6 +2457,7 @@ HANDLERS = {
     "remove_job": Server.cmd_remove_job,
     "load_status": Server.cmd_load_status,
     "kill": Server.cmd_kill,
+    "priority": Server.cmd_priority,
     "jobs": Server.cmd_jobs,
     "purge": Server.cmd_purge,
     "wait": Server.cmd_wait,
@@ -2436,11 +2539,65 @@ def _flag(params, name, default):
 
 
 def _job_options(source):
-    """The per-job options (JOB_OPTIONS) of an add_job request or a load_status entry."""
-    ssh_reuse = source.get("ssh_reuse", JOB_OPTIONS["ssh_reuse"])
-    if not isinstance(ssh_reuse, bool):
-        raise UserError("'ssh_reuse' must be true or false")
-    return {"ssh_reuse": ssh_reuse}
+    """The per-job options (JOB_OPTIONS) of an add_job request or a load_status
+    entry (the names of jobs --json), checked, in their column form."""
+    hosts = {}
+    for name, column in (("on", "run_on"), ("prefer", "prefer"), ("exclude", "exclude")):
+        value = source.get(name)
+        if value is not None:
+            if not isinstance(value, list) or not value or \
+                    not all(isinstance(host, str) for host in value):
+                raise UserError(f"'{name}' must be a non-empty list of worker names")
+            for host in value:
+                validate_host_name(host)
+            value = json.dumps(sorted(set(value), key=value.index))
+        hosts[column] = value
+    return {
+        "ssh_reuse": _option_bool(source, "ssh_reuse"),
+        "priority": _option_int(source, "priority", -MAX_PRIORITY, MAX_PRIORITY),
+        "retries": _option_int(source, "retries", 0, MAX_RETRIES),
+        "retry_delay": _option_seconds(source, "retry_delay"),
+        "timeout": _option_seconds(source, "timeout"),
+        "not_before": _option_time(source, "not_before"),
+        "slots_wanted": _option_int(source, "slots_wanted", 1, MAX_SLOTS),
+        **hosts,
+    }
+
+
+def _option_bool(source, name):
+    value = source.get(name, JOB_OPTIONS[name])
+    if not isinstance(value, bool):
+        raise UserError(f"'{name}' must be true or false")
+    return value
+
+
+def _option_int(source, name, low, high):
+    value = source.get(name, JOB_OPTIONS[name])
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise UserError(f"'{name}' must be a whole number from {low} to {high}")
+    return value
+
+
+def _option_seconds(source, name):
+    value = source.get(name, JOB_OPTIONS[name])
+    if value is None and JOB_OPTIONS[name] is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or \
+            not 0 <= value <= MAX_DURATION or value != value:
+        raise UserError(f"'{name}' must be a number of seconds from 0 to {MAX_DURATION}")
+    if value == 0 and JOB_OPTIONS[name] is None:
+        raise UserError(f"'{name}' must be more than 0 seconds (or null for none)")
+    return float(value)
+
+
+def _option_time(source, name):
+    value = source.get(name)
+    if value is None:
+        return None
+    try:
+        return parse_iso_time(value)
+    except (ValueError, TypeError, OverflowError):
+        raise UserError(f"'{name}' {value!r} is not an ISO 8601 time") from None
 
 
 def _job_id(value):
@@ -2985,9 +3142,10 @@ def command_add_job(options):
 
     The job runs SCRIPT with ARGS exactly as given, in the current directory,
     with the current environment plus the worker's and the job's -e variables,
-    plus JOB_ID and SLAVE_IP.  After ARGS, each `::: A B C` group adds one
-    argument per job, several groups give every combination (as in GNU
-    parallel); --args-file gives one job per line instead.  Either all jobs
+    plus JOB_ID, SLAVE_IP, SLOT, SLOTS and JOB_ATTEMPT.  After ARGS, each
+    `::: A B C` group adds one argument per job, several groups give every
+    combination (as in GNU parallel); --args-file gives one job per line
+    instead.  Either all jobs
     are queued or none.
     """
     script = resolve_script(options.script)
@@ -3000,7 +3158,7 @@ def command_add_job(options):
     one = {"args": arg_lists[0]} if len(arg_lists) == 1 else {"args_list": arg_lists}
     result = request(options.data_dir, "add_job", script=script, cwd=current_dir(),
                      environment=dict(os.environ), variables=variables, umask=current_umask(),
-                     ssh_reuse=options.ssh_reuse, **one)
+                     ssh_reuse=options.ssh_reuse, priority=options.priority, **one)
     print(result["id"] if result["first"] == result["last"]
           else f"{result['first']}-{result['last']}")
     return 0
@@ -3092,6 +3250,18 @@ def command_kill(options):
     result = request(options.data_dir, "kill", ids=job_ids, grace=grace)
     print(f"killed {describe_ids(result['killed'])}"
           + (f" ({result['ended']} had already ended)" if result["ended"] else ""))
+    return 0
+
+
+def command_priority(options):
+    """Change the priority of waiting jobs: higher starts first, FIFO among equals.
+
+    Every job starts with the priority add_job gave it (default 0).  Running
+    and finished jobs cannot be changed.
+    """
+    job_ids = parse_job_ids(options.ids)
+    result = request(options.data_dir, "priority", ids=job_ids, priority=options.priority)
+    print(f"{describe_ids(result['ids'])}: priority {result['priority']}")
     return 0
 
 
@@ -3431,6 +3601,7 @@ COMMANDS = {
     "remove_job": command_remove_job,
     "load_status": command_load_status,
     "kill": command_kill,
+    "priority": command_priority,
     "jobs": command_jobs,
     "logs": command_logs,
     "purge": command_purge,
@@ -3457,6 +3628,8 @@ EXAMPLES = {
     "remove_job": "./cli.py remove_job 12 13\n  ./cli.py remove_job ./job.sh input-1.dat",
     "load_status": "./cli.py status --json > state.json\n  ./cli.py load_status state.json",
     "kill": "./cli.py kill 12\n  ./cli.py kill --grace 1m 12-20 31",
+    "priority": "./cli.py priority 10 42          # job 42 goes before the default-0 ones\n"
+                "  ./cli.py priority -5 100-199   # these go last",
     "jobs": "./cli.py jobs --last 20\n  ./cli.py jobs --state failed --worker node3\n"
             "  ./cli.py jobs 42\n  ./cli.py jobs --json > history.json",
     "logs": "./cli.py logs 42\n  ./cli.py logs -f 42 && echo 'job 42 succeeded'",
@@ -3569,12 +3742,15 @@ def build_parser(only=None):
 
     add_job = add("add_job")
     add_job.add_argument("-e", dest="env", action="append", default=[], metavar="NAME=VALUE",
-                         help="A variable for this job; repeatable. JOB_ID and SLAVE_IP are "
-                              "reserved.")
+                         help="A variable for this job; repeatable. JOB_ID, SLAVE_IP, SLOT, "
+                              "SLOTS and JOB_ATTEMPT are reserved.")
     add_job.add_argument("--args-file", metavar="FILE",
                          help="One job per line of FILE (- for stdin), split into arguments as "
                               "a POSIX shell would, without running anything; they follow "
                               "ARGS. Like -e, it goes before SCRIPT.")
+    add_job.add_argument("--priority", type=int, default=0, metavar="N",
+                         help="Higher starts first; jobs of equal priority start in "
+                              "submission order (default: 0; may be negative).")
     add_job.add_argument("--no-ssh-reuse", dest="ssh_reuse", action="store_false",
                          help="This job's ssh, scp and rsync calls each open a new connection "
                               "instead of sharing one per host.")
@@ -3599,6 +3775,13 @@ def build_parser(only=None):
     kill.add_argument("--grace", default=f"{DEFAULT_KILL_GRACE:g}s", metavar="DURATION",
                       help="Time between SIGTERM and SIGKILL, like 10s or 1m "
                            f"(default: {DEFAULT_KILL_GRACE:g}s).")
+
+    priority = add("priority")
+    priority.add_argument("priority", type=int, metavar="N",
+                          help=f"The new priority, a whole number from {-MAX_PRIORITY} to "
+                               f"{MAX_PRIORITY}; higher starts first.")
+    priority.add_argument("ids", nargs="+", metavar="ID",
+                          help="Waiting jobs: ids, or ranges like 12-20.")
 
     jobs = add("jobs")
     jobs.add_argument("id", nargs="?", type=one_job_id, metavar="ID",

@@ -52,16 +52,18 @@ def test_job_environment_precedence_and_reserved_names():
     environment = cli.job_environment({"A": "caller", "B": "caller", "JOB_ID": "spoof"},
                                       {"B": "worker", "C": "worker"}, {"C": "job"}, 5, "w1")
     assert environment == {"A": "caller", "B": "worker", "C": "job", "JOB_ID": "5",
-                           "SLAVE_IP": "w1"}
+                           "SLAVE_IP": "w1", "JOB_ATTEMPT": "1", "SLOT": "0", "SLOTS": "0"}
+    several = cli.job_environment({}, {}, {}, 5, "w1", attempt=3, slots=[2, 3, 5])
+    assert (several["JOB_ATTEMPT"], several["SLOT"], several["SLOTS"]) == ("3", "2", "2,3,5")
 
 
 def test_job_environment_puts_the_ssh_shim_first_on_path():
     environment = cli.job_environment({"PATH": "/usr/bin:/bin"}, {}, {"PATH": "/opt/bin"}, 5, "w1",
-                                      ("/data/ssh/bin", "/data/ssh/1234abcd/%C"))
+                                      ssh_reuse=("/data/ssh/bin", "/data/ssh/1234abcd/%C"))
     assert environment["PATH"] == "/data/ssh/bin:/opt/bin"
     assert environment["CLI_PY_SSH_SHIM_DIR"] == "/data/ssh/bin"
     assert environment["CLI_PY_SSH_CONTROL_PATH"] == "/data/ssh/1234abcd/%C"
-    no_path = cli.job_environment({}, {}, {}, 5, "w1", ("/s", "/c/%C"))
+    no_path = cli.job_environment({}, {}, {}, 5, "w1", ssh_reuse=("/s", "/c/%C"))
     assert no_path["PATH"] == "/s:" + cli.os.defpath
 
 
