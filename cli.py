@@ -69,6 +69,7 @@ MAX_KILL_GRACE = 86400.0
 MAX_PRIORITY = 10 ** 9
 MAX_RETRIES = 10_000
 MAX_SLOTS = 100_000              # slots of one worker, or wanted by one job
+SCHEDULE_SCAN_LIMIT = 5000       # ready jobs one scheduling pass looks at, at most
 
 EVENT_READ, EVENT_WRITE = 1, 2   # selectors' event masks (imported by the server only)
 RECOVERY_WAIT = 5.0              # seconds a live supervisor gets to write its pid file
@@ -218,9 +219,9 @@ class WorkerState(str, Enum):
     DRAINING = "draining"       # takes no new jobs; removed when its last job ends
 
 
-# WAITING -> DONE is a waiting job killed before it ran.  RUNNING -> WAITING
-# happens only in recovery or after a failed launch, for an attempt whose
-# script never started.
+# WAITING -> DONE is a waiting job killed (or skipped) before it ran.
+# RUNNING -> WAITING is a failed attempt with retries left, or, in recovery
+# or after a failed launch, an attempt whose script never started.
 JOB_TRANSITIONS = {
     JobState.WAITING: {JobState.RUNNING, JobState.DONE},
     JobState.RUNNING: {JobState.DONE, JobState.WAITING},
@@ -242,8 +243,10 @@ def check_transition(table, old, new):
         raise IllegalTransition(f"{old.value} -> {new.value}")
 
 
-def result_of(exit_code, kill_requested):
+def result_of(exit_code, kill_requested, timed_out=False):
     """How an attempt ended, from what its supervisor recorded."""
+    if timed_out:
+        return JobResult.TIMED_OUT
     if kill_requested:
         return JobResult.KILLED
     if exit_code == 0:
@@ -479,9 +482,10 @@ class Store:
         columns = ", ".join(JOB_OPTIONS)
         return self.db.execute(
             f"INSERT INTO jobs (id, state, script, args, cwd, environment_id, variables, umask, "
-            f"submitted_at, {columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
+            f"submitted_at, blocked, {columns}) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
             (job_id, JobState.WAITING.value, script, json.dumps(args), cwd, environment_id,
-             json.dumps(variables), umask, submitted_at or time.time(),
+             json.dumps(variables), umask, submitted_at or time.time(), _blocked(options),
              *(options[name] for name in JOB_OPTIONS))).lastrowid
 
     def insert_jobs(self, script, arg_lists, cwd, environment_id, variables, umask, options):
@@ -489,12 +493,13 @@ class Store:
         now = time.time()
         variables_text = json.dumps(variables)
         option_values = tuple(options[name] for name in JOB_OPTIONS)
+        blocked = _blocked(options)
         self.db.executemany(
             f"INSERT INTO jobs (state, script, args, cwd, environment_id, variables, umask, "
-            f"submitted_at, {', '.join(JOB_OPTIONS)}) "
-            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
+            f"submitted_at, blocked, {', '.join(JOB_OPTIONS)}) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
             ((JobState.WAITING.value, script, json.dumps(args), cwd, environment_id,
-              variables_text, umask, now, *option_values) for args in arg_lists))
+              variables_text, umask, now, blocked, *option_values) for args in arg_lists))
         last = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()[0]
         return last - len(arg_lists) + 1, last
 
@@ -596,6 +601,58 @@ class Store:
             "kill_grace = ?, reason = ? WHERE id = ? AND state = ?",
             (time.time(), grace, reason, job_id, JobState.RUNNING.value))
 
+    def request_timeout(self, job_id, grace, reason):
+        """A kill by the job's --timeout: the attempt ends as timed_out."""
+        self.request_kill(job_id, grace, reason)
+        self.db.execute("UPDATE jobs SET timed_out = 1 WHERE id = ? AND state = ?",
+                        (job_id, JobState.RUNNING.value))
+
+    def record_attempt(self, row, result, outcome, reason, ended_at):
+        """Keep how one attempt went, for the job's history (jobs ID)."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO attempts (job_id, attempt, worker, slots, started_at, "
+            "ended_at, result, exit_code, signal, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (row["id"], row["attempt"], row["worker"], row["slots"] or json.dumps([row["slot"]]),
+             row["started_at"], ended_at, result.value, outcome.get("exit_code"),
+             outcome.get("signal"), reason))
+
+    def attempts(self, job_id):
+        return self.db.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt",
+                               (job_id,)).fetchall()
+
+    def failed_on(self, job_ids):
+        """{job id: workers its earlier attempts failed on}, for the retried ones of JOB_IDS."""
+        failed = {}
+        for chunk in _chunks(job_ids):
+            for job_id, worker in self.db.execute(
+                    f"SELECT job_id, worker FROM attempts WHERE job_id IN "
+                    f"({', '.join('?' * len(chunk))}) AND result != ?",
+                    (*chunk, JobResult.SUCCEEDED.value)):
+                failed.setdefault(job_id, set()).add(worker)
+        return failed
+
+    def retry(self, job_id, not_before, reason):
+        """A failed attempt with retries left: the job waits again (until NOT_BEFORE)."""
+        self.change_job(job_id, JobState.RUNNING, JobState.WAITING, worker=None, slot=None,
+                        slots=None, started_at=None, kill_requested_at=None, kill_grace=None,
+                        timed_out=0, exit_code=None, signal=None, reason=reason,
+                        not_before=not_before,
+                        blocked=int(not_before is not None and not_before > time.time()))
+
+    def release_due(self, now):
+        """Unblock the waiting jobs whose start time has come and that wait on nothing
+        else; return how many."""
+        return self.db.execute(
+            "UPDATE jobs SET blocked = 0 WHERE state = 'waiting' AND blocked = 1 AND "
+            "not_before <= ? AND NOT EXISTS (SELECT 1 FROM dependencies "
+            "WHERE dependencies.job_id = jobs.id)", (now,)).rowcount
+
+    def next_release(self, now):
+        """The earliest start time still to come among blocked jobs, or None."""
+        return self.db.execute(
+            "SELECT min(not_before) FROM jobs WHERE state = 'waiting' AND blocked = 1 AND "
+            "not_before > ?", (now,)).fetchone()[0]
+
     def requeue(self, job_id, attempt):
         """An attempt whose script never started goes back to the queue, unnumbered."""
         self.change_job(job_id, JobState.RUNNING, JobState.WAITING, attempt=attempt - 1,
@@ -633,6 +690,11 @@ class Store:
                             [(job_id, JobState.WAITING.value) for job_id in job_ids])
 
 
+def _blocked(options):
+    """1 if a new job with OPTIONS may not start yet (its start time is to come)."""
+    return int(options["not_before"] is not None and options["not_before"] > time.time())
+
+
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK if the block raises."""
 
@@ -654,6 +716,12 @@ class _Transaction:
                 raise
         self.db.execute("ROLLBACK")
         return False
+
+
+def _chunks(items, size=500):
+    """ITEMS in lists short enough for one SQL statement's parameters."""
+    items = list(items)
+    return [items[start:start + size] for start in range(0, len(items), size)]
 
 
 def job_to_json(row, log_dir):
@@ -693,6 +761,19 @@ def job_to_json(row, log_dir):
     }
 
 
+def attempt_slots(row):
+    """The slots a running job (or one attempt of it) holds."""
+    return json.loads(row["slots"]) if row["slots"] else [row["slot"]]
+
+
+def attempt_to_json(row):
+    """One ended attempt of a job, from its history."""
+    return {"attempt": row["attempt"], "worker": row["worker"],
+            "slots": json.loads(row["slots"] or "null"), "result": row["result"],
+            "exit_code": row["exit_code"], "signal": row["signal"], "reason": row["reason"],
+            "started_at": iso_time(row["started_at"]), "ended_at": iso_time(row["ended_at"])}
+
+
 def iso_time(timestamp):
     if timestamp is None:
         return None
@@ -712,42 +793,123 @@ class WorkerCapacity:
         self.name = name
         self.slots = slots
         self.busy_slots = set(busy_slots)
-        self.accepting = accepting
+        self.accepting = accepting     # active, and not down
 
     @property
     def free_slots(self):
         return max(0, self.slots - len(self.busy_slots)) if self.accepting else 0
 
-    def lowest_free_slot(self):
-        return next(slot for slot in range(self.slots) if slot not in self.busy_slots)
+    def take(self, count):
+        """Hold the COUNT lowest free slots; return them."""
+        taken = []
+        for slot in range(self.slots):
+            if len(taken) == count:
+                break
+            if slot not in self.busy_slots:
+                taken.append(slot)
+        self.busy_slots.update(taken)
+        return taken
 
 
-def plan_starts(waiting_job_ids, workers):
-    """Which waiting jobs start now, where, and in which slot.
+class JobNeeds:
+    """What the scheduler needs to know of one waiting job."""
 
-    Jobs go in the order given (FIFO by id); each goes to the accepting worker
-    with the most free slots, so load spreads across machines instead of piling
-    onto the first one.  Ties go to the worker added first.  Returns a list of
-    (job_id, worker_name, slot); WORKERS are not modified.
+    def __init__(self, job_id, slots=1, on=None, prefer=(), exclude=(), avoid=()):
+        self.job_id = job_id
+        self.slots = slots
+        self.on = on                   # None: any worker
+        self.prefer = set(prefer)
+        self.exclude = set(exclude)
+        self.avoid = set(avoid)        # workers its earlier attempts failed on
+
+    @property
+    def plain(self):
+        return self.slots == 1 and self.on is None and not (self.prefer or self.exclude or
+                                                             self.avoid)
+
+    def allowed(self, capacity):
+        """The workers of CAPACITY (name -> WorkerCapacity) this job may run on."""
+        names = capacity if self.on is None else [name for name in self.on if name in capacity]
+        return [capacity[name] for name in names if name not in self.exclude]
+
+
+def plan_starts(jobs, workers):
+    """Which waiting jobs start now, where, and in which slots.
+
+    JOBS (JobNeeds) come in the order they should start: priority, then age.
+    A plain job goes to the accepting worker with the most free slots, so load
+    spreads across machines; ties go to the worker added first.  That is a
+    heap, so 500 workers cost little more than 4.  A job with wishes goes to
+    the allowed worker with enough free slots that it prefers (--prefer),
+    then one it has not failed on, then the one with most free slots.
+
+    A multi-slot job that fits nowhere reserves the allowed worker closest to
+    fitting (the most free slots): nothing after it starts there, so the slots
+    it needs free up instead of going to a stream of small jobs.  We cannot
+    know which worker frees first (jobs have no run-time estimates), and
+    ageing would still let small jobs take every freed slot in between.
+
+    Returns a Plan: [(job_id, worker name, [slots])], with the reserved
+    workers' names in .reserved; WORKERS are not modified.
     """
     import heapq
     capacity = {worker.name: WorkerCapacity(worker.name, worker.slots, worker.busy_slots,
                                             worker.accepting) for worker in workers}
-    heap = [(-worker.free_slots, position, worker.name)
-            for position, worker in enumerate(capacity.values()) if worker.free_slots > 0]
+    order = {name: position for position, name in enumerate(capacity)}
+    heap = [(-worker.free_slots, order[name], name) for name, worker in capacity.items()
+            if worker.free_slots > 0]
     heapq.heapify(heap)
-    starts = []
-    for job_id in waiting_job_ids:
-        if not heap:
-            break
-        free, position, name = heapq.heappop(heap)
-        worker = capacity[name]
-        slot = worker.lowest_free_slot()
-        worker.busy_slots.add(slot)
-        starts.append((job_id, name, slot))
-        if free + 1 < 0:
-            heapq.heappush(heap, (free + 1, position, name))
+    reserved = set()
+    starts = Plan()
+    starts.reserved = reserved
+    for job in jobs:
+        if job.plain:
+            worker = _most_free(heap, capacity, reserved)
+            if worker is None:
+                break          # no free slot left but on reserved workers
+            starts.append((job.job_id, worker.name, worker.take(1)))
+            continue
+        allowed = [worker for worker in job.allowed(capacity) if worker.name not in reserved]
+        fits = [worker for worker in allowed if worker.free_slots >= job.slots]
+        if fits:
+            worker = min(fits, key=lambda worker: (worker.name not in job.prefer,
+                                                   worker.name in job.avoid,
+                                                   -worker.free_slots, order[worker.name]))
+            starts.append((job.job_id, worker.name, worker.take(job.slots)))
+        elif job.slots > 1:
+            could = [worker for worker in allowed if worker.accepting and
+                     worker.slots >= job.slots]
+            if could:
+                reserved.add(min(could, key=lambda worker: (-worker.free_slots,
+                                                            order[worker.name])).name)
     return starts
+
+
+class Plan(list):
+    """What plan_starts decided: a list of starts, and .reserved (worker names)."""
+
+    reserved = frozenset()
+
+
+def _most_free(heap, capacity, reserved):
+    """The worker on top of HEAP, once stale entries (slots taken since, or reserved)
+    are dropped or corrected."""
+    import heapq
+    while heap:
+        free, position, name = heap[0]
+        worker = capacity[name]
+        if name in reserved or worker.free_slots == 0:
+            heapq.heappop(heap)
+        elif -free != worker.free_slots:
+            heapq.heapreplace(heap, (-worker.free_slots, position, name))
+        else:
+            # Its entry after this job takes a slot; the heap stays a heap.
+            if worker.free_slots > 1:
+                heapq.heapreplace(heap, (free + 1, position, name))
+            else:
+                heapq.heappop(heap)
+            return worker
+    return None
 
 
 def job_environment(submitter_environment, worker_variables, job_variables, job_id, worker,
@@ -1420,7 +1582,7 @@ class Attempt:
         self.job_id = row["id"]
         self.number = row["attempt"]
         self.worker = row["worker"]
-        self.slot = row["slot"]
+        self.slots = attempt_slots(row)
         self.pid = pid
         self.pidfd = pidfd       # None: a live supervisor we could not watch (see adopt)
 
@@ -1509,6 +1671,9 @@ class Server:
         self.waiters = []          # (predicate, client, make_reply)
         self.subscriptions = []    # wait clients
         self.environment_cache = {}
+        self.timers = []           # heap of (when, sequence, callback): start times, timeouts
+        self.timer_sequence = 0
+        self.release_at = None     # when the timer that unblocks delayed jobs fires
 
     # --- start-up and recovery --------------------------------------------
 
@@ -1535,6 +1700,7 @@ class Server:
         self.paused = self.store.setting("paused", False)
         self.recover()
         self.prepare_ssh_reuse()
+        self.release_delayed()
 
     def prepare_ssh_reuse(self):
         """Write the job scripts' ssh shims; stop the masters of workers now gone."""
@@ -1607,7 +1773,7 @@ class Server:
             if time.monotonic() > deadline:
                 # Alive but not watchable: keep its slot, never start it twice.
                 self.running[job_id] = Attempt(row, pid, None)
-                self.hold_slot(row["worker"], row["slot"])
+                self.hold_slots(row["worker"], attempt_slots(row))
                 self.log.warning("job %s: its supervisor holds its lock but cannot be watched; "
                                  "left running, checked again at the next start", job_id)
                 return True
@@ -1643,20 +1809,16 @@ class Server:
         if self.paused:
             return
         capacities = [worker.capacity() for worker in self.workers.values()]
-        free = sum(capacity.free_slots for capacity in capacities)
-        if free == 0:
+        starts, jobs = self.plan(capacities)
+        if not starts:
             return
-        waiting = self.store.ready_jobs(limit=free)
-        if not waiting:
-            return
-        jobs = {row["id"]: row for row in waiting}
-        starts = plan_starts(list(jobs), capacities)
         now = time.time()
         started = []
         with self.store.transaction():
-            for job_id, worker, slot in starts:
-                changes = {"worker": worker, "slot": slot, "started_at": now,
-                           "attempt": jobs[job_id]["attempt"] + 1,
+            for job_id, worker, slots in starts:
+                changes = {"worker": worker, "slot": slots[0],
+                           "slots": json.dumps(slots) if len(slots) > 1 else None,
+                           "started_at": now, "attempt": jobs[job_id]["attempt"] + 1,
                            "log": job_log_path(self.log_dir, job_id)}
                 self.store.change_job(job_id, JobState.WAITING, JobState.RUNNING, **changes)
                 started.append({**dict(jobs[job_id]), **changes,
@@ -1676,6 +1838,34 @@ class Server:
                 self.jobs_moved([job_id], JobState.WAITING)
                 # Not schedule_needed: the next event (a job ending) retries.
 
+    def plan(self, capacities):
+        """plan_starts over as much of the queue as it takes to fill the free slots.
+
+        Usually the first rows fill them.  Jobs that cannot go where there is
+        room (placement, slots) make it look further, up to SCHEDULE_SCAN_LIMIT
+        ready jobs.  Returns (starts, {job id: row}).
+        """
+        free = sum(capacity.free_slots for capacity in capacities)
+        rows, after, starts = [], None, []
+        while free:
+            limit = max(free, 64) if after is None else 1000
+            page = self.store.ready_jobs(limit=limit, after=after)
+            rows += page
+            starts = plan_starts(self.job_needs(rows), capacities)
+            used = sum(len(slots) for _, _, slots in starts)
+            left = sum(capacity.free_slots for capacity in capacities
+                       if capacity.name not in starts.reserved) - used
+            if left <= 0 or len(page) < limit or len(rows) >= SCHEDULE_SCAN_LIMIT:
+                break
+            after = (page[-1]["priority"], page[-1]["id"])
+        return starts, {row["id"]: row for row in rows}
+
+    def job_needs(self, rows):
+        failed_on = self.store.failed_on([row["id"] for row in rows if row["attempt"]])
+        return [JobNeeds(row["id"], row["slots_wanted"], json.loads(row["run_on"] or "null"),
+                         json.loads(row["prefer"] or "[]"), json.loads(row["exclude"] or "[]"),
+                         failed_on.get(row["id"], ())) for row in rows]
+
     def start_attempt(self, row):
         worker = self.workers[row["worker"]]
         ssh_reuse = None
@@ -1687,8 +1877,7 @@ class Server:
         environment = job_environment(self.submitter_environment(row["environment_id"]),
                                       worker.variables, json.loads(row["variables"]),
                                       row["id"], worker.name, row["attempt"],
-                                      json.loads(row["slots"] or "null") or [row["slot"]],
-                                      ssh_reuse)
+                                      attempt_slots(row), ssh_reuse)
         spec = AttemptSpec(row["id"], row["attempt"], row["script"], json.loads(row["args"]),
                            row["cwd"], environment, row["umask"], self.job_fd_limit, row["log"])
         pid, pidfd = self.spawner.spawn(self.run_dir, spec)
@@ -1706,15 +1895,69 @@ class Server:
     def watch(self, row, pid, pidfd):
         attempt = Attempt(row, pid, pidfd)
         self.running[row["id"]] = attempt
-        self.hold_slot(row["worker"], row["slot"])
+        self.hold_slots(row["worker"], attempt.slots)
         self.selector.register(pidfd, EVENT_READ,
                                lambda events, attempt=attempt: self.attempt_ended(attempt))
+        if row["timeout"] is not None and not row["timed_out"]:
+            # From the recorded start, so that a restart does not extend it.
+            self.add_timer(row["started_at"] + row["timeout"],
+                           lambda attempt=attempt: self.time_out(attempt))
         return attempt
 
-    def hold_slot(self, worker_name, slot):
+    def time_out(self, attempt):
+        """The attempt's --timeout has passed: kill it as kill does; it ends timed_out."""
+        if self.running.get(attempt.job_id) is not attempt:
+            return   # it ended meanwhile
+        row = self.store.job(attempt.job_id)
+        if row["kill_requested_at"] is not None:
+            return   # already being killed, by kill or remove_slave --kill: left as that
+        reason = f"timed out after {_duration_text(row['timeout'])}"
+        with self.store.transaction():
+            self.store.request_timeout(attempt.job_id, DEFAULT_KILL_GRACE, reason)
+        self.log.info("job %s: %s; killing", attempt.job_id, reason)
+        self.signal_kill(attempt, DEFAULT_KILL_GRACE)
+
+    # --- timers -------------------------------------------------------------
+
+    def add_timer(self, when, callback):
+        import heapq
+        self.timer_sequence += 1
+        heapq.heappush(self.timers, (when, self.timer_sequence, callback))
+
+    def timer_timeout(self):
+        """How long select() may sleep: until the next timer, or for ever."""
+        if not self.timers:
+            return None
+        return max(0.0, self.timers[0][0] - time.time())
+
+    def run_timers(self):
+        import heapq
+        now = time.time()
+        while self.timers and self.timers[0][0] <= now:
+            _, _, callback = heapq.heappop(self.timers)
+            self.guarded(callback)
+
+    def release_delayed(self):
+        """Let the jobs whose start time has come be scheduled; wake for the next."""
+        now = time.time()
+        self.release_at = None
+        with self.store.transaction():
+            released = self.store.release_due(now)
+        if released:
+            self.schedule_needed = True
+        self.arm_release()
+
+    def arm_release(self):
+        """Make sure a timer fires at the earliest start time still to come."""
+        when = self.store.next_release(time.time())
+        if when is not None and (self.release_at is None or when < self.release_at):
+            self.release_at = when
+            self.add_timer(when, self.release_delayed)
+
+    def hold_slots(self, worker_name, slots):
         worker = self.workers.get(worker_name)
         if worker is not None:
-            worker.busy_slots.add(slot)
+            worker.busy_slots.update(slots)
 
     def attempt_ended(self, attempt):
         self.selector.unregister(attempt.pidfd)
@@ -1725,25 +1968,40 @@ class Server:
         remove_run_files(self.run_dir, attempt.job_id, attempt.number)
 
     def settle(self, row, outcome):
-        """Record how an attempt ended and free its slot."""
+        """Record how an attempt ended, free its slot, and retry the job if it may."""
         job_id = row["id"]
-        result = result_of(outcome.get("exit_code"), row["kill_requested_at"] is not None)
+        result = result_of(outcome.get("exit_code"), row["kill_requested_at"] is not None,
+                           bool(row["timed_out"]))
         reason = outcome.get("error") or row["reason"]
+        now = time.time()
+        retry = result in (JobResult.FAILED, JobResult.TIMED_OUT) and \
+            row["attempt"] <= row["retries"]
         with self.store.transaction():
-            self.store.change_job(job_id, JobState.RUNNING, JobState.DONE, result=result.value,
-                                  exit_code=outcome.get("exit_code"),
-                                  signal=outcome.get("signal"), reason=reason,
-                                  ended_at=time.time())
+            self.store.record_attempt(row, result, outcome, reason, now)
+            if retry:
+                not_before = now + row["retry_delay"] if row["retry_delay"] else None
+                self.store.retry(job_id, not_before,
+                                 f"attempt {row['attempt']} {result.value}"
+                                 f"{f' ({reason})' if reason else ''}; "
+                                 f"{row['retries'] - row['attempt'] + 1} retry(s) left")
+            else:
+                self.store.change_job(job_id, JobState.RUNNING, JobState.DONE,
+                                      result=result.value, exit_code=outcome.get("exit_code"),
+                                      signal=outcome.get("signal"), reason=reason, ended_at=now)
         self.running.pop(job_id, None)
         worker = self.workers.get(row["worker"])
         if worker is not None:
-            worker.busy_slots.discard(row["slot"])
+            worker.busy_slots.difference_update(attempt_slots(row))
             self.forget_if_drained(worker)
-        self.log.info("job %s: %s (exit code %s, signal %s)%s", job_id, result.value,
+        self.log.info("job %s: %s (exit code %s, signal %s)%s%s", job_id, result.value,
                       outcome.get("exit_code"), outcome.get("signal"),
-                      f": {reason}" if reason else "")
+                      f": {reason}" if reason else "", "; to be retried" if retry else "")
         self.schedule_needed = True
-        self.jobs_ended([job_id])
+        if retry:
+            self.jobs_moved([job_id], JobState.WAITING)
+            self.arm_release()
+        else:
+            self.jobs_ended([job_id])
 
     def jobs_ended(self, job_ids):
         """Everything that follows jobs reaching DONE: waiting clients hear of it."""
@@ -1981,8 +2239,9 @@ class Server:
         while not self.stopping:
             if self.schedule_needed:
                 self.guarded(self.schedule)
-            for key, events in self.selector.select():
+            for key, events in self.selector.select(self.timer_timeout()):
                 self.guarded(key.data, events)
+            self.run_timers()
             if self.subscriptions:
                 self.guarded(self.send_progress)
         self.shutdown()
@@ -2228,7 +2487,9 @@ class Server:
             if row is None:
                 raise UserError(f"unknown job id {job_id} (never queued, or purged); "
                                 "see ./cli.py jobs")
-            return [job_to_json(row, self.log_dir)]
+            job = job_to_json(row, self.log_dir)
+            job["attempts"] = [attempt_to_json(attempt) for attempt in self.store.attempts(job_id)]
+            return [job]
         state = params.get("state")
         result = None
         if state in {result.value for result in JobResult}:
@@ -2374,6 +2635,7 @@ class Server:
         if len(arg_lists) > 1:
             self.log.info("jobs %d-%d queued (%s)", first, last, os.path.basename(script))
         self.schedule_needed = True
+        self.arm_release()
         return {"id": first, "first": first, "last": last}
 
     def cmd_remove_job(self, client, params):
@@ -2438,9 +2700,10 @@ class Server:
         self.workers = {row["name"]: Worker(row) for row in self.store.workers()}
         self.paused = self.store.setting("paused", False)
         for attempt in self.running.values():
-            self.hold_slot(attempt.worker, attempt.slot)
+            self.hold_slots(attempt.worker, attempt.slots)
         self.jobs_removed(replaced)
         self.schedule_needed = True
+        self.arm_release()
         self.log.info("state replaced by load_status: %d worker(s), %d waiting job(s)",
                       len(workers), len(jobs))
         return {"workers": len(workers), "jobs": len(jobs), "ids_kept": keep_ids}
@@ -2725,6 +2988,17 @@ def _submitted_at(text):
         raise UserError(f"'submitted_at' {text!r} is not an ISO 8601 time") from None
 
 
+def _duration_text(seconds):
+    """30m, 2h, 1d12h: the way durations are written on the command line."""
+    seconds = round(seconds)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return "".join(parts)
+
+
 def parse_iso_time(text):
     """Seconds since the epoch from an ISO 8601 time (None stays None)."""
     if text is None:
@@ -2840,13 +3114,16 @@ DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 JOB_ID_RANGE = re.compile(r"(\d+)(?:-(\d+))?\Z")
 
 
-def parse_duration(text, what, limit=MAX_DURATION):
-    """Seconds from 90, 90s, 10m, 2h, 7d or 1w, at most LIMIT."""
+def parse_duration(text, what, limit=MAX_DURATION, positive=False):
+    """Seconds from 90, 90s, 10m, 2h, 7d or 1w, at most LIMIT (and more than 0 if
+    POSITIVE)."""
     match = DURATION.match(text.strip().lower())
     if not match:
         raise UserError(f"{what} {text!r} is not a duration: write a number of seconds, or "
                         "one with a unit like 30s, 10m, 2h or 7d")
     seconds = float(match[1]) * DURATION_UNITS[match[2]]
+    if positive and seconds <= 0:
+        raise UserError(f"{what} must be longer than 0")
     if seconds > limit:
         longest = f"{limit / 86400:g} days" if limit > 86400 else f"{limit / 3600:g} hours"
         raise UserError(f"{what} {text} is too long: at most {longest}")
@@ -2890,6 +3167,14 @@ def positive_int(text):
     """argparse type for counts that must be at least 1 (--slots, --last)."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def retry_count(text):
+    """argparse type for --retries: 0 or more, at most MAX_RETRIES."""
+    if not text.isdigit() or int(text) > MAX_RETRIES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0 to "
+                                         f"{MAX_RETRIES}")
     return int(text)
 
 
@@ -3154,14 +3439,58 @@ def command_add_job(options):
         print(f"note: {args[0]} after SCRIPT goes to the script as an argument; put "
               "add_job's own options before SCRIPT", file=sys.stderr)
     variables = dict(parse_assignment(text) for text in options.env)
+    policy = job_policy(options)
     arg_lists = job_arguments(args, options.args_file)
     one = {"args": arg_lists[0]} if len(arg_lists) == 1 else {"args_list": arg_lists}
     result = request(options.data_dir, "add_job", script=script, cwd=current_dir(),
                      environment=dict(os.environ), variables=variables, umask=current_umask(),
-                     ssh_reuse=options.ssh_reuse, priority=options.priority, **one)
+                     **policy, **one)
     print(result["id"] if result["first"] == result["last"]
           else f"{result['first']}-{result['last']}")
     return 0
+
+
+def job_policy(options):
+    """add_job's scheduling options, checked, as the request carries them."""
+    if options.at is not None and options.delay is not None:
+        raise UserError("--at and --delay both give a start time: choose one")
+    not_before = None
+    if options.at is not None:
+        not_before = parse_start_time(options.at)
+    elif options.delay is not None:
+        not_before = time.time() + parse_duration(options.delay, "--delay")
+    if options.retry_delay is not None and not options.retries:
+        raise UserError("--retry-delay needs --retries N (how many more attempts)")
+    return {
+        "ssh_reuse": options.ssh_reuse,
+        "priority": options.priority,
+        "retries": options.retries,
+        "retry_delay": 0.0 if options.retry_delay is None else
+        parse_duration(options.retry_delay, "--retry-delay"),
+        "timeout": None if options.timeout is None else
+        parse_duration(options.timeout, "--timeout", positive=True),
+        "not_before": None if not_before is None else iso_time(not_before),
+    }
+
+
+def parse_start_time(text):
+    """--at: '2026-12-01 16:45' (local time), ISO 8601 with a zone, or '16:45' (the
+    next time the clock shows it); seconds since the epoch."""
+    from datetime import datetime, timedelta
+    text = text.strip()
+    try:
+        if re.fullmatch(r"\d{1,2}:\d{2}(:\d{2})?", text):
+            clock = datetime.strptime(text, "%H:%M:%S" if text.count(":") == 2 else "%H:%M")
+            moment = datetime.now().replace(hour=clock.hour, minute=clock.minute,
+                                            second=clock.second, microsecond=0)
+            if moment.timestamp() <= time.time():
+                moment += timedelta(days=1)
+            return moment.timestamp()
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except (ValueError, OverflowError, OSError):
+        raise UserError(f"--at {text!r} is not a time: use '2026-12-01 16:45' (local time), "
+                        "'16:45', or ISO 8601 with a zone like 2026-12-01T16:45:00+01:00") \
+            from None
 
 
 def job_arguments(args, args_file):
@@ -3305,15 +3634,22 @@ def command_jobs(options):
 
 def render_job(job):
     lines = []
-    for key in ("id", "state", "result", "exit_code", "signal", "reason", "worker", "slot",
-                "attempt", "script", "args", "cwd", "envs", "submitted_at", "started_at",
-                "ended_at", "log"):
+    for key in ("id", "state", "result", "exit_code", "signal", "reason", "worker", "slots",
+                "attempt", "retries", "priority", "timeout", "not_before", "script", "args",
+                "cwd", "envs", "submitted_at", "started_at", "ended_at", "log"):
         value = job[key]
         if key == "signal" and value is not None:
             value = f"{value} ({_signal_name(value)})"
         elif isinstance(value, (list, dict)):
             value = json.dumps(value, ensure_ascii=False)
         lines.append(f"{key + ':':14s}{'-' if value is None else value}")
+    for attempt in job.get("attempts", []):
+        if attempt is job["attempts"][0]:
+            lines.append("attempts:")
+        lines.append(f"  {attempt['attempt']}. {attempt['result']} on {attempt['worker']} "
+                     f"(exit {_exit_text(attempt)}), {_local_time(attempt['started_at'])} to "
+                     f"{_local_time(attempt['ended_at'])}"
+                     + (f": {attempt['reason']}" if attempt["reason"] else ""))
     return "\n".join(lines)
 
 
@@ -3751,6 +4087,24 @@ def build_parser(only=None):
     add_job.add_argument("--priority", type=int, default=0, metavar="N",
                          help="Higher starts first; jobs of equal priority start in "
                               "submission order (default: 0; may be negative).")
+    add_job.add_argument("--retries", type=retry_count, default=0, metavar="N",
+                         help="Run a failed job (non-zero exit, timed out, or its supervisor "
+                              "lost) up to N more times, preferring workers it has not "
+                              "failed on. Killed jobs are not retried. The script sees "
+                              "JOB_ATTEMPT (1, 2, ...).")
+    add_job.add_argument("--retry-delay", metavar="DURATION",
+                         help="Wait this long before each retry, like 30s or 5m "
+                              "(default: none).")
+    add_job.add_argument("--timeout", metavar="DURATION",
+                         help="Kill an attempt that runs longer than this, like 30m or 2h, "
+                              f"as kill does (SIGTERM, SIGKILL {DEFAULT_KILL_GRACE:g}s later); "
+                              "it ends as timed_out, and is retried if --retries allows.")
+    add_job.add_argument("--at", metavar="TIME",
+                         help="Start no earlier than TIME: '2026-12-01 16:45' (local time), "
+                              "'16:45' (the next time the clock shows it), or ISO 8601 with "
+                              "a zone.")
+    add_job.add_argument("--delay", metavar="DURATION",
+                         help="Start no earlier than DURATION from now, like 10m or 2h.")
     add_job.add_argument("--no-ssh-reuse", dest="ssh_reuse", action="store_false",
                          help="This job's ssh, scp and rsync calls each open a new connection "
                               "instead of sharing one per host.")

@@ -14,38 +14,122 @@ def worker(name, slots, busy=(), accepting=True):
     return cli.WorkerCapacity(name, slots, busy, accepting)
 
 
+def jobs(*ids, **needs):
+    return [cli.JobNeeds(job_id, **needs) for job_id in ids]
+
+
+def plan(job_list, workers):
+    return cli.plan_starts(job_list, workers)
+
+
 def test_fifo_and_most_free_slots_first():
-    starts = cli.plan_starts([1, 2, 3, 4], [worker("a", 2), worker("b", 3)])
-    assert starts == [(1, "b", 0), (2, "a", 0), (3, "b", 1), (4, "a", 1)]
+    starts = plan(jobs(1, 2, 3, 4), [worker("a", 2), worker("b", 3)])
+    assert starts == [(1, "b", [0]), (2, "a", [0]), (3, "b", [1]), (4, "a", [1])]
 
 
 def test_ties_go_to_the_worker_added_first():
-    assert cli.plan_starts([7], [worker("a", 1), worker("b", 1)]) == [(7, "a", 0)]
+    assert plan(jobs(7), [worker("a", 1), worker("b", 1)]) == [(7, "a", [0])]
 
 
 def test_never_more_jobs_than_free_slots():
-    starts = cli.plan_starts(list(range(10)), [worker("a", 2, busy={0}), worker("b", 1)])
+    starts = plan(jobs(*range(10)), [worker("a", 2, busy={0}), worker("b", 1)])
     assert len(starts) == 2
-    assert (0, "a", 1) in starts or (1, "a", 1) in starts
+    assert (0, "a", [1]) in starts or (1, "a", [1]) in starts
 
 
 def test_busy_slot_numbers_are_skipped():
-    assert cli.plan_starts([1], [worker("a", 3, busy={0, 1})]) == [(1, "a", 2)]
+    assert plan(jobs(1), [worker("a", 3, busy={0, 1})]) == [(1, "a", [2])]
 
 
 def test_draining_workers_take_nothing():
-    assert cli.plan_starts([1], [worker("a", 4, accepting=False)]) == []
+    assert plan(jobs(1), [worker("a", 4, accepting=False)]) == []
 
 
 def test_a_worker_over_its_slots_after_a_change_takes_nothing():
-    assert cli.plan_starts([1], [worker("a", 1, busy={0, 1})]) == []
+    assert plan(jobs(1), [worker("a", 1, busy={0, 1})]) == []
 
 
 def test_inputs_are_not_modified():
     busy = {0}
     workers = [worker("a", 2, busy=busy)]
-    cli.plan_starts([1], workers)
+    plan(jobs(1), workers)
     assert workers[0].busy_slots == {0}
+
+
+def test_the_queue_order_is_kept_whatever_the_ids():
+    # plan_starts takes the order it is given (priority first): ids do not matter.
+    starts = plan(jobs(9, 3, 5), [worker("a", 1), worker("b", 1)])
+    assert [job_id for job_id, _, _ in starts] == [9, 3]
+
+
+def test_multi_slot_jobs_take_the_lowest_free_slots_of_one_worker():
+    starts = plan(jobs(1, slots=3), [worker("a", 2), worker("b", 4, busy={1})])
+    assert starts == [(1, "b", [0, 2, 3])]
+    assert plan(jobs(1, slots=3), [worker("a", 2), worker("b", 4, busy={1, 3})]) == []
+
+
+def test_a_multi_slot_job_is_not_starved_by_small_ones_behind_it():
+    # b is busy in 2 of its 4 slots; a 4-slot job waits for it, and the 1-slot
+    # jobs behind it must not take b's free slots (they go to a, or wait).
+    workers = [worker("a", 2), worker("b", 4, busy={0, 1})]
+    starts = plan([cli.JobNeeds(1, slots=4), *jobs(2, 3, 4, 5)], workers)
+    assert starts == [(2, "a", [0]), (3, "a", [1])]
+    # Once b is free the big job starts there, ahead of the small ones.
+    starts = plan([cli.JobNeeds(1, slots=4), *jobs(4, 5)], [worker("a", 2, busy={0, 1}),
+                                                             worker("b", 4)])
+    assert starts == [(1, "b", [0, 1, 2, 3])]
+
+
+def test_a_reservation_goes_to_the_worker_closest_to_fitting():
+    workers = [worker("a", 4, busy={0, 1, 2}), worker("b", 4, busy={0})]
+    starts = plan([cli.JobNeeds(1, slots=4), *jobs(2, 3, 4)], workers)
+    # b (3 free) is reserved; a's one free slot still serves a small job.
+    assert starts == [(2, "a", [3])]
+
+
+def test_priority_beats_fifo_because_the_caller_orders_the_jobs():
+    urgent, old = cli.JobNeeds(50), cli.JobNeeds(1)
+    assert plan([urgent, old], [worker("a", 1)]) == [(50, "a", [0])]
+
+
+def test_on_restricts_and_prefer_only_prefers():
+    workers = [worker("a", 2), worker("b", 2), worker("c", 1)]
+    assert plan(jobs(1, on=["c"]), workers) == [(1, "c", [0])]
+    assert plan(jobs(1, prefer=["c"]), workers) == [(1, "c", [0])]
+    full_c = [worker("a", 2), worker("b", 2), worker("c", 1, busy={0})]
+    assert plan(jobs(1, on=["c"]), full_c) == []
+    assert plan(jobs(1, prefer=["c"]), full_c) == [(1, "a", [0])]
+
+
+def test_exclude_is_never_broken():
+    assert plan(jobs(1, exclude=["a"]), [worker("a", 4), worker("b", 1)]) == [(1, "b", [0])]
+    assert plan(jobs(1, exclude=["a", "b"]), [worker("a", 4), worker("b", 1)]) == []
+
+
+def test_affinity_with_all_allowed_workers_down_waits_and_reserves_nothing():
+    workers = [worker("a", 4, accepting=False), worker("b", 2)]
+    assert plan(jobs(1, on=["a"]), workers) == []
+    starts = plan([cli.JobNeeds(1, slots=2, on=["a"]), *jobs(2, 3)], workers)
+    assert starts == [(2, "b", [0]), (3, "b", [1])]
+
+
+def test_retries_prefer_a_worker_they_have_not_failed_on():
+    workers = [worker("a", 4), worker("b", 1)]
+    assert plan(jobs(1, avoid=["a"]), workers) == [(1, "b", [0])]
+    # ... but take a failed-on worker rather than wait.
+    assert plan(jobs(1, avoid=["a"]), [worker("a", 4), worker("b", 1, busy={0})]) == \
+        [(1, "a", [0])]
+
+
+def test_unknown_workers_in_on_are_ignored():
+    assert plan(jobs(1, on=["gone", "b"]), [worker("b", 1)]) == [(1, "b", [0])]
+
+
+def test_many_workers_fill_every_slot_once():
+    workers = [worker(f"n{number}", 2) for number in range(500)]
+    starts = plan(jobs(*range(1200)), workers)
+    assert len(starts) == 1000
+    assert len({(name, tuple(slots)) for _, name, slots in starts}) == 1000
 
 
 def test_job_environment_precedence_and_reserved_names():
