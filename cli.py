@@ -653,6 +653,102 @@ class Store:
             "SELECT min(not_before) FROM jobs WHERE state = 'waiting' AND blocked = 1 AND "
             "not_before > ?", (now,)).fetchone()[0]
 
+    # --- dependencies ---------------------------------------------------
+
+    def add_dependencies(self, first, last, conditions):
+        """Jobs FIRST..LAST wait for CONDITIONS, (prerequisite, any_of) pairs."""
+        if conditions:
+            self.db.executemany(
+                "INSERT INTO dependencies (job_id, prerequisite, any_of) VALUES (?, ?, ?)",
+                ((job_id, prerequisite, int(any_of)) for job_id in range(first, last + 1)
+                 for prerequisite, any_of in conditions))
+
+    def open_dependencies(self, job_ids=None):
+        """{job id: ([--after ids], [--after-any ids])} still unmet, for JOB_IDS (or all)."""
+        rows = self.db.execute("SELECT job_id, prerequisite, any_of FROM dependencies "
+                               "ORDER BY job_id, prerequisite").fetchall() \
+            if job_ids is None else [
+                row for chunk in _chunks(job_ids) for row in self.db.execute(
+                    f"SELECT job_id, prerequisite, any_of FROM dependencies WHERE job_id IN "
+                    f"({', '.join('?' * len(chunk))}) ORDER BY job_id, prerequisite", chunk)]
+        found = {}
+        for job_id, prerequisite, any_of in rows:
+            found.setdefault(job_id, ([], []))[any_of].append(prerequisite)
+        return found
+
+    def resolve_dependents(self, ended):
+        """Settle what waits on jobs that have just ended or gone, in the caller's
+        transaction, so that no crash can leave a dependent waiting for ever.
+
+        ENDED: (job id, succeeded, how it ended) triples.  A success meets the
+        conditions on it (every --after-any condition of a dependent at once);
+        anything else skips the --after dependents, and the --after-any ones
+        whose last hope it was.  Skipped jobs count as ended-without-success
+        for their own dependents, at once (transitively).  Returns the ids of
+        the jobs skipped.
+        """
+        skipped, met = [], set()
+        work = list(ended)
+        while work:
+            prerequisite, succeeded, how = work.pop()
+            for job_id, any_of in self.db.execute(
+                    "SELECT job_id, any_of FROM dependencies WHERE prerequisite = ?",
+                    (prerequisite,)).fetchall():
+                if succeeded:
+                    self.db.execute("DELETE FROM dependencies WHERE job_id = ? AND "
+                                    "(prerequisite = ? OR any_of = 1 AND ? = 1)",
+                                    (job_id, prerequisite, any_of))
+                    met.add(job_id)
+                    continue
+                self.db.execute("DELETE FROM dependencies WHERE job_id = ? AND prerequisite = ?",
+                                (job_id, prerequisite))
+                if any_of:
+                    if self.db.execute("SELECT 1 FROM dependencies WHERE job_id = ? AND "
+                                       "any_of = 1", (job_id,)).fetchone():
+                        continue   # another of its --after-any jobs may still succeed
+                    reason = (f"none of its --after-any jobs succeeded (the last, "
+                              f"{prerequisite}, {how})")
+                else:
+                    reason = f"job {prerequisite}, which it runs --after, {how}"
+                if self.skip(job_id, reason):
+                    skipped.append(job_id)
+                    work.append((job_id, False, "was skipped"))
+        self.unblock(met - set(skipped))
+        return skipped
+
+    def skip(self, job_id, reason):
+        """A waiting job that can no longer run ends as skipped; False if it was not waiting."""
+        check_transition(JOB_TRANSITIONS, JobState.WAITING, JobState.DONE)
+        done = self.db.execute(
+            "UPDATE jobs SET state = ?, result = ?, reason = ?, ended_at = ? "
+            "WHERE id = ? AND state = ?",
+            (JobState.DONE.value, JobResult.SKIPPED.value, reason, time.time(), job_id,
+             JobState.WAITING.value)).rowcount
+        self.db.execute("DELETE FROM dependencies WHERE job_id = ?", (job_id,))
+        return bool(done)
+
+    def drop_dependencies(self, job_ids):
+        """Jobs that will never run stop waiting for anything."""
+        self.db.executemany("DELETE FROM dependencies WHERE job_id = ?",
+                            ((job_id,) for job_id in job_ids))
+
+    def unblock(self, job_ids):
+        """Let the JOB_IDS that wait on nothing any more (nor on a time) be scheduled."""
+        for chunk in _chunks(job_ids):
+            self.db.execute(
+                f"UPDATE jobs SET blocked = 0 WHERE id IN ({', '.join('?' * len(chunk))}) AND "
+                f"state = 'waiting' AND blocked = 1 AND (not_before IS NULL OR not_before <= ?) "
+                f"AND NOT EXISTS (SELECT 1 FROM dependencies WHERE job_id = jobs.id)",
+                (*chunk, time.time()))
+
+    def stale_prerequisites(self):
+        """Prerequisites that ended (or went) without their dependents hearing of it."""
+        return [(row[0], row[1] == JobResult.SUCCEEDED.value,
+                 f"ended {row[1]}" if row[1] else "was removed")
+                for row in self.db.execute(
+                    "SELECT DISTINCT d.prerequisite, j.result FROM dependencies d LEFT JOIN jobs j "
+                    "ON j.id = d.prerequisite WHERE j.id IS NULL OR j.state = 'done'")]
+
     def requeue(self, job_id, attempt):
         """An attempt whose script never started goes back to the queue, unnumbered."""
         self.change_job(job_id, JobState.RUNNING, JobState.WAITING, attempt=attempt - 1,
@@ -691,8 +787,10 @@ class Store:
 
 
 def _blocked(options):
-    """1 if a new job with OPTIONS may not start yet (its start time is to come)."""
-    return int(options["not_before"] is not None and options["not_before"] > time.time())
+    """1 if a new job with OPTIONS may not start yet: it waits for other jobs (the
+    caller says so), or its start time is to come."""
+    return int(bool(options.get("blocked")) or
+               options["not_before"] is not None and options["not_before"] > time.time())
 
 
 class _Transaction:
@@ -909,6 +1007,53 @@ def _most_free(heap, capacity, reserved):
             else:
                 heapq.heappop(heap)
             return worker
+    return None
+
+
+def dependency_conditions(after, after_any, ended):
+    """What a new job waits on, from its --after and --after-any ids.
+
+    ENDED maps the prerequisites that have already ended to their result; the
+    others are still to come.  Returns ([(prerequisite, any_of)], None), or
+    ([], why) when the conditions can never be met and the job is skipped.
+    """
+    failed = [job_id for job_id in after if job_id in ended and
+              ended[job_id] != JobResult.SUCCEEDED.value]
+    if failed:
+        return [], f"job {failed[0]}, which it runs --after, ended {ended[failed[0]]}"
+    conditions = [(job_id, False) for job_id in after if job_id not in ended]
+    if after_any and JobResult.SUCCEEDED.value not in [ended.get(job_id) for job_id in after_any]:
+        still = [job_id for job_id in after_any if job_id not in ended]
+        if not still:
+            return [], "none of its --after-any jobs succeeded"
+        conditions += [(job_id, True) for job_id in still]
+    return conditions, None
+
+
+def find_cycle(prerequisites):
+    """A list of job ids that wait on each other in a circle, or None.
+
+    PREREQUISITES maps each job to the jobs it waits on (ids not in the map
+    wait on nothing).
+    """
+    done, on_path = set(), []
+    for start in prerequisites:
+        if start in done:
+            continue
+        stack = [(start, iter(prerequisites.get(start, ())))]
+        on_path = [start]
+        while stack:
+            job, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                on_path.pop()
+                done.add(job)
+            elif child in on_path:
+                return on_path[on_path.index(child):] + [child]
+            elif child not in done:
+                stack.append((child, iter(prerequisites.get(child, ()))))
+                on_path.append(child)
     return None
 
 
@@ -1700,6 +1845,8 @@ class Server:
         self.paused = self.store.setting("paused", False)
         self.recover()
         self.prepare_ssh_reuse()
+        with self.store.transaction():   # a database from before resolve_dependents, or edited
+            self.log_skipped(self.store.resolve_dependents(self.store.stale_prerequisites()))
         self.release_delayed()
 
     def prepare_ssh_reuse(self):
@@ -1988,6 +2135,8 @@ class Server:
                 self.store.change_job(job_id, JobState.RUNNING, JobState.DONE,
                                       result=result.value, exit_code=outcome.get("exit_code"),
                                       signal=outcome.get("signal"), reason=reason, ended_at=now)
+                skipped = self.store.resolve_dependents(
+                    [(job_id, result == JobResult.SUCCEEDED, f"ended {result.value}")])
         self.running.pop(job_id, None)
         worker = self.workers.get(row["worker"])
         if worker is not None:
@@ -2001,7 +2150,12 @@ class Server:
             self.jobs_moved([job_id], JobState.WAITING)
             self.arm_release()
         else:
-            self.jobs_ended([job_id])
+            self.jobs_ended([job_id] + self.log_skipped(skipped))
+
+    def log_skipped(self, skipped):
+        for job_id in skipped:
+            self.log.info("job %s: skipped: its dependencies can no longer be met", job_id)
+        return skipped
 
     def jobs_ended(self, job_ids):
         """Everything that follows jobs reaching DONE: waiting clients hear of it."""
@@ -2345,7 +2499,7 @@ class Server:
                 "running_job": jobs_here[0] if jobs_here else None,
                 "running_jobs": jobs_here, "ssh_checked": worker.ssh_checked,
                 "ssh_reuse": worker.ssh_reuse})
-        waitlist = [job_to_json(row, self.log_dir) for row in waiting]
+        waitlist = self.with_dependencies([job_to_json(row, self.log_dir) for row in waiting])
         environment_ids = {job["environment"] for job in waitlist + running_json}
         environments = self.store.environments(environment_ids) \
             if params.get("environments", True) else {}
@@ -2443,8 +2597,11 @@ class Server:
                 self.store.change_jobs(waiting, JobState.WAITING, JobState.DONE,
                                        result=JobResult.KILLED.value, ended_at=time.time(),
                                        reason="killed before it started")
+                self.store.drop_dependencies(waiting)
+                skipped = self.store.resolve_dependents(
+                    [(job_id, False, "was killed") for job_id in waiting])
             self.log.info("%d waiting job(s) killed before they started", len(waiting))
-            self.jobs_ended(waiting)
+            self.jobs_ended(waiting + self.log_skipped(skipped))
         for job_id in running:
             self.kill_attempt(self.running[job_id], grace, "killed with ./cli.py kill")
         outcome = {"killed": job_ids, "ended": len(ended)}
@@ -2487,7 +2644,7 @@ class Server:
             if row is None:
                 raise UserError(f"unknown job id {job_id} (never queued, or purged); "
                                 "see ./cli.py jobs")
-            job = job_to_json(row, self.log_dir)
+            job, = self.with_dependencies([job_to_json(row, self.log_dir)])
             job["attempts"] = [attempt_to_json(attempt) for attempt in self.store.attempts(job_id)]
             return [job]
         state = params.get("state")
@@ -2505,7 +2662,15 @@ class Server:
             if value is not None and not isinstance(value, str):
                 raise UserError(f"malformed request: {name} must be a string")
         rows = self.store.find_jobs(state, result, worker, script, last)
-        return [job_to_json(row, self.log_dir) for row in rows]
+        return self.with_dependencies([job_to_json(row, self.log_dir) for row in rows])
+
+    def with_dependencies(self, jobs):
+        """JOBS (JSON) with the conditions they still wait on: after, after_any."""
+        waiting = [job["id"] for job in jobs if job["state"] == JobState.WAITING.value]
+        conditions = self.store.open_dependencies(waiting) if waiting else {}
+        for job in jobs:
+            job["after"], job["after_any"] = conditions.get(job["id"], ([], []))
+        return jobs
 
     def cmd_purge(self, client, params):
         """Delete finished jobs that ended more than OLDER_THAN seconds ago, with their logs."""
@@ -2628,15 +2793,60 @@ class Server:
         umask = _umask(params)
         options = _job_options(params)
         check_script(script)
+        conditions, skip_reason = self.dependency_conditions(params)
+        if conditions:
+            options["blocked"] = 1
         with self.store.transaction():
             environment_id = self.store.intern_environment(environment)
             first, last = self.store.insert_jobs(script, arg_lists, cwd, environment_id,
                                                  variables, umask, options)
+            self.store.add_dependencies(first, last, conditions)
+            skipped = []
+            if skip_reason:
+                for job_id in range(first, last + 1):
+                    self.store.skip(job_id, skip_reason)
+                skipped = list(range(first, last + 1))
         if len(arg_lists) > 1:
             self.log.info("jobs %d-%d queued (%s)", first, last, os.path.basename(script))
         self.schedule_needed = True
         self.arm_release()
-        return {"id": first, "first": first, "last": last}
+        self.jobs_ended(self.log_skipped(skipped))
+        return {"id": first, "first": first, "last": last, "skipped": skip_reason}
+
+    def dependencies_outside(self, jobs):
+        """For load_status: check the dependencies of the document's JOBS; return the
+        results of the prerequisites that already ended here.
+
+        A job may wait on another job of the document, or on one here that is
+        running or has ended (waiting ones are being replaced); never in a circle.
+        """
+        in_document = {job["id"] for job in jobs if job["id"] is not None}
+        cycle = find_cycle({job["id"]: job["after"] + job["after_any"] for job in jobs
+                            if job["id"] is not None})
+        if cycle:
+            raise UserError(f"job_waitlist: jobs {' -> '.join(map(str, cycle))} wait on each "
+                            "other in a circle; nothing was changed")
+        outside = sorted({job_id for job in jobs for job_id in job["after"] + job["after_any"]
+                          if job_id not in in_document})
+        rows = {row["id"]: row for row in self.store.jobs_by_id(outside)}
+        for job_id in outside:
+            if job_id not in rows or rows[job_id]["state"] == JobState.WAITING.value:
+                raise UserError(f"job_waitlist: job {job_id}, which a job waits on, is neither "
+                                "in the document nor running or ended here; nothing was changed")
+        return {job_id: row["result"] for job_id, row in rows.items()
+                if row["state"] == JobState.DONE.value}
+
+    def dependency_conditions(self, params):
+        """The (prerequisite, any_of) conditions of a new job from its --after and
+        --after-any ids, and why it is skipped at once if they can never be met."""
+        after = _job_ids({"ids": params.get("after", [])}, allow_empty=True)
+        after_any = _job_ids({"ids": params.get("after_any", [])}, allow_empty=True)
+        both = set(after) & set(after_any)
+        if both:
+            raise UserError(f"job {min(both)} is in both --after and --after-any: choose one")
+        rows = self.existing_jobs(after + after_any)
+        return dependency_conditions(after, after_any, {
+            row["id"]: row["result"] for row in rows if row["state"] == JobState.DONE.value})
 
     def cmd_remove_job(self, client, params):
         if "ids" in params:
@@ -2654,8 +2864,11 @@ class Server:
         with self.store.transaction():
             self.store.delete_waiting_jobs(job_ids)
             self.store.drop_unused_environments()
+            skipped = self.store.resolve_dependents(
+                [(job_id, False, "was removed") for job_id in job_ids])
         self.jobs_removed(job_ids)
-        return {"removed": job_ids}
+        self.jobs_ended(self.log_skipped(skipped))
+        return {"removed": job_ids, "skipped": skipped}
 
     def cmd_load_status(self, client, params):
         """Replace the workers and the waiting queue; running jobs are left alone.
@@ -2670,6 +2883,7 @@ class Server:
         workers, jobs = validate_status_document(document, defaults)
         taken_ids = self.store.ids_not_waiting()
         keep_ids = not any(job["id"] in taken_ids for job in jobs if job["id"] is not None)
+        ended = self.dependencies_outside(jobs)
         wanted = {worker["ip"] for worker in workers}
         replaced = self.store.waiting_ids()
         gone = []
@@ -2689,11 +2903,30 @@ class Server:
                                        worker["ssh_reuse"])
             if document.get("paused") is not None:
                 self.store.set_setting("paused", document["paused"])
+            new_ids = {}
             for job in jobs:
                 environment_id = self.store.intern_environment(job["environment"])
-                self.store.insert_job(job["script"], job["args"], job["cwd"], environment_id,
-                                      job["envs"], job["umask"], job["options"],
-                                      job["id"] if keep_ids else None, job["submitted_at"])
+                options = dict(job["options"], blocked=int(bool(job["after"] or
+                                                                 job["after_any"])))
+                new_id = self.store.insert_job(job["script"], job["args"], job["cwd"],
+                                               environment_id, job["envs"], job["umask"],
+                                               options, job["id"] if keep_ids else None,
+                                               job["submitted_at"])
+                if job["id"] is not None:
+                    new_ids[job["id"]] = new_id
+                job["new_id"] = new_id
+            skipped = []
+            for job in jobs:
+                conditions, skip_reason = dependency_conditions(
+                    [new_ids.get(job_id, job_id) for job_id in job["after"]],
+                    [new_ids.get(job_id, job_id) for job_id in job["after_any"]], ended)
+                self.store.add_dependencies(job["new_id"], job["new_id"], conditions)
+                if skip_reason and self.store.skip(job["new_id"], skip_reason):
+                    skipped.append(job["new_id"])
+                if not conditions:
+                    self.store.unblock([job["new_id"]])
+            skipped += self.store.resolve_dependents([(job_id, False, "was skipped")
+                                                      for job_id in skipped])
             self.store.drop_unused_environments()
         for name in gone:
             stop_ssh_masters(ssh_control_dir(self.ssh_root, name))
@@ -2702,6 +2935,7 @@ class Server:
         for attempt in self.running.values():
             self.hold_slots(attempt.worker, attempt.slots)
         self.jobs_removed(replaced)
+        self.log_skipped(skipped)
         self.schedule_needed = True
         self.arm_release()
         self.log.info("state replaced by load_status: %d worker(s), %d waiting job(s)",
@@ -2869,9 +3103,9 @@ def _job_id(value):
     return value
 
 
-def _job_ids(params):
+def _job_ids(params, allow_empty=False):
     job_ids = params.get("ids")
-    if not isinstance(job_ids, list) or not job_ids:
+    if not isinstance(job_ids, list) or not (job_ids or allow_empty):
         raise UserError("malformed request: ids must be a non-empty list of integers")
     return list(dict.fromkeys(_job_id(job_id) for job_id in job_ids))
 
@@ -2976,9 +3210,19 @@ def _status_job(entry, environments, defaults):
     umask = entry.get("umask", defaults["umask"])
     if not isinstance(umask, int) or isinstance(umask, bool) or not 0 <= umask <= 0o777:
         raise UserError("'umask' must be a number from 0 to 511 (0o777)")
+    after = {}
+    for name in ("after", "after_any"):
+        value = entry.get(name, [])
+        if not isinstance(value, list) or not all(
+                isinstance(item, int) and not isinstance(item, bool) and 1 <= item <= MAX_JOB_ID
+                for item in value):
+            raise UserError(f"'{name}' must be a list of job ids")
+        after[name] = list(dict.fromkeys(value))
+    if set(after["after"]) & set(after["after_any"]):
+        raise UserError("a job id is in both 'after' and 'after_any'")
     return {"id": job_id, "script": script, "args": args, "cwd": cwd, "envs": variables,
             "environment": environment, "umask": umask, "options": _job_options(entry),
-            "submitted_at": _submitted_at(submitted_at)}
+            "submitted_at": _submitted_at(submitted_at), **after}
 
 
 def _submitted_at(text):
@@ -3447,6 +3691,9 @@ def command_add_job(options):
                      **policy, **one)
     print(result["id"] if result["first"] == result["last"]
           else f"{result['first']}-{result['last']}")
+    if result.get("skipped"):
+        print(f"note: {describe_ids(list(range(result['first'], result['last'] + 1)))} "
+              f"will not run (skipped): {result['skipped']}", file=sys.stderr)
     return 0
 
 
@@ -3462,6 +3709,8 @@ def job_policy(options):
     if options.retry_delay is not None and not options.retries:
         raise UserError("--retry-delay needs --retries N (how many more attempts)")
     return {
+        "after": parse_job_ids(options.after) if options.after else [],
+        "after_any": parse_job_ids(options.after_any) if options.after_any else [],
         "ssh_reuse": options.ssh_reuse,
         "priority": options.priority,
         "retries": options.retries,
@@ -4099,6 +4348,13 @@ def build_parser(only=None):
                          help="Kill an attempt that runs longer than this, like 30m or 2h, "
                               f"as kill does (SIGTERM, SIGKILL {DEFAULT_KILL_GRACE:g}s later); "
                               "it ends as timed_out, and is retried if --retries allows.")
+    add_job.add_argument("--after", action="append", metavar="IDS",
+                         help="Run only after all these jobs succeeded (ids like 12,13 or "
+                              "12-20; repeatable). If one of them fails for good, is killed "
+                              "or removed, this job is skipped.")
+    add_job.add_argument("--after-any", action="append", metavar="IDS",
+                         help="Run once any one of these jobs succeeded; skipped if none "
+                              "can any more.")
     add_job.add_argument("--at", metavar="TIME",
                          help="Start no earlier than TIME: '2026-12-01 16:45' (local time), "
                               "'16:45' (the next time the clock shows it), or ISO 8601 with "

@@ -222,3 +222,26 @@ def test_event_masks_match_selectors():
     ([], None), (["--server_data_dir", "add_job"], None)])
 def test_only_the_named_command_is_built(argv, command):
     assert cli.command_named(argv) == command
+
+
+def test_dependency_conditions():
+    ok, failed = cli.JobResult.SUCCEEDED.value, cli.JobResult.FAILED.value
+    assert cli.dependency_conditions([1, 2], [], {}) == ([(1, False), (2, False)], None)
+    assert cli.dependency_conditions([1, 2], [], {1: ok}) == ([(2, False)], None)
+    assert cli.dependency_conditions([1], [], {1: failed})[1] == \
+        "job 1, which it runs --after, ended failed"
+    assert cli.dependency_conditions([], [3, 4], {3: failed}) == ([(4, True)], None)
+    assert cli.dependency_conditions([], [3, 4], {3: ok}) == ([], None)
+    assert cli.dependency_conditions([], [3, 4], {3: failed, 4: "killed"})[1] == \
+        "none of its --after-any jobs succeeded"
+
+
+@pytest.mark.parametrize("graph, cycle", [
+    ({1: [2], 2: [3], 3: []}, None),
+    ({1: [1]}, [1, 1]),
+    ({1: [2], 2: [3], 3: [1]}, [1, 2, 3, 1]),
+    ({5: [6, 7], 6: [7], 7: []}, None),           # a diamond is not a circle
+    ({1: [9], 2: [1], 3: [2, 4], 4: [3]}, [3, 4, 3]),
+])
+def test_find_cycle(graph, cycle):
+    assert cli.find_cycle(graph) == cycle

@@ -173,3 +173,129 @@ def test_bad_policy_options_are_refused_and_change_nothing(server):
             (["--retry-delay", "x", "--retries", "1"], "is not a duration")]:
         server.fails("add_job", *args, server.script, expect=expect)
     assert server.status()["job_waitlist"] == before["job_waitlist"]
+
+
+# --- dependencies -----------------------------------------------------------
+
+def test_after_waits_for_all_and_after_any_for_one(server):
+    server.ok("add_slave", "--slots", "4", "w1")
+    slow = server.add_job(server.script, env=dict(server.env, SLEEP="1.5"))
+    quick = server.add_job(server.script)
+    both = server.add_job("--after", f"{slow},{quick}", server.script)
+    failing = server.add_job(server.script, env=dict(server.env, EXIT_CODE="1"))
+    either = server.add_job("--after-any", f"{failing},{slow}", server.script)
+    server.wait_for_counts(succeeded=4, failed=1, timeout=30)
+    for dependent in (both, either):
+        assert server.record(dependent)["start"] >= server.record(slow)["end"]
+    assert server.record(both)["start"] >= server.record(quick)["end"]
+
+
+def test_a_failed_prerequisite_skips_its_dependents_transitively(server):
+    server.ok("add_slave", "w1")
+    server.ok("pause")
+    failing = server.add_job(server.script, env=dict(server.env, EXIT_CODE="2"))
+    child = server.add_job("--after", failing, server.script)
+    grandchild = server.add_job("--after-any", child, server.script)
+    waiting = [job["id"] for job in server.status()["job_waitlist"]]
+    assert waiting == [failing, child, grandchild]
+    assert server.status()["job_waitlist"][1]["after"] == [failing]
+    server.ok("resume")
+    stderr = server.fails("wait", "-q", failing, child, grandchild)
+    assert f"job {child}: skipped" in stderr
+    jobs = {job["id"]: job for job in json.loads(server.ok("jobs", "--json"))}
+    assert jobs[child]["result"] == jobs[grandchild]["result"] == "skipped"
+    assert f"job {failing}, which it runs --after, ended failed" in jobs[child]["reason"]
+    assert server.runs() == [failing]
+
+
+def test_a_retried_prerequisite_is_not_failed_until_its_retries_run_out(server):
+    server.ok("add_slave", "w1")
+    flaky = server.write_script("flaky.sh", '[ "$JOB_ATTEMPT" -ge 2 ] || exit 1\n')
+    first = server.add_job("--retries", "1", flaky)
+    dependent = server.add_job("--after", first, server.script)
+    server.ok("wait", "-q", first, dependent)
+    assert server.runs() == [dependent]
+
+
+def test_killing_or_removing_a_prerequisite_skips_its_dependents(server):
+    server.ok("pause")
+    killed = server.add_job(server.script)
+    removed = server.add_job(server.script)
+    after_killed = server.add_job("--after", killed, server.script)
+    after_removed = server.add_job("--after", removed, server.script)
+    server.ok("kill", killed)
+    server.ok("remove_job", removed)
+    jobs = {job["id"]: job for job in json.loads(server.ok("jobs", "--json"))}
+    assert jobs[after_killed]["result"] == jobs[after_removed]["result"] == "skipped"
+    assert "was killed" in jobs[after_killed]["reason"]
+    assert "was removed" in jobs[after_removed]["reason"]
+
+
+def test_dependencies_on_jobs_that_already_ended(server):
+    server.ok("add_slave", "w1")
+    good = server.add_job(server.script)
+    good_too = server.add_job(server.script)
+    bad = server.add_job(server.script, env=dict(server.env, EXIT_CODE="1"))
+    server.wait_for_counts(succeeded=2, failed=1)
+    runs = server.add_job("--after", good, "--after-any", f"{bad},{good_too}", server.script)
+    result = server.run("add_job", "--after", bad, server.script)
+    assert result.returncode == 0 and "will not run (skipped)" in result.stderr
+    skipped = int(result.stdout)
+    server.ok("wait", "-q", runs)
+    assert json.loads(server.ok("jobs", skipped, "--json"))["result"] == "skipped"
+
+
+def test_dependencies_survive_a_restart(server):
+    server.ok("add_slave", "--slots", "2", "w1")
+    first = server.add_job(server.script, env=dict(server.env, SLEEP="2"))
+    second = server.add_job("--after", first, server.script)
+    server.wait_for_counts(running=1)
+    server.ok("stop")
+    server.ok("start")
+    assert server.status()["job_waitlist"][0]["after"] == [first]
+    server.ok("wait", "-q", first, second)
+    assert server.record(second)["start"] >= server.record(first)["end"]
+
+
+def test_bad_dependencies_are_refused(server):
+    server.ok("pause")
+    existing = server.add_job(server.script)
+    before = server.status()
+    server.fails("add_job", "--after", "999", server.script, expect="unknown job id 999")
+    server.fails("add_job", "--after", str(existing + 1), server.script,
+                 expect=f"unknown job id {existing + 1}")   # itself: not queued yet
+    server.fails("add_job", "--after", "x", server.script, expect="'x' is not a job id")
+    server.fails("add_job", "--after", existing, "--after-any", existing, server.script,
+                 expect="in both --after and --after-any")
+    assert server.status()["job_waitlist"] == before["job_waitlist"]
+
+
+def test_load_status_keeps_dependencies_and_refuses_circles(server):
+    server.ok("add_slave", "w1")
+    server.ok("pause")
+    first = server.add_job("--priority", "3", "--retries", "2", server.script)
+    second = server.add_job("--after", first, "--timeout", "1h", server.script)
+    third = server.add_job("--after-any", f"{first},{second}", server.script)
+    document = server.status()
+    status_file = server.root / "status.json"
+    status_file.write_text(json.dumps(document))
+    server.ok("load_status", status_file)
+    waitlist = server.status()["job_waitlist"]
+    assert [(job["id"], job["after"], job["after_any"]) for job in waitlist] == \
+        [(first, [], []), (second, [first], []), (third, [], [first, second])]
+    assert (waitlist[0]["priority"], waitlist[0]["retries"], waitlist[1]["timeout"]) == \
+        (3, 2, 3600.0)
+
+    circle = json.loads(json.dumps(document))
+    circle["job_waitlist"][0]["after"] = [third]
+    status_file.write_text(json.dumps(circle))
+    server.fails("load_status", status_file, expect="wait on each other in a circle")
+    unknown = json.loads(json.dumps(document))
+    unknown["job_waitlist"][0]["after"] = [777]
+    status_file.write_text(json.dumps(unknown))
+    server.fails("load_status", status_file, expect="job 777, which a job waits on")
+    assert server.status()["job_waitlist"] == waitlist
+
+    server.ok("resume")
+    server.ok("wait", "-q", first, second, third)
+    assert server.runs() == [first, second, third]
