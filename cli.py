@@ -727,6 +727,10 @@ class Store:
         self.db.execute("DELETE FROM dependencies WHERE job_id = ?", (job_id,))
         return bool(done)
 
+    def pinned_waiting_jobs(self):
+        return self.db.execute("SELECT id, run_on, slots_wanted FROM jobs WHERE state = ? AND "
+                               "run_on IS NOT NULL", (JobState.WAITING.value,)).fetchall()
+
     def drop_dependencies(self, job_ids):
         """Jobs that will never run stop waiting for anything."""
         self.db.executemany("DELETE FROM dependencies WHERE job_id = ?",
@@ -1055,6 +1059,42 @@ def find_cycle(prerequisites):
                 stack.append((child, iter(prerequisites.get(child, ()))))
                 on_path.append(child)
     return None
+
+
+def waiting_reason(job, workers, paused, now):
+    """Why a waiting job (its JSON form) has not started yet, in a few words.
+
+    WORKERS: WorkerCapacity of every registered worker (accepting: active and
+    up).  Order matters: the first thing that holds the job back is named.
+    """
+    if job["after"] or job["after_any"]:
+        parts = []
+        if job["after"]:
+            parts.append("after " + ", ".join(map(str, job["after"][:5])) +
+                         (", ..." if len(job["after"]) > 5 else ""))
+        if job["after_any"]:
+            parts.append("after any of " + ", ".join(map(str, job["after_any"][:5])) +
+                         (", ..." if len(job["after_any"]) > 5 else ""))
+        return "; ".join(parts)
+    if job["not_before"] is not None:
+        moment = parse_iso_time(job["not_before"])
+        if moment > now:
+            same_day = time.localtime(moment)[:3] == time.localtime(now)[:3]
+            return "until " + time.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M",
+                                            time.localtime(moment))
+    if paused:
+        return "queue paused"
+    allowed = [worker for worker in workers if
+               (job["on"] is None or worker.name in job["on"]) and
+               worker.name not in (job["exclude"] or ())]
+    wanted = job["slots_wanted"]
+    where = f"on {', '.join(job['on'])}" if job["on"] else "on any worker"
+    if not any(worker.slots >= wanted for worker in allowed):
+        return f"no worker with {wanted} slots" if wanted > 1 and allowed else \
+            f"no worker {where}" if job["on"] or job["exclude"] else "no worker yet"
+    if not any(worker.accepting for worker in allowed):
+        return f"every worker {where} is paused, down or draining"
+    return f"{wanted} free slots on one worker" if wanted > 1 else f"a free slot {where}"
 
 
 def job_environment(submitter_environment, worker_variables, job_variables, job_id, worker,
@@ -2229,6 +2269,7 @@ class Server:
         del self.workers[name]
         stop_ssh_masters(ssh_control_dir(self.ssh_root, name))
         self.log.info("worker %s: removed", name)
+        self.skip_stranded()
         self.answer_waiters()
 
     # --- clients ----------------------------------------------------------
@@ -2500,6 +2541,10 @@ class Server:
                 "running_jobs": jobs_here, "ssh_checked": worker.ssh_checked,
                 "ssh_reuse": worker.ssh_reuse})
         waitlist = self.with_dependencies([job_to_json(row, self.log_dir) for row in waiting])
+        capacities = [worker.capacity() for worker in self.workers.values()]
+        now = time.time()
+        for job in waitlist:
+            job["waiting_for"] = waiting_reason(job, capacities, self.paused, now)
         environment_ids = {job["environment"] for job in waitlist + running_json}
         environments = self.store.environments(environment_ids) \
             if params.get("environments", True) else {}
@@ -2562,6 +2607,7 @@ class Server:
                     self.store.set_worker_state(host, worker.state, WorkerState.DRAINING)
                 worker.state = WorkerState.DRAINING
                 self.log.info("worker %s: draining; removed when its jobs end", host)
+                self.skip_stranded()
             if mode == "kill":
                 for job_id in self.jobs_on(host):
                     self.kill_attempt(self.running[job_id], grace,
@@ -2769,6 +2815,7 @@ class Server:
         if worker.ssh_reuse and not ssh_reuse:
             stop_ssh_masters(ssh_control_dir(self.ssh_root, host))
         worker.slots, worker.variables, worker.ssh_reuse = new_slots, variables, ssh_reuse
+        self.skip_stranded()
         self.log.info("worker %s: edited (%d slot(s), variables %s, ssh reuse %s)", host,
                       new_slots, " ".join(sorted(variables)) or "none",
                       "on" if ssh_reuse else "off")
@@ -2793,6 +2840,7 @@ class Server:
         umask = _umask(params)
         options = _job_options(params)
         check_script(script)
+        self.check_placement(options)
         conditions, skip_reason = self.dependency_conditions(params)
         if conditions:
             options["blocked"] = 1
@@ -2812,6 +2860,46 @@ class Server:
         self.arm_release()
         self.jobs_ended(self.log_skipped(skipped))
         return {"id": first, "first": first, "last": last, "skipped": skip_reason}
+
+    def check_placement(self, options):
+        """Refuse --on/--prefer/--exclude naming unknown workers, and --slots that no
+        allowed worker has."""
+        lists = {}
+        for flag, column in (("--on", "run_on"), ("--prefer", "prefer"),
+                             ("--exclude", "exclude")):
+            lists[column] = json.loads(options[column] or "[]")
+            for host in lists[column]:
+                if host not in self.workers:
+                    raise UserError(f"unknown worker {host!r} in {flag}; see ./cli.py status "
+                                    "for the registered workers")
+        allowed = [worker for worker in self.workers.values()
+                   if (not lists["run_on"] or worker.name in lists["run_on"]) and
+                   worker.name not in lists["exclude"] and
+                   worker.state != WorkerState.DRAINING]
+        if lists["run_on"] and not allowed:
+            raise UserError("every worker in --on is excluded or being removed")
+        wanted = options["slots_wanted"]
+        most = max((worker.slots for worker in allowed), default=0)
+        if wanted > 1 and most < wanted:
+            which = "in --on " if lists["run_on"] else ""
+            raise UserError(f"no worker {which}has {wanted} slots (the most is {most}): add one "
+                            f"with ./cli.py add_slave --slots {wanted} HOST, or ask for fewer")
+
+    def skip_stranded(self):
+        """Skip waiting --on jobs none of whose workers is left (or has enough slots)."""
+        usable = {name: worker.slots for name, worker in self.workers.items()
+                  if worker.state != WorkerState.DRAINING}
+        stranded = [row["id"] for row in self.store.pinned_waiting_jobs()
+                    if not any(usable.get(name, 0) >= row["slots_wanted"]
+                               for name in json.loads(row["run_on"]))]
+        if not stranded:
+            return
+        with self.store.transaction():
+            for job_id in stranded:
+                self.store.skip(job_id, "no allowed worker left (--on)")
+            stranded += self.store.resolve_dependents(
+                [(job_id, False, "was skipped") for job_id in stranded])
+        self.jobs_ended(self.log_skipped(stranded))
 
     def dependencies_outside(self, jobs):
         """For load_status: check the dependencies of the document's JOBS; return the
@@ -2936,6 +3024,7 @@ class Server:
             self.hold_slots(attempt.worker, attempt.slots)
         self.jobs_removed(replaced)
         self.log_skipped(skipped)
+        self.skip_stranded()
         self.schedule_needed = True
         self.arm_release()
         self.log.info("state replaced by load_status: %d worker(s), %d waiting job(s)",
@@ -3592,14 +3681,18 @@ def render_status(status):
                                              "log"])]
     counts = status["counts"]
     if status["job_waitlist"]:
-        waiting = [[job["id"], _command_line(job), job["cwd"]] for job in status["job_waitlist"]]
+        waiting = [[job["id"], job["priority"], job["waiting_for"], _command_line(job, 50)]
+                   for job in status["job_waitlist"]]
         lines += ["", f"Waiting ({counts.get('waiting', 0)})",
-                  tabulate(waiting, headers=["job", "command", "directory"])]
+                  tabulate(waiting, headers=["job", "priority", "waiting for", "command"])]
         hidden = counts.get("waiting", 0) - len(waiting)
         if hidden > 0:
             lines.append(f"... and {hidden} more (./cli.py status --json lists them all)")
     lines += ["", "Jobs: " + ", ".join(f"{counts.get(name, 0)} {name}" for name in
-                                      ("waiting", "running", "succeeded", "failed", "killed"))]
+                                      ("waiting", "running", "succeeded", "failed", "killed",
+                                       "timed_out", "skipped")
+                                      if counts.get(name) or name in ("waiting", "running",
+                                                                      "succeeded", "failed"))]
     return "\n".join(lines)
 
 
@@ -3709,6 +3802,10 @@ def job_policy(options):
     if options.retry_delay is not None and not options.retries:
         raise UserError("--retry-delay needs --retries N (how many more attempts)")
     return {
+        "slots_wanted": options.slots,
+        "on": host_list(options.on, "--on"),
+        "prefer": host_list(options.prefer, "--prefer"),
+        "exclude": host_list(options.exclude, "--exclude"),
         "after": parse_job_ids(options.after) if options.after else [],
         "after_any": parse_job_ids(options.after_any) if options.after_any else [],
         "ssh_reuse": options.ssh_reuse,
@@ -3720,6 +3817,18 @@ def job_policy(options):
         parse_duration(options.timeout, "--timeout", positive=True),
         "not_before": None if not_before is None else iso_time(not_before),
     }
+
+
+def host_list(texts, flag):
+    """Worker names from repeatable, comma-separated --on/--prefer/--exclude; None if none."""
+    if not texts:
+        return None
+    hosts = [host for text in texts for host in text.split(",") if host]
+    if not hosts:
+        raise UserError(f"{flag} needs worker names, like {flag} node1,node2")
+    for host in hosts:
+        validate_host_name(host)
+    return list(dict.fromkeys(hosts))
 
 
 def parse_start_time(text):
@@ -4348,6 +4457,17 @@ def build_parser(only=None):
                          help="Kill an attempt that runs longer than this, like 30m or 2h, "
                               f"as kill does (SIGTERM, SIGKILL {DEFAULT_KILL_GRACE:g}s later); "
                               "it ends as timed_out, and is retried if --retries allows.")
+    add_job.add_argument("--slots", type=positive_int, default=1, metavar="K",
+                         help="Take K slots of one worker (a job that uses K cores); SLOTS "
+                              "lists them. It waits for a worker with K free slots, which "
+                              "is kept for it meanwhile.")
+    add_job.add_argument("--on", action="append", metavar="HOSTS",
+                         help="Run only on these workers (comma-separated; repeatable).")
+    add_job.add_argument("--prefer", action="append", metavar="HOSTS",
+                         help="Prefer these workers when they have a free slot; may still "
+                              "run elsewhere.")
+    add_job.add_argument("--exclude", action="append", metavar="HOSTS",
+                         help="Never run on these workers.")
     add_job.add_argument("--after", action="append", metavar="IDS",
                          help="Run only after all these jobs succeeded (ids like 12,13 or "
                               "12-20; repeatable). If one of them fails for good, is killed "

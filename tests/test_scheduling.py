@@ -299,3 +299,82 @@ def test_load_status_keeps_dependencies_and_refuses_circles(server):
     server.ok("resume")
     server.ok("wait", "-q", first, second, third)
     assert server.runs() == [first, second, third]
+
+
+# --- placement: multi-slot jobs and affinity ----------------------------------
+
+def test_a_multi_slot_job_holds_distinct_slots_and_is_not_starved(server):
+    server.ok("add_slave", "--slots", "2", "w1")
+    early = server.add_job(server.script, env=dict(server.env, SLEEP="1"))
+    server.wait_for_counts(running=1)
+    big = server.add_job("--slots", "2", server.script, env=dict(server.env, SLEEP="0.5"))
+    small = [server.add_job(server.script, env=dict(server.env, SLEEP="0.5")) for _ in range(3)]
+    server.ok("wait", "-q", early, big, *small)
+    record = server.record(big)
+    assert sorted(record["env"]["SLOTS"].split(",")) == ["0", "1"]
+    assert all(server.record(job_id)["start"] >= record["end"] for job_id in small), \
+        "small jobs queued after the 2-slot job took the slot it was waiting for"
+    assert server.record(big)["start"] >= server.record(early)["end"]
+
+
+def test_on_prefer_and_exclude_place_jobs(server):
+    server.ok("add_slave", "--slots", "2", "w1", "w2")
+    on = server.add_job("--on", "w2", server.script)
+    excluded = server.add_job("--exclude", "w2", server.script)
+    preferred = server.add_job("--prefer", "w1", server.script)
+    server.ok("wait", "-q", on, excluded, preferred)
+    assert [server.record(job_id)["slave"] for job_id in (on, excluded, preferred)] == \
+        ["w2", "w1", "w1"]
+    job = json.loads(server.ok("jobs", on, "--json"))
+    assert (job["on"], job["prefer"], job["exclude"]) == (["w2"], None, None)
+
+
+def test_placement_mistakes_are_refused(server):
+    server.ok("add_slave", "--slots", "4", "w1")
+    server.ok("add_slave", "--slots", "2", "w2")
+    server.ok("pause")
+    before = server.status()
+    server.fails("add_job", "--slots", "5", server.script, expect="no worker has 5 slots")
+    server.fails("add_job", "--slots", "3", "--on", "w2", server.script,
+                 expect="no worker in --on has 3 slots")
+    server.fails("add_job", "--slots", "0", server.script, expect="--slots")
+    server.fails("add_job", "--on", "nowhere", server.script, expect="unknown worker 'nowhere'")
+    server.fails("add_job", "--exclude", "w9", server.script, expect="unknown worker 'w9'")
+    server.fails("add_job", "--on", "w1", "--exclude", "w1", server.script,
+                 expect="every worker in --on is excluded")
+    server.fails("add_job", "--on", "-w1", server.script, expect="--on")
+    assert server.status()["job_waitlist"] == before["job_waitlist"]
+
+
+def test_a_job_whose_workers_are_all_removed_is_skipped(server):
+    server.ok("add_slave", "w1", "w2")
+    server.ok("pause")
+    pinned = server.add_job("--on", "w1,w2", server.script)
+    after_it = server.add_job("--after", pinned, server.script)
+    server.ok("remove_slave", "w1")
+    assert server.status()["counts"].get("skipped", 0) == 0
+    server.ok("remove_slave", "w2")
+    jobs = {job["id"]: job for job in json.loads(server.ok("jobs", "--json"))}
+    assert jobs[pinned]["result"] == "skipped"
+    assert jobs[pinned]["reason"] == "no allowed worker left (--on)"
+    assert jobs[after_it]["result"] == "skipped"
+
+
+def test_status_says_what_each_waiting_job_waits_for(server):
+    server.ok("add_slave", "--slots", "2", "w1")
+    server.ok("add_slave", "w2")
+    server.ok("pause", "w2")
+    blocker = server.add_job(server.script, env=dict(server.env, SLEEP="30"))
+    server.wait_for_counts(running=1)
+    reasons = {}
+    for args in (["--after", blocker], ["--delay", "1h"], ["--slots", "2"], ["--on", "w2"]):
+        reasons[server.add_job(*args, server.script)] = args[0]
+    waiting = {job["id"]: job["waiting_for"] for job in server.status()["job_waitlist"]}
+    by_flag = {flag: waiting[job_id] for job_id, flag in reasons.items()}
+    assert by_flag["--after"] == f"after {blocker}"
+    assert by_flag["--delay"].startswith("until ")
+    assert by_flag["--slots"] == "2 free slots on one worker"
+    assert by_flag["--on"] == "every worker on w2 is paused, down or draining"
+    table = server.ok("status")
+    assert "waiting for" in table and f"after {blocker}" in table
+    server.ok("kill", blocker)
