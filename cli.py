@@ -60,6 +60,9 @@ SOCKET_PATH_LIMIT = 107          # sun_path is 108 bytes including the final NUL
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 DEFAULT_KILL_GRACE = 10.0        # seconds between SIGTERM and SIGKILL
 DEFAULT_SSH_TIMEOUT = 10.0
+DEFAULT_CHECK_INTERVAL = 30.0    # seconds between health checks of a worker
+HEALTH_CHECKS_AT_ONCE = 16       # connections the health checker opens at the same time
+HEALTH_CHECKER = "_health_checker"   # the hidden command the server runs it as
 STATUS_TABLE_HEAD = 10           # waiting jobs shown by the status table
 JOBS_TABLE_LAST = 50             # jobs shown by the jobs table without --last
 MAX_BULK_JOBS = 1_000_000        # jobs one add_job call may queue, ids one command may name
@@ -232,6 +235,13 @@ WORKER_TRANSITIONS = {
     WorkerState.PAUSED: {WorkerState.ACTIVE, WorkerState.DRAINING},
     WorkerState.DRAINING: set(),
 }
+
+
+# Health is apart from WorkerState: a worker the health checker finds down keeps
+# its state (a paused worker comes back paused), and takes no job until it is up.
+class WorkerHealth(str, Enum):
+    UP = "up"
+    DOWN = "down"
 
 
 class IllegalTransition(Exception):
@@ -466,6 +476,10 @@ class Store:
             "ssh_checked = excluded.ssh_checked, ssh_reuse = excluded.ssh_reuse",
             (name, slots, json.dumps(variables), state.value, int(ssh_checked), int(ssh_reuse),
              time.time()))
+
+    def set_worker_health(self, name, health, reason, checked_at):
+        self.db.execute("UPDATE workers SET health = ?, check_reason = ?, checked_at = ? "
+                        "WHERE name = ?", (health.value, reason, checked_at, name))
 
     def set_worker_state(self, name, old, new):
         check_transition(WORKER_TRANSITIONS, old, new)
@@ -1691,16 +1705,31 @@ def check_hosts(hosts, timeout):
         return dict(zip(hosts, results))
 
 
-def check_host(host, timeout):
-    import paramiko
+def open_connection(host, timeout):
+    """A fabric Connection to HOST (not yet open) that never prompts."""
     from fabric import Config, Connection
     config_path = os.environ.get(SSH_CONFIG_VARIABLE)
     config = Config(runtime_ssh_path=config_path) if config_path else Config()
-    connection = Connection(host, config=config, connect_timeout=timeout,
-                            connect_kwargs={"banner_timeout": timeout, "auth_timeout": timeout,
-                                            "allow_agent": True, "look_for_keys": True})
+    return Connection(host, config=config, connect_timeout=timeout,
+                      connect_kwargs={"banner_timeout": timeout, "auth_timeout": timeout,
+                                      "allow_agent": True, "look_for_keys": True})
+
+
+def check_host(host, timeout, connection=None):
+    """Log in to HOST and run `true`: None if that worked, else the reason.
+
+    With CONNECTION (see health_checker_main), that connection is used, and
+    opened first if it is not; the caller closes it.
+    """
+    import paramiko
+    kept = connection is not None
+    connection = connection or open_connection(host, timeout)
     try:
-        connection.open()
+        if not connection.is_connected:
+            connection.open()
+            # Nagle's algorithm holds back paramiko's small packets: ~40 ms a run.
+            connection.client.get_transport().sock.setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         result = connection.run("true", hide=True, warn=True, timeout=timeout, in_stream=False)
         if result.exited != 0:
             return f"logged in, but `true` exited with status {result.exited}"
@@ -1736,6 +1765,62 @@ def check_host(host, timeout):
     except Exception as error:   # noqa: BLE001 - any reason is reported for its host
         return f"{type(error).__name__}: {error}"
     finally:
+        if not kept:
+            connection.close()
+
+
+def health_checker_main():
+    """The server's health checker (cli.py _health_checker), a process of its own so
+    that no check ever holds up the server's event loop.
+
+    It reads the workers to check, the interval and the timeout as JSON lines
+    on stdin, checks each worker with fabric once per interval, at most
+    HEALTH_CHECKS_AT_ONCE at a time, over one connection per worker kept open
+    between checks (and replaced when it fails), and writes one JSON line per
+    check: {"worker", "reason" (null if it passed), "at"}.  EOF on stdin (the
+    server is gone) ends it.
+    """
+    import logging
+    import select
+    from concurrent.futures import ThreadPoolExecutor
+    require("fabric")
+    logging.getLogger("paramiko").setLevel(logging.CRITICAL + 1)
+    workers, interval, timeout = [], DEFAULT_CHECK_INTERVAL, DEFAULT_SSH_TIMEOUT
+    connections = {}
+    next_round = time.monotonic()
+    buffer = b""
+
+    def check(host):
+        connection = connections.get(host) or open_connection(host, timeout)
+        connections[host] = connection
+        reason = check_host(host, timeout, connection)
+        if reason:
+            connections.pop(host, None)
+            connection.close()
+        return {"worker": host, "reason": reason, "at": time.time()}
+
+    with ThreadPoolExecutor(max_workers=HEALTH_CHECKS_AT_ONCE) as pool:
+        while True:
+            wait = max(0.0, next_round - time.monotonic()) if workers else None
+            if select.select([0], [], [], wait)[0]:
+                chunk = os.read(0, 1 << 16)
+                if not chunk:
+                    break
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    request = json.loads(line)
+                    workers, interval = request["workers"], request["interval"]
+                    timeout = request["timeout"]
+                    for host in set(connections) - set(workers):
+                        connections.pop(host).close()
+                    if request.get("now"):
+                        next_round = time.monotonic()
+                continue
+            for result in pool.map(check, list(workers)):
+                os.write(1, json.dumps(result).encode() + b"\n")
+            next_round = time.monotonic() + interval
+    for connection in connections.values():
         connection.close()
 
 
@@ -1753,11 +1838,15 @@ class Worker:
         self.state = WorkerState(row["state"])
         self.ssh_checked = bool(row["ssh_checked"])
         self.ssh_reuse = bool(row["ssh_reuse"])
+        self.health = WorkerHealth(row["health"])
+        self.checked_at = row["checked_at"]
+        self.check_reason = row["check_reason"]
         self.busy_slots = set()
 
     def capacity(self):
         return WorkerCapacity(self.name, self.slots, self.busy_slots,
-                              self.state == WorkerState.ACTIVE)
+                              self.state == WorkerState.ACTIVE and
+                              self.health == WorkerHealth.UP)
 
 
 class Attempt:
@@ -1831,8 +1920,12 @@ class Server:
     batch of events.
     """
 
-    def __init__(self, data_dir, log_dir, log, job_fd_limit, spawner):
+    def __init__(self, data_dir, log_dir, log, job_fd_limit, spawner,
+                 check_interval=DEFAULT_CHECK_INTERVAL):
         self.spawner = spawner
+        self.check_interval = check_interval
+        self.checker = None        # the health checker process (see health_checker_main)
+        self.checker_output = bytearray()
         self.data_dir = data_dir
         self.job_fd_limit = job_fd_limit
         self.log_dir = log_dir
@@ -2104,6 +2197,90 @@ class Server:
         self.log.info("job %s: %s; killing", attempt.job_id, reason)
         self.signal_kill(attempt, DEFAULT_KILL_GRACE)
 
+    # --- worker health ------------------------------------------------------
+
+    def update_checker(self, now=False):
+        """Tell the health checker which workers to check (those added with the SSH
+        check, and not being removed); start it if it is not running."""
+        names = [worker.name for worker in self.workers.values()
+                 if worker.ssh_checked and worker.state != WorkerState.DRAINING]
+        if self.check_interval <= 0 or (self.checker is None and not names):
+            return
+        if self.checker is None:
+            import subprocess
+            try:
+                self.checker = subprocess.Popen(
+                    [sys.executable, os.path.abspath(__file__), HEALTH_CHECKER],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                    cwd="/")
+            except OSError as error:
+                self.log.error("cannot start the health checker: %s", error)
+                return
+            os.set_blocking(self.checker.stdout.fileno(), False)
+            self.selector.register(self.checker.stdout, EVENT_READ, self.checker_event)
+            now = True
+        request = {"workers": names, "interval": self.check_interval,
+                   "timeout": min(DEFAULT_SSH_TIMEOUT, self.check_interval), "now": now}
+        try:
+            self.checker.stdin.write(json.dumps(request).encode() + b"\n")
+            self.checker.stdin.flush()
+        except OSError:
+            self.checker_gone()
+
+    def checker_event(self, events):
+        try:
+            chunk = os.read(self.checker.stdout.fileno(), 1 << 16)
+        except BlockingIOError:
+            return
+        if not chunk:
+            self.checker_gone()
+            return
+        self.checker_output += chunk
+        *lines, rest = self.checker_output.split(b"\n")
+        self.checker_output = bytearray(rest)
+        for line in lines:
+            result = json.loads(line)
+            self.health_checked(result["worker"], result["reason"], result["at"])
+
+    def checker_gone(self):
+        """The health checker died: say so, and start a new one an interval later."""
+        self.log.warning("the health checker stopped; starting a new one in %gs",
+                         self.check_interval)
+        self.stop_checker()
+        self.add_timer(time.time() + self.check_interval, self.update_checker)
+
+    def stop_checker(self):
+        if self.checker is None:
+            return
+        checker, self.checker = self.checker, None
+        self.selector.unregister(checker.stdout)
+        for stream in (checker.stdin, checker.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        checker.terminate()   # it may be in the middle of a round of checks
+        checker.wait()
+
+    def health_checked(self, name, reason, at):
+        """One check's result: a worker goes down, comes back up, or stays as it was."""
+        worker = self.workers.get(name)
+        if worker is None:
+            return   # removed since
+        health = WorkerHealth.UP if reason is None else WorkerHealth.DOWN
+        worker.checked_at = at
+        if health == worker.health and reason == worker.check_reason:
+            return
+        with self.store.transaction():
+            self.store.set_worker_health(name, health, reason, at)
+        if health != worker.health:
+            if health == WorkerHealth.DOWN:
+                self.log.warning("worker %s: down (%s); no new job starts there", name, reason)
+            else:
+                self.log.info("worker %s: up again", name)
+                self.schedule_needed = True
+        worker.health, worker.check_reason = health, reason
+
     # --- timers -------------------------------------------------------------
 
     def add_timer(self, when, callback):
@@ -2270,6 +2447,7 @@ class Server:
         stop_ssh_masters(ssh_control_dir(self.ssh_root, name))
         self.log.info("worker %s: removed", name)
         self.skip_stranded()
+        self.update_checker()
         self.answer_waiters()
 
     # --- clients ----------------------------------------------------------
@@ -2431,6 +2609,7 @@ class Server:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.selector.register(wakeup_read, EVENT_READ,
                                lambda events: wakeup_read.recv(4096))
+        self.update_checker()
         while not self.stopping:
             if self.schedule_needed:
                 self.guarded(self.schedule)
@@ -2475,6 +2654,7 @@ class Server:
                                      "again and check ./cli.py status", stopping=True)
         for client in list(self.clients - set(self.stop_replies)):
             self.answer_while_stopping(client)
+        self.stop_checker()
         for name in self.workers:
             stop_ssh_masters(ssh_control_dir(self.ssh_root, name))
         self.store.close()
@@ -2529,7 +2709,9 @@ class Server:
         slaves = []
         for worker in self.workers.values():
             jobs_here = [job for job in running_json if job["worker"] == worker.name]
-            if worker.state == WorkerState.ACTIVE:
+            if worker.health == WorkerHealth.DOWN:
+                status = "down"
+            elif worker.state == WorkerState.ACTIVE:
                 status = "busy" if worker.busy_slots else "idle"
             else:
                 status = worker.state.value
@@ -2539,7 +2721,8 @@ class Server:
                 "slots_in_use": len(worker.busy_slots),
                 "running_job": jobs_here[0] if jobs_here else None,
                 "running_jobs": jobs_here, "ssh_checked": worker.ssh_checked,
-                "ssh_reuse": worker.ssh_reuse})
+                "ssh_reuse": worker.ssh_reuse, "health": worker.health.value,
+                "checked_at": iso_time(worker.checked_at), "check_reason": worker.check_reason})
         waitlist = self.with_dependencies([job_to_json(row, self.log_dir) for row in waiting])
         capacities = [worker.capacity() for worker in self.workers.values()]
         now = time.time()
@@ -2581,6 +2764,7 @@ class Server:
                 self.workers[row["name"]] = Worker(row)
                 self.log.info("worker %s: added with %d slot(s)", row["name"], slots)
         self.schedule_needed = True
+        self.update_checker()
         return hosts
 
     def cmd_remove_slave(self, client, params):
@@ -3025,6 +3209,7 @@ class Server:
         self.jobs_removed(replaced)
         self.log_skipped(skipped)
         self.skip_stranded()
+        self.update_checker()
         self.schedule_needed = True
         self.arm_release()
         self.log.info("state replaced by load_status: %d worker(s), %d waiting job(s)",
@@ -3340,7 +3525,7 @@ def parse_iso_time(text):
     return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
 
 
-def run_server(data_dir, log_dir, notify):
+def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL):
     """Own DATA_DIR, recover, listen, and serve until stopped."""
     if not hasattr(os, "pidfd_open"):
         raise UserError("the server needs Linux 5.3 or later (pidfd) and Python 3.10+")
@@ -3349,7 +3534,8 @@ def run_server(data_dir, log_dir, notify):
     filelock = require("filelock")
     paths = data_dir_paths(data_dir)
     try:
-        lock, server = open_server(data_dir, log_dir, paths, filelock, notify, spawner)
+        lock, server = open_server(data_dir, log_dir, paths, filelock, notify, spawner,
+                                   check_interval)
     except OSError as error:
         where = f" ({error.filename})" if error.filename else ""
         raise UserError(f"cannot start the server: {error.strerror or error}{where}") from None
@@ -3371,7 +3557,7 @@ def run_server(data_dir, log_dir, notify):
             client.connection.close()
 
 
-def open_server(data_dir, log_dir, paths, filelock, notify, spawner):
+def open_server(data_dir, log_dir, paths, filelock, notify, spawner, check_interval):
     """Take the data dir, recover and listen; return (lock, server) ready to serve."""
     import resource
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
@@ -3390,7 +3576,7 @@ def open_server(data_dir, log_dir, paths, filelock, notify, spawner):
     job_fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (job_fd_limit[1], job_fd_limit[1]))
     log = server_logger(log_dir, foreground=not notify)
-    server = Server(data_dir, log_dir, log, job_fd_limit, spawner)
+    server = Server(data_dir, log_dir, log, job_fd_limit, spawner, check_interval)
     server.load()
     server.open_socket()
     log.info("server %d listening on %s (data dir %s, %d job(s) running)", os.getpid(),
@@ -3598,13 +3784,15 @@ def command_start(options):
     """
     data_dir = options.data_dir
     log_dir = resolve_dir(options.log_dir or options.log_dir_positional or DEFAULT_LOG_DIR)
+    check_interval = parse_duration(options.check_interval, "--check-interval")
     if options.foreground:
-        run_server(data_dir, log_dir, notify=options.notify)
+        run_server(data_dir, log_dir, notify=options.notify, check_interval=check_interval)
         return 0
     import subprocess
     server = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "start", "--foreground", "--notify",
-         "--server_data_dir", data_dir, "--log_dir", log_dir],
+         "--server_data_dir", data_dir, "--log_dir", log_dir,
+         "--check-interval", str(check_interval)],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True, cwd="/")
     output = []
@@ -3664,14 +3852,15 @@ def render_status(status):
              f"job logs in {status['server']['log_dir']}"]
     if status["paused"]:
         lines.append("QUEUE PAUSED: no new job starts (./cli.py resume)")
+    now = time.time()
     workers = [[slave["ip"], slave["status"], f"{slave['slots_in_use']}/{slave['slots']}",
                 " ".join(str(job["id"]) for job in slave["running_jobs"]) or "-",
-                " ".join(sorted(slave["envs"])) or "-"]
+                _health_text(slave, now), " ".join(sorted(slave["envs"])) or "-"]
                for slave in status["slaves"]]
     lines += ["", f"Workers ({len(workers)})"]
-    lines.append(tabulate(workers, headers=["worker", "status", "slots", "jobs", "variables"])
+    lines.append(tabulate(workers, headers=["worker", "status", "slots", "jobs",
+                                            "last check", "variables"])
                  if workers else "  none: add one with ./cli.py add_slave HOST")
-    now = time.time()
     running = [[job["id"], job["worker"], job["slot"],
                 _elapsed(now - parse_iso_time(job["started_at"])), _command_line(job), job["log"]]
                for job in status["running_jobs"]]
@@ -3694,6 +3883,13 @@ def render_status(status):
                                       if counts.get(name) or name in ("waiting", "running",
                                                                       "succeeded", "failed"))]
     return "\n".join(lines)
+
+
+def _health_text(slave, now):
+    if not slave["checked_at"]:
+        return "-" if slave["ssh_checked"] else "not checked"
+    text = f"{slave['health']}, {_elapsed(now - parse_iso_time(slave['checked_at']))} ago"
+    return f"{text}: {slave['check_reason']}" if slave["check_reason"] else text
 
 
 def _command_line(job, width=60):
@@ -4398,6 +4594,12 @@ def build_parser(only=None):
     start.add_argument("--foreground", action="store_true",
                        help="Run in the foreground and log to stderr too (for systemd, "
                             "screen or tmux).")
+    start.add_argument("--check-interval", default=f"{DEFAULT_CHECK_INTERVAL:g}s",
+                       metavar="DURATION",
+                       help="How often the server checks each worker that was added with the "
+                            "SSH check, like 30s or 2m; 0 turns the checks off (default: "
+                            f"{DEFAULT_CHECK_INTERVAL:g}s). A worker that fails is marked "
+                            "down and takes no job until a check passes again.")
     start.add_argument("--notify", action="store_true", help=argparse.SUPPRESS)
 
     add("stop")
@@ -4600,8 +4802,12 @@ def parse_arguments(argv):
 ###############################################################################
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == [HEALTH_CHECKER]:
+        health_checker_main()
+        return 0
     try:
-        options = parse_arguments(sys.argv[1:] if argv is None else argv)
+        options = parse_arguments(argv)
         return COMMANDS[options.command](options)
     except UserError as error:
         print(f"Error: {error}", file=sys.stderr)

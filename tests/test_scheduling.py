@@ -378,3 +378,52 @@ def test_status_says_what_each_waiting_job_waits_for(server):
     table = server.ok("status")
     assert "waiting for" in table and f"after {blocker}" in table
     server.ok("kill", blocker)
+
+
+# --- worker health checks ---------------------------------------------------------
+
+def slave(cli, name):
+    return next(slave for slave in cli.status()["slaves"] if slave["ip"] == name)
+
+
+def test_a_worker_whose_sshd_stops_is_marked_down_and_comes_back(cli, workers):
+    cli.ok("start", "--check-interval", "1s")
+    cli.ok("add_slave", "w1", "w2")
+    cli.ok("add_slave", "--skip_ssh_auth_check", "w3")
+    try:
+        wait_until(lambda: slave(cli, "w2")["checked_at"], what="a first health check")
+        workers[1].stop()
+        wait_until(lambda: slave(cli, "w2")["health"] == "down", what="w2 marked down")
+        down = slave(cli, "w2")
+        assert down["status"] == "down" and "refused" in down["check_reason"]
+        assert "down" in cli.ok("status")
+        assert slave(cli, "w3")["checked_at"] is None, "w3 was added without the SSH check"
+        ids = cli.ok("add_job", "--exclude", "w3", cli.script, ":::", *range(6)).strip()
+        cli.ok("wait", "-q", ids)
+        assert {cli.record(job_id)["slave"] for job_id in range(1, 7)} == {"w1"}
+        workers[1].start()
+        wait_until(lambda: slave(cli, "w2")["health"] == "up", what="w2 back up")
+        assert slave(cli, "w2")["check_reason"] is None
+        job_id = cli.add_job("--on", "w2", cli.script)
+        cli.ok("wait", "-q", job_id)
+    finally:
+        workers[1].start()
+
+
+def test_health_checks_keep_one_connection_open(cli, workers):
+    cli.ok("start", "--check-interval", "0.3s")
+    cli.ok("add_slave", "w3")
+    wait_until(lambda: slave(cli, "w3")["checked_at"], what="a first health check")
+    opened = workers[2].connections()
+    first = slave(cli, "w3")["checked_at"]
+    time.sleep(2)
+    assert slave(cli, "w3")["checked_at"] != first, "no checks after the first"
+    assert workers[2].connections() == opened, "each check opened a new connection"
+
+
+def test_check_interval_is_checked_and_can_turn_checks_off(cli):
+    cli.fails("start", "--check-interval", "often", expect="--check-interval")
+    cli.ok("start", "--check-interval", "0")
+    cli.ok("add_slave", "w1")
+    time.sleep(1)
+    assert slave(cli, "w1")["checked_at"] is None
