@@ -4514,7 +4514,10 @@ EXAMPLES = {
                "  ./cli.py add_job -e THREADS=4 ./job.sh -- --flag 'two words'\n"
                "  ./cli.py add_job ./job.sh ::: data/*.csv                 # one job per file\n"
                "  ./cli.py add_job ./sweep.sh --lr ::: 0.1 0.01 ::: 32 64   # 4 jobs\n"
-               "  ./cli.py add_job --args-file params.txt ./sweep.sh",
+               "  ./cli.py add_job --args-file params.txt ./sweep.sh\n"
+               "  ./cli.py add_job --retries 3 --timeout 2h ./simulate.sh run-7\n"
+               "  ./cli.py add_job --after 12-20 --priority 5 ./collect.sh\n"
+               "  ./cli.py add_job --slots 8 --on gpu1,gpu2 --at 22:00 ./train.sh",
     "remove_job": "./cli.py remove_job 12 13\n  ./cli.py remove_job ./job.sh input-1.dat",
     "load_status": "./cli.py status --json > state.json\n  ./cli.py load_status state.json",
     "kill": "./cli.py kill 12\n  ./cli.py kill --grace 1m 12-20 31",

@@ -427,3 +427,30 @@ def test_check_interval_is_checked_and_can_turn_checks_off(cli):
     cli.ok("add_slave", "w1")
     time.sleep(1)
     assert slave(cli, "w1")["checked_at"] is None
+
+
+def test_every_policy_survives_a_kill_9_of_the_server(server):
+    import os
+    import signal
+    server.ok("add_slave", "--slots", "4", "w1")
+    flaky = server.write_script("flaky.sh", '[ "$JOB_ATTEMPT" -ge 2 ] || exit 1\nsleep 1\n')
+    submitted = time.time()
+    delayed = server.add_job("--delay", "4s", server.script)
+    timed = server.add_job("--timeout", "3s", server.script, env=dict(server.env, SLEEP="60"))
+    first = server.add_job(server.script, env=dict(server.env, SLEEP="2"))
+    dependent = server.add_job("--after", first, server.script)
+    retried = server.add_job("--retries", "2", "--retry-delay", "1s", flaky)
+    server.wait_for_counts(running=3)
+    pid = server.server_pid()
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}"), what="the server to die")
+    server.ok("start")
+    server.ok("wait", "-q", delayed, first, dependent, retried)
+    server.wait_for_counts(timed_out=1, timeout=15)
+    assert server.record(delayed)["start"] >= submitted + 3.5
+    assert server.record(dependent)["start"] >= server.record(first)["end"]
+    assert [attempt["result"] for attempt in attempts_of(server, retried)] == \
+        ["failed", "succeeded"]
+    timed_job = json.loads(server.ok("jobs", timed, "--json"))
+    assert cli_time(timed_job["ended_at"]) - cli_time(timed_job["started_at"]) < 8
+    assert sorted(server.runs()) == sorted([delayed, timed, first, dependent])
