@@ -2142,8 +2142,11 @@ class Server:
 
     def job_needs(self, rows):
         failed_on = self.store.failed_on([row["id"] for row in rows if row["attempt"]])
-        return [JobNeeds(row["id"], row["slots_wanted"], json.loads(row["run_on"] or "null"),
-                         json.loads(row["prefer"] or "[]"), json.loads(row["exclude"] or "[]"),
+        # Most jobs have no placement wishes: skip the JSON for them.
+        return [JobNeeds(row["id"], row["slots_wanted"],
+                         row["run_on"] and json.loads(row["run_on"]),
+                         row["prefer"] and json.loads(row["prefer"]) or (),
+                         row["exclude"] and json.loads(row["exclude"]) or (),
                          failed_on.get(row["id"], ())) for row in rows]
 
     def start_attempt(self, row):
