@@ -72,7 +72,7 @@ MAX_KILL_GRACE = 86400.0
 MAX_PRIORITY = 10 ** 9
 MAX_RETRIES = 10_000
 MAX_SLOTS = 100_000              # slots of one worker, or wanted by one job
-SCHEDULE_SCAN_LIMIT = 5000       # ready jobs one scheduling pass looks at, at most
+SCHEDULE_SCAN_LIMIT = 2000       # ready jobs one scheduling pass looks at, at most
 
 EVENT_READ, EVENT_WRITE = 1, 2   # selectors' event masks (imported by the server only)
 RECOVERY_WAIT = 5.0              # seconds a live supervisor gets to write its pid file
@@ -612,7 +612,7 @@ class Store:
         """Record a kill before it is sent, so that a restart can finish it."""
         self.db.execute(
             "UPDATE jobs SET kill_requested_at = coalesce(kill_requested_at, ?), "
-            "kill_grace = ?, reason = ? WHERE id = ? AND state = ?",
+            "kill_grace = ?, reason = ?, timed_out = 0 WHERE id = ? AND state = ?",
             (time.time(), grace, reason, job_id, JobState.RUNNING.value))
 
     def request_timeout(self, job_id, grace, reason):
@@ -770,7 +770,7 @@ class Store:
     def requeue(self, job_id, attempt):
         """An attempt whose script never started goes back to the queue, unnumbered."""
         self.change_job(job_id, JobState.RUNNING, JobState.WAITING, attempt=attempt - 1,
-                        worker=None, slot=None, started_at=None, log=None)
+                        worker=None, slot=None, slots=None, started_at=None, log=None)
 
     def waiting_with_command(self, script, args):
         return [row[0] for row in self.db.execute(
@@ -943,9 +943,11 @@ class JobNeeds:
         return self.slots == 1 and self.on is None and not (self.prefer or self.exclude or
                                                              self.avoid)
 
-    def allowed(self, capacity):
-        """The workers of CAPACITY (name -> WorkerCapacity) this job may run on."""
-        names = capacity if self.on is None else [name for name in self.on if name in capacity]
+    def allowed(self, capacity, among=None):
+        """The workers of CAPACITY (name -> WorkerCapacity) this job may run on; only
+        those named in AMONG, if given (a set: faster than all of CAPACITY)."""
+        names = (capacity if among is None else among) if self.on is None else \
+            [name for name in self.on if name in capacity and (among is None or name in among)]
         return [capacity[name] for name in names if name not in self.exclude]
 
 
@@ -976,35 +978,50 @@ def plan_starts(jobs, workers):
             if worker.free_slots > 0]
     heapq.heapify(heap)
     reserved = set()
+    # Workers with a free slot that no reservation holds: a job with wishes
+    # looks only at these, so a full cluster costs it nothing.
+    open_workers = {name for name, worker in capacity.items() if worker.free_slots > 0}
     starts = Plan()
     starts.reserved = reserved
     for job in jobs:
+        if not open_workers:
+            break
         if job.plain:
             worker = _most_free(heap, capacity, reserved)
             if worker is None:
                 break          # no free slot left but on reserved workers
             starts.append((job.job_id, worker.name, worker.take(1)))
-            continue
-        allowed = [worker for worker in job.allowed(capacity) if worker.name not in reserved]
-        fits = [worker for worker in allowed if worker.free_slots >= job.slots]
-        if fits:
-            worker = min(fits, key=lambda worker: (worker.name not in job.prefer,
-                                                   worker.name in job.avoid,
-                                                   -worker.free_slots, order[worker.name]))
-            starts.append((job.job_id, worker.name, worker.take(job.slots)))
-        elif job.slots > 1:
-            could = [worker for worker in allowed if worker.accepting and
-                     worker.slots >= job.slots]
-            if could:
-                reserved.add(min(could, key=lambda worker: (-worker.free_slots,
-                                                            order[worker.name])).name)
+        else:
+            fits = [worker for worker in job.allowed(capacity, open_workers)
+                    if worker.free_slots >= job.slots]
+            if fits:
+                worker = min(fits, key=lambda worker: (worker.name not in job.prefer,
+                                                       worker.name in job.avoid,
+                                                       -worker.free_slots, order[worker.name]))
+                starts.append((job.job_id, worker.name, worker.take(job.slots)))
+            elif job.slots > 1:
+                could = [worker for worker in job.allowed(capacity) if worker.accepting and
+                         worker.slots >= job.slots and worker.name not in reserved]
+                if could:
+                    worker = min(could, key=lambda worker: (-worker.free_slots,
+                                                            order[worker.name]))
+                    reserved.add(worker.name)
+                    open_workers.discard(worker.name)
+                continue
+            else:
+                continue
+        if worker.free_slots == 0:
+            open_workers.discard(worker.name)
+    starts.left = sum(capacity[name].free_slots for name in open_workers)
     return starts
 
 
 class Plan(list):
-    """What plan_starts decided: a list of starts, and .reserved (worker names)."""
+    """What plan_starts decided: a list of starts, .reserved (worker names), and
+    .left, the free slots that no start took and no reservation holds."""
 
     reserved = frozenset()
+    left = 0
 
 
 def _most_free(heap, capacity, reserved):
@@ -1054,24 +1071,25 @@ def find_cycle(prerequisites):
     PREREQUISITES maps each job to the jobs it waits on (ids not in the map
     wait on nothing).
     """
-    done, on_path = set(), []
+    done = set()
     for start in prerequisites:
         if start in done:
             continue
         stack = [(start, iter(prerequisites.get(start, ())))]
-        on_path = [start]
+        path, on_path = [start], {start}
         while stack:
             job, children = stack[-1]
             child = next(children, None)
             if child is None:
                 stack.pop()
-                on_path.pop()
+                on_path.discard(path.pop())
                 done.add(job)
             elif child in on_path:
-                return on_path[on_path.index(child):] + [child]
+                return path[path.index(child):] + [child]
             elif child not in done:
                 stack.append((child, iter(prerequisites.get(child, ()))))
-                on_path.append(child)
+                path.append(child)
+                on_path.add(child)
     return None
 
 
@@ -1102,7 +1120,8 @@ def waiting_reason(job, workers, paused, now):
                (job["on"] is None or worker.name in job["on"]) and
                worker.name not in (job["exclude"] or ())]
     wanted = job["slots_wanted"]
-    where = f"on {', '.join(job['on'])}" if job["on"] else "on any worker"
+    where = f"on {', '.join(job['on'])}" if job["on"] else \
+        "outside --exclude" if job["exclude"] else "on any worker"
     if not any(worker.slots >= wanted for worker in allowed):
         return f"no worker with {wanted} slots" if wanted > 1 and allowed else \
             f"no worker {where}" if job["on"] or job["exclude"] else "no worker yet"
@@ -1926,6 +1945,8 @@ class Server:
         self.check_interval = check_interval
         self.checker = None        # the health checker process (see health_checker_main)
         self.checker_output = bytearray()
+        self.checker_unsent = bytearray()   # part of a request the pipe has not taken yet
+        self.checker_next = None            # the newest request, once that one is sent
         self.data_dir = data_dir
         self.job_fd_limit = job_fd_limit
         self.log_dir = log_dir
@@ -1980,6 +2001,7 @@ class Server:
         self.prepare_ssh_reuse()
         with self.store.transaction():   # a database from before resolve_dependents, or edited
             self.log_skipped(self.store.resolve_dependents(self.store.stale_prerequisites()))
+        self.skip_stranded()   # a crash may have come between a worker's removal and this
         self.release_delayed()
 
     def prepare_ssh_reuse(self):
@@ -2099,7 +2121,8 @@ class Server:
                 changes = {"worker": worker, "slot": slots[0],
                            "slots": json.dumps(slots) if len(slots) > 1 else None,
                            "started_at": now, "attempt": jobs[job_id]["attempt"] + 1,
-                           "log": job_log_path(self.log_dir, job_id)}
+                           "log": job_log_path(self.log_dir, job_id), "reason": None,
+                           "exit_code": None, "signal": None}
                 self.store.change_job(job_id, JobState.WAITING, JobState.RUNNING, **changes)
                 started.append({**dict(jobs[job_id]), **changes,
                                 "state": JobState.RUNNING.value})
@@ -2126,18 +2149,16 @@ class Server:
         ready jobs.  Returns (starts, {job id: row}).
         """
         free = sum(capacity.free_slots for capacity in capacities)
-        rows, after, starts = [], None, []
-        while free:
-            limit = max(free, 64) if after is None else 1000
-            page = self.store.ready_jobs(limit=limit, after=after)
-            rows += page
+        if not free:
+            return [], {}
+        # Two passes at most: the head of the queue, which usually fills every
+        # free slot; then, if room is left that those jobs cannot use, a deeper
+        # look (a job that is pinned or too big must not idle the others).
+        rows = self.store.ready_jobs(limit=max(free, 64))
+        starts = plan_starts(self.job_needs(rows), capacities)
+        if starts.left and len(rows) == max(free, 64):
+            rows = self.store.ready_jobs(limit=SCHEDULE_SCAN_LIMIT)
             starts = plan_starts(self.job_needs(rows), capacities)
-            used = sum(len(slots) for _, _, slots in starts)
-            left = sum(capacity.free_slots for capacity in capacities
-                       if capacity.name not in starts.reserved) - used
-            if left <= 0 or len(page) < limit or len(rows) >= SCHEDULE_SCAN_LIMIT:
-                break
-            after = (page[-1]["priority"], page[-1]["id"])
         return starts, {row["id"]: row for row in rows}
 
     def job_needs(self, rows):
@@ -2184,7 +2205,7 @@ class Server:
         if row["timeout"] is not None and not row["timed_out"]:
             # From the recorded start, so that a restart does not extend it.
             self.add_timer(row["started_at"] + row["timeout"],
-                           lambda attempt=attempt: self.time_out(attempt))
+                           lambda attempt=attempt: self.time_out(attempt), attempt)
         return attempt
 
     def time_out(self, attempt):
@@ -2205,30 +2226,61 @@ class Server:
     def update_checker(self, now=False):
         """Tell the health checker which workers to check (those added with the SSH
         check, and not being removed); start it if it is not running."""
+        checked = self.check_interval > 0
         names = [worker.name for worker in self.workers.values()
-                 if worker.ssh_checked and worker.state != WorkerState.DRAINING]
-        if self.check_interval <= 0 or (self.checker is None and not names):
+                 if checked and worker.ssh_checked and worker.state != WorkerState.DRAINING]
+        for worker in self.workers.values():
+            if worker.health == WorkerHealth.DOWN and worker.name not in names:
+                # Nothing will check it again: down would be for ever.
+                self.health_checked(worker.name, None, worker.checked_at)
+        if self.checker is None and not names:
             return
         if self.checker is None:
             import subprocess
             try:
-                self.checker = subprocess.Popen(
-                    [sys.executable, os.path.abspath(__file__), HEALTH_CHECKER],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                    cwd="/")
+                with open(os.path.join(self.log_dir, SERVER_LOG_FILE), "ab") as errors:
+                    self.checker = subprocess.Popen(
+                        [sys.executable, os.path.abspath(__file__), HEALTH_CHECKER],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, cwd="/")
             except OSError as error:
                 self.log.error("cannot start the health checker: %s", error)
                 return
-            os.set_blocking(self.checker.stdout.fileno(), False)
+            for stream in (self.checker.stdin, self.checker.stdout):
+                os.set_blocking(stream.fileno(), False)
             self.selector.register(self.checker.stdout, EVENT_READ, self.checker_event)
+            self.checker_unsent = bytearray()
             now = True
+        # Only the newest list matters: it replaces one not yet sent, and the
+        # pipe is written without blocking (a checker busy with a round of hung
+        # hosts reads nothing for a while).
         request = {"workers": names, "interval": self.check_interval,
                    "timeout": min(DEFAULT_SSH_TIMEOUT, self.check_interval), "now": now}
-        try:
-            self.checker.stdin.write(json.dumps(request).encode() + b"\n")
-            self.checker.stdin.flush()
-        except OSError:
-            self.checker_gone()
+        self.checker_next = json.dumps(request).encode() + b"\n"
+        self.send_to_checker()
+
+    def send_to_checker(self, events=0):
+        checker = self.checker
+        if checker is None:
+            return
+        while True:
+            if not self.checker_unsent:
+                if self.checker_next is None:
+                    break
+                self.checker_unsent, self.checker_next = bytearray(self.checker_next), None
+            try:
+                written = os.write(checker.stdin.fileno(), self.checker_unsent)
+            except BlockingIOError:
+                break
+            except OSError:
+                self.checker_gone()
+                return
+            del self.checker_unsent[:written]
+        waiting = bool(self.checker_unsent)
+        registered = self.selector.get_map().get(checker.stdin.fileno()) is not None
+        if waiting and not registered:
+            self.selector.register(checker.stdin, EVENT_WRITE, self.send_to_checker)
+        elif not waiting and registered:
+            self.selector.unregister(checker.stdin)
 
     def checker_event(self, events):
         try:
@@ -2256,14 +2308,19 @@ class Server:
         if self.checker is None:
             return
         checker, self.checker = self.checker, None
-        self.selector.unregister(checker.stdout)
         for stream in (checker.stdin, checker.stdout):
+            if self.selector.get_map().get(stream.fileno()) is not None:
+                self.selector.unregister(stream)
             try:
                 stream.close()
             except OSError:
                 pass
         checker.terminate()   # it may be in the middle of a round of checks
-        checker.wait()
+        try:
+            checker.wait(timeout=5)
+        except Exception:   # noqa: BLE001 - subprocess.TimeoutExpired, imported lazily
+            checker.kill()
+            checker.wait()
 
     def health_checked(self, name, reason, at):
         """One check's result: a worker goes down, comes back up, or stays as it was."""
@@ -2286,10 +2343,17 @@ class Server:
 
     # --- timers -------------------------------------------------------------
 
-    def add_timer(self, when, callback):
+    def add_timer(self, when, callback, attempt=None):
+        """Call CALLBACK at WHEN; a timer of an ATTEMPT goes once the attempt has ended."""
         import heapq
+        if len(self.timers) > 2 * len(self.running) + 1000:
+            # Timeouts of attempts that ended early would pile up for as long as
+            # their deadlines: drop them.
+            self.timers = [timer for timer in self.timers if timer[3] is None or
+                           self.running.get(timer[3].job_id) is timer[3]]
+            heapq.heapify(self.timers)
         self.timer_sequence += 1
-        heapq.heappush(self.timers, (when, self.timer_sequence, callback))
+        heapq.heappush(self.timers, (when, self.timer_sequence, callback, attempt))
 
     def timer_timeout(self):
         """How long select() may sleep: until the next timer, or for ever."""
@@ -2301,15 +2365,19 @@ class Server:
         import heapq
         now = time.time()
         while self.timers and self.timers[0][0] <= now:
-            _, _, callback = heapq.heappop(self.timers)
+            callback = heapq.heappop(self.timers)[2]
             self.guarded(callback)
 
     def release_delayed(self):
         """Let the jobs whose start time has come be scheduled; wake for the next."""
         now = time.time()
         self.release_at = None
-        with self.store.transaction():
-            released = self.store.release_due(now)
+        try:
+            with self.store.transaction():
+                released = self.store.release_due(now)
+        except self.store.sqlite3.Error:
+            self.add_timer(now + 1, self.release_delayed)   # never lose the wake-up
+            raise
         if released:
             self.schedule_needed = True
         self.arm_release()
@@ -2368,7 +2436,8 @@ class Server:
         self.schedule_needed = True
         if retry:
             self.jobs_moved([job_id], JobState.WAITING)
-            self.arm_release()
+            self.release_delayed()
+            self.answer_waiters()   # a kill or remove_slave --kill may wait for this attempt
         else:
             self.jobs_ended([job_id] + self.log_skipped(skipped))
 
@@ -3029,6 +3098,10 @@ class Server:
         check_script(script)
         self.check_placement(options)
         conditions, skip_reason = self.dependency_conditions(params)
+        if len(arg_lists) * len(conditions) > MAX_BULK_JOBS:
+            raise UserError(f"{len(arg_lists)} jobs each waiting on {len(conditions)} jobs is "
+                            f"more than {MAX_BULK_JOBS} conditions: let them wait on one job "
+                            "that waits on the others (--after that job)")
         if conditions:
             options["blocked"] = 1
         with self.store.transaction():
@@ -3044,7 +3117,7 @@ class Server:
         if len(arg_lists) > 1:
             self.log.info("jobs %d-%d queued (%s)", first, last, os.path.basename(script))
         self.schedule_needed = True
-        self.arm_release()
+        self.release_delayed()   # a start time may have passed while they were inserted
         self.jobs_ended(self.log_skipped(skipped))
         return {"id": first, "first": first, "last": last, "skipped": skip_reason}
 
@@ -3065,6 +3138,9 @@ class Server:
                    worker.state != WorkerState.DRAINING]
         if lists["run_on"] and not allowed:
             raise UserError("every worker in --on is excluded or being removed")
+        if lists["exclude"] and not allowed:
+            raise UserError("--exclude leaves no worker to run on; add one first "
+                            "(./cli.py add_slave HOST)")
         wanted = options["slots_wanted"]
         most = max((worker.slots for worker in allowed), default=0)
         if wanted > 1 and most < wanted:
@@ -3214,7 +3290,7 @@ class Server:
         self.skip_stranded()
         self.update_checker()
         self.schedule_needed = True
-        self.arm_release()
+        self.release_delayed()
         self.log.info("state replaced by load_status: %d worker(s), %d waiting job(s)",
                       len(workers), len(jobs))
         return {"workers": len(workers), "jobs": len(jobs), "ids_kept": keep_ids}

@@ -245,3 +245,14 @@ def test_dependency_conditions():
 ])
 def test_find_cycle(graph, cycle):
     assert cli.find_cycle(graph) == cycle
+
+
+def test_room_left_that_the_queue_head_cannot_use_is_reported():
+    workers = [worker("w1", 4), worker("w2", 1)]
+    queue = [cli.JobNeeds(1), cli.JobNeeds(2, slots=4), *jobs(*range(3, 80), on=["w1"]),
+             cli.JobNeeds(80)]
+    starts = plan(queue, workers)
+    assert starts == [(1, "w1", [0]), (80, "w2", [0])]
+    assert starts.reserved == {"w1"} and starts.left == 0
+    head_only = plan(queue[:-1], [worker("w1", 4), worker("w2", 1)])
+    assert head_only.left == 1   # w2's slot: the server then looks deeper into the queue

@@ -81,8 +81,9 @@ def test_retries_run_a_failed_job_again_until_it_succeeds(server):
     assert (server.results / "attempts").read_text().split("\n")[:-1] == \
         ["attempt 1", "attempt 2", "attempt 3"]
     history = attempts_of(server, job_id)
-    assert [(attempt["attempt"], attempt["result"], attempt["exit_code"])
-            for attempt in history] == [(1, "failed", 3), (2, "failed", 3), (3, "succeeded", 0)]
+    assert [(attempt["attempt"], attempt["result"], attempt["exit_code"], attempt["reason"])
+            for attempt in history] == [(1, "failed", 3, None), (2, "failed", 3, None),
+                                        (3, "succeeded", 0, None)]
     job = json.loads(server.ok("jobs", job_id, "--json"))
     assert (job["result"], job["attempt"]) == ("succeeded", 3)
     shown = server.ok("jobs", job_id)
@@ -343,6 +344,8 @@ def test_placement_mistakes_are_refused(server):
     server.fails("add_job", "--on", "w1", "--exclude", "w1", server.script,
                  expect="every worker in --on is excluded")
     server.fails("add_job", "--on", "-w1", server.script, expect="--on")
+    server.fails("add_job", "--exclude", "w1,w2", server.script,
+                 expect="--exclude leaves no worker")
     assert server.status()["job_waitlist"] == before["job_waitlist"]
 
 
@@ -454,3 +457,16 @@ def test_every_policy_survives_a_kill_9_of_the_server(server):
     timed_job = json.loads(server.ok("jobs", timed, "--json"))
     assert cli_time(timed_job["ended_at"]) - cli_time(timed_job["started_at"]) < 8
     assert sorted(server.runs()) == sorted([delayed, timed, first, dependent])
+
+
+def test_a_kill_during_a_timeouts_grace_wins_and_is_not_retried(server):
+    server.ok("add_slave", "w1")
+    stubborn = server.write_script("stubborn.sh", "trap '' TERM\nsleep 60 & wait\nsleep 60\n")
+    job_id = server.add_job("--timeout", "1s", "--retries", "2", stubborn)
+    wait_until(lambda: "killing" in (server.log_dir / "server.log").read_text(),
+               what="the timeout to start killing")
+    started = time.time()
+    server.ok("kill", "--grace", "0", job_id)
+    assert time.time() - started < 5, "kill waited for the timeout's grace period"
+    history = attempts_of(server, job_id)
+    assert [attempt["result"] for attempt in history] == ["killed"]
