@@ -1,0 +1,159 @@
+"""Fault injection: the promise that nothing is lost, tried with real faults.
+
+Real server processes, real sshd workers, real kill -9.  Each attempt of each
+job appends a line to a file as it starts and as it ends (O_APPEND writes of
+a few bytes are atomic), so the tests see exactly what ran, how often and
+when, whatever the server recorded.
+"""
+import json
+import os
+import random
+import signal
+import time
+
+from conftest import wait_until
+
+# MODE decides how the job behaves; every attempt logs "start" and "end" lines.
+STORM_JOB = """#!/bin/sh
+echo "$JOB_ID $JOB_ATTEMPT start $(date +%s.%N)" >> "$RESULTS/attempts.log"
+case "$1" in
+    ok)    sleep "$2"; code=0 ;;
+    flaky) sleep "$2"; if [ "$JOB_ATTEMPT" -ge 2 ]; then code=0; else code=3; fi ;;
+    fail)  sleep "$2"; code=4 ;;
+    slow)  sleep 30; code=0 ;;
+esac
+echo "$JOB_ID $JOB_ATTEMPT end $(date +%s.%N)" >> "$RESULTS/attempts.log"
+exit $code
+"""
+
+
+def read_attempts(cli):
+    """{job id: [(attempt, start, end or None)]} from what the jobs themselves wrote."""
+    runs = {}
+    path = cli.results / "attempts.log"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        job_id, attempt, what, moment = line.split()
+        entry = runs.setdefault(int(job_id), {}).setdefault(int(attempt), [None, None])
+        entry[0 if what == "start" else 1] = float(moment)
+    return {job_id: [(attempt, *times) for attempt, times in sorted(attempts.items())]
+            for job_id, attempts in runs.items()}
+
+
+def kill_server(cli):
+    pid = cli.server_pid()
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or
+               open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] == "Z",
+               what="the server to die")
+
+
+def test_kill_9_storm_loses_nothing_and_runs_nothing_twice(server):
+    """Fault 1: 500 jobs through 4 workers while the server is killed at random."""
+    rng = random.Random(20261123)
+    script = server.write_script("storm.sh", STORM_JOB.split("\n", 1)[1])
+    server.ok("add_slave", "--slots", "4", "w1", "w2", "w3")
+    server.ok("add_slave", "--slots", "4", "--skip_ssh_auth_check", "w4")
+
+    def queue(*args, count, mode):
+        sleeps = [f"{rng.uniform(0, 0.3):.2f}" for _ in range(count)]
+        ids = server.ok("add_job", *args, script, mode, ":::", *sleeps).strip()
+        first, _, last = ids.partition("-")
+        return list(range(int(first), int(last or first) + 1))
+
+    plain = queue(count=300, mode="ok")
+    flaky = queue("--retries", "2", count=100, mode="flaky")
+    failing = queue("--retries", "1", count=50, mode="fail")
+    slow = queue("--timeout", "1s", count=25, mode="slow")
+    prerequisites = rng.sample(plain[:150], 25)
+    dependents = [server.add_job("--after", prerequisite, script, "ok", "0")
+                  for prerequisite in prerequisites]
+    total = 500
+
+    kills = 0
+    deadline = time.monotonic() + 240
+    while True:
+        time.sleep(rng.uniform(0.2, 0.7))
+        counts = server.status()["counts"]
+        if counts["waiting"] == 0 and counts["running"] == 0 and kills >= 10:
+            break
+        assert time.monotonic() < deadline, f"still {counts} after {kills} kills"
+        kill_server(server)
+        kills += 1
+        server.ok("start")
+
+    jobs = {job["id"]: job for job in json.loads(server.ok("jobs", "--json"))}
+    assert len(jobs) == total
+    attempts = read_attempts(server)
+    expected_runs = {**{job_id: 1 for job_id in plain + slow + dependents},
+                     **{job_id: 2 for job_id in flaky + failing}}
+    ran = {job_id: len(attempts.get(job_id, [])) for job_id in jobs}
+    missing = [job_id for job_id, count in ran.items() if count < expected_runs[job_id]]
+    twice = [job_id for job_id, count in ran.items() if count > expected_runs[job_id]]
+    assert not missing and not twice, f"{kills} kills: never ran {missing}, ran too often {twice}"
+    for job_id, runs in attempts.items():
+        assert [attempt for attempt, _, _ in runs] == list(range(1, len(runs) + 1))
+
+    def outcome(job_id):
+        job = jobs[job_id]
+        return job["result"], job["exit_code"]
+    assert {outcome(job_id) for job_id in plain + dependents} == {("succeeded", 0)}
+    assert {outcome(job_id) for job_id in flaky} == {("succeeded", 0)}
+    assert {outcome(job_id) for job_id in failing} == {("failed", 4)}
+    assert {jobs[job_id]["result"] for job_id in slow} == {"timed_out"}
+    for job_id in flaky + failing:
+        history = json.loads(server.ok("jobs", job_id, "--json"))["attempts"]
+        codes = [attempt["exit_code"] for attempt in history]
+        assert codes == ([3, 0] if job_id in flaky else [4, 4]), (job_id, history)
+    for prerequisite, dependent in zip(prerequisites, dependents):
+        (_, _, prerequisite_end), = attempts[prerequisite]
+        (_, dependent_start, _), = attempts[dependent]
+        assert dependent_start >= prerequisite_end, f"job {dependent} ran before {prerequisite}"
+    assert kills >= 10
+
+
+def test_fifty_clients_at_once_are_all_answered_and_nothing_is_recorded_twice(server):
+    """Fault 4: 50 clients at once running add_job, status, remove_job and kill."""
+    from concurrent.futures import ThreadPoolExecutor
+    server.ok("add_slave", "--slots", "4", "w1", "w2")
+    slow = dict(server.env, SLEEP="20")
+
+    def client(number):
+        kind = number % 4
+        if kind == 1:
+            result = server.run("status", "--json")
+            assert result.returncode == 0, result.stderr
+            json.loads(result.stdout)
+            return kind, None, None
+        added = server.run("add_job", server.script, f"client-{number}",
+                           env=slow if kind == 3 else None)
+        assert added.returncode == 0, added.stderr
+        job_id = int(added.stdout)
+        if kind == 0:
+            return kind, job_id, None
+        follow = server.run("remove_job" if kind == 2 else "kill", job_id)
+        assert "Traceback" not in follow.stderr
+        # remove_job races the job's start: it may be running, or even done, by then.
+        assert follow.returncode == 0 or kind == 2 and (
+            "is running" in follow.stderr or "has already ended" in follow.stderr), follow.stderr
+        return kind, job_id, "is running" if "is running" in follow.stderr else follow.returncode
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        results = list(pool.map(client, range(50)))
+    submitted = [job_id for _, job_id, _ in results if job_id is not None]
+    assert len(submitted) == len(set(submitted)) == sum(1 for n in range(50) if n % 4 != 1)
+    removed = {job_id for kind, job_id, code in results if kind == 2 and code == 0}
+    for kind, job_id, code in results:
+        if kind == 2 and code == "is running":
+            server.run("kill", job_id)   # (it may have ended meanwhile)
+    server.wait_for_counts(waiting=0, running=0, timeout=60)
+    recorded = [job["id"] for job in json.loads(server.ok("jobs", "--json"))]
+    assert sorted(recorded) == sorted(set(submitted) - removed)
+    killed = {job_id for kind, job_id, _ in results if kind == 3}
+    results_by_id = {job["id"]: job["result"] for job in json.loads(server.ok("jobs", "--json"))}
+    assert {results_by_id[job_id] for job_id in killed} == {"killed"}
+    assert len(server.runs()) == len(set(server.runs())), "a job ran twice"
