@@ -626,7 +626,7 @@ class Store:
         self.db.execute(
             "INSERT OR REPLACE INTO attempts (job_id, attempt, worker, slots, started_at, "
             "ended_at, result, exit_code, signal, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (row["id"], row["attempt"], row["worker"], row["slots"] or json.dumps([row["slot"]]),
+            (row["id"], row["attempt"], row["worker"], json.dumps(attempt_slots(row)),
              row["started_at"], ended_at, result.value, outcome.get("exit_code"),
              outcome.get("signal"), reason))
 
@@ -1100,14 +1100,10 @@ def waiting_reason(job, workers, paused, now):
     up).  Order matters: the first thing that holds the job back is named.
     """
     if job["after"] or job["after_any"]:
-        parts = []
-        if job["after"]:
-            parts.append("after " + ", ".join(map(str, job["after"][:5])) +
-                         (", ..." if len(job["after"]) > 5 else ""))
-        if job["after_any"]:
-            parts.append("after any of " + ", ".join(map(str, job["after_any"][:5])) +
-                         (", ..." if len(job["after_any"]) > 5 else ""))
-        return "; ".join(parts)
+        def some(ids):
+            return ", ".join(map(str, ids[:5])) + (", ..." if len(ids) > 5 else "")
+        return "; ".join([f"after {some(job['after'])}"] * bool(job["after"]) +
+                         [f"after any of {some(job['after_any'])}"] * bool(job["after_any"]))
     if job["not_before"] is not None:
         moment = parse_iso_time(job["not_before"])
         if moment > now:
@@ -2154,9 +2150,10 @@ class Server:
         # Two passes at most: the head of the queue, which usually fills every
         # free slot; then, if room is left that those jobs cannot use, a deeper
         # look (a job that is pinned or too big must not idle the others).
-        rows = self.store.ready_jobs(limit=max(free, 64))
+        head = max(free, 64)
+        rows = self.store.ready_jobs(limit=head)
         starts = plan_starts(self.job_needs(rows), capacities)
-        if starts.left and len(rows) == max(free, 64):
+        if starts.left and len(rows) == head:
             rows = self.store.ready_jobs(limit=SCHEDULE_SCAN_LIMIT)
             starts = plan_starts(self.job_needs(rows), capacities)
         return starts, {row["id"]: row for row in rows}
@@ -2316,9 +2313,10 @@ class Server:
             except OSError:
                 pass
         checker.terminate()   # it may be in the middle of a round of checks
+        import subprocess   # imported when the checker was started: free here
         try:
             checker.wait(timeout=5)
-        except Exception:   # noqa: BLE001 - subprocess.TimeoutExpired, imported lazily
+        except subprocess.TimeoutExpired:
             checker.kill()
             checker.wait()
 
@@ -3097,7 +3095,7 @@ class Server:
         options = _job_options(params)
         check_script(script)
         self.check_placement(options)
-        conditions, skip_reason = self.dependency_conditions(params)
+        conditions, skip_reason = self.conditions_requested(params)
         if len(arg_lists) * len(conditions) > MAX_BULK_JOBS:
             raise UserError(f"{len(arg_lists)} jobs each waiting on {len(conditions)} jobs is "
                             f"more than {MAX_BULK_JOBS} conditions: let them wait on one job "
@@ -3109,11 +3107,11 @@ class Server:
             first, last = self.store.insert_jobs(script, arg_lists, cwd, environment_id,
                                                  variables, umask, options)
             self.store.add_dependencies(first, last, conditions)
-            skipped = []
-            if skip_reason:
-                for job_id in range(first, last + 1):
-                    self.store.skip(job_id, skip_reason)
-                skipped = list(range(first, last + 1))
+            skipped = list(range(first, last + 1)) if skip_reason else []
+            if skipped:
+                self.store.change_jobs(skipped, JobState.WAITING, JobState.DONE,
+                                       result=JobResult.SKIPPED.value, reason=skip_reason,
+                                       ended_at=time.time())
         if len(arg_lists) > 1:
             self.log.info("jobs %d-%d queued (%s)", first, last, os.path.basename(script))
         self.schedule_needed = True
@@ -3187,7 +3185,7 @@ class Server:
         return {job_id: row["result"] for job_id, row in rows.items()
                 if row["state"] == JobState.DONE.value}
 
-    def dependency_conditions(self, params):
+    def conditions_requested(self, params):
         """The (prerequisite, any_of) conditions of a new job from its --after and
         --after-any ids, and why it is skipped at once if they can never be met."""
         after = _job_ids({"ids": params.get("after", [])}, allow_empty=True)
@@ -3429,13 +3427,15 @@ def _option_int(source, name, low, high):
 
 
 def _option_seconds(source, name):
+    """A duration option: timeout may be null (none) but not 0; retry_delay may be 0."""
+    optional = JOB_OPTIONS[name] is None
     value = source.get(name, JOB_OPTIONS[name])
-    if value is None and JOB_OPTIONS[name] is None:
+    if value is None and optional:
         return None
     if not isinstance(value, (int, float)) or isinstance(value, bool) or \
             not 0 <= value <= MAX_DURATION or value != value:
         raise UserError(f"'{name}' must be a number of seconds from 0 to {MAX_DURATION}")
-    if value == 0 and JOB_OPTIONS[name] is None:
+    if value == 0 and optional:
         raise UserError(f"'{name}' must be more than 0 seconds (or null for none)")
     return float(value)
 

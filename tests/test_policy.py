@@ -256,3 +256,16 @@ def test_room_left_that_the_queue_head_cannot_use_is_reported():
     assert starts.reserved == {"w1"} and starts.left == 0
     head_only = plan(queue[:-1], [worker("w1", 4), worker("w2", 1)])
     assert head_only.left == 1   # w2's slot: the server then looks deeper into the queue
+
+
+def test_start_times_in_every_form_at_takes():
+    import time
+    now = time.time()
+    soon = time.strftime("%H:%M", time.localtime(now + 120))
+    assert 0 < cli.parse_start_time(soon) - now <= 180      # today, a minute or two from now
+    past = time.strftime("%H:%M", time.localtime(now - 120))
+    assert 86000 < cli.parse_start_time(past) - now <= 86400   # that time tomorrow
+    assert cli.parse_start_time("2026-12-01T16:45:00+00:00") == 1796143500
+    assert cli.parse_start_time("2026-12-01T16:45:00Z") == 1796143500
+    with pytest.raises(cli.UserError, match="--at 'soon' is not a time"):
+        cli.parse_start_time("soon")
