@@ -1556,13 +1556,24 @@ def supervisor_alive(run_dir, job_id, attempt):
         os.close(lock_fd)
 
 
-def end_orphaned_job(supervisor):
+def end_orphaned_job(supervisor, started):
     """SIGKILL what is left of a job whose supervisor died without recording anything.
 
     The supervisor's pid is the session id of every process of its job, and
-    Linux does not hand out a pid while a session still uses it, so this kills
-    nothing else.
+    Linux reuses a pid only once no process has it as its pid, process group or
+    session.  So if a live process now has the supervisor's pid (rather than
+    the supervisor's own zombie), nothing of the job is left and that process
+    belongs to someone else; and pids from before the last boot (the
+    supervisor wrote its pid file at STARTED) mean nothing.
     """
+    try:
+        with open(f"/proc/{supervisor}/stat") as stat:
+            if stat.read().rsplit(")", 1)[1].split()[0] != "Z":
+                return 0
+    except (OSError, IndexError):
+        pass
+    if started < boot_time():
+        return 0
     killed = 0
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -1576,6 +1587,25 @@ def end_orphaned_job(supervisor):
         except (OSError, ValueError, IndexError):
             continue
     return killed
+
+
+def boot_time():
+    try:
+        with open("/proc/stat") as stat:
+            for line in stat:
+                if line.startswith("btime "):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def pid_file_time(run_dir, job_id, attempt):
+    """When the supervisor of an attempt wrote its pid file (now, if it never did)."""
+    try:
+        return os.stat(run_file(run_dir, job_id, attempt, "pid")).st_mtime
+    except OSError:
+        return time.time()
 
 
 def remove_run_files(run_dir, job_id, attempt):
@@ -2036,7 +2066,7 @@ class Server:
                 self.log.info("job %s: had not started when the server stopped; queued again",
                               job_id)
             else:
-                self.settle(row, self.vanished(pid))
+                self.settle(row, self.vanished(pid, pid_file_time(self.run_dir, job_id, attempt)))
             remove_run_files(self.run_dir, job_id, attempt)
         self.remove_stray_run_files()
         for worker in list(self.workers.values()):
@@ -2078,9 +2108,9 @@ class Server:
             time.sleep(0.01)
         return False
 
-    def vanished(self, supervisor):
+    def vanished(self, supervisor, started):
         """The outcome of an attempt whose supervisor died without recording one."""
-        killed = end_orphaned_job(supervisor)
+        killed = end_orphaned_job(supervisor, started)
         self.log.warning("supervisor %s vanished; %d leftover process(es) of its job killed",
                          supervisor, killed)
         return {"exit_code": None, "signal": None,
@@ -2396,7 +2426,7 @@ class Server:
         self.selector.unregister(attempt.pidfd)
         os.close(attempt.pidfd)
         outcome = read_outcome(self.run_dir, attempt.job_id, attempt.number) or \
-            self.vanished(attempt.pid)
+            self.vanished(attempt.pid, time.time())
         self.settle(self.store.job(attempt.job_id), outcome)
         remove_run_files(self.run_dir, attempt.job_id, attempt.number)
 

@@ -1,4 +1,5 @@
 """Restarts and crashes: running jobs are adopted, finished ones recorded, none run twice."""
+import json
 import os
 import random
 import signal
@@ -170,3 +171,57 @@ def session_members(session):
         except OSError:
             continue
     return members
+
+
+def take_pid(pid, attempts=20):
+    """Start an unrelated session leader (`sleep 300`) whose pid is PID, as a busy machine might.
+
+    Linux hands out pids in order after /proc/sys/kernel/ns_last_pid (writable
+    by root); another process may take the pid first, hence a few attempts.
+    """
+    for _ in range(attempts):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as last_pid:
+            last_pid.write(str(pid - 1))
+        stranger = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        if stranger.pid == pid:
+            return stranger
+        stranger.kill()
+        stranger.wait()
+    raise AssertionError(f"could not get pid {pid} for the unrelated process")
+
+
+def test_a_pid_reused_while_the_server_was_down_is_not_mistaken_for_the_job(server):
+    """Fault 2: the supervisors' pids now belong to unrelated session leaders.
+
+    One job ended while the server was down (its exit code is on disk); the
+    other's supervisor was killed with its job, so its outcome is unknown and
+    recovery kills whatever is left of that job's session.  Neither stranger
+    may be taken for the job: not adopted, not killed.
+    """
+    server.ok("add_slave", "--slots", "2", "w1")
+    gate = server.root / "gate"
+    ends_later = server.add_job(server.write_script(
+        "gated.sh", f"while [ ! -e {gate} ]; do sleep 0.05; done\nexit 7\n"))
+    vanishes = server.add_job(server.script, env=dict(server.env, SLEEP="300"))
+    server.wait_for_counts(running=2)
+    ended_supervisor = supervisor_of(server, ends_later)
+    lost_supervisor = supervisor_of(server, vanishes)
+    server.ok("stop")
+    gate.touch()
+    wait_until(lambda: not process_alive(ended_supervisor), what="the gated job to end")
+    for pid in session_members(lost_supervisor):
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not session_members(lost_supervisor), what="the lost job to die")
+    strangers = [take_pid(ended_supervisor), take_pid(lost_supervisor)]
+    try:
+        server.ok("start")
+        jobs = {job["id"]: job for job in json.loads(server.ok("jobs", "--json"))}
+        assert jobs[ends_later]["result"] == "failed" and jobs[ends_later]["exit_code"] == 7
+        assert jobs[vanishes]["result"] == "failed" and jobs[vanishes]["exit_code"] is None
+        assert [stranger.poll() for stranger in strangers] == [None, None], \
+            "recovery signalled an unrelated process that reused a supervisor's pid"
+        assert server.status()["slaves"][0]["slots_in_use"] == 0
+    finally:
+        for stranger in strangers:
+            stranger.kill()
+            stranger.wait()
