@@ -950,6 +950,14 @@ class JobNeeds:
             [name for name in self.on if name in capacity and (among is None or name in among)]
         return [capacity[name] for name in names if name not in self.exclude]
 
+    def untried(self, capacity):
+        """The names of the allowed, accepting workers big enough for this job that
+        its earlier attempts have not failed on (empty when it has failed on all)."""
+        if not self.avoid:
+            return set()
+        return {worker.name for worker in self.allowed(capacity) if worker.accepting and
+                worker.slots >= self.slots and worker.name not in self.avoid}
+
 
 def plan_starts(jobs, workers):
     """Which waiting jobs start now, where, and in which slots.
@@ -959,7 +967,10 @@ def plan_starts(jobs, workers):
     spreads across machines; ties go to the worker added first.  That is a
     heap, so 500 workers cost little more than 4.  A job with wishes goes to
     the allowed worker with enough free slots that it prefers (--prefer),
-    then one it has not failed on, then the one with most free slots.
+    then the one with most free slots.  A retry waits for a worker it has not
+    failed on while one is up (as GNU parallel's --retries does): a broken
+    worker frees its slot at once and would otherwise take every retry before
+    its health check notices.  Once it has failed everywhere, anywhere will do.
 
     A multi-slot job that fits nowhere reserves the allowed worker closest to
     fitting (the most free slots): nothing after it starts there, so the slots
@@ -992,16 +1003,17 @@ def plan_starts(jobs, workers):
                 break          # no free slot left but on reserved workers
             starts.append((job.job_id, worker.name, worker.take(1)))
         else:
+            untried = job.untried(capacity)
             fits = [worker for worker in job.allowed(capacity, open_workers)
-                    if worker.free_slots >= job.slots]
+                    if worker.free_slots >= job.slots and (worker.name in untried or not untried)]
             if fits:
                 worker = min(fits, key=lambda worker: (worker.name not in job.prefer,
-                                                       worker.name in job.avoid,
                                                        -worker.free_slots, order[worker.name]))
                 starts.append((job.job_id, worker.name, worker.take(job.slots)))
             elif job.slots > 1:
                 could = [worker for worker in job.allowed(capacity) if worker.accepting and
-                         worker.slots >= job.slots and worker.name not in reserved]
+                         worker.slots >= job.slots and worker.name not in reserved and
+                         (worker.name in untried or not untried)]
                 if could:
                     worker = min(could, key=lambda worker: (-worker.free_slots,
                                                             order[worker.name]))
@@ -1093,11 +1105,12 @@ def find_cycle(prerequisites):
     return None
 
 
-def waiting_reason(job, workers, paused, now):
+def waiting_reason(job, workers, paused, now, failed_on=()):
     """Why a waiting job (its JSON form) has not started yet, in a few words.
 
     WORKERS: WorkerCapacity of every registered worker (accepting: active and
-    up).  Order matters: the first thing that holds the job back is named.
+    up); FAILED_ON: the workers its earlier attempts failed on.  Order
+    matters: the first thing that holds the job back is named.
     """
     if job["after"] or job["after_any"]:
         def some(ids):
@@ -1123,6 +1136,11 @@ def waiting_reason(job, workers, paused, now):
             f"no worker {where}" if job["on"] or job["exclude"] else "no worker yet"
     if not any(worker.accepting for worker in allowed):
         return f"every worker {where} is paused, down or draining"
+    untried = [worker.name for worker in allowed if worker.accepting and
+               worker.slots >= wanted and worker.name not in failed_on]
+    if failed_on and untried:
+        return f"a worker it has not failed on ({', '.join(untried[:3])}" + \
+            (", ...)" if len(untried) > 3 else ")")
     return f"{wanted} free slots on one worker" if wanted > 1 else f"a free slot {where}"
 
 
@@ -2826,8 +2844,10 @@ class Server:
         waitlist = self.with_dependencies([job_to_json(row, self.log_dir) for row in waiting])
         capacities = [worker.capacity() for worker in self.workers.values()]
         now = time.time()
+        failed_on = self.store.failed_on([job["id"] for job in waitlist if job["attempt"]])
         for job in waitlist:
-            job["waiting_for"] = waiting_reason(job, capacities, self.paused, now)
+            job["waiting_for"] = waiting_reason(job, capacities, self.paused, now,
+                                                failed_on.get(job["id"], ()))
         environment_ids = {job["environment"] for job in waitlist + running_json}
         environments = self.store.environments(environment_ids) \
             if params.get("environments", True) else {}
@@ -4761,8 +4781,8 @@ def build_parser(only=None):
                               "submission order (default: 0; may be negative).")
     add_job.add_argument("--retries", type=retry_count, default=0, metavar="N",
                          help="Run a failed job (non-zero exit, timed out, or its supervisor "
-                              "lost) up to N more times, preferring workers it has not "
-                              "failed on. Killed jobs are not retried. The script sees "
+                              "lost) up to N more times, on a worker it has not failed on "
+                              "while one is up. Killed jobs are not retried. The script sees "
                               "JOB_ATTEMPT (1, 2, ...).")
     add_job.add_argument("--retry-delay", metavar="DURATION",
                          help="Wait this long before each retry, like 30s or 5m "

@@ -157,6 +157,8 @@ class SshWorker:
         self.port = port
         self.dir = dir
         self.log = dir / "sshd.log"
+        self.home = dir / "home"
+        self.home.mkdir(mode=0o700, exist_ok=True)
         self._proc: subprocess.Popen | None = None
         config = dir / "sshd_config"
         config.write_text("\n".join(self._config_lines() + extra_options) + "\n")
@@ -186,6 +188,10 @@ class SshWorker:
             # INFO logs one "Accepted publickey" line per connection: see connections().
             "LogLevel INFO",
             "Subsystem sftp internal-sftp",
+            # Sessions get an empty HOME, so that login shells read no ~/.bashrc of
+            # this machine's (pyenv's there costs 100 ms a login, serialised on a
+            # lock that an outage test can leave stale for 60 s).
+            f"SetEnv HOME={self.home}",
         ]
 
     def connections(self) -> int:

@@ -11,7 +11,7 @@ import random
 import signal
 import time
 
-from conftest import wait_until
+from conftest import process_alive, wait_until
 
 # MODE decides how the job behaves; every attempt logs "start" and "end" lines.
 STORM_JOB = """#!/bin/sh
@@ -157,3 +157,94 @@ def test_fifty_clients_at_once_are_all_answered_and_nothing_is_recorded_twice(se
     results_by_id = {job["id"]: job["result"] for job in json.loads(server.ok("jobs", "--json"))}
     assert {results_by_id[job_id] for job_id in killed} == {"killed"}
     assert len(server.runs()) == len(set(server.runs())), "a job ran twice"
+
+
+# Forks a TERM-ignoring child and grandchild, prints OUTPUT bytes, then sleeps on.
+UNRULY_JOB = """trap '' TERM
+( trap '' TERM; sleep 300 & echo $! >> "$RESULTS/$JOB_ID.pids"; sleep 300 ) &
+echo $! >> "$RESULTS/$JOB_ID.pids"
+echo $$ >> "$RESULTS/$JOB_ID.pids"
+yes 0123456789abcdefghijklmnopqrstuvwxyz | head -c "$OUTPUT"
+touch "$RESULTS/$JOB_ID.printed"
+while :; do sleep 1; done
+"""
+
+
+def resident_kb(pid):
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def test_jobs_that_fork_ignore_term_and_print_a_gigabyte_still_end_and_cost_no_memory(server):
+    """Fault 8: kill and --timeout end the whole process group; 1 GB of output is not buffered."""
+    server.ok("add_slave", "--slots", "2", "w1")
+    script = server.write_script("unruly.sh", UNRULY_JOB)
+    server.ok("status")
+    before = resident_kb(server.server_pid())
+    gigabyte = dict(server.env, OUTPUT=str(10 ** 9))
+    killed = server.add_job(script, env=gigabyte)
+    timed_out = server.add_job("--timeout", "2s", script, env=dict(server.env, OUTPUT="1000"))
+    wait_until((server.results / f"{killed}.printed").exists, timeout=60,
+               what="the job to print 1 GB")
+    assert server.ok("kill", "--grace", "1s", killed).strip().endswith(f"killed job {killed}")
+    server.fails("wait", "-q", timed_out, timeout=30, expect="timed_out")
+    jobs = {job["id"]: job for job in json.loads(server.ok("jobs", "--json"))}
+    assert (jobs[killed]["result"], jobs[killed]["signal"]) == ("killed", 9)
+    assert (jobs[timed_out]["result"], jobs[timed_out]["signal"]) == ("timed_out", 9)
+    for job_id in (killed, timed_out):
+        pids = [int(pid) for pid in (server.results / f"{job_id}.pids").read_text().split()]
+        assert len(pids) == 3
+        wait_until(lambda: not any(process_alive(pid) for pid in pids), timeout=5,
+                   what=f"every process of job {job_id} to be gone")
+    assert os.path.getsize(jobs[killed]["log"]) >= 10 ** 9
+    growth = resident_kb(server.server_pid()) - before
+    assert growth < 2048, f"the server grew by {growth} KB while a job printed 1 GB"
+    os.unlink(jobs[killed]["log"])
+
+
+# Logs its start, then reaches its worker over ssh twice, as a real job script does.
+SSH_JOB = """#!/bin/sh
+echo "$JOB_ID $JOB_ATTEMPT $SLAVE_IP $(date +%s.%N)" >> "$RESULTS/starts.log"
+ssh "$SLAVE_IP" true || exit 255
+sleep 0.3
+ssh "$SLAVE_IP" true || exit 255
+"""
+
+
+def test_a_worker_whose_sshd_dies_mid_run_is_avoided_until_it_returns(cli, workers):
+    """Fault 3: w2's sshd (and every connection to it) dies while 200 jobs flow through 3 workers."""
+    cli.ok("start", "--check-interval", "0.5s")
+    cli.ok("add_slave", "--slots", "2", "w1", "w2", "w3")
+    script = cli.write_script("reach.sh", SSH_JOB.split("\n", 1)[1])
+    cli.ok("add_job", "--retries", "3", script, ":::", *range(200))
+
+    def done():
+        counts = cli.status()["counts"]
+        return counts.get("succeeded", 0) + counts.get("failed", 0)
+
+    def health(name):
+        return next(slave for slave in cli.status()["slaves"] if slave["ip"] == name)["health"]
+
+    try:
+        wait_until(lambda: done() >= 20, what="20 jobs done")
+        workers[1].stop()
+        wait_until(lambda: health("w2") == "down", timeout=10, what="w2 marked down")
+        down_seen = time.time()
+        finished_when_down = done()
+        wait_until(lambda: done() >= finished_when_down + 40, timeout=30,
+                   what="40 more jobs done on the other workers")
+        back = time.time()
+        workers[1].start()
+        wait_until(lambda: health("w2") == "up", timeout=10, what="w2 back up")
+    finally:
+        workers[1].start()
+    cli.wait_for_counts(waiting=0, running=0, timeout=60)
+    jobs = json.loads(cli.ok("jobs", "--json"))
+    failed = [json.loads(cli.ok("jobs", job["id"], "--json"))["attempts"]
+              for job in jobs if job["result"] != "succeeded"]
+    assert len(jobs) == 200 and not failed, failed
+    starts = [line.split() for line in (cli.results / "starts.log").read_text().splitlines()]
+    on_w2 = [float(moment) for _, _, worker, moment in starts if worker == "w2"]
+    assert not [moment for moment in on_w2 if down_seen < moment < back], \
+        "a job started on w2 while it was marked down"
+    assert max(on_w2) > back, "no job went to w2 after it came back"

@@ -113,12 +113,28 @@ def test_affinity_with_all_allowed_workers_down_waits_and_reserves_nothing():
     assert starts == [(2, "b", [0]), (3, "b", [1])]
 
 
-def test_retries_prefer_a_worker_they_have_not_failed_on():
+def test_retries_wait_for_a_worker_they_have_not_failed_on():
     workers = [worker("a", 4), worker("b", 1)]
     assert plan(jobs(1, avoid=["a"]), workers) == [(1, "b", [0])]
-    # ... but take a failed-on worker rather than wait.
-    assert plan(jobs(1, avoid=["a"]), [worker("a", 4), worker("b", 1, busy={0})]) == \
+    # A broken worker would take every retry at once: wait for b instead ...
+    assert plan(jobs(1, avoid=["a"]) + jobs(2), [worker("a", 4), worker("b", 1, busy={0})]) \
+        == [(2, "a", [0])]
+    # ... unless b cannot take it: down, too small, or failed on too.
+    assert plan(jobs(1, avoid=["a"]), [worker("a", 4), worker("b", 1, accepting=False)]) == \
         [(1, "a", [0])]
+    assert plan([cli.JobNeeds(1, slots=2, avoid=["a"])], [worker("a", 4), worker("b", 1)]) == \
+        [(1, "a", [0, 1])]
+    assert plan(jobs(1, avoid=["a", "b"]), [worker("a", 4), worker("b", 1)]) == \
+        [(1, "a", [0])]
+
+
+def test_a_retry_says_it_waits_for_a_worker_it_has_not_failed_on():
+    job = {"after": [], "after_any": [], "not_before": None, "on": None, "exclude": None,
+           "slots_wanted": 1}
+    workers = [worker("a", 4), worker("b", 1, busy={0})]
+    assert cli.waiting_reason(job, workers, False, 0, failed_on=["a"]) == \
+        "a worker it has not failed on (b)"
+    assert cli.waiting_reason(job, workers, False, 0) == "a free slot on any worker"
 
 
 def test_unknown_workers_in_on_are_ignored():

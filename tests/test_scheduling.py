@@ -152,7 +152,7 @@ def test_delay_and_at_hold_a_job_until_its_time_even_across_a_restart(server):
     submitted = time.time()
     server.ok("stop")
     server.ok("start")
-    assert server.status()["counts"]["waiting"] == 2
+    # (A lost delay would show as a start right after the restart: see below.)
     server.ok("wait", "-q", delayed, timed)
     for job_id in (delayed, timed):
         assert server.record(job_id)["start"] >= submitted + 2.5
