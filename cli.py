@@ -58,6 +58,7 @@ SERVER_LOG_FILE = "server.log"   # in the log dir, beside the job logs
 
 SOCKET_PATH_LIMIT = 107          # sun_path is 108 bytes including the final NUL
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
+MAX_RECEIVING_BYTES = 2 * MAX_REQUEST_BYTES   # unfinished requests of all clients together
 DEFAULT_KILL_GRACE = 10.0        # seconds between SIGTERM and SIGKILL
 DEFAULT_SSH_TIMEOUT = 10.0
 DEFAULT_CHECK_INTERVAL = 30.0    # seconds between health checks of a worker
@@ -2010,6 +2011,7 @@ class Server:
         self.schedule_needed = True
         self.stopping = False
         self.clients = set()
+        self.receiving = 0           # bytes in the buffers of unfinished requests
         self.stop_replies = []     # clients waiting for the stop to finish
         self.waiters = []          # (predicate, client, make_reply)
         self.subscriptions = []    # wait clients
@@ -2607,17 +2609,29 @@ class Server:
 
     def receive(self, client, chunk):
         client.buffer.extend(chunk)
+        self.receiving += len(chunk)
         end = client.buffer.find(b"\n", len(client.buffer) - len(chunk))
         if end >= 0:
             client.request_done = True
             line = bytes(client.buffer[:end])
-            client.buffer = bytearray()
+            self.release_buffer(client)
             self.handle_request(client, line)
         elif len(client.buffer) > MAX_REQUEST_BYTES:
             client.request_done = True
-            client.buffer = bytearray()
+            self.release_buffer(client)
             self.reply(client, error=f"request larger than {MAX_REQUEST_BYTES} bytes; "
                                      "split it into smaller ones")
+        elif self.receiving > MAX_RECEIVING_BYTES:
+            # Memory stays bounded however many clients send huge requests at once.
+            client.request_done = True
+            self.release_buffer(client)
+            self.reply(client, error="the server is receiving other large requests "
+                                     f"(over {MAX_RECEIVING_BYTES >> 20} MB at once); "
+                                     "try again in a moment")
+
+    def release_buffer(self, client):
+        self.receiving -= len(client.buffer)
+        client.buffer = bytearray()
 
     def handle_request(self, client, line):
         try:
@@ -2685,6 +2699,7 @@ class Server:
             self.selector.modify(client.connection, EVENT_READ, client.on_event)
 
     def drop_client(self, client):
+        self.release_buffer(client)
         try:
             self.selector.unregister(client.connection)
         except (KeyError, ValueError):

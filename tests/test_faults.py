@@ -248,3 +248,89 @@ def test_a_worker_whose_sshd_dies_mid_run_is_avoided_until_it_returns(cli, worke
     assert not [moment for moment in on_w2 if down_seen < moment < back], \
         "a job started on w2 while it was marked down"
     assert max(on_w2) > back, "no job went to w2 after it came back"
+
+
+def server_memory_kb(pid, field):
+    """VmRSS (now) or VmHWM (peak) of PID, in KB."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def open_fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_garbage_and_floods_on_the_socket_leave_the_server_serving_with_bounded_memory(server):
+    """Fault 5: random bytes, half requests, a 100 MB line, huge requests at once, and
+    thousands of connections opened and dropped, while a client keeps asking for status."""
+    import socket
+    import threading
+    rng = random.Random(5)
+    path = str(server.data_dir / "server.sock")
+    server.ok("add_slave", "--skip_ssh_auth_check", "w9")
+    pid = server.server_pid()
+    base_rss, base_fds = server_memory_kb(pid, "VmRSS"), open_fds(pid)
+    answered, failures, stop = [0], [], threading.Event()
+
+    def poll_status():
+        while not stop.is_set():
+            result = server.run("status", "--json")
+            if result.returncode == 0 and json.loads(result.stdout)["slaves"]:
+                answered[0] += 1
+            else:
+                failures.append(result.stderr)
+
+    def connect():
+        connection = socket.socket(socket.AF_UNIX)
+        connection.connect(path)   # blocking, as cli.py's: waits while the backlog is full
+        connection.settimeout(30)
+        return connection
+
+    def flood(size, newline=False):
+        """Send SIZE bytes of one line; the server's answer (which may come early, as cli.py's
+        client reads it), or b'' if it hung up without one."""
+        with connect() as connection:
+            chunk = b"x" * (1 << 20)
+            try:
+                for _ in range(size >> 20):
+                    connection.sendall(chunk)
+                if newline:
+                    connection.sendall(b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            try:
+                return connection.makefile("rb").readline()
+            except ConnectionResetError:
+                return b""
+
+    poller = threading.Thread(target=poll_status)
+    poller.start()
+    try:
+        for number in range(300):   # random bytes; every other client leaves without reading
+            with connect() as connection:
+                blob = rng.randbytes(rng.randrange(1, 5000))
+                connection.sendall(blob + b"\n" * (number % 3 == 0))
+                if number % 2 == 0 and number % 3 == 0:
+                    assert b'"ok": false' in connection.makefile("rb").readline()
+        for _ in range(300):        # half a request, then gone
+            with connect() as connection:
+                connection.sendall(b'{"command": "add_job", "params": {"script": "/bin/tr'[
+                    :rng.randrange(1, 45)])
+        for _ in range(5):          # thousands opened and dropped, 400 at a time
+            held = [connect() for _ in range(400)]
+            for connection in held:
+                connection.close()
+        assert b"request larger than" in flood(100 << 20)
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(8) as pool:   # 8 x 60 MB at once: under the limit each
+            replies = list(pool.map(lambda _: flood(60 << 20, newline=True), range(8)))
+        assert all(reply.startswith(b'{"ok": false') for reply in replies if reply), replies
+    finally:
+        stop.set()
+        poller.join()
+    assert not failures, failures[:3]
+    assert answered[0] >= 2
+    assert server.status()["counts"]["waiting"] == 0, "garbage became a job"
+    peak = server_memory_kb(pid, "VmHWM") - base_rss
+    assert peak < 300 << 10, f"the server's memory peaked {peak >> 10} MB above its start"
+    wait_until(lambda: open_fds(pid) <= base_fds, what="every dropped connection's fd closed")
