@@ -334,3 +334,87 @@ def test_garbage_and_floods_on_the_socket_leave_the_server_serving_with_bounded_
     peak = server_memory_kb(pid, "VmHWM") - base_rss
     assert peak < 300 << 10, f"the server's memory peaked {peak >> 10} MB above its start"
     wait_until(lambda: open_fds(pid) <= base_fds, what="every dropped connection's fd closed")
+
+
+def process_footprint(pid):
+    """Resident KB, open fds, threads, and zombie children of PID."""
+    with open(f"/proc/{pid}/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    zombies = 0
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit():
+                stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+                zombies += stat[0] == "Z" and int(stat[1]) == pid
+        except OSError:
+            continue
+    return {"rss_kb": int(fields["VmRSS"].split()[0]), "fds": open_fds(pid),
+            "threads": int(fields["Threads"]), "zombies": zombies}
+
+
+def children_named(pid, name):
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1]
+                                        .split()[1]) == pid:
+                if open(f"/proc/{entry}/comm").read().strip() == name:
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_soak_of_20000_jobs_leaks_no_memory_fds_threads_or_zombies(server):
+    """Fault 10: 20,000 jobs with status and jobs pollers beside them; the server and
+    its spawner end where they were after the first 1,000.
+
+    (status --json is left out: it dumps every waiting job, so the server's
+    high-water mark follows the queue's size; the README says so.)"""
+    import threading
+    server.ok("add_slave", "--slots", "4", "w1", "w2")
+    server.ok("add_slave", "--slots", "4", "--skip_ssh_auth_check", "w3", "w4")
+    script = server.write_script("quick.sh", "exit $(( $1 % 7 == 0 ))\n")
+    total = 20000
+    server.ok("add_job", script, ":::", *range(total))
+    pid = server.server_pid()
+    spawner, = children_named(pid, "cli.py spawner")
+    stop, answers, failures = threading.Event(), [0], []
+
+    def poll(*command):
+        while not stop.is_set():
+            result = server.run(*command)
+            if result.returncode == 0:
+                answers[0] += 1
+            else:
+                failures.append(result.stderr)
+
+    pollers = [threading.Thread(target=poll, args=command) for command in
+               (("status",), ("jobs", "--last", "50"), ("jobs", "3", "--json"))]
+    for poller in pollers:
+        poller.start()
+    try:
+        # Waits of 1,000 jobs at a time, so that each costs the server what the
+        # first did; they exit 1 because some jobs fail on purpose.
+        for first in range(1, total, 1000):
+            assert server.run("wait", "-q", f"{first}-{first + 999}",
+                              timeout=120).returncode == 1
+            if first == 1:
+                early = {"server": process_footprint(pid),
+                         "spawner": process_footprint(spawner)}
+    finally:
+        stop.set()
+        for poller in pollers:
+            poller.join()
+    time.sleep(0.5)   # the last supervisors' exits reaped
+    late = {"server": process_footprint(pid), "spawner": process_footprint(spawner)}
+    assert not failures, failures[:3]
+    counts = server.status()["counts"]
+    assert (counts["succeeded"], counts["failed"]) == (total - total // 7 - 1, total // 7 + 1)
+    report = f"after 1,000 jobs {early}, after {total} {late}, {answers[0]} polls answered"
+    print(report)
+    for process in ("server", "spawner"):
+        assert late[process]["rss_kb"] <= early[process]["rss_kb"] * 1.05 + 1024, report
+        assert late[process]["fds"] <= early[process]["fds"], report
+        assert late[process]["threads"] <= early[process]["threads"], report
+        assert late[process]["zombies"] == 0, report
