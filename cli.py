@@ -76,6 +76,7 @@ SCHEDULE_SCAN_LIMIT = 2000       # ready jobs one scheduling pass looks at, at m
 
 EVENT_READ, EVENT_WRITE = 1, 2   # selectors' event masks (imported by the server only)
 RECOVERY_WAIT = 5.0              # seconds a live supervisor gets to write its pid file
+MAX_SELECT_TIMEOUT = 86400.0     # seconds the server sleeps at most, whatever its timers say
 PR_SET_CHILD_SUBREAPER = 36      # a prctl option (linux/prctl.h)
 
 RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP", "JOB_ATTEMPT", "SLOT", "SLOTS")
@@ -2357,7 +2358,9 @@ class Server:
         """How long select() may sleep: until the next timer, or for ever."""
         if not self.timers:
             return None
-        return max(0.0, self.timers[0][0] - time.time())
+        # epoll takes at most 2**31 ms (24.8 days): a start time or timeout further
+        # off would end the loop with OverflowError.  Waking early is harmless.
+        return min(max(0.0, self.timers[0][0] - time.time()), MAX_SELECT_TIMEOUT)
 
     def run_timers(self):
         import heapq
