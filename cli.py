@@ -3584,7 +3584,7 @@ def _status_job(entry, environments, defaults):
 def _submitted_at(text):
     try:
         return parse_iso_time(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise UserError(f"'submitted_at' {text!r} is not an ISO 8601 time") from None
 
 
@@ -3600,11 +3600,17 @@ def _duration_text(seconds):
 
 
 def parse_iso_time(text):
-    """Seconds since the epoch from an ISO 8601 time (None stays None)."""
+    """Seconds since the epoch from an ISO 8601 time (None stays None).
+
+    A time that iso_time cannot write back (before year 1 or after 9999 in UTC)
+    is a ValueError too: stored, it would break every status and jobs.
+    """
     if text is None:
         return None
     from datetime import datetime
-    return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    timestamp = datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    iso_time(timestamp)
+    return timestamp
 
 
 def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL):
@@ -4122,7 +4128,7 @@ def parse_start_time(text):
             if moment.timestamp() <= time.time():
                 moment += timedelta(days=1)
             return moment.timestamp()
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+        return parse_iso_time(text)
     except (ValueError, OverflowError, OSError):
         raise UserError(f"--at {text!r} is not a time: use '2026-12-01 16:45' (local time), "
                         "'16:45', or ISO 8601 with a zone like 2026-12-01T16:45:00+01:00") \
