@@ -2820,9 +2820,7 @@ class Server:
 
     def cmd_add_slave(self, client, params):
         hosts = unique_hosts(_list_of_strings(params, "hosts"))
-        slots = params.get("slots", 1)
-        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
-            raise UserError("--slots must be a whole number of at least 1")
+        slots = _slot_count(params.get("slots", 1), "--slots")
         variables = validate_variables(params.get("variables", {}), "add_slave")
         ssh_reuse = _flag(params, "ssh_reuse", True)
         for host in hosts:
@@ -2958,8 +2956,9 @@ class Server:
             raise UserError(f"unknown state {state!r}: use waiting, running, done, "
                             + ", ".join(result.value for result in JobResult))
         last = params.get("last")
-        if last is not None and (not isinstance(last, int) or isinstance(last, bool) or last < 1):
-            raise UserError("--last must be a whole number of at least 1")
+        if last is not None and (not isinstance(last, int) or isinstance(last, bool)
+                                 or not 1 <= last <= MAX_JOB_ID):
+            raise UserError(f"--last must be a whole number from 1 to {MAX_JOB_ID}")
         worker, script = params.get("worker"), params.get("script")
         for name, value in (("worker", worker), ("script", script)):
             if value is not None and not isinstance(value, str):
@@ -3052,9 +3051,8 @@ class Server:
         host = _string(params, "host")
         worker = self.worker_named(host)
         slots = params.get("slots")
-        if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool)
-                                  or slots < 1):
-            raise UserError("--slots must be a whole number of at least 1")
+        if slots is not None:
+            _slot_count(slots, "--slots")
         updates = validate_variables(params.get("variables", {}), "edit_slave -e")
         unset = _list_of_strings(params, "unset", allow_empty=True)
         for name in unset:
@@ -3429,6 +3427,13 @@ def _option_int(source, name, low, high):
     return value
 
 
+def _slot_count(value, what):
+    """A worker's slots: SQLite and the scheduler take no more than MAX_SLOTS."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SLOTS:
+        raise UserError(f"{what} must be a whole number of at least 1 (at most {MAX_SLOTS})")
+    return value
+
+
 def _option_seconds(source, name):
     """A duration option: timeout may be null (none) but not 0; retry_delay may be 0."""
     optional = JOB_OPTIONS[name] is None
@@ -3508,9 +3513,7 @@ def validate_status_document(document, defaults):
         if name in names:
             raise UserError(f"{where}: worker {name} is listed twice")
         names.add(name)
-        slots = slave.get("slots", 1)
-        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
-            raise UserError(f"{where}: 'slots' must be a whole number of at least 1")
+        slots = _slot_count(slave.get("slots", 1), f"{where}: 'slots'")
         # A paused worker stays paused; one that was draining is registered afresh.
         state = WorkerState.PAUSED if slave.get("state") == WorkerState.PAUSED.value \
             else WorkerState.ACTIVE
@@ -3552,8 +3555,8 @@ def _status_job(entry, environments, defaults):
     variables = validate_variables(entry.get("envs", {}), "'envs'")
     job_id = entry.get("id")
     if job_id is not None and (not isinstance(job_id, int) or isinstance(job_id, bool)
-                               or job_id < 1):
-        raise UserError("'id' must be a positive integer")
+                               or not 1 <= job_id <= MAX_JOB_ID):
+        raise UserError(f"'id' must be a whole number from 1 to {MAX_JOB_ID}")
     environment_key = entry.get("environment")
     if environment_key is None:
         environment = defaults["environment"]
