@@ -60,6 +60,7 @@ SOCKET_PATH_LIMIT = 107          # sun_path is 108 bytes including the final NUL
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 DEFAULT_KILL_GRACE = 10.0        # seconds between SIGTERM and SIGKILL
 DEFAULT_SSH_TIMEOUT = 10.0
+MAX_SSH_TIMEOUT = 86400.0
 DEFAULT_CHECK_INTERVAL = 30.0    # seconds between health checks of a worker
 HEALTH_CHECKS_AT_ONCE = 16       # connections the health checker opens at the same time
 HEALTH_CHECKER = "_health_checker"   # the hidden command the server runs it as
@@ -4009,6 +4010,7 @@ def command_add_slave(options):
     """
     hosts = unique_hosts(options.hosts)
     variables = dict(parse_assignment(text) for text in options.env)
+    timeout = parse_duration(options.timeout, "--timeout", limit=MAX_SSH_TIMEOUT, positive=True)
     registered = set(request(options.data_dir, "workers"))
     for host in hosts:
         if host in registered:
@@ -4016,7 +4018,7 @@ def command_add_slave(options):
     failures = {}
     if not options.skip_ssh_auth_check:
         failures = {host: reason for host, reason in
-                    check_hosts(hosts, options.timeout).items() if reason}
+                    check_hosts(hosts, timeout).items() if reason}
     passed = [host for host in hosts if host not in failures]
     for host, reason in failures.items():
         print(f"{host}: {reason}", file=sys.stderr)
@@ -4716,8 +4718,7 @@ def build_parser(only=None):
                            help="Jobs on these workers open a new SSH connection for each "
                                 "ssh/scp/rsync call, instead of sharing one per host "
                                 "(see README: SSH connection reuse).")
-    add_slave.add_argument("--timeout", type=float, default=DEFAULT_SSH_TIMEOUT,
-                           metavar="SECONDS",
+    add_slave.add_argument("--timeout", default=f"{DEFAULT_SSH_TIMEOUT:g}", metavar="SECONDS",
                            help=f"How long the SSH check waits for each host (default: "
                                 f"{DEFAULT_SSH_TIMEOUT:g}).")
 
