@@ -3375,7 +3375,7 @@ def _environment(params):
     """The submitter's environment: any names (it is the caller's own), string values."""
     environment = params.get("environment")
     if not isinstance(environment, dict) or not all(
-            isinstance(name, str) and isinstance(value, str) and "=" not in name
+            isinstance(name, str) and isinstance(value, str) and name and "=" not in name
             and "\0" not in name + value for name, value in environment.items()):
         raise UserError("malformed request: environment must be an object of strings")
     return environment
@@ -3508,7 +3508,7 @@ def validate_status_document(document, defaults):
         name = slave["ip"]
         try:
             validate_host_name(name)
-            validate_variables(slave.get("envs", {}), f"{where}.envs")
+            validate_variables(slave.get("envs", {}), "'envs'")
         except UserError as error:
             raise UserError(f"{where}: {error}") from None
         if name in names:
@@ -3551,7 +3551,7 @@ def _status_job(entry, environments, defaults):
                                              for arg in args):
         raise UserError("'args' must be a list of strings")
     cwd = entry.get("cwd", defaults["cwd"])
-    if not isinstance(cwd, str) or not os.path.isabs(cwd):
+    if not isinstance(cwd, str) or not os.path.isabs(cwd) or "\0" in cwd:
         raise UserError("'cwd' must be an absolute path")
     variables = validate_variables(entry.get("envs", {}), "'envs'")
     job_id = entry.get("id")
@@ -3720,9 +3720,10 @@ def server_logger(log_dir, foreground):
 # Client commands ##############################################################
 ###############################################################################
 
-DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)\Z")
+# [0-9], not \d: \d and int() also take other scripts' digits, such as '١'.
+DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)\Z")
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-JOB_ID_RANGE = re.compile(r"(\d+)(?:-(\d+))?\Z")
+JOB_ID_RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?\Z")
 
 
 def parse_duration(text, what, limit=MAX_DURATION, positive=False):
@@ -3749,6 +3750,8 @@ def parse_job_ids(words):
             match = JOB_ID_RANGE.match(part)
             if not match:
                 raise UserError(f"{part!r} is not a job id or a range of ids (like 12 or 12-14)")
+            if max(len(match[1]), len(match[2] or "")) > len(str(MAX_JOB_ID)):
+                raise UserError(f"{part}: job ids run from 1 to {MAX_JOB_ID}")
             first, last = int(match[1]), int(match[2] or match[1])
             if last < first:
                 raise UserError(f"the range {part} runs backwards: write {last}-{first}")
@@ -3762,11 +3765,17 @@ def parse_job_ids(words):
     return list(dict.fromkeys(job_ids))   # each once, in the order given
 
 
+def plain_number(text):
+    """TEXT is ASCII digits only: isdigit() alone also takes '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def one_job_id(text):
     """argparse type for commands that show one job."""
-    if not text.isdigit():
+    if not plain_number(text) or not 1 <= int(text) <= MAX_JOB_ID:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not one job id (for several jobs: jobs --last N, or jobs --json)")
+            f"{text!r} is not one job id (ids run from 1 to {MAX_JOB_ID}; for several jobs: "
+            "jobs --last N, or jobs --json)")
     return int(text)
 
 
@@ -3776,14 +3785,14 @@ def looks_like_job_ids(words):
 
 def positive_int(text):
     """argparse type for counts that must be at least 1 (--slots, --last)."""
-    if not text.isdigit() or int(text) < 1:
+    if not plain_number(text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
     return int(text)
 
 
 def retry_count(text):
     """argparse type for --retries: 0 or more, at most MAX_RETRIES."""
-    if not text.isdigit() or int(text) > MAX_RETRIES:
+    if not plain_number(text) or int(text) > MAX_RETRIES:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0 to "
                                          f"{MAX_RETRIES}")
     return int(text)
@@ -4532,6 +4541,7 @@ def command_edit_slave(options):
 
 def command_load_status(options):
     """Replace the workers and the waiting queue with a status --json document."""
+    too_deep = f"{options.file} is nested too deeply to be a status document"
     try:
         with open(options.file, encoding="utf-8") as document_file:
             document = json.load(document_file)
@@ -4539,8 +4549,14 @@ def command_load_status(options):
         raise UserError(f"cannot read {options.file}: {error.strerror}") from None
     except ValueError as error:
         raise UserError(f"{options.file} is not valid JSON: {error}") from None
-    result = request(options.data_dir, "load_status", document=document, cwd=current_dir(),
-                     environment=dict(os.environ), umask=current_umask())
+    except RecursionError:
+        raise UserError(too_deep) from None
+    try:
+        result = request(options.data_dir, "load_status", document=document,
+                         cwd=current_dir(), environment=dict(os.environ),
+                         umask=current_umask())
+    except RecursionError:   # json.dumps gives up a few levels before json.load does
+        raise UserError(too_deep) from None
     print(f"loaded {result['workers']} worker(s) and {result['jobs']} waiting job(s)"
           + ("" if result["ids_kept"] else " (renumbered: their ids were taken)"))
     return 0
