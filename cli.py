@@ -4914,6 +4914,11 @@ def parse_arguments(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if hasattr(sys.stdout, "reconfigure"):
+        # Arguments that are not UTF-8 come back from the server as Python read them
+        # from argv (surrogate escapes): print them as the bytes they were, in any
+        # locale, rather than fail on them.
+        sys.stdout.reconfigure(errors="surrogateescape")
     if argv == [HEALTH_CHECKER]:
         health_checker_main()
         return 0
