@@ -68,6 +68,10 @@ STATUS_TABLE_HEAD = 10           # waiting jobs shown by the status table
 JOBS_TABLE_LAST = 50             # jobs shown by the jobs table without --last
 MAX_BULK_JOBS = 1_000_000        # jobs one add_job call may queue, ids one command may name
 MAX_JOB_ID = 2 ** 63 - 1         # SQLite's largest integer
+# Ids a status document may give its jobs: ids only grow (AUTOINCREMENT), so one
+# at MAX_JOB_ID would leave no id for any later job; 2**53 also stays exact in
+# JSON readers that use doubles.
+MAX_LOADED_JOB_ID = 2 ** 53
 MAX_DURATION = 100 * 365 * 86400
 MAX_KILL_GRACE = 86400.0
 MAX_PRIORITY = 10 ** 9
@@ -3556,8 +3560,8 @@ def _status_job(entry, environments, defaults):
     variables = validate_variables(entry.get("envs", {}), "'envs'")
     job_id = entry.get("id")
     if job_id is not None and (not isinstance(job_id, int) or isinstance(job_id, bool)
-                               or not 1 <= job_id <= MAX_JOB_ID):
-        raise UserError(f"'id' must be a whole number from 1 to {MAX_JOB_ID}")
+                               or not 1 <= job_id <= MAX_LOADED_JOB_ID):
+        raise UserError(f"'id' must be a whole number from 1 to {MAX_LOADED_JOB_ID}")
     environment_key = entry.get("environment")
     if environment_key is None:
         environment = defaults["environment"]
@@ -3565,7 +3569,11 @@ def _status_job(entry, environments, defaults):
         environment = environments.get(str(environment_key))
         if environment is None:
             raise UserError(f"environment {environment_key} is not in 'environments'")
-        environment = _environment({"environment": environment})
+        try:
+            environment = _environment({"environment": environment})
+        except UserError:
+            raise UserError(f"environments[{str(environment_key)!r}] must be an object of "
+                            "NAME: VALUE strings (names without '=', no NUL bytes)") from None
     submitted_at = entry.get("submitted_at")
     umask = entry.get("umask", defaults["umask"])
     if not isinstance(umask, int) or isinstance(umask, bool) or not 0 <= umask <= 0o777:
@@ -4564,6 +4572,8 @@ def command_load_status(options):
 
 def resolve_script(script, must_run=True):
     """An absolute path: as given if that exists, else looked up on PATH."""
+    if not script:
+        raise UserError("empty script name: give the path of an executable job script")
     candidate = script
     if "/" not in script and not os.path.exists(script):
         import shutil

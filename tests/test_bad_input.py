@@ -233,6 +233,7 @@ def test_edit_slave_refuses(queue, argv, expect):
     ("not-executable", ["add_job", "PLAIN"], "chmod +x"),
     ("directory", ["add_job", "ROOT"], "not a file"),
     ("no-script", ["add_job"], "required: SCRIPT"),
+    ("empty-script", ["add_job", ""], "empty script name"),
     ("timeout-negative", ["add_job", "--timeout=-5", "SCRIPT"], "not a duration"),
     ("timeout-0", ["add_job", "--timeout", "0", "SCRIPT"], "longer than 0"),
     ("timeout-nan", ["add_job", "--timeout", "nan", "SCRIPT"], "not a duration"),
@@ -306,6 +307,7 @@ def test_add_job_refuses(queue, argv, expect):
     ("no-such-command", ["remove_job", "SCRIPT", "nothing-like-this"], "no waiting job"),
     ("other-digits", ["remove_job", "٣"], "no waiting job"),
     ("none", ["remove_job"], "required"),
+    ("empty", ["remove_job", ""], "no job ids given"),
 )
 def test_remove_job_refuses(queue, argv, expect):
     refused(queue, argv, expect)
@@ -472,6 +474,8 @@ def bad_documents(script):
         ("job-id-negative", with_job(id=-1), "from 1 to"),
         ("job-id-huge", with_job(id=10 ** 30), "from 1 to"),
         ("job-id-past-sqlite", with_job(id=MAX_JOB_ID + 1), "from 1 to"),
+        # Ids only grow: no later job could get an id.
+        ("job-id-largest", with_job(id=MAX_JOB_ID), "from 1 to"),
         ("job-id-fraction", with_job(id=1.5), "from 1 to"),
         ("job-id-text", with_job(id="../../x"), "from 1 to"),
         ("job-id-twice", document([dict(job, id=50), dict(job, id=50)]), "listed twice"),
@@ -494,12 +498,12 @@ def bad_documents(script):
         ("job-cwd-number", with_job(cwd=5), "absolute path"),
         ("job-environment-missing", with_job(environment=9), "not in 'environments'"),
         ("job-environment-number", document([dict(job, environment=1)],
-                                            environments={"1": {"A": 1}}), "object of strings"),
+                                            environments={"1": {"A": 1}}), "NAME: VALUE strings"),
         ("job-environment-empty-name", document([dict(job, environment=1)],
                                                 environments={"1": {"": "x"}}),
-         "object of strings"),
+         "NAME: VALUE strings"),
         ("job-environment-nul", document([dict(job, environment=1)],
-                                         environments={"1": {"A": "\0"}}), "object of strings"),
+                                         environments={"1": {"A": "\0"}}), "NAME: VALUE strings"),
         ("job-umask-too-big", with_job(umask=4096), "0o777"),
         ("job-priority-huge", with_job(priority=10 ** 30), "'priority' must be"),
         ("job-retries-negative", with_job(retries=-1), "'retries' must be"),
