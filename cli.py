@@ -3433,7 +3433,7 @@ def _option_int(source, name, low, high):
 
 
 def _slot_count(value, what):
-    """A worker's slots: SQLite and the scheduler take no more than MAX_SLOTS."""
+    """A worker's slots: 1 to MAX_SLOTS, the limit of a job's --slots too."""
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SLOTS:
         raise UserError(f"{what} must be a whole number of at least 1 (at most {MAX_SLOTS})")
     return value
