@@ -61,6 +61,7 @@ MAX_REQUEST_BYTES = 64 * 1024 * 1024
 MAX_RECEIVING_BYTES = 2 * MAX_REQUEST_BYTES   # unfinished requests of all clients together
 DEFAULT_KILL_GRACE = 10.0        # seconds between SIGTERM and SIGKILL
 DEFAULT_SSH_TIMEOUT = 10.0
+MAX_SSH_TIMEOUT = 86400.0
 DEFAULT_CHECK_INTERVAL = 30.0    # seconds between health checks of a worker
 HEALTH_CHECKS_AT_ONCE = 16       # connections the health checker opens at the same time
 HEALTH_CHECKER = "_health_checker"   # the hidden command the server runs it as
@@ -68,6 +69,10 @@ STATUS_TABLE_HEAD = 10           # waiting jobs shown by the status table
 JOBS_TABLE_LAST = 50             # jobs shown by the jobs table without --last
 MAX_BULK_JOBS = 1_000_000        # jobs one add_job call may queue, ids one command may name
 MAX_JOB_ID = 2 ** 63 - 1         # SQLite's largest integer
+# Ids a status document may give its jobs: ids only grow (AUTOINCREMENT), so one
+# at MAX_JOB_ID would leave no id for any later job; 2**53 also stays exact in
+# JSON readers that use doubles.
+MAX_LOADED_JOB_ID = 2 ** 53
 MAX_DURATION = 100 * 365 * 86400
 MAX_KILL_GRACE = 86400.0
 MAX_PRIORITY = 10 ** 9
@@ -77,6 +82,7 @@ SCHEDULE_SCAN_LIMIT = 2000       # ready jobs one scheduling pass looks at, at m
 
 EVENT_READ, EVENT_WRITE = 1, 2   # selectors' event masks (imported by the server only)
 RECOVERY_WAIT = 5.0              # seconds a live supervisor gets to write its pid file
+MAX_SELECT_TIMEOUT = 86400.0     # seconds the server sleeps at most, whatever its timers say
 PR_SET_CHILD_SUBREAPER = 36      # a prctl option (linux/prctl.h)
 
 RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP", "JOB_ATTEMPT", "SLOT", "SLOTS")
@@ -2407,7 +2413,9 @@ class Server:
         """How long select() may sleep: until the next timer, or for ever."""
         if not self.timers:
             return None
-        return max(0.0, self.timers[0][0] - time.time())
+        # epoll takes at most 2**31 ms (24.8 days): a start time or timeout further
+        # off would end the loop with OverflowError.  Waking early is harmless.
+        return min(max(0.0, self.timers[0][0] - time.time()), MAX_SELECT_TIMEOUT)
 
     def run_timers(self):
         import heapq
@@ -2882,9 +2890,7 @@ class Server:
 
     def cmd_add_slave(self, client, params):
         hosts = unique_hosts(_list_of_strings(params, "hosts"))
-        slots = params.get("slots", 1)
-        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
-            raise UserError("--slots must be a whole number of at least 1")
+        slots = _slot_count(params.get("slots", 1), "--slots")
         variables = validate_variables(params.get("variables", {}), "add_slave")
         ssh_reuse = _flag(params, "ssh_reuse", True)
         for host in hosts:
@@ -3020,8 +3026,9 @@ class Server:
             raise UserError(f"unknown state {state!r}: use waiting, running, done, "
                             + ", ".join(result.value for result in JobResult))
         last = params.get("last")
-        if last is not None and (not isinstance(last, int) or isinstance(last, bool) or last < 1):
-            raise UserError("--last must be a whole number of at least 1")
+        if last is not None and (not isinstance(last, int) or isinstance(last, bool)
+                                 or not 1 <= last <= MAX_JOB_ID):
+            raise UserError(f"--last must be a whole number from 1 to {MAX_JOB_ID}")
         worker, script = params.get("worker"), params.get("script")
         for name, value in (("worker", worker), ("script", script)):
             if value is not None and not isinstance(value, str):
@@ -3114,9 +3121,8 @@ class Server:
         host = _string(params, "host")
         worker = self.worker_named(host)
         slots = params.get("slots")
-        if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool)
-                                  or slots < 1):
-            raise UserError("--slots must be a whole number of at least 1")
+        if slots is not None:
+            _slot_count(slots, "--slots")
         updates = validate_variables(params.get("variables", {}), "edit_slave -e")
         unset = _list_of_strings(params, "unset", allow_empty=True)
         for name in unset:
@@ -3438,7 +3444,7 @@ def _environment(params):
     """The submitter's environment: any names (it is the caller's own), string values."""
     environment = params.get("environment")
     if not isinstance(environment, dict) or not all(
-            isinstance(name, str) and isinstance(value, str) and "=" not in name
+            isinstance(name, str) and isinstance(value, str) and name and "=" not in name
             and "\0" not in name + value for name, value in environment.items()):
         raise UserError("malformed request: environment must be an object of strings")
     return environment
@@ -3488,6 +3494,13 @@ def _option_int(source, name, low, high):
     value = source.get(name, JOB_OPTIONS[name])
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise UserError(f"'{name}' must be a whole number from {low} to {high}")
+    return value
+
+
+def _slot_count(value, what):
+    """A worker's slots: 1 to MAX_SLOTS, the limit of a job's --slots too."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SLOTS:
+        raise UserError(f"{what} must be a whole number of at least 1 (at most {MAX_SLOTS})")
     return value
 
 
@@ -3564,15 +3577,13 @@ def validate_status_document(document, defaults):
         name = slave["ip"]
         try:
             validate_host_name(name)
-            validate_variables(slave.get("envs", {}), f"{where}.envs")
+            validate_variables(slave.get("envs", {}), "'envs'")
         except UserError as error:
             raise UserError(f"{where}: {error}") from None
         if name in names:
             raise UserError(f"{where}: worker {name} is listed twice")
         names.add(name)
-        slots = slave.get("slots", 1)
-        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
-            raise UserError(f"{where}: 'slots' must be a whole number of at least 1")
+        slots = _slot_count(slave.get("slots", 1), f"{where}: 'slots'")
         # A paused worker stays paused; one that was draining is registered afresh.
         state = WorkerState.PAUSED if slave.get("state") == WorkerState.PAUSED.value \
             else WorkerState.ACTIVE
@@ -3609,13 +3620,13 @@ def _status_job(entry, environments, defaults):
                                              for arg in args):
         raise UserError("'args' must be a list of strings")
     cwd = entry.get("cwd", defaults["cwd"])
-    if not isinstance(cwd, str) or not os.path.isabs(cwd):
+    if not isinstance(cwd, str) or not os.path.isabs(cwd) or "\0" in cwd:
         raise UserError("'cwd' must be an absolute path")
     variables = validate_variables(entry.get("envs", {}), "'envs'")
     job_id = entry.get("id")
     if job_id is not None and (not isinstance(job_id, int) or isinstance(job_id, bool)
-                               or job_id < 1):
-        raise UserError("'id' must be a positive integer")
+                               or not 1 <= job_id <= MAX_LOADED_JOB_ID):
+        raise UserError(f"'id' must be a whole number from 1 to {MAX_LOADED_JOB_ID}")
     environment_key = entry.get("environment")
     if environment_key is None:
         environment = defaults["environment"]
@@ -3623,7 +3634,11 @@ def _status_job(entry, environments, defaults):
         environment = environments.get(str(environment_key))
         if environment is None:
             raise UserError(f"environment {environment_key} is not in 'environments'")
-        environment = _environment({"environment": environment})
+        try:
+            environment = _environment({"environment": environment})
+        except UserError:
+            raise UserError(f"environments[{str(environment_key)!r}] must be an object of "
+                            "NAME: VALUE strings (names without '=', no NUL bytes)") from None
     submitted_at = entry.get("submitted_at")
     umask = entry.get("umask", defaults["umask"])
     if not isinstance(umask, int) or isinstance(umask, bool) or not 0 <= umask <= 0o777:
@@ -3646,7 +3661,7 @@ def _status_job(entry, environments, defaults):
 def _submitted_at(text):
     try:
         return parse_iso_time(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise UserError(f"'submitted_at' {text!r} is not an ISO 8601 time") from None
 
 
@@ -3662,11 +3677,17 @@ def _duration_text(seconds):
 
 
 def parse_iso_time(text):
-    """Seconds since the epoch from an ISO 8601 time (None stays None)."""
+    """Seconds since the epoch from an ISO 8601 time (None stays None).
+
+    A time that iso_time cannot write back (before year 1 or after 9999 in UTC)
+    is a ValueError too: stored, it would break every status and jobs.
+    """
     if text is None:
         return None
     from datetime import datetime
-    return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    timestamp = datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    iso_time(timestamp)
+    return timestamp
 
 
 def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL):
@@ -3772,9 +3793,10 @@ def server_logger(log_dir, foreground):
 # Client commands ##############################################################
 ###############################################################################
 
-DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)\Z")
+# [0-9], not \d: \d and int() also take other scripts' digits, such as '١'.
+DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([smhdw]?)\Z")
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-JOB_ID_RANGE = re.compile(r"(\d+)(?:-(\d+))?\Z")
+JOB_ID_RANGE = re.compile(r"([0-9]+)(?:-([0-9]+))?\Z")
 
 
 def parse_duration(text, what, limit=MAX_DURATION, positive=False):
@@ -3801,6 +3823,8 @@ def parse_job_ids(words):
             match = JOB_ID_RANGE.match(part)
             if not match:
                 raise UserError(f"{part!r} is not a job id or a range of ids (like 12 or 12-14)")
+            if max(len(match[1]), len(match[2] or "")) > len(str(MAX_JOB_ID)):
+                raise UserError(f"{part}: job ids run from 1 to {MAX_JOB_ID}")
             first, last = int(match[1]), int(match[2] or match[1])
             if last < first:
                 raise UserError(f"the range {part} runs backwards: write {last}-{first}")
@@ -3814,11 +3838,17 @@ def parse_job_ids(words):
     return list(dict.fromkeys(job_ids))   # each once, in the order given
 
 
+def plain_number(text):
+    """TEXT is ASCII digits only: isdigit() alone also takes '²', which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def one_job_id(text):
     """argparse type for commands that show one job."""
-    if not text.isdigit():
+    if not plain_number(text) or not 1 <= int(text) <= MAX_JOB_ID:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not one job id (for several jobs: jobs --last N, or jobs --json)")
+            f"{text!r} is not one job id (ids run from 1 to {MAX_JOB_ID}; for several jobs: "
+            "jobs --last N, or jobs --json)")
     return int(text)
 
 
@@ -3828,14 +3858,14 @@ def looks_like_job_ids(words):
 
 def positive_int(text):
     """argparse type for counts that must be at least 1 (--slots, --last)."""
-    if not text.isdigit() or int(text) < 1:
+    if not plain_number(text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
     return int(text)
 
 
 def retry_count(text):
     """argparse type for --retries: 0 or more, at most MAX_RETRIES."""
-    if not text.isdigit() or int(text) > MAX_RETRIES:
+    if not plain_number(text) or int(text) > MAX_RETRIES:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0 to "
                                          f"{MAX_RETRIES}")
     return int(text)
@@ -4062,6 +4092,7 @@ def command_add_slave(options):
     """
     hosts = unique_hosts(options.hosts)
     variables = dict(parse_assignment(text) for text in options.env)
+    timeout = parse_duration(options.timeout, "--timeout", limit=MAX_SSH_TIMEOUT, positive=True)
     registered = set(request(options.data_dir, "workers"))
     for host in hosts:
         if host in registered:
@@ -4069,7 +4100,7 @@ def command_add_slave(options):
     failures = {}
     if not options.skip_ssh_auth_check:
         failures = {host: reason for host, reason in
-                    check_hosts(hosts, options.timeout).items() if reason}
+                    check_hosts(hosts, timeout).items() if reason}
     passed = [host for host in hosts if host not in failures]
     for host, reason in failures.items():
         print(f"{host}: {reason}", file=sys.stderr)
@@ -4184,7 +4215,7 @@ def parse_start_time(text):
             if moment.timestamp() <= time.time():
                 moment += timedelta(days=1)
             return moment.timestamp()
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+        return parse_iso_time(text)
     except (ValueError, OverflowError, OSError):
         raise UserError(f"--at {text!r} is not a time: use '2026-12-01 16:45' (local time), "
                         "'16:45', or ISO 8601 with a zone like 2026-12-01T16:45:00+01:00") \
@@ -4583,6 +4614,7 @@ def command_edit_slave(options):
 
 def command_load_status(options):
     """Replace the workers and the waiting queue with a status --json document."""
+    too_deep = f"{options.file} is nested too deeply to be a status document"
     try:
         with open(options.file, encoding="utf-8") as document_file:
             document = json.load(document_file)
@@ -4590,8 +4622,14 @@ def command_load_status(options):
         raise UserError(f"cannot read {options.file}: {error.strerror}") from None
     except ValueError as error:
         raise UserError(f"{options.file} is not valid JSON: {error}") from None
-    result = request(options.data_dir, "load_status", document=document, cwd=current_dir(),
-                     environment=dict(os.environ), umask=current_umask())
+    except RecursionError:
+        raise UserError(too_deep) from None
+    try:
+        result = request(options.data_dir, "load_status", document=document,
+                         cwd=current_dir(), environment=dict(os.environ),
+                         umask=current_umask())
+    except RecursionError:   # json.dumps gives up a few levels before json.load does
+        raise UserError(too_deep) from None
     print(f"loaded {result['workers']} worker(s) and {result['jobs']} waiting job(s)"
           + ("" if result["ids_kept"] else " (renumbered: their ids were taken)"))
     return 0
@@ -4599,6 +4637,8 @@ def command_load_status(options):
 
 def resolve_script(script, must_run=True):
     """An absolute path: as given if that exists, else looked up on PATH."""
+    if not script:
+        raise UserError("empty script name: give the path of an executable job script")
     candidate = script
     if "/" not in script and not os.path.exists(script):
         import shutil
@@ -4769,8 +4809,7 @@ def build_parser(only=None):
                            help="Jobs on these workers open a new SSH connection for each "
                                 "ssh/scp/rsync call, instead of sharing one per host "
                                 "(see README: SSH connection reuse).")
-    add_slave.add_argument("--timeout", type=float, default=DEFAULT_SSH_TIMEOUT,
-                           metavar="SECONDS",
+    add_slave.add_argument("--timeout", default=f"{DEFAULT_SSH_TIMEOUT:g}", metavar="SECONDS",
                            help=f"How long the SSH check waits for each host (default: "
                                 f"{DEFAULT_SSH_TIMEOUT:g}).")
 
@@ -4950,6 +4989,11 @@ def parse_arguments(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if hasattr(sys.stdout, "reconfigure"):
+        # Arguments that are not UTF-8 come back from the server as Python read them
+        # from argv (surrogate escapes): print them as the bytes they were, in any
+        # locale, rather than fail on them.
+        sys.stdout.reconfigure(errors="surrogateescape")
     if argv == [HEALTH_CHECKER]:
         health_checker_main()
         return 0
