@@ -827,11 +827,17 @@ class _Transaction:
                 self.db.execute("COMMIT")
                 return False
             except Exception:
-                # A failed COMMIT (disk full) leaves the transaction open.
-                self.db.execute("ROLLBACK")
+                self.rollback()
                 raise
-        self.db.execute("ROLLBACK")
+        self.rollback()
         return False
+
+    def rollback(self):
+        # SQLite has already rolled back after some errors (SQLITE_FULL, SQLITE_IOERR);
+        # a second ROLLBACK would fail and hide the error that matters.  Others
+        # (a failed COMMIT when busy) leave the transaction open.
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
 
 
 def _chunks(items, size=500):
