@@ -76,6 +76,9 @@ SCHEDULE_SCAN_LIMIT = 2000       # ready jobs one scheduling pass looks at, at m
 
 EVENT_READ, EVENT_WRITE = 1, 2   # selectors' event masks (imported by the server only)
 RECOVERY_WAIT = 5.0              # seconds a live supervisor gets to write its pid file
+OUTCOME_RESERVE = 8192           # bytes kept for an attempt's .exit file (an outcome is ~100)
+STORAGE_RETRY_FIRST = 0.5        # seconds before a write the disk refused is tried again,
+STORAGE_RETRY_MAX = 10.0         # doubling up to this while the fault lasts
 PR_SET_CHILD_SUBREAPER = 36      # a prctl option (linux/prctl.h)
 
 RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP", "JOB_ATTEMPT", "SLOT", "SLOTS")
@@ -1168,7 +1171,9 @@ def job_environment(submitter_environment, worker_variables, job_variables, job_
 #   N-A.pid   its pid (also the job's session id), written before the script
 #             starts: no pid file and a free lock mean the script never ran,
 #             so recovery may queue the job again
-#   N-A.exit  {"exit_code", "signal", "error"} once the script has ended
+#   N-A.exit  {"exit_code", "signal", "error"} once the script has ended; its
+#             space on disk is taken (as N-A.exit.tmp) before the script
+#             starts, so a disk that fills up meanwhile cannot lose it
 #   N-A.kill  the grace period, written by the server before it asks the
 #             supervisor (SIGTERM) to end the job's process group
 #
@@ -1362,9 +1367,13 @@ def _supervise(run_dir, spec, lock_fd, setup):
         # data dir lock) except our own lock.
         os.closerange(3, lock_fd)
         os.closerange(lock_fd + 1, os.sysconf("SC_OPEN_MAX"))
+        # No room for the outcome, or for the pid file: the script does not
+        # start, and the server queues the job again (no pid file, lock free).
+        outcome_path = run_file(run_dir, spec.job_id, spec.attempt, "exit")
+        outcome_fd = _reserve_file(outcome_path + ".tmp", OUTCOME_RESERVE)
         _write_file(run_file(run_dir, spec.job_id, spec.attempt, "pid"), f"{os.getpid()}\n")
         outcome = _run_and_wait(run_dir, spec, setup)
-        _write_file(run_file(run_dir, spec.job_id, spec.attempt, "exit"), json.dumps(outcome))
+        _write_outcome(outcome_fd, outcome_path, json.dumps(outcome))
         status = 0
     except BaseException:   # noqa: BLE001 - a supervisor must never unwind into the server
         pass
@@ -1404,12 +1413,16 @@ def _name_process(name):
 
 def _run_and_wait(run_dir, spec, setup):
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if spec.attempt > 1 else os.O_TRUNC)
-    log_fd = os.open(spec.log_path, flags, 0o600)
+    try:
+        log_fd = os.open(spec.log_path, flags, 0o600)
+    except OSError as error:
+        return {"exit_code": None, "signal": None,
+                "error": f"cannot open its log {spec.log_path}: {error.strerror}"}
     try:
         os.chdir(spec.cwd)
     except OSError as error:
         message = f"cannot enter the job's directory {spec.cwd}: {error.strerror}"
-        os.write(log_fd, f"cli.py: job {spec.job_id}: {message}\n".encode())
+        _note(log_fd, f"cli.py: job {spec.job_id}: {message}\n")
         return {"exit_code": None, "signal": None, "error": message}
     pid = _spawn_job(spec, log_fd, setup)
     os.close(log_fd)
@@ -1441,7 +1454,7 @@ def _spawn_job(spec, log_fd, setup):
             setpgroup=0, setsigmask=(), setsigdef=setup.reset_signals)
     except OSError as error:
         message = f"cannot run {spec.script}: {error.strerror}"
-        os.write(log_fd, f"cli.py: {message}\n".encode(errors="replace"))
+        _note(log_fd, f"cli.py: {message}\n")
         return {"exit_code": 127 if error.errno == 2 else 126, "signal": None, "error": None}
 
 
@@ -1529,6 +1542,49 @@ def _write_file(path, text):
     os.replace(temporary, path)
 
 
+def _note(log_fd, text):
+    """A line of our own in a job's log; a full disk must not cost the outcome."""
+    try:
+        os.write(log_fd, text.encode(errors="replace"))
+    except OSError:
+        pass
+
+
+def _reserve_file(path, size):
+    """PATH opened for writing with SIZE bytes of the disk already its own."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_outcome(fd, path, text):
+    """Write an outcome into the space reserved for it (see _reserve_file) and rename it
+    to PATH.  Should even that fail (a copy-on-write file system that is full), write
+    it afresh until that works, the lock still held: an outcome is never dropped."""
+    data = text.encode()
+    try:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+        os.replace(path + ".tmp", path)
+        return
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    delay = STORAGE_RETRY_FIRST
+    while True:
+        try:
+            _write_file(path, text)
+            return
+        except OSError:
+            time.sleep(delay)
+            delay = min(2 * delay, STORAGE_RETRY_MAX)
+
+
 def read_outcome(run_dir, job_id, attempt):
     """What the supervisor of an attempt recorded, or None if it recorded nothing."""
     try:
@@ -1585,7 +1641,7 @@ def end_orphaned_job(supervisor):
 
 
 def remove_run_files(run_dir, job_id, attempt):
-    for kind in ("lock", "pid", "exit", "kill"):
+    for kind in ("lock", "pid", "exit", "kill", "exit.tmp", "pid.tmp", "kill.tmp"):
         try:
             os.unlink(run_file(run_dir, job_id, attempt, kind))
         except FileNotFoundError:
