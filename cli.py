@@ -378,6 +378,28 @@ JOB_OPTIONS = {"ssh_reuse": True, "priority": 0, "retries": 0, "retry_delay": 0.
                "prefer": None, "exclude": None}
 
 
+def storage_fault(path, error):
+    """(what is wrong, what to do) when the disk that holds PATH refused a write (an
+    sqlite3 error or an OSError); None when the disk is not to blame (corruption)."""
+    import errno
+    text = getattr(error, "strerror", None) or str(error)
+    try:
+        file_system = os.statvfs(path)
+    except OSError:
+        file_system = None
+    if getattr(error, "errno", None) == errno.EROFS or "readonly" in text or \
+            file_system is not None and file_system.f_flag & os.ST_RDONLY:
+        return (f"the file system of {path} is read-only ({text})",
+                "make it writable again")
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "is full" in text \
+            or file_system is not None and file_system.f_bavail == 0:
+        return f"no space left on device for {path} ({text})", "free some space"
+    if "disk I/O error" in text or "unable to open" in text:
+        return (f"cannot write to {path} ({text})",
+                "check its disk, free space and permissions")
+    return None
+
+
 class Store:
     """The SQLite database of one data dir.  Only the server opens it."""
 
@@ -401,6 +423,10 @@ class Store:
             self.db.execute("PRAGMA foreign_keys = ON")
             self.migrate()
         except sqlite3.DatabaseError as error:
+            fault = storage_fault(os.path.dirname(path), error)
+            if fault:   # not the database's fault: never advise moving it away
+                raise UserError(f"{fault[0]}; refusing to start. Nothing was changed: "
+                                f"{fault[1]}, then start again") from None
             raise UserError(
                 f"the database {path} is unreadable or corrupt ({error}); refusing to start. "
                 "Nothing was changed: restore it from a backup, or move it away to start "
@@ -2652,9 +2678,10 @@ class Server:
             self.reply(client, error=str(error))
         except self.store.sqlite3.Error as error:
             self.log.error("storage error in %s: %s", request["command"], error)
-            self.reply(client, error=f"could not save the change ({error}); nothing was "
-                                     f"changed: check free space and permissions of "
-                                     f"{self.data_dir}")
+            what, to_do = storage_fault(self.data_dir, error) or (
+                f"could not save the change ({error})",
+                f"check free space and permissions of {self.data_dir}")
+            self.reply(client, error=f"{what}: nothing was changed; {to_do}, then retry")
         except Exception as error:   # noqa: BLE001 - a bug must not take the server down
             self.log.exception("internal error in %s", request["command"])
             self.reply(client, error=f"internal error: {type(error).__name__}: {error} "
@@ -3674,10 +3701,18 @@ def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL)
     spawner = Spawner()    # before anything big is loaded: see Spawner
     filelock = require("filelock")
     paths = data_dir_paths(data_dir)
+    import sqlite3
     try:
         lock, server = open_server(data_dir, log_dir, paths, filelock, notify, spawner,
                                    check_interval)
-    except OSError as error:
+    except (OSError, sqlite3.Error) as error:
+        # The disk may be full or read-only: say so, and what to do.
+        fault = storage_fault(getattr(error, "filename", None) or data_dir, error)
+        if fault:
+            raise UserError(f"cannot start the server: {fault[0]}; nothing was changed: "
+                            f"{fault[1]}, then start again") from None
+        if isinstance(error, sqlite3.Error):
+            raise
         where = f" ({error.filename})" if error.filename else ""
         raise UserError(f"cannot start the server: {error.strerror or error}{where}") from None
     try:
