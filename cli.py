@@ -1961,7 +1961,10 @@ class Attempt:
         self.worker = row["worker"]
         self.slots = attempt_slots(row)
         self.pid = pid
-        self.pidfd = pidfd       # None: a live supervisor we could not watch (see adopt)
+        self.pidfd = pidfd       # None: a live supervisor we could not watch (see adopt),
+                                 # or one that has ended (see record_end)
+        self.outcome = None      # how it ended, once known: kept until it is saved
+        self.save_delay = 0.0    # the pause before the next try to save it (see record_end)
 
 
 class Client:
@@ -2057,6 +2060,8 @@ class Server:
         self.timers = []           # heap of (when, sequence, callback): start times, timeouts
         self.timer_sequence = 0
         self.release_at = None     # when the timer that unblocks delayed jobs fires
+        self.schedule_delay = 0.0  # while the database refuses to start jobs (schedule_later)
+        self.schedule_retry_pending = False
 
     # --- start-up and recovery --------------------------------------------
 
@@ -2200,30 +2205,50 @@ class Server:
             return
         now = time.time()
         started = []
-        with self.store.transaction():
-            for job_id, worker, slots in starts:
-                changes = {"worker": worker, "slot": slots[0],
-                           "slots": json.dumps(slots) if len(slots) > 1 else None,
-                           "started_at": now, "attempt": jobs[job_id]["attempt"] + 1,
-                           "log": job_log_path(self.log_dir, job_id), "reason": None,
-                           "exit_code": None, "signal": None}
-                self.store.change_job(job_id, JobState.WAITING, JobState.RUNNING, **changes)
-                started.append({**dict(jobs[job_id]), **changes,
-                                "state": JobState.RUNNING.value})
+        try:
+            with self.store.transaction():
+                for job_id, worker, slots in starts:
+                    changes = {"worker": worker, "slot": slots[0],
+                               "slots": json.dumps(slots) if len(slots) > 1 else None,
+                               "started_at": now, "attempt": jobs[job_id]["attempt"] + 1,
+                               "log": job_log_path(self.log_dir, job_id), "reason": None,
+                               "exit_code": None, "signal": None}
+                    self.store.change_job(job_id, JobState.WAITING, JobState.RUNNING,
+                                          **changes)
+                    started.append({**dict(jobs[job_id]), **changes,
+                                    "state": JobState.RUNNING.value})
+        except self.store.sqlite3.Error as error:
+            self.schedule_later(error)
+            return
+        self.schedule_delay = 0.0
         self.jobs_moved([job_id for job_id, _, _ in starts], JobState.RUNNING)
         # Committed before any fork: a crash from here on leaves attempts with
         # no pid file and a free lock, which recovery queues again.
         for row in started:
-            job_id = row["id"]
             try:
                 self.start_attempt(row)
             except LaunchError as error:
-                self.log.error("job %s: %s; queued again", job_id, error)
-                remove_run_files(self.run_dir, job_id, row["attempt"])
-                with self.store.transaction():
-                    self.store.requeue(job_id, row["attempt"])
-                self.jobs_moved([job_id], JobState.WAITING)
-                # Not schedule_needed: the next event (a job ending) retries.
+                self.log.error("job %s: cannot start it: %s", row["id"], error)
+                attempt = Attempt(row, None, None)
+                self.running[row["id"]] = attempt
+                self.hold_slots(row["worker"], attempt.slots)
+                self.record_end(attempt)   # queues it again
+
+    def schedule_later(self, error):
+        """The database refused to start jobs: nothing changed.  Try again after a pause,
+        longer while the fault lasts: no event may come once the disk has room again."""
+        if not self.schedule_delay:
+            self.log.error("cannot start waiting jobs: the database cannot take the change "
+                           "(%s); tried again until it can", error)
+        self.schedule_delay = min(2 * self.schedule_delay or STORAGE_RETRY_FIRST,
+                                  STORAGE_RETRY_MAX)
+        if not self.schedule_retry_pending:
+            self.schedule_retry_pending = True
+            self.add_timer(time.time() + self.schedule_delay, self.schedule_again)
+
+    def schedule_again(self):
+        self.schedule_retry_pending = False
+        self.schedule_needed = True
 
     def plan(self, capacities):
         """plan_starts over as much of the queue as it takes to fill the free slots.
@@ -2261,7 +2286,10 @@ class Server:
         if worker.ssh_reuse and row["ssh_reuse"]:
             control_dir = ssh_control_dir(self.ssh_root, worker.name)
             if not os.path.isdir(control_dir):
-                os.mkdir(control_dir, 0o700)
+                try:
+                    os.mkdir(control_dir, 0o700)
+                except OSError as error:
+                    raise LaunchError(f"cannot create {control_dir}: {error.strerror}") from None
             ssh_reuse = (self.shim_dir, os.path.join(control_dir, "%C"))
         environment = job_environment(self.submitter_environment(row["environment_id"]),
                                       worker.variables, json.loads(row["variables"]),
@@ -2301,8 +2329,17 @@ class Server:
         if row["kill_requested_at"] is not None:
             return   # already being killed, by kill or remove_slave --kill: left as that
         reason = f"timed out after {_duration_text(row['timeout'])}"
-        with self.store.transaction():
-            self.store.request_timeout(attempt.job_id, DEFAULT_KILL_GRACE, reason)
+        try:
+            with self.store.transaction():
+                self.store.request_timeout(attempt.job_id, DEFAULT_KILL_GRACE, reason)
+        except self.store.sqlite3.Error as error:
+            # Killed only once recorded, or it would end as failed, not timed_out.
+            self.log.error("job %s: %s, but the database cannot take the kill yet (%s); "
+                           "tried again in %gs", attempt.job_id, reason, error,
+                           STORAGE_RETRY_MAX)
+            self.add_timer(time.time() + STORAGE_RETRY_MAX,
+                           lambda: self.time_out(attempt), attempt)
+            return
         self.log.info("job %s: %s; killing", attempt.job_id, reason)
         self.signal_kill(attempt, DEFAULT_KILL_GRACE)
 
@@ -2480,16 +2517,66 @@ class Server:
         if worker is not None:
             worker.busy_slots.update(slots)
 
+    def free_slots(self, worker_name, slots):
+        worker = self.workers.get(worker_name)
+        if worker is not None:
+            worker.busy_slots.difference_update(slots)
+            self.forget_if_drained(worker)
+
     def attempt_ended(self, attempt):
         self.selector.unregister(attempt.pidfd)
         os.close(attempt.pidfd)
-        outcome = read_outcome(self.run_dir, attempt.job_id, attempt.number) or \
-            self.vanished(attempt.pid)
-        self.settle(self.store.job(attempt.job_id), outcome)
-        remove_run_files(self.run_dir, attempt.job_id, attempt.number)
+        attempt.pidfd = None
+        self.record_end(attempt)
+
+    def record_end(self, attempt):
+        """Settle an attempt whose supervisor has exited, or queue its job again if the
+        script never started (no pid file: no room for it, or no supervisor at all).
+
+        While the database refuses the change (disk full, read-only), the attempt
+        keeps its slot and its run files, and this runs again after a pause: an
+        outcome is neither dropped nor recorded twice, and a restart meanwhile
+        finds it in the .exit file.
+        """
+        job_id, number = attempt.job_id, attempt.number
+        if attempt.outcome is None:
+            attempt.outcome = read_outcome(self.run_dir, job_id, number)
+            if attempt.outcome is None and attempt.pid is not None and \
+                    read_pid(run_file(self.run_dir, job_id, number, "pid")) is not None:
+                attempt.outcome = self.vanished(attempt.pid)
+        try:
+            row = self.store.job(job_id)
+            if attempt.outcome is None:
+                with self.store.transaction():
+                    self.store.requeue(job_id, number)
+            else:
+                settled = self.save_outcome(row, attempt.outcome)
+        except self.store.sqlite3.Error as error:
+            if not attempt.save_delay:
+                self.log.error("job %s: ended, but the database cannot take it yet (%s); "
+                               "kept, and tried again until it can", job_id, error)
+            attempt.save_delay = min(2 * attempt.save_delay or STORAGE_RETRY_FIRST,
+                                     STORAGE_RETRY_MAX)
+            self.add_timer(time.time() + attempt.save_delay, lambda: self.record_end(attempt))
+            return
+        if attempt.save_delay:
+            self.log.info("job %s: how it ended is saved now", job_id)
+        remove_run_files(self.run_dir, job_id, number)
+        if attempt.outcome is None:
+            self.running.pop(job_id, None)
+            self.free_slots(attempt.worker, attempt.slots)
+            self.log.error("job %s: its script never started; queued again", job_id)
+            self.jobs_moved([job_id], JobState.WAITING)
+            # Not schedule_needed: the next event (a job ending) retries.
+        else:
+            self.settled(row, attempt.outcome, *settled)
 
     def settle(self, row, outcome):
         """Record how an attempt ended, free its slot, and retry the job if it may."""
+        self.settled(row, outcome, *self.save_outcome(row, outcome))
+
+    def save_outcome(self, row, outcome):
+        """settle's one transaction; returns what settled needs to know."""
         job_id = row["id"]
         result = result_of(outcome.get("exit_code"), row["kill_requested_at"] is not None,
                            bool(row["timed_out"]))
@@ -2497,6 +2584,7 @@ class Server:
         now = time.time()
         retry = result in (JobResult.FAILED, JobResult.TIMED_OUT) and \
             row["attempt"] <= row["retries"]
+        skipped = []
         with self.store.transaction():
             self.store.record_attempt(row, result, outcome, reason, now)
             if retry:
@@ -2511,11 +2599,13 @@ class Server:
                                       signal=outcome.get("signal"), reason=reason, ended_at=now)
                 skipped = self.store.resolve_dependents(
                     [(job_id, result == JobResult.SUCCEEDED, f"ended {result.value}")])
+        return result, reason, retry, skipped
+
+    def settled(self, row, outcome, result, reason, retry, skipped):
+        """What follows a saved outcome: the slot is free, waiting clients hear of it."""
+        job_id = row["id"]
         self.running.pop(job_id, None)
-        worker = self.workers.get(row["worker"])
-        if worker is not None:
-            worker.busy_slots.difference_update(attempt_slots(row))
-            self.forget_if_drained(worker)
+        self.free_slots(row["worker"], attempt_slots(row))
         self.log.info("job %s: %s (exit code %s, signal %s)%s%s", job_id, result.value,
                       outcome.get("exit_code"), outcome.get("signal"),
                       f": {reason}" if reason else "", "; to be retried" if retry else "")
@@ -2586,17 +2676,30 @@ class Server:
         """Ask a supervisor to end its job's process group (TERM, then KILL after GRACE)."""
         if attempt.pidfd is None:
             return
-        _write_file(run_file(self.run_dir, attempt.job_id, attempt.number, "kill"),
-                    f"{DEFAULT_KILL_GRACE if grace is None else grace}")
+        try:
+            _write_file(run_file(self.run_dir, attempt.job_id, attempt.number, "kill"),
+                        f"{DEFAULT_KILL_GRACE if grace is None else grace}")
+        except OSError as error:
+            self.log.error("job %s: cannot write its kill file (%s); killed with the "
+                           "default grace of %gs", attempt.job_id, error.strerror,
+                           DEFAULT_KILL_GRACE)
         try:
             signal.pidfd_send_signal(attempt.pidfd, signal.SIGTERM)
         except ProcessLookupError:
             pass   # already ending; its pidfd event settles it
 
     def forget_if_drained(self, worker):
-        """A draining worker goes once its last job has ended."""
-        if worker.state == WorkerState.DRAINING and not worker.busy_slots:
-            self.forget_worker(worker.name)
+        """A draining worker goes once its last job has ended (and the database takes it)."""
+        if worker.state == WorkerState.DRAINING and not worker.busy_slots and \
+                self.workers.get(worker.name) is worker:
+            try:
+                self.forget_worker(worker.name)
+            except self.store.sqlite3.Error as error:
+                self.log.error("worker %s: drained, but the database cannot take its removal "
+                               "yet (%s); tried again in %gs", worker.name, error,
+                               STORAGE_RETRY_MAX)
+                self.add_timer(time.time() + STORAGE_RETRY_MAX,
+                               lambda: self.forget_if_drained(worker))
 
     def forget_worker(self, name):
         with self.store.transaction():
