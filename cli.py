@@ -1197,7 +1197,8 @@ def job_environment(submitter_environment, worker_variables, job_variables, job_
 #   N-A.pid   its pid (also the job's session id), written before the script
 #             starts: no pid file and a free lock mean the script never ran,
 #             so recovery may queue the job again
-#   N-A.exit  {"exit_code", "signal", "error"} once the script has ended; its
+#   N-A.exit  {"exit_code", "signal", "error", "ended_at"} once the script has
+#             ended (recorded later if the server is away or the disk full); its
 #             space on disk is taken (as N-A.exit.tmp) before the script
 #             starts, so a disk that fills up meanwhile cannot lose it
 #   N-A.kill  the grace period, written by the server before it asks the
@@ -1398,7 +1399,7 @@ def _supervise(run_dir, spec, lock_fd, setup):
         outcome_path = run_file(run_dir, spec.job_id, spec.attempt, "exit")
         outcome_fd = _reserve_file(outcome_path + ".tmp", OUTCOME_RESERVE)
         _write_file(run_file(run_dir, spec.job_id, spec.attempt, "pid"), f"{os.getpid()}\n")
-        outcome = _run_and_wait(run_dir, spec, setup)
+        outcome = dict(_run_and_wait(run_dir, spec, setup), ended_at=time.time())
         _write_outcome(outcome_fd, outcome_path, json.dumps(outcome))
         status = 0
     except BaseException:   # noqa: BLE001 - a supervisor must never unwind into the server
@@ -2582,11 +2583,12 @@ class Server:
                            bool(row["timed_out"]))
         reason = outcome.get("error") or row["reason"]
         now = time.time()
+        ended_at = outcome.get("ended_at") or now   # not when it could be saved
         retry = result in (JobResult.FAILED, JobResult.TIMED_OUT) and \
             row["attempt"] <= row["retries"]
         skipped = []
         with self.store.transaction():
-            self.store.record_attempt(row, result, outcome, reason, now)
+            self.store.record_attempt(row, result, outcome, reason, ended_at)
             if retry:
                 not_before = now + row["retry_delay"] if row["retry_delay"] else None
                 self.store.retry(job_id, not_before,
@@ -2596,7 +2598,8 @@ class Server:
             else:
                 self.store.change_job(job_id, JobState.RUNNING, JobState.DONE,
                                       result=result.value, exit_code=outcome.get("exit_code"),
-                                      signal=outcome.get("signal"), reason=reason, ended_at=now)
+                                      signal=outcome.get("signal"), reason=reason,
+                                      ended_at=ended_at)
                 skipped = self.store.resolve_dependents(
                     [(job_id, result == JobResult.SUCCEEDED, f"ended {result.value}")])
         return result, reason, retry, skipped
