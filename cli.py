@@ -388,7 +388,8 @@ def storage_fault(path, error):
     except OSError:
         file_system = None
     if getattr(error, "errno", None) == errno.EROFS or "readonly" in text or \
-            file_system is not None and file_system.f_flag & os.ST_RDONLY:
+            file_system is not None and file_system.f_flag & os.ST_RDONLY or \
+            _refuses_new_files(path) == errno.EROFS:
         return (f"the file system of {path} is read-only ({text})",
                 "make it writable again")
     if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "is full" in text \
@@ -397,6 +398,19 @@ def storage_fault(path, error):
     if "disk I/O error" in text or "unable to open" in text:
         return (f"cannot write to {path} ({text})",
                 "check its disk, free space and permissions")
+    return None
+
+
+def _refuses_new_files(path):
+    """The errno with which the file system of PATH refuses a new (nameless) file, or None.
+
+    A file system that went read-only after an error (ext4 errors=remount-ro)
+    may still look writable to statvfs."""
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    try:
+        os.close(os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o600))
+    except OSError as error:
+        return error.errno
     return None
 
 
@@ -423,7 +437,7 @@ class Store:
             self.db.execute("PRAGMA foreign_keys = ON")
             self.migrate()
         except sqlite3.DatabaseError as error:
-            fault = storage_fault(os.path.dirname(path), error)
+            fault = storage_fault(path, error)
             if fault:   # not the database's fault: never advise moving it away
                 raise UserError(f"{fault[0]}; refusing to start. Nothing was changed: "
                                 f"{fault[1]}, then start again") from None
@@ -1671,8 +1685,8 @@ def remove_run_files(run_dir, job_id, attempt):
     for kind in ("lock", "pid", "exit", "kill", "exit.tmp", "pid.tmp", "kill.tmp"):
         try:
             os.unlink(run_file(run_dir, job_id, attempt, kind))
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass   # what is left is removed at the next start (remove_stray_run_files)
 
 
 ###############################################################################
@@ -2904,8 +2918,8 @@ class Server:
         """
         try:
             os.unlink(self.paths["socket"])   # no new clients from here on
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass   # (a read-only disk: once closed, it refuses connections anyway)
         while True:
             try:
                 connection, _ = self.listener.accept()
@@ -3826,8 +3840,8 @@ def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL)
     finally:
         try:
             os.unlink(paths["pid"])
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass   # (a read-only disk: the lock, not this file, says who runs)
         lock.release()
         # Answered last, so that a client sees "stopped" only once a new start can run.
         for client in server.stop_replies:
