@@ -421,6 +421,14 @@ class Store:
         import sqlite3
         self.sqlite3 = sqlite3
         existed = os.path.exists(path)
+        wal = path + "-wal"
+        if existed and os.path.getsize(path) == 0 and \
+                not (os.path.exists(wal) and os.path.getsize(wal)):
+            # SQLite would take it for a new database: a truncated one must not
+            # become an empty queue without a word.
+            raise UserError(f"the database {path} is empty (0 bytes): truncated, or never "
+                            "written; refusing to start. Nothing was changed: restore it "
+                            "from a backup, or remove it to start with an empty queue")
         try:
             # Autocommit mode: every change goes through transaction() below.
             self.db = sqlite3.connect(path, isolation_level=None)
