@@ -2806,10 +2806,17 @@ class Server:
             self.reply(client, error=str(error))
         except self.store.sqlite3.Error as error:
             self.log.error("storage error in %s: %s", request["command"], error)
-            what, to_do = storage_fault(self.data_dir, error) or (
-                f"could not save the change ({error})",
-                f"check free space and permissions of {self.data_dir}")
-            self.reply(client, error=f"{what}: nothing was changed; {to_do}, then retry")
+            fault = storage_fault(self.data_dir, error)
+            if fault:
+                message = f"{fault[0]}: nothing was changed; {fault[1]}, then retry"
+            elif "malformed" in str(error) or "not a database" in str(error):
+                message = (f"the database {self.paths['database']} is corrupt ({error}): "
+                           "nothing was changed; stop the server, and restore it from a "
+                           "backup (start refuses it as it is)")
+            else:
+                message = (f"could not save the change ({error}): nothing was changed; check "
+                           f"free space and permissions of {self.data_dir}, then retry")
+            self.reply(client, error=message)
         except Exception as error:   # noqa: BLE001 - a bug must not take the server down
             self.log.exception("internal error in %s", request["command"])
             self.reply(client, error=f"internal error: {type(error).__name__}: {error} "
@@ -3880,9 +3887,17 @@ def open_server(data_dir, log_dir, paths, filelock, notify, spawner, check_inter
     job_fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (job_fd_limit[1], job_fd_limit[1]))
     log = server_logger(log_dir, foreground=not notify)
-    server = Server(data_dir, log_dir, log, job_fd_limit, spawner, check_interval)
-    server.load()
-    server.open_socket()
+    try:
+        server = Server(data_dir, log_dir, log, job_fd_limit, spawner, check_interval)
+        server.load()
+        server.open_socket()
+    except BaseException:
+        # Refused (a corrupt database, a full disk): leave the data dir as it was.
+        try:
+            os.unlink(paths["pid"])
+        except OSError:
+            pass
+        raise
     log.info("server %d listening on %s (data dir %s, %d job(s) running)", os.getpid(),
              paths["socket"], data_dir, len(server.running))
     if notify:
