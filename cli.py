@@ -2241,15 +2241,15 @@ class Server:
                     started.append({**dict(jobs[job_id]), **changes,
                                     "state": JobState.RUNNING.value})
         except self.store.sqlite3.Error as error:
-            self.schedule_later(error)
+            self.schedule_later(f"the database cannot take the change: {error}")
             return
-        self.schedule_delay = 0.0
         self.jobs_moved([job_id for job_id, _, _ in starts], JobState.RUNNING)
         # Committed before any fork: a crash from here on leaves attempts with
         # no pid file and a free lock, which recovery queues again.
         for row in started:
             try:
                 self.start_attempt(row)
+                self.schedule_delay = 0.0
             except LaunchError as error:
                 self.log.error("job %s: cannot start it: %s", row["id"], error)
                 attempt = Attempt(row, None, None)
@@ -2257,12 +2257,13 @@ class Server:
                 self.hold_slots(row["worker"], attempt.slots)
                 self.record_end(attempt)   # queues it again
 
-    def schedule_later(self, error):
-        """The database refused to start jobs: nothing changed.  Try again after a pause,
-        longer while the fault lasts: no event may come once the disk has room again."""
+    def schedule_later(self, why):
+        """Jobs could not start (the database refused, or their supervisors found no
+        room for their files).  Try again after a pause, longer while the fault
+        lasts: no event may come once the disk has room again."""
         if not self.schedule_delay:
-            self.log.error("cannot start waiting jobs: the database cannot take the change "
-                           "(%s); tried again until it can", error)
+            self.log.error("cannot start waiting jobs (%s); tried again until they start",
+                           why)
         self.schedule_delay = min(2 * self.schedule_delay or STORAGE_RETRY_FIRST,
                                   STORAGE_RETRY_MAX)
         if not self.schedule_retry_pending:
@@ -2590,7 +2591,8 @@ class Server:
             self.free_slots(attempt.worker, attempt.slots)
             self.log.error("job %s: its script never started; queued again", job_id)
             self.jobs_moved([job_id], JobState.WAITING)
-            # Not schedule_needed: the next event (a job ending) retries.
+            # Not at once (the cause may last, a full disk): after a pause.
+            self.schedule_later(f"job {job_id} could not start")
         else:
             self.settled(row, attempt.outcome, *settled)
 

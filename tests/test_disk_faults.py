@@ -118,10 +118,11 @@ def assert_every_job_once_with_its_true_exit_code(cli, expected):
     assert not wrong, f"jobs recorded with a wrong outcome: {wrong}"
     runs = ran(cli)
     assert sorted(runs) == sorted(expected.items()), "a job ran twice, or never"
-    assert cli.status()["counts"] == {
-        "waiting": 0, "running": 0,
-        "succeeded": sum(1 for code in expected.values() if code == 0),
-        "failed": sum(1 for code in expected.values() if code != 0)}
+    counts = cli.status()["counts"]
+    assert {name: counts.get(name, 0) for name in ("waiting", "running", "succeeded", "failed")} \
+        == {"waiting": 0, "running": 0,
+            "succeeded": sum(1 for code in expected.values() if code == 0),
+            "failed": sum(1 for code in expected.values() if code != 0)}, counts
 
 
 def checksums(directory):
@@ -177,6 +178,31 @@ def test_a_full_disk_refuses_new_work_loses_no_outcome_and_recovers_by_itself(cl
     assert not list(run_dir.iterdir()), "run files left behind"
     log = (cli.log_dir / "server.log").read_text()
     assert "Traceback" not in log, log
+
+
+def test_a_job_whose_supervisor_finds_no_room_is_queued_again_and_starts_later(cli, disk):
+    """The run files' disk is full but the database's is not: the supervisor cannot
+    reserve room for the outcome, so the script must not start, and the job must
+    neither fail nor wait for an unrelated event once there is room again."""
+    cli.data_dir.mkdir(mode=0o700)
+    run_dir = disk("-t", "tmpfs", "-o", "size=64k,mode=0700", name=".data/run")
+    cli.write_script("gated.sh", GATED_JOB.split("\n", 1)[1])
+    cli.ok("start")
+    cli.ok("add_slave", "w1")
+    expected = {queue(cli, 1): 1}
+    cli.wait_for_counts(waiting=0, running=0)
+
+    filler = fill(run_dir)
+    job = queue(cli, 3)
+    log = cli.log_dir / "server.log"
+    wait_until(lambda: f"job {job}: its script never started; queued again" in log.read_text(),
+               what="the job to be queued again")
+    assert cli.status()["counts"]["failed"] == 1 and (job, 3) not in ran(cli)
+    filler.unlink()
+    wait_until(lambda: (job, 3) in ran(cli), timeout=30, what="the job to start by itself")
+    expected[job] = 3
+    cli.wait_for_counts(waiting=0, running=0)
+    assert_every_job_once_with_its_true_exit_code(cli, expected)
 
 
 # --- fault 6: the disk goes read-only ---------------------------------------
