@@ -22,7 +22,7 @@ import subprocess
 
 import pytest
 
-from conftest import process_alive, wait_until
+from conftest import proc_stat, process_alive, wait_until
 
 # Ends with CODE once GATE exists (or at once without one); each run leaves a line.
 GATED_JOB = """#!/bin/sh
@@ -52,24 +52,36 @@ def disk(cli, tmp_path):
     try:
         yield mount
     finally:
-        with contextlib.suppress(Exception):
-            stop_everything(cli)
+        stop_everything(cli)
         for point in reversed(mounts):
             subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
 def stop_everything(cli):
-    """The server, then every supervisor of this data dir (one that keeps an outcome
-    for a disk that never came back ignores SIGTERM: it gets SIGKILL)."""
-    if cli.server_pid() and process_alive(cli.server_pid()):
-        cli.run("stop", timeout=30)
-    supervisors = [int(path.read_text()) for path in (cli.data_dir / "run").glob("*.pid")]
-    cli.end_leftover_jobs()
-    with contextlib.suppress(AssertionError):
-        wait_until(lambda: not any(map(process_alive, supervisors)), timeout=5)
-    for pid in supervisors:
+    """The server, then every process of its supervisors' sessions (the supervisor's
+    pid is its job's session id).  Nothing here writes to the disk, which may still
+    be full or read-only, and a supervisor that keeps an outcome ignores SIGTERM:
+    SIGKILL for all of them, once they are known to be ours."""
+    def ours(pid):
         with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                return os.fsencode(cli.data_dir) in cmdline.read()
+        return False
+    pid = cli.server_pid()
+    if pid and ours(pid):
+        with contextlib.suppress(Exception):
+            cli.run("stop", timeout=30)
+        if ours(pid):
             os.kill(pid, signal.SIGKILL)
+    supervisors = set()
+    for path in (cli.data_dir / "run").glob("*.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            supervisors.add(int(path.read_text()))
+    supervisors = {pid for pid in supervisors if ours(pid)}
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if entry.isdigit() and int(proc_stat(entry)[3]) in supervisors:
+                os.kill(int(entry), signal.SIGKILL)
 
 
 def use_data_dir(cli, data_dir, log_dir):
