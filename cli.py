@@ -83,6 +83,9 @@ SCHEDULE_SCAN_LIMIT = 2000       # ready jobs one scheduling pass looks at, at m
 EVENT_READ, EVENT_WRITE = 1, 2   # selectors' event masks (imported by the server only)
 RECOVERY_WAIT = 5.0              # seconds a live supervisor gets to write its pid file
 MAX_SELECT_TIMEOUT = 86400.0     # seconds the server sleeps at most, whatever its timers say
+OUTCOME_RESERVE = 8192           # bytes kept for an attempt's .exit file (an outcome is ~100)
+STORAGE_RETRY_FIRST = 0.5        # seconds before a write the disk refused is tried again,
+STORAGE_RETRY_MAX = 10.0         # doubling up to this while the fault lasts
 PR_SET_CHILD_SUBREAPER = 36      # a prctl option (linux/prctl.h)
 
 RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP", "JOB_ATTEMPT", "SLOT", "SLOTS")
@@ -382,6 +385,42 @@ JOB_OPTIONS = {"ssh_reuse": True, "priority": 0, "retries": 0, "retry_delay": 0.
                "prefer": None, "exclude": None}
 
 
+def storage_fault(path, error):
+    """(what is wrong, what to do) when the disk that holds PATH refused a write (an
+    sqlite3 error or an OSError); None when the disk is not to blame (corruption)."""
+    import errno
+    text = getattr(error, "strerror", None) or str(error)
+    try:
+        file_system = os.statvfs(path)
+    except OSError:
+        file_system = None
+    if getattr(error, "errno", None) == errno.EROFS or "readonly" in text or \
+            file_system is not None and file_system.f_flag & os.ST_RDONLY or \
+            _refuses_new_files(path) == errno.EROFS:
+        return (f"the file system of {path} is read-only ({text})",
+                "make it writable again")
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "is full" in text \
+            or file_system is not None and file_system.f_bavail == 0:
+        return f"no space left on device for {path} ({text})", "free some space"
+    if "disk I/O error" in text or "unable to open" in text:
+        return (f"cannot write to {path} ({text})",
+                "check its disk, free space and permissions")
+    return None
+
+
+def _refuses_new_files(path):
+    """The errno with which the file system of PATH refuses a new (nameless) file, or None.
+
+    A file system that went read-only after an error (ext4 errors=remount-ro)
+    may still look writable to statvfs."""
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    try:
+        os.close(os.open(directory, os.O_TMPFILE | os.O_WRONLY, 0o600))
+    except OSError as error:
+        return error.errno
+    return None
+
+
 class Store:
     """The SQLite database of one data dir.  Only the server opens it."""
 
@@ -389,6 +428,14 @@ class Store:
         import sqlite3
         self.sqlite3 = sqlite3
         existed = os.path.exists(path)
+        wal = path + "-wal"
+        if existed and os.path.getsize(path) == 0 and \
+                not (os.path.exists(wal) and os.path.getsize(wal)):
+            # SQLite would take it for a new database: a truncated one must not
+            # become an empty queue without a word.
+            raise UserError(f"the database {path} is empty (0 bytes): truncated, or never "
+                            "written; refusing to start. Nothing was changed: restore it "
+                            "from a backup, or remove it to start with an empty queue")
         try:
             # Autocommit mode: every change goes through transaction() below.
             self.db = sqlite3.connect(path, isolation_level=None)
@@ -405,6 +452,10 @@ class Store:
             self.db.execute("PRAGMA foreign_keys = ON")
             self.migrate()
         except sqlite3.DatabaseError as error:
+            fault = storage_fault(path, error)
+            if fault:   # not the database's fault: never advise moving it away
+                raise UserError(f"{fault[0]}; refusing to start. Nothing was changed: "
+                                f"{fault[1]}, then start again") from None
             raise UserError(
                 f"the database {path} is unreadable or corrupt ({error}); refusing to start. "
                 "Nothing was changed: restore it from a backup, or move it away to start "
@@ -834,11 +885,17 @@ class _Transaction:
                 self.db.execute("COMMIT")
                 return False
             except Exception:
-                # A failed COMMIT (disk full) leaves the transaction open.
-                self.db.execute("ROLLBACK")
+                self.rollback()
                 raise
-        self.db.execute("ROLLBACK")
+        self.rollback()
         return False
+
+    def rollback(self):
+        # SQLite has already rolled back after some errors (SQLITE_FULL, SQLITE_IOERR);
+        # a second ROLLBACK would fail and hide the error that matters.  Others
+        # (a failed COMMIT when busy) leave the transaction open.
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
 
 
 def _chunks(items, size=500):
@@ -1187,7 +1244,10 @@ def job_environment(submitter_environment, worker_variables, job_variables, job_
 #   N-A.pid   its pid (also the job's session id), written before the script
 #             starts: no pid file and a free lock mean the script never ran,
 #             so recovery may queue the job again
-#   N-A.exit  {"exit_code", "signal", "error"} once the script has ended
+#   N-A.exit  {"exit_code", "signal", "error", "ended_at"} once the script has
+#             ended (recorded later if the server is away or the disk full); its
+#             space on disk is taken (as N-A.exit.tmp) before the script
+#             starts, so a disk that fills up meanwhile cannot lose it
 #   N-A.kill  the grace period, written by the server before it asks the
 #             supervisor (SIGTERM) to end the job's process group
 #
@@ -1381,9 +1441,13 @@ def _supervise(run_dir, spec, lock_fd, setup):
         # data dir lock) except our own lock.
         os.closerange(3, lock_fd)
         os.closerange(lock_fd + 1, os.sysconf("SC_OPEN_MAX"))
+        # No room for the outcome, or for the pid file: the script does not
+        # start, and the server queues the job again (no pid file, lock free).
+        outcome_path = run_file(run_dir, spec.job_id, spec.attempt, "exit")
+        outcome_fd = _reserve_file(outcome_path + ".tmp", OUTCOME_RESERVE)
         _write_file(run_file(run_dir, spec.job_id, spec.attempt, "pid"), f"{os.getpid()}\n")
-        outcome = _run_and_wait(run_dir, spec, setup)
-        _write_file(run_file(run_dir, spec.job_id, spec.attempt, "exit"), json.dumps(outcome))
+        outcome = dict(_run_and_wait(run_dir, spec, setup), ended_at=time.time())
+        _write_outcome(outcome_fd, outcome_path, json.dumps(outcome))
         status = 0
     except BaseException:   # noqa: BLE001 - a supervisor must never unwind into the server
         pass
@@ -1423,12 +1487,16 @@ def _name_process(name):
 
 def _run_and_wait(run_dir, spec, setup):
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if spec.attempt > 1 else os.O_TRUNC)
-    log_fd = os.open(spec.log_path, flags, 0o600)
+    try:
+        log_fd = os.open(spec.log_path, flags, 0o600)
+    except OSError as error:
+        return {"exit_code": None, "signal": None,
+                "error": f"cannot open its log {spec.log_path}: {error.strerror}"}
     try:
         os.chdir(spec.cwd)
     except OSError as error:
         message = f"cannot enter the job's directory {spec.cwd}: {error.strerror}"
-        os.write(log_fd, f"cli.py: job {spec.job_id}: {message}\n".encode())
+        _note(log_fd, f"cli.py: job {spec.job_id}: {message}\n")
         return {"exit_code": None, "signal": None, "error": message}
     pid = _spawn_job(spec, log_fd, setup)
     os.close(log_fd)
@@ -1460,7 +1528,7 @@ def _spawn_job(spec, log_fd, setup):
             setpgroup=0, setsigmask=(), setsigdef=setup.reset_signals)
     except OSError as error:
         message = f"cannot run {spec.script}: {error.strerror}"
-        os.write(log_fd, f"cli.py: {message}\n".encode(errors="replace"))
+        _note(log_fd, f"cli.py: {message}\n")
         return {"exit_code": 127 if error.errno == 2 else 126, "signal": None, "error": None}
 
 
@@ -1546,6 +1614,49 @@ def _write_file(path, text):
     with open(temporary, "w") as stream:
         stream.write(text)
     os.replace(temporary, path)
+
+
+def _note(log_fd, text):
+    """A line of our own in a job's log; a full disk must not cost the outcome."""
+    try:
+        os.write(log_fd, text.encode(errors="replace"))
+    except OSError:
+        pass
+
+
+def _reserve_file(path, size):
+    """PATH opened for writing with SIZE bytes of the disk already its own."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_outcome(fd, path, text):
+    """Write an outcome into the space reserved for it (see _reserve_file) and rename it
+    to PATH.  Should even that fail (a copy-on-write file system that is full), write
+    it afresh until that works, the lock still held: an outcome is never dropped."""
+    data = text.encode()
+    try:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+        os.replace(path + ".tmp", path)
+        return
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    delay = STORAGE_RETRY_FIRST
+    while True:
+        try:
+            _write_file(path, text)
+            return
+        except OSError:
+            time.sleep(delay)
+            delay = min(2 * delay, STORAGE_RETRY_MAX)
 
 
 def read_outcome(run_dir, job_id, attempt):
@@ -1634,11 +1745,11 @@ def pid_file_time(run_dir, job_id, attempt):
 
 
 def remove_run_files(run_dir, job_id, attempt):
-    for kind in ("lock", "pid", "exit", "kill"):
+    for kind in ("lock", "pid", "exit", "kill", "exit.tmp", "pid.tmp", "kill.tmp"):
         try:
             os.unlink(run_file(run_dir, job_id, attempt, kind))
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass   # what is left is removed at the next start (remove_stray_run_files)
 
 
 ###############################################################################
@@ -1928,7 +2039,10 @@ class Attempt:
         self.worker = row["worker"]
         self.slots = attempt_slots(row)
         self.pid = pid
-        self.pidfd = pidfd       # None: a live supervisor we could not watch (see adopt)
+        self.pidfd = pidfd       # None: a live supervisor we could not watch (see adopt),
+                                 # or one that has ended (see record_end)
+        self.outcome = None      # how it ended, once known: kept until it is saved
+        self.save_delay = 0.0    # the pause before the next try to save it (see record_end)
 
 
 class Client:
@@ -2025,6 +2139,8 @@ class Server:
         self.timers = []           # heap of (when, sequence, callback): start times, timeouts
         self.timer_sequence = 0
         self.release_at = None     # when the timer that unblocks delayed jobs fires
+        self.schedule_delay = 0.0  # while the database refuses to start jobs (schedule_later)
+        self.schedule_retry_pending = False
 
     # --- start-up and recovery --------------------------------------------
 
@@ -2168,30 +2284,51 @@ class Server:
             return
         now = time.time()
         started = []
-        with self.store.transaction():
-            for job_id, worker, slots in starts:
-                changes = {"worker": worker, "slot": slots[0],
-                           "slots": json.dumps(slots) if len(slots) > 1 else None,
-                           "started_at": now, "attempt": jobs[job_id]["attempt"] + 1,
-                           "log": job_log_path(self.log_dir, job_id), "reason": None,
-                           "exit_code": None, "signal": None}
-                self.store.change_job(job_id, JobState.WAITING, JobState.RUNNING, **changes)
-                started.append({**dict(jobs[job_id]), **changes,
-                                "state": JobState.RUNNING.value})
+        try:
+            with self.store.transaction():
+                for job_id, worker, slots in starts:
+                    changes = {"worker": worker, "slot": slots[0],
+                               "slots": json.dumps(slots) if len(slots) > 1 else None,
+                               "started_at": now, "attempt": jobs[job_id]["attempt"] + 1,
+                               "log": job_log_path(self.log_dir, job_id), "reason": None,
+                               "exit_code": None, "signal": None}
+                    self.store.change_job(job_id, JobState.WAITING, JobState.RUNNING,
+                                          **changes)
+                    started.append({**dict(jobs[job_id]), **changes,
+                                    "state": JobState.RUNNING.value})
+        except self.store.sqlite3.Error as error:
+            self.schedule_later(f"the database cannot take the change: {error}")
+            return
         self.jobs_moved([job_id for job_id, _, _ in starts], JobState.RUNNING)
         # Committed before any fork: a crash from here on leaves attempts with
         # no pid file and a free lock, which recovery queues again.
         for row in started:
-            job_id = row["id"]
             try:
                 self.start_attempt(row)
+                self.schedule_delay = 0.0
             except LaunchError as error:
-                self.log.error("job %s: %s; queued again", job_id, error)
-                remove_run_files(self.run_dir, job_id, row["attempt"])
-                with self.store.transaction():
-                    self.store.requeue(job_id, row["attempt"])
-                self.jobs_moved([job_id], JobState.WAITING)
-                # Not schedule_needed: the next event (a job ending) retries.
+                self.log.error("job %s: cannot start it: %s", row["id"], error)
+                attempt = Attempt(row, None, None)
+                self.running[row["id"]] = attempt
+                self.hold_slots(row["worker"], attempt.slots)
+                self.record_end(attempt)   # queues it again
+
+    def schedule_later(self, why):
+        """Jobs could not start (the database refused, or their supervisors found no
+        room for their files).  Try again after a pause, longer while the fault
+        lasts: no event may come once the disk has room again."""
+        if not self.schedule_delay:
+            self.log.error("cannot start waiting jobs (%s); tried again until they start",
+                           why)
+        self.schedule_delay = min(2 * self.schedule_delay or STORAGE_RETRY_FIRST,
+                                  STORAGE_RETRY_MAX)
+        if not self.schedule_retry_pending:
+            self.schedule_retry_pending = True
+            self.add_timer(time.time() + self.schedule_delay, self.schedule_again)
+
+    def schedule_again(self):
+        self.schedule_retry_pending = False
+        self.schedule_needed = True
 
     def plan(self, capacities):
         """plan_starts over as much of the queue as it takes to fill the free slots.
@@ -2229,7 +2366,10 @@ class Server:
         if worker.ssh_reuse and row["ssh_reuse"]:
             control_dir = ssh_control_dir(self.ssh_root, worker.name)
             if not os.path.isdir(control_dir):
-                os.mkdir(control_dir, 0o700)
+                try:
+                    os.mkdir(control_dir, 0o700)
+                except OSError as error:
+                    raise LaunchError(f"cannot create {control_dir}: {error.strerror}") from None
             ssh_reuse = (self.shim_dir, os.path.join(control_dir, "%C"))
         environment = job_environment(self.submitter_environment(row["environment_id"]),
                                       worker.variables, json.loads(row["variables"]),
@@ -2269,8 +2409,17 @@ class Server:
         if row["kill_requested_at"] is not None:
             return   # already being killed, by kill or remove_slave --kill: left as that
         reason = f"timed out after {_duration_text(row['timeout'])}"
-        with self.store.transaction():
-            self.store.request_timeout(attempt.job_id, DEFAULT_KILL_GRACE, reason)
+        try:
+            with self.store.transaction():
+                self.store.request_timeout(attempt.job_id, DEFAULT_KILL_GRACE, reason)
+        except self.store.sqlite3.Error as error:
+            # Killed only once recorded, or it would end as failed, not timed_out.
+            self.log.error("job %s: %s, but the database cannot take the kill yet (%s); "
+                           "tried again in %gs", attempt.job_id, reason, error,
+                           STORAGE_RETRY_MAX)
+            self.add_timer(time.time() + STORAGE_RETRY_MAX,
+                           lambda: self.time_out(attempt), attempt)
+            return
         self.log.info("job %s: %s; killing", attempt.job_id, reason)
         self.signal_kill(attempt, DEFAULT_KILL_GRACE)
 
@@ -2450,25 +2599,79 @@ class Server:
         if worker is not None:
             worker.busy_slots.update(slots)
 
+    def free_slots(self, worker_name, slots):
+        worker = self.workers.get(worker_name)
+        if worker is not None:
+            worker.busy_slots.difference_update(slots)
+            self.forget_if_drained(worker)
+
     def attempt_ended(self, attempt):
         self.selector.unregister(attempt.pidfd)
         os.close(attempt.pidfd)
-        outcome = read_outcome(self.run_dir, attempt.job_id, attempt.number) or \
-            self.vanished(attempt.pid, time.time())
-        self.settle(self.store.job(attempt.job_id), outcome)
-        remove_run_files(self.run_dir, attempt.job_id, attempt.number)
+        attempt.pidfd = None
+        self.record_end(attempt)
+
+    def record_end(self, attempt):
+        """Settle an attempt whose supervisor has exited, or queue its job again if the
+        script never started (no pid file: no room for it, or no supervisor at all).
+
+        While the database refuses the change (disk full, read-only), the attempt
+        keeps its slot and its run files, and this runs again after a pause: an
+        outcome is neither dropped nor recorded twice, and a restart meanwhile
+        finds it in the .exit file.
+        """
+        job_id, number = attempt.job_id, attempt.number
+        if attempt.outcome is None:
+            attempt.outcome = read_outcome(self.run_dir, job_id, number)
+            if attempt.outcome is None and attempt.pid is not None and \
+                    read_pid(run_file(self.run_dir, job_id, number, "pid")) is not None:
+                attempt.outcome = self.vanished(
+                    attempt.pid, pid_file_time(self.run_dir, job_id, number))
+        try:
+            row = self.store.job(job_id)
+            if attempt.outcome is None:
+                with self.store.transaction():
+                    self.store.requeue(job_id, number)
+            else:
+                settled = self.save_outcome(row, attempt.outcome)
+        except self.store.sqlite3.Error as error:
+            if not attempt.save_delay:
+                self.log.error("job %s: ended, but the database cannot take it yet (%s); "
+                               "kept, and tried again until it can", job_id, error)
+            attempt.save_delay = min(2 * attempt.save_delay or STORAGE_RETRY_FIRST,
+                                     STORAGE_RETRY_MAX)
+            self.add_timer(time.time() + attempt.save_delay, lambda: self.record_end(attempt))
+            return
+        if attempt.save_delay:
+            self.log.info("job %s: how it ended is saved now", job_id)
+        remove_run_files(self.run_dir, job_id, number)
+        if attempt.outcome is None:
+            self.running.pop(job_id, None)
+            self.free_slots(attempt.worker, attempt.slots)
+            self.log.error("job %s: its script never started; queued again", job_id)
+            self.jobs_moved([job_id], JobState.WAITING)
+            # Not at once (the cause may last, a full disk): after a pause.
+            self.schedule_later(f"job {job_id} could not start")
+        else:
+            self.settled(row, attempt.outcome, *settled)
 
     def settle(self, row, outcome):
         """Record how an attempt ended, free its slot, and retry the job if it may."""
+        self.settled(row, outcome, *self.save_outcome(row, outcome))
+
+    def save_outcome(self, row, outcome):
+        """settle's one transaction; returns what settled needs to know."""
         job_id = row["id"]
         result = result_of(outcome.get("exit_code"), row["kill_requested_at"] is not None,
                            bool(row["timed_out"]))
         reason = outcome.get("error") or row["reason"]
         now = time.time()
+        ended_at = outcome.get("ended_at") or now   # not when it could be saved
         retry = result in (JobResult.FAILED, JobResult.TIMED_OUT) and \
             row["attempt"] <= row["retries"]
+        skipped = []
         with self.store.transaction():
-            self.store.record_attempt(row, result, outcome, reason, now)
+            self.store.record_attempt(row, result, outcome, reason, ended_at)
             if retry:
                 not_before = now + row["retry_delay"] if row["retry_delay"] else None
                 self.store.retry(job_id, not_before,
@@ -2478,14 +2681,17 @@ class Server:
             else:
                 self.store.change_job(job_id, JobState.RUNNING, JobState.DONE,
                                       result=result.value, exit_code=outcome.get("exit_code"),
-                                      signal=outcome.get("signal"), reason=reason, ended_at=now)
+                                      signal=outcome.get("signal"), reason=reason,
+                                      ended_at=ended_at)
                 skipped = self.store.resolve_dependents(
                     [(job_id, result == JobResult.SUCCEEDED, f"ended {result.value}")])
+        return result, reason, retry, skipped
+
+    def settled(self, row, outcome, result, reason, retry, skipped):
+        """What follows a saved outcome: the slot is free, waiting clients hear of it."""
+        job_id = row["id"]
         self.running.pop(job_id, None)
-        worker = self.workers.get(row["worker"])
-        if worker is not None:
-            worker.busy_slots.difference_update(attempt_slots(row))
-            self.forget_if_drained(worker)
+        self.free_slots(row["worker"], attempt_slots(row))
         self.log.info("job %s: %s (exit code %s, signal %s)%s%s", job_id, result.value,
                       outcome.get("exit_code"), outcome.get("signal"),
                       f": {reason}" if reason else "", "; to be retried" if retry else "")
@@ -2556,17 +2762,30 @@ class Server:
         """Ask a supervisor to end its job's process group (TERM, then KILL after GRACE)."""
         if attempt.pidfd is None:
             return
-        _write_file(run_file(self.run_dir, attempt.job_id, attempt.number, "kill"),
-                    f"{DEFAULT_KILL_GRACE if grace is None else grace}")
+        try:
+            _write_file(run_file(self.run_dir, attempt.job_id, attempt.number, "kill"),
+                        f"{DEFAULT_KILL_GRACE if grace is None else grace}")
+        except OSError as error:
+            self.log.error("job %s: cannot write its kill file (%s); killed with the "
+                           "default grace of %gs", attempt.job_id, error.strerror,
+                           DEFAULT_KILL_GRACE)
         try:
             signal.pidfd_send_signal(attempt.pidfd, signal.SIGTERM)
         except ProcessLookupError:
             pass   # already ending; its pidfd event settles it
 
     def forget_if_drained(self, worker):
-        """A draining worker goes once its last job has ended."""
-        if worker.state == WorkerState.DRAINING and not worker.busy_slots:
-            self.forget_worker(worker.name)
+        """A draining worker goes once its last job has ended (and the database takes it)."""
+        if worker.state == WorkerState.DRAINING and not worker.busy_slots and \
+                self.workers.get(worker.name) is worker:
+            try:
+                self.forget_worker(worker.name)
+            except self.store.sqlite3.Error as error:
+                self.log.error("worker %s: drained, but the database cannot take its removal "
+                               "yet (%s); tried again in %gs", worker.name, error,
+                               STORAGE_RETRY_MAX)
+                self.add_timer(time.time() + STORAGE_RETRY_MAX,
+                               lambda: self.forget_if_drained(worker))
 
     def forget_worker(self, name):
         with self.store.transaction():
@@ -2660,9 +2879,17 @@ class Server:
             self.reply(client, error=str(error))
         except self.store.sqlite3.Error as error:
             self.log.error("storage error in %s: %s", request["command"], error)
-            self.reply(client, error=f"could not save the change ({error}); nothing was "
-                                     f"changed: check free space and permissions of "
-                                     f"{self.data_dir}")
+            fault = storage_fault(self.data_dir, error)
+            if fault:
+                message = f"{fault[0]}: nothing was changed; {fault[1]}, then retry"
+            elif "malformed" in str(error) or "not a database" in str(error):
+                message = (f"the database {self.paths['database']} is corrupt ({error}): "
+                           "nothing was changed; stop the server, and restore it from a "
+                           "backup (start refuses it as it is)")
+            else:
+                message = (f"could not save the change ({error}): nothing was changed; check "
+                           f"free space and permissions of {self.data_dir}, then retry")
+            self.reply(client, error=message)
         except Exception as error:   # noqa: BLE001 - a bug must not take the server down
             self.log.exception("internal error in %s", request["command"])
             self.reply(client, error=f"internal error: {type(error).__name__}: {error} "
@@ -2780,8 +3007,8 @@ class Server:
         """
         try:
             os.unlink(self.paths["socket"])   # no new clients from here on
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass   # (a read-only disk: once closed, it refuses connections anyway)
         while True:
             try:
                 connection, _ = self.listener.accept()
@@ -3698,10 +3925,18 @@ def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL)
     spawner = Spawner()    # before anything big is loaded: see Spawner
     filelock = require("filelock")
     paths = data_dir_paths(data_dir)
+    import sqlite3
     try:
         lock, server = open_server(data_dir, log_dir, paths, filelock, notify, spawner,
                                    check_interval)
-    except OSError as error:
+    except (OSError, sqlite3.Error) as error:
+        # The disk may be full or read-only: say so, and what to do.
+        fault = storage_fault(getattr(error, "filename", None) or data_dir, error)
+        if fault:
+            raise UserError(f"cannot start the server: {fault[0]}; nothing was changed: "
+                            f"{fault[1]}, then start again") from None
+        if isinstance(error, sqlite3.Error):
+            raise
         where = f" ({error.filename})" if error.filename else ""
         raise UserError(f"cannot start the server: {error.strerror or error}{where}") from None
     try:
@@ -3709,8 +3944,8 @@ def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL)
     finally:
         try:
             os.unlink(paths["pid"])
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass   # (a read-only disk: the lock, not this file, says who runs)
         lock.release()
         # Answered last, so that a client sees "stopped" only once a new start can run.
         for client in server.stop_replies:
@@ -3741,9 +3976,17 @@ def open_server(data_dir, log_dir, paths, filelock, notify, spawner, check_inter
     job_fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (job_fd_limit[1], job_fd_limit[1]))
     log = server_logger(log_dir, foreground=not notify)
-    server = Server(data_dir, log_dir, log, job_fd_limit, spawner, check_interval)
-    server.load()
-    server.open_socket()
+    try:
+        server = Server(data_dir, log_dir, log, job_fd_limit, spawner, check_interval)
+        server.load()
+        server.open_socket()
+    except BaseException:
+        # Refused (a corrupt database, a full disk): leave the data dir as it was.
+        try:
+            os.unlink(paths["pid"])
+        except OSError:
+            pass
+        raise
     log.info("server %d listening on %s (data dir %s, %d job(s) running)", os.getpid(),
              paths["socket"], data_dir, len(server.running))
     if notify:
