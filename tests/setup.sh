@@ -5,6 +5,9 @@ setup_machine() {
     [ -x /usr/sbin/sshd ] || command -v sshd >/dev/null || missing+=(openssh-server)
     command -v ssh >/dev/null && command -v ssh-keygen >/dev/null || missing+=(openssh-client)
     command -v rsync >/dev/null || missing+=(rsync)
+    # The disk-fault tests mount small tmpfs and ext4 images (tests/test_disk_faults.py).
+    command -v mkfs.ext4 >/dev/null && command -v e2fsck >/dev/null || missing+=(e2fsprogs)
+    command -v losetup >/dev/null && command -v mount >/dev/null || missing+=(mount)
     python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null \
         || missing+=(python3-venv)
     if [ ${#missing[@]} -gt 0 ]; then

@@ -42,17 +42,25 @@ def test_jobs_finishing_while_the_server_is_stopped_keep_their_exit_codes(server
 
 def test_jobs_still_running_after_a_restart_are_adopted_and_recorded_when_they_end(server):
     server.ok("add_slave", "--slots", "2", "w1")
-    env = dict(server.env, SLEEP="1.5")
-    first = server.add_job(server.script, env=env)
-    second = server.add_job(server.script, env=dict(env, EXIT_CODE="5"))
+    gated = gated_script(server)
+    first = server.add_job(gated, "0")
+    second = server.add_job(gated, "5")
     server.wait_for_counts(running=2)
     server.ok("stop")
     server.ok("start")
     running = jobs_by_id(server)
     assert running[first]["state"] == "running" and running[second]["state"] == "running"
     assert server.status()["slaves"][0]["slots_in_use"] == 2   # slots still held
+    (server.root / "gate").touch()
     server.wait_for_counts(succeeded=1, failed=1, running=0)
-    assert server.runs() == [first, second]
+    assert sorted(server.runs()) == [first, second]
+
+
+def gated_script(cli):
+    """A job that logs its id to runs.log, waits for the file 'gate', and exits with $1."""
+    return cli.write_script("gated.sh", 'echo "$JOB_ID" >> "$RESULTS/runs.log"\n'
+                            f'while [ ! -e {cli.root / "gate"} ]; do sleep 0.05; done\n'
+                            'touch "$RESULTS/$JOB_ID.done"\nexit "$1"\n')
 
 
 def test_an_adopted_job_can_still_be_killed(server):
@@ -91,12 +99,14 @@ def supervisor_of(cli, job_id, attempt=1):
 
 def test_a_draining_worker_is_kept_while_recovery_adopts_its_other_jobs(server):
     server.ok("add_slave", "--slots", "2", "w1")
-    short = server.add_job(server.script, env=dict(server.env, SLEEP="0.5"))
+    short = server.add_job(gated_script(server), "0")
     long = server.add_job(server.script, env=dict(server.env, SLEEP="60"))
     server.wait_for_counts(running=2)
     server.ok("remove_slave", "--wait", "w1")
     server.ok("stop")
-    wait_until(lambda: server.record(short), what="the short job to end while stopped")
+    (server.root / "gate").touch()
+    wait_until((server.data_dir / "run" / f"{short}-1.exit").exists,
+               what="the short job to end while stopped")
     server.ok("start")
     status = server.status()
     assert [(slave["ip"], slave["status"], slave["slots_in_use"])
