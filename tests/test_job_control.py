@@ -211,6 +211,8 @@ def test_fewer_slots_than_in_use_lets_jobs_finish_and_starts_nothing_until_it_fi
 ])
 def test_bad_edit_slave_input_changes_nothing(server, arguments, message):
     server.ok("add_slave", "--slots", "2", "-e", "A=1", "w1")
-    before = server.status()["slaves"]
+    # The first health check of a new worker would change its checked_at.
+    before = wait_until(lambda: [slave for slave in server.status()["slaves"]
+                                 if slave["checked_at"]], what="the first health check")
     server.fails("edit_slave", *arguments, expect=message)
     assert server.status()["slaves"] == before
