@@ -828,7 +828,8 @@ class Store:
     def requeue(self, job_id, attempt):
         """An attempt whose script never started goes back to the queue, unnumbered."""
         self.change_job(job_id, JobState.RUNNING, JobState.WAITING, attempt=attempt - 1,
-                        worker=None, slot=None, slots=None, started_at=None, log=None)
+                        worker=None, slot=None, slots=None, started_at=None, log=None,
+                        kill_requested_at=None, kill_grace=None, timed_out=0)
 
     def waiting_with_command(self, script, args):
         return [row[0] for row in self.db.execute(
@@ -1014,13 +1015,22 @@ class JobNeeds:
             [name for name in self.on if name in capacity and (among is None or name in among)]
         return [capacity[name] for name in names if name not in self.exclude]
 
-    def untried(self, capacity):
-        """The names of the allowed, accepting workers big enough for this job that
-        its earlier attempts have not failed on (empty when it has failed on all)."""
+    def must_avoid(self, capacity, big_enough):
+        """True while some allowed, accepting worker big enough for this job is not one
+        its earlier attempts failed on: then those are out.  BIG_ENOUGH(k) counts the
+        accepting workers with at least k slots, so that a job that may go anywhere
+        costs len(avoid), not a pass over every worker."""
         if not self.avoid:
-            return set()
-        return {worker.name for worker in self.allowed(capacity) if worker.accepting and
-                worker.slots >= self.slots and worker.name not in self.avoid}
+            return False
+
+        def usable(worker):
+            return worker.accepting and worker.slots >= self.slots
+        if self.on is None and not self.exclude:
+            failed_here = sum(1 for name in self.avoid
+                              if name in capacity and usable(capacity[name]))
+            return big_enough(self.slots) > failed_here
+        return any(usable(worker) and worker.name not in self.avoid
+                   for worker in self.allowed(capacity))
 
 
 def plan_starts(jobs, workers):
@@ -1058,6 +1068,15 @@ def plan_starts(jobs, workers):
     open_workers = {name for name, worker in capacity.items() if worker.free_slots > 0}
     starts = Plan()
     starts.reserved = reserved
+    accepting_sizes = None   # sorted slots of the accepting workers, once a retry asks
+
+    def big_enough(slots):
+        import bisect
+        nonlocal accepting_sizes
+        if accepting_sizes is None:
+            accepting_sizes = sorted(worker.slots for worker in capacity.values()
+                                     if worker.accepting)
+        return len(accepting_sizes) - bisect.bisect_left(accepting_sizes, slots)
     for job in jobs:
         if not open_workers:
             break
@@ -1067,9 +1086,9 @@ def plan_starts(jobs, workers):
                 break          # no free slot left but on reserved workers
             starts.append((job.job_id, worker.name, worker.take(1)))
         else:
-            untried = job.untried(capacity)
+            avoid = job.avoid if job.must_avoid(capacity, big_enough) else ()
             fits = [worker for worker in job.allowed(capacity, open_workers)
-                    if worker.free_slots >= job.slots and (worker.name in untried or not untried)]
+                    if worker.free_slots >= job.slots and worker.name not in avoid]
             if fits:
                 worker = min(fits, key=lambda worker: (worker.name not in job.prefer,
                                                        -worker.free_slots, order[worker.name]))
@@ -1077,7 +1096,7 @@ def plan_starts(jobs, workers):
             elif job.slots > 1:
                 could = [worker for worker in job.allowed(capacity) if worker.accepting and
                          worker.slots >= job.slots and worker.name not in reserved and
-                         (worker.name in untried or not untried)]
+                         worker.name not in avoid]
                 if could:
                     worker = min(could, key=lambda worker: (-worker.free_slots,
                                                             order[worker.name]))
@@ -1445,8 +1464,9 @@ def _supervise(run_dir, spec, lock_fd, setup):
         # start, and the server queues the job again (no pid file, lock free).
         outcome_path = run_file(run_dir, spec.job_id, spec.attempt, "exit")
         outcome_fd = _reserve_file(outcome_path + ".tmp", OUTCOME_RESERVE)
+        log = _open_log(spec)   # (likewise when the log's disk is full or read-only)
         _write_file(run_file(run_dir, spec.job_id, spec.attempt, "pid"), f"{os.getpid()}\n")
-        outcome = dict(_run_and_wait(run_dir, spec, setup), ended_at=time.time())
+        outcome = dict(_run_and_wait(run_dir, spec, setup, log), ended_at=time.time())
         _write_outcome(outcome_fd, outcome_path, json.dumps(outcome))
         status = 0
     except BaseException:   # noqa: BLE001 - a supervisor must never unwind into the server
@@ -1485,13 +1505,22 @@ def _name_process(name):
         pass
 
 
-def _run_and_wait(run_dir, spec, setup):
+def _open_log(spec):
+    """The job's log, opened for the script's output; or why it cannot be (the job
+    fails).  A full or read-only disk raises instead: the job waits for it."""
+    import errno
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if spec.attempt > 1 else os.O_TRUNC)
     try:
-        log_fd = os.open(spec.log_path, flags, 0o600)
+        return os.open(spec.log_path, flags, 0o600)
     except OSError as error:
-        return {"exit_code": None, "signal": None,
-                "error": f"cannot open its log {spec.log_path}: {error.strerror}"}
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        return f"cannot open its log {spec.log_path}: {error.strerror}"
+
+
+def _run_and_wait(run_dir, spec, setup, log_fd):
+    if isinstance(log_fd, str):
+        return {"exit_code": None, "signal": None, "error": log_fd}
     try:
         os.chdir(spec.cwd)
     except OSError as error:
@@ -1637,24 +1666,30 @@ def _reserve_file(path, size):
 
 def _write_outcome(fd, path, text):
     """Write an outcome into the space reserved for it (see _reserve_file) and rename it
-    to PATH.  Should even that fail (a copy-on-write file system that is full), write
-    it afresh until that works, the lock still held: an outcome is never dropped."""
+    to PATH.  Should that fail (a full copy-on-write file system, a disk gone
+    read-only), keep trying, the lock still held: an outcome is never dropped while
+    its run dir exists."""
+    import errno
     data = text.encode()
     try:
         os.pwrite(fd, data, 0)
         os.ftruncate(fd, len(data))
-        os.replace(path + ".tmp", path)
-        return
+        written = True
     except OSError:
-        pass
+        written = False
     finally:
         os.close(fd)
     delay = STORAGE_RETRY_FIRST
     while True:
         try:
-            _write_file(path, text)
+            if written:
+                os.replace(path + ".tmp", path)
+            else:
+                _write_file(path, text)
             return
-        except OSError:
+        except OSError as error:
+            if error.errno == errno.ENOENT:
+                return   # the run dir is gone: nobody could read it
             time.sleep(delay)
             delay = min(2 * delay, STORAGE_RETRY_MAX)
 
@@ -2305,8 +2340,8 @@ class Server:
         for row in started:
             try:
                 self.start_attempt(row)
-                self.schedule_delay = 0.0
-            except LaunchError as error:
+            except (LaunchError, OSError, self.store.sqlite3.Error) as error:
+                # Nothing forked: the job goes back to the queue (see record_end).
                 self.log.error("job %s: cannot start it: %s", row["id"], error)
                 attempt = Attempt(row, None, None)
                 self.running[row["id"]] = attempt
@@ -2408,6 +2443,8 @@ class Server:
         row = self.store.job(attempt.job_id)
         if row["kill_requested_at"] is not None:
             return   # already being killed, by kill or remove_slave --kill: left as that
+        if attempt.outcome is not None:
+            return   # it has ended; only saving how is held up (see record_end)
         reason = f"timed out after {_duration_text(row['timeout'])}"
         try:
             with self.store.transaction():
@@ -2621,22 +2658,22 @@ class Server:
         finds it in the .exit file.
         """
         job_id, number = attempt.job_id, attempt.number
-        if attempt.outcome is None:
-            attempt.outcome = read_outcome(self.run_dir, job_id, number)
-            if attempt.outcome is None and attempt.pid is not None and \
-                    read_pid(run_file(self.run_dir, job_id, number, "pid")) is not None:
-                attempt.outcome = self.vanished(
-                    attempt.pid, pid_file_time(self.run_dir, job_id, number))
         try:
+            if attempt.outcome is None:
+                attempt.outcome = self.outcome_of(attempt)
             row = self.store.job(job_id)
+            if attempt.outcome is None and row["kill_requested_at"] is not None:
+                # Killed (or timed out) before its script could start: that is its end.
+                attempt.outcome = {"exit_code": None, "signal": None,
+                                   "error": "ended before its script started"}
             if attempt.outcome is None:
                 with self.store.transaction():
                     self.store.requeue(job_id, number)
             else:
                 settled = self.save_outcome(row, attempt.outcome)
-        except self.store.sqlite3.Error as error:
+        except (self.store.sqlite3.Error, OSError) as error:
             if not attempt.save_delay:
-                self.log.error("job %s: ended, but the database cannot take it yet (%s); "
+                self.log.error("job %s: ended, but its end cannot be recorded yet (%s); "
                                "kept, and tried again until it can", job_id, error)
             attempt.save_delay = min(2 * attempt.save_delay or STORAGE_RETRY_FIRST,
                                      STORAGE_RETRY_MAX)
@@ -2650,10 +2687,30 @@ class Server:
             self.free_slots(attempt.worker, attempt.slots)
             self.log.error("job %s: its script never started; queued again", job_id)
             self.jobs_moved([job_id], JobState.WAITING)
+            self.answer_waiters()
             # Not at once (the cause may last, a full disk): after a pause.
             self.schedule_later(f"job {job_id} could not start")
         else:
+            self.schedule_delay = 0.0   # a script started: whatever held jobs back is gone
             self.settled(row, attempt.outcome, *settled)
+
+    def outcome_of(self, attempt):
+        """What the supervisor of an ended attempt recorded; the 'vanished' outcome if it
+        started the script but recorded nothing; None if it never started the script
+        (no pid file).  OSError: the run files cannot be read now (out of fds, I/O)."""
+        job_id, number = attempt.job_id, attempt.number
+        exit_path = run_file(self.run_dir, job_id, number, "exit")
+        try:
+            with open(exit_path) as exit_file:
+                return json.loads(exit_file.read())
+        except FileNotFoundError:
+            pass
+        except ValueError:
+            return self.vanished(attempt.pid, pid_file_time(self.run_dir, job_id, number))
+        pid_path = run_file(self.run_dir, job_id, number, "pid")
+        if attempt.pid is None or not os.path.lexists(pid_path):
+            return None
+        return self.vanished(attempt.pid, pid_file_time(self.run_dir, job_id, number))
 
     def settle(self, row, outcome):
         """Record how an attempt ended, free its slot, and retry the job if it may."""
@@ -2662,11 +2719,15 @@ class Server:
     def save_outcome(self, row, outcome):
         """settle's one transaction; returns what settled needs to know."""
         job_id = row["id"]
-        result = result_of(outcome.get("exit_code"), row["kill_requested_at"] is not None,
-                           bool(row["timed_out"]))
-        reason = outcome.get("error") or row["reason"]
         now = time.time()
         ended_at = outcome.get("ended_at") or now   # not when it could be saved
+        kill_requested, timed_out = row["kill_requested_at"] is not None, bool(row["timed_out"])
+        reason = outcome.get("error") or row["reason"]
+        if kill_requested and ended_at < row["kill_requested_at"]:
+            # It had ended by itself before the kill or timeout came; only saving its
+            # end was held up (a full disk, a stopped server).
+            kill_requested, timed_out, reason = False, False, outcome.get("error")
+        result = result_of(outcome.get("exit_code"), kill_requested, timed_out)
         retry = result in (JobResult.FAILED, JobResult.TIMED_OUT) and \
             row["attempt"] <= row["retries"]
         skipped = []
@@ -2787,13 +2848,25 @@ class Server:
                 self.add_timer(time.time() + STORAGE_RETRY_MAX,
                                lambda: self.forget_if_drained(worker))
 
+    def until_saved(self, what, change):
+        """Make CHANGE (a database write that must follow one already committed);
+        while the database refuses it, try again after a pause."""
+        try:
+            change()
+        except self.store.sqlite3.Error as error:
+            self.log.error("%s: the database cannot take it yet (%s); tried again in %gs",
+                           what, error, STORAGE_RETRY_MAX)
+            self.add_timer(time.time() + STORAGE_RETRY_MAX,
+                           lambda: self.until_saved(what, change))
+
     def forget_worker(self, name):
         with self.store.transaction():
             self.store.delete_worker(name)
         del self.workers[name]
         stop_ssh_masters(ssh_control_dir(self.ssh_root, name))
         self.log.info("worker %s: removed", name)
-        self.skip_stranded()
+        self.until_saved(f"skipping the --on jobs that only worker {name} could run",
+                         self.skip_stranded)
         self.update_checker()
         self.answer_waiters()
 

@@ -179,7 +179,11 @@ def test_a_full_disk_refuses_new_work_loses_no_outcome_and_recovers_by_itself(cl
     assert cli.server_pid() == pid and process_alive(pid)
 
     filler.unlink()
-    # Nothing but the server's own retries brings it back: no client command here.
+    # A kill that comes after a job ended, while saving its end is still held up,
+    # must not rewrite that end as killed (the server retries saves on a timer).
+    ended_unsaved = next(job_id for job_id, code in expected.items() if code == 5)
+    assert "Traceback" not in cli.run("kill", "--grace", "1s", ended_unsaved).stderr
+    # Nothing but the server's own retries brings it back: no other client command.
     wait_until(lambda: len(ran(cli)) == len(expected), timeout=40,
                what="the waiting jobs to start by themselves")
     cli.wait_for_counts(waiting=0, running=0, timeout=20)
