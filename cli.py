@@ -2437,7 +2437,12 @@ class Server:
         return attempt
 
     def time_out(self, attempt):
-        """The attempt's --timeout has passed: kill it as kill does; it ends timed_out."""
+        """The attempt's --timeout has passed: kill it as kill does; it ends timed_out.
+        Killed only once that is recorded, or it would end as failed, not timed_out."""
+        self.until_saved(f"job {attempt.job_id}: killing it for its --timeout",
+                         lambda: self.kill_timed_out(attempt))
+
+    def kill_timed_out(self, attempt):
         if self.running.get(attempt.job_id) is not attempt:
             return   # it ended meanwhile
         row = self.store.job(attempt.job_id)
@@ -2446,17 +2451,8 @@ class Server:
         if attempt.outcome is not None:
             return   # it has ended; only saving how is held up (see record_end)
         reason = f"timed out after {_duration_text(row['timeout'])}"
-        try:
-            with self.store.transaction():
-                self.store.request_timeout(attempt.job_id, DEFAULT_KILL_GRACE, reason)
-        except self.store.sqlite3.Error as error:
-            # Killed only once recorded, or it would end as failed, not timed_out.
-            self.log.error("job %s: %s, but the database cannot take the kill yet (%s); "
-                           "tried again in %gs", attempt.job_id, reason, error,
-                           STORAGE_RETRY_MAX)
-            self.add_timer(time.time() + STORAGE_RETRY_MAX,
-                           lambda: self.time_out(attempt), attempt)
-            return
+        with self.store.transaction():
+            self.store.request_timeout(attempt.job_id, DEFAULT_KILL_GRACE, reason)
         self.log.info("job %s: %s; killing", attempt.job_id, reason)
         self.signal_kill(attempt, DEFAULT_KILL_GRACE)
 
@@ -2837,20 +2833,16 @@ class Server:
 
     def forget_if_drained(self, worker):
         """A draining worker goes once its last job has ended (and the database takes it)."""
-        if worker.state == WorkerState.DRAINING and not worker.busy_slots and \
-                self.workers.get(worker.name) is worker:
-            try:
+        def forget():
+            if worker.state == WorkerState.DRAINING and not worker.busy_slots and \
+                    self.workers.get(worker.name) is worker:
                 self.forget_worker(worker.name)
-            except self.store.sqlite3.Error as error:
-                self.log.error("worker %s: drained, but the database cannot take its removal "
-                               "yet (%s); tried again in %gs", worker.name, error,
-                               STORAGE_RETRY_MAX)
-                self.add_timer(time.time() + STORAGE_RETRY_MAX,
-                               lambda: self.forget_if_drained(worker))
+        self.until_saved(f"worker {worker.name}: removing it, drained", forget)
 
     def until_saved(self, what, change):
-        """Make CHANGE (a database write that must follow one already committed);
-        while the database refuses it, try again after a pause."""
+        """Make CHANGE, which writes to the database and must not be dropped (it
+        follows one already committed, or a timer that will not fire again);
+        while the database refuses it, try CHANGE again after a pause."""
         try:
             change()
         except self.store.sqlite3.Error as error:
