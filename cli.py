@@ -47,7 +47,8 @@ VERSION = "0.1.0"
 DEFAULT_DATA_DIR = ".data"
 DEFAULT_LOG_DIR = "logs"
 DATA_DIR_VARIABLE = "CLI_PY_DATA_DIR"        # overrides the default data dir
-SSH_CONFIG_VARIABLE = "CLI_PY_SSH_CONFIG"    # ssh config for the tool's own checks
+SSH_CONFIG_VARIABLE = "CLI_PY_SSH_CONFIG"    # start's default for --ssh-config
+KEEP_SSH_CONFIG = object()       # start without --ssh-config: the queue keeps the one it has
 
 DATABASE_FILE = "state.db"
 SOCKET_FILE = "server.sock"
@@ -88,13 +89,16 @@ STORAGE_RETRY_FIRST = 0.5        # seconds before a write the disk refused is tr
 STORAGE_RETRY_MAX = 10.0         # doubling up to this while the fault lasts
 PR_SET_CHILD_SUBREAPER = 36      # a prctl option (linux/prctl.h)
 
-RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP", "JOB_ATTEMPT", "SLOT", "SLOTS")
-SSH_SHIM_VARIABLE = "CLI_PY_SSH_SHIM_DIR"            # set for jobs that share SSH connections
-SSH_CONTROL_VARIABLE = "CLI_PY_SSH_CONTROL_PATH"
+RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP", "SLAVE_HOST", "SLAVE_PORT", "SLAVE_USER",
+                      "JOB_ATTEMPT", "SLOT", "SLOTS")
+SSH_SHIM_VARIABLE = "CLI_PY_SSH_SHIM_DIR"            # set for jobs whose ssh goes through our shim
+SSH_CONTROL_VARIABLE = "CLI_PY_SSH_CONTROL_PATH"     # ... and shares connections
+SSH_JOBS_CONFIG_VARIABLE = "CLI_PY_SSH_JOBS_CONFIG"  # ... and reads the queue's ssh config
 VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # Host names reach ssh as one argv element, but also job scripts that may not
-# quote $SLAVE_IP: allow what host names, IPs, user@host and ssh aliases use.
-HOST_NAME = re.compile(r"[A-Za-z0-9_.:][A-Za-z0-9_.@:%+-]*\Z")
+# quote $SLAVE_IP: allow what host names, IPs, user@host, ssh aliases and
+# [IPv6]:port use.
+HOST_NAME = re.compile(r"[A-Za-z0-9_.:\[][A-Za-z0-9_.@:%+\[\]-]*\Z")
 
 
 def data_dir_paths(data_dir):
@@ -145,6 +149,18 @@ def run_file(run_dir, job_id, attempt, kind):
     return os.path.join(run_dir, f"{job_id}-{attempt}.{kind}")
 
 
+class LineReader:
+    """Splits a byte stream into lines, as chunks of it arrive."""
+
+    def __init__(self):
+        self.pending = b""
+
+    def feed(self, chunk):
+        """The lines CHUNK completes, without their newlines."""
+        *lines, self.pending = (self.pending + chunk).split(b"\n")
+        return lines
+
+
 ###############################################################################
 # Errors #######################################################################
 ###############################################################################
@@ -166,14 +182,8 @@ def require(module):
 
 
 def validate_host_name(name):
-    if not name:
-        raise UserError("empty worker name: give a host name, IP address, user@host or ssh alias")
-    if name.startswith("-"):
-        raise UserError(f"invalid worker name {name!r}: names cannot start with '-' "
-                        "(ssh would read it as an option)")
-    if not HOST_NAME.match(name):
-        raise UserError(f"invalid worker name {name!r}: use a host name, IP address, user@host "
-                        "or ssh alias (letters, digits and . _ - @ : % + only, no spaces)")
+    """NAME, if it is a worker name that parse_worker_name takes; a UserError if not."""
+    parse_worker_name(name)
     return name
 
 
@@ -205,6 +215,132 @@ def validate_variables(variables, what):
         if not isinstance(value, str) or "\0" in value:
             raise UserError(f"{what}: the value of {name} must be a string without NUL bytes")
     return variables
+
+
+###############################################################################
+# Worker names #################################################################
+###############################################################################
+
+# A worker is named the way its user reaches it with ssh: a host name, an IP,
+# user@host, an alias of their ssh config, host:port, or an IPv6 address
+# (::1, [::1] or [::1]:2222).  Jobs use the name in ssh, rsync and scp alike,
+# and each of those misreads some of these forms: rsync and scp take host:port
+# for host:path, and ssh takes ::1 but not [::1], rsync and scp the reverse.
+# Such a worker reaches its jobs (SLAVE_IP) as a destination that all three
+# read alike, which the queue's own ssh config for jobs maps to the real host
+# and port (see jobs_ssh_config).
+
+MAX_PORT = 65535
+
+
+class WorkerAddress:
+    """What a worker name says: user, host and port (None where it says nothing), and
+    whether the host is an IPv6 address."""
+
+    def __init__(self, name, user=None, host=None, port=None, ipv6=False):
+        self.name = name
+        self.user = user
+        self.host = name if host is None else host
+        self.port = port
+        self.ipv6 = ipv6
+
+    @property
+    def needs_alias(self):
+        """True if ssh, rsync and scp cannot all take the name as it is."""
+        return self.port is not None or self.ipv6
+
+    @property
+    def alias(self):
+        """The host part of the jobs' destination (see destination)."""
+        if self.port is not None:
+            # Not a host name anyone has: Host entries of the user's config for the
+            # bare host do not apply to it (README: Worker names).
+            return f"cli.py-{re.sub(r'[:%]', '-', self.host)}-{self.port}"
+        if self.ipv6:
+            return f"[{self.host}]"
+        return self.host
+
+    @property
+    def destination(self):
+        """What jobs get as SLAVE_IP: the name itself, unless it needs an alias."""
+        if not self.needs_alias:
+            return self.name
+        return f"{self.user}@{self.alias}" if self.user else self.alias
+
+    def config_entry(self):
+        """The Host entry of the jobs' ssh config that maps the alias to the real host."""
+        if not self.needs_alias:
+            return ""
+        entry = f"Host {self.alias}\n    HostName {self.host.replace('%', '%%')}\n"
+        return entry + (f"    Port {self.port}\n" if self.port is not None else "")
+
+    def resolve_arguments(self):
+        """What `ssh -G` needs to resolve this worker as the jobs' ssh does: the same
+        destination, with the alias's settings given as options (which, like the
+        jobs' Host entry, come before anything in the user's config)."""
+        if not self.needs_alias:
+            return ["--", self.name]
+        options = ["-o", f"HostName={self.host.replace('%', '%%')}"]
+        if self.port is not None:
+            options += ["-p", str(self.port)]
+        return options + ["--", self.destination]
+
+
+def parse_worker_name(name):
+    """The WorkerAddress of a worker name; a UserError that says what to write instead
+    if ssh could not take it."""
+    if not name:
+        raise UserError("empty worker name: give a host name, IP address, user@host or ssh alias")
+    if name.startswith("-"):
+        raise UserError(f"invalid worker name {name!r}: names cannot start with '-' "
+                        "(ssh would read it as an option)")
+    if not HOST_NAME.match(name):
+        raise UserError(f"invalid worker name {name!r}: use a host name, IP address, user@host, "
+                        "host:port, [IPv6]:port or ssh alias (letters, digits and . _ - @ : % + "
+                        "[ ] only, no spaces)")
+    user, at, rest = name.rpartition("@")
+    if at and (not user or re.search(r"[\[\]:]", user)):
+        raise UserError(f"invalid worker name {name!r}: write USER@HOST, with a user name "
+                        "before the @")
+    port, ipv6 = None, False
+    if rest.startswith("["):
+        host, closed, after = rest[1:].partition("]")
+        if not closed or ":" not in host or "[" in host + after or "]" in after or \
+                after and not after.startswith(":"):
+            raise UserError(f"invalid worker name {name!r}: write an IPv6 address as ::1, "
+                            "[::1] or [::1]:PORT")
+        port, ipv6 = after[1:] if after else None, True
+    elif "[" in rest or "]" in rest:
+        raise UserError(f"invalid worker name {name!r}: brackets go around an IPv6 address, "
+                        "as in [::1]:2222")
+    elif rest.count(":") > 1:
+        host, ipv6 = rest, True       # a bare IPv6 address: no port in it
+    else:
+        host, _, port = rest.partition(":")
+        port = port if _ else None
+    if ipv6:
+        import ipaddress
+        try:
+            ipaddress.IPv6Address(host.partition("%")[0])
+        except ValueError:
+            raise UserError(f"invalid worker name {name!r}: {host} is not an IPv6 address "
+                            "(a host with a port is written HOST:PORT)") from None
+    if port is not None and not (port.isascii() and port.isdigit() and
+                                 1 <= int(port) <= MAX_PORT):
+        raise UserError(f"invalid port in worker name {name!r}: write HOST:PORT with a port "
+                        f"from 1 to {MAX_PORT}, or an ssh alias with a Port line")
+    if not host:
+        raise UserError(f"invalid worker name {name!r}: the host is missing")
+    return WorkerAddress(name, user or None, host, None if port is None else int(port), ipv6)
+
+
+def worker_address(name):
+    """parse_worker_name for a name already registered; one that an older cli.py
+    let through stays as it was."""
+    try:
+        return parse_worker_name(name)
+    except UserError:
+        return WorkerAddress(name)
 
 
 ###############################################################################
@@ -376,6 +512,15 @@ MIGRATIONS = [
     ALTER TABLE workers ADD COLUMN checked_at REAL;
     ALTER TABLE workers ADD COLUMN check_reason TEXT;
     """,
+    # 4: where ssh really goes for each worker (SLAVE_HOST, SLAVE_PORT,
+    # SLAVE_USER), and the per-worker limit of failures in a row that sets a
+    # worker aside (NULL: the server's --down-after).
+    """
+    ALTER TABLE workers ADD COLUMN ssh_host TEXT;
+    ALTER TABLE workers ADD COLUMN ssh_port INTEGER;
+    ALTER TABLE workers ADD COLUMN ssh_user TEXT;
+    ALTER TABLE workers ADD COLUMN down_after INTEGER;
+    """,
 ]
 
 # Per-job options beyond the command itself: column -> default.  add_job,
@@ -525,15 +670,25 @@ class Store:
         return self.db.execute("SELECT * FROM workers ORDER BY position").fetchall()
 
     def save_worker(self, name, slots, variables, ssh_checked, state=WorkerState.ACTIVE,
-                    ssh_reuse=True):
-        """Register NAME, or make an existing (even draining) worker match the arguments."""
+                    ssh_reuse=True, endpoint=None, down_after=None):
+        """Register NAME, or make an existing (even draining) worker match the arguments;
+        ENDPOINT (see resolved_endpoint), if given, is where ssh goes for it."""
+        endpoint = endpoint or {}
         self.db.execute(
             "INSERT INTO workers (name, slots, variables, state, ssh_checked, ssh_reuse, "
-            "added_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+            "added_at, ssh_host, ssh_port, ssh_user, down_after) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
             "slots = excluded.slots, variables = excluded.variables, state = excluded.state, "
-            "ssh_checked = excluded.ssh_checked, ssh_reuse = excluded.ssh_reuse",
+            "ssh_checked = excluded.ssh_checked, ssh_reuse = excluded.ssh_reuse, "
+            "down_after = excluded.down_after",
             (name, slots, json.dumps(variables), state.value, int(ssh_checked), int(ssh_reuse),
-             time.time()))
+             time.time(), endpoint.get("host"), endpoint.get("port"), endpoint.get("user"),
+             down_after))
+
+    def set_worker_endpoint(self, name, endpoint):
+        self.db.execute("UPDATE workers SET ssh_host = ?, ssh_port = ?, ssh_user = ? "
+                        "WHERE name = ?",
+                        (endpoint["host"], endpoint["port"], endpoint["user"], name))
 
     def set_worker_health(self, name, health, reason, checked_at):
         self.db.execute("UPDATE workers SET health = ?, check_reason = ?, checked_at = ? "
@@ -843,9 +998,10 @@ class Store:
     def delete_all_waiting(self):
         self.db.execute("DELETE FROM jobs WHERE state = ?", (JobState.WAITING.value,))
 
-    def update_worker(self, name, slots, variables, ssh_reuse):
-        self.db.execute("UPDATE workers SET slots = ?, variables = ?, ssh_reuse = ? "
-                        "WHERE name = ?", (slots, json.dumps(variables), int(ssh_reuse), name))
+    def update_worker(self, name, slots, variables, ssh_reuse, down_after):
+        self.db.execute("UPDATE workers SET slots = ?, variables = ?, ssh_reuse = ?, "
+                        "down_after = ? WHERE name = ?",
+                        (slots, json.dumps(variables), int(ssh_reuse), down_after, name))
 
     def change_jobs(self, job_ids, old, new, **fields):
         """change_job for many jobs at once (all of them must be OLD)."""
@@ -1228,25 +1384,38 @@ def waiting_reason(job, workers, paused, now, failed_on=()):
 
 
 def job_environment(submitter_environment, worker_variables, job_variables, job_id, worker,
-                    attempt=1, slots=(0,), ssh_reuse=None):
+                    attempt=1, slots=(0,), endpoint=None, ssh_shim=None):
     """The environment a job script runs with; later sources override earlier ones.
 
-    SSH_REUSE, if given, is (shim dir, ControlPath): the shim dir goes first on
-    PATH so that the job's ssh, scp, sftp and rsync share connections.
+    WORKER is the worker's name; the job gets the destination its ssh, rsync and
+    scp all take (WorkerAddress.destination) as SLAVE_IP, and ENDPOINT (host,
+    port and user, as ssh resolves them) as SLAVE_HOST, SLAVE_PORT and
+    SLAVE_USER.  SSH_SHIM, if given, is (shim dir, ControlPath or None, ssh config
+    or None): the shim dir goes first on PATH, so that the job's ssh, scp, sftp
+    and rsync share connections and read the queue's ssh config.
     """
     environment = dict(submitter_environment)
     environment.update(worker_variables)
     environment.update(job_variables)
     environment["JOB_ID"] = str(job_id)
-    environment["SLAVE_IP"] = worker
+    environment["SLAVE_IP"] = worker_address(worker).destination
+    if endpoint is not None:
+        environment["SLAVE_HOST"] = endpoint["host"]
+        environment["SLAVE_PORT"] = str(endpoint["port"])
+        environment["SLAVE_USER"] = endpoint["user"]
     environment["JOB_ATTEMPT"] = str(attempt)
     environment["SLOT"] = str(slots[0])
     environment["SLOTS"] = ",".join(map(str, slots))
-    if ssh_reuse is not None:
-        shim_dir, control_path = ssh_reuse
+    for name in (SSH_SHIM_VARIABLE, SSH_CONTROL_VARIABLE, SSH_JOBS_CONFIG_VARIABLE):
+        environment.pop(name, None)   # the submitter's own job may have had them
+    if ssh_shim is not None:
+        shim_dir, control_path, ssh_config = ssh_shim
         environment["PATH"] = shim_dir + os.pathsep + environment.get("PATH", os.defpath)
         environment[SSH_SHIM_VARIABLE] = shim_dir
-        environment[SSH_CONTROL_VARIABLE] = control_path
+        if control_path is not None:
+            environment[SSH_CONTROL_VARIABLE] = control_path
+        if ssh_config is not None:
+            environment[SSH_JOBS_CONFIG_VARIABLE] = ssh_config
     return environment
 
 
@@ -1788,32 +1957,42 @@ def remove_run_files(run_dir, job_id, attempt):
 
 
 ###############################################################################
-# SSH connection reuse for job scripts ##########################################
+# SSH for job scripts ###########################################################
 ###############################################################################
 
-# A job script that runs ssh, scp or rsync to its worker several times would
-# pay a full SSH handshake each time.  Jobs find a shim first on their PATH that
-# runs the real program with OpenSSH connection sharing: the first connection
-# to a host becomes a background master, later ones are sessions over it.
-# Masters live in one owner-only directory per worker, so that removing the
-# worker (or stopping the server) can stop exactly its masters.  A dead master
-# leaves a socket that refuses connections; ssh then unlinks it and becomes the
-# new master by itself.
+# Jobs find a shim first on their PATH that runs the real ssh, scp or sftp (and
+# so rsync and git, which run ssh from PATH) with two additions:
+# - the queue's ssh config (start --ssh-config), and the Host entries that map
+#   the destinations of workers named with a port or an IPv6 address (see
+#   WorkerAddress) to their hosts: one file, jobs_ssh_config;
+# - OpenSSH connection sharing: the first connection to a host becomes a
+#   background master, later ones are sessions over it, instead of a full SSH
+#   handshake each.  Masters live in one owner-only directory per worker; a
+#   directory is left alone while a job that uses it runs (stop, restart,
+#   remove_slave --wait, edit_slave --no-ssh-reuse wait for that), and its
+#   masters are stopped once nothing uses it.  A dead master leaves a socket
+#   that refuses connections; ssh then unlinks it and becomes the new master.
 
 SHIMMED_PROGRAMS = ("ssh", "scp", "sftp")
 SSH_CONTROL_PERSIST = 120        # seconds an idle master stays for the next job
+SSH_MASTER_LOCK_WAIT = 60        # seconds a job waits for another to set up a master
 # ssh appends 17 bytes to the ControlPath while it sets up a master, and %C is
 # 40: the per-worker directory must leave room under the 107-byte limit.
 SSH_CONTROL_DIR_LIMIT = SOCKET_PATH_LIMIT - 17 - 41
 SSH_WORKER_KEY_LENGTH = 8
 PLAIN_PATH = re.compile(r"[A-Za-z0-9/._+-]*\Z")   # nothing ssh would expand (%, ~)
+JOBS_SSH_CONFIG_FILE = "config"  # in the shims' root, beside bin/
 
 # No shell re-parses anything here: "$@" is passed on as it came.  The caller's
 # own -S or Control* options win (ssh takes the first value it sees): then the
-# shim adds nothing.
+# shim adds only the config.  When two jobs of a worker start at once, both
+# would try to become the master, and the loser would print "ControlSocket ...
+# already exists, disabling multiplexing" and go round it: so the first call to
+# the worker sets up the master under a lock (ssh -f -N, then a wait of at most
+# 5 s for its socket), and the others wait for it.
 SSH_SHIM = f"""#!/bin/sh
-# Written by cli.py: runs the next $0 on PATH with OpenSSH connection sharing,
-# so that the jobs of one worker share one connection per host.
+# Written by cli.py: runs the next $0 on PATH with the queue's ssh config and,
+# unless turned off, OpenSSH connection sharing (see cli.py: SSH for job scripts).
 program=${{0##*/}}
 real=
 set -f; IFS=:
@@ -1827,14 +2006,56 @@ unset IFS; set +f
 if [ -z "$real" ]; then
     echo "$program: command not found on PATH" >&2; exit 127
 fi
-for arg; do
-    case $arg in
-        -S*|*[Cc][Oo][Nn][Tt][Rr][Oo][Ll][MmPp]*) exec "$real" "$@" ;;
-    esac
-done
 if [ "$program" != ssh ]; then
+    for arg; do
+        case $arg in
+            -S*) exec "$real" "$@" ;;    # the caller's own ssh program
+        esac
+    done
     # scp and sftp run /usr/bin/ssh unless told otherwise: make it this shim.
     exec "$real" -S "${SSH_SHIM_VARIABLE}/ssh" "$@"
+fi
+config=
+[ -n "${SSH_JOBS_CONFIG_VARIABLE}" ] && config=${SSH_JOBS_CONFIG_VARIABLE}
+share=${{{SSH_CONTROL_VARIABLE}:+yes}}
+to_worker=
+for arg; do
+    case $arg in
+        -S*|*[Cc][Oo][Nn][Tt][Rr][Oo][Ll][MmPp]*) share= ;;
+    esac
+    if [ -n "$SLAVE_IP" ] && {{ [ "$arg" = "$SLAVE_IP" ] || [ "$arg" = "${{SLAVE_IP#*@}}" ]; }}; then
+        to_worker=yes
+    fi
+done
+if [ -n "$config" ]; then
+    set -- -F "$config" "$@"
+fi
+control_dir=${{{SSH_CONTROL_VARIABLE}%/*}}
+if [ -z "$share" ] || [ ! -d "$control_dir" ]; then
+    # No sharing (turned off, or the caller's own), or its directory is gone
+    # (removed by hand, a /tmp cleaner): the call still works, unshared.
+    exec "$real" "$@"
+fi
+has_master() {{
+    for entry in "$control_dir"/*; do
+        [ -S "$entry" ] && return 0
+    done
+    return 1
+}}
+if [ -n "$to_worker" ] && ! has_master && command -v flock >/dev/null 2>&1; then
+    (
+        flock -w {SSH_MASTER_LOCK_WAIT} 9 || exit 0
+        has_master && exit 0
+        if [ -n "$config" ]; then set -- -F "$config"; else set --; fi
+        "$real" "$@" -o ControlMaster=yes -o "ControlPath=${SSH_CONTROL_VARIABLE}" \\
+            -o ControlPersist={SSH_CONTROL_PERSIST} -o BatchMode=yes -f -N -- "$SLAVE_IP" \\
+            </dev/null >/dev/null 2>&1 || exit 0
+        # ssh -f returns before the master has made its socket.
+        tries=0
+        while ! has_master && [ $tries -lt 250 ]; do
+            sleep 0.02; tries=$((tries + 1))
+        done
+    ) 9>>"$control_dir/.lock"
 fi
 exec "$real" -o ControlMaster=auto -o "ControlPath=${SSH_CONTROL_VARIABLE}" \\
     -o ControlPersist={SSH_CONTROL_PERSIST} "$@"
@@ -1842,7 +2063,7 @@ exec "$real" -o ControlMaster=auto -o "ControlPath=${SSH_CONTROL_VARIABLE}" \\
 
 
 def ssh_reuse_root(data_dir):
-    """Where the shims and control sockets of DATA_DIR live.
+    """Where the shims, the jobs' ssh config and the control sockets of DATA_DIR live.
 
     In the data dir when its path is short and plain; else in an owner-only
     directory under /tmp named by a hash of the data dir, as for the socket.
@@ -1871,6 +2092,29 @@ def write_ssh_shims(shim_dir):
         os.replace(path + ".new", path)
 
 
+def jobs_ssh_config(worker_names, ssh_config):
+    """The ssh config the jobs' ssh reads (through the shim): a Host entry for each
+    worker whose destination is an alias, then the queue's ssh config.
+
+    Written only where a job needs it (see Server.ssh_shim_for); None when the
+    jobs' ssh can read the user's config as it is.
+    """
+    entries = {}
+    for name in worker_names:
+        address = worker_address(name)
+        if address.needs_alias:
+            entries.setdefault(address.alias, address.config_entry())
+    if not entries and ssh_config is None:
+        return None
+    if ssh_config is None:    # what ssh reads without -F
+        includes = ["~/.ssh/config", "/etc/ssh/ssh_config"]
+    else:
+        includes = [] if ssh_config == "none" else [ssh_config]
+    return ("# Written by cli.py for the jobs of this queue (see README: Worker names).\n"
+            + "".join(entries.values())
+            + "Match all\n" + "".join(f'Include "{path}"\n' for path in includes))
+
+
 def stop_ssh_masters(control_dir):
     """Ask each master under CONTROL_DIR to stop (sessions in use finish first), then
     remove the directory.  A master that does not answer is left to its
@@ -1882,13 +2126,14 @@ def stop_ssh_masters(control_dir):
         return
     for name in names:
         path = os.path.join(control_dir, name)
-        try:
-            # -F /dev/null: no user config (and no Match exec) for a local request.
-            subprocess.run(["ssh", "-F", "/dev/null", "-S", path, "-O", "stop", "cli.py"],
-                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, timeout=5, check=False)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
+        if name != ".lock":
+            try:
+                # -F /dev/null: no user config (and no Match exec) for a local request.
+                subprocess.run(["ssh", "-F", "/dev/null", "-S", path, "-O", "stop", "cli.py"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, timeout=5, check=False)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -1900,16 +2145,280 @@ def stop_ssh_masters(control_dir):
 
 
 ###############################################################################
-# SSH checks ###################################################################
+# SSH settings and checks #######################################################
 ###############################################################################
 
-def check_hosts(hosts, timeout):
-    """Log in to each host with fabric, in parallel, and run `true`.
+# The tool's own SSH connections (the add-time check and the health checks) go
+# where the jobs' ssh goes: each worker's settings come from `ssh -G`, so that
+# OpenSSH itself reads the queue's ssh config (Include, Match and all), and
+# fabric connects with them: the same host, port, user and keys, through the
+# same ProxyJump hosts or ProxyCommand, with host keys checked against the same
+# known_hosts files under the same StrictHostKeyChecking.
 
-    Returns {host: None or the reason it failed}.  Never prompts: only keys and
-    the agent are tried.  The user's ssh config is honoured (or the file named
-    by CLI_PY_SSH_CONFIG).
-    """
+SSH_SETTINGS_TIMEOUT = 30.0      # seconds `ssh -G` may take (a Match exec runs commands)
+MAX_PROXY_JUMPS = 8              # ProxyJump hosts in a chain, at most
+# Keywords that `ssh -G` may print more than once.
+REPEATED_SSH_SETTINGS = ("identityfile", "certificatefile", "localforward", "remoteforward",
+                         "dynamicforward", "sendenv", "setenv")
+
+
+class SshConfigError(Exception):
+    """ssh cannot make sense of a worker's settings (a bad config file, a loop of
+    ProxyJump hosts): the reason, for that worker."""
+
+
+def ssh_config_arguments(ssh_config):
+    """The ssh options that select the queue's ssh config (see start --ssh-config)."""
+    return [] if ssh_config is None else ["-F", ssh_config]
+
+
+def ssh_settings(arguments, ssh_config):
+    """What ssh would use to reach the destination in ARGUMENTS (`ssh -G`): {keyword:
+    value}, with a list for the keywords that repeat."""
+    import subprocess
+    try:
+        result = subprocess.run(["ssh", *ssh_config_arguments(ssh_config), "-G", *arguments],
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                errors="replace", timeout=SSH_SETTINGS_TIMEOUT)
+    except FileNotFoundError:
+        raise SshConfigError("the ssh client is not installed (apt-get install "
+                             "openssh-client)") from None
+    except subprocess.TimeoutExpired:
+        raise SshConfigError(f"ssh -G took over {SSH_SETTINGS_TIMEOUT:g}s to read the ssh "
+                             "config (a Match exec that hangs?)") from None
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        raise SshConfigError("ssh cannot read its config: " +
+                             (lines[-1] if lines else f"ssh -G exited with {result.returncode}"))
+    settings = {}
+    for line in result.stdout.splitlines():
+        keyword, _, value = line.partition(" ")
+        if keyword in REPEATED_SSH_SETTINGS:
+            settings.setdefault(keyword, []).append(value)
+        else:
+            settings[keyword] = value
+    return settings
+
+
+def worker_settings(address, ssh_config):
+    """ssh_settings of a worker, resolved as the jobs' ssh resolves it."""
+    return ssh_settings(address.resolve_arguments(), ssh_config)
+
+
+def resolved_endpoint(settings):
+    """SLAVE_HOST, SLAVE_PORT and SLAVE_USER from a worker's settings."""
+    return {"host": settings["hostname"], "port": int(settings["port"]),
+            "user": settings["user"]}
+
+
+def check_alias_port(address, ssh_config):
+    """Refuse host:port where host is an alias of the user's ssh config: the jobs' Host
+    entry could only send them to the alias's name (None if fine)."""
+    if address.port is None:
+        return None
+    settings = ssh_settings(["--", address.host], ssh_config)
+    if settings.get("hostname") not in (address.host, None):
+        return (f"{address.host} is an alias of your ssh config (HostName "
+                f"{settings['hostname']}): set Port {address.port} in its Host entry and add "
+                f"it as {address.user + '@' if address.user else ''}{address.host}")
+    return None
+
+
+class HostKeyCheck:
+    """A server's host key checked as OpenSSH checks it for the same settings: the keys
+    of UserKnownHostsFile and GlobalKnownHostsFile (hashed entries and [host]:port
+    entries included) under HostKeyAlias or the host, and StrictHostKeyChecking for
+    a host none of them knows.  Paramiko does the comparison (and prefers the key
+    types known): we hand it the keys found, and act as its missing-key policy."""
+
+    def __init__(self, name, settings):
+        import paramiko
+        host, port = settings["hostname"], int(settings["port"])
+        self.name = name
+        self.strict = settings.get("stricthostkeychecking", "ask")
+        self.lookup_name = settings.get("hostkeyalias") or \
+            (host if port == 22 else f"[{host}]:{port}")
+        self.paramiko_name = host if port == 22 else f"[{host}]:{port}"
+        self.files = [os.path.expanduser(path) for keyword in ("userknownhostsfile",
+                                                                "globalknownhostsfile")
+                      for path in settings.get(keyword, "").split()]
+        self.known = {}   # key type -> (key, the file it came from)
+        for path in self.files:
+            try:
+                keys = paramiko.HostKeys(path)
+            except OSError:
+                continue   # missing or unreadable: ssh skips it too
+            for key_type, key in (keys.lookup(self.lookup_name) or {}).items():
+                self.known.setdefault(key_type, (key, path))
+
+    def install(self, client):
+        client.set_missing_host_key_policy(self)
+        if self.strict in ("false", "no", "off"):
+            return   # ssh lets a changed key through, and adds new ones
+        for key_type, (key, _) in self.known.items():
+            client.get_host_keys().add(self.paramiko_name, key_type, key)
+
+    def missing_host_key(self, client, hostname, key):
+        """No known key of this host: accepted only as ssh would accept it."""
+        if self.strict in ("false", "no", "off", "accept-new"):
+            return
+        import paramiko
+        files = self.files[:1] or ["~/.ssh/known_hosts"]
+        raise paramiko.SSHException(
+            f"the host key of {self.lookup_name} is not known (not in "
+            f"{' or '.join(self.files) or 'any known_hosts file'}), and StrictHostKeyChecking "
+            f"is {self.strict}: check the key and record it with ssh {self.name} once, or "
+            f"ssh-keyscan {self.keyscan_arguments()} >> {files[0]}")
+
+    def keyscan_arguments(self):
+        host, _, port = self.paramiko_name.strip("[").partition("]:")
+        return f"-p {port} {host}" if port else host
+
+    def changed(self, offered):
+        """The reason for a key that differs from the known one."""
+        path = next(iter(self.known.values()))[1] if self.known else self.files[0]
+        return (f"host key of {self.name} changed: {self.lookup_name} now offers "
+                f"{offered.get_name()} {offered.fingerprint}, not the key in {path}; if that "
+                f"is expected (a reinstalled host), remove the old key with ssh-keygen -R "
+                f"'{self.lookup_name}' -f {path}, then accept the new one (ssh {self.name})")
+
+
+class WorkerConnection:
+    """A fabric connection to where ssh goes for a worker: the host, port, user and keys
+    of its settings, through its ProxyJump hosts or ProxyCommand, with host keys
+    checked (HostKeyCheck).  Never prompts: only keys and the agent are tried."""
+
+    def __init__(self, name, settings, timeout, ssh_config, jumps=0):
+        import paramiko
+        from fabric import Config, Connection
+        self.name = name
+        self.settings = settings
+        self.gateway = None       # the WorkerConnection of the last ProxyJump host
+        self.proxy = None         # the ProxyCommand's process, while connected
+        self.proxy_errors = None
+        jump = settings.get("proxyjump", "none")
+        if jump != "none":
+            if jumps >= MAX_PROXY_JUMPS:
+                raise SshConfigError(f"more than {MAX_PROXY_JUMPS} ProxyJump hosts in a row "
+                                     "(a loop in the ssh config?)")
+            *earlier, last = jump.split(",")
+            self.gateway = WorkerConnection.jump_host(last, earlier, timeout, ssh_config,
+                                                      jumps + 1)
+        identities_only = settings.get("identitiesonly") == "yes"
+        keys = [path for path in map(os.path.expanduser, settings.get("identityfile", []))
+                if os.path.isfile(path)]
+        # An empty SSHConfig: fabric must not read the ssh config itself (its parser
+        # knows no Include nor Match); ssh -G has done that.
+        self.connection = Connection(
+            settings["hostname"], user=settings["user"], port=int(settings["port"]),
+            config=Config(ssh_config=paramiko.SSHConfig()),
+            gateway=self.gateway.connection if self.gateway else False,
+            connect_timeout=timeout,
+            connect_kwargs={"banner_timeout": timeout, "auth_timeout": timeout,
+                            "allow_agent": not identities_only, "look_for_keys": False,
+                            "key_filename": keys})
+        self.host_keys = HostKeyCheck(name, settings)
+        self.host_keys.install(self.connection.client)
+
+    @classmethod
+    def of(cls, name, timeout, ssh_config):
+        address = worker_address(name)
+        return cls(name, worker_settings(address, ssh_config), timeout, ssh_config)
+
+    @classmethod
+    def jump_host(cls, hop, earlier, timeout, ssh_config, jumps):
+        """A ProxyJump host, [user@]host[:port] or ssh://..., reached through the EARLIER
+        ones (as ssh -J does: they replace the hop's own ProxyJump)."""
+        hop = hop.removeprefix("ssh://")
+        user, at, rest = hop.rpartition("@")
+        host, port = rest, None
+        match = re.fullmatch(r"\[([^\]]+)\](?::([0-9]+))?|([^:]+)(?::([0-9]+))?", rest)
+        if match:
+            host, port = match[1] or match[3], match[2] or match[4]
+        arguments = (["-J", ",".join(earlier)] if earlier else []) + \
+            (["-l", user] if at else []) + (["-p", port] if port else []) + ["--", host]
+        return cls(hop, ssh_settings(arguments, ssh_config), timeout, ssh_config, jumps)
+
+    def links(self):
+        """This connection and the jump hosts it goes through, nearest first."""
+        link = self
+        while link is not None:
+            yield link
+            link = link.gateway
+
+    @property
+    def is_connected(self):
+        return self.connection.is_connected
+
+    def open(self):
+        for link in self.links():
+            if link.settings.get("proxycommand", "none") != "none":
+                link.connection.connect_kwargs["sock"] = link.start_proxy()
+        self.connection.open()
+        sock = self.connection.client.get_transport().sock
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Nagle's algorithm holds back paramiko's small packets: ~40 ms a run.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def start_proxy(self):
+        """Run the ProxyCommand as ssh does (the user's shell, `exec`, %h %p %r %n
+        expanded) on one end of a socket pair; return the other end."""
+        import subprocess
+        import tempfile
+        self.stop_proxy()
+        settings = self.settings
+        tokens = {"%": "%", "h": settings["hostname"], "p": settings["port"],
+                  "r": settings["user"], "n": self.name}
+        command = re.sub(r"%(.)", lambda match: tokens.get(match[1], match[0]),
+                         settings["proxycommand"])
+        ours, theirs = socket.socketpair()
+        self.proxy_errors = tempfile.TemporaryFile()
+        try:
+            self.proxy = subprocess.Popen(
+                [os.environ.get("SHELL") or "/bin/sh", "-c", f"exec {command}"],
+                stdin=theirs, stdout=theirs, stderr=self.proxy_errors, start_new_session=True)
+        finally:
+            theirs.close()
+        return ours
+
+    def proxy_failure(self):
+        """What the ProxyCommand said, if it has ended."""
+        for link in self.links():
+            if link.proxy is not None and link.proxy.poll() is not None:
+                link.proxy_errors.seek(0)
+                said = link.proxy_errors.read().decode(errors="replace").strip().splitlines()
+                return (f"its ProxyCommand exited with status {link.proxy.returncode}"
+                        + (f": {said[-1]}" if said else ""))
+        return None
+
+    def stop_proxy(self):
+        if self.proxy is not None:
+            self.proxy.kill()
+            self.proxy.wait()
+            self.proxy_errors.close()
+            self.proxy = None
+
+    def run_true(self, timeout):
+        return self.connection.run("true", hide=True, warn=True, timeout=timeout,
+                                   in_stream=False)
+
+    def close(self):
+        for link in self.links():
+            link.connection.close()
+            link.stop_proxy()
+
+    def changed_key(self, error):
+        """The reason for a BadHostKeyException from this connection or a jump host."""
+        for link in self.links():
+            if link.settings["hostname"] == error.hostname:
+                return link.host_keys.changed(error.key)
+        return self.host_keys.changed(error.key)
+
+
+def check_hosts(hosts, timeout, ssh_config):
+    """Log in to each worker with fabric, in parallel, and run `true`.
+
+    Returns {host: (None or the reason it failed, its endpoint or None)}."""
     import logging
     from concurrent.futures import ThreadPoolExecutor
     require("fabric")   # here, not in the threads: one clear error for a missing package
@@ -1917,44 +2426,53 @@ def check_hosts(hosts, timeout):
     # the reason per host instead.
     logging.getLogger("paramiko").setLevel(logging.CRITICAL + 1)
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
-        results = pool.map(lambda host: check_host(host, timeout), hosts)
-        return dict(zip(hosts, results))
+        return dict(zip(hosts, pool.map(lambda host: check_new_host(host, timeout, ssh_config),
+                                        hosts)))
 
 
-def open_connection(host, timeout):
-    """A fabric Connection to HOST (not yet open) that never prompts."""
-    from fabric import Config, Connection
-    config_path = os.environ.get(SSH_CONFIG_VARIABLE)
-    config = Config(runtime_ssh_path=config_path) if config_path else Config()
-    return Connection(host, config=config, connect_timeout=timeout,
-                      connect_kwargs={"banner_timeout": timeout, "auth_timeout": timeout,
-                                      "allow_agent": True, "look_for_keys": True})
+def check_new_host(name, timeout, ssh_config):
+    """add_slave's check of one worker: (reason or None, endpoint or None)."""
+    try:
+        address = parse_worker_name(name)
+        reason = check_alias_port(address, ssh_config)
+        if reason:
+            return reason, None
+        connection = WorkerConnection(name, worker_settings(address, ssh_config), timeout,
+                                      ssh_config)
+    except (SshConfigError, UserError) as error:
+        return str(error), None
+    return check_host(connection, timeout), resolved_endpoint(connection.settings)
 
 
-def check_host(host, timeout, connection=None):
-    """Log in to HOST and run `true`: None if that worked, else the reason.
+def resolve_new_host(name, ssh_config):
+    """add_slave --skip_ssh_auth_check: no login, only what ssh's config says of the
+    name: (reason it cannot work or None, endpoint or None)."""
+    address = parse_worker_name(name)
+    try:
+        reason = check_alias_port(address, ssh_config)
+        return reason, None if reason else resolved_endpoint(worker_settings(address,
+                                                                             ssh_config))
+    except SshConfigError:
+        return None, None   # the health checker resolves it later, or the job says why
 
-    With CONNECTION (see health_checker_main), that connection is used, and
-    opened first if it is not; the caller closes it.
-    """
+
+def check_host(connection, timeout, keep=False):
+    """Log in through CONNECTION (a WorkerConnection, opened first if it is not) and run
+    `true`: None if that worked, else the reason.  Closed after, unless KEEP."""
     import paramiko
-    kept = connection is not None
-    connection = connection or open_connection(host, timeout)
+    host = connection.name
+    started = time.monotonic()
     try:
         if not connection.is_connected:
             connection.open()
-            # Nagle's algorithm holds back paramiko's small packets: ~40 ms a run.
-            connection.client.get_transport().sock.setsockopt(
-                socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        result = connection.run("true", hide=True, warn=True, timeout=timeout, in_stream=False)
+        result = connection.run_true(timeout)
         if result.exited != 0:
             return f"logged in, but `true` exited with status {result.exited}"
         return None
     except paramiko.PasswordRequiredException:
         return "the private key is encrypted: load it into ssh-agent (ssh-add) first"
-    except paramiko.BadHostKeyException:
-        return ("the host key does not match known_hosts: if the host was reinstalled, "
-                f"run ssh-keygen -R {host}")
+    except paramiko.BadHostKeyException as error:
+        return connection.changed_key(error)
     except paramiko.AuthenticationException:
         return (f"authentication refused: no key or agent identity was accepted "
                 f"(set up a key with: ssh-copy-id {host})")
@@ -1971,17 +2489,30 @@ def check_host(host, timeout, connection=None):
     except ConnectionRefusedError:
         return "connection refused: no SSH server listens on that port"
     except paramiko.SSHException as error:
+        text = str(error)
+        proxy = connection.proxy_failure()
+        if proxy:
+            return proxy
+        if "not known" in text and "host key" in text:
+            return text
         # A host that accepts TCP but never speaks ends in "No existing session"
-        # once the connect timeout has passed.
-        if "banner" in str(error).lower() or "no existing session" in str(error).lower():
+        # once the connect timeout has passed; one that closes at once, sooner.
+        if "banner" in text.lower() or "no existing session" in text.lower():
+            if time.monotonic() - started < timeout * 0.9:
+                return ("the connection was closed before the SSH server greeted: not an SSH "
+                        "server on that port, or sshd turned it away (MaxStartups, a firewall "
+                        "or TCP wrapper)")
             return f"timed out after {timeout:g}s waiting for the SSH server to greet"
-        return f"SSH error: {error}"
+        return f"SSH error: {text}"
+    except (EOFError, ConnectionResetError):
+        return connection.proxy_failure() or \
+            "the connection was closed before the SSH server greeted"
     except OSError as error:
         return f"cannot connect: {error.strerror or error}"
     except Exception as error:   # noqa: BLE001 - any reason is reported for its host
         return f"{type(error).__name__}: {error}"
     finally:
-        if not kept:
+        if not keep:
             connection.close()
 
 
@@ -1989,53 +2520,74 @@ def health_checker_main():
     """The server's health checker (cli.py _health_checker), a process of its own so
     that no check ever holds up the server's event loop.
 
-    It reads the workers to check, the interval and the timeout as JSON lines
-    on stdin, checks each worker with fabric once per interval, at most
-    HEALTH_CHECKS_AT_ONCE at a time, over one connection per worker kept open
-    between checks (and replaced when it fails), and writes one JSON line per
-    check: {"worker", "reason" (null if it passed), "at"}.  EOF on stdin (the
-    server is gone) ends it.
+    It reads the workers to check, the interval, the timeout and the ssh config as
+    JSON lines on stdin, checks each worker with fabric once per interval, at
+    most HEALTH_CHECKS_AT_ONCE at a time, over one connection per worker kept
+    open between checks (and replaced when it fails), and writes one JSON line
+    per check: {"worker", "reason" (null if it passed), "at", "endpoint" (its
+    host, port and user, as ssh resolves them)}.  Workers in "resolve" only get
+    their endpoint.  EOF on stdin (the server is gone) ends it.
     """
     import logging
     import select
     from concurrent.futures import ThreadPoolExecutor
     require("fabric")
     logging.getLogger("paramiko").setLevel(logging.CRITICAL + 1)
-    workers, interval, timeout = [], DEFAULT_CHECK_INTERVAL, DEFAULT_SSH_TIMEOUT
+    request = {"workers": [], "interval": DEFAULT_CHECK_INTERVAL,
+               "timeout": DEFAULT_SSH_TIMEOUT, "ssh_config": None, "resolve": []}
     connections = {}
     next_round = time.monotonic()
-    buffer = b""
+    lines = LineReader()
 
     def check(host):
-        connection = connections.get(host) or open_connection(host, timeout)
-        connections[host] = connection
-        reason = check_host(host, timeout, connection)
-        if reason:
-            connections.pop(host, None)
+        timeout, ssh_config = request["timeout"], request["ssh_config"]
+        connection = connections.pop(host, None)
+        endpoint = None
+        try:
+            connection = connection or WorkerConnection.of(host, timeout, ssh_config)
+            endpoint = resolved_endpoint(connection.settings)
+            reason = check_host(connection, timeout, keep=True)
+        except SshConfigError as error:
+            connection, reason = None, str(error)
+        if reason is None:
+            connections[host] = connection
+        elif connection is not None:
             connection.close()
-        return {"worker": host, "reason": reason, "at": time.time()}
+        return {"worker": host, "reason": reason, "at": time.time(), "endpoint": endpoint}
+
+    def resolve(host):
+        try:
+            settings = worker_settings(worker_address(host), request["ssh_config"])
+            return {"worker": host, "endpoint": resolved_endpoint(settings)}
+        except SshConfigError:
+            return None
 
     with ThreadPoolExecutor(max_workers=HEALTH_CHECKS_AT_ONCE) as pool:
         while True:
-            wait = max(0.0, next_round - time.monotonic()) if workers else None
+            wait = max(0.0, next_round - time.monotonic()) if request["workers"] else None
             if select.select([0], [], [], wait)[0]:
                 chunk = os.read(0, 1 << 16)
                 if not chunk:
                     break
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    request = json.loads(line)
-                    workers, interval = request["workers"], request["interval"]
-                    timeout = request["timeout"]
-                    for host in set(connections) - set(workers):
+                for line in lines.feed(chunk):
+                    new = json.loads(line)
+                    if new.get("ssh_config") != request["ssh_config"]:
+                        for connection in connections.values():
+                            connection.close()
+                        connections.clear()
+                    request.update(new)
+                    for host in set(connections) - set(request["workers"]):
                         connections.pop(host).close()
-                    if request.get("now"):
+                    for result in pool.map(resolve, request.get("resolve") or []):
+                        if result:
+                            os.write(1, json.dumps(result).encode() + b"\n")
+                    request["resolve"] = []
+                    if new.get("now"):
                         next_round = time.monotonic()
                 continue
-            for result in pool.map(check, list(workers)):
+            for result in pool.map(check, list(request["workers"])):
                 os.write(1, json.dumps(result).encode() + b"\n")
-            next_round = time.monotonic() + interval
+            next_round = time.monotonic() + request["interval"]
     for connection in connections.values():
         connection.close()
 
@@ -2057,7 +2609,20 @@ class Worker:
         self.health = WorkerHealth(row["health"])
         self.checked_at = row["checked_at"]
         self.check_reason = row["check_reason"]
+        self.endpoint = {"host": row["ssh_host"], "port": row["ssh_port"],
+                         "user": row["ssh_user"]} if row["ssh_host"] is not None else None
+        self.down_after = row["down_after"]
         self.busy_slots = set()
+
+    def job_endpoint(self):
+        """SLAVE_HOST, SLAVE_PORT and SLAVE_USER: as ssh resolved them, or (until the
+        health checker has done so) as the name gives them."""
+        if self.endpoint is not None:
+            return self.endpoint
+        import getpass
+        address = worker_address(self.name)
+        return {"host": address.host, "port": address.port or 22,
+                "user": address.user or getpass.getuser()}
 
     def capacity(self):
         return WorkerCapacity(self.name, self.slots, self.busy_slots,
@@ -2074,6 +2639,7 @@ class Attempt:
         self.worker = row["worker"]
         self.slots = attempt_slots(row)
         self.pid = pid
+        self.control_dir = None  # its worker's SSH masters' directory, if its ssh shares them
         self.pidfd = pidfd       # None: a live supervisor we could not watch (see adopt),
                                  # or one that has ended (see record_end)
         self.outcome = None      # how it ended, once known: kept until it is saved
@@ -2140,11 +2706,12 @@ class Server:
     """
 
     def __init__(self, data_dir, log_dir, log, job_fd_limit, spawner,
-                 check_interval=DEFAULT_CHECK_INTERVAL):
+                 check_interval=DEFAULT_CHECK_INTERVAL, ssh_config=KEEP_SSH_CONFIG):
         self.spawner = spawner
+        self.ssh_config = ssh_config   # the queue's (see load): None for ssh's defaults
         self.check_interval = check_interval
         self.checker = None        # the health checker process (see health_checker_main)
-        self.checker_output = bytearray()
+        self.checker_lines = LineReader()
         self.checker_unsent = bytearray()   # part of a request the pipe has not taken yet
         self.checker_next = None            # the newest request, once that one is sent
         self.data_dir = data_dir
@@ -2155,6 +2722,8 @@ class Server:
         self.run_dir = self.paths["run"]
         self.ssh_root = ssh_reuse_root(data_dir)
         self.shim_dir = os.path.join(self.ssh_root, "bin")
+        self.jobs_ssh_config_path = os.path.join(self.ssh_root, JOBS_SSH_CONFIG_FILE)
+        self.jobs_ssh_config = None   # its text, while jobs need one (see jobs_ssh_config)
         self.store = Store(self.paths["database"])
         import selectors   # here: clients do not need it
         self.selector = selectors.DefaultSelector()
@@ -2198,6 +2767,10 @@ class Server:
         self.selector.register(listener, EVENT_READ, self.accept)
 
     def load(self):
+        if self.ssh_config is not KEEP_SSH_CONFIG:
+            with self.store.transaction():
+                self.store.set_setting("ssh_config", self.ssh_config)
+        self.ssh_config = self.store.setting("ssh_config", None)
         self.workers = {row["name"]: Worker(row) for row in self.store.workers()}
         self.paused = self.store.setting("paused", False)
         self.recover()
@@ -2208,17 +2781,75 @@ class Server:
         self.release_delayed()
 
     def prepare_ssh_reuse(self):
-        """Write the job scripts' ssh shims; stop the masters of workers now gone."""
+        """Write the job scripts' ssh shims and ssh config; stop the masters of workers
+        now gone (a worker with running jobs is never gone: it drains)."""
         if os.path.dirname(self.ssh_root) != self.data_dir:
             make_private_dir(os.path.dirname(self.ssh_root))
         make_private_dir(self.ssh_root)
         make_private_dir(self.shim_dir)
         write_ssh_shims(self.shim_dir)
+        self.write_jobs_ssh_config()
         wanted = {os.path.basename(ssh_control_dir(self.ssh_root, name))
                   for name in self.workers}
         for name in os.listdir(self.ssh_root):
-            if name not in wanted and name != os.path.basename(self.shim_dir):
-                stop_ssh_masters(os.path.join(self.ssh_root, name))
+            path = os.path.join(self.ssh_root, name)
+            if name not in wanted and os.path.isdir(path) and path != self.shim_dir:
+                stop_ssh_masters(path)
+
+    def write_jobs_ssh_config(self):
+        """(Re)write the jobs' ssh config after the workers or the queue's config changed.
+        An old one stays while jobs may read it: only its Host entries could go, and
+        only for workers without jobs."""
+        text = jobs_ssh_config(self.workers, self.ssh_config)
+        if text is not None and text != self.jobs_ssh_config:
+            _write_file(self.jobs_ssh_config_path, text)
+        self.jobs_ssh_config = text
+
+    def ssh_shim_for(self, worker, row):
+        """(shim dir, ControlPath or None, ssh config or None) for a job of ROW on
+        WORKER, or None when its ssh needs nothing of ours."""
+        control_path = None
+        if worker.ssh_reuse and row["ssh_reuse"]:
+            control_dir = ssh_control_dir(self.ssh_root, worker.name)
+            if not os.path.isdir(control_dir):
+                try:
+                    os.mkdir(control_dir, 0o700)
+                except OSError as error:
+                    raise LaunchError(f"cannot create {control_dir}: {error.strerror}") \
+                        from None
+            control_path = os.path.join(control_dir, "%C")
+        ssh_config = self.jobs_ssh_config_path if self.jobs_ssh_config is not None else None
+        if control_path is None and ssh_config is None:
+            return None
+        return self.shim_dir, control_path, ssh_config
+
+    def release_ssh_root(self):
+        """At stop: stop the masters that no running job uses; when no job runs, remove
+        a root under /tmp whole (shims and config included), which would otherwise
+        pile up, one per data dir ever used."""
+        for name in list(self.workers):
+            if not any(attempt.control_dir == ssh_control_dir(self.ssh_root, name)
+                       for attempt in self.running.values()):
+                stop_ssh_masters(ssh_control_dir(self.ssh_root, name))
+        if self.running or os.path.dirname(self.ssh_root) == self.data_dir:
+            return
+        import shutil
+        for name in os.listdir(self.ssh_root):
+            path = os.path.join(self.ssh_root, name)
+            if os.path.isdir(path) and path != self.shim_dir:
+                stop_ssh_masters(path)   # a master a job left after its end
+        shutil.rmtree(self.ssh_root, ignore_errors=True)
+
+    def release_control_dir(self, worker_name):
+        """Stop the SSH masters of a worker once nothing uses them any more: it is gone,
+        or its jobs no longer share connections, and none of its running jobs did."""
+        worker = self.workers.get(worker_name)
+        if worker is not None and worker.ssh_reuse:
+            return
+        control_dir = ssh_control_dir(self.ssh_root, worker_name)
+        if any(attempt.control_dir == control_dir for attempt in self.running.values()):
+            return
+        stop_ssh_masters(control_dir)
 
     def recover(self):
         """Settle every attempt that was running while the server was away.
@@ -2397,19 +3028,11 @@ class Server:
 
     def start_attempt(self, row):
         worker = self.workers[row["worker"]]
-        ssh_reuse = None
-        if worker.ssh_reuse and row["ssh_reuse"]:
-            control_dir = ssh_control_dir(self.ssh_root, worker.name)
-            if not os.path.isdir(control_dir):
-                try:
-                    os.mkdir(control_dir, 0o700)
-                except OSError as error:
-                    raise LaunchError(f"cannot create {control_dir}: {error.strerror}") from None
-            ssh_reuse = (self.shim_dir, os.path.join(control_dir, "%C"))
+        ssh_shim = self.ssh_shim_for(worker, row)
         environment = job_environment(self.submitter_environment(row["environment_id"]),
                                       worker.variables, json.loads(row["variables"]),
                                       row["id"], worker.name, row["attempt"],
-                                      attempt_slots(row), ssh_reuse)
+                                      attempt_slots(row), worker.job_endpoint(), ssh_shim)
         spec = AttemptSpec(row["id"], row["attempt"], row["script"], json.loads(row["args"]),
                            row["cwd"], environment, row["umask"], self.job_fd_limit, row["log"])
         pid, pidfd = self.spawner.spawn(self.run_dir, spec)
@@ -2426,6 +3049,10 @@ class Server:
 
     def watch(self, row, pid, pidfd):
         attempt = Attempt(row, pid, pidfd)
+        if row["ssh_reuse"]:
+            # Its worker's masters stay while it runs (whatever the worker's own
+            # setting, which may have changed since it started).
+            attempt.control_dir = ssh_control_dir(self.ssh_root, row["worker"])
         self.running[row["id"]] = attempt
         self.hold_slots(row["worker"], attempt.slots)
         self.selector.register(pidfd, EVENT_READ,
@@ -2468,7 +3095,8 @@ class Server:
             if worker.health == WorkerHealth.DOWN and worker.name not in names:
                 # Nothing will check it again: down would be for ever.
                 self.health_checked(worker.name, None, worker.checked_at)
-        if self.checker is None and not names:
+        resolve = [worker.name for worker in self.workers.values() if worker.endpoint is None]
+        if self.checker is None and not names and not resolve:
             return
         if self.checker is None:
             import subprocess
@@ -2484,12 +3112,15 @@ class Server:
                 os.set_blocking(stream.fileno(), False)
             self.selector.register(self.checker.stdout, EVENT_READ, self.checker_event)
             self.checker_unsent = bytearray()
+            self.checker_lines = LineReader()
             now = True
         # Only the newest list matters: it replaces one not yet sent, and the
         # pipe is written without blocking (a checker busy with a round of hung
         # hosts reads nothing for a while).
         request = {"workers": names, "interval": self.check_interval,
-                   "timeout": min(DEFAULT_SSH_TIMEOUT, self.check_interval), "now": now}
+                   "timeout": min(DEFAULT_SSH_TIMEOUT, self.check_interval) or
+                   DEFAULT_SSH_TIMEOUT, "now": now, "ssh_config": self.ssh_config,
+                   "resolve": resolve}
         self.checker_next = json.dumps(request).encode() + b"\n"
         self.send_to_checker()
 
@@ -2525,12 +3156,22 @@ class Server:
         if not chunk:
             self.checker_gone()
             return
-        self.checker_output += chunk
-        *lines, rest = self.checker_output.split(b"\n")
-        self.checker_output = bytearray(rest)
-        for line in lines:
+        for line in self.checker_lines.feed(chunk):
             result = json.loads(line)
-            self.health_checked(result["worker"], result["reason"], result["at"])
+            if result.get("endpoint"):
+                self.endpoint_resolved(result["worker"], result["endpoint"])
+            if "reason" in result:
+                self.health_checked(result["worker"], result["reason"], result["at"])
+
+    def endpoint_resolved(self, name, endpoint):
+        """Where ssh goes for a worker (SLAVE_HOST, SLAVE_PORT, SLAVE_USER), newly
+        resolved by the health checker: kept if it changed."""
+        worker = self.workers.get(name)
+        if worker is None or worker.endpoint == endpoint:
+            return
+        with self.store.transaction():
+            self.store.set_worker_endpoint(name, endpoint)
+        worker.endpoint = endpoint
 
     def checker_gone(self):
         """The health checker died: say so, and start a new one an interval later."""
@@ -2627,6 +3268,14 @@ class Server:
             self.release_at = when
             self.add_timer(when, self.release_delayed)
 
+    def attempt_gone(self, job_id, worker_name, slots):
+        """An attempt has ended (or never started): its slots are free, and its worker's
+        SSH masters may go if nothing else uses them."""
+        attempt = self.running.pop(job_id, None)
+        self.free_slots(worker_name, slots)
+        if attempt is not None and attempt.control_dir is not None:
+            self.release_control_dir(worker_name)
+
     def hold_slots(self, worker_name, slots):
         worker = self.workers.get(worker_name)
         if worker is not None:
@@ -2679,8 +3328,7 @@ class Server:
             self.log.info("job %s: how it ended is saved now", job_id)
         remove_run_files(self.run_dir, job_id, number)
         if attempt.outcome is None:
-            self.running.pop(job_id, None)
-            self.free_slots(attempt.worker, attempt.slots)
+            self.attempt_gone(job_id, attempt.worker, attempt.slots)
             self.log.error("job %s: its script never started; queued again", job_id)
             self.jobs_moved([job_id], JobState.WAITING)
             self.answer_waiters()
@@ -2747,8 +3395,7 @@ class Server:
     def settled(self, row, outcome, result, reason, retry, skipped):
         """What follows a saved outcome: the slot is free, waiting clients hear of it."""
         job_id = row["id"]
-        self.running.pop(job_id, None)
-        self.free_slots(row["worker"], attempt_slots(row))
+        self.attempt_gone(job_id, row["worker"], attempt_slots(row))
         self.log.info("job %s: %s (exit code %s, signal %s)%s%s", job_id, result.value,
                       outcome.get("exit_code"), outcome.get("signal"),
                       f": {reason}" if reason else "", "; to be retried" if retry else "")
@@ -2855,7 +3502,8 @@ class Server:
         with self.store.transaction():
             self.store.delete_worker(name)
         del self.workers[name]
-        stop_ssh_masters(ssh_control_dir(self.ssh_root, name))
+        self.release_control_dir(name)
+        self.write_jobs_ssh_config()
         self.log.info("worker %s: removed", name)
         self.until_saved(f"skipping the --on jobs that only worker {name} could run",
                          self.skip_stranded)
@@ -3088,8 +3736,7 @@ class Server:
         for client in list(self.clients - set(self.stop_replies)):
             self.answer_while_stopping(client)
         self.stop_checker()
-        for name in self.workers:
-            stop_ssh_masters(ssh_control_dir(self.ssh_root, name))
+        self.release_ssh_root()
         self.store.close()
         self.spawner.close()
         try:
@@ -3185,20 +3832,30 @@ class Server:
         slots = _slot_count(params.get("slots", 1), "--slots")
         variables = validate_variables(params.get("variables", {}), "add_slave")
         ssh_reuse = _flag(params, "ssh_reuse", True)
+        endpoints = params.get("endpoints") or {}
+        if not isinstance(endpoints, dict):
+            raise UserError("malformed request: endpoints must be an object")
         for host in hosts:
             if host in self.workers:
                 raise UserError(already_registered(host))
+            if endpoints.get(host) is not None:
+                _endpoint(endpoints[host])
         with self.store.transaction():
             for host in hosts:
                 self.store.save_worker(host, slots, variables, bool(params.get("ssh_checked")),
-                                       ssh_reuse=ssh_reuse)
+                                       ssh_reuse=ssh_reuse, endpoint=endpoints.get(host))
         for row in self.store.workers():
             if row["name"] in hosts:
                 self.workers[row["name"]] = Worker(row)
                 self.log.info("worker %s: added with %d slot(s)", row["name"], slots)
+        self.write_jobs_ssh_config()
         self.schedule_needed = True
         self.update_checker()
         return hosts
+
+    def cmd_ssh_config(self, client, params):
+        """The queue's ssh config: what add_slave's check must read too."""
+        return {"ssh_config": self.ssh_config}
 
     def cmd_remove_slave(self, client, params):
         hosts = unique_hosts(_list_of_strings(params, "hosts"))
@@ -3428,10 +4085,10 @@ class Server:
         new_slots = worker.slots if slots is None else slots
         ssh_reuse = _flag(params, "ssh_reuse", worker.ssh_reuse)
         with self.store.transaction():
-            self.store.update_worker(host, new_slots, variables, ssh_reuse)
-        if worker.ssh_reuse and not ssh_reuse:
-            stop_ssh_masters(ssh_control_dir(self.ssh_root, host))
+            self.store.update_worker(host, new_slots, variables, ssh_reuse, worker.down_after)
         worker.slots, worker.variables, worker.ssh_reuse = new_slots, variables, ssh_reuse
+        if not ssh_reuse:
+            self.release_control_dir(host)   # once its running jobs no longer use it
         self.skip_stranded()
         self.log.info("worker %s: edited (%d slot(s), variables %s, ssh reuse %s)", host,
                       new_slots, " ".join(sorted(variables)) or "none",
@@ -3640,9 +4297,10 @@ class Server:
             skipped += self.store.resolve_dependents([(job_id, False, "was skipped")
                                                       for job_id in skipped])
             self.store.drop_unused_environments()
-        for name in gone:
-            stop_ssh_masters(ssh_control_dir(self.ssh_root, name))
         self.workers = {row["name"]: Worker(row) for row in self.store.workers()}
+        for name in gone:
+            self.release_control_dir(name)
+        self.write_jobs_ssh_config()
         self.paused = self.store.setting("paused", False)
         for attempt in self.running.values():
             self.hold_slots(attempt.worker, attempt.slots)
@@ -3662,6 +4320,7 @@ HANDLERS = {
     "stop": Server.cmd_stop,
     "status": Server.cmd_status,
     "workers": Server.cmd_workers,
+    "ssh_config": Server.cmd_ssh_config,
     "add_slave": Server.cmd_add_slave,
     "remove_slave": Server.cmd_remove_slave,
     "add_job": Server.cmd_add_job,
@@ -3740,6 +4399,16 @@ def _environment(params):
             and "\0" not in name + value for name, value in environment.items()):
         raise UserError("malformed request: environment must be an object of strings")
     return environment
+
+
+def _endpoint(value):
+    """A worker's host, port and user as ssh resolved them (see resolved_endpoint)."""
+    if not isinstance(value, dict) or not isinstance(value.get("host"), str) or \
+            not isinstance(value.get("user"), str) or \
+            not isinstance(value.get("port"), int) or isinstance(value.get("port"), bool) or \
+            not 1 <= value["port"] <= MAX_PORT or "\0" in value["host"] + value["user"]:
+        raise UserError("malformed request: an endpoint needs a host, a port and a user")
+    return value
 
 
 def _flag(params, name, default):
@@ -3982,7 +4651,8 @@ def parse_iso_time(text):
     return timestamp
 
 
-def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL):
+def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL,
+               ssh_config=KEEP_SSH_CONFIG):
     """Own DATA_DIR, recover, listen, and serve until stopped."""
     if not hasattr(os, "pidfd_open"):
         raise UserError("the server needs Linux 5.3 or later (pidfd) and Python 3.10+")
@@ -3993,7 +4663,7 @@ def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL)
     import sqlite3
     try:
         lock, server = open_server(data_dir, log_dir, paths, filelock, notify, spawner,
-                                   check_interval)
+                                   check_interval, ssh_config)
     except (OSError, sqlite3.Error) as error:
         # The disk may be full or read-only: say so, and what to do.
         fault = storage_fault(getattr(error, "filename", None) or data_dir, error)
@@ -4022,7 +4692,8 @@ def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL)
             client.connection.close()
 
 
-def open_server(data_dir, log_dir, paths, filelock, notify, spawner, check_interval):
+def open_server(data_dir, log_dir, paths, filelock, notify, spawner, check_interval,
+                ssh_config):
     """Take the data dir, recover and listen; return (lock, server) ready to serve."""
     import resource
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
@@ -4042,7 +4713,8 @@ def open_server(data_dir, log_dir, paths, filelock, notify, spawner, check_inter
     resource.setrlimit(resource.RLIMIT_NOFILE, (job_fd_limit[1], job_fd_limit[1]))
     log = server_logger(log_dir, foreground=not notify)
     try:
-        server = Server(data_dir, log_dir, log, job_fd_limit, spawner, check_interval)
+        server = Server(data_dir, log_dir, log, job_fd_limit, spawner, check_interval,
+                        ssh_config)
         server.load()
         server.open_socket()
     except BaseException:
@@ -4267,14 +4939,17 @@ def command_start(options):
     data_dir = options.data_dir
     log_dir = resolve_dir(options.log_dir or options.log_dir_positional or DEFAULT_LOG_DIR)
     check_interval = parse_duration(options.check_interval, "--check-interval")
+    ssh_config = start_ssh_config(options)
     if options.foreground:
-        run_server(data_dir, log_dir, notify=options.notify, check_interval=check_interval)
+        run_server(data_dir, log_dir, notify=options.notify, check_interval=check_interval,
+                   ssh_config=ssh_config)
         return 0
     import subprocess
     server = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "start", "--foreground", "--notify",
          "--server_data_dir", data_dir, "--log_dir", log_dir,
-         "--check-interval", str(check_interval)],
+         "--check-interval", str(check_interval)] +
+        ([] if ssh_config is KEEP_SSH_CONFIG else ["--ssh-config", ssh_config or "default"]),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True, cwd="/")
     output = []
@@ -4288,6 +4963,57 @@ def command_start(options):
     server.wait()
     message = "\n".join(output).strip() or f"the server exited with status {server.returncode}"
     raise UserError(message[len("Error: "):] if message.startswith("Error: ") else message)
+
+
+def start_ssh_config(options):
+    """The ssh config that start gives the queue: --ssh-config, else CLI_PY_SSH_CONFIG
+    (how older versions named it), checked; KEEP_SSH_CONFIG if neither is given."""
+    text = options.ssh_config
+    if text is None:
+        text = os.environ.get(SSH_CONFIG_VARIABLE) or None
+    if text is None:
+        return KEEP_SSH_CONFIG
+    if text in ("default", "none"):
+        return None if text == "default" else "none"
+    path = resolve_dir(text)
+    if re.search(r'["\n\0]', path):
+        raise UserError(f"--ssh-config {text!r}: the path cannot contain quotes or newlines; "
+                        "move the file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise UserError(f"--ssh-config {text}: cannot read it ({error.strerror})") from None
+    if os.path.isdir(path):
+        raise UserError(f"--ssh-config {text} is a directory: give an ssh config file")
+    try:
+        ssh_settings(["--", "localhost"], path)
+    except SshConfigError as error:
+        raise UserError(f"--ssh-config {text}: {error}; fix it and start again "
+                        f"(check with ssh -F {path} -G HOST)") from None
+    return path
+
+
+def queue_ssh_config(data_dir):
+    """The ssh config of the queue's server, which add_slave's check must read too.
+    CLI_PY_SSH_CONFIG, if set, must name the same: the server's is the one jobs use."""
+    try:
+        ssh_config = request(data_dir, "ssh_config")["ssh_config"]
+    except LostServer:
+        raise
+    except UserError as error:
+        if "unknown command" not in str(error):
+            raise
+        raise UserError("the running server is older than this cli.py: restart it "
+                        "(./cli.py stop && ./cli.py start), then try again") from None
+    wanted = os.environ.get(SSH_CONFIG_VARIABLE)
+    if wanted and resolve_dir(wanted) != ssh_config:
+        raise UserError(f"{SSH_CONFIG_VARIABLE} is {wanted}, but the queue's server uses "
+                        f"{ssh_config or 'the default ssh config'}: the ssh config is set "
+                        "where the server starts, for checks and jobs alike; restart it with "
+                        f"./cli.py stop && ./cli.py start --ssh-config {wanted}, or unset "
+                        f"{SSH_CONFIG_VARIABLE}")
+    return ssh_config
 
 
 def command_stop(options):
@@ -4393,10 +5119,12 @@ def _elapsed(seconds):
 def command_add_slave(options):
     """Register workers, after checking that each accepts a passwordless SSH login.
 
-    Each host is checked with fabric (keys or agent, never a prompt, the ssh
-    config honoured) by running `true`; hosts are checked in parallel, those
-    that pass are added, and each failure is printed with its reason and makes
-    the exit status non-zero.
+    Each host is checked with fabric by running `true`, going where the jobs'
+    ssh goes: the queue's ssh config (start --ssh-config) as ssh itself reads
+    it, ProxyJump and ProxyCommand included, keys or agent only (never a
+    prompt), and host keys checked against known_hosts as ssh checks them.
+    Hosts are checked in parallel, those that pass are added, and each failure
+    is printed with its reason and makes the exit status non-zero.
     """
     hosts = unique_hosts(options.hosts)
     variables = dict(parse_assignment(text) for text in options.env)
@@ -4405,17 +5133,20 @@ def command_add_slave(options):
     for host in hosts:
         if host in registered:
             raise UserError(already_registered(host))
-    failures = {}
-    if not options.skip_ssh_auth_check:
-        failures = {host: reason for host, reason in
-                    check_hosts(hosts, timeout).items() if reason}
+    ssh_config = queue_ssh_config(options.data_dir)
+    if options.skip_ssh_auth_check:
+        results = {host: resolve_new_host(host, ssh_config) for host in hosts}
+    else:
+        results = check_hosts(hosts, timeout, ssh_config)
+    failures = {host: reason for host, (reason, _) in results.items() if reason}
     passed = [host for host in hosts if host not in failures]
     for host, reason in failures.items():
         print(f"{host}: {reason}", file=sys.stderr)
     if passed:
         request(options.data_dir, "add_slave", hosts=passed, slots=options.slots,
                 variables=variables, ssh_checked=not options.skip_ssh_auth_check,
-                ssh_reuse=options.ssh_reuse)
+                ssh_reuse=options.ssh_reuse,
+                endpoints={host: results[host][1] for host in passed})
         for host in passed:
             print(f"added {host} ({options.slots} slot{'s' if options.slots > 1 else ''})")
     if failures:
@@ -4995,10 +5726,11 @@ COMMANDS = {
 
 EXAMPLES = {
     "start": "./cli.py start\n  ./cli.py start --server_data_dir ~/queue --log_dir ~/queue/logs\n"
-             "  ./cli.py start --foreground          # under systemd or screen",
+             "  ./cli.py start --foreground          # under systemd or screen\n"
+             "  ./cli.py start --ssh-config ~/cluster/ssh_config",
     "stop": "./cli.py stop",
     "status": "./cli.py status\n  ./cli.py status --json > state.json",
-    "add_slave": "./cli.py add_slave node1 node2 alice@10.0.0.7\n"
+    "add_slave": "./cli.py add_slave node1 node2 alice@10.0.0.7 alice@10.0.0.8:2222 '[fd00::5]'\n"
                  "  ./cli.py add_slave --slots 8 -e SCRATCH=/scratch bignode",
     "remove_slave": "./cli.py remove_slave node1\n  ./cli.py remove_slave --wait node2\n"
                     "  ./cli.py remove_slave --kill node3",
@@ -5095,6 +5827,13 @@ def build_parser(only=None):
                             "SSH check, like 30s or 2m; 0 turns the checks off (default: "
                             f"{DEFAULT_CHECK_INTERVAL:g}s). A worker that fails is marked "
                             "down and takes no job until a check passes again.")
+    start.add_argument("--ssh-config", metavar="FILE",
+                       help="The ssh config of this queue, for everything it does over SSH: "
+                            "add_slave's check, the health checks, and the jobs' own ssh, "
+                            "scp and rsync (as `ssh -F FILE`). Remembered across restarts; "
+                            "'default' goes back to ~/.ssh/config and /etc/ssh/ssh_config, "
+                            "'none' reads no config. Default: the one the queue has, or "
+                            f"${SSH_CONFIG_VARIABLE} if set.")
     start.add_argument("--notify", action="store_true", help=argparse.SUPPRESS)
 
     add("stop")
@@ -5104,7 +5843,8 @@ def build_parser(only=None):
 
     add_slave = add("add_slave")
     add_slave.add_argument("hosts", nargs="+", metavar="HOST",
-                           help="A host name, IP address, user@host or ~/.ssh/config alias.")
+                           help="A host name, IP address, user@host, host:port, an IPv6 "
+                                "address ([::1] or [::1]:2222) or an alias of the ssh config.")
     add_slave.add_argument("--slots", type=positive_int, default=1, metavar="N",
                            help="How many jobs may run on each of these workers at once "
                                 "(default: 1).")

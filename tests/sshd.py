@@ -71,7 +71,10 @@ class SshSandbox:
         shim.chmod(0o755)
 
     def start_worker(self, alias: str, authorized: bool = True,
-                     extra_config: tuple[str, ...] = ()) -> SshWorker:
+                     extra_config: tuple[str, ...] = (), ipv6: bool = False) -> SshWorker:
+        """An sshd on 127.0.0.1 (and ::1 if IPV6) with a Host ALIAS entry and known host keys."""
+        if ipv6:
+            extra_config = ("ListenAddress ::1", *extra_config)
         worker_dir = self.root / f"sshd-{alias}"
         worker_dir.mkdir()
         _keygen(worker_dir / "host_ed25519_key")
@@ -93,29 +96,39 @@ class SshSandbox:
         self._workers.append(worker)
 
         self._add_host(alias, "127.0.0.1", worker.port)
-        key_type, key_blob = (worker_dir / "host_ed25519_key.pub").read_text().split()[:2]
-        with self.known_hosts.open("a") as known_hosts:
-            known_hosts.write(f"[127.0.0.1]:{worker.port} {key_type} {key_blob}\n")
+        self.trust(worker, "127.0.0.1")
+        if ipv6:
+            self.trust(worker, "::1")
         return worker
+
+    def trust(self, worker: SshWorker, host: str) -> None:
+        """Record WORKER's host key in known_hosts for HOST (at its port), as ssh would."""
+        key_type, key_blob = (worker.dir / "host_ed25519_key.pub").read_text().split()[:2]
+        with self.known_hosts.open("a") as known_hosts:
+            known_hosts.write(f"[{host}]:{worker.port} {key_type} {key_blob}\n")
+
+    def add_config(self, text: str) -> None:
+        """Append TEXT (Host or Match entries) to the sandbox's ssh config."""
+        with self.config.open("a") as config:
+            config.write(text)
+
+    def host_settings(self) -> str:
+        """The per-host settings every sandbox Host entry has (user, key, known_hosts)."""
+        return (f"  User {self.user}\n"
+                f"  IdentityFile {self.client_key}\n"
+                f"  IdentitiesOnly yes\n"
+                f"  UserKnownHostsFile {self.known_hosts}\n"
+                f"  StrictHostKeyChecking yes\n"
+                f"  BatchMode yes\n"
+                f"  ConnectTimeout 5\n")
 
     def add_alias(self, alias: str, hostname: str, port: int) -> None:
         """Config-only host, e.g. a free port (connection refused) or 'no-such-host.invalid'."""
         self._add_host(alias, hostname, port)
 
     def _add_host(self, alias: str, hostname: str, port: int) -> None:
-        with self.config.open("a") as config:
-            config.write(
-                f"Host {alias}\n"
-                f"  HostName {hostname}\n"
-                f"  Port {port}\n"
-                f"  User {self.user}\n"
-                f"  IdentityFile {self.client_key}\n"
-                f"  IdentitiesOnly yes\n"
-                f"  UserKnownHostsFile {self.known_hosts}\n"
-                f"  StrictHostKeyChecking yes\n"
-                f"  BatchMode yes\n"
-                f"  ConnectTimeout 5\n"
-            )
+        self.add_config(f"Host {alias}\n  HostName {hostname}\n  Port {port}\n"
+                        + self.host_settings())
 
     def env(self, base: dict | None = None) -> dict:
         env = dict(os.environ if base is None else base)
@@ -193,6 +206,14 @@ class SshWorker:
             # lock that an outage test can leave stale for 60 s).
             f"SetEnv HOME={self.home}",
         ]
+
+    def new_host_key(self) -> None:
+        """Reinstall: a new host key, and sshd restarted (its connections dropped)."""
+        self.stop()
+        for suffix in ("", ".pub"):
+            (self.dir / f"host_ed25519_key{suffix}").unlink()
+        _keygen(self.dir / "host_ed25519_key")
+        self.start()
 
     def connections(self) -> int:
         """How many SSH connections this sshd has accepted (logged in) so far."""

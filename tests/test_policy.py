@@ -159,11 +159,11 @@ def test_job_environment_precedence_and_reserved_names():
 
 def test_job_environment_puts_the_ssh_shim_first_on_path():
     environment = cli.job_environment({"PATH": "/usr/bin:/bin"}, {}, {"PATH": "/opt/bin"}, 5, "w1",
-                                      ssh_reuse=("/data/ssh/bin", "/data/ssh/1234abcd/%C"))
+                                      ssh_shim=("/data/ssh/bin", "/data/ssh/1234abcd/%C", None))
     assert environment["PATH"] == "/data/ssh/bin:/opt/bin"
     assert environment["CLI_PY_SSH_SHIM_DIR"] == "/data/ssh/bin"
     assert environment["CLI_PY_SSH_CONTROL_PATH"] == "/data/ssh/1234abcd/%C"
-    no_path = cli.job_environment({}, {}, {}, 5, "w1", ssh_reuse=("/s", "/c/%C"))
+    no_path = cli.job_environment({}, {}, {}, 5, "w1", ssh_shim=("/s", "/c/%C", None))
     assert no_path["PATH"] == "/s:" + cli.os.defpath
 
 
@@ -191,16 +191,48 @@ def test_bad_assignments(text):
 
 
 @pytest.mark.parametrize("name", ["node1", "10.0.0.7", "alice@node.example.org", "::1",
-                                  "gpu_box-2", "fe80::1%eth0"])
+                                  "gpu_box-2", "fe80::1%eth0", "[::1]", "[::1]:2222",
+                                  "root@127.0.0.1:22101", "alice@[fd00::5]:22", "node:2222"])
 def test_good_host_names(name):
     assert cli.validate_host_name(name) == name
 
 
 @pytest.mark.parametrize("name", ["", "-oProxyCommand=x", "a b", "a\tb", "a\nb", "a;b", "$(x)",
-                                  "a/b", "\x07", "[::1]", "node[1-3]"])
+                                  "a/b", "\x07", "node[1-3]", "[::1", "x]", "[::1]x", "[node]:22",
+                                  "node:ssh", "node:0", "node:65536", "@node", "a:b@node",
+                                  "[::1]:22:22", "node:22:"])
 def test_bad_host_names(name):
     with pytest.raises(cli.UserError):
         cli.validate_host_name(name)
+
+
+@pytest.mark.parametrize("name, destination, entry", [
+    ("node1", "node1", ""),
+    ("alice@10.0.0.7", "alice@10.0.0.7", ""),
+    ("root@127.0.0.1:22101", "root@cli.py-127.0.0.1-22101",
+     "Host cli.py-127.0.0.1-22101\n    HostName 127.0.0.1\n    Port 22101\n"),
+    ("::1", "[::1]", "Host [::1]\n    HostName ::1\n"),
+    ("bob@[::1]", "bob@[::1]", "Host [::1]\n    HostName ::1\n"),
+    ("[::1]:2222", "cli.py---1-2222", "Host cli.py---1-2222\n    HostName ::1\n    Port 2222\n"),
+    ("fe80::1%eth0", "[fe80::1%eth0]", "Host [fe80::1%eth0]\n    HostName fe80::1%%eth0\n"),
+])
+def test_worker_names_reach_jobs_as_destinations_that_ssh_rsync_and_scp_all_take(
+        name, destination, entry):
+    address = cli.parse_worker_name(name)
+    assert address.destination == destination
+    assert ":" not in destination.replace("[", "").split("]")[-1]   # rsync's host:path split
+    assert address.config_entry() == entry
+    assert cli.job_environment({}, {}, {}, 1, name)["SLAVE_IP"] == destination
+
+
+def test_the_jobs_ssh_config_has_entries_only_for_aliases_then_the_queues_config():
+    assert cli.jobs_ssh_config(["w1", "alice@node"], None) is None
+    text = cli.jobs_ssh_config(["w1", "a@h:2222", "b@h:2222", "::1"], "/etc/q.conf")
+    assert text.count("Host cli.py-h-2222\n") == 1 and "Host [::1]\n" in text
+    assert text.endswith('Match all\nInclude "/etc/q.conf"\n')
+    assert cli.jobs_ssh_config(["w1"], "none").endswith("Match all\n")
+    assert 'Include "~/.ssh/config"\nInclude "/etc/ssh/ssh_config"' in \
+        cli.jobs_ssh_config(["::1"], None)
 
 
 def test_transitions_are_checked():

@@ -221,3 +221,103 @@ def test_load_status_keeps_ssh_reuse(server, workers):
     document = server.status()
     assert document["slaves"][0]["ssh_reuse"] is False
     assert [job["ssh_reuse"] for job in document["job_waitlist"]] == [False, True]
+
+
+# --- running jobs keep their SSH through stop, restart, kill -9 and worker changes ---
+
+# ssh to the worker, say so, wait for the test's go, ssh again: the second call
+# needs the worker's control directory after whatever the test did meanwhile.
+TWO_CALLS = """set -e
+ssh -o BatchMode=yes "$SLAVE_IP" echo first
+touch "$RESULTS/$JOB_ID.first"
+while [ ! -e "$RESULTS/go" ]; do sleep 0.05; done
+ssh -o BatchMode=yes "$SLAVE_IP" echo second
+"""
+
+
+def restart(cli):
+    cli.ok("stop")
+    cli.ok("start")
+
+
+def kill_9_and_start(cli):
+    os.kill(cli.server_pid(), signal.SIGKILL)
+    wait_until(lambda: not process_alive(cli.server_pid()), what="the server to die")
+    cli.ok("start")
+
+
+@pytest.mark.parametrize("disruption", [
+    restart,
+    kill_9_and_start,
+    lambda cli: cli.ok("stop"),
+    lambda cli: cli.ok("edit_slave", "w3", "--no-ssh-reuse"),
+    lambda cli: cli.ok("remove_slave", "--wait", "w3"),
+], ids=["stop-start", "kill-9", "stopped", "edit-no-reuse", "remove-wait"])
+def test_a_running_job_keeps_its_ssh_through(server, workers, disruption):
+    script = server.write_script("two.sh", TWO_CALLS)
+    server.ok("add_slave", "--skip_ssh_auth_check", "w3")
+    job_id = server.add_job(script)
+    wait_until(lambda: (server.results / f"{job_id}.first").exists(), what="the first ssh")
+    disruption(server)
+    (server.results / "go").touch()
+    if not server.server_pid():
+        # No server: the job still ends well, and the next start records it.
+        wait_until(lambda: "second" in (server.log_dir / f"job_{job_id}.txt").read_text(),
+                   what="the second ssh")
+        server.ok("start")
+    server.ok("wait", "-q", job_id)
+    log = (server.log_dir / f"job_{job_id}.txt").read_text()
+    assert log.splitlines() == ["first", "second"], log
+
+
+def test_jobs_starting_at_once_share_one_master_without_a_race(server, workers):
+    script = server.write_script("race.sh", """set -e
+ssh "$SLAVE_IP" true
+ssh "$SLAVE_IP" "echo hello from $JOB_ID"
+""")
+    server.ok("add_slave", "--skip_ssh_auth_check", "--slots", "8", "w2")
+    before = workers[1].connections()
+    ids = server.ok("add_job", script, ":::", *range(8)).strip()
+    server.ok("wait", "-q", ids)
+    first, last = map(int, ids.split("-"))
+    for job_id in range(first, last + 1):
+        log = (server.log_dir / f"job_{job_id}.txt").read_text()
+        assert log == f"hello from {job_id}\n", log   # no "ControlSocket ... already exists"
+    assert workers[1].connections() - before == 1
+
+
+def test_a_job_whose_control_directory_vanished_still_reaches_its_worker(server, workers):
+    server.ok("add_slave", "--skip_ssh_auth_check", "w1")
+    script = server.write_script("gone.sh", """set -e
+rm -rf "${CLI_PY_SSH_CONTROL_PATH%/*}"
+ssh "$SLAVE_IP" echo still here
+""")
+    job_id = server.add_job(script)
+    server.ok("wait", "-q", job_id)
+    assert (server.log_dir / f"job_{job_id}.txt").read_text() == "still here\n"
+
+
+def test_the_ssh_directory_under_tmp_goes_when_the_queue_no_longer_needs_it(server, workers):
+    # The fixtures' data dirs are too long for sockets: their SSH files live under /tmp.
+    server.ok("add_slave", "--skip_ssh_auth_check", "w1")
+    script = server.write_script("two.sh", TWO_CALLS)
+    job_id = server.add_job(script)
+    wait_until(lambda: (server.results / f"{job_id}.first").exists(), what="the first ssh")
+    root = control_root(server)
+    assert root.parent == pathlib.Path(f"/tmp/cli-py-{os.getuid()}")
+    server.ok("stop")
+    assert root.is_dir()          # its job still needs it
+    (server.results / "go").touch()
+    server.ok("start")
+    server.ok("wait", "-q", job_id)
+    server.ok("stop")
+    assert not root.exists()      # nothing runs: nothing is left behind
+
+
+def control_root(cli):
+    """The directory of a queue's shims and masters under /tmp, named by its data dir."""
+    import hashlib
+    digest = hashlib.sha256(os.fsencode(str(cli.data_dir))).hexdigest()[:12]
+    root = pathlib.Path(f"/tmp/cli-py-{os.getuid()}") / f"ssh-{digest}"
+    assert (root / "bin" / "ssh").exists()
+    return root
