@@ -79,6 +79,10 @@ MAX_KILL_GRACE = 86400.0
 MAX_PRIORITY = 10 ** 9
 MAX_RETRIES = 10_000
 MAX_SLOTS = 100_000              # slots of one worker, or wanted by one job
+SSH_EXIT_STATUS = 255            # what ssh exits with when it cannot reach (or loses) a host
+QUICK_FAILURE = 1.0              # seconds: a failure this fast says more of the worker than the job
+DEFAULT_DOWN_AFTER = 3           # such failures in a row that set a worker aside
+MAX_DOWN_AFTER = 1000
 SCHEDULE_SCAN_LIMIT = 2000       # ready jobs one scheduling pass looks at, at most
 
 EVENT_READ, EVENT_WRITE = 1, 2   # selectors' event masks (imported by the server only)
@@ -387,7 +391,8 @@ WORKER_TRANSITIONS = {
 # its state (a paused worker comes back paused), and takes no job until it is up.
 class WorkerHealth(str, Enum):
     UP = "up"
-    DOWN = "down"
+    DOWN = "down"               # its last health check failed
+    SET_ASIDE = "set_aside"     # its jobs kept failing to reach it (see worker_verdict)
 
 
 class IllegalTransition(Exception):
@@ -858,13 +863,19 @@ class Store:
                 failed.setdefault(job_id, set()).add(worker)
         return failed
 
-    def retry(self, job_id, not_before, reason):
+    def retry(self, job_id, not_before, reason, **fields):
         """A failed attempt with retries left: the job waits again (until NOT_BEFORE)."""
         self.change_job(job_id, JobState.RUNNING, JobState.WAITING, worker=None, slot=None,
                         slots=None, started_at=None, kill_requested_at=None, kill_grace=None,
                         timed_out=0, exit_code=None, signal=None, reason=reason,
                         not_before=not_before,
-                        blocked=int(not_before is not None and not_before > time.time()))
+                        blocked=int(not_before is not None and not_before > time.time()),
+                        **fields)
+
+    def unreached_attempts(self, job_id):
+        """How many ended attempts of the job ssh could not get through (exit 255)."""
+        return self.db.execute("SELECT count(*) FROM attempts WHERE job_id = ? AND "
+                               "exit_code = ?", (job_id, SSH_EXIT_STATUS)).fetchone()[0]
 
     def release_due(self, now):
         """Unblock the waiting jobs whose start time has come and that wait on nothing
@@ -1383,6 +1394,34 @@ def waiting_reason(job, workers, paused, now, failed_on=()):
     return f"{wanted} free slots on one worker" if wanted > 1 else f"a free slot {where}"
 
 
+def worker_verdict(exit_code, signal_number, duration, ended_by_us, script_ran=True):
+    """What an ended attempt says of its worker, for the rule that sets a black-hole
+    worker aside (one where every job fails at once, for reasons that have nothing to
+    do with the job: ssh cannot get through, its disk is full).
+
+    True: it counts towards setting the worker aside: ssh's own exit status 255,
+    or a non-zero end within QUICK_FAILURE seconds.  False: the worker works
+    (a success, or a slower failure).  None: it says nothing (a kill or timeout
+    of ours, or a script that could not even start here).
+    """
+    if ended_by_us or not script_ran:
+        return None
+    if exit_code == SSH_EXIT_STATUS:
+        return True
+    if exit_code == 0 and signal_number is None:
+        return False
+    return duration < QUICK_FAILURE
+
+
+def free_retry(exit_code, ended_by_us, down_after, unreached_before):
+    """True if a failed attempt goes back to the queue without spending its --retries:
+    ssh could not reach its worker (255), the rule is on (DOWN_AFTER > 0), and the
+    job has had fewer than DOWN_AFTER such attempts (so that a job whose own work
+    exits 255 runs at most DOWN_AFTER + 1 times)."""
+    return exit_code == SSH_EXIT_STATUS and not ended_by_us and down_after > 0 and \
+        unreached_before < down_after
+
+
 def job_environment(submitter_environment, worker_variables, job_variables, job_id, worker,
                     attempt=1, slots=(0,), endpoint=None, ssh_shim=None):
     """The environment a job script runs with; later sources override earlier ones.
@@ -1727,7 +1766,9 @@ def _spawn_job(spec, log_fd, setup):
     except OSError as error:
         message = f"cannot run {spec.script}: {error.strerror}"
         _note(log_fd, f"cli.py: {message}\n")
-        return {"exit_code": 127 if error.errno == 2 else 126, "signal": None, "error": None}
+        # not_started: says nothing of the worker (see worker_verdict).
+        return {"exit_code": 127 if error.errno == 2 else 126, "signal": None, "error": None,
+                "not_started": True}
 
 
 def _wait_for_group(run_dir, spec, leader):
@@ -2187,9 +2228,10 @@ def ssh_settings(arguments, ssh_config):
         raise SshConfigError(f"ssh -G took over {SSH_SETTINGS_TIMEOUT:g}s to read the ssh "
                              "config (a Match exec that hangs?)") from None
     if result.returncode != 0:
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        lines = [line for line in result.stderr.splitlines()
+                 if line.strip() and "terminating" not in line]
         raise SshConfigError("ssh cannot read its config: " +
-                             (lines[-1] if lines else f"ssh -G exited with {result.returncode}"))
+                             (lines[0] if lines else f"ssh -G exited with {result.returncode}"))
     settings = {}
     for line in result.stdout.splitlines():
         keyword, _, value = line.partition(" ")
@@ -2524,8 +2566,8 @@ def health_checker_main():
     JSON lines on stdin, checks each worker with fabric once per interval, at
     most HEALTH_CHECKS_AT_ONCE at a time, over one connection per worker kept
     open between checks (and replaced when it fails), and writes one JSON line
-    per check: {"worker", "reason" (null if it passed), "at", "endpoint" (its
-    host, port and user, as ssh resolves them)}.  Workers in "resolve" only get
+    per check: {"worker", "reason" (null if it passed), "at", "started", "endpoint"
+    (its host, port and user, as ssh resolves them)}.  Workers in "resolve" only get
     their endpoint.  EOF on stdin (the server is gone) ends it.
     """
     import logging
@@ -2541,6 +2583,7 @@ def health_checker_main():
 
     def check(host):
         timeout, ssh_config = request["timeout"], request["ssh_config"]
+        started = time.time()
         connection = connections.pop(host, None)
         endpoint = None
         try:
@@ -2553,7 +2596,8 @@ def health_checker_main():
             connections[host] = connection
         elif connection is not None:
             connection.close()
-        return {"worker": host, "reason": reason, "at": time.time(), "endpoint": endpoint}
+        return {"worker": host, "reason": reason, "at": time.time(), "started": started,
+                "endpoint": endpoint}
 
     def resolve(host):
         try:
@@ -2612,6 +2656,8 @@ class Worker:
         self.endpoint = {"host": row["ssh_host"], "port": row["ssh_port"],
                          "user": row["ssh_user"]} if row["ssh_host"] is not None else None
         self.down_after = row["down_after"]
+        self.failures_in_row = []   # how its last attempts failed to reach it (weigh_attempt)
+        self.set_aside_at = 0.0     # when weigh_attempt last set it aside
         self.busy_slots = set()
 
     def job_endpoint(self):
@@ -2706,9 +2752,11 @@ class Server:
     """
 
     def __init__(self, data_dir, log_dir, log, job_fd_limit, spawner,
-                 check_interval=DEFAULT_CHECK_INTERVAL, ssh_config=KEEP_SSH_CONFIG):
+                 check_interval=DEFAULT_CHECK_INTERVAL, ssh_config=KEEP_SSH_CONFIG,
+                 down_after=None):
         self.spawner = spawner
         self.ssh_config = ssh_config   # the queue's (see load): None for ssh's defaults
+        self.down_after = down_after   # ditto: failures in a row that set a worker aside
         self.check_interval = check_interval
         self.checker = None        # the health checker process (see health_checker_main)
         self.checker_lines = LineReader()
@@ -2771,6 +2819,10 @@ class Server:
             with self.store.transaction():
                 self.store.set_setting("ssh_config", self.ssh_config)
         self.ssh_config = self.store.setting("ssh_config", None)
+        if self.down_after is not None:
+            with self.store.transaction():
+                self.store.set_setting("down_after", self.down_after)
+        self.down_after = self.store.setting("down_after", DEFAULT_DOWN_AFTER)
         self.workers = {row["name"]: Worker(row) for row in self.store.workers()}
         self.paused = self.store.setting("paused", False)
         self.recover()
@@ -3087,11 +3139,14 @@ class Server:
 
     def update_checker(self, now=False):
         """Tell the health checker which workers to check (those added with the SSH
-        check, and not being removed); start it if it is not running."""
+        check, and those set aside, unless being removed); start it if it is not
+        running."""
         checked = self.check_interval > 0
         names = [worker.name for worker in self.workers.values()
-                 if checked and worker.ssh_checked and worker.state != WorkerState.DRAINING]
+                 if checked and (worker.ssh_checked or worker.health == WorkerHealth.SET_ASIDE)
+                 and worker.state != WorkerState.DRAINING]
         for worker in self.workers.values():
+            # A set-aside worker without checks waits for resume HOST.
             if worker.health == WorkerHealth.DOWN and worker.name not in names:
                 # Nothing will check it again: down would be for ever.
                 self.health_checked(worker.name, None, worker.checked_at)
@@ -3161,7 +3216,8 @@ class Server:
             if result.get("endpoint"):
                 self.endpoint_resolved(result["worker"], result["endpoint"])
             if "reason" in result:
-                self.health_checked(result["worker"], result["reason"], result["at"])
+                self.health_checked(result["worker"], result["reason"], result["at"],
+                                    result.get("started", result["at"]))
 
     def endpoint_resolved(self, name, endpoint):
         """Where ssh goes for a worker (SLAVE_HOST, SLAVE_PORT, SLAVE_USER), newly
@@ -3199,22 +3255,33 @@ class Server:
             checker.kill()
             checker.wait()
 
-    def health_checked(self, name, reason, at):
+    def health_checked(self, name, reason, at, started=None):
         """One check's result: a worker goes down, comes back up, or stays as it was."""
         worker = self.workers.get(name)
         if worker is None:
             return   # removed since
-        health = WorkerHealth.UP if reason is None else WorkerHealth.DOWN
+        if worker.health == WorkerHealth.SET_ASIDE and started is not None and \
+                started < worker.set_aside_at:
+            return   # a check from before its jobs failed there proves nothing
+        self.set_health(worker, WorkerHealth.UP if reason is None else WorkerHealth.DOWN,
+                        reason, at)
+
+    def set_health(self, worker, health, reason, at):
+        """The one way a worker's health changes: saved, logged, and kept in memory."""
+        name = worker.name
         worker.checked_at = at
         if health == worker.health and reason == worker.check_reason:
             return
         with self.store.transaction():
             self.store.set_worker_health(name, health, reason, at)
         if health != worker.health:
-            if health == WorkerHealth.DOWN:
-                self.log.warning("worker %s: down (%s); no new job starts there", name, reason)
+            if health != WorkerHealth.UP:
+                self.log.warning("worker %s: %s (%s); no new job starts there", name,
+                                 "set aside" if health == WorkerHealth.SET_ASIDE else "down",
+                                 reason)
             else:
                 self.log.info("worker %s: up again", name)
+                worker.failures_in_row = []
                 self.schedule_needed = True
         worker.health, worker.check_reason = health, reason
 
@@ -3374,10 +3441,20 @@ class Server:
         result = result_of(outcome.get("exit_code"), kill_requested, timed_out)
         retry = result in (JobResult.FAILED, JobResult.TIMED_OUT) and \
             row["attempt"] <= row["retries"]
+        free = not retry and result == JobResult.FAILED and free_retry(
+            outcome.get("exit_code"), kill_requested, self.down_after_of(row["worker"]),
+            self.store.unreached_attempts(job_id))
         skipped = []
         with self.store.transaction():
             self.store.record_attempt(row, result, outcome, reason, ended_at)
-            if retry:
+            if free:
+                # The attempt number it used must not cost it a retry: one more.
+                self.store.retry(job_id, None, f"attempt {row['attempt']} could not reach "
+                                 f"{row['worker']} (ssh exit status {SSH_EXIT_STATUS}); tried "
+                                 "on another worker, not counted against --retries",
+                                 retries=row["retries"] + 1)
+                retry = True
+            elif retry:
                 not_before = now + row["retry_delay"] if row["retry_delay"] else None
                 self.store.retry(job_id, not_before,
                                  f"attempt {row['attempt']} {result.value}"
@@ -3396,6 +3473,8 @@ class Server:
         """What follows a saved outcome: the slot is free, waiting clients hear of it."""
         job_id = row["id"]
         self.attempt_gone(job_id, row["worker"], attempt_slots(row))
+        self.until_saved(f"worker {row['worker']}: weighing how job {job_id} ended",
+                         lambda: self.weigh_attempt(row, outcome, result))
         self.log.info("job %s: %s (exit code %s, signal %s)%s%s", job_id, result.value,
                       outcome.get("exit_code"), outcome.get("signal"),
                       f": {reason}" if reason else "", "; to be retried" if retry else "")
@@ -3406,6 +3485,46 @@ class Server:
             self.answer_waiters()   # a kill or remove_slave --kill may wait for this attempt
         else:
             self.jobs_ended([job_id] + self.log_skipped(skipped))
+
+    def down_after_of(self, worker_name):
+        """The failures in a row that set this worker aside (0: never)."""
+        worker = self.workers.get(worker_name)
+        if worker is not None and worker.down_after is not None:
+            return worker.down_after
+        return self.down_after
+
+    def weigh_attempt(self, row, outcome, result):
+        """Count an ended attempt for or against its worker (see worker_verdict); set the
+        worker aside after DOWN_AFTER in a row, until a health check passes."""
+        worker = self.workers.get(row["worker"])
+        if worker is None:
+            return
+        ended = outcome.get("ended_at") or time.time()
+        verdict = worker_verdict(outcome.get("exit_code"), outcome.get("signal"),
+                                 ended - (row["started_at"] or ended),
+                                 result in (JobResult.KILLED, JobResult.TIMED_OUT),
+                                 not outcome.get("not_started") and
+                                 (outcome.get("exit_code"), outcome.get("signal")) != (None, None))
+        if verdict is None:
+            return
+        if not verdict:
+            worker.failures_in_row = []
+            return
+        how = f"exit status {outcome['exit_code']}" if outcome.get("exit_code") is not None \
+            else f"signal {outcome.get('signal')}" if outcome.get("signal") is not None \
+            else outcome.get("error") or "no exit status"
+        worker.failures_in_row.append(f"job {row['id']} {how}")
+        limit = self.down_after_of(worker.name)
+        if not limit or len(worker.failures_in_row) < limit or \
+                worker.health != WorkerHealth.UP:
+            return
+        reason = (f"{len(worker.failures_in_row)} jobs in a row failed to reach it "
+                  f"({', '.join(worker.failures_in_row[-3:])}; ssh exits with "
+                  f"{SSH_EXIT_STATUS} when it cannot get through); set aside until a health "
+                  f"check passes, or ./cli.py resume {worker.name}")
+        worker.set_aside_at = time.time()
+        self.set_health(worker, WorkerHealth.SET_ASIDE, reason, worker.set_aside_at)
+        self.update_checker()
 
     def log_skipped(self, skipped):
         for job_id in skipped:
@@ -3789,7 +3908,7 @@ class Server:
         slaves = []
         for worker in self.workers.values():
             jobs_here = [job for job in running_json if job["worker"] == worker.name]
-            if worker.health == WorkerHealth.DOWN:
+            if worker.health != WorkerHealth.UP:
                 status = "down"
             elif worker.state == WorkerState.ACTIVE:
                 status = "busy" if worker.busy_slots else "idle"
@@ -3832,6 +3951,7 @@ class Server:
         slots = _slot_count(params.get("slots", 1), "--slots")
         variables = validate_variables(params.get("variables", {}), "add_slave")
         ssh_reuse = _flag(params, "ssh_reuse", True)
+        down_after = _down_after(params.get("down_after"))
         endpoints = params.get("endpoints") or {}
         if not isinstance(endpoints, dict):
             raise UserError("malformed request: endpoints must be an object")
@@ -3843,7 +3963,8 @@ class Server:
         with self.store.transaction():
             for host in hosts:
                 self.store.save_worker(host, slots, variables, bool(params.get("ssh_checked")),
-                                       ssh_reuse=ssh_reuse, endpoint=endpoints.get(host))
+                                       ssh_reuse=ssh_reuse, endpoint=endpoints.get(host),
+                                       down_after=down_after)
         for row in self.store.workers():
             if row["name"] in hosts:
                 self.workers[row["name"]] = Worker(row)
@@ -4056,6 +4177,12 @@ class Server:
             for host in changing:
                 self.workers[host].state = new
                 self.log.info("worker %s: %s", host, new.value)
+            if not paused:
+                # resume HOST also takes back a worker set aside for failing jobs.
+                for host in hosts:
+                    worker = self.workers[host]
+                    if worker.health == WorkerHealth.SET_ASIDE:
+                        self.set_health(worker, WorkerHealth.UP, None, time.time())
         self.schedule_needed = True
         return {"hosts": hosts, "paused": paused, "changed": changed}
 
@@ -4084,9 +4211,12 @@ class Server:
                      if name not in unset}
         new_slots = worker.slots if slots is None else slots
         ssh_reuse = _flag(params, "ssh_reuse", worker.ssh_reuse)
+        down_after = _down_after(params["down_after"]) if "down_after" in params \
+            else worker.down_after
         with self.store.transaction():
-            self.store.update_worker(host, new_slots, variables, ssh_reuse, worker.down_after)
+            self.store.update_worker(host, new_slots, variables, ssh_reuse, down_after)
         worker.slots, worker.variables, worker.ssh_reuse = new_slots, variables, ssh_reuse
+        worker.down_after = down_after
         if not ssh_reuse:
             self.release_control_dir(host)   # once its running jobs no longer use it
         self.skip_stranded()
@@ -4095,7 +4225,8 @@ class Server:
                       "on" if ssh_reuse else "off")
         self.schedule_needed = True
         return {"host": host, "slots": new_slots, "variables": sorted(variables),
-                "slots_in_use": len(worker.busy_slots), "ssh_reuse": ssh_reuse}
+                "slots_in_use": len(worker.busy_slots), "ssh_reuse": ssh_reuse,
+                "down_after": self.down_after_of(host)}
 
     def cmd_add_job(self, client, params):
         """Queue one job (ARGS), or one per list in ARGS_LIST, all or none."""
@@ -4401,6 +4532,14 @@ def _environment(params):
     return environment
 
 
+def _down_after(value):
+    """A worker's own --down-after: a count, or None for the server's."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or
+                              not 0 <= value <= MAX_DOWN_AFTER):
+        raise UserError(f"--down-after must be a whole number from 0 to {MAX_DOWN_AFTER}")
+    return value
+
+
 def _endpoint(value):
     """A worker's host, port and user as ssh resolved them (see resolved_endpoint)."""
     if not isinstance(value, dict) or not isinstance(value.get("host"), str) or \
@@ -4652,7 +4791,7 @@ def parse_iso_time(text):
 
 
 def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL,
-               ssh_config=KEEP_SSH_CONFIG):
+               ssh_config=KEEP_SSH_CONFIG, down_after=None):
     """Own DATA_DIR, recover, listen, and serve until stopped."""
     if not hasattr(os, "pidfd_open"):
         raise UserError("the server needs Linux 5.3 or later (pidfd) and Python 3.10+")
@@ -4663,7 +4802,7 @@ def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL,
     import sqlite3
     try:
         lock, server = open_server(data_dir, log_dir, paths, filelock, notify, spawner,
-                                   check_interval, ssh_config)
+                                   check_interval, ssh_config, down_after)
     except (OSError, sqlite3.Error) as error:
         # The disk may be full or read-only: say so, and what to do.
         fault = storage_fault(getattr(error, "filename", None) or data_dir, error)
@@ -4693,7 +4832,7 @@ def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL,
 
 
 def open_server(data_dir, log_dir, paths, filelock, notify, spawner, check_interval,
-                ssh_config):
+                ssh_config, down_after):
     """Take the data dir, recover and listen; return (lock, server) ready to serve."""
     import resource
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
@@ -4714,7 +4853,7 @@ def open_server(data_dir, log_dir, paths, filelock, notify, spawner, check_inter
     log = server_logger(log_dir, foreground=not notify)
     try:
         server = Server(data_dir, log_dir, log, job_fd_limit, spawner, check_interval,
-                        ssh_config)
+                        ssh_config, down_after)
         server.load()
         server.open_socket()
     except BaseException:
@@ -4843,6 +4982,14 @@ def positive_int(text):
     return int(text)
 
 
+def down_after_count(text):
+    """argparse type for --down-after: 0 (off) to MAX_DOWN_AFTER."""
+    if not plain_number(text) or int(text) > MAX_DOWN_AFTER:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 0 to "
+                                         f"{MAX_DOWN_AFTER}")
+    return int(text)
+
+
 def retry_count(text):
     """argparse type for --retries: 0 or more, at most MAX_RETRIES."""
     if not plain_number(text) or int(text) > MAX_RETRIES:
@@ -4942,14 +5089,15 @@ def command_start(options):
     ssh_config = start_ssh_config(options)
     if options.foreground:
         run_server(data_dir, log_dir, notify=options.notify, check_interval=check_interval,
-                   ssh_config=ssh_config)
+                   ssh_config=ssh_config, down_after=options.down_after)
         return 0
     import subprocess
     server = subprocess.Popen(
         [sys.executable, os.path.abspath(__file__), "start", "--foreground", "--notify",
          "--server_data_dir", data_dir, "--log_dir", log_dir,
          "--check-interval", str(check_interval)] +
-        ([] if ssh_config is KEEP_SSH_CONFIG else ["--ssh-config", ssh_config or "default"]),
+        ([] if ssh_config is KEEP_SSH_CONFIG else ["--ssh-config", ssh_config or "default"]) +
+        ([] if options.down_after is None else ["--down-after", str(options.down_after)]),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True, cwd="/")
     output = []
@@ -5145,7 +5293,7 @@ def command_add_slave(options):
     if passed:
         request(options.data_dir, "add_slave", hosts=passed, slots=options.slots,
                 variables=variables, ssh_checked=not options.skip_ssh_auth_check,
-                ssh_reuse=options.ssh_reuse,
+                ssh_reuse=options.ssh_reuse, down_after=options.down_after,
                 endpoints={host: results[host][1] for host in passed})
         for host in passed:
             print(f"added {host} ({options.slots} slot{'s' if options.slots > 1 else ''})")
@@ -5638,17 +5786,30 @@ def command_edit_slave(options):
     variables = dict(parse_assignment(text) for text in options.env)
     for name in options.unset:
         validate_variable_name(name)
+    if options.down_after is not None and options.down_after != "default" and \
+            not (plain_number(options.down_after) and int(options.down_after) <= MAX_DOWN_AFTER):
+        _bad_down_after(options.down_after)
     if options.slots is None and not variables and not options.unset and \
-            options.ssh_reuse is None:
-        raise UserError("nothing to change: give --slots, -e NAME=VALUE, --unset NAME or "
-                        "--[no-]ssh-reuse")
+            options.ssh_reuse is None and options.down_after is None:
+        raise UserError("nothing to change: give --slots, -e NAME=VALUE, --unset NAME, "
+                        "--down-after K or --[no-]ssh-reuse")
     changes = {} if options.ssh_reuse is None else {"ssh_reuse": options.ssh_reuse}
+    if options.down_after is not None:
+        changes["down_after"] = None if options.down_after == "default" else \
+            int(options.down_after)
     result = request(options.data_dir, "edit_slave", host=validate_host_name(options.host),
                      slots=options.slots, variables=variables, unset=options.unset, **changes)
+    down_after = result.get("down_after")
     print(f"{result['host']}: {result['slots']} slot(s) ({result['slots_in_use']} in use), "
           f"variables: {' '.join(result['variables']) or 'none'}, "
-          f"ssh reuse: {'on' if result['ssh_reuse'] else 'off'}")
+          f"ssh reuse: {'on' if result['ssh_reuse'] else 'off'}, set aside after "
+          + (f"{down_after} failures in a row" if down_after else "no failures (off)"))
     return 0
+
+
+def _bad_down_after(text):
+    raise UserError(f"--down-after {text!r}: give a whole number from 0 to {MAX_DOWN_AFTER}, "
+                    "or 'default' for the server's")
 
 
 def command_load_status(options):
@@ -5827,6 +5988,14 @@ def build_parser(only=None):
                             "SSH check, like 30s or 2m; 0 turns the checks off (default: "
                             f"{DEFAULT_CHECK_INTERVAL:g}s). A worker that fails is marked "
                             "down and takes no job until a check passes again.")
+    start.add_argument("--down-after", type=down_after_count, metavar="K",
+                       help="Set a worker aside (no new jobs) once K attempts in a row there "
+                            "fail to reach it: ssh's exit status 255, or a non-zero exit within "
+                            f"{QUICK_FAILURE:g}s; it is health-checked until a check passes. "
+                            "Jobs that failed there with 255 are retried elsewhere without "
+                            "spending their --retries. 0 turns it off. Remembered across "
+                            f"restarts (default: {DEFAULT_DOWN_AFTER}); add_slave and "
+                            "edit_slave set it per worker.")
     start.add_argument("--ssh-config", metavar="FILE",
                        help="The ssh config of this queue, for everything it does over SSH: "
                             "add_slave's check, the health checks, and the jobs' own ssh, "
@@ -5857,6 +6026,9 @@ def build_parser(only=None):
                            help="Jobs on these workers open a new SSH connection for each "
                                 "ssh/scp/rsync call, instead of sharing one per host "
                                 "(see README: SSH connection reuse).")
+    add_slave.add_argument("--down-after", type=down_after_count, metavar="K",
+                           help="Set these workers aside after K failures in a row (see start "
+                                "--down-after; 0: never; default: the server's).")
     add_slave.add_argument("--timeout", default=f"{DEFAULT_SSH_TIMEOUT:g}", metavar="SECONDS",
                            help=f"How long the SSH check waits for each host (default: "
                                 f"{DEFAULT_SSH_TIMEOUT:g}).")
@@ -5993,6 +6165,9 @@ def build_parser(only=None):
                             metavar="NAME=VALUE", help="Set a variable; repeatable.")
     edit_slave.add_argument("--unset", action="append", default=[], metavar="NAME",
                             help="Remove a variable; repeatable.")
+    edit_slave.add_argument("--down-after", metavar="K",
+                            help="Set it aside after K failures in a row (see start "
+                                 "--down-after; 0: never; 'default': the server's).")
     edit_slave.add_argument("--ssh-reuse", action=argparse.BooleanOptionalAction, default=None,
                             help="Whether jobs started here from now on share SSH "
                                  "connections (turning it off stops the shared ones).")

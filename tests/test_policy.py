@@ -317,3 +317,26 @@ def test_start_times_in_every_form_at_takes():
     assert cli.parse_start_time("2026-12-01T16:45:00Z") == 1796143500
     with pytest.raises(cli.UserError, match="--at 'soon' is not a time"):
         cli.parse_start_time("soon")
+
+
+@pytest.mark.parametrize("exit_code, signal, duration, ours, ran, verdict", [
+    (255, None, 30.0, False, True, True),     # ssh could not get through (or lost it)
+    (1, None, 0.2, False, True, True),        # non-zero within a second
+    (None, 11, 0.2, False, True, True),       # a crash within a second
+    (1, None, 5.0, False, True, False),       # a slower failure: the worker works
+    (0, None, 0.1, False, True, False),       # a success, however quick
+    (255, None, 0.1, True, True, None),       # killed or timed out by us: says nothing
+    (127, None, 0.0, False, False, None),     # the script could not start here
+])
+def test_what_an_ended_attempt_says_of_its_worker(exit_code, signal, duration, ours, ran,
+                                                  verdict):
+    assert cli.worker_verdict(exit_code, signal, duration, ours, ran) is verdict
+
+
+def test_free_retries_are_for_ssh_failures_and_bounded():
+    assert cli.free_retry(255, False, 3, 0)
+    assert cli.free_retry(255, False, 3, 2)
+    assert not cli.free_retry(255, False, 3, 3)     # its own work may exit 255: at most 3
+    assert not cli.free_retry(255, False, 0, 0)     # the rule is off
+    assert not cli.free_retry(1, False, 3, 0)
+    assert not cli.free_retry(255, True, 3, 0)      # killed

@@ -1,0 +1,119 @@
+"""A black-hole worker (every job fails there at once, for reasons that are not the
+job's) is set aside after K failures in a row, and the jobs that could not reach it
+are retried elsewhere without spending their --retries."""
+import json
+
+from conftest import wait_until
+
+# Fails at once on w2 the way ssh does when it cannot get through; works on w1.
+ON_W2_EXIT = """[ "$SLAVE_IP" = w2 ] && exit {code}
+echo "ok on $SLAVE_IP"
+"""
+
+
+def slaves(cli):
+    return {slave["ip"]: slave for slave in cli.status()["slaves"]}
+
+
+def add_checked_workers(cli, *names):
+    """Add NAMES, and let the health checker's first round (at once) pass: a check that
+    starts after a worker is set aside and passes takes it back."""
+    cli.ok("add_slave", *names)
+    wait_until(lambda: all(slave["checked_at"] for slave in slaves(cli).values()),
+               what="the first health checks")
+
+
+def attempts_on(cli, worker):
+    jobs = json.loads(cli.ok("jobs", "--json"))
+    found = []
+    for job in jobs:
+        found += [attempt for attempt in json.loads(cli.ok("jobs", job["id"], "--json"))[
+            "attempts"] if attempt["worker"] == worker]
+    return found
+
+
+def test_a_worker_that_ssh_cannot_get_through_is_set_aside_and_its_jobs_go_elsewhere(cli):
+    cli.ok("start", "--check-interval", "1h")
+    add_checked_workers(cli, "w1", "w2")
+    script = cli.write_script("hole.sh", ON_W2_EXIT.format(code=255))
+    ids = cli.ok("add_job", script, ":::", *range(10)).strip()
+    cli.ok("wait", "-q", ids)                 # every job succeeded in the end
+    failed_there = attempts_on(cli, "w2")
+    assert len(failed_there) == 3 and all(a["exit_code"] == 255 for a in failed_there)
+    w2 = slaves(cli)["w2"]
+    assert (w2["status"], w2["health"]) == ("down", "set_aside")
+    assert "3 jobs in a row failed to reach it" in w2["check_reason"]
+    assert "./cli.py resume w2" in w2["check_reason"]
+    for job in json.loads(cli.ok("jobs", "--json")):
+        assert job["result"] == "succeeded" and job["worker"] == "w1"
+
+    cli.ok("resume", "w2")                    # taken back by hand
+    assert slaves(cli)["w2"]["health"] == "up"
+
+
+def test_quick_failures_set_a_worker_aside_but_spend_retries(cli):
+    cli.ok("start", "--check-interval", "1h")
+    add_checked_workers(cli, "w1", "w2")
+    script = cli.write_script("quick.sh", ON_W2_EXIT.format(code=1))
+    ids = cli.ok("add_job", script, ":::", *range(10)).strip()
+    cli.run("wait", "-q", ids)
+    counts = cli.status()["counts"]
+    assert (counts.get("failed"), counts.get("succeeded")) == (3, 7)
+    assert slaves(cli)["w2"]["health"] == "set_aside"
+
+
+def test_a_passing_health_check_takes_a_set_aside_worker_back(cli):
+    cli.ok("start", "--check-interval", "2s")
+    cli.ok("add_slave", "w1", "w2")
+    script = cli.write_script("hole.sh", ON_W2_EXIT.format(code=255))
+    ids = cli.ok("add_job", script, ":::", *range(6)).strip()
+    cli.ok("wait", "-q", ids)
+    wait_until(lambda: slaves(cli)["w2"]["health"] == "up", timeout=30,
+               what="a health check to bring w2 back")
+
+
+def test_the_rule_can_be_turned_off_per_server_and_per_worker(cli):
+    cli.ok("start", "--check-interval", "1h", "--down-after", "0")
+    add_checked_workers(cli, "w1", "w2")
+    script = cli.write_script("hole.sh", ON_W2_EXIT.format(code=255))
+    ids = cli.ok("add_job", script, ":::", *range(8)).strip()
+    cli.run("wait", "-q", ids)
+    assert slaves(cli)["w2"]["health"] == "up"
+    assert cli.status()["counts"].get("failed", 0) >= 3   # every job sent there failed
+    # Remembered across a restart; a worker's own setting wins.
+    cli.ok("stop")
+    cli.ok("start", "--check-interval", "1h")
+    wait_until(lambda: all(slave["checked_at"] for slave in slaves(cli).values()),
+               what="the first health checks")
+    assert "set aside after 2 failures" in cli.ok("edit_slave", "w2", "--down-after", "2")
+    ids = cli.ok("add_job", script, ":::", *range(8)).strip()
+    cli.ok("wait", "-q", ids)
+    assert slaves(cli)["w2"]["health"] == "set_aside"
+    cli.fails("edit_slave", "w2", "--down-after", "-1", expect="--down-after")
+    cli.fails("start", "--down-after", "x", expect="--down-after")
+
+
+def test_a_job_whose_own_work_exits_255_runs_a_bounded_number_of_times(cli):
+    cli.ok("start", "--check-interval", "1h")
+    add_checked_workers(cli, "w1", "w2")
+    script = cli.write_script("always255.sh", "exit 255\n")
+    job_id = cli.add_job(script)
+    cli.run("wait", "-q", job_id)
+    job = json.loads(cli.ok("jobs", job_id, "--json"))
+    assert (job["result"], job["exit_code"]) == ("failed", 255)
+    assert len(job["attempts"]) == 4          # 3 free tries (--down-after), then its own
+    assert {attempt["worker"] for attempt in job["attempts"][:2]} == {"w1", "w2"}
+
+
+def test_a_worker_whose_host_key_changed_no_longer_swallows_the_queue(cli, ssh_sandbox):
+    """The reproduction: a 1-slot good worker beside one whose host key changed after it
+    was added; every job sent there fails (REMOTE HOST IDENTIFICATION HAS CHANGED)."""
+    changed = ssh_sandbox.start_worker(f"wk{len(ssh_sandbox._workers)}")
+    cli.ok("start", "--check-interval", "1h")
+    add_checked_workers(cli, "w1", changed.alias)
+    changed.new_host_key()
+    script = cli.write_script("reach.sh", 'ssh "$SLAVE_IP" true\n')
+    ids = cli.ok("add_job", script, ":::", *range(10)).strip()
+    cli.ok("wait", "-q", ids)                 # 10 of 10 succeeded
+    assert len(attempts_on(cli, changed.alias)) == 3
+    assert slaves(cli)[changed.alias]["health"] == "set_aside"

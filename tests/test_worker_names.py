@@ -1,0 +1,98 @@
+"""Every form of worker name that add_slave takes works in the job's ssh, rsync and scp
+as example_job.sh writes them: host:port, user@host:port, IPv6 ([::1], [::1]:port, bare
+::1) and ssh aliases, through real sshd workers listening on 127.0.0.1 and ::1."""
+import json
+import socket
+
+import pytest
+
+from conftest import CLI
+
+
+def loopback_ipv6():
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def w6(ssh_sandbox):
+    """A worker on 127.0.0.1 and ::1; the ssh config gives ::1 its port, as a user whose
+    sshd listens on a non-default port would."""
+    worker = ssh_sandbox.start_worker("w6", ipv6=True)
+    ssh_sandbox.add_config(f"Host ::1 [::1]\n  Port {worker.port}\n")
+    return worker
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loopback_settings(ssh_sandbox):
+    """What a user's ssh config says for hosts reached by address: the sandbox's key and
+    known_hosts (the aliases of the jobs' ssh config are cli.py-...)."""
+    ssh_sandbox.add_config("Host 127.0.0.1 ::1 [::1] cli.py-*\n" + ssh_sandbox.host_settings())
+
+
+def forms(workers, w6, user):
+    names = [f"{user}@127.0.0.1:{workers[0].port}", f"127.0.0.1:{workers[1].port}", "w3"]
+    if loopback_ipv6():   # (where the machine has ::1)
+        names += ["[::1]", f"[::1]:{w6.port}", "::1", f"{user}@[::1]"]
+    return names
+
+
+def test_each_form_of_worker_name_runs_example_job_end_to_end(server, workers, w6,
+                                                               ssh_sandbox):
+    names = forms(workers, w6, ssh_sandbox.user)
+    out = server.ok("add_slave", *names)    # with the SSH check
+    assert out.count("added ") == len(names)
+    slaves = {slave["ip"]: slave for slave in server.status()["slaves"]}
+    assert list(slaves) == names
+    example = CLI.parent / "example_job.sh"
+    ids = {}
+    for index, name in enumerate(names):
+        data = server.root / f"input {index}.txt"
+        data.write_text(f"hello from {name}\n")
+        ids[name] = server.add_job("--on", name, example, data.name)
+    server.ok("wait", "-q", *ids.values())
+    for index, name in enumerate(names):
+        result = server.root / "results" / f"input {index}.txt.out"
+        assert result.read_text() == f"HELLO FROM {name.upper()}\n", name
+        job = json.loads(server.ok("jobs", ids[name], "--json"))
+        assert job["worker"] == name and job["result"] == "succeeded"
+
+
+def test_jobs_get_where_ssh_goes_as_slave_host_port_and_user(server, workers, w6, ssh_sandbox):
+    user = ssh_sandbox.user
+    expected = {f"{user}@127.0.0.1:{workers[0].port}": ("127.0.0.1", workers[0].port),
+                "w2": ("127.0.0.1", workers[1].port)}
+    if loopback_ipv6():
+        expected["::1"] = ("::1", w6.port)
+    server.ok("add_slave", *expected)
+    for name, (host, port) in expected.items():
+        job_id = server.add_job("--on", name, server.script)
+        server.ok("wait", "-q", job_id)
+        env = server.record(job_id)["env"]
+        assert (env["SLAVE_HOST"], env["SLAVE_PORT"], env["SLAVE_USER"]) == \
+            (host, str(port), user), name
+    server.fails("add_job", "-e", "SLAVE_PORT=1", server.script, expect="cannot be overridden")
+
+
+def test_an_alias_with_a_port_is_refused_with_what_to_write(server, workers):
+    server.fails("add_slave", "w1:2222", expect="set Port 2222 in its Host entry and add it "
+                                                "as w1")
+    server.fails("add_slave", "--skip_ssh_auth_check", "w1:2222", expect="alias")
+    assert server.status()["slaves"] == []
+
+
+@pytest.mark.parametrize("name, message", [
+    ("node:ssh", "invalid port"),
+    ("node:0", "invalid port"),
+    ("[node]:22", "IPv6"),
+    ("[::1", "IPv6"),
+    ("node:22:", "not an IPv6 address"),
+    ("node[1-3]", "brackets"),
+])
+def test_names_ssh_could_not_take_are_refused(server, name, message):
+    server.fails("add_slave", "--skip_ssh_auth_check", name, expect=message)
+    assert server.status()["slaves"] == []
