@@ -3441,7 +3441,7 @@ class Server:
         result = result_of(outcome.get("exit_code"), kill_requested, timed_out)
         retry = result in (JobResult.FAILED, JobResult.TIMED_OUT) and \
             row["attempt"] <= row["retries"]
-        free = not retry and result == JobResult.FAILED and free_retry(
+        free = result == JobResult.FAILED and free_retry(
             outcome.get("exit_code"), kill_requested, self.down_after_of(row["worker"]),
             self.store.unreached_attempts(job_id))
         skipped = []
@@ -3921,7 +3921,8 @@ class Server:
                 "running_job": jobs_here[0] if jobs_here else None,
                 "running_jobs": jobs_here, "ssh_checked": worker.ssh_checked,
                 "ssh_reuse": worker.ssh_reuse, "health": worker.health.value,
-                "checked_at": iso_time(worker.checked_at), "check_reason": worker.check_reason})
+                "checked_at": iso_time(worker.checked_at), "check_reason": worker.check_reason,
+                "endpoint": worker.job_endpoint(), "down_after": self.down_after_of(worker.name)})
         waitlist = self.with_dependencies([job_to_json(row, self.log_dir) for row in waiting])
         capacities = [worker.capacity() for worker in self.workers.values()]
         now = time.time()

@@ -3,7 +3,9 @@
 #
 # A job script for cli.py.  The server runs it on this machine with
 #   JOB_ID    the job's id (unique within the data dir)
-#   SLAVE_IP  the worker to use: a host name, IP, user@host or ssh alias
+#   SLAVE_IP  the worker to use in ssh, rsync and scp (a host name, IP,
+#             user@host or ssh alias; cli.py maps host:port and IPv6 names
+#             to one that all three take)
 # in its environment, in the directory `add_job` was called from.
 #
 # It copies INPUT_FILE to the worker, does the work there over ssh, copies the

@@ -148,6 +148,22 @@ class SshSandbox:
         self._listeners.append(sock)
         return sock.getsockname()[1]
 
+    def closing_listener(self) -> int:
+        """Port that accepts each connection and closes it at once (not an SSH server)."""
+        import threading
+        sock = socket.create_server(("127.0.0.1", 0))
+        self._listeners.append(sock)
+
+        def serve() -> None:
+            while True:
+                try:
+                    connection, _ = sock.accept()
+                except OSError:
+                    return   # closed by close()
+                connection.close()
+        threading.Thread(target=serve, daemon=True).start()
+        return sock.getsockname()[1]
+
     def close(self) -> None:
         for worker in self._workers:
             worker.stop()

@@ -3,6 +3,8 @@ job's) is set aside after K failures in a row, and the jobs that could not reach
 are retried elsewhere without spending their --retries."""
 import json
 
+import pytest
+
 from conftest import wait_until
 
 # Fails at once on w2 the way ssh does when it cannot get through; works on w1.
@@ -93,15 +95,17 @@ def test_the_rule_can_be_turned_off_per_server_and_per_worker(cli):
     cli.fails("start", "--down-after", "x", expect="--down-after")
 
 
-def test_a_job_whose_own_work_exits_255_runs_a_bounded_number_of_times(cli):
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_job_whose_own_work_exits_255_runs_a_bounded_number_of_times(cli, retries):
     cli.ok("start", "--check-interval", "1h")
     add_checked_workers(cli, "w1", "w2")
     script = cli.write_script("always255.sh", "exit 255\n")
-    job_id = cli.add_job(script)
+    job_id = cli.add_job("--retries", retries, script)
     cli.run("wait", "-q", job_id)
     job = json.loads(cli.ok("jobs", job_id, "--json"))
     assert (job["result"], job["exit_code"]) == ("failed", 255)
-    assert len(job["attempts"]) == 4          # 3 free tries (--down-after), then its own
+    # 3 free tries (--down-after), then its own attempt and its --retries.
+    assert len(job["attempts"]) == 3 + 1 + retries
     assert {attempt["worker"] for attempt in job["attempts"][:2]} == {"w1", "w2"}
 
 

@@ -29,10 +29,14 @@ def bad_hosts(ssh_sandbox):
     ssh_sandbox.add_alias("refused", "127.0.0.1", free_port)
     ssh_sandbox.add_alias("nowhere", "no-such-host.invalid", 22)
     ssh_sandbox.add_alias("silent", "127.0.0.1", ssh_sandbox.silent_listener())
+    if not hasattr(ssh_sandbox, "closing"):
+        ssh_sandbox.closing = ssh_sandbox.closing_listener()
+        ssh_sandbox.add_alias("closing", "127.0.0.1", ssh_sandbox.closing)
     if not hasattr(ssh_sandbox, "locked"):
         ssh_sandbox.locked = ssh_sandbox.start_worker("locked", authorized=False)
     return {"refused": "connection refused", "nowhere": "unknown host",
-            "silent": "timed out", "locked": "authentication refused"}
+            "silent": "timed out", "locked": "authentication refused",
+            "closing": "closed before the SSH server greeted"}
 
 
 def test_failing_hosts_are_reported_with_their_reason_and_the_rest_added(server, bad_hosts):
