@@ -3922,7 +3922,7 @@ class Server:
                 "running_jobs": jobs_here, "ssh_checked": worker.ssh_checked,
                 "ssh_reuse": worker.ssh_reuse, "health": worker.health.value,
                 "checked_at": iso_time(worker.checked_at), "check_reason": worker.check_reason,
-                "endpoint": worker.job_endpoint(), "down_after": self.down_after_of(worker.name)})
+                "endpoint": worker.job_endpoint(), "down_after": worker.down_after})
         waitlist = self.with_dependencies([job_to_json(row, self.log_dir) for row in waiting])
         capacities = [worker.capacity() for worker in self.workers.values()]
         now = time.time()
@@ -4401,7 +4401,7 @@ class Server:
             for worker in workers:
                 self.store.save_worker(worker["ip"], worker["slots"], worker["envs"],
                                        worker["ssh_checked"], worker["state"],
-                                       worker["ssh_reuse"])
+                                       worker["ssh_reuse"], down_after=worker["down_after"])
             if document.get("paused") is not None:
                 self.store.set_setting("paused", document["paused"])
             new_ids = {}
@@ -4691,9 +4691,13 @@ def validate_status_document(document, defaults):
         ssh_reuse = slave.get("ssh_reuse", True)
         if not isinstance(ssh_reuse, bool):
             raise UserError(f"{where}: 'ssh_reuse' must be true or false")
+        try:
+            down_after = _down_after(slave.get("down_after"))
+        except UserError as error:
+            raise UserError(f"{where}: {error}") from None
         workers.append({"ip": name, "slots": slots, "envs": slave.get("envs", {}),
                         "ssh_checked": bool(slave.get("ssh_checked", False)), "state": state,
-                        "ssh_reuse": ssh_reuse})
+                        "ssh_reuse": ssh_reuse, "down_after": down_after})
     jobs, ids = [], set()
     for index, entry in enumerate(document["job_waitlist"]):
         where = f"job_waitlist[{index}]"

@@ -92,6 +92,12 @@ def test_the_rule_can_be_turned_off_per_server_and_per_worker(cli):
     cli.ok("wait", "-q", ids)
     assert slaves(cli)["w2"]["health"] == "set_aside"
     cli.fails("edit_slave", "w2", "--down-after", "-1", expect="--down-after")
+    # load_status keeps a worker's own setting.
+    document = cli.root / "state.json"
+    document.write_text(cli.ok("status", "--json"))
+    cli.ok("load_status", document)
+    assert {slave["ip"]: slave["down_after"] for slave in cli.status()["slaves"]} == \
+        {"w1": None, "w2": 2}
     cli.fails("start", "--down-after", "x", expect="--down-after")
 
 
