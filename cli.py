@@ -2568,7 +2568,7 @@ def health_checker_main():
     open between checks (and replaced when it fails), and writes one JSON line
     per check: {"worker", "reason" (null if it passed), "at", "started", "endpoint"
     (its host, port and user, as ssh resolves them)}.  Workers in "resolve" only get
-    their endpoint.  EOF on stdin (the server is gone) ends it.
+    their endpoint; those in "fresh" are checked over a new connection.  EOF on stdin (the server is gone) ends it.
     """
     import logging
     import select
@@ -2585,6 +2585,11 @@ def health_checker_main():
         timeout, ssh_config = request["timeout"], request["ssh_config"]
         started = time.time()
         connection = connections.pop(host, None)
+        if connection is not None and host in request.get("fresh", ()):
+            # A connection from before the worker was set aside would prove
+            # nothing of its host key now: a new handshake does.
+            connection.close()
+            connection = None
         endpoint = None
         try:
             connection = connection or WorkerConnection.of(host, timeout, ssh_config)
@@ -3175,7 +3180,9 @@ class Server:
         request = {"workers": names, "interval": self.check_interval,
                    "timeout": min(DEFAULT_SSH_TIMEOUT, self.check_interval) or
                    DEFAULT_SSH_TIMEOUT, "now": now, "ssh_config": self.ssh_config,
-                   "resolve": resolve}
+                   "resolve": resolve,
+                   "fresh": [worker.name for worker in self.workers.values()
+                             if worker.health == WorkerHealth.SET_ASIDE]}
         self.checker_next = json.dumps(request).encode() + b"\n"
         self.send_to_checker()
 

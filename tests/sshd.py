@@ -223,13 +223,24 @@ class SshWorker:
             f"SetEnv HOME={self.home}",
         ]
 
-    def new_host_key(self) -> None:
-        """Reinstall: a new host key, and sshd restarted (its connections dropped)."""
-        self.stop()
+    def new_host_key(self, keep_connections: bool = False) -> None:
+        """Reinstall: a new host key, and sshd restarted (its connections dropped); or,
+        with KEEP_CONNECTIONS, reloaded (SIGHUP), so that open connections stay."""
+        if not keep_connections:
+            self.stop()
         for suffix in ("", ".pub"):
             (self.dir / f"host_ed25519_key{suffix}").unlink()
         _keygen(self.dir / "host_ed25519_key")
-        self.start()
+        if not keep_connections:
+            self.start()
+            return
+        old_log = self.log.read_text(errors="replace").count("Server listening")
+        os.kill(self._proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while self.log.read_text(errors="replace").count("Server listening") <= old_log:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sshd {self.alias!r} did not come back after SIGHUP")
+            time.sleep(0.02)
 
     def connections(self) -> int:
         """How many SSH connections this sshd has accepted (logged in) so far."""

@@ -127,3 +127,20 @@ def test_a_worker_whose_host_key_changed_no_longer_swallows_the_queue(cli, ssh_s
     cli.ok("wait", "-q", ids)                 # 10 of 10 succeeded
     assert len(attempts_on(cli, changed.alias)) == 3
     assert slaves(cli)[changed.alias]["health"] == "set_aside"
+
+
+def test_a_set_aside_worker_is_checked_over_a_new_connection(cli, ssh_sandbox):
+    """Its host key changed while the health checker's connection stayed open (sshd
+    reloaded): only a new handshake can tell, so that is what the check uses."""
+    changed = ssh_sandbox.start_worker(f"wk{len(ssh_sandbox._workers)}")
+    cli.ok("start", "--check-interval", "2s")
+    cli.ok("add_slave", "--down-after", "1", changed.alias)
+    add_checked_workers(cli, "w1")
+    changed.new_host_key(keep_connections=True)
+    script = cli.write_script("reach.sh", 'ssh "$SLAVE_IP" true\n')
+    ids = cli.ok("add_job", script, ":::", *range(6)).strip()
+    cli.ok("wait", "-q", ids)
+    assert len(attempts_on(cli, changed.alias)) == 1
+    slave = wait_until(lambda: slaves(cli)[changed.alias]["health"] == "down" and
+                       slaves(cli)[changed.alias], timeout=30, what="the check to see the key")
+    assert f"host key of {changed.alias} changed" in slave["check_reason"]
