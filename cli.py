@@ -1308,6 +1308,7 @@ class Spawner:
 
     def __init__(self):
         self.channel = None
+        self.log = None   # the server's logger, once it has one (see open_server)
         self.start()
 
     def start(self):
@@ -1346,12 +1347,44 @@ class Spawner:
             except OSError as error:
                 if attempt == 2:
                     raise LaunchError(f"cannot reach the spawner ({error})") from None
-                self.channel.close()
-                self.start()   # raises LaunchError if even that fails
+                self.replace()
         answer = json.loads(reply)
         if "error" in answer:
             raise LaunchError(answer["error"])
         return answer["pid"], fds[0]
+
+    def replace(self):
+        """Reap a spawner that stopped answering, say how it ended, and start another."""
+        self.channel.close()   # one still alive sees EOF and exits
+        ended = self.reap()
+        if self.log is not None:
+            self.log.warning("the spawner (pid %d) %s; starting a new one", self.pid, ended)
+        self.start()   # raises LaunchError if even that fails
+
+    def reap(self):
+        """Wait for the old spawner to end (killed if it has not within a second: a stuck
+        one would hold up the server); return how it ended."""
+        import select
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return "was gone"
+        try:
+            if not select.select([pidfd], [], [], 1.0)[0]:
+                os.kill(self.pid, signal.SIGKILL)
+        finally:
+            os.close(pidfd)
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            return "was gone"
+        if os.WIFSIGNALED(status):
+            number = os.WTERMSIG(status)
+            try:
+                return f"was killed by {signal.Signals(number).name}"
+            except ValueError:
+                return f"was killed by signal {number}"
+        return f"exited with status {os.WEXITSTATUS(status)}"
 
     def close(self):
         self.channel.close()   # the spawner sees EOF and exits
@@ -4041,6 +4074,7 @@ def open_server(data_dir, log_dir, paths, filelock, notify, spawner, check_inter
     job_fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (job_fd_limit[1], job_fd_limit[1]))
     log = server_logger(log_dir, foreground=not notify)
+    spawner.log = log
     try:
         server = Server(data_dir, log_dir, log, job_fd_limit, spawner, check_interval)
         server.load()
