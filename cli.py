@@ -4252,10 +4252,13 @@ def request(data_dir, command, **params):
     return stream(data_dir, command, None, **params)
 
 
-def stream(data_dir, command, on_event, **params):
-    """Send one request; hand each event line to ON_EVENT until the reply; return its result."""
+def stream(data_dir, command, on_event, on_idle=None, **params):
+    """Send one request; hand each event line to ON_EVENT until the reply; return its result.
+
+    ON_IDLE, if given, is called after each second in which nothing came.
+    """
     with connect(data_dir, command, params) as connection:
-        for line in connection.makefile("rb"):
+        for line in reply_lines(connection, on_idle):
             message = parse_reply_line(line, data_dir)
             if "event" in message and on_event is not None:
                 on_event(message)
@@ -4263,6 +4266,30 @@ def stream(data_dir, command, on_event, **params):
                 return reply_result(message)
     raise LostServer(f"the server for {data_dir} went away before answering (stopped or "
                      "crashed; see its server.log); start it again and retry")
+
+
+def reply_lines(connection, on_idle=None):
+    """The lines the server sends, the last one even without its newline."""
+    import select
+    buffer = bytearray()
+    while True:
+        # A timeout on the socket itself would do, but a file made of a socket
+        # refuses every read after its first timeout: hence select.
+        if on_idle is not None and not select.select([connection], [], [], 1.0)[0]:
+            on_idle()
+            continue
+        chunk = connection.recv(1 << 16)
+        if not chunk:
+            break
+        searched = len(buffer)
+        buffer += chunk
+        end = buffer.find(b"\n", searched)
+        while end >= 0:
+            yield buffer[:end + 1]
+            del buffer[:end + 1]
+            end = buffer.find(b"\n")
+    if buffer:
+        yield buffer
 
 
 def parse_reply_line(line, data_dir):
@@ -4845,7 +4872,8 @@ def command_wait(options):
     job_ids = parse_job_ids(options.ids) if options.ids else None
     progress = ProgressLine(sys.stderr.isatty() and not options.quiet)
     try:
-        result = stream(options.data_dir, "wait", progress.show, ids=job_ids)
+        result = stream(options.data_dir, "wait", progress.show,
+                        on_idle=progress.tick if progress.enabled else None, ids=job_ids)
     finally:
         progress.clear()
     total, failures = result["total"], sorted(result["not_succeeded"], key=lambda job: job["id"])
@@ -4874,15 +4902,18 @@ def describe_outcome(job):
 
 
 class ProgressLine:
-    """One line on a terminal, redrawn in place at most ten times a second."""
+    """One line on a terminal, redrawn in place at most ten times a second, and at
+    least once a second so that the elapsed time moves while no job ends."""
 
     def __init__(self, enabled):
         self.enabled = enabled
         self.started = time.monotonic()
         self.drawn_at = 0.0
         self.width = 0
+        self.last = None   # the server's latest progress event
 
     def show(self, progress):
+        self.last = progress
         now = time.monotonic()
         if not self.enabled or (now - self.drawn_at < 0.1 and progress["running"]):
             return
@@ -4899,6 +4930,11 @@ class ProgressLine:
         sys.stderr.write("\r" + text.ljust(self.width))
         sys.stderr.flush()
         self.width = len(text)
+
+    def tick(self):
+        """Redraw the latest progress with the time that has passed since."""
+        if self.last is not None:
+            self.show(self.last)
 
     def clear(self):
         if self.enabled and self.width:
