@@ -66,6 +66,7 @@ DEFAULT_CHECK_INTERVAL = 30.0    # seconds between health checks of a worker
 HEALTH_CHECKS_AT_ONCE = 16       # connections the health checker opens at the same time
 HEALTH_CHECKER = "_health_checker"   # the hidden command the server runs it as
 STATUS_TABLE_HEAD = 10           # waiting jobs shown by the status table
+HEALTH_TEXT_WIDTH = 30           # the status table's "last check" cells (see _health_text)
 JOBS_TABLE_LAST = 50             # jobs shown by the jobs table without --last
 MAX_BULK_JOBS = 1_000_000        # jobs one add_job call may queue, ids one command may name
 MAX_JOB_ID = 2 ** 63 - 1         # SQLite's largest integer
@@ -4428,11 +4429,18 @@ def render_status(status):
     return "\n".join(lines)
 
 
-def _health_text(slave, now):
+def _health_text(slave, now, width=HEALTH_TEXT_WIDTH):
+    """The worker's last check, cut to WIDTH (status --json has the whole reason).
+
+    The table's other columns and tabulate's spacing take 50 characters: a reason
+    cut to 30 keeps the table of workers with short names within 80 columns.
+    """
     if not slave["checked_at"]:
         return "-" if slave["ssh_checked"] else "not checked"
     text = f"{slave['health']}, {_elapsed(now - parse_iso_time(slave['checked_at']))} ago"
-    return f"{text}: {slave['check_reason']}" if slave["check_reason"] else text
+    if slave["check_reason"]:
+        text += f": {slave['check_reason']}"
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _command_line(job, width=60):
