@@ -4445,12 +4445,39 @@ def _health_text(slave, now, width=HEALTH_TEXT_WIDTH):
 
 def _command_line(job, width=60):
     """The job's command as the user probably typed it, cut to WIDTH."""
-    import shlex
     script = job["script"]
     if script.startswith(job["cwd"].rstrip("/") + "/"):
         script = "./" + script[len(job["cwd"].rstrip("/")) + 1:]
-    text = " ".join(shlex.quote(part) for part in [script, *job["args"]])
+    text = " ".join(_shell_word(part) for part in [script, *job["args"]])
     return text if len(text) <= width else text[:width - 3] + "..."
+
+
+# How bash's $'...' quoting writes these characters (printf %q writes the same).
+SHELL_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r",
+                 "\x1b": "\\E"}
+
+
+def _shell_word(text):
+    """TEXT quoted for a shell; a newline or other character a terminal would act on
+    instead of show is escaped the way bash's $'...' quoting does, so that it cannot
+    break a table's row."""
+    import shlex
+    if text.isprintable():
+        return shlex.quote(text)
+    escaped = []
+    for character in text:
+        code = ord(character)
+        if character in SHELL_ESCAPES:
+            escaped.append(SHELL_ESCAPES[character])
+        elif character.isprintable():
+            escaped.append(character)
+        elif code < 0x80:   # (\xHH is a byte: above 0x7f it would not be this character)
+            escaped.append(f"\\x{code:02x}")
+        elif 0xDC80 <= code <= 0xDCFF:   # a byte that was not UTF-8 (surrogateescape)
+            escaped.append(f"\\x{code - 0xDC00:02x}")
+        else:
+            escaped.append(f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "$'" + "".join(escaped) + "'"
 
 
 def _elapsed(seconds):
