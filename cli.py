@@ -1283,9 +1283,10 @@ class AttemptSpec:
     """Everything a supervisor needs to run one attempt of one job."""
 
     def __init__(self, job_id, attempt, script, args, cwd, environment, umask, fd_limit,
-                 log_path):
+                 log_path, worker):
         self.job_id = job_id
         self.attempt = attempt
+        self.worker = worker     # its name as registered, for the log's attempt marker
         self.script = script
         self.args = args
         self.cwd = cwd
@@ -1541,15 +1542,36 @@ def _name_process(name):
 
 def _open_log(spec):
     """The job's log, opened for the script's output; or why it cannot be (the job
-    fails).  A full or read-only disk raises instead: the job waits for it."""
+    fails).  A full or read-only disk raises instead: the job waits for it.
+
+    Retries append to the log of the first attempt, after a line that says which
+    attempt begins, where and when.
+    """
     import errno
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if spec.attempt > 1 else os.O_TRUNC)
     try:
-        return os.open(spec.log_path, flags, 0o600)
+        log_fd = os.open(spec.log_path, flags, 0o600)
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
         return f"cannot open its log {spec.log_path}: {error.strerror}"
+    if spec.attempt > 1:
+        marker = (f"--- attempt {spec.attempt} on {spec.worker} at "
+                  f"{time.strftime('%H:%M:%S')} ---\n")
+        _note(log_fd, ("\n" if _ends_mid_line(spec.log_path) else "") + marker)
+    return log_fd
+
+
+def _ends_mid_line(path):
+    """True if the file at PATH ends with a line that has no newline yet."""
+    try:
+        with open(path, "rb") as log:
+            if log.seek(0, os.SEEK_END) == 0:
+                return False
+            log.seek(-1, os.SEEK_END)
+            return log.read(1) != b"\n"
+    except OSError:
+        return False
 
 
 def _run_and_wait(run_dir, spec, setup, log_fd):
@@ -2445,7 +2467,8 @@ class Server:
                                       row["id"], worker.name, row["attempt"],
                                       attempt_slots(row), ssh_reuse)
         spec = AttemptSpec(row["id"], row["attempt"], row["script"], json.loads(row["args"]),
-                           row["cwd"], environment, row["umask"], self.job_fd_limit, row["log"])
+                           row["cwd"], environment, row["umask"], self.job_fd_limit, row["log"],
+                           row["worker"])
         pid, pidfd = self.spawner.spawn(self.run_dir, spec)
         self.watch(row, pid, pidfd)
         self.log.info("job %s: started on %s slot %s (attempt %s, supervisor %s)",
