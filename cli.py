@@ -4485,22 +4485,27 @@ def _shell_word(text):
     instead of show is escaped the way bash's $'...' quoting does, so that it cannot
     break a table's row."""
     import shlex
-    if text.isprintable():
+    if all(map(_shown_as_is, text)):
         return shlex.quote(text)
     escaped = []
     for character in text:
         code = ord(character)
         if character in SHELL_ESCAPES:
             escaped.append(SHELL_ESCAPES[character])
-        elif character.isprintable():
+        elif _shown_as_is(character):
             escaped.append(character)
         elif code < 0x80:   # (\xHH is a byte: above 0x7f it would not be this character)
             escaped.append(f"\\x{code:02x}")
-        elif 0xDC80 <= code <= 0xDCFF:   # a byte that was not UTF-8 (surrogateescape)
-            escaped.append(f"\\x{code - 0xDC00:02x}")
         else:
             escaped.append(f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
     return "$'" + "".join(escaped) + "'"
+
+
+def _shown_as_is(character):
+    # A byte that was not UTF-8 (a surrogate escape) is printed as the byte it
+    # was (see main): only bytes above 0x7f are escaped so, never a newline or
+    # another ASCII control character.
+    return character.isprintable() or 0xDC80 <= ord(character) <= 0xDCFF
 
 
 def _elapsed(seconds):
