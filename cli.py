@@ -67,6 +67,7 @@ DEFAULT_CHECK_INTERVAL = 30.0    # seconds between health checks of a worker
 HEALTH_CHECKS_AT_ONCE = 16       # connections the health checker opens at the same time
 HEALTH_CHECKER = "_health_checker"   # the hidden command the server runs it as
 STATUS_TABLE_HEAD = 10           # waiting jobs shown by the status table
+HEALTH_TEXT_WIDTH = 30           # the status table's "last check" cells (see _health_text)
 JOBS_TABLE_LAST = 50             # jobs shown by the jobs table without --last
 MAX_BULK_JOBS = 1_000_000        # jobs one add_job call may queue, ids one command may name
 MAX_JOB_ID = 2 ** 63 - 1         # SQLite's largest integer
@@ -1490,9 +1491,10 @@ class AttemptSpec:
     """Everything a supervisor needs to run one attempt of one job."""
 
     def __init__(self, job_id, attempt, script, args, cwd, environment, umask, fd_limit,
-                 log_path):
+                 log_path, worker):
         self.job_id = job_id
         self.attempt = attempt
+        self.worker = worker     # its name as registered, for the log's attempt marker
         self.script = script
         self.args = args
         self.cwd = cwd
@@ -1516,6 +1518,7 @@ class Spawner:
 
     def __init__(self):
         self.channel = None
+        self.log = None   # the server's logger, once it has one (see open_server)
         self.start()
 
     def start(self):
@@ -1554,12 +1557,44 @@ class Spawner:
             except OSError as error:
                 if attempt == 2:
                     raise LaunchError(f"cannot reach the spawner ({error})") from None
-                self.channel.close()
-                self.start()   # raises LaunchError if even that fails
+                self.replace()
         answer = json.loads(reply)
         if "error" in answer:
             raise LaunchError(answer["error"])
         return answer["pid"], fds[0]
+
+    def replace(self):
+        """Reap a spawner that stopped answering, say how it ended, and start another."""
+        self.channel.close()   # one still alive sees EOF and exits
+        ended = self.reap()
+        if self.log is not None:
+            self.log.warning("the spawner (pid %d) %s; starting a new one", self.pid, ended)
+        self.start()   # raises LaunchError if even that fails
+
+    def reap(self):
+        """Wait for the old spawner to end (killed if it has not within a second: a stuck
+        one would hold up the server); return how it ended."""
+        import select
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return "was gone"
+        try:
+            if not select.select([pidfd], [], [], 1.0)[0]:
+                os.kill(self.pid, signal.SIGKILL)
+        finally:
+            os.close(pidfd)
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            return "was gone"
+        if os.WIFSIGNALED(status):
+            number = os.WTERMSIG(status)
+            try:
+                return f"was killed by {signal.Signals(number).name}"
+            except ValueError:
+                return f"was killed by signal {number}"
+        return f"exited with status {os.WEXITSTATUS(status)}"
 
     def close(self):
         self.channel.close()   # the spawner sees EOF and exits
@@ -1715,15 +1750,36 @@ def _name_process(name):
 
 def _open_log(spec):
     """The job's log, opened for the script's output; or why it cannot be (the job
-    fails).  A full or read-only disk raises instead: the job waits for it."""
+    fails).  A full or read-only disk raises instead: the job waits for it.
+
+    Retries append to the log of the first attempt, after a line that says which
+    attempt begins, where and when.
+    """
     import errno
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if spec.attempt > 1 else os.O_TRUNC)
     try:
-        return os.open(spec.log_path, flags, 0o600)
+        log_fd = os.open(spec.log_path, flags, 0o600)
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
         return f"cannot open its log {spec.log_path}: {error.strerror}"
+    if spec.attempt > 1:
+        marker = (f"--- attempt {spec.attempt} on {spec.worker} at "
+                  f"{time.strftime('%H:%M:%S')} ---\n")
+        _note(log_fd, ("\n" if _ends_mid_line(spec.log_path) else "") + marker)
+    return log_fd
+
+
+def _ends_mid_line(path):
+    """True if the file at PATH ends with a line that has no newline yet."""
+    try:
+        with open(path, "rb") as log:
+            if log.seek(0, os.SEEK_END) == 0:
+                return False
+            log.seek(-1, os.SEEK_END)
+            return log.read(1) != b"\n"
+    except OSError:
+        return False
 
 
 def _run_and_wait(run_dir, spec, setup, log_fd):
@@ -3091,7 +3147,8 @@ class Server:
                                       row["id"], worker.name, row["attempt"],
                                       attempt_slots(row), worker.job_endpoint(), ssh_shim)
         spec = AttemptSpec(row["id"], row["attempt"], row["script"], json.loads(row["args"]),
-                           row["cwd"], environment, row["umask"], self.job_fd_limit, row["log"])
+                           row["cwd"], environment, row["umask"], self.job_fd_limit, row["log"],
+                           row["worker"])
         pid, pidfd = self.spawner.spawn(self.run_dir, spec)
         self.watch(row, pid, pidfd)
         self.log.info("job %s: started on %s slot %s (attempt %s, supervisor %s)",
@@ -4863,6 +4920,7 @@ def open_server(data_dir, log_dir, paths, filelock, notify, spawner, check_inter
     job_fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (job_fd_limit[1], job_fd_limit[1]))
     log = server_logger(log_dir, foreground=not notify)
+    spawner.log = log
     try:
         server = Server(data_dir, log_dir, log, job_fd_limit, spawner, check_interval,
                         ssh_config, down_after)
@@ -5049,10 +5107,13 @@ def request(data_dir, command, **params):
     return stream(data_dir, command, None, **params)
 
 
-def stream(data_dir, command, on_event, **params):
-    """Send one request; hand each event line to ON_EVENT until the reply; return its result."""
+def stream(data_dir, command, on_event, on_idle=None, **params):
+    """Send one request; hand each event line to ON_EVENT until the reply; return its result.
+
+    ON_IDLE, if given, is called after each second in which nothing came.
+    """
     with connect(data_dir, command, params) as connection:
-        for line in connection.makefile("rb"):
+        for line in reply_lines(connection, on_idle):
             message = parse_reply_line(line, data_dir)
             if "event" in message and on_event is not None:
                 on_event(message)
@@ -5060,6 +5121,30 @@ def stream(data_dir, command, on_event, **params):
                 return reply_result(message)
     raise LostServer(f"the server for {data_dir} went away before answering (stopped or "
                      "crashed; see its server.log); start it again and retry")
+
+
+def reply_lines(connection, on_idle=None):
+    """The lines the server sends, the last one even without its newline."""
+    import select
+    buffer = bytearray()
+    while True:
+        # A timeout on the socket itself would do, but a file made of a socket
+        # refuses every read after its first timeout: hence select.
+        if on_idle is not None and not select.select([connection], [], [], 1.0)[0]:
+            on_idle()
+            continue
+        chunk = connection.recv(1 << 16)
+        if not chunk:
+            break
+        searched = len(buffer)
+        buffer += chunk
+        end = buffer.find(b"\n", searched)
+        while end >= 0:
+            yield buffer[:end + 1]
+            del buffer[:end + 1]
+            end = buffer.find(b"\n")
+    if buffer:
+        yield buffer
 
 
 def parse_reply_line(line, data_dir):
@@ -5253,21 +5338,60 @@ def render_status(status):
     return "\n".join(lines)
 
 
-def _health_text(slave, now):
+def _health_text(slave, now, width=HEALTH_TEXT_WIDTH):
+    """The worker's last check, cut to WIDTH (status --json has the whole reason).
+
+    The table's other columns and tabulate's spacing take 50 characters: a reason
+    cut to 30 keeps the table of workers with short names within 80 columns.
+    """
     if not slave["checked_at"]:
         return "-" if slave["ssh_checked"] else "not checked"
     text = f"{slave['health']}, {_elapsed(now - parse_iso_time(slave['checked_at']))} ago"
-    return f"{text}: {slave['check_reason']}" if slave["check_reason"] else text
+    if slave["check_reason"]:
+        text += f": {slave['check_reason']}"
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _command_line(job, width=60):
     """The job's command as the user probably typed it, cut to WIDTH."""
-    import shlex
     script = job["script"]
     if script.startswith(job["cwd"].rstrip("/") + "/"):
         script = "./" + script[len(job["cwd"].rstrip("/")) + 1:]
-    text = " ".join(shlex.quote(part) for part in [script, *job["args"]])
+    text = " ".join(_shell_word(part) for part in [script, *job["args"]])
     return text if len(text) <= width else text[:width - 3] + "..."
+
+
+# How bash's $'...' quoting writes these characters (printf %q writes the same).
+SHELL_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r",
+                 "\x1b": "\\E"}
+
+
+def _shell_word(text):
+    """TEXT quoted for a shell; a newline or other character a terminal would act on
+    instead of show is escaped the way bash's $'...' quoting does, so that it cannot
+    break a table's row."""
+    import shlex
+    if all(map(_shown_as_is, text)):
+        return shlex.quote(text)
+    escaped = []
+    for character in text:
+        code = ord(character)
+        if character in SHELL_ESCAPES:
+            escaped.append(SHELL_ESCAPES[character])
+        elif _shown_as_is(character):
+            escaped.append(character)
+        elif code < 0x80:   # (\xHH is a byte: above 0x7f it would not be this character)
+            escaped.append(f"\\x{code:02x}")
+        else:
+            escaped.append(f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "$'" + "".join(escaped) + "'"
+
+
+def _shown_as_is(character):
+    # A byte that was not UTF-8 (a surrogate escape) is printed as the byte it
+    # was (see main): only bytes above 0x7f are escaped so, never a newline or
+    # another ASCII control character.
+    return character.isprintable() or 0xDC80 <= ord(character) <= 0xDCFF
 
 
 def _elapsed(seconds):
@@ -5702,7 +5826,8 @@ def command_wait(options):
     job_ids = parse_job_ids(options.ids) if options.ids else None
     progress = ProgressLine(sys.stderr.isatty() and not options.quiet)
     try:
-        result = stream(options.data_dir, "wait", progress.show, ids=job_ids)
+        result = stream(options.data_dir, "wait", progress.show,
+                        on_idle=progress.tick if progress.enabled else None, ids=job_ids)
     finally:
         progress.clear()
     total, failures = result["total"], sorted(result["not_succeeded"], key=lambda job: job["id"])
@@ -5731,15 +5856,18 @@ def describe_outcome(job):
 
 
 class ProgressLine:
-    """One line on a terminal, redrawn in place at most ten times a second."""
+    """One line on a terminal, redrawn in place at most ten times a second, and at
+    least once a second so that the elapsed time moves while no job ends."""
 
     def __init__(self, enabled):
         self.enabled = enabled
         self.started = time.monotonic()
         self.drawn_at = 0.0
         self.width = 0
+        self.last = None   # the server's latest progress event
 
     def show(self, progress):
+        self.last = progress
         now = time.monotonic()
         if not self.enabled or (now - self.drawn_at < 0.1 and progress["running"]):
             return
@@ -5756,6 +5884,11 @@ class ProgressLine:
         sys.stderr.write("\r" + text.ljust(self.width))
         sys.stderr.flush()
         self.width = len(text)
+
+    def tick(self):
+        """Redraw the latest progress with the time that has passed since."""
+        if self.last is not None:
+            self.show(self.last)
 
     def clear(self):
         if self.enabled and self.width:

@@ -8,6 +8,8 @@ setup_machine() {
     # The disk-fault tests mount small tmpfs and ext4 images (tests/test_disk_faults.py).
     command -v mkfs.ext4 >/dev/null && command -v e2fsck >/dev/null || missing+=(e2fsprogs)
     command -v losetup >/dev/null && command -v mount >/dev/null || missing+=(mount)
+    # wait's progress line is tested in a real terminal (tests/test_wait.py).
+    command -v tmux >/dev/null || missing+=(tmux)
     python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null \
         || missing+=(python3-venv)
     if [ ${#missing[@]} -gt 0 ]; then

@@ -252,3 +252,16 @@ def test_status_table_shows_the_head_of_a_long_queue(server):
     assert "Waiting (15)" in table
     assert "... and 5 more" in table
     assert table.count("record.py") == 10
+
+
+def test_control_characters_in_arguments_are_shown_escaped_on_one_row(server):
+    server.ok("pause")
+    job_id = server.add_job(server.script, "a\nb", "tab\there", "bell\x07")
+    shown = "./record.py $'a\\nb' $'tab\\there' $'bell\\x07'"
+    for command in ("jobs", "status"):
+        output = server.ok(command)
+        rows = [line for line in output.splitlines() if "record.py" in line]
+        assert len(rows) == 1 and rows[0].rstrip().endswith(shown), output
+    arguments = server.status()["job_waitlist"][0]["args"]
+    assert (server.status()["job_waitlist"][0]["id"], arguments) == \
+        (job_id, ["a\nb", "tab\there", "bell\x07"])

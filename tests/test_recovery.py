@@ -144,6 +144,36 @@ def test_a_killed_supervisor_takes_its_job_along_and_frees_the_slot_honestly(ser
                what="the job's processes to be gone")
 
 
+def children_of(pid):
+    """{child pid: (name, state)} of the processes whose parent is PID."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and int(proc_stat(entry)[1]) == pid:
+                with open(f"/proc/{entry}/comm") as comm:
+                    children[int(entry)] = (comm.read().strip(), proc_stat(entry)[0])
+        except OSError:
+            continue
+    return children
+
+
+def test_a_killed_spawner_is_reaped_logged_and_replaced(server):
+    server.ok("add_slave", "--skip_ssh_auth_check", "w1")
+    server.ok("wait", "-q", server.add_job(server.script))
+    pid = server.server_pid()
+    spawner, = [child for child, (name, _) in children_of(pid).items()
+                if name == "cli.py spawner"]
+    os.kill(spawner, signal.SIGKILL)
+    wait_until(lambda: children_of(pid).get(spawner, (None, "gone"))[1] in ("Z", "gone"),
+               what="the spawner to die")
+    server.ok("wait", "-q", server.add_job(server.script))   # started by a new spawner
+    children = children_of(pid)
+    assert [state for state in children.values() if state[1] == "Z"] == [], children
+    assert [name for name, _ in children.values()].count("cli.py spawner") == 1, children
+    assert f"the spawner (pid {spawner}) was killed by SIGKILL; starting a new one" in \
+        (server.log_dir / "server.log").read_text()
+
+
 def test_a_held_lock_without_pid_file_is_never_queued_again_until_released(server):
     """A supervisor that has its lock but not yet its pid file may be about to run the script."""
     server.ok("add_slave", "w1")

@@ -1,5 +1,6 @@
 """Scheduling policy end to end through real sshd workers: priority and slot identity."""
 import json
+import re
 import time
 
 from conftest import wait_until
@@ -88,6 +89,20 @@ def test_retries_run_a_failed_job_again_until_it_succeeds(server):
     assert (job["result"], job["attempt"]) == ("succeeded", 3)
     shown = server.ok("jobs", job_id)
     assert "1. failed on w1 (exit 3)" in shown and "3. succeeded on w1 (exit 0)" in shown
+
+
+def test_each_retry_is_marked_in_the_log_it_shares_with_the_earlier_attempts(server):
+    # No newline after the output: a marker still starts a line of its own.
+    script = server.write_script("flaky.sh", 'printf "output of attempt %s" "$JOB_ATTEMPT"\n'
+                                             '[ "$JOB_ATTEMPT" -ge 3 ] || exit 3\n')
+    server.ok("add_slave", "w1")
+    job_id = server.add_job("--retries", "2", script)
+    server.ok("wait", "-q", job_id)
+    lines = server.ok("logs", job_id).split("\n")
+    assert len(lines) == 5, lines
+    assert lines[0::2] == ["output of attempt 1", "output of attempt 2", "output of attempt 3"]
+    for marker, attempt in zip(lines[1::2], (2, 3)):
+        assert re.fullmatch(rf"--- attempt {attempt} on w1 at \d\d:\d\d:\d\d ---", marker), lines
 
 
 def test_retries_run_out_and_killed_jobs_are_not_retried(server):

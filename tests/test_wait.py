@@ -1,10 +1,16 @@
 """wait: pushed by the server, a progress line on a terminal, honest exit status."""
 import os
 import pty
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+
+import pytest
 
 from conftest import CLI, cpu_seconds, wait_until
 
@@ -100,6 +106,54 @@ def test_wait_shows_a_progress_line_on_a_terminal(server):
     assert waiter.wait(30) == 0
     assert b"\r" in output and b"done (0 failed)" in output and b"running" in output
     assert waiter.stdout.read() == "all 4 job(s) succeeded\n"
+
+
+@pytest.fixture
+def tmux():
+    """Runs tmux commands against a tmux server of the test's own, whose socket is in a
+    directory of its own (tmp_path may be too long for a socket's path)."""
+    socket_dir = tempfile.mkdtemp(prefix="cli-py-tmux-")
+    socket_path = os.path.join(socket_dir, "socket")
+
+    def run(*args, env=None):
+        return subprocess.run(["tmux", "-S", socket_path, *args], env=env, check=True,
+                              capture_output=True, text=True, timeout=10).stdout
+    yield run
+    subprocess.run(["tmux", "-S", socket_path, "kill-server"], capture_output=True, timeout=10)
+    shutil.rmtree(socket_dir)
+
+
+def test_the_progress_line_counts_the_seconds_while_no_job_ends(server, tmux):
+    server.ok("add_slave", "w1")
+    gate = server.root / "gate"
+    job_id = server.add_job(server.write_script(
+        "gated.sh", f"while [ ! -e {gate} ]; do sleep 0.05; done\n"))
+    server.wait_for_counts(running=1)
+    # The progress line goes to stderr, the pane; the result to a file, which
+    # outlasts the pane.
+    result, exit_status = server.root / "wait.out", server.root / "wait.status"
+    command = (shlex.join([sys.executable, str(CLI), "wait", str(job_id)])
+               + f" > {shlex.quote(str(result))}; echo $? > {shlex.quote(str(exit_status))}")
+    # The tmux server, started here, gives its panes this environment.
+    tmux("new-session", "-d", "-s", "wait", "-x", "120", "-y", "10", "-c", str(server.root),
+         command, env=server.env)
+    seen = []
+
+    def elapsed_reaches_two_seconds():
+        shown = re.search(r"1 running, 0 waiting, (\d+):(\d\d):(\d\d) elapsed",
+                          tmux("capture-pane", "-p", "-t", "wait"))
+        if shown:
+            hours, minutes, seconds = map(int, shown.groups())
+            elapsed = hours * 3600 + minutes * 60 + seconds
+            if not seen or seen[-1] != elapsed:
+                seen.append(elapsed)
+        return seen and seen[-1] >= 2
+    wait_until(elapsed_reaches_two_seconds, what="the elapsed time to reach 0:00:02")
+    assert server.status()["counts"]["running"] == 1, "the job ended: nothing proves a tick"
+    assert seen == sorted(seen) and len([second for second in seen if second > 0]) >= 2, seen
+    gate.touch()
+    wait_until(lambda: exit_status.exists() and exit_status.read_text(), what="wait to exit")
+    assert (exit_status.read_text(), result.read_text()) == ("0\n", "the job succeeded\n")
 
 
 def test_a_job_removed_while_waited_for_ends_the_wait_instead_of_hanging_it(server):

@@ -1,4 +1,5 @@
 """add_slave and remove_slave through real sshd workers."""
+import json
 import socket
 
 import pytest
@@ -53,6 +54,23 @@ def test_failing_hosts_are_reported_with_their_reason_and_the_rest_added(server,
 def test_skip_ssh_auth_check_adds_an_unreachable_host(server, bad_hosts):
     server.ok("add_slave", "--skip_ssh_auth_check", "refused")
     assert slaves(server)["refused"]["ssh_checked"] is False
+
+
+def test_status_fits_a_long_down_reason_in_80_columns_and_json_keeps_it_whole(server,
+                                                                              bad_hosts):
+    # A worker added with the SSH check (only those are checked again) that now
+    # refuses the login, with the longest reason there is.
+    document = server.root / "workers.json"
+    document.write_text(json.dumps({"slaves": [{"ip": "locked", "ssh_checked": True}],
+                                    "job_waitlist": []}))
+    server.ok("load_status", document)
+    wait_until(lambda: slaves(server)["locked"]["health"] == "down", what="locked marked down")
+    reason = slaves(server)["locked"]["check_reason"]
+    assert reason.startswith(bad_hosts["locked"]) and reason.endswith("ssh-copy-id locked)")
+    workers = server.ok("status").split("\n\n")[1]   # between the header and the job counts
+    assert workers.startswith("Workers (1)") and "down, " in workers, workers
+    assert max(len(line) for line in workers.splitlines()) <= 80, workers
+    assert workers.rstrip().endswith(" ago: authenti...  -"), workers
 
 
 @pytest.mark.parametrize("arguments, message", [
