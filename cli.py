@@ -5913,7 +5913,11 @@ def command_pause(options):
 
 
 def command_resume(options):
-    """Start jobs again: the whole queue, or only on the HOSTs given."""
+    """Start jobs again: the whole queue, or only on the HOSTs given.
+
+    A worker set aside because jobs kept failing to reach it (see start
+    --down-after) is taken back too, without waiting for a health check.
+    """
     result = request(options.data_dir, "resume", hosts=unique_hosts(options.hosts))
     if options.hosts:
         print(f"resumed {', '.join(options.hosts)}")
@@ -6063,9 +6067,10 @@ EXAMPLES = {
             "  ids=$(./cli.py add_job ./job.sh ::: a b c) && ./cli.py wait --quiet $ids",
     "pause": "./cli.py pause              # the whole queue\n  ./cli.py pause node3        "
              "# drain node3 without removing it",
-    "resume": "./cli.py resume\n  ./cli.py resume node3",
+    "resume": "./cli.py resume\n  ./cli.py resume node3        # also takes back a worker set aside",
     "edit_slave": "./cli.py edit_slave node1 --slots 8\n"
-                  "  ./cli.py edit_slave node1 -e SCRATCH=/fast --unset OLD_VAR",
+                  "  ./cli.py edit_slave node1 -e SCRATCH=/fast --unset OLD_VAR\n"
+                  "  ./cli.py edit_slave node1 --down-after 0     # never set it aside",
 }
 
 
