@@ -1414,6 +1414,15 @@ def worker_verdict(exit_code, signal_number, duration, ended_by_us, script_ran=T
     return duration < QUICK_FAILURE
 
 
+def set_aside(failures_in_row, down_after, others_working):
+    """True if a worker whose last FAILURES_IN_ROW attempts all failed (see
+    worker_verdict) is set aside: the rule is on (DOWN_AFTER > 0), the count has
+    reached it, and jobs do work on some other worker that takes jobs
+    (OTHERS_WORKING).  Where they fail everywhere, the jobs are to blame, not the
+    worker, and setting every worker aside would only stall the queue."""
+    return down_after > 0 and failures_in_row >= down_after and others_working
+
+
 def free_retry(exit_code, ended_by_us, down_after, unreached_before):
     """True if a failed attempt goes back to the queue without spending its --retries:
     ssh could not reach its worker (255), the rule is on (DOWN_AFTER > 0), and the
@@ -2718,6 +2727,7 @@ class Worker:
                          "user": row["ssh_user"]} if row["ssh_host"] is not None else None
         self.down_after = row["down_after"]
         self.failures_in_row = []   # how its last attempts failed to reach it (weigh_attempt)
+        self.works = False          # its last attempt that said anything went well
         self.set_aside_at = 0.0     # when weigh_attempt last set it aside
         self.busy_slots = set()
 
@@ -3571,6 +3581,7 @@ class Server:
                                  (outcome.get("exit_code"), outcome.get("signal")) != (None, None))
         if verdict is None:
             return
+        worker.works = not verdict
         if not verdict:
             worker.failures_in_row = []
             return
@@ -3578,9 +3589,10 @@ class Server:
             else f"signal {outcome.get('signal')}" if outcome.get("signal") is not None \
             else outcome.get("error") or "no exit status"
         worker.failures_in_row.append(f"job {row['id']} {how}")
-        limit = self.down_after_of(worker.name)
-        if not limit or len(worker.failures_in_row) < limit or \
-                worker.health != WorkerHealth.UP:
+        others_working = any(other.works and other.capacity().accepting
+                             for other in self.workers.values() if other is not worker)
+        if worker.health != WorkerHealth.UP or not set_aside(
+                len(worker.failures_in_row), self.down_after_of(worker.name), others_working):
             return
         reason = (f"{len(worker.failures_in_row)} jobs in a row failed to reach it "
                   f"({', '.join(worker.failures_in_row[-3:])}; ssh exits with "
@@ -6140,8 +6152,9 @@ def build_parser(only=None):
                             "down and takes no job until a check passes again.")
     start.add_argument("--down-after", type=down_after_count, metavar="K",
                        help="Set a worker aside (no new jobs) once K attempts in a row there "
-                            "fail to reach it: ssh's exit status 255, or a non-zero exit within "
-                            f"{QUICK_FAILURE:g}s; it is health-checked until a check passes. "
+                            "fail to reach it (ssh's exit status 255, or a non-zero exit within "
+                            f"{QUICK_FAILURE:g}s) while jobs work on another worker; it is "
+                            "health-checked until a check passes. "
                             "Jobs that failed there with 255 are retried elsewhere without "
                             "spending their --retries. 0 turns it off. Remembered across "
                             f"restarts (default: {DEFAULT_DOWN_AFTER}); add_slave and "

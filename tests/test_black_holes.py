@@ -7,9 +7,15 @@ import pytest
 
 from conftest import wait_until
 
-# Fails at once on w2 the way ssh does when it cannot get through; works on w1.
+# Fails at once on w2 the way ssh does when it cannot get through; works on w1,
+# where it takes long enough for w2 to be offered several jobs meanwhile.
 ON_W2_EXIT = """[ "$SLAVE_IP" = w2 ] && exit {code}
+sleep 0.3
 echo "ok on $SLAVE_IP"
+"""
+REACH = """set -e
+ssh "$SLAVE_IP" true
+sleep 0.3
 """
 
 
@@ -25,6 +31,13 @@ def add_checked_workers(cli, *names):
                what="the first health checks")
 
 
+def prove(cli, worker, script):
+    """Run one job of SCRIPT on WORKER that goes well there: a worker is set aside only
+    while jobs work elsewhere."""
+    job_id = cli.add_job("--on", worker, script)
+    cli.ok("wait", "-q", job_id)
+
+
 def attempts_on(cli, worker):
     jobs = json.loads(cli.ok("jobs", "--json"))
     found = []
@@ -38,6 +51,7 @@ def test_a_worker_that_ssh_cannot_get_through_is_set_aside_and_its_jobs_go_elsew
     cli.ok("start", "--check-interval", "1h")
     add_checked_workers(cli, "w1", "w2")
     script = cli.write_script("hole.sh", ON_W2_EXIT.format(code=255))
+    prove(cli, "w1", script)
     ids = cli.ok("add_job", script, ":::", *range(10)).strip()
     cli.ok("wait", "-q", ids)                 # every job succeeded in the end
     failed_there = attempts_on(cli, "w2")
@@ -57,10 +71,11 @@ def test_quick_failures_set_a_worker_aside_but_spend_retries(cli):
     cli.ok("start", "--check-interval", "1h")
     add_checked_workers(cli, "w1", "w2")
     script = cli.write_script("quick.sh", ON_W2_EXIT.format(code=1))
+    prove(cli, "w1", script)
     ids = cli.ok("add_job", script, ":::", *range(10)).strip()
     cli.run("wait", "-q", ids)
     counts = cli.status()["counts"]
-    assert (counts.get("failed"), counts.get("succeeded")) == (3, 7)
+    assert (counts.get("failed"), counts.get("succeeded")) == (3, 7 + 1)
     assert slaves(cli)["w2"]["health"] == "set_aside"
 
 
@@ -68,8 +83,10 @@ def test_a_passing_health_check_takes_a_set_aside_worker_back(cli):
     cli.ok("start", "--check-interval", "2s")
     cli.ok("add_slave", "w1", "w2")
     script = cli.write_script("hole.sh", ON_W2_EXIT.format(code=255))
+    prove(cli, "w1", script)
     ids = cli.ok("add_job", script, ":::", *range(6)).strip()
     cli.ok("wait", "-q", ids)
+    assert len(attempts_on(cli, "w2")) == 3
     wait_until(lambda: slaves(cli)["w2"]["health"] == "up", timeout=30,
                what="a health check to bring w2 back")
 
@@ -88,6 +105,7 @@ def test_the_rule_can_be_turned_off_per_server_and_per_worker(cli):
     wait_until(lambda: all(slave["checked_at"] for slave in slaves(cli).values()),
                what="the first health checks")
     assert "set aside after 2 failures" in cli.ok("edit_slave", "w2", "--down-after", "2")
+    prove(cli, "w1", script)
     ids = cli.ok("add_job", script, ":::", *range(8)).strip()
     cli.ok("wait", "-q", ids)
     assert slaves(cli)["w2"]["health"] == "set_aside"
@@ -122,7 +140,8 @@ def test_a_worker_whose_host_key_changed_no_longer_swallows_the_queue(cli, ssh_s
     cli.ok("start", "--check-interval", "1h")
     add_checked_workers(cli, "w1", changed.alias)
     changed.new_host_key()
-    script = cli.write_script("reach.sh", 'ssh "$SLAVE_IP" true\n')
+    script = cli.write_script("reach.sh", REACH)
+    prove(cli, "w1", script)
     ids = cli.ok("add_job", script, ":::", *range(10)).strip()
     cli.ok("wait", "-q", ids)                 # 10 of 10 succeeded
     assert len(attempts_on(cli, changed.alias)) == 3
@@ -137,10 +156,23 @@ def test_a_set_aside_worker_is_checked_over_a_new_connection(cli, ssh_sandbox):
     cli.ok("add_slave", "--down-after", "1", changed.alias)
     add_checked_workers(cli, "w1")
     changed.new_host_key(keep_connections=True)
-    script = cli.write_script("reach.sh", 'ssh "$SLAVE_IP" true\n')
+    script = cli.write_script("reach.sh", REACH)
+    prove(cli, "w1", script)
     ids = cli.ok("add_job", script, ":::", *range(6)).strip()
     cli.ok("wait", "-q", ids)
     assert len(attempts_on(cli, changed.alias)) == 1
     slave = wait_until(lambda: slaves(cli)[changed.alias]["health"] == "down" and
                        slaves(cli)[changed.alias], timeout=30, what="the check to see the key")
     assert f"host key of {changed.alias} changed" in slave["check_reason"]
+
+
+def test_jobs_that_fail_everywhere_set_no_worker_aside(cli):
+    """Quick failures on every worker are the jobs' doing: setting the workers aside
+    would only stall the queue (with one worker, for a health-check interval each)."""
+    cli.ok("start", "--check-interval", "1h")
+    add_checked_workers(cli, "w1", "w2")
+    script = cli.write_script("broken.sh", "exit 1\n")
+    ids = cli.ok("add_job", script, ":::", *range(12)).strip()
+    cli.run("wait", "-q", ids)
+    assert cli.status()["counts"].get("failed") == 12
+    assert {slave["health"] for slave in slaves(cli).values()} == {"up"}

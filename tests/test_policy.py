@@ -333,6 +333,13 @@ def test_what_an_ended_attempt_says_of_its_worker(exit_code, signal, duration, o
     assert cli.worker_verdict(exit_code, signal, duration, ours, ran) is verdict
 
 
+def test_a_worker_is_set_aside_only_while_jobs_work_elsewhere():
+    assert cli.set_aside(3, 3, others_working=True)
+    assert not cli.set_aside(2, 3, others_working=True)
+    assert not cli.set_aside(3, 3, others_working=False)   # the jobs fail everywhere
+    assert not cli.set_aside(9, 0, others_working=True)    # the rule is off
+
+
 def test_free_retries_are_for_ssh_failures_and_bounded():
     assert cli.free_retry(255, False, 3, 0)
     assert cli.free_retry(255, False, 3, 2)
