@@ -93,6 +93,7 @@ OUTCOME_RESERVE = 8192           # bytes kept for an attempt's .exit file (an ou
 STORAGE_RETRY_FIRST = 0.5        # seconds before a write the disk refused is tried again,
 STORAGE_RETRY_MAX = 10.0         # doubling up to this while the fault lasts
 PR_SET_CHILD_SUBREAPER = 36      # a prctl option (linux/prctl.h)
+SET_ASIDE_CHECK_FAILED = "; its last check failed: "   # appended to a set-aside reason
 
 RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP", "SLAVE_HOST", "SLAVE_PORT", "SLAVE_USER",
                       "JOB_ATTEMPT", "SLOT", "SLOTS")
@@ -230,7 +231,7 @@ def validate_variables(variables, what):
 # user@host, an alias of their ssh config, host:port, or an IPv6 address
 # (::1, [::1] or [::1]:2222).  Jobs use the name in ssh, rsync and scp alike,
 # and each of those misreads some of these forms: rsync and scp take host:port
-# for host:path, and ssh takes ::1 but not [::1], rsync and scp the reverse.
+# and ::1 for host:path, and ssh takes ::1 but not [::1].
 # Such a worker reaches its jobs (SLAVE_IP) as a destination that all three
 # read alike, which the queue's own ssh config for jobs maps to the real host
 # and port (see jobs_ssh_config).
@@ -256,14 +257,14 @@ class WorkerAddress:
 
     @property
     def alias(self):
-        """The host part of the jobs' destination (see destination)."""
-        if self.port is not None:
-            # Not a host name anyone has: Host entries of the user's config for the
-            # bare host do not apply to it (README: Worker names).
-            return f"cli.py-{re.sub(r'[:%]', '-', self.host)}-{self.port}"
-        if self.ipv6:
-            return f"[{self.host}]"
-        return self.host
+        """The host part of the jobs' destination (see destination).  Not a host name
+        anyone has: the user's Host entries for the bare host do not apply to it,
+        but Match host ones do (README: Worker names).  No brackets, which an
+        unquoted $SLAVE_IP would glob."""
+        if not self.needs_alias:
+            return self.host
+        host = re.sub(r"[:%]", "-", self.host)
+        return f"cli.py-{host}" + (f"-{self.port}" if self.port is not None else "")
 
     @property
     def destination(self):
@@ -864,14 +865,13 @@ class Store:
                 failed.setdefault(job_id, set()).add(worker)
         return failed
 
-    def retry(self, job_id, not_before, reason, **fields):
+    def retry(self, job_id, not_before, reason):
         """A failed attempt with retries left: the job waits again (until NOT_BEFORE)."""
         self.change_job(job_id, JobState.RUNNING, JobState.WAITING, worker=None, slot=None,
                         slots=None, started_at=None, kill_requested_at=None, kill_grace=None,
                         timed_out=0, exit_code=None, signal=None, reason=reason,
                         not_before=not_before,
-                        blocked=int(not_before is not None and not_before > time.time()),
-                        **fields)
+                        blocked=int(not_before is not None and not_before > time.time()))
 
     def unreached_attempts(self, job_id):
         """How many ended attempts of the job ssh could not get through (exit 255)."""
@@ -2122,7 +2122,8 @@ if [ "$program" != ssh ]; then
     exec "$real" -S "${SSH_SHIM_VARIABLE}/ssh" "$@"
 fi
 config=
-[ -n "${SSH_JOBS_CONFIG_VARIABLE}" ] && config=${SSH_JOBS_CONFIG_VARIABLE}
+# (A config a /tmp cleaner took is written again for the next job: go without.)
+[ -f "${SSH_JOBS_CONFIG_VARIABLE}" ] && config=${SSH_JOBS_CONFIG_VARIABLE}
 share=${{{SSH_CONTROL_VARIABLE}:+yes}}
 to_worker=
 for arg; do
@@ -2350,13 +2351,40 @@ class HostKeyCheck:
                                                                 "globalknownhostsfile")
                       for path in settings.get(keyword, "").split()]
         self.known = {}   # key type -> (key, the file it came from)
+        self.revoked = set()          # keys marked @revoked
+        self.unjudged = False         # entries only ssh can match: patterns, @cert-authority
         for path in self.files:
+            keys = paramiko.HostKeys()
             try:
-                keys = paramiko.HostKeys(path)
+                with open(path, encoding="utf-8", errors="replace") as known_hosts:
+                    for line in known_hosts:
+                        self.read_line(line, keys)
             except OSError:
                 continue   # missing or unreadable: ssh skips it too
             for key_type, key in (keys.lookup(self.lookup_name) or {}).items():
                 self.known.setdefault(key_type, (key, path))
+
+    def read_line(self, line, keys):
+        """One line of a known_hosts file into KEYS; a line ssh could not read either is
+        skipped, as ssh skips it."""
+        import paramiko
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            return
+        marker = fields.pop(0) if fields[0].startswith("@") else None
+        try:
+            entry = paramiko.hostkeys.HostKeyEntry.from_line(" ".join(fields))
+        except Exception:   # noqa: BLE001 - bad base64, unknown key types, ...
+            return
+        if entry is None:
+            return
+        if marker == "@revoked":
+            self.revoked.add(entry.key.asbytes())
+        elif marker or any(re.search(r"[*?!]", name) for name in entry.hostnames):
+            self.unjudged = True
+        else:
+            for name in entry.hostnames:
+                keys.add(name, entry.key.get_name(), entry.key)
 
     def install(self, client):
         client.set_missing_host_key_policy(self)
@@ -2366,10 +2394,15 @@ class HostKeyCheck:
             client.get_host_keys().add(self.paramiko_name, key_type, key)
 
     def missing_host_key(self, client, hostname, key):
-        """No known key of this host: accepted only as ssh would accept it."""
-        if self.strict in ("false", "no", "off", "accept-new"):
-            return
+        """No known key of this host: accepted only as ssh would accept it (or when
+        a pattern or certificate authority may vouch for it, which only ssh can
+        judge)."""
         import paramiko
+        if key.asbytes() in self.revoked:
+            raise paramiko.SSHException(f"the host key of {self.lookup_name} is revoked "
+                                        "(@revoked in known_hosts)")
+        if self.strict in ("false", "no", "off", "accept-new") or self.unjudged:
+            return
         files = self.files[:1] or ["~/.ssh/known_hosts"]
         raise paramiko.SSHException(
             f"the host key of {self.lookup_name} is not known (not in "
@@ -2403,6 +2436,7 @@ class WorkerConnection:
         self.gateway = None       # the WorkerConnection of the last ProxyJump host
         self.proxy = None         # the ProxyCommand's process, while connected
         self.proxy_errors = None
+        self.opened_at = 0.0
         jump = settings.get("proxyjump", "none")
         if jump != "none":
             if jumps >= MAX_PROXY_JUMPS:
@@ -2462,6 +2496,7 @@ class WorkerConnection:
             if link.settings.get("proxycommand", "none") != "none":
                 link.connection.connect_kwargs["sock"] = link.start_proxy()
         self.connection.open()
+        self.opened_at = time.time()
         sock = self.connection.client.get_transport().sock
         if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Nagle's algorithm holds back paramiko's small packets: ~40 ms a run.
@@ -2484,6 +2519,10 @@ class WorkerConnection:
             self.proxy = subprocess.Popen(
                 [os.environ.get("SHELL") or "/bin/sh", "-c", f"exec {command}"],
                 stdin=theirs, stdout=theirs, stderr=self.proxy_errors, start_new_session=True)
+        except OSError:
+            ours.close()
+            self.proxy_errors.close()
+            raise
         finally:
             theirs.close()
         return ours
@@ -2500,7 +2539,10 @@ class WorkerConnection:
 
     def stop_proxy(self):
         if self.proxy is not None:
-            self.proxy.kill()
+            try:
+                os.killpg(self.proxy.pid, signal.SIGKILL)   # whatever it started too
+            except OSError:
+                pass
             self.proxy.wait()
             self.proxy_errors.close()
             self.proxy = None
@@ -2548,6 +2590,8 @@ def check_new_host(name, timeout, ssh_config):
                                       ssh_config)
     except (SshConfigError, UserError) as error:
         return str(error), None
+    except Exception as error:   # noqa: BLE001 - any reason is reported for its host
+        return f"{type(error).__name__}: {error}", None
     return check_host(connection, timeout), resolved_endpoint(connection.settings)
 
 
@@ -2600,8 +2644,8 @@ def check_host(connection, timeout, keep=False):
         proxy = connection.proxy_failure()
         if proxy:
             return proxy
-        if "not known" in text and "host key" in text:
-            return text
+        if text.startswith("the host key of"):
+            return text   # from HostKeyCheck
         # A host that accepts TCP but never speaks ends in "No existing session"
         # once the connect timeout has passed; one that closes at once, sooner.
         if "banner" in text.lower() or "no existing session" in text.lower():
@@ -2632,18 +2676,17 @@ def health_checker_main():
     most HEALTH_CHECKS_AT_ONCE at a time, over one connection per worker kept
     open between checks (and replaced when it fails), and writes one JSON line
     per check: {"worker", "reason" (null if it passed), "at", "started", "endpoint"
-    (its host, port and user, as ssh resolves them)}.  Workers in "resolve" only get
-    their endpoint; those in "fresh" are checked over a new connection.  EOF on stdin (the server is gone) ends it.
+    (its host, port and user, as ssh resolves them)}; "started" is when the
+    connection it went over was opened, if that was earlier.  Workers in
+    "resolve" only get their endpoint; those in "fresh" are checked over a new
+    connection.  EOF on stdin (the server is gone) ends it.
     """
     import logging
-    import select
-    from concurrent.futures import ThreadPoolExecutor
     require("fabric")
     logging.getLogger("paramiko").setLevel(logging.CRITICAL + 1)
     request = {"workers": [], "interval": DEFAULT_CHECK_INTERVAL,
                "timeout": DEFAULT_SSH_TIMEOUT, "ssh_config": None, "resolve": []}
     connections = {}
-    next_round = time.monotonic()
     lines = LineReader()
 
     def check(host):
@@ -2655,6 +2698,8 @@ def health_checker_main():
             # nothing of its host key now: a new handshake does.
             connection.close()
             connection = None
+        # A check over a connection from before then proves nothing newer.
+        since = connection.opened_at if connection is not None else started
         endpoint = None
         try:
             connection = connection or WorkerConnection.of(host, timeout, ssh_config)
@@ -2662,20 +2707,37 @@ def health_checker_main():
             reason = check_host(connection, timeout, keep=True)
         except SshConfigError as error:
             connection, reason = None, str(error)
+        except Exception as error:   # noqa: BLE001 - a bad check must not end the checker
+            connection, reason = None, f"{type(error).__name__}: {error}"
         if reason is None:
             connections[host] = connection
         elif connection is not None:
             connection.close()
-        return {"worker": host, "reason": reason, "at": time.time(), "started": started,
+        return {"worker": host, "reason": reason, "at": time.time(), "started": since,
                 "endpoint": endpoint}
 
     def resolve(host):
         try:
             settings = worker_settings(worker_address(host), request["ssh_config"])
             return {"worker": host, "endpoint": resolved_endpoint(settings)}
-        except SshConfigError:
+        except Exception:   # noqa: BLE001 - SshConfigError and worse: resolved later
             return None
 
+    # The server stops it with SIGTERM: close the connections (and end their
+    # ProxyCommands, which have sessions of their own) on the way out.
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(0))
+    try:
+        check_rounds(request, connections, lines, check, resolve)
+    finally:
+        for connection in list(connections.values()):
+            connection.close()
+
+
+def check_rounds(request, connections, lines, check, resolve):
+    """health_checker_main's loop: requests in, a round of checks per interval out."""
+    import select
+    from concurrent.futures import ThreadPoolExecutor
+    next_round = time.monotonic()
     with ThreadPoolExecutor(max_workers=HEALTH_CHECKS_AT_ONCE) as pool:
         while True:
             wait = max(0.0, next_round - time.monotonic()) if request["workers"] else None
@@ -2702,8 +2764,6 @@ def health_checker_main():
             for result in pool.map(check, list(request["workers"])):
                 os.write(1, json.dumps(result).encode() + b"\n")
             next_round = time.monotonic() + request["interval"]
-    for connection in connections.values():
-        connection.close()
 
 
 ###############################################################################
@@ -2843,6 +2903,8 @@ class Server:
         self.shim_dir = os.path.join(self.ssh_root, "bin")
         self.jobs_ssh_config_path = os.path.join(self.ssh_root, JOBS_SSH_CONFIG_FILE)
         self.jobs_ssh_config = None   # its text, while jobs need one (see jobs_ssh_config)
+        self.jobs_ssh_config_missing = False   # its last write failed
+        self.endpoints_fresh = False  # the workers' endpoints resolved since this start
         self.store = Store(self.paths["database"])
         import selectors   # here: clients do not need it
         self.selector = selectors.DefaultSelector()
@@ -2896,8 +2958,8 @@ class Server:
         self.down_after = self.store.setting("down_after", DEFAULT_DOWN_AFTER)
         self.workers = {row["name"]: Worker(row) for row in self.store.workers()}
         self.paused = self.store.setting("paused", False)
+        self.prepare_ssh_reuse()   # first: recovery may remove a drained worker, and write
         self.recover()
-        self.prepare_ssh_reuse()
         with self.store.transaction():   # a database from before resolve_dependents, or edited
             self.log_skipped(self.store.resolve_dependents(self.store.stale_prerequisites()))
         self.skip_stranded()   # a crash may have come between a worker's removal and this
@@ -2922,11 +2984,20 @@ class Server:
     def write_jobs_ssh_config(self):
         """(Re)write the jobs' ssh config after the workers or the queue's config changed.
         An old one stays while jobs may read it: only its Host entries could go, and
-        only for workers without jobs."""
+        only for workers without jobs.  A write that fails (a full disk) is tried
+        again before the next job that needs it starts (see ssh_shim_for)."""
         text = jobs_ssh_config(self.workers, self.ssh_config)
-        if text is not None and text != self.jobs_ssh_config:
-            _write_file(self.jobs_ssh_config_path, text)
+        changed = text != self.jobs_ssh_config
         self.jobs_ssh_config = text
+        if text is not None and changed:
+            try:
+                _write_file(self.jobs_ssh_config_path, text)
+            except OSError as error:
+                self.log.error("cannot write the jobs' ssh config %s (%s); tried again when "
+                               "a job needs it", self.jobs_ssh_config_path, error.strerror)
+                self.jobs_ssh_config_missing = True
+                return
+        self.jobs_ssh_config_missing = False
 
     def ssh_shim_for(self, worker, row):
         """(shim dir, ControlPath or None, ssh config or None) for a job of ROW on
@@ -2941,7 +3012,15 @@ class Server:
                     raise LaunchError(f"cannot create {control_dir}: {error.strerror}") \
                         from None
             control_path = os.path.join(control_dir, "%C")
-        ssh_config = self.jobs_ssh_config_path if self.jobs_ssh_config is not None else None
+        ssh_config = None
+        if self.jobs_ssh_config is not None:
+            ssh_config = self.jobs_ssh_config_path
+            if self.jobs_ssh_config_missing or not os.path.exists(ssh_config):
+                try:   # its write failed, or a /tmp cleaner took it
+                    _write_file(ssh_config, self.jobs_ssh_config)
+                    self.jobs_ssh_config_missing = False
+                except OSError as error:
+                    raise LaunchError(f"cannot write {ssh_config}: {error.strerror}") from None
         if control_path is None and ssh_config is None:
             return None
         return self.shim_dir, control_path, ssh_config
@@ -3031,7 +3110,7 @@ class Server:
                 os.close(pidfd)
             if time.monotonic() > deadline:
                 # Alive but not watchable: keep its slot, never start it twice.
-                self.running[job_id] = Attempt(row, pid, None)
+                self.running[job_id] = self.new_attempt(row, pid, None)
                 self.hold_slots(row["worker"], attempt_slots(row))
                 self.log.warning("job %s: its supervisor holds its lock but cannot be watched; "
                                  "left running, checked again at the next start", job_id)
@@ -3171,12 +3250,16 @@ class Server:
             self.environment_cache[environment_id] = self.store.environment(environment_id)
         return self.environment_cache[environment_id]
 
-    def watch(self, row, pid, pidfd):
+    def new_attempt(self, row, pid, pidfd):
         attempt = Attempt(row, pid, pidfd)
         if row["ssh_reuse"]:
             # Its worker's masters stay while it runs (whatever the worker's own
             # setting, which may have changed since it started).
             attempt.control_dir = ssh_control_dir(self.ssh_root, row["worker"])
+        return attempt
+
+    def watch(self, row, pid, pidfd):
+        attempt = self.new_attempt(row, pid, pidfd)
         self.running[row["id"]] = attempt
         self.hold_slots(row["worker"], attempt.slots)
         self.selector.register(pidfd, EVENT_READ,
@@ -3222,7 +3305,11 @@ class Server:
             if worker.health == WorkerHealth.DOWN and worker.name not in names:
                 # Nothing will check it again: down would be for ever.
                 self.health_checked(worker.name, None, worker.checked_at)
-        resolve = [worker.name for worker in self.workers.values() if worker.endpoint is None]
+        # Every worker once per start (its ssh config may have changed meanwhile), then
+        # those added without an endpoint.
+        resolve = [worker.name for worker in self.workers.values()
+                   if worker.endpoint is None or not self.endpoints_fresh]
+        self.endpoints_fresh = True
         if self.checker is None and not names and not resolve:
             return
         if self.checker is None:
@@ -3334,9 +3421,15 @@ class Server:
         worker = self.workers.get(name)
         if worker is None:
             return   # removed since
-        if worker.health == WorkerHealth.SET_ASIDE and started is not None and \
-                started < worker.set_aside_at:
-            return   # a check from before its jobs failed there proves nothing
+        if worker.health == WorkerHealth.SET_ASIDE:
+            if started is not None and started < worker.set_aside_at:
+                return   # a check (or connection) from before its jobs failed proves nothing
+            if reason is not None:
+                # Still set aside, until a check passes: down would end when checks stop.
+                why = worker.check_reason.split(SET_ASIDE_CHECK_FAILED)[0]
+                self.set_health(worker, WorkerHealth.SET_ASIDE,
+                                f"{why}{SET_ASIDE_CHECK_FAILED}{reason}", at)
+                return
         self.set_health(worker, WorkerHealth.UP if reason is None else WorkerHealth.DOWN,
                         reason, at)
 
@@ -3357,7 +3450,11 @@ class Server:
                 self.log.info("worker %s: up again", name)
                 worker.failures_in_row = []
                 self.schedule_needed = True
+        entered_or_left = (health == WorkerHealth.SET_ASIDE) != \
+            (worker.health == WorkerHealth.SET_ASIDE)
         worker.health, worker.check_reason = health, reason
+        if entered_or_left:
+            self.update_checker()   # set-aside workers are checked, over new connections
 
     # --- timers -------------------------------------------------------------
 
@@ -3513,11 +3610,15 @@ class Server:
             # end was held up (a full disk, a stopped server).
             kill_requested, timed_out, reason = False, False, outcome.get("error")
         result = result_of(outcome.get("exit_code"), kill_requested, timed_out)
-        retry = result in (JobResult.FAILED, JobResult.TIMED_OUT) and \
-            row["attempt"] <= row["retries"]
+        down_after = self.down_after_of(row["worker"])
+        unreached = self.store.unreached_attempts(job_id)
         free = result == JobResult.FAILED and free_retry(
-            outcome.get("exit_code"), kill_requested, self.down_after_of(row["worker"]),
-            self.store.unreached_attempts(job_id))
+            outcome.get("exit_code"), kill_requested, down_after, unreached)
+        # The attempts that were free (the first DOWN_AFTER that ssh could not get
+        # through) do not count against --retries.
+        counted = row["attempt"] - min(unreached, down_after)
+        retries_left = row["retries"] - counted + 1
+        retry = result in (JobResult.FAILED, JobResult.TIMED_OUT) and retries_left > 0
         skipped = []
         with self.store.transaction():
             self.store.record_attempt(row, result, outcome, reason, ended_at)
@@ -3525,15 +3626,14 @@ class Server:
                 # The attempt number it used must not cost it a retry: one more.
                 self.store.retry(job_id, None, f"attempt {row['attempt']} could not reach "
                                  f"{row['worker']} (ssh exit status {SSH_EXIT_STATUS}); tried "
-                                 "on another worker, not counted against --retries",
-                                 retries=row["retries"] + 1)
+                                 "on another worker, not counted against --retries")
                 retry = True
             elif retry:
                 not_before = now + row["retry_delay"] if row["retry_delay"] else None
                 self.store.retry(job_id, not_before,
                                  f"attempt {row['attempt']} {result.value}"
                                  f"{f' ({reason})' if reason else ''}; "
-                                 f"{row['retries'] - row['attempt'] + 1} retry(s) left")
+                                 f"{retries_left} retry(s) left")
             else:
                 self.store.change_job(job_id, JobState.RUNNING, JobState.DONE,
                                       result=result.value, exit_code=outcome.get("exit_code"),
@@ -3588,19 +3688,21 @@ class Server:
         how = f"exit status {outcome['exit_code']}" if outcome.get("exit_code") is not None \
             else f"signal {outcome.get('signal')}" if outcome.get("signal") is not None \
             else outcome.get("error") or "no exit status"
-        worker.failures_in_row.append(f"job {row['id']} {how}")
+        # Kept only once any set-aside is saved: until_saved may call this again.
+        failures = worker.failures_in_row + [f"job {row['id']} {how}"]
         others_working = any(other.works and other.capacity().accepting
                              for other in self.workers.values() if other is not worker)
         if worker.health != WorkerHealth.UP or not set_aside(
-                len(worker.failures_in_row), self.down_after_of(worker.name), others_working):
+                len(failures), self.down_after_of(worker.name), others_working):
+            worker.failures_in_row = failures
             return
-        reason = (f"{len(worker.failures_in_row)} jobs in a row failed to reach it "
-                  f"({', '.join(worker.failures_in_row[-3:])}; ssh exits with "
+        reason = (f"{len(failures)} jobs in a row failed to reach it "
+                  f"({', '.join(failures[-3:])}; ssh exits with "
                   f"{SSH_EXIT_STATUS} when it cannot get through); set aside until a health "
                   f"check passes, or ./cli.py resume {worker.name}")
-        worker.set_aside_at = time.time()
-        self.set_health(worker, WorkerHealth.SET_ASIDE, reason, worker.set_aside_at)
-        self.update_checker()
+        set_aside_at = time.time()
+        self.set_health(worker, WorkerHealth.SET_ASIDE, reason, set_aside_at)
+        worker.failures_in_row, worker.set_aside_at = failures, set_aside_at
 
     def log_skipped(self, skipped):
         for job_id in skipped:
@@ -4032,11 +4134,20 @@ class Server:
         endpoints = params.get("endpoints") or {}
         if not isinstance(endpoints, dict):
             raise UserError("malformed request: endpoints must be an object")
+        entries = {address.alias: address.config_entry()
+                   for address in map(worker_address, self.workers) if address.needs_alias}
         for host in hosts:
             if host in self.workers:
                 raise UserError(already_registered(host))
             if endpoints.get(host) is not None:
                 _endpoint(endpoints[host])
+            address = parse_worker_name(host)
+            if address.needs_alias and \
+                    entries.setdefault(address.alias, address.config_entry()) != \
+                    address.config_entry():
+                raise UserError(f"worker {host} would reach its jobs as {address.alias}, which "
+                                "another worker already names another way: give it a Host "
+                                "alias in your ssh config and add that instead")
         with self.store.transaction():
             for host in hosts:
                 self.store.save_worker(host, slots, variables, bool(params.get("ssh_checked")),
@@ -5264,7 +5375,8 @@ def queue_ssh_config(data_dir):
         raise UserError("the running server is older than this cli.py: restart it "
                         "(./cli.py stop && ./cli.py start), then try again") from None
     wanted = os.environ.get(SSH_CONFIG_VARIABLE)
-    if wanted and resolve_dir(wanted) != ssh_config:
+    named = {"default": None, "none": "none"}.get(wanted, wanted and resolve_dir(wanted))
+    if wanted and named != ssh_config:
         raise UserError(f"{SSH_CONFIG_VARIABLE} is {wanted}, but the queue's server uses "
                         f"{ssh_config or 'the default ssh config'}: the ssh config is set "
                         "where the server starts, for checks and jobs alike; restart it with "

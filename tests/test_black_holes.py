@@ -161,9 +161,11 @@ def test_a_set_aside_worker_is_checked_over_a_new_connection(cli, ssh_sandbox):
     ids = cli.ok("add_job", script, ":::", *range(6)).strip()
     cli.ok("wait", "-q", ids)
     assert len(attempts_on(cli, changed.alias)) == 1
-    slave = wait_until(lambda: slaves(cli)[changed.alias]["health"] == "down" and
+    slave = wait_until(lambda: "its last check failed" in
+                       (slaves(cli)[changed.alias]["check_reason"] or "") and
                        slaves(cli)[changed.alias], timeout=30, what="the check to see the key")
     assert f"host key of {changed.alias} changed" in slave["check_reason"]
+    assert slave["health"] == "set_aside"     # a failed check keeps it aside
 
 
 def test_jobs_that_fail_everywhere_set_no_worker_aside(cli):

@@ -211,16 +211,17 @@ def test_bad_host_names(name):
     ("alice@10.0.0.7", "alice@10.0.0.7", ""),
     ("root@127.0.0.1:22101", "root@cli.py-127.0.0.1-22101",
      "Host cli.py-127.0.0.1-22101\n    HostName 127.0.0.1\n    Port 22101\n"),
-    ("::1", "[::1]", "Host [::1]\n    HostName ::1\n"),
-    ("bob@[::1]", "bob@[::1]", "Host [::1]\n    HostName ::1\n"),
+    ("::1", "cli.py---1", "Host cli.py---1\n    HostName ::1\n"),
+    ("bob@[::1]", "bob@cli.py---1", "Host cli.py---1\n    HostName ::1\n"),
     ("[::1]:2222", "cli.py---1-2222", "Host cli.py---1-2222\n    HostName ::1\n    Port 2222\n"),
-    ("fe80::1%eth0", "[fe80::1%eth0]", "Host [fe80::1%eth0]\n    HostName fe80::1%%eth0\n"),
+    ("fe80::1%eth0", "cli.py-fe80--1-eth0",
+     "Host cli.py-fe80--1-eth0\n    HostName fe80::1%%eth0\n"),
 ])
 def test_worker_names_reach_jobs_as_destinations_that_ssh_rsync_and_scp_all_take(
         name, destination, entry):
     address = cli.parse_worker_name(name)
     assert address.destination == destination
-    assert ":" not in destination.replace("[", "").split("]")[-1]   # rsync's host:path split
+    assert not set(destination) & set(":[]*?")   # rsync's host:path split; shell globs
     assert address.config_entry() == entry
     assert cli.job_environment({}, {}, {}, 1, name)["SLAVE_IP"] == destination
 
@@ -228,7 +229,7 @@ def test_worker_names_reach_jobs_as_destinations_that_ssh_rsync_and_scp_all_take
 def test_the_jobs_ssh_config_has_entries_only_for_aliases_then_the_queues_config():
     assert cli.jobs_ssh_config(["w1", "alice@node"], None) is None
     text = cli.jobs_ssh_config(["w1", "a@h:2222", "b@h:2222", "::1"], "/etc/q.conf")
-    assert text.count("Host cli.py-h-2222\n") == 1 and "Host [::1]\n" in text
+    assert text.count("Host cli.py-h-2222\n") == 1 and "Host cli.py---1\n" in text
     assert text.endswith('Match all\nInclude "/etc/q.conf"\n')
     assert cli.jobs_ssh_config(["w1"], "none").endswith("Match all\n")
     assert 'Include "~/.ssh/config"\nInclude "/etc/ssh/ssh_config"' in \

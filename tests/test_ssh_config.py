@@ -159,3 +159,17 @@ def test_unknown_host_keys_follow_stricthostkeychecking_and_hashed_entries_count
     server.fails("add_slave", "rwunknown", expect=f"host key of never-seen-{port} is not known")
     server.ok("add_slave", "rwnew", "rwhashed")
     assert set(slaves(server)) == {"rwnew", "rwhashed"}
+
+
+def test_a_known_hosts_file_with_lines_ssh_would_skip_is_read_as_ssh_reads_it(
+        server, ssh_sandbox, workers, tmp_path):
+    """A truncated key, bytes that are not UTF-8, a marker line: ssh skips them, and so
+    must the check, not crash on them."""
+    messy = tmp_path / "messy_known_hosts"
+    messy.write_bytes(b"node1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOM\n"
+                      b"# caf\xe9 \xff\xfe\n"
+                      b"@cert-authority *.example.org ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA\n"
+                      + ssh_sandbox.known_hosts.read_bytes())
+    ssh_sandbox.add_config(f"Host rwmessy\n  HostName 127.0.0.1\n  Port {workers[0].port}\n"
+                           f"  UserKnownHostsFile {messy}\n" + ssh_sandbox.host_settings())
+    assert "added rwmessy" in server.ok("add_slave", "rwmessy")

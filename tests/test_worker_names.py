@@ -23,7 +23,7 @@ def w6(ssh_sandbox):
     """A worker on 127.0.0.1 and ::1; the ssh config gives ::1 its port, as a user whose
     sshd listens on a non-default port would."""
     worker = ssh_sandbox.start_worker("w6", ipv6=True)
-    ssh_sandbox.add_config(f"Host ::1 [::1]\n  Port {worker.port}\n")
+    ssh_sandbox.add_config(f"Match host ::1\n  Port {worker.port}\n")
     return worker
 
 
@@ -96,3 +96,10 @@ def test_an_alias_with_a_port_is_refused_with_what_to_write(server, workers):
 def test_names_ssh_could_not_take_are_refused(server, name, message):
     server.fails("add_slave", "--skip_ssh_auth_check", name, expect=message)
     assert server.status()["slaves"] == []
+
+
+def test_two_names_that_would_reach_jobs_as_one_alias_are_refused(server):
+    server.ok("add_slave", "--skip_ssh_auth_check", "[fe80::1%eth0]:22")
+    server.fails("add_slave", "--skip_ssh_auth_check", "fe80--1-eth0:22",
+                 expect="give it a Host alias")
+    assert [slave["ip"] for slave in server.status()["slaves"]] == ["[fe80::1%eth0]:22"]
