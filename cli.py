@@ -2308,6 +2308,17 @@ def ssh_settings(arguments, ssh_config):
     return settings
 
 
+def expand_ssh_tokens(text, settings, name):
+    """TEXT with the % tokens ssh expands in IdentityFile, CertificateFile and
+    ProxyCommand (`ssh -G` prints them as written)."""
+    import getpass
+    tokens = {"%": "%", "h": settings["hostname"], "p": settings["port"],
+              "r": settings["user"], "n": name, "u": getpass.getuser(),
+              "d": os.path.expanduser("~"), "i": str(os.getuid()),
+              "L": socket.gethostname().split(".")[0], "l": socket.gethostname()}
+    return re.sub(r"%(.)", lambda match: tokens.get(match[1], match[0]), text)
+
+
 def worker_settings(address, ssh_config):
     """ssh_settings of a worker, resolved as the jobs' ssh resolves it."""
     return ssh_settings(address.resolve_arguments(), ssh_config)
@@ -2446,7 +2457,8 @@ class WorkerConnection:
             self.gateway = WorkerConnection.jump_host(last, earlier, timeout, ssh_config,
                                                       jumps + 1)
         identities_only = settings.get("identitiesonly") == "yes"
-        keys = [path for path in map(os.path.expanduser, settings.get("identityfile", []))
+        keys = [path for path in (os.path.expanduser(expand_ssh_tokens(path, settings, name))
+                                  for path in settings.get("identityfile", []))
                 if os.path.isfile(path)]
         # An empty SSHConfig: fabric must not read the ssh config itself (its parser
         # knows no Include nor Match); ssh -G has done that.
@@ -2508,11 +2520,7 @@ class WorkerConnection:
         import subprocess
         import tempfile
         self.stop_proxy()
-        settings = self.settings
-        tokens = {"%": "%", "h": settings["hostname"], "p": settings["port"],
-                  "r": settings["user"], "n": self.name}
-        command = re.sub(r"%(.)", lambda match: tokens.get(match[1], match[0]),
-                         settings["proxycommand"])
+        command = expand_ssh_tokens(self.settings["proxycommand"], self.settings, self.name)
         ours, theirs = socket.socketpair()
         self.proxy_errors = tempfile.TemporaryFile()
         try:

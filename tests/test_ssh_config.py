@@ -173,3 +173,16 @@ def test_a_known_hosts_file_with_lines_ssh_would_skip_is_read_as_ssh_reads_it(
     ssh_sandbox.add_config(f"Host rwmessy\n  HostName 127.0.0.1\n  Port {workers[0].port}\n"
                            f"  UserKnownHostsFile {messy}\n" + ssh_sandbox.host_settings())
     assert "added rwmessy" in server.ok("add_slave", "rwmessy")
+
+
+def test_tokens_in_identityfile_are_expanded_as_ssh_expands_them(server, ssh_sandbox, workers,
+                                                                 tmp_path):
+    keys = tmp_path / "keys"
+    keys.mkdir(mode=0o700)
+    (keys / "id_127.0.0.1").write_bytes(ssh_sandbox.client_key.read_bytes())
+    (keys / "id_127.0.0.1").chmod(0o600)
+    ssh_sandbox.add_config(
+        f"Host rwtoken\n  HostName 127.0.0.1\n  Port {workers[1].port}\n"
+        f"  IdentityFile {keys}/id_%h\n  IdentitiesOnly yes\n"
+        f"  UserKnownHostsFile {ssh_sandbox.known_hosts}\n  StrictHostKeyChecking yes\n")
+    assert "added rwtoken" in server.ok("add_slave", "rwtoken")
