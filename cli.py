@@ -5573,8 +5573,6 @@ def command_add_slave(options):
 
 def command_remove_slave(options):
     """Remove workers.  A busy worker needs --wait (drain) or --kill (end its jobs)."""
-    if options.wait and options.kill:
-        raise UserError("--wait and --kill exclude each other: choose one")
     hosts = unique_hosts(options.hosts)
     mode = "wait" if options.wait else "kill" if options.kill else None
     result = request(options.data_dir, "remove_slave", hosts=hosts, mode=mode)
@@ -5590,11 +5588,10 @@ def command_add_job(options):
 
     The job runs SCRIPT with ARGS exactly as given, in the current directory,
     with the current environment plus the worker's and the job's -e variables,
-    plus JOB_ID, SLAVE_IP, SLOT, SLOTS and JOB_ATTEMPT.  After ARGS, each
-    `::: A B C` group adds one argument per job, several groups give every
-    combination (as in GNU parallel); --args-file gives one job per line
-    instead.  Either all jobs
-    are queued or none.
+    plus JOB_ID, SLAVE_IP, SLAVE_HOST, SLAVE_PORT, SLAVE_USER, SLOT, SLOTS and
+    JOB_ATTEMPT.  After ARGS, each `::: A B C` group adds one argument per job,
+    several groups give every combination (as in GNU parallel); --args-file
+    gives one job per line instead.  Either all jobs are queued or none.
     """
     script = resolve_script(options.script)
     args = options.args
@@ -5618,15 +5615,11 @@ def command_add_job(options):
 
 def job_policy(options):
     """add_job's scheduling options, checked, as the request carries them."""
-    if options.at is not None and options.delay is not None:
-        raise UserError("--at and --delay both give a start time: choose one")
     not_before = None
     if options.at is not None:
         not_before = parse_start_time(options.at)
     elif options.delay is not None:
         not_before = time.time() + parse_duration(options.delay, "--delay")
-    if options.retry_delay is not None and not options.retries:
-        raise UserError("--retry-delay needs --retries N (how many more attempts)")
     return {
         "slots_wanted": options.slots,
         "on": host_list(options.on, "--on"),
@@ -6219,6 +6212,9 @@ class _NotBuilt:
     def add_argument(self, *args, **kwargs):
         return None
 
+    def add_argument_group(self, *args, **kwargs):
+        return self
+
 
 def build_parser(only=None):
     """The whole command line; with ONLY, just that command (what most runs need).
@@ -6326,60 +6322,66 @@ def build_parser(only=None):
                                    "as killed, and remove it.")
 
     add_job = add("add_job")
-    add_job.add_argument("-e", dest="env", action="append", default=[], metavar="NAME=VALUE",
-                         help="A variable for this job; repeatable. JOB_ID, SLAVE_IP, SLOT, "
-                              "SLOTS and JOB_ATTEMPT are reserved.")
-    add_job.add_argument("--args-file", metavar="FILE",
-                         help="One job per line of FILE (- for stdin), split into arguments as "
-                              "a POSIX shell would, without running anything; they follow "
-                              "ARGS. Like -e, it goes before SCRIPT.")
-    add_job.add_argument("--priority", type=int, default=0, metavar="N",
-                         help="Higher starts first; jobs of equal priority start in "
-                              "submission order (default: 0; may be negative).")
-    add_job.add_argument("--retries", type=retry_count, default=0, metavar="N",
-                         help="Run a failed job (non-zero exit, timed out, or its supervisor "
-                              "lost) up to N more times, on a worker it has not failed on "
-                              "while one is up. Killed jobs are not retried. The script sees "
-                              "JOB_ATTEMPT (1, 2, ...).")
-    add_job.add_argument("--retry-delay", metavar="DURATION",
-                         help="Wait this long before each retry, like 30s or 5m "
-                              "(default: none).")
-    add_job.add_argument("--timeout", metavar="DURATION",
-                         help="Kill an attempt that runs longer than this, like 30m or 2h, "
-                              f"as kill does (SIGTERM, SIGKILL {DEFAULT_KILL_GRACE:g}s later); "
-                              "it ends as timed_out, and is retried if --retries allows.")
-    add_job.add_argument("--slots", type=positive_int, default=1, metavar="K",
-                         help="Take K slots of one worker (a job that uses K cores); SLOTS "
-                              "lists them. It waits for a worker with K free slots, which "
-                              "is kept for it meanwhile.")
-    add_job.add_argument("--on", action="append", metavar="HOSTS",
-                         help="Run only on these workers (comma-separated; repeatable).")
-    add_job.add_argument("--prefer", action="append", metavar="HOSTS",
-                         help="Prefer these workers when they have a free slot; may still "
-                              "run elsewhere.")
-    add_job.add_argument("--exclude", action="append", metavar="HOSTS",
-                         help="Never run on these workers.")
-    add_job.add_argument("--after", action="append", metavar="IDS",
-                         help="Run only after all these jobs succeeded (ids like 12,13 or "
-                              "12-20; repeatable). If one of them fails for good, is killed "
-                              "or removed, this job is skipped.")
-    add_job.add_argument("--after-any", action="append", metavar="IDS",
-                         help="Run once any one of these jobs succeeded; skipped if none "
-                              "can any more.")
-    add_job.add_argument("--at", metavar="TIME",
-                         help="Start no earlier than TIME: '2026-12-01 16:45' (local time), "
-                              "'16:45' (the next time the clock shows it), or ISO 8601 with "
-                              "a zone.")
-    add_job.add_argument("--delay", metavar="DURATION",
-                         help="Start no earlier than DURATION from now, like 10m or 2h.")
-    add_job.add_argument("--no-ssh-reuse", dest="ssh_reuse", action="store_false",
-                         help="This job's ssh, scp and rsync calls each open a new connection "
-                              "instead of sharing one per host.")
-    add_job.add_argument("script", metavar="SCRIPT",
-                         help="An executable job script (a path, or a command on PATH).")
-    add_job.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
-                         help="Arguments passed to the script verbatim, even ones that look "
-                              "like options.")
+    # In topics, so that --help reads as what to run, where, when and how often.
+    what = add_job.add_argument_group("what to run")
+    what.add_argument("-e", dest="env", action="append", default=[], metavar="NAME=VALUE",
+                      help="A variable for this job; repeatable. JOB_ID, SLAVE_IP, "
+                           "SLAVE_HOST, SLAVE_PORT, SLAVE_USER, SLOT, SLOTS and JOB_ATTEMPT "
+                           "are reserved.")
+    what.add_argument("--args-file", metavar="FILE",
+                      help="One job per line of FILE (- for stdin), split into arguments as "
+                           "a POSIX shell would, without running anything; they follow "
+                           "ARGS. Like -e, it goes before SCRIPT.")
+    what.add_argument("script", metavar="SCRIPT",
+                      help="An executable job script (a path, or a command on PATH).")
+    what.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
+                      help="Arguments passed to the script verbatim, even ones that look "
+                           "like options.")
+    where = add_job.add_argument_group("where it runs")
+    where.add_argument("--slots", type=positive_int, default=1, metavar="K",
+                       help="Take K slots of one worker (a job that uses K cores); SLOTS "
+                            "lists them. It waits for a worker with K free slots, which "
+                            "is kept for it meanwhile.")
+    where.add_argument("--on", action="append", metavar="HOSTS",
+                       help="Run only on these workers (comma-separated; repeatable).")
+    where.add_argument("--prefer", action="append", metavar="HOSTS",
+                       help="Prefer these workers when they have a free slot; may still "
+                            "run elsewhere.")
+    where.add_argument("--exclude", action="append", metavar="HOSTS",
+                       help="Never run on these workers.")
+    where.add_argument("--no-ssh-reuse", dest="ssh_reuse", action="store_false",
+                       help="This job's ssh, scp and rsync calls each open a new connection "
+                            "instead of sharing one per host.")
+    when = add_job.add_argument_group("when it starts")
+    when.add_argument("--priority", type=int, default=0, metavar="N",
+                      help="Higher starts first; jobs of equal priority start in "
+                           "submission order (default: 0; may be negative).")
+    when.add_argument("--after", action="append", metavar="IDS",
+                      help="Run only after all these jobs succeeded (ids like 12,13 or "
+                           "12-20; repeatable). If one of them fails for good, is killed "
+                           "or removed, this job is skipped.")
+    when.add_argument("--after-any", action="append", metavar="IDS",
+                      help="Run once any one of these jobs succeeded; skipped if none "
+                           "can any more.")
+    when.add_argument("--at", metavar="TIME",
+                      help="Start no earlier than TIME: '2026-12-01 16:45' (local time), "
+                           "'16:45' (the next time the clock shows it), or ISO 8601 with "
+                           "a zone.")
+    when.add_argument("--delay", metavar="DURATION",
+                      help="Start no earlier than DURATION from now, like 10m or 2h.")
+    often = add_job.add_argument_group("how often it runs")
+    often.add_argument("--retries", type=retry_count, default=0, metavar="N",
+                       help="Run a failed job (non-zero exit, timed out, or its supervisor "
+                            "lost) up to N more times, on a worker it has not failed on "
+                            "while one is up. Killed jobs are not retried. The script sees "
+                            "JOB_ATTEMPT (1, 2, ...).")
+    often.add_argument("--retry-delay", metavar="DURATION",
+                       help="Wait this long before each retry, like 30s or 5m "
+                            "(default: none).")
+    often.add_argument("--timeout", metavar="DURATION",
+                       help="Kill an attempt that runs longer than this, like 30m or 2h, "
+                            f"as kill does (SIGTERM, SIGKILL {DEFAULT_KILL_GRACE:g}s later); "
+                            "it ends as timed_out, and is retried if --retries allows.")
 
     remove_job = add("remove_job")
     remove_job.add_argument("first", metavar="ID | SCRIPT",
@@ -6475,18 +6477,33 @@ def command_named(argv):
 def parse_arguments(argv):
     parser = build_parser(only=command_named(argv))
     options = parser.parse_args(argv)
-    data_dir = getattr(options, "data_dir", None)
-    positional = getattr(options, "data_dir_positional", None)
-    if data_dir and positional and resolve_dir(data_dir) != resolve_dir(positional):
+    check_conflicts(options)
+    options.data_dir = resolve_dir(getattr(options, "data_dir", None) or
+                                   getattr(options, "data_dir_positional", None) or
+                                   os.environ.get(DATA_DIR_VARIABLE) or DEFAULT_DATA_DIR)
+    return options
+
+
+def check_conflicts(options):
+    """Every pair of flags that cannot go together, checked once, right after parsing."""
+    def differ(first, second):
+        return first and second and resolve_dir(first) != resolve_dir(second)
+    command = options.command
+    if differ(getattr(options, "data_dir", None), getattr(options, "data_dir_positional", None)):
         raise UserError("two different data dirs given: use either DATA_DIR or "
                         "--server_data_dir")
-    options.data_dir = resolve_dir(data_dir or positional or
-                                   os.environ.get(DATA_DIR_VARIABLE) or DEFAULT_DATA_DIR)
-    if options.command == "start":
-        if options.log_dir and options.log_dir_positional and \
-                resolve_dir(options.log_dir) != resolve_dir(options.log_dir_positional):
-            raise UserError("two different log dirs given: use either LOG_DIR or --log_dir")
-    return options
+    if command == "start" and differ(options.log_dir, options.log_dir_positional):
+        raise UserError("two different log dirs given: use either LOG_DIR or --log_dir")
+    if command == "remove_slave" and options.wait and options.kill:
+        raise UserError("--wait and --kill exclude each other: choose one")
+    if command == "add_job" and options.at is not None and options.delay is not None:
+        raise UserError("--at and --delay both give a start time: choose one")
+    if command == "add_job" and options.retry_delay is not None and not options.retries:
+        raise UserError("--retry-delay needs --retries N (how many more attempts)")
+    if command == "edit_slave":
+        both = {text.partition("=")[0] for text in options.env} & set(options.unset)
+        if both:
+            raise UserError(f"{min(both)} is both set (-e) and unset (--unset): choose one")
 
 
 ###############################################################################
