@@ -90,6 +90,7 @@ EVENT_READ, EVENT_WRITE = 1, 2   # selectors' event masks (imported by the serve
 RECOVERY_WAIT = 5.0              # seconds a live supervisor gets to write its pid file
 MAX_SELECT_TIMEOUT = 86400.0     # seconds the server sleeps at most, whatever its timers say
 OUTCOME_RESERVE = 8192           # bytes kept for an attempt's .exit file (an outcome is ~100)
+OUTCOME_ORPHAN_WAIT = 600.0      # seconds a supervisor waits for a run dir that went away
 STORAGE_RETRY_FIRST = 0.5        # seconds before a write the disk refused is tried again,
 STORAGE_RETRY_MAX = 10.0         # doubling up to this while the fault lasts
 PR_SET_CHILD_SUBREAPER = 36      # a prctl option (linux/prctl.h)
@@ -1955,6 +1956,7 @@ def _write_outcome(fd, path, text):
     finally:
         os.close(fd)
     delay = STORAGE_RETRY_FIRST
+    gone_since = None
     while True:
         try:
             if written:
@@ -1964,7 +1966,13 @@ def _write_outcome(fd, path, text):
             return
         except OSError as error:
             if error.errno == errno.ENOENT:
-                return   # the run dir is gone: nobody could read it
+                # The run dir, or the copy reserved in it, is not there: its disk may
+                # be being mounted again (after a repair).  Write the outcome whole
+                # once it is back; give up only if it stays away.
+                written = False
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > OUTCOME_ORPHAN_WAIT:
+                    return   # the run dir is gone: nobody could read it
             time.sleep(delay)
             delay = min(2 * delay, STORAGE_RETRY_MAX)
 
