@@ -94,7 +94,6 @@ OUTCOME_ORPHAN_WAIT = 600.0      # seconds a supervisor waits for a run dir that
 STORAGE_RETRY_FIRST = 0.5        # seconds before a write the disk refused is tried again,
 STORAGE_RETRY_MAX = 10.0         # doubling up to this while the fault lasts
 PR_SET_CHILD_SUBREAPER = 36      # a prctl option (linux/prctl.h)
-SET_ASIDE_CHECK_FAILED = "; its last check failed: "   # appended to a set-aside reason
 
 RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP", "SLAVE_HOST", "SLAVE_PORT", "SLAVE_USER",
                       "JOB_ATTEMPT", "SLOT", "SLOTS")
@@ -3314,7 +3313,7 @@ class Server:
         running."""
         checked = self.check_interval > 0
         names = [worker.name for worker in self.workers.values()
-                 if checked and (worker.ssh_checked or worker.health == WorkerHealth.SET_ASIDE)
+                 if checked and (worker.ssh_checked or worker.set_aside_at)
                  and worker.state != WorkerState.DRAINING]
         for worker in self.workers.values():
             # A set-aside worker without checks waits for resume HOST.
@@ -3437,15 +3436,11 @@ class Server:
         worker = self.workers.get(name)
         if worker is None:
             return   # removed since
-        if worker.health == WorkerHealth.SET_ASIDE:
-            if started is not None and started < worker.set_aside_at:
-                return   # a check (or connection) from before its jobs failed proves nothing
-            if reason is not None:
-                # Still set aside, until a check passes: down would end when checks stop.
-                why = worker.check_reason.split(SET_ASIDE_CHECK_FAILED)[0]
-                self.set_health(worker, WorkerHealth.SET_ASIDE,
-                                f"{why}{SET_ASIDE_CHECK_FAILED}{reason}", at)
-                return
+        if worker.health == WorkerHealth.SET_ASIDE and started is not None and \
+                started < worker.set_aside_at:
+            return   # a check (or connection) from before its jobs failed proves nothing
+        # A set-aside worker whose check fails is down, for that reason; it is checked
+        # until a check passes (see update_checker), even if added without the check.
         self.set_health(worker, WorkerHealth.UP if reason is None else WorkerHealth.DOWN,
                         reason, at)
 
@@ -3464,10 +3459,10 @@ class Server:
                                  reason)
             else:
                 self.log.info("worker %s: up again", name)
-                worker.failures_in_row = []
+                worker.failures_in_row, worker.set_aside_at = [], 0.0
                 self.schedule_needed = True
-        entered_or_left = (health == WorkerHealth.SET_ASIDE) != \
-            (worker.health == WorkerHealth.SET_ASIDE)
+        entered_or_left = (health == WorkerHealth.UP) != (worker.health == WorkerHealth.UP) \
+            and worker.set_aside_at
         worker.health, worker.check_reason = health, reason
         if entered_or_left:
             self.update_checker()   # set-aside workers are checked, over new connections
@@ -3716,9 +3711,9 @@ class Server:
                   f"({', '.join(failures[-3:])}; ssh exits with "
                   f"{SSH_EXIT_STATUS} when it cannot get through); set aside until a health "
                   f"check passes, or ./cli.py resume {worker.name}")
-        set_aside_at = time.time()
-        self.set_health(worker, WorkerHealth.SET_ASIDE, reason, set_aside_at)
-        worker.failures_in_row, worker.set_aside_at = failures, set_aside_at
+        worker.set_aside_at = time.time()   # (before set_health: it starts its checks)
+        self.set_health(worker, WorkerHealth.SET_ASIDE, reason, worker.set_aside_at)
+        worker.failures_in_row = failures
 
     def log_skipped(self, skipped):
         for job_id in skipped:
@@ -4385,7 +4380,7 @@ class Server:
                 # resume HOST also takes back a worker set aside for failing jobs.
                 for host in hosts:
                     worker = self.workers[host]
-                    if worker.health == WorkerHealth.SET_ASIDE:
+                    if worker.health == WorkerHealth.SET_ASIDE or worker.set_aside_at:
                         self.set_health(worker, WorkerHealth.UP, None, time.time())
         self.schedule_needed = True
         return {"hosts": hosts, "paused": paused, "changed": changed}

@@ -161,11 +161,9 @@ def test_a_set_aside_worker_is_checked_over_a_new_connection(cli, ssh_sandbox):
     ids = cli.ok("add_job", script, ":::", *range(6)).strip()
     cli.ok("wait", "-q", ids)
     assert len(attempts_on(cli, changed.alias)) == 1
-    slave = wait_until(lambda: "its last check failed" in
-                       (slaves(cli)[changed.alias]["check_reason"] or "") and
+    slave = wait_until(lambda: slaves(cli)[changed.alias]["health"] == "down" and
                        slaves(cli)[changed.alias], timeout=30, what="the check to see the key")
     assert f"host key of {changed.alias} changed" in slave["check_reason"]
-    assert slave["health"] == "set_aside"     # a failed check keeps it aside
 
 
 def test_jobs_that_fail_everywhere_set_no_worker_aside(cli):
@@ -178,3 +176,28 @@ def test_jobs_that_fail_everywhere_set_no_worker_aside(cli):
     cli.run("wait", "-q", ids)
     assert cli.status()["counts"].get("failed") == 12
     assert {slave["health"] for slave in slaves(cli).values()} == {"up"}
+
+
+def test_a_set_aside_worker_without_checks_of_its_own_stays_down_until_one_passes(
+        cli, ssh_sandbox):
+    """Added with --skip_ssh_auth_check, it gets no health checks, except once set aside:
+    then a failing check keeps it down, whatever else happens meanwhile."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free_port = probe.getsockname()[1]
+    ssh_sandbox.add_alias("rwgone", "127.0.0.1", free_port)
+    cli.ok("start", "--check-interval", "1s")
+    add_checked_workers(cli, "w1")
+    cli.ok("add_slave", "--skip_ssh_auth_check", "rwgone")
+    script = cli.write_script("reach.sh", REACH)
+    prove(cli, "w1", script)
+    ids = cli.ok("add_job", script, ":::", *range(8)).strip()
+    cli.ok("wait", "-q", ids)
+    wait_until(lambda: slaves(cli)["rwgone"]["health"] == "down", timeout=20,
+               what="its check to fail")
+    assert "connection refused" in slaves(cli)["rwgone"]["check_reason"]
+    cli.ok("add_slave", "w3")                 # the checker's list changes meanwhile
+    assert slaves(cli)["rwgone"]["health"] == "down"
+    cli.ok("resume", "rwgone")
+    assert slaves(cli)["rwgone"]["health"] == "up"
