@@ -27,8 +27,20 @@ def add_checked_workers(cli, *names):
     """Add NAMES, and let the health checker's first round (at once) pass: a check that
     starts after a worker is set aside and passes takes it back."""
     cli.ok("add_slave", *names)
+    first_checks_done(cli)
+
+
+def first_checks_done(cli):
     wait_until(lambda: all(slave["checked_at"] for slave in slaves(cli).values()),
                what="the first health checks")
+
+
+def hole_on_w2(cli, code, *start_options):
+    """A server with w1 and w2 (checked hourly), and a script that exits CODE at once on
+    w2 (ON_W2_EXIT)."""
+    cli.ok("start", "--check-interval", "1h", *start_options)
+    add_checked_workers(cli, "w1", "w2")
+    return cli.write_script(f"exit{code}_on_w2.sh", ON_W2_EXIT.format(code=code))
 
 
 def prove(cli, worker, script):
@@ -48,9 +60,7 @@ def attempts_on(cli, worker):
 
 
 def test_a_worker_that_ssh_cannot_get_through_is_set_aside_and_its_jobs_go_elsewhere(cli):
-    cli.ok("start", "--check-interval", "1h")
-    add_checked_workers(cli, "w1", "w2")
-    script = cli.write_script("hole.sh", ON_W2_EXIT.format(code=255))
+    script = hole_on_w2(cli, 255)
     prove(cli, "w1", script)
     ids = cli.ok("add_job", script, ":::", *range(10)).strip()
     cli.ok("wait", "-q", ids)                 # every job succeeded in the end
@@ -68,9 +78,7 @@ def test_a_worker_that_ssh_cannot_get_through_is_set_aside_and_its_jobs_go_elsew
 
 
 def test_quick_failures_set_a_worker_aside_but_spend_retries(cli):
-    cli.ok("start", "--check-interval", "1h")
-    add_checked_workers(cli, "w1", "w2")
-    script = cli.write_script("quick.sh", ON_W2_EXIT.format(code=1))
+    script = hole_on_w2(cli, 1)
     prove(cli, "w1", script)
     ids = cli.ok("add_job", script, ":::", *range(10)).strip()
     cli.run("wait", "-q", ids)
@@ -92,9 +100,7 @@ def test_a_passing_health_check_takes_a_set_aside_worker_back(cli):
 
 
 def test_the_rule_can_be_turned_off_per_server_and_per_worker(cli):
-    cli.ok("start", "--check-interval", "1h", "--down-after", "0")
-    add_checked_workers(cli, "w1", "w2")
-    script = cli.write_script("hole.sh", ON_W2_EXIT.format(code=255))
+    script = hole_on_w2(cli, 255, "--down-after", "0")
     ids = cli.ok("add_job", script, ":::", *range(8)).strip()
     cli.run("wait", "-q", ids)
     assert slaves(cli)["w2"]["health"] == "up"
@@ -102,8 +108,7 @@ def test_the_rule_can_be_turned_off_per_server_and_per_worker(cli):
     # Remembered across a restart; a worker's own setting wins.
     cli.ok("stop")
     cli.ok("start", "--check-interval", "1h")
-    wait_until(lambda: all(slave["checked_at"] for slave in slaves(cli).values()),
-               what="the first health checks")
+    first_checks_done(cli)
     assert "set aside after 2 failures" in cli.ok("edit_slave", "w2", "--down-after", "2")
     prove(cli, "w1", script)
     ids = cli.ok("add_job", script, ":::", *range(8)).strip()
