@@ -21,6 +21,44 @@ crashes and kill -9.
 Run `./cli.py COMMAND --help` for each command.
 """
 
+# A map of this file.  Sections, in order (search for "# Name ###"):
+#
+#   Constants, Errors, Worker names   what the rest names and refuses
+#   States and transitions            JobState, WorkerState, WorkerHealth: the allowed
+#                                     moves, and the columns each job state owns
+#   Protocol                          REQUESTS (name -> handler, parameter checks),
+#                                     check_request, replies, LineReader
+#   Storage                           Store: SQLite, migrations, every SQL statement;
+#                                     change_jobs / change_worker_state /
+#                                     change_worker_health write the states
+#   Scheduling policy                 pure functions: plan_starts, waiting_reason, ...
+#   Job runner                        Spawner and the supervisor of each attempt
+#                                     (their own processes: exit codes survive us)
+#   SSH for job scripts               the ssh shim, JobsSsh (shims, config, masters)
+#   SSH settings and checks           ssh -G, host keys, fabric, the health checker
+#   Timers                            Timers, and RetryDelay for storage faults
+#   Queue                             Queue (jobs) and Workers: the lifecycle, the only
+#                                     code that writes to the Store (Changes)
+#   Runner                            Runner: start, watch, adopt, kill, record ends
+#   Health monitor                    HealthMonitor: the checker's pipe, its results
+#   Clients                           Clients: the socket, replies, waiters, `wait`
+#   Request handlers                  Handlers: one thin method per request
+#   Server                            Server: the wiring and the event loop; run_server
+#   Client commands, Argument parsing, main()
+#
+# The path of one job:  `add_job` (command_add_job) sends a request line;
+# Clients.handle checks it against REQUESTS and calls Handlers.add_job, which
+# asks Queue.add to insert it (WAITING, or BLOCKED while it waits for --after
+# jobs or its start time).  The loop's Server.schedule takes Queue.take_starts
+# (plan_starts picks worker and slots; WAITING -> RUNNING is committed before
+# anything forks) and hands the rows to Runner.start, which has the Spawner
+# fork a supervisor that runs the job script.  When the supervisor exits, its
+# pidfd wakes the loop: Runner.record_end reads its .exit file, Queue.save_end
+# saves the attempt and moves the job (DONE, or WAITING/BLOCKED for a retry)
+# and its dependents, the Runner frees the slots, and Queue.settled lets the
+# worker weigh the attempt.  The committed move reaches Clients.jobs_moved,
+# and the `wait` client's Subscription sends its last line.
+
 ###############################################################################
 # Imports ######################################################################
 ###############################################################################
@@ -128,9 +166,17 @@ def socket_path(data_dir):
     path = os.path.join(data_dir, SOCKET_FILE)
     if len(os.fsencode(path)) <= SOCKET_PATH_LIMIT:
         return path
+    return private_tmp_path(data_dir, "{digest}.sock", 24)
+
+
+def private_tmp_path(data_dir, name, digest_length):
+    """NAME, its {digest} a hash of DATA_DIR, in the owner-only directory /tmp/cli-py-UID:
+    where a data dir whose own path is too long (or not plain) keeps its socket
+    or its ssh files.  The lengths are those of released versions: running
+    servers and jobs use these paths."""
     import hashlib
-    digest = hashlib.sha256(os.fsencode(data_dir)).hexdigest()[:24]
-    return os.path.join("/tmp", f"cli-py-{os.getuid()}", f"{digest}.sock")
+    digest = hashlib.sha256(os.fsencode(data_dir)).hexdigest()[:digest_length]
+    return os.path.join("/tmp", f"cli-py-{os.getuid()}", name.format(digest=digest))
 
 
 def make_private_dir(path):
@@ -153,18 +199,6 @@ def job_log_path(log_dir, job_id):
 def run_file(run_dir, job_id, attempt, kind):
     """A supervisor file of one attempt of one job: lock, pid, exit or kill."""
     return os.path.join(run_dir, f"{job_id}-{attempt}.{kind}")
-
-
-class LineReader:
-    """Splits a byte stream into lines, as chunks of it arrive."""
-
-    def __init__(self):
-        self.pending = b""
-
-    def feed(self, chunk):
-        """The lines CHUNK completes, without their newlines."""
-        *lines, self.pending = (self.pending + chunk).split(b"\n")
-        return lines
 
 
 ###############################################################################
@@ -354,8 +388,16 @@ def worker_address(name):
 ###############################################################################
 
 class JobState(str, Enum):
-    """Where a job is.  How it ended is JobResult, kept apart."""
+    """Where a job is.  How it ended is JobResult, kept apart.
+
+    WAITING and BLOCKED are both "waiting" to users.  A BLOCKED job may not start
+    yet: it waits on other jobs (--after) or for its start time (--at, --delay,
+    --retry-delay).  The database keeps it as state 'waiting' with blocked = 1
+    (see JOB_STATE_ROWS), so that the index of ready jobs never holds the blocked
+    ones, and so that data dirs from before this enum open unchanged.
+    """
     WAITING = "waiting"
+    BLOCKED = "blocked"
     RUNNING = "running"
     DONE = "done"
 
@@ -374,19 +416,56 @@ class WorkerState(str, Enum):
     DRAINING = "draining"       # takes no new jobs; removed when its last job ends
 
 
-# WAITING -> DONE is a waiting job killed (or skipped) before it ran.
-# RUNNING -> WAITING is a failed attempt with retries left, or, in recovery
-# or after a failed launch, an attempt whose script never started.
+# WAITING/BLOCKED -> DONE is a waiting job killed (or skipped) before it ran.
+# RUNNING -> WAITING is a failed attempt with retries left, or, in recovery or
+# after a failed launch, an attempt whose script never started; RUNNING ->
+# BLOCKED the same with a --retry-delay to wait out.  Only a WAITING job starts.
 JOB_TRANSITIONS = {
     JobState.WAITING: {JobState.RUNNING, JobState.DONE},
-    JobState.RUNNING: {JobState.DONE, JobState.WAITING},
+    JobState.BLOCKED: {JobState.WAITING, JobState.DONE},
+    JobState.RUNNING: {JobState.DONE, JobState.WAITING, JobState.BLOCKED},
     JobState.DONE: set(),
 }
+# DRAINING -> ACTIVE/PAUSED: a load_status document that lists a worker being
+# removed registers it afresh (its removal is called off).  No command does.
 WORKER_TRANSITIONS = {
     WorkerState.ACTIVE: {WorkerState.PAUSED, WorkerState.DRAINING},
     WorkerState.PAUSED: {WorkerState.ACTIVE, WorkerState.DRAINING},
-    WorkerState.DRAINING: set(),
+    WorkerState.DRAINING: {WorkerState.ACTIVE, WorkerState.PAUSED},
 }
+
+# How each job state is stored: (the state column, the blocked column or None
+# where it does not tell states apart).
+JOB_STATE_ROWS = {
+    JobState.WAITING: ("waiting", 0),
+    JobState.BLOCKED: ("waiting", 1),
+    JobState.RUNNING: ("running", None),
+    JobState.DONE: ("done", None),
+}
+REQUIRED = object()    # a column its state owns that the mover must give
+UNCHANGED = object()   # a column its state owns that keeps its value unless given
+# What a job has only while it runs: cleared when it waits again.
+_RUNNING_CLEARED = {"worker": None, "slot": None, "slots": None, "started_at": None,
+                    "kill_requested_at": None, "kill_grace": None, "timed_out": 0,
+                    "exit_code": None, "signal": None}
+_WAITING_COLUMNS = {**_RUNNING_CLEARED, "reason": UNCHANGED, "not_before": UNCHANGED,
+                    "attempt": UNCHANGED, "log": UNCHANGED}
+# The columns each state owns, set when a job enters it (Store.change_jobs): to
+# the value the mover gives, else to the default here.  Nothing else may be set
+# by a move.  A done job keeps its last attempt's worker and slots: its history.
+JOB_STATE_COLUMNS = {
+    JobState.WAITING: _WAITING_COLUMNS,
+    JobState.BLOCKED: _WAITING_COLUMNS,
+    JobState.RUNNING: {"worker": REQUIRED, "slot": REQUIRED, "slots": REQUIRED,
+                       "started_at": REQUIRED, "attempt": REQUIRED, "log": REQUIRED,
+                       "reason": None, "exit_code": None, "signal": None},
+    JobState.DONE: {"result": REQUIRED, "ended_at": REQUIRED, "reason": REQUIRED,
+                    "exit_code": None, "signal": None},
+}
+
+
+def waiting_state(blocked):
+    return JobState.BLOCKED if blocked else JobState.WAITING
 
 
 # Health is apart from WorkerState: a worker the health checker finds down keeps
@@ -397,8 +476,21 @@ class WorkerHealth(str, Enum):
     SET_ASIDE = "set_aside"     # its jobs kept failing to reach it (see worker_verdict)
 
 
+# A worker is set aside only while up (weigh_attempt); a set-aside one whose
+# check fails is down.  A new reason for the same health is not a move.
+HEALTH_TRANSITIONS = {
+    WorkerHealth.UP: {WorkerHealth.DOWN, WorkerHealth.SET_ASIDE},
+    WorkerHealth.DOWN: {WorkerHealth.UP},
+    WorkerHealth.SET_ASIDE: {WorkerHealth.UP, WorkerHealth.DOWN},
+}
+
+
 class IllegalTransition(Exception):
     """A bug: some code tried a state change the tables above forbid."""
+
+
+class LostRace(IllegalTransition):
+    """A bug: a state change found its rows no longer in the state it moves them from."""
 
 
 def check_transition(table, old, new):
@@ -415,6 +507,588 @@ def result_of(exit_code, kill_requested, timed_out=False):
     if exit_code == 0:
         return JobResult.SUCCEEDED
     return JobResult.FAILED
+
+
+###############################################################################
+# Protocol #####################################################################
+###############################################################################
+
+# One request per connection: a JSON line {"command": NAME, "params": {...}}
+# in; out, zero or more event lines (wait's progress) and one reply line, either
+# {"ok": true, "result": ...} or {"ok": false, "error": MESSAGE}.  REQUESTS, at
+# the end of this section, names every request, the method of Handlers that
+# serves it and the shape of its parameters; check_request applies it once,
+# before dispatch, so that handlers get only well-formed values.
+
+
+class LineReader:
+    """Splits a byte stream into lines, as chunks of it arrive: the server's
+    clients, the client's replies, the spawner's requests and the health
+    checker's pipes all read through one."""
+
+    def __init__(self):
+        self.pending = bytearray()
+
+    def feed(self, chunk):
+        """The lines CHUNK completes, without their newlines."""
+        searched = len(self.pending)
+        self.pending += chunk
+        # Only the new chunk is searched: a large request arriving in many
+        # chunks costs its length once, not once per chunk.
+        if self.pending.find(b"\n", searched) < 0:
+            return []
+        *lines, rest = self.pending.split(b"\n")
+        self.pending = bytearray(rest)
+        return [bytes(line) for line in lines]
+
+
+def encode_request(command, params):
+    return json.dumps({"command": command, "params": params}).encode() + b"\n"
+
+
+def encode_reply(result=None, error=None, stopping=False):
+    """A reply line: ok with data, or an error with a message meant for the user.
+
+    STOPPING marks an error that only says the server is going away.
+    """
+    message = {"ok": True, "result": result} if error is None else {"ok": False, "error": error}
+    if stopping:
+        message["stopping"] = True
+    return json.dumps(message).encode() + b"\n"
+
+
+def encode_event(event):
+    """A line that is not the reply (wait's progress): the connection stays open."""
+    return json.dumps(event).encode() + b"\n"
+
+
+class LostServer(UserError):
+    """The server went away while a client waited for it."""
+    exit_status = 2
+
+
+def decode_reply_line(line, data_dir):
+    """An event or reply line from the server of DATA_DIR, as a dict."""
+    try:
+        message = json.loads(line)
+        if isinstance(message, dict):
+            return message
+    except ValueError:
+        pass
+    raise UserError(f"the server for {data_dir} sent something unreadable; see its server.log")
+
+
+def reply_result(message):
+    """The result of a reply, or its error raised as the client's."""
+    if not message.get("ok"):
+        error = LostServer if message.get("stopping") else UserError
+        raise error(message.get("error", "the server refused the request"))
+    return message.get("result")
+
+
+# --- parameters: each check takes (value, name) and returns the value to use --
+
+ABSENT = object()   # the default of a parameter whose absence means something
+
+
+def whole_number(value, low, high):
+    """VALUE is an int (JSON's true is not 1 here) from LOW to HIGH."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _seconds(value, low, high):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        low <= value <= high and value == value
+
+
+def _string(value, name):
+    if not isinstance(value, str) or "\0" in value:
+        raise UserError(f"malformed request: {name} must be a string")
+    return value
+
+
+def _optional_string(value, name):
+    return None if value is None else _string(value, name)
+
+
+def _strings_or_empty(value, name):
+    if not isinstance(value, list) or not all(isinstance(item, str) and "\0" not in item
+                                              for item in value):
+        raise UserError(f"malformed request: {name} must be a list of strings")
+    return value
+
+
+def _strings(value, name):
+    if not _strings_or_empty(value, name):
+        raise UserError(f"malformed request: {name} is empty")
+    return value
+
+
+def unique_hosts(hosts, name="hosts"):
+    """Valid host names, each named once."""
+    seen = set()
+    for host in hosts:
+        validate_host_name(host)
+        if host in seen:
+            raise UserError(f"worker {host} is named twice")
+        seen.add(host)
+    return hosts
+
+
+def _hosts(value, name):
+    return unique_hosts(_strings(value, name))
+
+
+def _hosts_or_empty(value, name):
+    return unique_hosts(_strings_or_empty(value, name))
+
+
+def _flag(value, name):
+    if not isinstance(value, bool):
+        raise UserError(f"malformed request: {name} must be true or false")
+    return value
+
+
+def _truth(value, name):
+    return bool(value)
+
+
+def _anything(value, name):
+    return value
+
+
+def _environment(value, name="environment"):
+    """The submitter's environment: any names (it is the caller's own), string values."""
+    if not isinstance(value, dict) or not all(
+            isinstance(key, str) and isinstance(text, str) and key and "=" not in key
+            and "\0" not in key + text for key, text in value.items()):
+        raise UserError("malformed request: environment must be an object of strings")
+    return value
+
+
+def _variables(what):
+    return lambda value, name: validate_variables(value, what)
+
+
+def _slot_count(value, what):
+    """A worker's slots: 1 to MAX_SLOTS, the limit of a job's --slots too."""
+    if not whole_number(value, 1, MAX_SLOTS):
+        raise UserError(f"{what} must be a whole number of at least 1 (at most {MAX_SLOTS})")
+    return value
+
+
+def _slots_flag(value, name):
+    return _slot_count(value, "--slots")
+
+
+def _optional_slots_flag(value, name):
+    return None if value is None else _slot_count(value, "--slots")
+
+
+def _down_after(value, name="down_after"):
+    """A worker's own --down-after: a count, or None for the server's."""
+    if value is not None and not whole_number(value, 0, MAX_DOWN_AFTER):
+        raise UserError(f"--down-after must be a whole number from 0 to {MAX_DOWN_AFTER}")
+    return value
+
+
+def _endpoints(value, name):
+    """{worker: its host, port and user as ssh resolved them (see resolved_endpoint)}."""
+    value = value or {}
+    if not isinstance(value, dict):
+        raise UserError("malformed request: endpoints must be an object")
+    for endpoint in value.values():
+        if endpoint is not None and (
+                not isinstance(endpoint, dict) or not isinstance(endpoint.get("host"), str) or
+                not isinstance(endpoint.get("user"), str) or
+                not whole_number(endpoint.get("port"), 1, MAX_PORT) or
+                "\0" in endpoint["host"] + endpoint["user"]):
+            raise UserError("malformed request: an endpoint needs a host, a port and a user")
+    return value
+
+
+def _job_id(value, name="id"):
+    if not whole_number(value, 1, MAX_JOB_ID):
+        raise UserError(f"malformed request: job ids are integers from 1 to {MAX_JOB_ID}")
+    return value
+
+
+def _job_ids_or_empty(value, name="ids"):
+    if not isinstance(value, list):
+        raise UserError("malformed request: ids must be a non-empty list of integers")
+    return list(dict.fromkeys(_job_id(job_id) for job_id in value))
+
+
+def _job_ids(value, name="ids"):
+    if not isinstance(value, list) or not value:
+        raise UserError("malformed request: ids must be a non-empty list of integers")
+    return _job_ids_or_empty(value)
+
+
+def _optional_job_id(value, name):
+    return None if value is None else _job_id(value)
+
+
+def _optional_job_ids(value, name):
+    return None if value is None else _job_ids(value)
+
+
+def _grace(value, name):
+    if not _seconds(value, 0, MAX_KILL_GRACE):
+        raise UserError(f"the grace period must be from 0 to {MAX_KILL_GRACE:g} seconds")
+    return value
+
+
+def _umask(value, name):
+    if not whole_number(value, 0, 0o777):
+        raise UserError("malformed request: umask must be a number from 0 to 0o777")
+    return value
+
+
+def _removal_mode(value, name):
+    if value not in (None, "wait", "kill"):
+        raise UserError("malformed request: mode must be wait or kill")
+    return value
+
+
+def _age(value, name):
+    if not _seconds(value, 0, float("inf")):
+        raise UserError("malformed request: older_than must be a number of seconds")
+    return value
+
+
+def _row_limit(value, name):
+    if value is not None and not isinstance(value, int):
+        raise UserError("malformed request: waiting_limit must be an integer")
+    return value
+
+
+def _last(value, name):
+    if value is not None and not whole_number(value, 1, MAX_JOB_ID):
+        raise UserError(f"--last must be a whole number from 1 to {MAX_JOB_ID}")
+    return value
+
+
+def _state_filter(value, name):
+    """jobs --state: a state or a result; returns (state, result) to match."""
+    if value is None:
+        return None, None
+    if value in {result.value for result in JobResult}:
+        return JobState.DONE.value, value
+    if value not in {state.value for state in JobState if state != JobState.BLOCKED}:
+        raise UserError(f"unknown state {value!r}: use waiting, running, done, "
+                        + ", ".join(result.value for result in JobResult))
+    return value, None
+
+
+def _option(check):
+    """A per-job option (JOB_OPTIONS) as a request parameter: its name in messages."""
+    return lambda value, name: check({name: value}, name)
+
+
+def _job_options(source):
+    """The per-job options (JOB_OPTIONS) of an add_job request or a load_status
+    entry (the names of jobs --json), checked, in their column form."""
+    hosts = {}
+    for name, column in (("on", "run_on"), ("prefer", "prefer"), ("exclude", "exclude")):
+        value = source.get(name)
+        if value is not None:
+            if not isinstance(value, list) or not value or \
+                    not all(isinstance(host, str) for host in value):
+                raise UserError(f"'{name}' must be a non-empty list of worker names")
+            for host in value:
+                validate_host_name(host)
+            value = json.dumps(sorted(set(value), key=value.index))
+        hosts[column] = value
+    return {
+        "ssh_reuse": _option_bool(source, "ssh_reuse"),
+        "priority": _option_int(source, "priority", -MAX_PRIORITY, MAX_PRIORITY),
+        "retries": _option_int(source, "retries", 0, MAX_RETRIES),
+        "retry_delay": _option_seconds(source, "retry_delay"),
+        "timeout": _option_seconds(source, "timeout"),
+        "not_before": _option_time(source, "not_before"),
+        "slots_wanted": _option_int(source, "slots_wanted", 1, MAX_SLOTS),
+        **hosts,
+    }
+
+
+def _option_bool(source, name):
+    value = source.get(name, JOB_OPTIONS[name])
+    if not isinstance(value, bool):
+        raise UserError(f"'{name}' must be true or false")
+    return value
+
+
+def _option_int(source, name, low, high):
+    value = source.get(name, JOB_OPTIONS[name])
+    if not whole_number(value, low, high):
+        raise UserError(f"'{name}' must be a whole number from {low} to {high}")
+    return value
+
+
+def _priority(value, name):
+    return _option_int({name: value}, name, -MAX_PRIORITY, MAX_PRIORITY)
+
+
+def _option_seconds(source, name):
+    """A duration option: timeout may be null (none) but not 0; retry_delay may be 0."""
+    optional = JOB_OPTIONS[name] is None
+    value = source.get(name, JOB_OPTIONS[name])
+    if value is None and optional:
+        return None
+    if not _seconds(value, 0, MAX_DURATION):
+        raise UserError(f"'{name}' must be a number of seconds from 0 to {MAX_DURATION}")
+    if value == 0 and optional:
+        raise UserError(f"'{name}' must be more than 0 seconds (or null for none)")
+    return float(value)
+
+
+def _option_time(source, name):
+    value = source.get(name)
+    if value is None:
+        return None
+    try:
+        return parse_iso_time(value)
+    except (ValueError, TypeError, OverflowError):
+        raise UserError(f"'{name}' {value!r} is not an ISO 8601 time") from None
+
+
+def _arg_lists(value, name):
+    """add_job's args_list: one list of arguments per job."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise UserError("malformed request: args_list must be a non-empty list")
+    for args in value:
+        _strings_or_empty(args, "args")
+    return value
+
+
+def validate_status_document(document, defaults):
+    """Check a status --json document whole; return (workers, jobs) to load."""
+    if not isinstance(document, dict):
+        raise UserError("not a status document: expected a JSON object with "
+                        "'slaves' and 'job_waitlist'")
+    for key in ("slaves", "job_waitlist"):
+        if not isinstance(document.get(key), list):
+            raise UserError(f"not a status document: '{key}' must be a list")
+    environments = document.get("environments", {})
+    if not isinstance(environments, dict):
+        raise UserError("'environments' must be an object")
+    if not isinstance(document.get("paused", False), bool):
+        raise UserError("'paused' must be true or false")
+    workers, names = [], set()
+    for index, slave in enumerate(document["slaves"]):
+        where = f"slaves[{index}]"
+        workers.append(_status_worker(slave, where))
+        if workers[-1]["ip"] in names:
+            raise UserError(f"{where}: worker {workers[-1]['ip']} is listed twice")
+        names.add(workers[-1]["ip"])
+    jobs, ids = [], set()
+    for index, entry in enumerate(document["job_waitlist"]):
+        where = f"job_waitlist[{index}]"
+        if not isinstance(entry, dict):
+            raise UserError(f"{where}: each job must be an object")
+        try:
+            jobs.append(_status_job(entry, environments, defaults))
+        except UserError as error:
+            raise UserError(f"{where}: {error}") from None
+        job_id = jobs[-1]["id"]
+        if job_id is not None:
+            if job_id in ids:
+                raise UserError(f"{where}: job id {job_id} is listed twice")
+            ids.add(job_id)
+    return workers, jobs
+
+
+def _status_worker(slave, where):
+    if not isinstance(slave, dict) or not isinstance(slave.get("ip"), str):
+        raise UserError(f"{where}: each slave needs an 'ip' string")
+    name = slave["ip"]
+    try:
+        validate_host_name(name)
+        validate_variables(slave.get("envs", {}), "'envs'")
+    except UserError as error:
+        raise UserError(f"{where}: {error}") from None
+    slots = _slot_count(slave.get("slots", 1), f"{where}: 'slots'")
+    # A paused worker stays paused; one that was draining is registered afresh.
+    state = WorkerState.PAUSED if slave.get("state") == WorkerState.PAUSED.value \
+        else WorkerState.ACTIVE
+    ssh_reuse = slave.get("ssh_reuse", True)
+    if not isinstance(ssh_reuse, bool):
+        raise UserError(f"{where}: 'ssh_reuse' must be true or false")
+    try:
+        down_after = _down_after(slave.get("down_after"))
+    except UserError as error:
+        raise UserError(f"{where}: {error}") from None
+    return {"ip": name, "slots": slots, "envs": slave.get("envs", {}),
+            "ssh_checked": bool(slave.get("ssh_checked", False)), "state": state,
+            "ssh_reuse": ssh_reuse, "down_after": down_after}
+
+
+def _status_job(entry, environments, defaults):
+    script = entry.get("script")
+    if not isinstance(script, str):
+        raise UserError("'script' must be a string")
+    check_script(script)
+    args = entry.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(arg, str) and "\0" not in arg
+                                             for arg in args):
+        raise UserError("'args' must be a list of strings")
+    cwd = entry.get("cwd", defaults["cwd"])
+    if not isinstance(cwd, str) or not os.path.isabs(cwd) or "\0" in cwd:
+        raise UserError("'cwd' must be an absolute path")
+    variables = validate_variables(entry.get("envs", {}), "'envs'")
+    job_id = entry.get("id")
+    if job_id is not None and not whole_number(job_id, 1, MAX_LOADED_JOB_ID):
+        raise UserError(f"'id' must be a whole number from 1 to {MAX_LOADED_JOB_ID}")
+    environment_key = entry.get("environment")
+    if environment_key is None:
+        environment = defaults["environment"]
+    else:
+        environment = environments.get(str(environment_key))
+        if environment is None:
+            raise UserError(f"environment {environment_key} is not in 'environments'")
+        try:
+            environment = _environment(environment)
+        except UserError:
+            raise UserError(f"environments[{str(environment_key)!r}] must be an object of "
+                            "NAME: VALUE strings (names without '=', no NUL bytes)") from None
+    submitted_at = entry.get("submitted_at")
+    umask = entry.get("umask", defaults["umask"])
+    if not whole_number(umask, 0, 0o777):
+        raise UserError("'umask' must be a number from 0 to 511 (0o777)")
+    after = {}
+    for name in ("after", "after_any"):
+        value = entry.get(name, [])
+        if not isinstance(value, list) or not all(whole_number(item, 1, MAX_JOB_ID)
+                                                  for item in value):
+            raise UserError(f"'{name}' must be a list of job ids")
+        after[name] = list(dict.fromkeys(value))
+    if set(after["after"]) & set(after["after_any"]):
+        raise UserError("a job id is in both 'after' and 'after_any'")
+    return {"id": job_id, "script": script, "args": args, "cwd": cwd, "envs": variables,
+            "environment": environment, "umask": umask, "options": _job_options(entry),
+            "submitted_at": _submitted_at(submitted_at), **after}
+
+
+def _submitted_at(text):
+    try:
+        return parse_iso_time(text)
+    except (ValueError, OverflowError):
+        raise UserError(f"'submitted_at' {text!r} is not an ISO 8601 time") from None
+
+
+def check_script(path, shown=None):
+    """PATH must be an executable file; errors name it as the user wrote it (SHOWN)."""
+    shown = shown or path
+    if not os.path.isabs(path):
+        raise UserError(f"the script path {shown!r} must be absolute")
+    if not os.path.exists(path):
+        raise UserError(f"no such script: {shown}")
+    if not os.path.isfile(path):
+        raise UserError(f"{shown} is not a file")
+    if not os.access(path, os.X_OK):
+        raise UserError(f"{shown} is not executable: run chmod +x {shown}")
+
+
+# --- the requests ------------------------------------------------------------
+
+class Request:
+    """One request the server takes: the Handlers method that serves it, and its
+    parameters, name -> (check, default); a parameter without a default
+    (REQUIRED) must be given.  WHOLE, if given, checks the parameters together
+    (and as given) and returns more of them, in their checked form."""
+
+    def __init__(self, handler, whole=None, **params):
+        self.handler = handler
+        self.whole = whole
+        self.params = {name: spec if isinstance(spec, tuple) else (spec, REQUIRED)
+                       for name, spec in params.items()}
+
+
+def _add_job_whole(params, given):
+    if params["args_list"] is None and params["args"] is None:
+        raise UserError("malformed request: args must be a list of strings")
+    return {"options": _job_options(given)}
+
+
+def _remove_job_whole(params, given):
+    if params["ids"] is None:
+        _string(params["script"], "script")
+    return {}
+
+
+def _load_status_whole(params, given):
+    workers, jobs = validate_status_document(
+        params["document"], {"cwd": params["cwd"], "environment": params["environment"],
+                             "umask": params["umask"]})
+    return {"workers": workers, "jobs": jobs}
+
+
+_JOB_SHAPE = {"cwd": _string, "environment": _environment, "umask": (_umask, 0o022)}
+REQUESTS = {
+    "ping": Request("ping"),
+    "stop": Request("stop"),
+    "status": Request("status", waiting_limit=(_row_limit, None),
+                      environments=(_flag, True)),
+    "workers": Request("worker_names"),
+    "ssh_config": Request("ssh_config"),
+    "add_slave": Request("add_slave", hosts=_hosts, slots=(_slots_flag, 1),
+                         variables=(_variables("add_slave"), {}), ssh_reuse=(_flag, True),
+                         down_after=(_down_after, None), endpoints=(_endpoints, {}),
+                         ssh_checked=(_truth, False)),
+    "remove_slave": Request("remove_slave", hosts=_hosts, mode=(_removal_mode, None),
+                            grace=(_grace, DEFAULT_KILL_GRACE)),
+    "edit_slave": Request("edit_slave", host=_string, slots=(_optional_slots_flag, None),
+                          variables=(_variables("edit_slave -e"), {}),
+                          unset=(_strings_or_empty, []), ssh_reuse=(_flag, ABSENT),
+                          down_after=(_down_after, ABSENT)),
+    "add_job": Request("add_job", _add_job_whole, script=_string,
+                       args=(_strings_or_empty, None), args_list=(_arg_lists, None),
+                       variables=(_variables("add_job -e"), {}),
+                       after=(_job_ids_or_empty, []), after_any=(_job_ids_or_empty, []),
+                       **_JOB_SHAPE),
+    "remove_job": Request("remove_job", _remove_job_whole, ids=(_optional_job_ids, None),
+                          script=(_optional_string, None), args=(_strings_or_empty, [])),
+    "load_status": Request("load_status", _load_status_whole, document=_anything,
+                           **_JOB_SHAPE),
+    "kill": Request("kill", ids=_job_ids, grace=(_grace, DEFAULT_KILL_GRACE)),
+    "priority": Request("priority", ids=_job_ids, priority=(_priority, 0)),
+    "jobs": Request("jobs", id=(_optional_job_id, None),
+                    state=(_state_filter, None), last=(_last, None),
+                    worker=(_optional_string, None), script=(_optional_string, None)),
+    "purge": Request("purge", older_than=(_age, 0)),
+    "wait": Request("wait", ids=(_optional_job_ids, None)),
+    "pause": Request("pause", hosts=(_hosts_or_empty, [])),
+    "resume": Request("resume", hosts=(_hosts_or_empty, [])),
+}
+
+
+def check_request(line):
+    """(Request, checked parameters) of a request line; UserError if it is malformed."""
+    try:
+        message = json.loads(line)
+        if not isinstance(message, dict) or not isinstance(message.get("command"), str) \
+                or not isinstance(message.get("params", {}), dict):
+            raise ValueError("not a request object")
+    except (ValueError, RecursionError) as error:
+        raise UserError(f"malformed request: {error}") from None
+    spec = REQUESTS.get(message["command"])
+    if spec is None:
+        raise UserError(f"unknown command {message['command']!r}")
+    given = message.get("params", {})
+    params = {}
+    for name, (check, default) in spec.params.items():
+        if name in given or default is REQUIRED:
+            # A missing required one is checked as null: the check says what it wants.
+            params[name] = check(given.get(name), name)
+        else:
+            params[name] = type(default)(default) if isinstance(default, (list, dict)) \
+                else default
+    if spec.whole is not None:
+        params.update(spec.whole(params, given))
+    return message["command"], spec, params
 
 
 ###############################################################################
@@ -573,59 +1247,71 @@ def _refuses_new_files(path):
     return None
 
 
+def migrate(db):
+    """Apply the migrations this database has not had yet."""
+    import sqlite3
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise UserError(f"the database was written by a newer cli.py (schema {version}); "
+                        "upgrade cli.py")
+    for number in range(version, len(MIGRATIONS)):
+        try:
+            db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[number]}; "
+                             f"PRAGMA user_version = {number + 1}; COMMIT;")
+        except sqlite3.Error:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+
+def open_database(path):
+    """The database of a data dir, checked and migrated; UserError if it cannot be used."""
+    import sqlite3
+    existed = os.path.exists(path)
+    wal = path + "-wal"
+    if existed and os.path.getsize(path) == 0 and \
+            not (os.path.exists(wal) and os.path.getsize(wal)):
+        # SQLite would take it for a new database: a truncated one must not
+        # become an empty queue without a word.
+        raise UserError(f"the database {path} is empty (0 bytes): truncated, or never "
+                        "written; refusing to start. Nothing was changed: restore it "
+                        "from a backup, or remove it to start with an empty queue")
+    try:
+        # Autocommit mode: every change goes through Store.transaction().
+        db = sqlite3.connect(path, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA busy_timeout = 5000")
+        if existed:
+            problem = db.execute("PRAGMA quick_check").fetchone()[0]
+            if problem != "ok":
+                raise sqlite3.DatabaseError(problem)
+        db.execute("PRAGMA journal_mode = WAL")
+        # NORMAL in WAL mode survives a crash of the process; only a power
+        # loss can drop the last transactions.
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute("PRAGMA foreign_keys = ON")
+        migrate(db)
+    except sqlite3.DatabaseError as error:
+        fault = storage_fault(path, error)
+        if fault:   # not the database's fault: never advise moving it away
+            raise UserError(f"{fault[0]}; refusing to start. Nothing was changed: "
+                            f"{fault[1]}, then start again") from None
+        raise UserError(
+            f"the database {path} is unreadable or corrupt ({error}); refusing to start. "
+            "Nothing was changed: restore it from a backup, or move it away to start "
+            "with an empty queue") from None
+    return db
+
+
 class Store:
-    """The SQLite database of one data dir.  Only the server opens it."""
+    """The SQLite database of one data dir.  Only the server opens it, and only the Queue
+    and Workers write to it (reads are free)."""
 
     def __init__(self, path):
         import sqlite3
         self.sqlite3 = sqlite3
-        existed = os.path.exists(path)
-        wal = path + "-wal"
-        if existed and os.path.getsize(path) == 0 and \
-                not (os.path.exists(wal) and os.path.getsize(wal)):
-            # SQLite would take it for a new database: a truncated one must not
-            # become an empty queue without a word.
-            raise UserError(f"the database {path} is empty (0 bytes): truncated, or never "
-                            "written; refusing to start. Nothing was changed: restore it "
-                            "from a backup, or remove it to start with an empty queue")
-        try:
-            # Autocommit mode: every change goes through transaction() below.
-            self.db = sqlite3.connect(path, isolation_level=None)
-            self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA busy_timeout = 5000")
-            if existed:
-                problem = self.db.execute("PRAGMA quick_check").fetchone()[0]
-                if problem != "ok":
-                    raise sqlite3.DatabaseError(problem)
-            self.db.execute("PRAGMA journal_mode = WAL")
-            # NORMAL in WAL mode survives a crash of the process; only a power
-            # loss can drop the last transactions.
-            self.db.execute("PRAGMA synchronous = NORMAL")
-            self.db.execute("PRAGMA foreign_keys = ON")
-            self.migrate()
-        except sqlite3.DatabaseError as error:
-            fault = storage_fault(path, error)
-            if fault:   # not the database's fault: never advise moving it away
-                raise UserError(f"{fault[0]}; refusing to start. Nothing was changed: "
-                                f"{fault[1]}, then start again") from None
-            raise UserError(
-                f"the database {path} is unreadable or corrupt ({error}); refusing to start. "
-                "Nothing was changed: restore it from a backup, or move it away to start "
-                "with an empty queue") from None
-
-    def migrate(self):
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise UserError(f"the database was written by a newer cli.py (schema {version}); "
-                            "upgrade cli.py")
-        for number in range(version, len(MIGRATIONS)):
-            try:
-                self.db.executescript(f"BEGIN IMMEDIATE; {MIGRATIONS[number]}; "
-                                      f"PRAGMA user_version = {number + 1}; COMMIT;")
-            except self.sqlite3.Error:
-                if self.db.in_transaction:
-                    self.db.execute("ROLLBACK")
-                raise
+        self.db = open_database(path)
+        self.dependencies = Dependencies(self)
 
     def transaction(self):
         return _Transaction(self.db)
@@ -633,7 +1319,7 @@ class Store:
     def close(self):
         self.db.close()
 
-    # --- settings -----------------------------------------------------------
+    # --- settings ------------------------------------------------------------
 
     def setting(self, key, default=None):
         row = self.db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
@@ -643,7 +1329,7 @@ class Store:
         self.db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
                         (key, json.dumps(value)))
 
-    # --- environments -----------------------------------------------------
+    # --- environments --------------------------------------------------------
 
     def intern_environment(self, variables):
         """The id of this exact environment, stored once however many jobs use it."""
@@ -671,55 +1357,160 @@ class Store:
         self.db.execute("DELETE FROM environments WHERE id NOT IN "
                         "(SELECT DISTINCT environment_id FROM jobs)")
 
-    # --- workers ----------------------------------------------------------
+    # --- workers -------------------------------------------------------------
 
     def workers(self):
         return self.db.execute("SELECT * FROM workers ORDER BY position").fetchall()
 
-    def save_worker(self, name, slots, variables, ssh_checked, state=WorkerState.ACTIVE,
-                    ssh_reuse=True, endpoint=None, down_after=None):
-        """Register NAME, or make an existing (even draining) worker match the arguments;
-        ENDPOINT (see resolved_endpoint), if given, is where ssh goes for it."""
+    def insert_worker(self, name, slots, variables, ssh_checked, state=WorkerState.ACTIVE,
+                      ssh_reuse=True, endpoint=None, down_after=None):
+        """Register NAME in STATE, its first; ENDPOINT (see resolved_endpoint), if
+        given, is where ssh goes for it."""
         endpoint = endpoint or {}
         self.db.execute(
             "INSERT INTO workers (name, slots, variables, state, ssh_checked, ssh_reuse, "
             "added_at, ssh_host, ssh_port, ssh_user, down_after) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
-            "slots = excluded.slots, variables = excluded.variables, state = excluded.state, "
-            "ssh_checked = excluded.ssh_checked, ssh_reuse = excluded.ssh_reuse, "
-            "down_after = excluded.down_after",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (name, slots, json.dumps(variables), state.value, int(ssh_checked), int(ssh_reuse),
              time.time(), endpoint.get("host"), endpoint.get("port"), endpoint.get("user"),
              down_after))
+
+    def update_worker(self, name, slots, variables, ssh_reuse, down_after, ssh_checked=None):
+        self.db.execute("UPDATE workers SET slots = ?, variables = ?, ssh_reuse = ?, "
+                        "down_after = ?, ssh_checked = coalesce(?, ssh_checked) WHERE name = ?",
+                        (slots, json.dumps(variables), int(ssh_reuse), down_after,
+                         None if ssh_checked is None else int(ssh_checked), name))
 
     def set_worker_endpoint(self, name, endpoint):
         self.db.execute("UPDATE workers SET ssh_host = ?, ssh_port = ?, ssh_user = ? "
                         "WHERE name = ?",
                         (endpoint["host"], endpoint["port"], endpoint["user"], name))
 
-    def set_worker_health(self, name, health, reason, checked_at):
-        self.db.execute("UPDATE workers SET health = ?, check_reason = ?, checked_at = ? "
-                        "WHERE name = ?", (health.value, reason, checked_at, name))
-
-    def set_worker_state(self, name, old, new):
+    def change_worker_state(self, name, old, new):
+        """The one way a worker's state is written: a move WORKER_TRANSITIONS allows, on
+        a worker that was OLD."""
         check_transition(WORKER_TRANSITIONS, old, new)
-        self.db.execute("UPDATE workers SET state = ? WHERE name = ? AND state = ?",
-                        (new.value, name, old.value))
+        changed = self.db.execute("UPDATE workers SET state = ? WHERE name = ? AND state = ?",
+                                  (new.value, name, old.value)).rowcount
+        if changed != 1:
+            raise LostRace(f"worker {name} was not {old.value}")
+
+    def change_worker_health(self, name, old, new, reason, checked_at):
+        """The one way a worker's health is written: a move the table allows (or a new
+        reason for the same health), on a worker that was OLD."""
+        if new != old:
+            check_transition(HEALTH_TRANSITIONS, old, new)
+        changed = self.db.execute(
+            "UPDATE workers SET health = ?, check_reason = ?, checked_at = ? "
+            "WHERE name = ? AND health = ?",
+            (new.value, reason, checked_at, name, old.value)).rowcount
+        if changed != 1:
+            raise LostRace(f"worker {name} was not {old.value}")
 
     def delete_worker(self, name):
         self.db.execute("DELETE FROM workers WHERE name = ?", (name,))
 
-    # --- jobs -------------------------------------------------------------
+    # --- jobs: the one state change ------------------------------------------
+
+    def change_jobs(self, job_ids, old, new, **columns):
+        """The one way a job's state is written: move JOB_IDS, every one of them in
+        state OLD (or in one of the states of a tuple OLD), to NEW.
+
+        The move must be in JOB_TRANSITIONS; COLUMNS may only name the columns NEW
+        owns (JOB_STATE_COLUMNS), which are set to them or to their defaults.  A
+        job no longer in OLD (a lost race, a bug) makes it raise LostRace, and
+        the caller's transaction roll back: never a silent half move.
+        """
+        olds = old if isinstance(old, tuple) else (old,)
+        for state in olds:
+            check_transition(JOB_TRANSITIONS, state, new)
+        owned = JOB_STATE_COLUMNS[new]
+        unknown = set(columns) - set(owned)
+        if unknown:
+            raise IllegalTransition(f"{new.value} does not own {', '.join(sorted(unknown))}")
+        values = {}
+        for name, default in owned.items():
+            value = columns.get(name, default)
+            if value is REQUIRED:
+                raise IllegalTransition(f"a move to {new.value} needs {name}")
+            if value is not UNCHANGED:
+                values[name] = value
+        values["state"], blocked = JOB_STATE_ROWS[new]
+        if blocked is not None:
+            values["blocked"] = blocked
+        where, where_values = [], []
+        for state in olds:
+            state_value, blocked = JOB_STATE_ROWS[state]
+            where.append("state = ?" if blocked is None else "(state = ? AND blocked = ?)")
+            where_values += [state_value] if blocked is None else [state_value, blocked]
+        assignments = ", ".join(f"{name} = ?" for name in values)
+        cursor = self.db.executemany(
+            f"UPDATE jobs SET {assignments} WHERE id = ? AND ({' OR '.join(where)})",
+            [(*values.values(), job_id, *where_values) for job_id in job_ids])
+        if cursor.rowcount != len(job_ids):
+            raise LostRace(f"{len(job_ids) - cursor.rowcount} of {len(job_ids)} job(s) "
+                           f"were not {' or '.join(state.value for state in olds)}")
+
+    def retry(self, job_id, not_before, reason):
+        """A failed attempt with retries left: the job waits again (until NOT_BEFORE);
+        returns the state it waits in."""
+        state = waiting_state(not_before is not None and not_before > time.time())
+        self.change_jobs([job_id], JobState.RUNNING, state, reason=reason,
+                         not_before=not_before)
+        return state
+
+    def requeue(self, job_id, attempt):
+        """An attempt whose script never started goes back to the queue, unnumbered."""
+        self.change_jobs([job_id], JobState.RUNNING, JobState.WAITING, attempt=attempt - 1,
+                         log=None)
+
+    def skip(self, job_id, reason):
+        """A waiting job that can no longer run ends as skipped (LostRace if it was not
+        waiting: only waiting jobs have conditions to fail)."""
+        self.change_jobs([job_id], (JobState.WAITING, JobState.BLOCKED), JobState.DONE,
+                         result=JobResult.SKIPPED.value, reason=reason, ended_at=time.time())
+        self.db.execute("DELETE FROM dependencies WHERE job_id = ?", (job_id,))
+
+    def release_due(self, now):
+        """Unblock the blocked jobs whose start time has come and that wait on nothing
+        else; return their ids."""
+        job_ids = [row[0] for row in self.db.execute(
+            "SELECT id FROM jobs WHERE state = 'waiting' AND blocked = 1 AND "
+            "not_before <= ? AND NOT EXISTS (SELECT 1 FROM dependencies "
+            "WHERE dependencies.job_id = jobs.id)", (now,))]
+        self.change_jobs(job_ids, JobState.BLOCKED, JobState.WAITING)
+        return job_ids
+
+    def unblock(self, job_ids):
+        """Let those of JOB_IDS that wait on nothing any more (nor on a time) be
+        scheduled; return their ids."""
+        free = []
+        for chunk in _chunks(job_ids):
+            free += [row[0] for row in self.db.execute(
+                f"SELECT id FROM jobs WHERE id IN ({', '.join('?' * len(chunk))}) AND "
+                f"state = 'waiting' AND blocked = 1 AND (not_before IS NULL OR not_before <= ?) "
+                f"AND NOT EXISTS (SELECT 1 FROM dependencies WHERE job_id = jobs.id)",
+                (*chunk, time.time()))]
+        self.change_jobs(free, JobState.BLOCKED, JobState.WAITING)
+        return free
+
+    def next_release(self, now):
+        """The earliest start time still to come among blocked jobs, or None."""
+        return self.db.execute(
+            "SELECT min(not_before) FROM jobs WHERE state = 'waiting' AND blocked = 1 AND "
+            "not_before > ?", (now,)).fetchone()[0]
+
+    # --- jobs: born, changed, gone -------------------------------------------
 
     def insert_job(self, script, args, cwd, environment_id, variables, umask, options,
                    job_id=None, submitted_at=None):
         columns = ", ".join(JOB_OPTIONS)
         return self.db.execute(
-            f"INSERT INTO jobs (id, state, script, args, cwd, environment_id, variables, umask, "
-            f"submitted_at, blocked, {columns}) "
+            f"INSERT INTO jobs (id, state, blocked, script, args, cwd, environment_id, "
+            f"variables, umask, submitted_at, {columns}) "
             f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
-            (job_id, JobState.WAITING.value, script, json.dumps(args), cwd, environment_id,
-             json.dumps(variables), umask, submitted_at or time.time(), _blocked(options),
+            (job_id, *JOB_STATE_ROWS[first_state(options)], script, json.dumps(args), cwd,
+             environment_id, json.dumps(variables), umask, submitted_at or time.time(),
              *(options[name] for name in JOB_OPTIONS))).lastrowid
 
     def insert_jobs(self, script, arg_lists, cwd, environment_id, variables, umask, options):
@@ -727,15 +1518,53 @@ class Store:
         now = time.time()
         variables_text = json.dumps(variables)
         option_values = tuple(options[name] for name in JOB_OPTIONS)
-        blocked = _blocked(options)
+        state_columns = JOB_STATE_ROWS[first_state(options)]
         self.db.executemany(
-            f"INSERT INTO jobs (state, script, args, cwd, environment_id, variables, umask, "
-            f"submitted_at, blocked, {', '.join(JOB_OPTIONS)}) "
+            f"INSERT INTO jobs (state, blocked, script, args, cwd, environment_id, variables, "
+            f"umask, submitted_at, {', '.join(JOB_OPTIONS)}) "
             f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
-            ((JobState.WAITING.value, script, json.dumps(args), cwd, environment_id,
-              variables_text, umask, now, blocked, *option_values) for args in arg_lists))
+            ((*state_columns, script, json.dumps(args), cwd, environment_id,
+              variables_text, umask, now, *option_values) for args in arg_lists))
         last = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()[0]
         return last - len(arg_lists) + 1, last
+
+    def set_priority(self, job_ids, priority):
+        self.db.executemany("UPDATE jobs SET priority = ? WHERE id = ? AND state = ?",
+                            [(priority, job_id, JobState.WAITING.value) for job_id in job_ids])
+
+    def request_kill(self, job_id, grace, reason):
+        """Record a kill before it is sent, so that a restart can finish it."""
+        self.db.execute(
+            "UPDATE jobs SET kill_requested_at = coalesce(kill_requested_at, ?), "
+            "kill_grace = ?, reason = ?, timed_out = 0 WHERE id = ? AND state = ?",
+            (time.time(), grace, reason, job_id, JobState.RUNNING.value))
+
+    def mark_timed_out(self, job_id):
+        """The kill just requested is the job's --timeout's: the attempt ends timed_out."""
+        self.db.execute("UPDATE jobs SET timed_out = 1 WHERE id = ? AND state = ?",
+                        (job_id, JobState.RUNNING.value))
+
+    def delete_waiting_jobs(self, job_ids):
+        deleted = self.db.executemany("DELETE FROM jobs WHERE id = ? AND state = ?",
+                                      [(job_id, JobState.WAITING.value)
+                                       for job_id in job_ids]).rowcount
+        if deleted != len(job_ids):
+            raise LostRace(f"{len(job_ids) - deleted} of {len(job_ids)} job(s) were not waiting")
+
+    def delete_all_waiting(self):
+        self.db.execute("DELETE FROM jobs WHERE state = ?", (JobState.WAITING.value,))
+
+    def purge_jobs(self, ended_before):
+        """Delete finished jobs that ended before then; return their (id, log) pairs."""
+        # 'done' is spelled out so that SQLite can use the partial index jobs_by_end.
+        rows = self.db.execute("SELECT id, log FROM jobs WHERE state = 'done' AND ended_at < ?",
+                               (ended_before,)).fetchall()
+        self.db.execute("DELETE FROM jobs WHERE state = 'done' AND ended_at < ?",
+                        (ended_before,))
+        self.drop_unused_environments()
+        return [(row["id"], row["log"]) for row in rows]
+
+    # --- jobs: queries -------------------------------------------------------
 
     def job(self, job_id):
         return self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -759,10 +1588,6 @@ class Store:
             "(priority < ? OR (priority = ? AND id > ?)) ORDER BY priority DESC, id LIMIT ?",
             (priority, priority, job_id, limit)).fetchall()
 
-    def set_priority(self, job_ids, priority):
-        self.db.executemany("UPDATE jobs SET priority = ? WHERE id = ? AND state = ?",
-                            [(priority, job_id, JobState.WAITING.value) for job_id in job_ids])
-
     def counts(self):
         counts = {"waiting": 0, "running": 0}
         for row in self.db.execute("SELECT state, result, count(*) FROM jobs "
@@ -770,13 +1595,6 @@ class Store:
             key = row[1] if row[0] == JobState.DONE.value else row[0]
             counts[key] = counts.get(key, 0) + row[2]
         return counts
-
-    def change_job(self, job_id, old, new, **fields):
-        """Move one job from state OLD to NEW, refusing moves the table forbids.
-
-        The WHERE on the old state makes a lost race visible instead of silent.
-        """
-        self.change_jobs([job_id], old, new, **fields)
 
     def find_jobs(self, state=None, result=None, worker=None, script=None, last=None):
         """Jobs matching every filter given, oldest first (the LAST most recent if given)."""
@@ -795,16 +1613,6 @@ class Store:
         rows = self.db.execute(f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?",
                                (*values, last)).fetchall()
         return rows[::-1]
-
-    def purge_jobs(self, ended_before):
-        """Delete finished jobs that ended before then; return their (id, log) pairs."""
-        # 'done' is spelled out so that SQLite can use the partial index jobs_by_end.
-        rows = self.db.execute("SELECT id, log FROM jobs WHERE state = 'done' AND ended_at < ?",
-                               (ended_before,)).fetchall()
-        self.db.execute("DELETE FROM jobs WHERE state = 'done' AND ended_at < ?",
-                        (ended_before,))
-        self.drop_unused_environments()
-        return [(row["id"], row["log"]) for row in rows]
 
     def jobs_by_id(self, job_ids, columns="id, state, result"):
         """COLUMNS of those of JOB_IDS that exist, 500 ids per query."""
@@ -828,18 +1636,20 @@ class Store:
         return [row[0] for row in self.db.execute("SELECT id FROM jobs WHERE state = ?",
                                                   (JobState.WAITING.value,))]
 
-    def request_kill(self, job_id, grace, reason):
-        """Record a kill before it is sent, so that a restart can finish it."""
-        self.db.execute(
-            "UPDATE jobs SET kill_requested_at = coalesce(kill_requested_at, ?), "
-            "kill_grace = ?, reason = ?, timed_out = 0 WHERE id = ? AND state = ?",
-            (time.time(), grace, reason, job_id, JobState.RUNNING.value))
+    def ids_not_waiting(self):
+        return {row[0] for row in self.db.execute("SELECT id FROM jobs WHERE state != ?",
+                                                  (JobState.WAITING.value,))}
 
-    def request_timeout(self, job_id, grace, reason):
-        """A kill by the job's --timeout: the attempt ends as timed_out."""
-        self.request_kill(job_id, grace, reason)
-        self.db.execute("UPDATE jobs SET timed_out = 1 WHERE id = ? AND state = ?",
-                        (job_id, JobState.RUNNING.value))
+    def waiting_with_command(self, script, args):
+        return [row[0] for row in self.db.execute(
+            "SELECT id FROM jobs WHERE state = ? AND script = ? AND args = ? ORDER BY id",
+            (JobState.WAITING.value, script, json.dumps(args)))]
+
+    def pinned_waiting_jobs(self):
+        return self.db.execute("SELECT id, run_on, slots_wanted FROM jobs WHERE state = ? AND "
+                               "run_on IS NOT NULL", (JobState.WAITING.value,)).fetchall()
+
+    # --- history: every ended attempt ----------------------------------------
 
     def record_attempt(self, row, result, outcome, reason, ended_at):
         """Keep how one attempt went, for the job's history (jobs ID)."""
@@ -865,36 +1675,20 @@ class Store:
                 failed.setdefault(job_id, set()).add(worker)
         return failed
 
-    def retry(self, job_id, not_before, reason):
-        """A failed attempt with retries left: the job waits again (until NOT_BEFORE)."""
-        self.change_job(job_id, JobState.RUNNING, JobState.WAITING, worker=None, slot=None,
-                        slots=None, started_at=None, kill_requested_at=None, kill_grace=None,
-                        timed_out=0, exit_code=None, signal=None, reason=reason,
-                        not_before=not_before,
-                        blocked=int(not_before is not None and not_before > time.time()))
-
     def unreached_attempts(self, job_id):
         """How many ended attempts of the job ssh could not get through (exit 255)."""
         return self.db.execute("SELECT count(*) FROM attempts WHERE job_id = ? AND "
                                "exit_code = ?", (job_id, SSH_EXIT_STATUS)).fetchone()[0]
 
-    def release_due(self, now):
-        """Unblock the waiting jobs whose start time has come and that wait on nothing
-        else; return how many."""
-        return self.db.execute(
-            "UPDATE jobs SET blocked = 0 WHERE state = 'waiting' AND blocked = 1 AND "
-            "not_before <= ? AND NOT EXISTS (SELECT 1 FROM dependencies "
-            "WHERE dependencies.job_id = jobs.id)", (now,)).rowcount
 
-    def next_release(self, now):
-        """The earliest start time still to come among blocked jobs, or None."""
-        return self.db.execute(
-            "SELECT min(not_before) FROM jobs WHERE state = 'waiting' AND blocked = 1 AND "
-            "not_before > ?", (now,)).fetchone()[0]
+class Dependencies:
+    """The --after graph: a row per condition not yet met (see migration 3)."""
 
-    # --- dependencies ---------------------------------------------------
+    def __init__(self, store):
+        self.store = store
+        self.db = store.db
 
-    def add_dependencies(self, first, last, conditions):
+    def add(self, first, last, conditions):
         """Jobs FIRST..LAST wait for CONDITIONS, (prerequisite, any_of) pairs."""
         if conditions:
             self.db.executemany(
@@ -902,7 +1696,7 @@ class Store:
                 ((job_id, prerequisite, int(any_of)) for job_id in range(first, last + 1)
                  for prerequisite, any_of in conditions))
 
-    def open_dependencies(self, job_ids=None):
+    def unmet(self, job_ids=None):
         """{job id: ([--after ids], [--after-any ids])} still unmet, for JOB_IDS (or all)."""
         rows = self.db.execute("SELECT job_id, prerequisite, any_of FROM dependencies "
                                "ORDER BY job_id, prerequisite").fetchall() \
@@ -915,7 +1709,7 @@ class Store:
             found.setdefault(job_id, ([], []))[any_of].append(prerequisite)
         return found
 
-    def resolve_dependents(self, ended):
+    def resolve(self, ended):
         """Settle what waits on jobs that have just ended or gone, in the caller's
         transaction, so that no crash can leave a dependent waiting for ever.
 
@@ -924,7 +1718,7 @@ class Store:
         anything else skips the --after dependents, and the --after-any ones
         whose last hope it was.  Skipped jobs count as ended-without-success
         for their own dependents, at once (transitively).  Returns the ids of
-        the jobs skipped.
+        the jobs skipped, and of those now free to start.
         """
         skipped, met = [], set()
         work = list(ended)
@@ -949,42 +1743,17 @@ class Store:
                               f"{prerequisite}, {how})")
                 else:
                     reason = f"job {prerequisite}, which it runs --after, {how}"
-                if self.skip(job_id, reason):
-                    skipped.append(job_id)
-                    work.append((job_id, False, "was skipped"))
-        self.unblock(met - set(skipped))
-        return skipped
+                self.store.skip(job_id, reason)
+                skipped.append(job_id)
+                work.append((job_id, False, "was skipped"))
+        return skipped, self.store.unblock(met - set(skipped))
 
-    def skip(self, job_id, reason):
-        """A waiting job that can no longer run ends as skipped; False if it was not waiting."""
-        check_transition(JOB_TRANSITIONS, JobState.WAITING, JobState.DONE)
-        done = self.db.execute(
-            "UPDATE jobs SET state = ?, result = ?, reason = ?, ended_at = ? "
-            "WHERE id = ? AND state = ?",
-            (JobState.DONE.value, JobResult.SKIPPED.value, reason, time.time(), job_id,
-             JobState.WAITING.value)).rowcount
-        self.db.execute("DELETE FROM dependencies WHERE job_id = ?", (job_id,))
-        return bool(done)
-
-    def pinned_waiting_jobs(self):
-        return self.db.execute("SELECT id, run_on, slots_wanted FROM jobs WHERE state = ? AND "
-                               "run_on IS NOT NULL", (JobState.WAITING.value,)).fetchall()
-
-    def drop_dependencies(self, job_ids):
+    def drop(self, job_ids):
         """Jobs that will never run stop waiting for anything."""
         self.db.executemany("DELETE FROM dependencies WHERE job_id = ?",
                             ((job_id,) for job_id in job_ids))
 
-    def unblock(self, job_ids):
-        """Let the JOB_IDS that wait on nothing any more (nor on a time) be scheduled."""
-        for chunk in _chunks(job_ids):
-            self.db.execute(
-                f"UPDATE jobs SET blocked = 0 WHERE id IN ({', '.join('?' * len(chunk))}) AND "
-                f"state = 'waiting' AND blocked = 1 AND (not_before IS NULL OR not_before <= ?) "
-                f"AND NOT EXISTS (SELECT 1 FROM dependencies WHERE job_id = jobs.id)",
-                (*chunk, time.time()))
-
-    def stale_prerequisites(self):
+    def stale(self):
         """Prerequisites that ended (or went) without their dependents hearing of it."""
         return [(row[0], row[1] == JobResult.SUCCEEDED.value,
                  f"ended {row[1]}" if row[1] else "was removed")
@@ -992,50 +1761,14 @@ class Store:
                     "SELECT DISTINCT d.prerequisite, j.result FROM dependencies d LEFT JOIN jobs j "
                     "ON j.id = d.prerequisite WHERE j.id IS NULL OR j.state = 'done'")]
 
-    def requeue(self, job_id, attempt):
-        """An attempt whose script never started goes back to the queue, unnumbered."""
-        self.change_job(job_id, JobState.RUNNING, JobState.WAITING, attempt=attempt - 1,
-                        worker=None, slot=None, slots=None, started_at=None, log=None,
-                        kill_requested_at=None, kill_grace=None, timed_out=0)
-
-    def waiting_with_command(self, script, args):
-        return [row[0] for row in self.db.execute(
-            "SELECT id FROM jobs WHERE state = ? AND script = ? AND args = ? ORDER BY id",
-            (JobState.WAITING.value, script, json.dumps(args)))]
-
-    def ids_not_waiting(self):
-        return {row[0] for row in self.db.execute("SELECT id FROM jobs WHERE state != ?",
-                                                  (JobState.WAITING.value,))}
-
-    def delete_all_waiting(self):
-        self.db.execute("DELETE FROM jobs WHERE state = ?", (JobState.WAITING.value,))
-
-    def update_worker(self, name, slots, variables, ssh_reuse, down_after):
-        self.db.execute("UPDATE workers SET slots = ?, variables = ?, ssh_reuse = ?, "
-                        "down_after = ? WHERE name = ?",
-                        (slots, json.dumps(variables), int(ssh_reuse), down_after, name))
-
-    def change_jobs(self, job_ids, old, new, **fields):
-        """change_job for many jobs at once (all of them must be OLD)."""
-        check_transition(JOB_TRANSITIONS, old, new)
-        fields["state"] = new.value
-        assignments = ", ".join(f"{name} = ?" for name in fields)
-        cursor = self.db.executemany(
-            f"UPDATE jobs SET {assignments} WHERE id = ? AND state = ?",
-            [(*fields.values(), job_id, old.value) for job_id in job_ids])
-        if cursor.rowcount != len(job_ids):
-            raise IllegalTransition(f"not all of {len(job_ids)} jobs were {old.value}")
-
-    def delete_waiting_jobs(self, job_ids):
-        self.db.executemany("DELETE FROM jobs WHERE id = ? AND state = ?",
-                            [(job_id, JobState.WAITING.value) for job_id in job_ids])
 
 
-def _blocked(options):
-    """1 if a new job with OPTIONS may not start yet: it waits for other jobs (the
-    caller says so), or its start time is to come."""
-    return int(bool(options.get("blocked")) or
-               options["not_before"] is not None and options["not_before"] > time.time())
+def first_state(options):
+    """BLOCKED if a new job with OPTIONS may not start yet: it waits for other jobs
+    (the caller says so), or its start time is to come; else WAITING."""
+    return waiting_state(bool(options.get("blocked")) or
+                         options["not_before"] is not None and
+                         options["not_before"] > time.time())
 
 
 class _Transaction:
@@ -1129,6 +1862,32 @@ def iso_time(timestamp):
     from datetime import datetime, timezone
     moment = datetime.fromtimestamp(timestamp, timezone.utc)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+
+def parse_iso_time(text):
+    """Seconds since the epoch from an ISO 8601 time (None stays None).
+
+    A time that iso_time cannot write back (before year 1 or after 9999 in UTC)
+    is a ValueError too: stored, it would break every status and jobs.
+    """
+    if text is None:
+        return None
+    from datetime import datetime
+    timestamp = datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    iso_time(timestamp)
+    return timestamp
+
+
+def _duration_text(seconds):
+    """30m, 2h, 1d12h: the way durations are written on the command line."""
+    seconds = round(seconds)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return "".join(parts)
 
 
 ###############################################################################
@@ -1629,7 +2388,7 @@ def _spawner_main(channel):
         wakeup_write.setblocking(False)
         signal.set_wakeup_fd(wakeup_write.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda number, frame: None)
-        buffer = b""
+        lines = LineReader()
         while True:
             readable, _, _ = select_readable([channel, wakeup_read])
             if wakeup_read in readable:
@@ -1640,9 +2399,7 @@ def _spawner_main(channel):
             chunk = channel.recv(1 << 20)
             if not chunk:
                 break
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
+            for line in lines.feed(chunk):
                 _spawn_one(channel, json.loads(line), setup)
         status = 0
     except BaseException:   # noqa: BLE001 - never unwind into the server's code
@@ -1977,11 +2734,13 @@ def _write_outcome(fd, path, text):
 
 
 def read_outcome(run_dir, job_id, attempt):
-    """What the supervisor of an attempt recorded, or None if it recorded nothing."""
+    """What the supervisor of an attempt recorded in its .exit file, or None if it
+    recorded nothing.  ValueError: the file is there but unreadable (torn);
+    another OSError: it cannot be read now (out of fds, I/O)."""
     try:
         with open(run_file(run_dir, job_id, attempt, "exit")) as exit_file:
             return json.loads(exit_file.read())
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return None
 
 
@@ -2070,7 +2829,7 @@ def remove_run_files(run_dir, job_id, attempt):
 
 
 ###############################################################################
-# SSH for job scripts ###########################################################
+# SSH for job scripts ##########################################################
 ###############################################################################
 
 # Jobs find a shim first on their PATH that runs the real ssh, scp or sftp (and
@@ -2186,9 +2945,7 @@ def ssh_reuse_root(data_dir):
     if len(root) + 1 + SSH_WORKER_KEY_LENGTH <= SSH_CONTROL_DIR_LIMIT and \
             PLAIN_PATH.match(root):
         return root
-    import hashlib
-    digest = hashlib.sha256(os.fsencode(data_dir)).hexdigest()[:12]
-    return os.path.join("/tmp", f"cli-py-{os.getuid()}", f"ssh-{digest}")
+    return private_tmp_path(data_dir, "ssh-{digest}", 12)
 
 
 def ssh_control_dir(root, worker):
@@ -2250,16 +3007,108 @@ def stop_ssh_masters(control_dir):
                 pass
         try:
             os.unlink(path)
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass   # gone, or a read-only disk: nothing to stop the queue for
     try:
         os.rmdir(control_dir)
     except OSError:
         pass   # a job made a new master meanwhile: it times out by itself
 
 
+class JobsSsh:
+    """The job scripts' ssh of one data dir, as the server keeps it: the shims, the
+    jobs' ssh config, and a directory of SSH masters per worker."""
+
+    def __init__(self, data_dir, log):
+        self.data_dir = data_dir
+        self.log = log
+        self.root = ssh_reuse_root(data_dir)
+        self.shim_dir = os.path.join(self.root, "bin")
+        self.config_path = os.path.join(self.root, JOBS_SSH_CONFIG_FILE)
+        self.config = None          # its text, while jobs need one (see jobs_ssh_config)
+        self.config_missing = False   # its last write failed
+
+    def control_dir(self, worker_name):
+        return ssh_control_dir(self.root, worker_name)
+
+    def prepare(self, worker_names, ssh_config):
+        """Write the shims and the jobs' ssh config; stop the masters of workers now
+        gone (a worker with running jobs is never gone: it drains)."""
+        if os.path.dirname(self.root) != self.data_dir:
+            make_private_dir(os.path.dirname(self.root))
+        make_private_dir(self.root)
+        make_private_dir(self.shim_dir)
+        write_ssh_shims(self.shim_dir)
+        self.write_config(worker_names, ssh_config)
+        wanted = {os.path.basename(self.control_dir(name)) for name in worker_names}
+        for name in os.listdir(self.root):
+            path = os.path.join(self.root, name)
+            if name not in wanted and os.path.isdir(path) and path != self.shim_dir:
+                stop_ssh_masters(path)
+
+    def write_config(self, worker_names, ssh_config):
+        """(Re)write the jobs' ssh config after the workers or the queue's config changed.
+        An old one stays while jobs may read it: only its Host entries could go, and
+        only for workers without jobs.  A write that fails (a full disk) is tried
+        again before the next job that needs it starts (see shim_for)."""
+        text = jobs_ssh_config(worker_names, ssh_config)
+        changed = text != self.config
+        self.config = text
+        if text is not None and changed:
+            try:
+                _write_file(self.config_path, text)
+            except OSError as error:
+                self.log.error("cannot write the jobs' ssh config %s (%s); tried again when "
+                               "a job needs it", self.config_path, error.strerror)
+                self.config_missing = True
+                return
+        self.config_missing = False
+
+    def shim_for(self, worker, row):
+        """(shim dir, ControlPath or None, ssh config or None) for a job of ROW on
+        WORKER, or None when its ssh needs nothing of ours."""
+        control_path = None
+        if worker.ssh_reuse and row["ssh_reuse"]:
+            control_dir = self.control_dir(worker.name)
+            if not os.path.isdir(control_dir):
+                try:
+                    os.mkdir(control_dir, 0o700)
+                except OSError as error:
+                    raise LaunchError(f"cannot create {control_dir}: {error.strerror}") \
+                        from None
+            control_path = os.path.join(control_dir, "%C")
+        ssh_config = None
+        if self.config is not None:
+            ssh_config = self.config_path
+            if self.config_missing or not os.path.exists(ssh_config):
+                try:   # its write failed, or a /tmp cleaner took it
+                    _write_file(ssh_config, self.config)
+                    self.config_missing = False
+                except OSError as error:
+                    raise LaunchError(f"cannot write {ssh_config}: {error.strerror}") from None
+        if control_path is None and ssh_config is None:
+            return None
+        return self.shim_dir, control_path, ssh_config
+
+    def release(self, worker_names, control_dirs_in_use, jobs_running):
+        """At stop: stop the masters that no running job uses; when no job runs, remove
+        a root under /tmp whole (shims and config included), which would otherwise
+        pile up, one per data dir ever used."""
+        for name in worker_names:
+            if self.control_dir(name) not in control_dirs_in_use:
+                stop_ssh_masters(self.control_dir(name))
+        if jobs_running or os.path.dirname(self.root) == self.data_dir:
+            return
+        import shutil
+        for name in os.listdir(self.root):
+            path = os.path.join(self.root, name)
+            if os.path.isdir(path) and path != self.shim_dir:
+                stop_ssh_masters(path)   # a master a job left after its end
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 ###############################################################################
-# SSH settings and checks #######################################################
+# SSH settings and checks ######################################################
 ###############################################################################
 
 # The tool's own SSH connections (the add-time check and the health checks) go
@@ -2782,8 +3631,144 @@ def check_rounds(request, connections, lines, check, resolve):
 
 
 ###############################################################################
-# Server #######################################################################
+# Timers #######################################################################
 ###############################################################################
+
+class RetryDelay:
+    """The one pause policy for work the disk refused (full, read-only, failing):
+    half a second, doubling up to STORAGE_RETRY_MAX while the fault lasts.  No
+    event may come once the disk has room again: a timer must."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def next(self):
+        self.seconds = min(2 * self.seconds or STORAGE_RETRY_FIRST, STORAGE_RETRY_MAX)
+        return self.seconds
+
+    def reset(self):
+        self.seconds = 0.0
+
+
+class Timers:
+    """The server's one clock: start times, timeouts, retries after storage
+    faults, a new health checker.  The loop sleeps until the first of them."""
+
+    def __init__(self, log, storage_errors):
+        self.log = log
+        self.storage_errors = storage_errors   # what a refused write raises
+        self.heap = []             # (when, sequence, callback, attempt)
+        self.sequence = 0
+        self.kept = 0              # the heap's size after its last clean-up
+
+    def add(self, when, callback, attempt=None):
+        """Call CALLBACK at WHEN; a timer of an ATTEMPT goes once the attempt has ended."""
+        import heapq
+        if len(self.heap) > 2 * self.kept + 1000:
+            # Timeouts of attempts that ended early would pile up for as long as
+            # their deadlines: drop them.
+            self.heap = [timer for timer in self.heap
+                         if timer[3] is None or not timer[3].ended]
+            heapq.heapify(self.heap)
+            self.kept = len(self.heap)
+        self.sequence += 1
+        heapq.heappush(self.heap, (when, self.sequence, callback, attempt))
+
+    def timeout(self):
+        """How long select() may sleep: until the next timer, or for ever."""
+        if not self.heap:
+            return None
+        # epoll takes at most 2**31 ms (24.8 days): a start time or timeout further
+        # off would end the loop with OverflowError.  Waking early is harmless.
+        return min(max(0.0, self.heap[0][0] - time.time()), MAX_SELECT_TIMEOUT)
+
+    def due(self):
+        """The callbacks whose time has come, in order, taken off the heap."""
+        import heapq
+        now = time.time()
+        while self.heap and self.heap[0][0] <= now:
+            yield heapq.heappop(self.heap)[2]
+
+    def until_saved(self, what, change, then=None, delay=None):
+        """Make CHANGE, which writes to the database (or reads run files) and must not
+        be dropped: it follows a change already committed, or an event that will
+        not come again.  While the disk refuses it, try again after a pause
+        (RetryDelay); once it is made, call THEN (never retried)."""
+        try:
+            change()
+        except self.storage_errors as error:
+            if delay is None:
+                delay = RetryDelay()
+                self.log.error("%s: cannot be saved yet (%s); tried again until it can",
+                               what, error)
+            self.add(time.time() + delay.next(),
+                     lambda: self.until_saved(what, change, then, delay))
+            return
+        if delay is not None:
+            self.log.info("%s: saved now", what)
+        if then is not None:
+            then()
+
+
+###############################################################################
+# Queue: the lifecycle of jobs and workers #####################################
+###############################################################################
+
+# Queue (jobs) and Workers are the only code that writes to the Store.  Each
+# change is one transaction (Changes); the in-memory copies (Worker, what wait
+# clients know) follow once it is committed, never before.  What the rest of
+# the server must hear of goes through Events, which the Server implements.
+
+
+class Changes:
+    """One transaction of the lifecycle, and what follows once it is committed:
+    in-memory copies updated, the jobs that moved announced.  Nothing of it
+    happens if the transaction rolls back."""
+
+    def __init__(self, store, events):
+        self.transaction = store.transaction()
+        self.events = events
+        self.hooks = []
+
+    def __enter__(self):
+        self.transaction.__enter__()
+        return self
+
+    def __exit__(self, kind, error, trace):
+        self.transaction.__exit__(kind, error, trace)   # raises if COMMIT fails
+        if kind is None:
+            for hook in self.hooks:
+                hook()
+        return False
+
+    def then(self, hook):
+        self.hooks.append(hook)
+
+    def moved(self, job_ids, state):
+        if job_ids:
+            self.then(lambda: self.events.jobs_moved(job_ids, state))
+
+
+class Events:
+    """What the lifecycle tells the rest of the server (see Server, which wires it)."""
+
+    def jobs_moved(self, job_ids, state):
+        """JOB_IDS are now in STATE: wait clients follow."""
+
+    def jobs_removed(self, job_ids):
+        """JOB_IDS left the queue before they ran (remove_job, load_status)."""
+
+    def workers_changed(self, names=()):
+        """Workers were added, edited, drained or removed: the jobs' ssh config and the
+        health checks follow, --on jobs may be stranded, and the SSH masters of NAMES
+        (gone, or no longer sharing connections) may go."""
+
+    def room_changed(self):
+        """Slots may be free where they were not: time to look at the queue."""
+
+    def health_watch_changed(self):
+        """A worker was set aside or taken back: the health checker's list changes."""
+
 
 class Worker:
     """A registered worker as the server keeps it in memory (the database has the same)."""
@@ -2821,6 +3806,757 @@ class Worker:
                               self.state == WorkerState.ACTIVE and
                               self.health == WorkerHealth.UP)
 
+    def to_json(self, running_jobs):
+        """The worker as status shows it, with the jobs (JSON) running on it."""
+        if self.health != WorkerHealth.UP:
+            status = "down"
+        elif self.state == WorkerState.ACTIVE:
+            status = "busy" if self.busy_slots else "idle"
+        else:
+            status = self.state.value
+        return {
+            "ip": self.name, "envs": self.variables, "status": status,
+            "state": self.state.value, "slots": self.slots,
+            "slots_in_use": len(self.busy_slots),
+            "running_job": running_jobs[0] if running_jobs else None,
+            "running_jobs": running_jobs, "ssh_checked": self.ssh_checked,
+            "ssh_reuse": self.ssh_reuse, "health": self.health.value,
+            "checked_at": iso_time(self.checked_at), "check_reason": self.check_reason,
+            "endpoint": self.job_endpoint(), "down_after": self.down_after}
+
+
+class Workers:
+    """The workers' lifecycle: added, edited, paused, drained and removed, up, down
+    or set aside; and the slots their running attempts hold."""
+
+    def __init__(self, store, timers, events, log):
+        self.store = store
+        self.timers = timers
+        self.events = events
+        self.log = log
+        self.by_name = {}          # name -> Worker, in the order they were added
+        self.down_after = DEFAULT_DOWN_AFTER   # the server's --down-after
+
+    def __iter__(self):
+        return iter(self.by_name)
+
+    def __contains__(self, name):
+        return name in self.by_name
+
+    def get(self, name):
+        return self.by_name.get(name)
+
+    def all(self):
+        return list(self.by_name.values())
+
+    def load(self, down_after):
+        if down_after is not None:
+            with self.store.transaction():
+                self.store.set_setting("down_after", down_after)
+        self.down_after = self.store.setting("down_after", DEFAULT_DOWN_AFTER)
+        self.by_name = {row["name"]: Worker(row) for row in self.store.workers()}
+
+    def named(self, host):
+        """The worker HOST, or an error that says how to see the registered ones."""
+        if host not in self.by_name:
+            raise UserError(f"unknown worker {host!r}; see ./cli.py status for the "
+                            "registered workers")
+        return self.by_name[host]
+
+    def capacities(self):
+        return [worker.capacity() for worker in self.by_name.values()]
+
+    def down_after_of(self, worker_name):
+        """The failures in a row that set this worker aside (0: never)."""
+        worker = self.by_name.get(worker_name)
+        if worker is not None and worker.down_after is not None:
+            return worker.down_after
+        return self.down_after
+
+    def change_state(self, changes, worker, new):
+        """The one way a worker's state changes: checked and saved (Store), then kept
+        in memory once CHANGES commits."""
+        self.store.change_worker_state(worker.name, worker.state, new)
+        changes.then(lambda: setattr(worker, "state", new))
+
+    # --- commands ---------------------------------------------------------
+
+    def add(self, hosts, slots, variables, ssh_checked, ssh_reuse, down_after, endpoints):
+        """Register HOSTS, all or none."""
+        entries = {address.alias: address.config_entry()
+                   for address in map(worker_address, self.by_name) if address.needs_alias}
+        for host in hosts:
+            if host in self.by_name:
+                raise UserError(already_registered(host))
+            address = parse_worker_name(host)
+            if address.needs_alias and \
+                    entries.setdefault(address.alias, address.config_entry()) != \
+                    address.config_entry():
+                raise UserError(f"worker {host} would reach its jobs as {address.alias}, which "
+                                "another worker already names another way: give it a Host "
+                                "alias in your ssh config and add that instead")
+        with self.store.transaction():
+            for host in hosts:
+                self.store.insert_worker(host, slots, variables, ssh_checked,
+                                         ssh_reuse=ssh_reuse, endpoint=endpoints.get(host),
+                                         down_after=down_after)
+        for row in self.store.workers():
+            if row["name"] in hosts:
+                self.by_name[row["name"]] = Worker(row)
+                self.log.info("worker %s: added with %d slot(s)", row["name"], slots)
+        self.events.workers_changed()
+
+    def drain(self, host):
+        """HOST takes no new job and goes when its last one ends."""
+        worker = self.by_name[host]
+        if worker.state == WorkerState.DRAINING:
+            return
+        with Changes(self.store, self.events) as changes:
+            self.change_state(changes, worker, WorkerState.DRAINING)
+        self.log.info("worker %s: draining; removed when its jobs end", host)
+        self.events.workers_changed()
+
+    def forget(self, name):
+        """Remove a worker without running jobs."""
+        with self.store.transaction():
+            self.store.delete_worker(name)
+        del self.by_name[name]
+        self.log.info("worker %s: removed", name)
+        self.events.workers_changed([name])
+
+    def forget_if_drained(self, worker):
+        """A draining worker goes once its last job has ended (and the database takes it)."""
+        def forget():
+            if worker.state == WorkerState.DRAINING and not worker.busy_slots and \
+                    self.by_name.get(worker.name) is worker:
+                self.forget(worker.name)
+        self.timers.until_saved(f"worker {worker.name}: removing it, drained", forget)
+
+    def set_paused(self, hosts, paused):
+        """Pause or resume the workers HOSTS; resume also takes back a set-aside one."""
+        old, new = (WorkerState.ACTIVE, WorkerState.PAUSED) if paused else \
+            (WorkerState.PAUSED, WorkerState.ACTIVE)
+        for host in hosts:
+            if self.named(host).state == WorkerState.DRAINING:
+                raise UserError(f"worker {host} is being removed (remove_slave --wait)")
+        changing = [self.by_name[host] for host in hosts if self.by_name[host].state == old]
+        with Changes(self.store, self.events) as changes:
+            for worker in changing:
+                self.change_state(changes, worker, new)
+        for worker in changing:
+            self.log.info("worker %s: %s", worker.name, new.value)
+        self.events.room_changed()
+        if not paused:
+            # resume HOST also takes back a worker set aside for failing jobs.
+            for host in hosts:
+                worker = self.by_name[host]
+                if worker.health == WorkerHealth.SET_ASIDE or worker.set_aside_at:
+                    self.set_health(worker, WorkerHealth.UP, None, time.time())
+
+    def edit(self, host, slots, updates, unset, ssh_reuse, down_after):
+        """Change a worker's slots, variables, connection sharing or --down-after
+        (ABSENT: unchanged); running jobs are not touched."""
+        worker = self.named(host)
+        for name in unset:
+            validate_variable_name(name)
+            if name in updates:
+                raise UserError(f"{name} is both set (-e) and unset (--unset): choose one")
+            if name not in worker.variables:
+                raise UserError(f"worker {host} has no variable {name} to unset")
+        variables = {name: value for name, value in {**worker.variables, **updates}.items()
+                     if name not in unset}
+        slots = worker.slots if slots is None else slots
+        ssh_reuse = worker.ssh_reuse if ssh_reuse is ABSENT else ssh_reuse
+        down_after = worker.down_after if down_after is ABSENT else down_after
+        with self.store.transaction():
+            self.store.update_worker(host, slots, variables, ssh_reuse, down_after)
+        worker.slots, worker.variables, worker.ssh_reuse = slots, variables, ssh_reuse
+        worker.down_after = down_after
+        self.log.info("worker %s: edited (%d slot(s), variables %s, ssh reuse %s)", host,
+                      slots, " ".join(sorted(variables)) or "none",
+                      "on" if ssh_reuse else "off")
+        self.events.workers_changed([host])
+        return worker
+
+    def replace(self, changes, workers):
+        """load_status's part: the document's WORKERS are registered (afresh, even a
+        draining one); the others drain if busy and go at once if not.  Returns
+        the names gone."""
+        wanted = {worker["ip"] for worker in workers}
+        gone = []
+        for name, worker in self.by_name.items():
+            if name in wanted:
+                continue
+            if worker.busy_slots:
+                if worker.state != WorkerState.DRAINING:
+                    self.change_state(changes, worker, WorkerState.DRAINING)
+            else:
+                self.store.delete_worker(name)
+                gone.append(name)
+        for entry in workers:
+            worker = self.by_name.get(entry["ip"])
+            if worker is None:
+                self.store.insert_worker(entry["ip"], entry["slots"], entry["envs"],
+                                         entry["ssh_checked"], entry["state"],
+                                         entry["ssh_reuse"], down_after=entry["down_after"])
+                continue
+            self.store.update_worker(entry["ip"], entry["slots"], entry["envs"],
+                                     entry["ssh_reuse"], entry["down_after"],
+                                     ssh_checked=entry["ssh_checked"])
+            if worker.state != entry["state"]:
+                self.change_state(changes, worker, entry["state"])
+        changes.then(lambda: self.reload())
+        return gone
+
+    def reload(self):
+        """Read the workers again after load_status, keeping the slots in use."""
+        busy = {name: worker.busy_slots for name, worker in self.by_name.items()}
+        self.by_name = {row["name"]: Worker(row) for row in self.store.workers()}
+        for name, worker in self.by_name.items():
+            worker.busy_slots = busy.get(name, set())
+
+    def check_placement(self, options):
+        """Refuse --on/--prefer/--exclude naming unknown workers, and --slots that no
+        allowed worker has."""
+        lists = {}
+        for flag, column in (("--on", "run_on"), ("--prefer", "prefer"),
+                             ("--exclude", "exclude")):
+            lists[column] = json.loads(options[column] or "[]")
+            for host in lists[column]:
+                if host not in self.by_name:
+                    raise UserError(f"unknown worker {host!r} in {flag}; see ./cli.py status "
+                                    "for the registered workers")
+        allowed = [worker for worker in self.by_name.values()
+                   if (not lists["run_on"] or worker.name in lists["run_on"]) and
+                   worker.name not in lists["exclude"] and
+                   worker.state != WorkerState.DRAINING]
+        if lists["run_on"] and not allowed:
+            raise UserError("every worker in --on is excluded or being removed")
+        if lists["exclude"] and not allowed:
+            raise UserError("--exclude leaves no worker to run on; add one first "
+                            "(./cli.py add_slave HOST)")
+        wanted = options["slots_wanted"]
+        most = max((worker.slots for worker in allowed), default=0)
+        if wanted > 1 and most < wanted:
+            which = "in --on " if lists["run_on"] else ""
+            raise UserError(f"no worker {which}has {wanted} slots (the most is {most}): add one "
+                            f"with ./cli.py add_slave --slots {wanted} HOST, or ask for fewer")
+
+    def usable_slots(self):
+        """{name: slots} of the workers that may still take jobs (not draining)."""
+        return {name: worker.slots for name, worker in self.by_name.items()
+                if worker.state != WorkerState.DRAINING}
+
+    # --- slots ----------------------------------------------------------
+
+    def hold_slots(self, worker_name, slots):
+        worker = self.by_name.get(worker_name)
+        if worker is not None:
+            worker.busy_slots.update(slots)
+
+    def free_slots(self, worker_name, slots):
+        worker = self.by_name.get(worker_name)
+        if worker is not None:
+            worker.busy_slots.difference_update(slots)
+            self.forget_if_drained(worker)
+
+    # --- health -----------------------------------------------------------
+
+    def set_health(self, worker, health, reason, at):
+        """The one way a worker's health changes: saved, logged, and kept in memory."""
+        name = worker.name
+        worker.checked_at = at
+        if health == worker.health and reason == worker.check_reason:
+            return
+        with self.store.transaction():
+            self.store.change_worker_health(name, worker.health, health, reason, at)
+        if health != worker.health:
+            if health != WorkerHealth.UP:
+                self.log.warning("worker %s: %s (%s); no new job starts there", name,
+                                 "set aside" if health == WorkerHealth.SET_ASIDE else "down",
+                                 reason)
+            else:
+                self.log.info("worker %s: up again", name)
+                worker.failures_in_row, worker.set_aside_at = [], 0.0
+                self.events.room_changed()
+        entered_or_left = (health == WorkerHealth.UP) != (worker.health == WorkerHealth.UP) \
+            and worker.set_aside_at
+        worker.health, worker.check_reason = health, reason
+        if entered_or_left:
+            self.events.health_watch_changed()   # set-aside workers are checked anew
+
+    def endpoint_resolved(self, name, endpoint):
+        """Where ssh goes for a worker (SLAVE_HOST, SLAVE_PORT, SLAVE_USER), newly
+        resolved by the health checker: kept if it changed."""
+        worker = self.by_name.get(name)
+        if worker is None or worker.endpoint == endpoint:
+            return
+        with self.store.transaction():
+            self.store.set_worker_endpoint(name, endpoint)
+        worker.endpoint = endpoint
+
+    def weigh_attempt(self, row, outcome, result):
+        """Count an ended attempt for or against its worker (see worker_verdict); set the
+        worker aside after DOWN_AFTER in a row, until a health check passes."""
+        worker = self.by_name.get(row["worker"])
+        if worker is None:
+            return
+        ended = outcome.get("ended_at") or time.time()
+        verdict = worker_verdict(outcome.get("exit_code"), outcome.get("signal"),
+                                 ended - (row["started_at"] or ended),
+                                 result in (JobResult.KILLED, JobResult.TIMED_OUT),
+                                 not outcome.get("not_started") and
+                                 (outcome.get("exit_code"), outcome.get("signal")) != (None, None))
+        if verdict is None:
+            return
+        worker.works = not verdict
+        if not verdict:
+            worker.failures_in_row = []
+            return
+        how = f"exit status {outcome['exit_code']}" if outcome.get("exit_code") is not None \
+            else f"signal {outcome.get('signal')}" if outcome.get("signal") is not None \
+            else outcome.get("error") or "no exit status"
+        # Kept only once any set-aside is saved: until_saved may call this again.
+        failures = worker.failures_in_row + [f"job {row['id']} {how}"]
+        others_working = any(other.works and other.capacity().accepting
+                             for other in self.by_name.values() if other is not worker)
+        if worker.health != WorkerHealth.UP or not set_aside(
+                len(failures), self.down_after_of(worker.name), others_working):
+            worker.failures_in_row = failures
+            return
+        reason = (f"{len(failures)} jobs in a row failed to reach it "
+                  f"({', '.join(failures[-3:])}; ssh exits with "
+                  f"{SSH_EXIT_STATUS} when it cannot get through); set aside until a health "
+                  f"check passes, or ./cli.py resume {worker.name}")
+        worker.set_aside_at = time.time()   # (before set_health: it starts its checks)
+        self.set_health(worker, WorkerHealth.SET_ASIDE, reason, worker.set_aside_at)
+        worker.failures_in_row = failures
+
+
+def already_registered(host):
+    return (f"worker {host} is already registered; remove it first "
+            f"(./cli.py remove_slave {host}) to add it again")
+
+
+class Queue:
+    """The jobs' lifecycle: queued, started, ended, retried, skipped, killed before
+    they ran, removed.  "A job ends" reads: the Runner records the end of an
+    attempt, and save_end and settled here settle it (dependencies, retries,
+    slots, waiters)."""
+
+    def __init__(self, store, workers, timers, events, log, log_dir):
+        self.store = store
+        self.workers = workers
+        self.timers = timers
+        self.events = events
+        self.log = log
+        self.log_dir = log_dir
+        self.paused = False        # the whole queue: no job starts while set
+        self.schedule_needed = True
+        self.release_at = None     # when the timer that unblocks delayed jobs fires
+        self.schedule_delay = RetryDelay()   # while jobs cannot start (schedule_later)
+        self.schedule_retry_pending = False
+
+    def changes(self):
+        return Changes(self.store, self.events)
+
+    def load(self):
+        """At start, after recovery: settle what recovery (or an older cli.py) left
+        undone, and wake up for the start times to come."""
+        self.paused = self.store.setting("paused", False)
+        with self.changes() as changes:   # a database from before Dependencies.resolve, or edited
+            self.resolve(changes, self.store.dependencies.stale())
+        self.skip_stranded()   # a crash may have come between a worker's removal and this
+        self.release_delayed()
+
+    def resolve(self, changes, ended):
+        """Settle the dependents of ENDED (see Dependencies.resolve) in CHANGES."""
+        skipped, freed = self.store.dependencies.resolve(ended)
+        changes.moved(skipped, JobState.DONE)
+        for job_id in skipped:
+            changes.then(lambda job_id=job_id: self.log.info(
+                "job %s: skipped: its dependencies can no longer be met", job_id))
+        changes.moved(freed, JobState.WAITING)
+        return skipped
+
+    def existing(self, job_ids, columns="id, state, result"):
+        """The rows of JOB_IDS, or an error naming the first unknown id."""
+        rows = self.store.jobs_by_id(job_ids, columns)
+        if len(rows) != len(job_ids):
+            known = {row["id"] for row in rows}
+            unknown = [job_id for job_id in job_ids if job_id not in known]
+            more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+            raise UserError(f"unknown job id {unknown[0]}{more} (never queued, or purged); "
+                            "nothing was changed: see ./cli.py jobs")
+        return rows
+
+    # --- starting -----------------------------------------------------------
+
+    def take_starts(self):
+        """Move waiting jobs to RUNNING on the free slots, as many as fit, and return
+        their rows for the Runner to start.  Committed before any fork: a crash
+        from here on leaves attempts with no pid file and a free lock, which
+        recovery queues again."""
+        self.schedule_needed = False
+        if self.paused:
+            return []
+        starts, jobs = self.plan(self.workers.capacities())
+        if not starts:
+            return []
+        now = time.time()
+        started = []
+        try:
+            with self.changes() as changes:
+                for job_id, worker, slots in starts:
+                    columns = {"worker": worker, "slot": slots[0],
+                               "slots": json.dumps(slots) if len(slots) > 1 else None,
+                               "started_at": now, "attempt": jobs[job_id]["attempt"] + 1,
+                               "log": job_log_path(self.log_dir, job_id)}
+                    self.store.change_jobs([job_id], JobState.WAITING, JobState.RUNNING,
+                                           **columns)
+                    started.append({**dict(jobs[job_id]), **columns, "reason": None,
+                                    "exit_code": None, "signal": None,
+                                    "state": JobState.RUNNING.value})
+                changes.moved([job_id for job_id, _, _ in starts], JobState.RUNNING)
+        except self.store.sqlite3.Error as error:
+            self.schedule_later(f"the database cannot take the change: {error}")
+            return []
+        return started
+
+    def plan(self, capacities):
+        """plan_starts over as much of the queue as it takes to fill the free slots.
+
+        Usually the first rows fill them.  Jobs that cannot go where there is
+        room (placement, slots) make it look further, up to SCHEDULE_SCAN_LIMIT
+        ready jobs.  Returns (starts, {job id: row}).
+        """
+        free = sum(capacity.free_slots for capacity in capacities)
+        if not free:
+            return [], {}
+        # Two passes at most: the head of the queue, which usually fills every
+        # free slot; then, if room is left that those jobs cannot use, a deeper
+        # look (a job that is pinned or too big must not idle the others).
+        head = max(free, 64)
+        rows = self.store.ready_jobs(limit=head)
+        starts = plan_starts(self.job_needs(rows), capacities)
+        if starts.left and len(rows) == head:
+            rows = self.store.ready_jobs(limit=SCHEDULE_SCAN_LIMIT)
+            starts = plan_starts(self.job_needs(rows), capacities)
+        return starts, {row["id"]: row for row in rows}
+
+    def job_needs(self, rows):
+        failed_on = self.store.failed_on([row["id"] for row in rows if row["attempt"]])
+        # Most jobs have no placement wishes: skip the JSON for them.
+        return [JobNeeds(row["id"], row["slots_wanted"],
+                         row["run_on"] and json.loads(row["run_on"]),
+                         row["prefer"] and json.loads(row["prefer"]) or (),
+                         row["exclude"] and json.loads(row["exclude"]) or (),
+                         failed_on.get(row["id"], ())) for row in rows]
+
+    def schedule_later(self, why):
+        """Jobs could not start (the database refused, or their supervisors found no
+        room for their files).  Try again after a pause, longer while the fault
+        lasts (RetryDelay): no event may come once the disk has room again."""
+        if not self.schedule_delay.seconds:
+            self.log.error("cannot start waiting jobs (%s); tried again until they start",
+                           why)
+        delay = self.schedule_delay.next()
+        if not self.schedule_retry_pending:
+            self.schedule_retry_pending = True
+            self.timers.add(time.time() + delay, self.schedule_again)
+
+    def schedule_again(self):
+        self.schedule_retry_pending = False
+        self.events.room_changed()
+
+    def release_delayed(self):
+        """Let the jobs whose start time has come be scheduled; wake for the next."""
+        def release():
+            self.release_at = None
+            with self.changes() as changes:
+                changes.moved(self.store.release_due(time.time()), JobState.WAITING)
+            self.arm_release()
+        self.timers.until_saved("releasing the jobs whose start time has come", release)
+
+    def arm_release(self):
+        """Make sure a timer fires at the earliest start time still to come."""
+        when = self.store.next_release(time.time())
+        if when is not None and (self.release_at is None or when < self.release_at):
+            self.release_at = when
+            self.timers.add(when, self.release_delayed)
+
+    # --- ending -------------------------------------------------------------
+
+    def requeue(self, row):
+        """An attempt whose script never started: its job waits again, unnumbered."""
+        with self.changes() as changes:
+            self.store.requeue(row["id"], row["attempt"])
+            changes.moved([row["id"]], JobState.WAITING)
+
+    def save_end(self, row, outcome):
+        """Save how an attempt ended, in one transaction: its history, then a retry,
+        or the job's end and its dependents'.  Returns what settled needs."""
+        job_id = row["id"]
+        now = time.time()
+        ended_at = outcome.get("ended_at") or now   # not when it could be saved
+        kill_requested, timed_out = row["kill_requested_at"] is not None, bool(row["timed_out"])
+        reason = outcome.get("error") or row["reason"]
+        if kill_requested and ended_at < row["kill_requested_at"]:
+            # It had ended by itself before the kill or timeout came; only saving its
+            # end was held up (a full disk, a stopped server).
+            kill_requested, timed_out, reason = False, False, outcome.get("error")
+        result = result_of(outcome.get("exit_code"), kill_requested, timed_out)
+        down_after = self.workers.down_after_of(row["worker"])
+        unreached = self.store.unreached_attempts(job_id)
+        free = result == JobResult.FAILED and free_retry(
+            outcome.get("exit_code"), kill_requested, down_after, unreached)
+        # The attempts that were free (the first DOWN_AFTER that ssh could not get
+        # through) do not count against --retries.
+        counted = row["attempt"] - min(unreached, down_after)
+        retries_left = row["retries"] - counted + 1
+        retry = result in (JobResult.FAILED, JobResult.TIMED_OUT) and retries_left > 0
+        with self.changes() as changes:
+            self.store.record_attempt(row, result, outcome, reason, ended_at)
+            if free:
+                # The attempt number it used must not cost it a retry: one more.
+                state = self.store.retry(
+                    job_id, None, f"attempt {row['attempt']} could not reach "
+                    f"{row['worker']} (ssh exit status {SSH_EXIT_STATUS}); tried "
+                    "on another worker, not counted against --retries")
+                retry = True
+            elif retry:
+                not_before = now + row["retry_delay"] if row["retry_delay"] else None
+                state = self.store.retry(job_id, not_before,
+                                         f"attempt {row['attempt']} {result.value}"
+                                         f"{f' ({reason})' if reason else ''}; "
+                                         f"{retries_left} retry(s) left")
+            else:
+                state = JobState.DONE
+                self.store.change_jobs([job_id], JobState.RUNNING, JobState.DONE,
+                                       result=result.value, exit_code=outcome.get("exit_code"),
+                                       signal=outcome.get("signal"), reason=reason,
+                                       ended_at=ended_at)
+            changes.moved([job_id], state)
+            if not retry:
+                self.resolve(changes, [(job_id, result == JobResult.SUCCEEDED,
+                                        f"ended {result.value}")])
+        return result, reason, retry
+
+    def settled(self, row, outcome, result, reason, retry):
+        """What follows a saved end, once its attempt is gone: its worker weighs it,
+        and a retry may have a start time to wait for."""
+        job_id = row["id"]
+        self.timers.until_saved(f"worker {row['worker']}: weighing how job {job_id} ended",
+                                lambda: self.workers.weigh_attempt(row, outcome, result))
+        self.log.info("job %s: %s (exit code %s, signal %s)%s%s", job_id, result.value,
+                      outcome.get("exit_code"), outcome.get("signal"),
+                      f": {reason}" if reason else "", "; to be retried" if retry else "")
+        if retry:
+            self.release_delayed()
+
+    def request_kill(self, job_id, grace, reason, timeout=False):
+        """Record a kill of a running job before it is sent, so that a restart can
+        finish it; TIMEOUT: the job's --timeout's, which ends it as timed_out."""
+        with self.store.transaction():
+            self.store.request_kill(job_id, grace, reason)
+            if timeout:
+                self.store.mark_timed_out(job_id)
+
+    # --- commands -----------------------------------------------------------
+
+    def add(self, script, arg_lists, cwd, environment, variables, umask, options, after,
+            after_any):
+        """Queue one job per argument list, all or none; returns (first id, last id,
+        why they were all skipped at once or None)."""
+        check_script(script)
+        self.workers.check_placement(options)
+        conditions, skip_reason = self.conditions_requested(after, after_any)
+        if len(arg_lists) * len(conditions) > MAX_BULK_JOBS:
+            raise UserError(f"{len(arg_lists)} jobs each waiting on {len(conditions)} jobs is "
+                            f"more than {MAX_BULK_JOBS} conditions: let them wait on one job "
+                            "that waits on the others (--after that job)")
+        if conditions:
+            options["blocked"] = 1
+        with self.changes() as changes:
+            environment_id = self.store.intern_environment(environment)
+            first, last = self.store.insert_jobs(script, arg_lists, cwd, environment_id,
+                                                 variables, umask, options)
+            self.store.dependencies.add(first, last, conditions)
+            if skip_reason:
+                skipped = list(range(first, last + 1))
+                self.store.change_jobs(skipped, (JobState.WAITING, JobState.BLOCKED),
+                                       JobState.DONE, result=JobResult.SKIPPED.value,
+                                       reason=skip_reason, ended_at=time.time())
+                changes.moved(skipped, JobState.DONE)
+                for job_id in skipped:
+                    changes.then(lambda job_id=job_id: self.log.info(
+                        "job %s: skipped: its dependencies can no longer be met", job_id))
+        if len(arg_lists) > 1:
+            self.log.info("jobs %d-%d queued (%s)", first, last, os.path.basename(script))
+        self.events.room_changed()   # new jobs to start
+        self.release_delayed()   # a start time may have passed while they were inserted
+        return first, last, skip_reason
+
+    def conditions_requested(self, after, after_any):
+        """The (prerequisite, any_of) conditions of a new job from its --after and
+        --after-any ids, and why it is skipped at once if they can never be met."""
+        both = set(after) & set(after_any)
+        if both:
+            raise UserError(f"job {min(both)} is in both --after and --after-any: choose one")
+        rows = self.existing(after + after_any)
+        return dependency_conditions(after, after_any, {
+            row["id"]: row["result"] for row in rows if row["state"] == JobState.DONE.value})
+
+    def kill_waiting(self, job_ids):
+        """Waiting jobs end as killed before they start; their dependents follow."""
+        with self.changes() as changes:
+            self.store.change_jobs(job_ids, (JobState.WAITING, JobState.BLOCKED),
+                                   JobState.DONE, result=JobResult.KILLED.value,
+                                   ended_at=time.time(), reason="killed before it started")
+            changes.moved(job_ids, JobState.DONE)
+            self.store.dependencies.drop(job_ids)
+            self.resolve(changes, [(job_id, False, "was killed") for job_id in job_ids])
+        self.log.info("%d waiting job(s) killed before they started", len(job_ids))
+
+    def set_priority(self, job_ids, priority):
+        """Give waiting jobs a new priority: higher starts first, FIFO among equals."""
+        for row in self.existing(job_ids):
+            if row["state"] != JobState.WAITING.value:
+                raise UserError(f"job {row['id']} is {row['state']}"
+                                + (f" ({row['result']})" if row["result"] else "")
+                                + ": priority only orders jobs that are still waiting; "
+                                  "nothing was changed")
+        with self.store.transaction():
+            self.store.set_priority(job_ids, priority)
+        self.log.info("%d job(s) now have priority %d", len(job_ids), priority)
+
+    def purge(self, older_than):
+        """Delete finished jobs that ended more than OLDER_THAN seconds ago, with their
+        logs; returns how many."""
+        with self.store.transaction():
+            purged = self.store.purge_jobs(time.time() - older_than)
+        for job_id, log in purged:
+            # Only a log this server named for that job: never another file.
+            if log and os.path.basename(log) == job_log_name(job_id):
+                try:
+                    os.unlink(log)
+                except OSError:
+                    pass
+        self.log.info("purged %d finished job(s)", len(purged))
+        return len(purged)
+
+    def set_paused(self, paused):
+        """Pause or resume the whole queue."""
+        with self.store.transaction():
+            self.store.set_setting("paused", paused)
+        self.paused = paused
+        self.log.info("queue %s", "paused" if paused else "resumed")
+        self.events.room_changed()
+
+    def remove(self, job_ids):
+        """Delete waiting jobs; their dependents follow.  Returns the ids skipped."""
+        with self.changes() as changes:
+            self.store.delete_waiting_jobs(job_ids)
+            self.store.drop_unused_environments()
+            changes.then(lambda: self.events.jobs_removed(job_ids))
+            return self.resolve(changes, [(job_id, False, "was removed")
+                                          for job_id in job_ids])
+
+    def skip_stranded(self):
+        """Skip waiting --on jobs none of whose workers is left (or has enough slots)."""
+        usable = self.workers.usable_slots()
+        stranded = [row["id"] for row in self.store.pinned_waiting_jobs()
+                    if not any(usable.get(name, 0) >= row["slots_wanted"]
+                               for name in json.loads(row["run_on"]))]
+        if not stranded:
+            return
+        with self.changes() as changes:
+            for job_id in stranded:
+                self.store.skip(job_id, "no allowed worker left (--on)")
+                changes.then(lambda job_id=job_id: self.log.info(
+                    "job %s: skipped: its dependencies can no longer be met", job_id))
+            changes.moved(stranded, JobState.DONE)
+            self.resolve(changes, [(job_id, False, "was skipped") for job_id in stranded])
+
+    def load_status(self, workers, jobs, paused):
+        """Replace the workers and the waiting queue; running jobs are left alone.
+
+        A worker missing from the document drains if it is busy (removed when
+        its jobs end) and goes at once otherwise; workers in the document are
+        (re)registered with its slots and variables.
+        """
+        taken_ids = self.store.ids_not_waiting()
+        keep_ids = not any(job["id"] in taken_ids for job in jobs if job["id"] is not None)
+        ended = self.dependencies_outside(jobs)
+        replaced = self.store.waiting_ids()
+        with self.changes() as changes:
+            self.store.delete_all_waiting()
+            changes.then(lambda: self.events.jobs_removed(replaced))
+            gone = self.workers.replace(changes, workers)
+            if paused is not None:
+                self.store.set_setting("paused", paused)
+            new_ids = {}
+            for job in jobs:
+                environment_id = self.store.intern_environment(job["environment"])
+                options = dict(job["options"], blocked=int(bool(job["after"] or
+                                                                 job["after_any"])))
+                new_id = self.store.insert_job(job["script"], job["args"], job["cwd"],
+                                               environment_id, job["envs"], job["umask"],
+                                               options, job["id"] if keep_ids else None,
+                                               job["submitted_at"])
+                if job["id"] is not None:
+                    new_ids[job["id"]] = new_id
+                job["new_id"] = new_id
+            skipped = []
+            for job in jobs:
+                conditions, skip_reason = dependency_conditions(
+                    [new_ids.get(job_id, job_id) for job_id in job["after"]],
+                    [new_ids.get(job_id, job_id) for job_id in job["after_any"]], ended)
+                self.store.dependencies.add(job["new_id"], job["new_id"], conditions)
+                if skip_reason:
+                    self.store.skip(job["new_id"], skip_reason)
+                    skipped.append(job["new_id"])
+                    changes.then(lambda job_id=job["new_id"]: self.log.info(
+                        "job %s: skipped: its dependencies can no longer be met", job_id))
+                elif not conditions:
+                    self.store.unblock([job["new_id"]])
+            changes.moved(skipped, JobState.DONE)
+            self.resolve(changes, [(job_id, False, "was skipped") for job_id in skipped])
+            self.store.drop_unused_environments()
+        self.paused = self.store.setting("paused", False)
+        self.events.workers_changed(gone)   # (new jobs to start too)
+        self.release_delayed()
+        self.log.info("state replaced by load_status: %d worker(s), %d waiting job(s)",
+                      len(workers), len(jobs))
+        return keep_ids
+
+    def dependencies_outside(self, jobs):
+        """For load_status: check the dependencies of the document's JOBS; return the
+        results of the prerequisites that already ended here.
+
+        A job may wait on another job of the document, or on one here that is
+        running or has ended (waiting ones are being replaced); never in a circle.
+        """
+        in_document = {job["id"] for job in jobs if job["id"] is not None}
+        cycle = find_cycle({job["id"]: job["after"] + job["after_any"] for job in jobs
+                            if job["id"] is not None})
+        if cycle:
+            raise UserError(f"job_waitlist: jobs {' -> '.join(map(str, cycle))} wait on each "
+                            "other in a circle; nothing was changed")
+        outside = sorted({job_id for job in jobs for job_id in job["after"] + job["after_any"]
+                          if job_id not in in_document})
+        rows = {row["id"]: row for row in self.store.jobs_by_id(outside)}
+        for job_id in outside:
+            if job_id not in rows or rows[job_id]["state"] == JobState.WAITING.value:
+                raise UserError(f"job_waitlist: job {job_id}, which a job waits on, is neither "
+                                "in the document nor running or ended here; nothing was changed")
+        return {job_id: row["result"] for job_id, row in rows.items()
+                if row["state"] == JobState.DONE.value}
+
+
+###############################################################################
+# Runner: the server's side of running attempts ################################
+###############################################################################
 
 class Attempt:
     """One running attempt of a job, as the server watches it."""
@@ -2835,15 +4571,492 @@ class Attempt:
         self.pidfd = pidfd       # None: a live supervisor we could not watch (see adopt),
                                  # or one that has ended (see record_end)
         self.outcome = None      # how it ended, once known: kept until it is saved
-        self.save_delay = 0.0    # the pause before the next try to save it (see record_end)
+        self.row = None          # its job as it was when its end was saved ...
+        self.saved = None        # ... and what Queue.save_end said of it
+        self.ended = False       # its end is saved and its slots free (see forget)
 
+
+class Runner:
+    """Starts attempts through the spawner, watches their supervisors (a pidfd
+    each), adopts them again after a restart, kills them, and records how they
+    ended for the Queue to settle."""
+
+    def __init__(self, store, queue, workers, timers, selector, spawner, jobs_ssh, log,
+                 run_dir, job_fd_limit):
+        self.store = store         # read only: the Queue writes
+        self.queue = queue
+        self.workers = workers
+        self.timers = timers
+        self.selector = selector
+        self.spawner = spawner
+        self.jobs_ssh = jobs_ssh
+        self.log = log
+        self.run_dir = run_dir
+        self.job_fd_limit = job_fd_limit
+        self.running = {}          # job id -> Attempt
+        self.environment_cache = {}
+
+    def jobs_on(self, host):
+        return sorted(job_id for job_id, attempt in self.running.items()
+                      if attempt.worker == host)
+
+    # --- recovery -----------------------------------------------------------
+
+    def recover(self):
+        """Settle every attempt that was running while the server was away.
+
+        Live supervisors are adopted first, so that every worker's busy slots
+        are known before anything is settled or a drained worker is removed.
+        """
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        gone = [row for row in self.store.jobs_in_state(JobState.RUNNING)
+                if not self.adopt(row)]
+        for row in gone:
+            job_id, attempt = row["id"], row["attempt"]
+            try:
+                outcome = read_outcome(self.run_dir, job_id, attempt)
+            except (OSError, ValueError):
+                outcome = None
+            pid = read_pid(run_file(self.run_dir, job_id, attempt, "pid"))
+            if outcome is not None:
+                self.log.info("job %s: ended while the server was away", job_id)
+                self.settle(Attempt(row, pid, None), row, outcome)
+                continue   # (its run files went with it)
+            elif pid is None:
+                # No pid file and nobody holds the lock: the script never ran.
+                self.queue.requeue(row)
+                self.log.info("job %s: had not started when the server stopped; queued again",
+                              job_id)
+            else:
+                self.settle(Attempt(row, pid, None), row,
+                            self.vanished(pid, pid_file_time(self.run_dir, job_id, attempt)))
+                continue
+            remove_run_files(self.run_dir, job_id, attempt)
+        self.remove_stray_run_files()
+        for worker in self.workers.all():
+            self.workers.forget_if_drained(worker)
+
+    def adopt(self, row):
+        """Watch the supervisor of a running attempt again.  False if it is gone.
+
+        The lock proves the supervisor alive whatever became of pids; once its
+        pid file is there, a pidfd taken while the lock is still held cannot
+        belong to another process.
+        """
+        job_id, attempt = row["id"], row["attempt"]
+        deadline = time.monotonic() + RECOVERY_WAIT
+        while supervisor_alive(self.run_dir, job_id, attempt):
+            pid = read_pid(run_file(self.run_dir, job_id, attempt, "pid"))
+            pidfd = None
+            if pid is not None:
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError:
+                    pass
+            if pidfd is not None and supervisor_alive(self.run_dir, job_id, attempt):
+                attempt_watched = self.watch(row, pid, pidfd)
+                self.log.info("job %s: still running on %s; adopted", job_id, row["worker"])
+                if row["kill_requested_at"] is not None:
+                    # The server may have died before its SIGTERM went out.
+                    self.signal_kill(attempt_watched, row["kill_grace"])
+                return True
+            if pidfd is not None:
+                os.close(pidfd)
+            if time.monotonic() > deadline:
+                # Alive but not watchable: keep its slot, never start it twice.
+                self.hold(self.new_attempt(row, pid, None))
+                self.log.warning("job %s: its supervisor holds its lock but cannot be watched; "
+                                 "left running, checked again at the next start", job_id)
+                return True
+            time.sleep(0.01)
+        return False
+
+    def vanished(self, supervisor, started):
+        """The outcome of an attempt whose supervisor died without recording one."""
+        killed = end_orphaned_job(supervisor, started)
+        self.log.warning("supervisor %s vanished; %d leftover process(es) of its job killed",
+                         supervisor, killed)
+        return {"exit_code": None, "signal": None,
+                "error": "its supervisor vanished (killed, or the machine restarted): exit "
+                         "status unknown"}
+
+    def remove_stray_run_files(self):
+        running = {(job_id, attempt.number) for job_id, attempt in self.running.items()}
+        for name in os.listdir(self.run_dir):
+            stem = name.split(".", 1)[0]
+            job_id, _, attempt = stem.partition("-")
+            if not (job_id.isdigit() and attempt.isdigit()) or \
+                    (int(job_id), int(attempt)) not in running:
+                try:
+                    os.unlink(os.path.join(self.run_dir, name))
+                except OSError:
+                    pass
+
+    # --- starting -----------------------------------------------------------
+
+    def start(self, rows):
+        """Start the attempts the Queue has just moved to RUNNING."""
+        for row in rows:
+            try:
+                self.start_attempt(row)
+            except (LaunchError, OSError, self.store.sqlite3.Error) as error:
+                # Nothing forked: the job goes back to the queue (see record_end).
+                self.log.error("job %s: cannot start it: %s", row["id"], error)
+                attempt = self.hold(Attempt(row, None, None))
+                self.record_end(attempt)   # queues it again
+
+    def start_attempt(self, row):
+        worker = self.workers.get(row["worker"])
+        ssh_shim = self.jobs_ssh.shim_for(worker, row)
+        environment = job_environment(self.submitter_environment(row["environment_id"]),
+                                      worker.variables, json.loads(row["variables"]),
+                                      row["id"], worker.name, row["attempt"],
+                                      attempt_slots(row), worker.job_endpoint(), ssh_shim)
+        spec = AttemptSpec(row["id"], row["attempt"], row["script"], json.loads(row["args"]),
+                           row["cwd"], environment, row["umask"], self.job_fd_limit, row["log"],
+                           row["worker"])
+        pid, pidfd = self.spawner.spawn(self.run_dir, spec)
+        self.watch(row, pid, pidfd)
+        self.log.info("job %s: started on %s slot %s (attempt %s, supervisor %s)",
+                      row["id"], row["worker"], row["slot"], row["attempt"], pid)
+
+    def submitter_environment(self, environment_id):
+        if environment_id not in self.environment_cache:
+            if len(self.environment_cache) > 64:
+                self.environment_cache.clear()
+            self.environment_cache[environment_id] = self.store.environment(environment_id)
+        return self.environment_cache[environment_id]
+
+    def new_attempt(self, row, pid, pidfd):
+        attempt = Attempt(row, pid, pidfd)
+        if row["ssh_reuse"]:
+            # Its worker's masters stay while it runs (whatever the worker's own
+            # setting, which may have changed since it started).
+            attempt.control_dir = self.jobs_ssh.control_dir(row["worker"])
+        return attempt
+
+    def hold(self, attempt):
+        """ATTEMPT runs (or is being settled): it holds its slots until forget."""
+        self.running[attempt.job_id] = attempt
+        self.workers.hold_slots(attempt.worker, attempt.slots)
+        return attempt
+
+    def watch(self, row, pid, pidfd):
+        attempt = self.hold(self.new_attempt(row, pid, pidfd))
+        self.selector.register(pidfd, EVENT_READ,
+                               lambda events, attempt=attempt: self.attempt_ended(attempt))
+        if row["timeout"] is not None and not row["timed_out"]:
+            # From the recorded start, so that a restart does not extend it.
+            self.timers.add(row["started_at"] + row["timeout"],
+                            lambda attempt=attempt: self.time_out(attempt), attempt)
+        return attempt
+
+    # --- killing ------------------------------------------------------------
+
+    def kill(self, job_id, grace, reason):
+        """End a running job: recorded first, so that a restart finishes the kill."""
+        self.queue.request_kill(job_id, grace, reason)
+        self.log.info("job %s: killing (%s)", job_id, reason)
+        self.signal_kill(self.running[job_id], grace)
+
+    def time_out(self, attempt):
+        """The attempt's --timeout has passed: kill it as kill does; it ends timed_out.
+        Killed only once that is recorded, or it would end as failed, not timed_out."""
+        self.timers.until_saved(f"job {attempt.job_id}: killing it for its --timeout",
+                                lambda: self.kill_timed_out(attempt))
+
+    def kill_timed_out(self, attempt):
+        if attempt.ended or attempt.outcome is not None:
+            return   # it has ended (only saving how may be held up: see record_end)
+        row = self.store.job(attempt.job_id)
+        if row["kill_requested_at"] is not None:
+            return   # already being killed, by kill or remove_slave --kill: left as that
+        reason = f"timed out after {_duration_text(row['timeout'])}"
+        self.queue.request_kill(attempt.job_id, DEFAULT_KILL_GRACE, reason, timeout=True)
+        self.log.info("job %s: %s; killing", attempt.job_id, reason)
+        self.signal_kill(attempt, DEFAULT_KILL_GRACE)
+
+    def signal_kill(self, attempt, grace):
+        """Ask a supervisor to end its job's process group (TERM, then KILL after GRACE)."""
+        if attempt.pidfd is None:
+            return
+        try:
+            _write_file(run_file(self.run_dir, attempt.job_id, attempt.number, "kill"),
+                        f"{DEFAULT_KILL_GRACE if grace is None else grace}")
+        except OSError as error:
+            self.log.error("job %s: cannot write its kill file (%s); killed with the "
+                           "default grace of %gs", attempt.job_id, error.strerror,
+                           DEFAULT_KILL_GRACE)
+        try:
+            signal.pidfd_send_signal(attempt.pidfd, signal.SIGTERM)
+        except ProcessLookupError:
+            pass   # already ending; its pidfd event settles it
+
+    # --- ends ---------------------------------------------------------------
+
+    def attempt_ended(self, attempt):
+        self.selector.unregister(attempt.pidfd)
+        os.close(attempt.pidfd)
+        attempt.pidfd = None
+        self.record_end(attempt)
+
+    def record_end(self, attempt):
+        """Settle an attempt whose supervisor has exited, or queue its job again if the
+        script never started (no pid file: no room for it, or no supervisor at all).
+
+        While the disk refuses the change (full, read-only), the attempt keeps
+        its slot and its run files, and this runs again after a pause: an
+        outcome is neither dropped nor recorded twice, and a restart meanwhile
+        finds it in the .exit file.
+        """
+        self.timers.until_saved(f"job {attempt.job_id}: recording how it ended",
+                                lambda: self.save_end(attempt),
+                                then=lambda: self.after_end(attempt))
+
+    def save_end(self, attempt):
+        """record_end's part that the disk may refuse (and that is tried again)."""
+        if attempt.outcome is None:
+            attempt.outcome = self.outcome_of(attempt)
+        row = self.store.job(attempt.job_id)
+        if attempt.outcome is None and row["kill_requested_at"] is not None:
+            # Killed (or timed out) before its script could start: that is its end.
+            attempt.outcome = {"exit_code": None, "signal": None,
+                               "error": "ended before its script started"}
+        attempt.row = row
+        if attempt.outcome is None:
+            self.queue.requeue(row)
+        else:
+            attempt.saved = self.queue.save_end(row, attempt.outcome)
+
+    def after_end(self, attempt):
+        """record_end's part once the end is saved: never run twice."""
+        remove_run_files(self.run_dir, attempt.job_id, attempt.number)
+        self.forget(attempt)
+        if attempt.outcome is None:
+            self.log.error("job %s: its script never started; queued again", attempt.job_id)
+            # Not at once (the cause may last, a full disk): after a pause.
+            self.queue.schedule_later(f"job {attempt.job_id} could not start")
+        else:
+            self.queue.schedule_delay.reset()   # a script started: what held jobs back is gone
+            self.queue.settled(attempt.row, attempt.outcome, *attempt.saved)
+
+    def settle(self, attempt, row, outcome):
+        """Recovery's record_end, for an attempt that ended while the server was away."""
+        attempt.outcome, attempt.row = outcome, row
+        attempt.saved = self.queue.save_end(row, outcome)
+        self.after_end(attempt)
+
+    def outcome_of(self, attempt):
+        """What the supervisor of an ended attempt recorded; the 'vanished' outcome if it
+        started the script but recorded nothing; None if it never started the script
+        (no pid file).  OSError: the run files cannot be read now (out of fds, I/O)."""
+        job_id, number = attempt.job_id, attempt.number
+        try:
+            outcome = read_outcome(self.run_dir, job_id, number)
+        except ValueError:
+            return self.vanished(attempt.pid, pid_file_time(self.run_dir, job_id, number))
+        if outcome is not None:
+            return outcome
+        pid_path = run_file(self.run_dir, job_id, number, "pid")
+        if attempt.pid is None or not os.path.lexists(pid_path):
+            return None
+        return self.vanished(attempt.pid, pid_file_time(self.run_dir, job_id, number))
+
+    def forget(self, attempt):
+        """An attempt has ended (or never started): its slots are free, and its
+        worker's SSH masters may go if nothing else uses them."""
+        attempt.ended = True
+        if self.running.get(attempt.job_id) is attempt:
+            del self.running[attempt.job_id]
+        self.workers.free_slots(attempt.worker, attempt.slots)
+        if attempt.control_dir is not None:
+            self.release_control_dir(attempt.worker)
+
+    # --- SSH masters --------------------------------------------------------
+
+    def release_control_dir(self, worker_name):
+        """Stop the SSH masters of a worker once nothing uses them any more: it is gone,
+        or its jobs no longer share connections, and none of its running jobs did."""
+        worker = self.workers.get(worker_name)
+        if worker is not None and worker.ssh_reuse:
+            return
+        control_dir = self.jobs_ssh.control_dir(worker_name)
+        if any(attempt.control_dir == control_dir for attempt in self.running.values()):
+            return
+        stop_ssh_masters(control_dir)
+
+    def release_ssh_root(self):
+        """At stop: stop the masters that no running job uses; see JobsSsh.release."""
+        in_use = {attempt.control_dir for attempt in self.running.values()}
+        self.jobs_ssh.release(list(self.workers), in_use, bool(self.running))
+
+
+###############################################################################
+# Health monitor ###############################################################
+###############################################################################
+
+class HealthMonitor:
+    """The server's side of the health checker (health_checker_main): which workers
+    it checks, over a pipe written without blocking, and what its results do."""
+
+    def __init__(self, workers, timers, selector, log, log_dir, check_interval):
+        self.workers = workers
+        self.timers = timers
+        self.selector = selector
+        self.log = log
+        self.log_dir = log_dir
+        self.check_interval = check_interval
+        self.ssh_config = None     # the queue's (see Server.load)
+        self.checker = None        # the health checker process
+        self.lines = LineReader()
+        self.unsent = bytearray()  # part of a request the pipe has not taken yet
+        self.next_request = None   # the newest request, once that one is sent
+        self.endpoints_fresh = False  # the workers' endpoints resolved since this start
+
+    def update(self, now=False):
+        """Tell the health checker which workers to check (those added with the SSH
+        check, and those set aside, unless being removed); start it if it is not
+        running."""
+        checked = self.check_interval > 0
+        names = [worker.name for worker in self.workers.all()
+                 if checked and (worker.ssh_checked or worker.set_aside_at)
+                 and worker.state != WorkerState.DRAINING]
+        for worker in self.workers.all():
+            # A set-aside worker without checks waits for resume HOST.
+            if worker.health == WorkerHealth.DOWN and worker.name not in names:
+                # Nothing will check it again: down would be for ever.
+                self.checked(worker.name, None, worker.checked_at)
+        # Every worker once per start (its ssh config may have changed meanwhile), then
+        # those added without an endpoint.
+        resolve = [worker.name for worker in self.workers.all()
+                   if worker.endpoint is None or not self.endpoints_fresh]
+        self.endpoints_fresh = True
+        if self.checker is None and not names and not resolve:
+            return
+        if self.checker is None:
+            if not self.start():
+                return
+            now = True
+        # Only the newest list matters: it replaces one not yet sent, and the
+        # pipe is written without blocking (a checker busy with a round of hung
+        # hosts reads nothing for a while).
+        request = {"workers": names, "interval": self.check_interval,
+                   "timeout": min(DEFAULT_SSH_TIMEOUT, self.check_interval) or
+                   DEFAULT_SSH_TIMEOUT, "now": now, "ssh_config": self.ssh_config,
+                   "resolve": resolve,
+                   "fresh": [worker.name for worker in self.workers.all()
+                             if worker.health == WorkerHealth.SET_ASIDE]}
+        self.next_request = json.dumps(request).encode() + b"\n"
+        self.send()
+
+    def start(self):
+        import subprocess
+        try:
+            with open(os.path.join(self.log_dir, SERVER_LOG_FILE), "ab") as errors:
+                self.checker = subprocess.Popen(
+                    [sys.executable, os.path.abspath(__file__), HEALTH_CHECKER],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, cwd="/")
+        except OSError as error:
+            self.log.error("cannot start the health checker: %s", error)
+            return False
+        for stream in (self.checker.stdin, self.checker.stdout):
+            os.set_blocking(stream.fileno(), False)
+        self.selector.register(self.checker.stdout, EVENT_READ, self.results)
+        self.unsent = bytearray()
+        self.lines = LineReader()
+        return True
+
+    def send(self, events=0):
+        checker = self.checker
+        if checker is None:
+            return
+        while True:
+            if not self.unsent:
+                if self.next_request is None:
+                    break
+                self.unsent, self.next_request = bytearray(self.next_request), None
+            try:
+                written = os.write(checker.stdin.fileno(), self.unsent)
+            except BlockingIOError:
+                break
+            except OSError:
+                self.gone()
+                return
+            del self.unsent[:written]
+        waiting = bool(self.unsent)
+        registered = self.selector.get_map().get(checker.stdin.fileno()) is not None
+        if waiting and not registered:
+            self.selector.register(checker.stdin, EVENT_WRITE, self.send)
+        elif not waiting and registered:
+            self.selector.unregister(checker.stdin)
+
+    def results(self, events):
+        try:
+            chunk = os.read(self.checker.stdout.fileno(), 1 << 16)
+        except BlockingIOError:
+            return
+        if not chunk:
+            self.gone()
+            return
+        for line in self.lines.feed(chunk):
+            result = json.loads(line)
+            if result.get("endpoint"):
+                self.workers.endpoint_resolved(result["worker"], result["endpoint"])
+            if "reason" in result:
+                self.checked(result["worker"], result["reason"], result["at"],
+                             result.get("started", result["at"]))
+
+    def checked(self, name, reason, at, started=None):
+        """One check's result: a worker goes down, comes back up, or stays as it was."""
+        worker = self.workers.get(name)
+        if worker is None:
+            return   # removed since
+        if worker.health == WorkerHealth.SET_ASIDE and started is not None and \
+                started < worker.set_aside_at:
+            return   # a check (or connection) from before its jobs failed proves nothing
+        # A set-aside worker whose check fails is down, for that reason; it is checked
+        # until a check passes (see update), even if added without the check.
+        self.workers.set_health(worker, WorkerHealth.UP if reason is None
+                                else WorkerHealth.DOWN, reason, at)
+
+    def gone(self):
+        """The health checker died: say so, and start a new one an interval later."""
+        self.log.warning("the health checker stopped; starting a new one in %gs",
+                         self.check_interval)
+        self.stop()
+        self.timers.add(time.time() + self.check_interval, self.update)
+
+    def stop(self):
+        if self.checker is None:
+            return
+        checker, self.checker = self.checker, None
+        for stream in (checker.stdin, checker.stdout):
+            if self.selector.get_map().get(stream.fileno()) is not None:
+                self.selector.unregister(stream)
+            try:
+                stream.close()
+            except OSError:
+                pass
+        checker.terminate()   # it may be in the middle of a round of checks
+        import subprocess   # imported when the checker was started: free here
+        try:
+            checker.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            checker.kill()
+            checker.wait()
+
+
+###############################################################################
+# Clients ######################################################################
+###############################################################################
 
 class Client:
     """One client connection: a request line in, a reply line out."""
 
     def __init__(self, connection):
         self.connection = connection
-        self.buffer = bytearray()
+        self.lines = LineReader()
+        self.received = 0          # bytes of its request so far (see Clients.receiving)
         self.outgoing = bytearray()
         self.request_done = False
         self.closing = False
@@ -2889,62 +5102,30 @@ class Subscription:
 DEFERRED = object()   # a handler's way of saying "the reply comes later"
 
 
-class Server:
-    """The event loop: a Unix socket for clients, a pidfd per running attempt.
+class Clients:
+    """The Unix socket and its clients: requests in (checked by check_request and
+    served by Handlers), replies and wait's progress out, without blocking."""
 
-    Nothing here polls: the loop sleeps in select() until a client writes, a
-    supervisor exits or a signal arrives, and the queue is looked at after each
-    batch of events.
-    """
-
-    def __init__(self, data_dir, log_dir, log, job_fd_limit, spawner,
-                 check_interval=DEFAULT_CHECK_INTERVAL, ssh_config=KEEP_SSH_CONFIG,
-                 down_after=None):
-        self.spawner = spawner
-        self.ssh_config = ssh_config   # the queue's (see load): None for ssh's defaults
-        self.down_after = down_after   # ditto: failures in a row that set a worker aside
-        self.check_interval = check_interval
-        self.checker = None        # the health checker process (see health_checker_main)
-        self.checker_lines = LineReader()
-        self.checker_unsent = bytearray()   # part of a request the pipe has not taken yet
-        self.checker_next = None            # the newest request, once that one is sent
+    def __init__(self, selector, log, store, paths, data_dir, log_dir):
+        self.selector = selector
         self.data_dir = data_dir
-        self.job_fd_limit = job_fd_limit
-        self.log_dir = log_dir
         self.log = log
-        self.paths = data_dir_paths(data_dir)
-        self.run_dir = self.paths["run"]
-        self.ssh_root = ssh_reuse_root(data_dir)
-        self.shim_dir = os.path.join(self.ssh_root, "bin")
-        self.jobs_ssh_config_path = os.path.join(self.ssh_root, JOBS_SSH_CONFIG_FILE)
-        self.jobs_ssh_config = None   # its text, while jobs need one (see jobs_ssh_config)
-        self.jobs_ssh_config_missing = False   # its last write failed
-        self.endpoints_fresh = False  # the workers' endpoints resolved since this start
-        self.store = Store(self.paths["database"])
-        import selectors   # here: clients do not need it
-        self.selector = selectors.DefaultSelector()
+        self.store = store         # read only: how watched jobs ended
+        self.paths = paths
+        self.log_dir = log_dir
+        self.handlers = None       # set by the Server
+        self.paused = lambda: False   # whether the queue is paused (progress lines say so)
         self.listener = None
         self.accepting = True
-        self.running = {}          # job id -> Attempt
-        self.workers = {}          # name -> Worker, in the order they were added
-        self.paused = False        # the whole queue: no job starts while set
-        self.schedule_needed = True
-        self.stopping = False
-        self.clients = set()
-        self.receiving = 0           # bytes in the buffers of unfinished requests
+        self.closed = False
+        self.connected = set()
+        self.receiving = 0         # bytes in the buffers of unfinished requests
         self.stop_replies = []     # clients waiting for the stop to finish
         self.waiters = []          # (predicate, client, make_reply)
+        self.waiters_due = False   # something happened that a waiter may wait for
         self.subscriptions = []    # wait clients
-        self.environment_cache = {}
-        self.timers = []           # heap of (when, sequence, callback): start times, timeouts
-        self.timer_sequence = 0
-        self.release_at = None     # when the timer that unblocks delayed jobs fires
-        self.schedule_delay = 0.0  # while the database refuses to start jobs (schedule_later)
-        self.schedule_retry_pending = False
 
-    # --- start-up and recovery --------------------------------------------
-
-    def open_socket(self):
+    def listen(self):
         path = self.paths["socket"]
         directory = os.path.dirname(path)
         if directory != self.data_dir:
@@ -2962,864 +5143,6 @@ class Server:
         self.listener = listener
         self.selector.register(listener, EVENT_READ, self.accept)
 
-    def load(self):
-        if self.ssh_config is not KEEP_SSH_CONFIG:
-            with self.store.transaction():
-                self.store.set_setting("ssh_config", self.ssh_config)
-        self.ssh_config = self.store.setting("ssh_config", None)
-        if self.down_after is not None:
-            with self.store.transaction():
-                self.store.set_setting("down_after", self.down_after)
-        self.down_after = self.store.setting("down_after", DEFAULT_DOWN_AFTER)
-        self.workers = {row["name"]: Worker(row) for row in self.store.workers()}
-        self.paused = self.store.setting("paused", False)
-        self.prepare_ssh_reuse()   # first: recovery may remove a drained worker, and write
-        self.recover()
-        with self.store.transaction():   # a database from before resolve_dependents, or edited
-            self.log_skipped(self.store.resolve_dependents(self.store.stale_prerequisites()))
-        self.skip_stranded()   # a crash may have come between a worker's removal and this
-        self.release_delayed()
-
-    def prepare_ssh_reuse(self):
-        """Write the job scripts' ssh shims and ssh config; stop the masters of workers
-        now gone (a worker with running jobs is never gone: it drains)."""
-        if os.path.dirname(self.ssh_root) != self.data_dir:
-            make_private_dir(os.path.dirname(self.ssh_root))
-        make_private_dir(self.ssh_root)
-        make_private_dir(self.shim_dir)
-        write_ssh_shims(self.shim_dir)
-        self.write_jobs_ssh_config()
-        wanted = {os.path.basename(ssh_control_dir(self.ssh_root, name))
-                  for name in self.workers}
-        for name in os.listdir(self.ssh_root):
-            path = os.path.join(self.ssh_root, name)
-            if name not in wanted and os.path.isdir(path) and path != self.shim_dir:
-                stop_ssh_masters(path)
-
-    def write_jobs_ssh_config(self):
-        """(Re)write the jobs' ssh config after the workers or the queue's config changed.
-        An old one stays while jobs may read it: only its Host entries could go, and
-        only for workers without jobs.  A write that fails (a full disk) is tried
-        again before the next job that needs it starts (see ssh_shim_for)."""
-        text = jobs_ssh_config(self.workers, self.ssh_config)
-        changed = text != self.jobs_ssh_config
-        self.jobs_ssh_config = text
-        if text is not None and changed:
-            try:
-                _write_file(self.jobs_ssh_config_path, text)
-            except OSError as error:
-                self.log.error("cannot write the jobs' ssh config %s (%s); tried again when "
-                               "a job needs it", self.jobs_ssh_config_path, error.strerror)
-                self.jobs_ssh_config_missing = True
-                return
-        self.jobs_ssh_config_missing = False
-
-    def ssh_shim_for(self, worker, row):
-        """(shim dir, ControlPath or None, ssh config or None) for a job of ROW on
-        WORKER, or None when its ssh needs nothing of ours."""
-        control_path = None
-        if worker.ssh_reuse and row["ssh_reuse"]:
-            control_dir = ssh_control_dir(self.ssh_root, worker.name)
-            if not os.path.isdir(control_dir):
-                try:
-                    os.mkdir(control_dir, 0o700)
-                except OSError as error:
-                    raise LaunchError(f"cannot create {control_dir}: {error.strerror}") \
-                        from None
-            control_path = os.path.join(control_dir, "%C")
-        ssh_config = None
-        if self.jobs_ssh_config is not None:
-            ssh_config = self.jobs_ssh_config_path
-            if self.jobs_ssh_config_missing or not os.path.exists(ssh_config):
-                try:   # its write failed, or a /tmp cleaner took it
-                    _write_file(ssh_config, self.jobs_ssh_config)
-                    self.jobs_ssh_config_missing = False
-                except OSError as error:
-                    raise LaunchError(f"cannot write {ssh_config}: {error.strerror}") from None
-        if control_path is None and ssh_config is None:
-            return None
-        return self.shim_dir, control_path, ssh_config
-
-    def release_ssh_root(self):
-        """At stop: stop the masters that no running job uses; when no job runs, remove
-        a root under /tmp whole (shims and config included), which would otherwise
-        pile up, one per data dir ever used."""
-        for name in list(self.workers):
-            if not any(attempt.control_dir == ssh_control_dir(self.ssh_root, name)
-                       for attempt in self.running.values()):
-                stop_ssh_masters(ssh_control_dir(self.ssh_root, name))
-        if self.running or os.path.dirname(self.ssh_root) == self.data_dir:
-            return
-        import shutil
-        for name in os.listdir(self.ssh_root):
-            path = os.path.join(self.ssh_root, name)
-            if os.path.isdir(path) and path != self.shim_dir:
-                stop_ssh_masters(path)   # a master a job left after its end
-        shutil.rmtree(self.ssh_root, ignore_errors=True)
-
-    def release_control_dir(self, worker_name):
-        """Stop the SSH masters of a worker once nothing uses them any more: it is gone,
-        or its jobs no longer share connections, and none of its running jobs did."""
-        worker = self.workers.get(worker_name)
-        if worker is not None and worker.ssh_reuse:
-            return
-        control_dir = ssh_control_dir(self.ssh_root, worker_name)
-        if any(attempt.control_dir == control_dir for attempt in self.running.values()):
-            return
-        stop_ssh_masters(control_dir)
-
-    def recover(self):
-        """Settle every attempt that was running while the server was away.
-
-        Live supervisors are adopted first, so that every worker's busy slots
-        are known before anything is settled or a drained worker is removed.
-        """
-        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
-        gone = [row for row in self.store.jobs_in_state(JobState.RUNNING)
-                if not self.adopt(row)]
-        for row in gone:
-            job_id, attempt = row["id"], row["attempt"]
-            outcome = read_outcome(self.run_dir, job_id, attempt)
-            pid = read_pid(run_file(self.run_dir, job_id, attempt, "pid"))
-            if outcome is not None:
-                self.log.info("job %s: ended while the server was away", job_id)
-                self.settle(row, outcome)
-            elif pid is None:
-                # No pid file and nobody holds the lock: the script never ran.
-                with self.store.transaction():
-                    self.store.requeue(job_id, attempt)
-                self.log.info("job %s: had not started when the server stopped; queued again",
-                              job_id)
-            else:
-                self.settle(row, self.vanished(pid, pid_file_time(self.run_dir, job_id, attempt)))
-            remove_run_files(self.run_dir, job_id, attempt)
-        self.remove_stray_run_files()
-        for worker in list(self.workers.values()):
-            self.forget_if_drained(worker)
-
-    def adopt(self, row):
-        """Watch the supervisor of a running attempt again.  False if it is gone.
-
-        The lock proves the supervisor alive whatever became of pids; once its
-        pid file is there, a pidfd taken while the lock is still held cannot
-        belong to another process.
-        """
-        job_id, attempt = row["id"], row["attempt"]
-        deadline = time.monotonic() + RECOVERY_WAIT
-        while supervisor_alive(self.run_dir, job_id, attempt):
-            pid = read_pid(run_file(self.run_dir, job_id, attempt, "pid"))
-            pidfd = None
-            if pid is not None:
-                try:
-                    pidfd = os.pidfd_open(pid)
-                except OSError:
-                    pass
-            if pidfd is not None and supervisor_alive(self.run_dir, job_id, attempt):
-                attempt_watched = self.watch(row, pid, pidfd)
-                self.log.info("job %s: still running on %s; adopted", job_id, row["worker"])
-                if row["kill_requested_at"] is not None:
-                    # The server may have died before its SIGTERM went out.
-                    self.signal_kill(attempt_watched, row["kill_grace"])
-                return True
-            if pidfd is not None:
-                os.close(pidfd)
-            if time.monotonic() > deadline:
-                # Alive but not watchable: keep its slot, never start it twice.
-                self.running[job_id] = self.new_attempt(row, pid, None)
-                self.hold_slots(row["worker"], attempt_slots(row))
-                self.log.warning("job %s: its supervisor holds its lock but cannot be watched; "
-                                 "left running, checked again at the next start", job_id)
-                return True
-            time.sleep(0.01)
-        return False
-
-    def vanished(self, supervisor, started):
-        """The outcome of an attempt whose supervisor died without recording one."""
-        killed = end_orphaned_job(supervisor, started)
-        self.log.warning("supervisor %s vanished; %d leftover process(es) of its job killed",
-                         supervisor, killed)
-        return {"exit_code": None, "signal": None,
-                "error": "its supervisor vanished (killed, or the machine restarted): exit "
-                         "status unknown"}
-
-    def remove_stray_run_files(self):
-        running = {(job_id, attempt.number) for job_id, attempt in self.running.items()}
-        for name in os.listdir(self.run_dir):
-            stem = name.split(".", 1)[0]
-            job_id, _, attempt = stem.partition("-")
-            if not (job_id.isdigit() and attempt.isdigit()) or \
-                    (int(job_id), int(attempt)) not in running:
-                try:
-                    os.unlink(os.path.join(self.run_dir, name))
-                except OSError:
-                    pass
-
-    # --- running jobs -----------------------------------------------------
-
-    def schedule(self):
-        """Start waiting jobs on free slots, as many as fit."""
-        self.schedule_needed = False
-        if self.paused:
-            return
-        capacities = [worker.capacity() for worker in self.workers.values()]
-        starts, jobs = self.plan(capacities)
-        if not starts:
-            return
-        now = time.time()
-        started = []
-        try:
-            with self.store.transaction():
-                for job_id, worker, slots in starts:
-                    changes = {"worker": worker, "slot": slots[0],
-                               "slots": json.dumps(slots) if len(slots) > 1 else None,
-                               "started_at": now, "attempt": jobs[job_id]["attempt"] + 1,
-                               "log": job_log_path(self.log_dir, job_id), "reason": None,
-                               "exit_code": None, "signal": None}
-                    self.store.change_job(job_id, JobState.WAITING, JobState.RUNNING,
-                                          **changes)
-                    started.append({**dict(jobs[job_id]), **changes,
-                                    "state": JobState.RUNNING.value})
-        except self.store.sqlite3.Error as error:
-            self.schedule_later(f"the database cannot take the change: {error}")
-            return
-        self.jobs_moved([job_id for job_id, _, _ in starts], JobState.RUNNING)
-        # Committed before any fork: a crash from here on leaves attempts with
-        # no pid file and a free lock, which recovery queues again.
-        for row in started:
-            try:
-                self.start_attempt(row)
-            except (LaunchError, OSError, self.store.sqlite3.Error) as error:
-                # Nothing forked: the job goes back to the queue (see record_end).
-                self.log.error("job %s: cannot start it: %s", row["id"], error)
-                attempt = Attempt(row, None, None)
-                self.running[row["id"]] = attempt
-                self.hold_slots(row["worker"], attempt.slots)
-                self.record_end(attempt)   # queues it again
-
-    def schedule_later(self, why):
-        """Jobs could not start (the database refused, or their supervisors found no
-        room for their files).  Try again after a pause, longer while the fault
-        lasts: no event may come once the disk has room again."""
-        if not self.schedule_delay:
-            self.log.error("cannot start waiting jobs (%s); tried again until they start",
-                           why)
-        self.schedule_delay = min(2 * self.schedule_delay or STORAGE_RETRY_FIRST,
-                                  STORAGE_RETRY_MAX)
-        if not self.schedule_retry_pending:
-            self.schedule_retry_pending = True
-            self.add_timer(time.time() + self.schedule_delay, self.schedule_again)
-
-    def schedule_again(self):
-        self.schedule_retry_pending = False
-        self.schedule_needed = True
-
-    def plan(self, capacities):
-        """plan_starts over as much of the queue as it takes to fill the free slots.
-
-        Usually the first rows fill them.  Jobs that cannot go where there is
-        room (placement, slots) make it look further, up to SCHEDULE_SCAN_LIMIT
-        ready jobs.  Returns (starts, {job id: row}).
-        """
-        free = sum(capacity.free_slots for capacity in capacities)
-        if not free:
-            return [], {}
-        # Two passes at most: the head of the queue, which usually fills every
-        # free slot; then, if room is left that those jobs cannot use, a deeper
-        # look (a job that is pinned or too big must not idle the others).
-        head = max(free, 64)
-        rows = self.store.ready_jobs(limit=head)
-        starts = plan_starts(self.job_needs(rows), capacities)
-        if starts.left and len(rows) == head:
-            rows = self.store.ready_jobs(limit=SCHEDULE_SCAN_LIMIT)
-            starts = plan_starts(self.job_needs(rows), capacities)
-        return starts, {row["id"]: row for row in rows}
-
-    def job_needs(self, rows):
-        failed_on = self.store.failed_on([row["id"] for row in rows if row["attempt"]])
-        # Most jobs have no placement wishes: skip the JSON for them.
-        return [JobNeeds(row["id"], row["slots_wanted"],
-                         row["run_on"] and json.loads(row["run_on"]),
-                         row["prefer"] and json.loads(row["prefer"]) or (),
-                         row["exclude"] and json.loads(row["exclude"]) or (),
-                         failed_on.get(row["id"], ())) for row in rows]
-
-    def start_attempt(self, row):
-        worker = self.workers[row["worker"]]
-        ssh_shim = self.ssh_shim_for(worker, row)
-        environment = job_environment(self.submitter_environment(row["environment_id"]),
-                                      worker.variables, json.loads(row["variables"]),
-                                      row["id"], worker.name, row["attempt"],
-                                      attempt_slots(row), worker.job_endpoint(), ssh_shim)
-        spec = AttemptSpec(row["id"], row["attempt"], row["script"], json.loads(row["args"]),
-                           row["cwd"], environment, row["umask"], self.job_fd_limit, row["log"],
-                           row["worker"])
-        pid, pidfd = self.spawner.spawn(self.run_dir, spec)
-        self.watch(row, pid, pidfd)
-        self.log.info("job %s: started on %s slot %s (attempt %s, supervisor %s)",
-                      row["id"], row["worker"], row["slot"], row["attempt"], pid)
-
-    def submitter_environment(self, environment_id):
-        if environment_id not in self.environment_cache:
-            if len(self.environment_cache) > 64:
-                self.environment_cache.clear()
-            self.environment_cache[environment_id] = self.store.environment(environment_id)
-        return self.environment_cache[environment_id]
-
-    def new_attempt(self, row, pid, pidfd):
-        attempt = Attempt(row, pid, pidfd)
-        if row["ssh_reuse"]:
-            # Its worker's masters stay while it runs (whatever the worker's own
-            # setting, which may have changed since it started).
-            attempt.control_dir = ssh_control_dir(self.ssh_root, row["worker"])
-        return attempt
-
-    def watch(self, row, pid, pidfd):
-        attempt = self.new_attempt(row, pid, pidfd)
-        self.running[row["id"]] = attempt
-        self.hold_slots(row["worker"], attempt.slots)
-        self.selector.register(pidfd, EVENT_READ,
-                               lambda events, attempt=attempt: self.attempt_ended(attempt))
-        if row["timeout"] is not None and not row["timed_out"]:
-            # From the recorded start, so that a restart does not extend it.
-            self.add_timer(row["started_at"] + row["timeout"],
-                           lambda attempt=attempt: self.time_out(attempt), attempt)
-        return attempt
-
-    def time_out(self, attempt):
-        """The attempt's --timeout has passed: kill it as kill does; it ends timed_out.
-        Killed only once that is recorded, or it would end as failed, not timed_out."""
-        self.until_saved(f"job {attempt.job_id}: killing it for its --timeout",
-                         lambda: self.kill_timed_out(attempt))
-
-    def kill_timed_out(self, attempt):
-        if self.running.get(attempt.job_id) is not attempt:
-            return   # it ended meanwhile
-        row = self.store.job(attempt.job_id)
-        if row["kill_requested_at"] is not None:
-            return   # already being killed, by kill or remove_slave --kill: left as that
-        if attempt.outcome is not None:
-            return   # it has ended; only saving how is held up (see record_end)
-        reason = f"timed out after {_duration_text(row['timeout'])}"
-        with self.store.transaction():
-            self.store.request_timeout(attempt.job_id, DEFAULT_KILL_GRACE, reason)
-        self.log.info("job %s: %s; killing", attempt.job_id, reason)
-        self.signal_kill(attempt, DEFAULT_KILL_GRACE)
-
-    # --- worker health ------------------------------------------------------
-
-    def update_checker(self, now=False):
-        """Tell the health checker which workers to check (those added with the SSH
-        check, and those set aside, unless being removed); start it if it is not
-        running."""
-        checked = self.check_interval > 0
-        names = [worker.name for worker in self.workers.values()
-                 if checked and (worker.ssh_checked or worker.set_aside_at)
-                 and worker.state != WorkerState.DRAINING]
-        for worker in self.workers.values():
-            # A set-aside worker without checks waits for resume HOST.
-            if worker.health == WorkerHealth.DOWN and worker.name not in names:
-                # Nothing will check it again: down would be for ever.
-                self.health_checked(worker.name, None, worker.checked_at)
-        # Every worker once per start (its ssh config may have changed meanwhile), then
-        # those added without an endpoint.
-        resolve = [worker.name for worker in self.workers.values()
-                   if worker.endpoint is None or not self.endpoints_fresh]
-        self.endpoints_fresh = True
-        if self.checker is None and not names and not resolve:
-            return
-        if self.checker is None:
-            import subprocess
-            try:
-                with open(os.path.join(self.log_dir, SERVER_LOG_FILE), "ab") as errors:
-                    self.checker = subprocess.Popen(
-                        [sys.executable, os.path.abspath(__file__), HEALTH_CHECKER],
-                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, cwd="/")
-            except OSError as error:
-                self.log.error("cannot start the health checker: %s", error)
-                return
-            for stream in (self.checker.stdin, self.checker.stdout):
-                os.set_blocking(stream.fileno(), False)
-            self.selector.register(self.checker.stdout, EVENT_READ, self.checker_event)
-            self.checker_unsent = bytearray()
-            self.checker_lines = LineReader()
-            now = True
-        # Only the newest list matters: it replaces one not yet sent, and the
-        # pipe is written without blocking (a checker busy with a round of hung
-        # hosts reads nothing for a while).
-        request = {"workers": names, "interval": self.check_interval,
-                   "timeout": min(DEFAULT_SSH_TIMEOUT, self.check_interval) or
-                   DEFAULT_SSH_TIMEOUT, "now": now, "ssh_config": self.ssh_config,
-                   "resolve": resolve,
-                   "fresh": [worker.name for worker in self.workers.values()
-                             if worker.health == WorkerHealth.SET_ASIDE]}
-        self.checker_next = json.dumps(request).encode() + b"\n"
-        self.send_to_checker()
-
-    def send_to_checker(self, events=0):
-        checker = self.checker
-        if checker is None:
-            return
-        while True:
-            if not self.checker_unsent:
-                if self.checker_next is None:
-                    break
-                self.checker_unsent, self.checker_next = bytearray(self.checker_next), None
-            try:
-                written = os.write(checker.stdin.fileno(), self.checker_unsent)
-            except BlockingIOError:
-                break
-            except OSError:
-                self.checker_gone()
-                return
-            del self.checker_unsent[:written]
-        waiting = bool(self.checker_unsent)
-        registered = self.selector.get_map().get(checker.stdin.fileno()) is not None
-        if waiting and not registered:
-            self.selector.register(checker.stdin, EVENT_WRITE, self.send_to_checker)
-        elif not waiting and registered:
-            self.selector.unregister(checker.stdin)
-
-    def checker_event(self, events):
-        try:
-            chunk = os.read(self.checker.stdout.fileno(), 1 << 16)
-        except BlockingIOError:
-            return
-        if not chunk:
-            self.checker_gone()
-            return
-        for line in self.checker_lines.feed(chunk):
-            result = json.loads(line)
-            if result.get("endpoint"):
-                self.endpoint_resolved(result["worker"], result["endpoint"])
-            if "reason" in result:
-                self.health_checked(result["worker"], result["reason"], result["at"],
-                                    result.get("started", result["at"]))
-
-    def endpoint_resolved(self, name, endpoint):
-        """Where ssh goes for a worker (SLAVE_HOST, SLAVE_PORT, SLAVE_USER), newly
-        resolved by the health checker: kept if it changed."""
-        worker = self.workers.get(name)
-        if worker is None or worker.endpoint == endpoint:
-            return
-        with self.store.transaction():
-            self.store.set_worker_endpoint(name, endpoint)
-        worker.endpoint = endpoint
-
-    def checker_gone(self):
-        """The health checker died: say so, and start a new one an interval later."""
-        self.log.warning("the health checker stopped; starting a new one in %gs",
-                         self.check_interval)
-        self.stop_checker()
-        self.add_timer(time.time() + self.check_interval, self.update_checker)
-
-    def stop_checker(self):
-        if self.checker is None:
-            return
-        checker, self.checker = self.checker, None
-        for stream in (checker.stdin, checker.stdout):
-            if self.selector.get_map().get(stream.fileno()) is not None:
-                self.selector.unregister(stream)
-            try:
-                stream.close()
-            except OSError:
-                pass
-        checker.terminate()   # it may be in the middle of a round of checks
-        import subprocess   # imported when the checker was started: free here
-        try:
-            checker.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            checker.kill()
-            checker.wait()
-
-    def health_checked(self, name, reason, at, started=None):
-        """One check's result: a worker goes down, comes back up, or stays as it was."""
-        worker = self.workers.get(name)
-        if worker is None:
-            return   # removed since
-        if worker.health == WorkerHealth.SET_ASIDE and started is not None and \
-                started < worker.set_aside_at:
-            return   # a check (or connection) from before its jobs failed proves nothing
-        # A set-aside worker whose check fails is down, for that reason; it is checked
-        # until a check passes (see update_checker), even if added without the check.
-        self.set_health(worker, WorkerHealth.UP if reason is None else WorkerHealth.DOWN,
-                        reason, at)
-
-    def set_health(self, worker, health, reason, at):
-        """The one way a worker's health changes: saved, logged, and kept in memory."""
-        name = worker.name
-        worker.checked_at = at
-        if health == worker.health and reason == worker.check_reason:
-            return
-        with self.store.transaction():
-            self.store.set_worker_health(name, health, reason, at)
-        if health != worker.health:
-            if health != WorkerHealth.UP:
-                self.log.warning("worker %s: %s (%s); no new job starts there", name,
-                                 "set aside" if health == WorkerHealth.SET_ASIDE else "down",
-                                 reason)
-            else:
-                self.log.info("worker %s: up again", name)
-                worker.failures_in_row, worker.set_aside_at = [], 0.0
-                self.schedule_needed = True
-        entered_or_left = (health == WorkerHealth.UP) != (worker.health == WorkerHealth.UP) \
-            and worker.set_aside_at
-        worker.health, worker.check_reason = health, reason
-        if entered_or_left:
-            self.update_checker()   # set-aside workers are checked, over new connections
-
-    # --- timers -------------------------------------------------------------
-
-    def add_timer(self, when, callback, attempt=None):
-        """Call CALLBACK at WHEN; a timer of an ATTEMPT goes once the attempt has ended."""
-        import heapq
-        if len(self.timers) > 2 * len(self.running) + 1000:
-            # Timeouts of attempts that ended early would pile up for as long as
-            # their deadlines: drop them.
-            self.timers = [timer for timer in self.timers if timer[3] is None or
-                           self.running.get(timer[3].job_id) is timer[3]]
-            heapq.heapify(self.timers)
-        self.timer_sequence += 1
-        heapq.heappush(self.timers, (when, self.timer_sequence, callback, attempt))
-
-    def timer_timeout(self):
-        """How long select() may sleep: until the next timer, or for ever."""
-        if not self.timers:
-            return None
-        # epoll takes at most 2**31 ms (24.8 days): a start time or timeout further
-        # off would end the loop with OverflowError.  Waking early is harmless.
-        return min(max(0.0, self.timers[0][0] - time.time()), MAX_SELECT_TIMEOUT)
-
-    def run_timers(self):
-        import heapq
-        now = time.time()
-        while self.timers and self.timers[0][0] <= now:
-            callback = heapq.heappop(self.timers)[2]
-            self.guarded(callback)
-
-    def release_delayed(self):
-        """Let the jobs whose start time has come be scheduled; wake for the next."""
-        now = time.time()
-        self.release_at = None
-        try:
-            with self.store.transaction():
-                released = self.store.release_due(now)
-        except self.store.sqlite3.Error:
-            self.add_timer(now + 1, self.release_delayed)   # never lose the wake-up
-            raise
-        if released:
-            self.schedule_needed = True
-        self.arm_release()
-
-    def arm_release(self):
-        """Make sure a timer fires at the earliest start time still to come."""
-        when = self.store.next_release(time.time())
-        if when is not None and (self.release_at is None or when < self.release_at):
-            self.release_at = when
-            self.add_timer(when, self.release_delayed)
-
-    def attempt_gone(self, job_id, worker_name, slots):
-        """An attempt has ended (or never started): its slots are free, and its worker's
-        SSH masters may go if nothing else uses them."""
-        attempt = self.running.pop(job_id, None)
-        self.free_slots(worker_name, slots)
-        if attempt is not None and attempt.control_dir is not None:
-            self.release_control_dir(worker_name)
-
-    def hold_slots(self, worker_name, slots):
-        worker = self.workers.get(worker_name)
-        if worker is not None:
-            worker.busy_slots.update(slots)
-
-    def free_slots(self, worker_name, slots):
-        worker = self.workers.get(worker_name)
-        if worker is not None:
-            worker.busy_slots.difference_update(slots)
-            self.forget_if_drained(worker)
-
-    def attempt_ended(self, attempt):
-        self.selector.unregister(attempt.pidfd)
-        os.close(attempt.pidfd)
-        attempt.pidfd = None
-        self.record_end(attempt)
-
-    def record_end(self, attempt):
-        """Settle an attempt whose supervisor has exited, or queue its job again if the
-        script never started (no pid file: no room for it, or no supervisor at all).
-
-        While the database refuses the change (disk full, read-only), the attempt
-        keeps its slot and its run files, and this runs again after a pause: an
-        outcome is neither dropped nor recorded twice, and a restart meanwhile
-        finds it in the .exit file.
-        """
-        job_id, number = attempt.job_id, attempt.number
-        try:
-            if attempt.outcome is None:
-                attempt.outcome = self.outcome_of(attempt)
-            row = self.store.job(job_id)
-            if attempt.outcome is None and row["kill_requested_at"] is not None:
-                # Killed (or timed out) before its script could start: that is its end.
-                attempt.outcome = {"exit_code": None, "signal": None,
-                                   "error": "ended before its script started"}
-            if attempt.outcome is None:
-                with self.store.transaction():
-                    self.store.requeue(job_id, number)
-            else:
-                settled = self.save_outcome(row, attempt.outcome)
-        except (self.store.sqlite3.Error, OSError) as error:
-            if not attempt.save_delay:
-                self.log.error("job %s: ended, but its end cannot be recorded yet (%s); "
-                               "kept, and tried again until it can", job_id, error)
-            attempt.save_delay = min(2 * attempt.save_delay or STORAGE_RETRY_FIRST,
-                                     STORAGE_RETRY_MAX)
-            self.add_timer(time.time() + attempt.save_delay, lambda: self.record_end(attempt))
-            return
-        if attempt.save_delay:
-            self.log.info("job %s: how it ended is saved now", job_id)
-        remove_run_files(self.run_dir, job_id, number)
-        if attempt.outcome is None:
-            self.attempt_gone(job_id, attempt.worker, attempt.slots)
-            self.log.error("job %s: its script never started; queued again", job_id)
-            self.jobs_moved([job_id], JobState.WAITING)
-            self.answer_waiters()
-            # Not at once (the cause may last, a full disk): after a pause.
-            self.schedule_later(f"job {job_id} could not start")
-        else:
-            self.schedule_delay = 0.0   # a script started: whatever held jobs back is gone
-            self.settled(row, attempt.outcome, *settled)
-
-    def outcome_of(self, attempt):
-        """What the supervisor of an ended attempt recorded; the 'vanished' outcome if it
-        started the script but recorded nothing; None if it never started the script
-        (no pid file).  OSError: the run files cannot be read now (out of fds, I/O)."""
-        job_id, number = attempt.job_id, attempt.number
-        exit_path = run_file(self.run_dir, job_id, number, "exit")
-        try:
-            with open(exit_path) as exit_file:
-                return json.loads(exit_file.read())
-        except FileNotFoundError:
-            pass
-        except ValueError:
-            return self.vanished(attempt.pid, pid_file_time(self.run_dir, job_id, number))
-        pid_path = run_file(self.run_dir, job_id, number, "pid")
-        if attempt.pid is None or not os.path.lexists(pid_path):
-            return None
-        return self.vanished(attempt.pid, pid_file_time(self.run_dir, job_id, number))
-
-    def settle(self, row, outcome):
-        """Record how an attempt ended, free its slot, and retry the job if it may."""
-        self.settled(row, outcome, *self.save_outcome(row, outcome))
-
-    def save_outcome(self, row, outcome):
-        """settle's one transaction; returns what settled needs to know."""
-        job_id = row["id"]
-        now = time.time()
-        ended_at = outcome.get("ended_at") or now   # not when it could be saved
-        kill_requested, timed_out = row["kill_requested_at"] is not None, bool(row["timed_out"])
-        reason = outcome.get("error") or row["reason"]
-        if kill_requested and ended_at < row["kill_requested_at"]:
-            # It had ended by itself before the kill or timeout came; only saving its
-            # end was held up (a full disk, a stopped server).
-            kill_requested, timed_out, reason = False, False, outcome.get("error")
-        result = result_of(outcome.get("exit_code"), kill_requested, timed_out)
-        down_after = self.down_after_of(row["worker"])
-        unreached = self.store.unreached_attempts(job_id)
-        free = result == JobResult.FAILED and free_retry(
-            outcome.get("exit_code"), kill_requested, down_after, unreached)
-        # The attempts that were free (the first DOWN_AFTER that ssh could not get
-        # through) do not count against --retries.
-        counted = row["attempt"] - min(unreached, down_after)
-        retries_left = row["retries"] - counted + 1
-        retry = result in (JobResult.FAILED, JobResult.TIMED_OUT) and retries_left > 0
-        skipped = []
-        with self.store.transaction():
-            self.store.record_attempt(row, result, outcome, reason, ended_at)
-            if free:
-                # The attempt number it used must not cost it a retry: one more.
-                self.store.retry(job_id, None, f"attempt {row['attempt']} could not reach "
-                                 f"{row['worker']} (ssh exit status {SSH_EXIT_STATUS}); tried "
-                                 "on another worker, not counted against --retries")
-                retry = True
-            elif retry:
-                not_before = now + row["retry_delay"] if row["retry_delay"] else None
-                self.store.retry(job_id, not_before,
-                                 f"attempt {row['attempt']} {result.value}"
-                                 f"{f' ({reason})' if reason else ''}; "
-                                 f"{retries_left} retry(s) left")
-            else:
-                self.store.change_job(job_id, JobState.RUNNING, JobState.DONE,
-                                      result=result.value, exit_code=outcome.get("exit_code"),
-                                      signal=outcome.get("signal"), reason=reason,
-                                      ended_at=ended_at)
-                skipped = self.store.resolve_dependents(
-                    [(job_id, result == JobResult.SUCCEEDED, f"ended {result.value}")])
-        return result, reason, retry, skipped
-
-    def settled(self, row, outcome, result, reason, retry, skipped):
-        """What follows a saved outcome: the slot is free, waiting clients hear of it."""
-        job_id = row["id"]
-        self.attempt_gone(job_id, row["worker"], attempt_slots(row))
-        self.until_saved(f"worker {row['worker']}: weighing how job {job_id} ended",
-                         lambda: self.weigh_attempt(row, outcome, result))
-        self.log.info("job %s: %s (exit code %s, signal %s)%s%s", job_id, result.value,
-                      outcome.get("exit_code"), outcome.get("signal"),
-                      f": {reason}" if reason else "", "; to be retried" if retry else "")
-        self.schedule_needed = True
-        if retry:
-            self.jobs_moved([job_id], JobState.WAITING)
-            self.release_delayed()
-            self.answer_waiters()   # a kill or remove_slave --kill may wait for this attempt
-        else:
-            self.jobs_ended([job_id] + self.log_skipped(skipped))
-
-    def down_after_of(self, worker_name):
-        """The failures in a row that set this worker aside (0: never)."""
-        worker = self.workers.get(worker_name)
-        if worker is not None and worker.down_after is not None:
-            return worker.down_after
-        return self.down_after
-
-    def weigh_attempt(self, row, outcome, result):
-        """Count an ended attempt for or against its worker (see worker_verdict); set the
-        worker aside after DOWN_AFTER in a row, until a health check passes."""
-        worker = self.workers.get(row["worker"])
-        if worker is None:
-            return
-        ended = outcome.get("ended_at") or time.time()
-        verdict = worker_verdict(outcome.get("exit_code"), outcome.get("signal"),
-                                 ended - (row["started_at"] or ended),
-                                 result in (JobResult.KILLED, JobResult.TIMED_OUT),
-                                 not outcome.get("not_started") and
-                                 (outcome.get("exit_code"), outcome.get("signal")) != (None, None))
-        if verdict is None:
-            return
-        worker.works = not verdict
-        if not verdict:
-            worker.failures_in_row = []
-            return
-        how = f"exit status {outcome['exit_code']}" if outcome.get("exit_code") is not None \
-            else f"signal {outcome.get('signal')}" if outcome.get("signal") is not None \
-            else outcome.get("error") or "no exit status"
-        # Kept only once any set-aside is saved: until_saved may call this again.
-        failures = worker.failures_in_row + [f"job {row['id']} {how}"]
-        others_working = any(other.works and other.capacity().accepting
-                             for other in self.workers.values() if other is not worker)
-        if worker.health != WorkerHealth.UP or not set_aside(
-                len(failures), self.down_after_of(worker.name), others_working):
-            worker.failures_in_row = failures
-            return
-        reason = (f"{len(failures)} jobs in a row failed to reach it "
-                  f"({', '.join(failures[-3:])}; ssh exits with "
-                  f"{SSH_EXIT_STATUS} when it cannot get through); set aside until a health "
-                  f"check passes, or ./cli.py resume {worker.name}")
-        worker.set_aside_at = time.time()   # (before set_health: it starts its checks)
-        self.set_health(worker, WorkerHealth.SET_ASIDE, reason, worker.set_aside_at)
-        worker.failures_in_row = failures
-
-    def log_skipped(self, skipped):
-        for job_id in skipped:
-            self.log.info("job %s: skipped: its dependencies can no longer be met", job_id)
-        return skipped
-
-    def jobs_ended(self, job_ids):
-        """Everything that follows jobs reaching DONE: waiting clients hear of it."""
-        self.jobs_moved(job_ids, JobState.DONE)
-        self.answer_waiters()
-
-    def jobs_moved(self, job_ids, state):
-        """Tell the wait clients watching any of JOB_IDS where those jobs are now."""
-        outcomes = None
-        for subscription in self.subscriptions:
-            watched = [job_id for job_id in job_ids if job_id in subscription.pending]
-            for job_id in watched:
-                subscription.move(job_id, state)
-            if watched and state == JobState.DONE:
-                if outcomes is None:   # one query however many clients wait
-                    outcomes = self.store.not_succeeded(job_ids)
-                subscription.note_outcomes(outcomes)
-
-    def jobs_removed(self, job_ids):
-        """Jobs deleted from the queue (remove_job, load_status): wait clients stop
-        waiting for them and hear that they will never run."""
-        for subscription in self.subscriptions:
-            for job_id in job_ids:
-                if job_id in subscription.pending:
-                    subscription.move(job_id, JobState.DONE)
-                    subscription.not_succeeded[job_id] = {
-                        "id": job_id, "result": "removed", "exit_code": None, "signal": None,
-                        "reason": "removed from the queue before it ran"}
-
-    def send_progress(self):
-        """One progress line per wait client per turn of the loop, and its last word."""
-        for subscription in list(self.subscriptions):
-            client = subscription.client
-            if not subscription.dirty or client.outgoing:
-                continue   # nothing new, or the client has not read the last line yet
-            subscription.dirty = False
-            if subscription.pending:
-                self.send_event(client, dict(subscription.progress(), paused=self.paused))
-                continue
-            self.subscriptions.remove(subscription)
-            self.reply(client, result={"total": subscription.total,
-                                       "not_succeeded": list(
-                                           subscription.not_succeeded.values())})
-
-    def kill_attempt(self, attempt, grace, reason):
-        """End a running job: recorded first, so that a restart finishes the kill."""
-        with self.store.transaction():
-            self.store.request_kill(attempt.job_id, grace, reason)
-        self.log.info("job %s: killing (%s)", attempt.job_id, reason)
-        self.signal_kill(attempt, grace)
-
-    def signal_kill(self, attempt, grace):
-        """Ask a supervisor to end its job's process group (TERM, then KILL after GRACE)."""
-        if attempt.pidfd is None:
-            return
-        try:
-            _write_file(run_file(self.run_dir, attempt.job_id, attempt.number, "kill"),
-                        f"{DEFAULT_KILL_GRACE if grace is None else grace}")
-        except OSError as error:
-            self.log.error("job %s: cannot write its kill file (%s); killed with the "
-                           "default grace of %gs", attempt.job_id, error.strerror,
-                           DEFAULT_KILL_GRACE)
-        try:
-            signal.pidfd_send_signal(attempt.pidfd, signal.SIGTERM)
-        except ProcessLookupError:
-            pass   # already ending; its pidfd event settles it
-
-    def forget_if_drained(self, worker):
-        """A draining worker goes once its last job has ended (and the database takes it)."""
-        def forget():
-            if worker.state == WorkerState.DRAINING and not worker.busy_slots and \
-                    self.workers.get(worker.name) is worker:
-                self.forget_worker(worker.name)
-        self.until_saved(f"worker {worker.name}: removing it, drained", forget)
-
-    def until_saved(self, what, change):
-        """Make CHANGE, which writes to the database and must not be dropped (it
-        follows one already committed, or a timer that will not fire again);
-        while the database refuses it, try CHANGE again after a pause."""
-        try:
-            change()
-        except self.store.sqlite3.Error as error:
-            self.log.error("%s: the database cannot take it yet (%s); tried again in %gs",
-                           what, error, STORAGE_RETRY_MAX)
-            self.add_timer(time.time() + STORAGE_RETRY_MAX,
-                           lambda: self.until_saved(what, change))
-
-    def forget_worker(self, name):
-        with self.store.transaction():
-            self.store.delete_worker(name)
-        del self.workers[name]
-        self.release_control_dir(name)
-        self.write_jobs_ssh_config()
-        self.log.info("worker %s: removed", name)
-        self.until_saved(f"skipping the --on jobs that only worker {name} could run",
-                         self.skip_stranded)
-        self.update_checker()
-        self.answer_waiters()
-
-    # --- clients ----------------------------------------------------------
-
     def accept(self, events):
         try:
             connection, _ = self.listener.accept()
@@ -3835,7 +5158,7 @@ class Server:
             return
         connection.setblocking(False)
         client = Client(connection)
-        self.clients.add(client)
+        self.connected.add(client)
         client.on_event = lambda events: self.client_event(client, events)
         self.selector.register(connection, EVENT_READ, client.on_event)
 
@@ -3848,7 +5171,7 @@ class Server:
             except OSError:
                 chunk = b""
             if not chunk:
-                self.drop_client(client)   # gone, even if its reply was still pending
+                self.drop(client)   # gone, even if its reply was still pending
                 return
             if not client.request_done:
                 self.receive(client, chunk)
@@ -3856,15 +5179,14 @@ class Server:
             self.flush(client)
 
     def receive(self, client, chunk):
-        client.buffer.extend(chunk)
+        client.received += len(chunk)
         self.receiving += len(chunk)
-        end = client.buffer.find(b"\n", len(client.buffer) - len(chunk))
-        if end >= 0:
+        lines = client.lines.feed(chunk)
+        if lines:
             client.request_done = True
-            line = bytes(client.buffer[:end])
             self.release_buffer(client)
-            self.handle_request(client, line)
-        elif len(client.buffer) > MAX_REQUEST_BYTES:
+            self.handle(client, lines[0])
+        elif len(client.lines.pending) > MAX_REQUEST_BYTES:
             client.request_done = True
             self.release_buffer(client)
             self.reply(client, error=f"request larger than {MAX_REQUEST_BYTES} bytes; "
@@ -3878,55 +5200,45 @@ class Server:
                                      "try again in a moment")
 
     def release_buffer(self, client):
-        self.receiving -= len(client.buffer)
-        client.buffer = bytearray()
+        self.receiving -= client.received
+        client.received = 0
+        client.lines = LineReader()
 
-    def handle_request(self, client, line):
+    def handle(self, client, line):
+        """Check a request (REQUESTS), serve it (Handlers), and reply."""
+        command = "?"
         try:
-            request = json.loads(line)
-            if not isinstance(request, dict) or not isinstance(request.get("command"), str) \
-                    or not isinstance(request.get("params", {}), dict):
-                raise ValueError("not a request object")
-        except (ValueError, RecursionError) as error:
-            self.reply(client, error=f"malformed request: {error}")
-            return
-        handler = HANDLERS.get(request["command"])
-        if handler is None:
-            self.reply(client, error=f"unknown command {request['command']!r}")
-            return
-        try:
-            result = handler(self, client, request.get("params", {}))
+            command, spec, params = check_request(line)
+            result = getattr(self.handlers, spec.handler)(client, params)
         except UserError as error:
             self.reply(client, error=str(error))
         except self.store.sqlite3.Error as error:
-            self.log.error("storage error in %s: %s", request["command"], error)
-            fault = storage_fault(self.data_dir, error)
-            if fault:
-                message = f"{fault[0]}: nothing was changed; {fault[1]}, then retry"
-            elif "malformed" in str(error) or "not a database" in str(error):
-                message = (f"the database {self.paths['database']} is corrupt ({error}): "
-                           "nothing was changed; stop the server, and restore it from a "
-                           "backup (start refuses it as it is)")
-            else:
-                message = (f"could not save the change ({error}): nothing was changed; check "
-                           f"free space and permissions of {self.data_dir}, then retry")
-            self.reply(client, error=message)
+            self.log.error("storage error in %s: %s", command, error)
+            self.reply(client, error=self.storage_error_message(error))
         except Exception as error:   # noqa: BLE001 - a bug must not take the server down
-            self.log.exception("internal error in %s", request["command"])
+            self.log.exception("internal error in %s", command)
             self.reply(client, error=f"internal error: {type(error).__name__}: {error} "
                                      f"(see {os.path.join(self.log_dir, SERVER_LOG_FILE)})")
         else:
             if result is not DEFERRED:
                 self.reply(client, result=result)
 
+    def storage_error_message(self, error):
+        """What a client is told when the database refused its change."""
+        fault = storage_fault(self.data_dir, error)
+        if fault:
+            return f"{fault[0]}: nothing was changed; {fault[1]}, then retry"
+        if "malformed" in str(error) or "not a database" in str(error):
+            return (f"the database {self.paths['database']} is corrupt ({error}): nothing "
+                    "was changed; stop the server, and restore it from a backup (start "
+                    "refuses it as it is)")
+        return (f"could not save the change ({error}): nothing was changed; check free "
+                f"space and permissions of {self.data_dir}, then retry")
+
     def reply(self, client, result=None, error=None, stopping=False):
         """The last line to a client: the connection closes once it is sent."""
         client.closing = True
         self.send_line(client, encode_reply(result, error, stopping))
-
-    def send_event(self, client, event):
-        """A line that is not the reply: the connection stays open."""
-        self.send_line(client, json.dumps(event).encode() + b"\n")
 
     def send_line(self, client, line):
         client.outgoing.extend(line)
@@ -3948,36 +5260,40 @@ class Server:
         if client.outgoing:
             return
         if client.closing:
-            self.drop_client(client)
+            self.drop(client)
         else:
             # A socket is nearly always writable: asking for EVENT_WRITE with nothing
             # to send would wake select() at once, forever.
             self.selector.modify(client.connection, EVENT_READ, client.on_event)
 
-    def drop_client(self, client):
+    def drop(self, client):
         self.release_buffer(client)
         try:
             self.selector.unregister(client.connection)
         except (KeyError, ValueError):
             pass
         client.connection.close()
-        self.clients.discard(client)
+        self.connected.discard(client)
         self.waiters = [waiter for waiter in self.waiters if waiter[1] is not client]
         self.subscriptions = [subscription for subscription in self.subscriptions
                               if subscription.client is not client]
         if client in self.stop_replies:
             self.stop_replies.remove(client)
-        if not self.accepting and not self.stopping:
+        if not self.accepting and not self.closed:
             self.accepting = True
             self.selector.register(self.listener, EVENT_READ, self.accept)
 
-    def reply_when_ended(self, client, job_ids, make_reply):
-        """Defer CLIENT's reply until none of JOB_IDS is running any more."""
-        self.waiters.append((lambda: not any(job_id in self.running for job_id in job_ids),
-                             client, make_reply))
+    # --- replies that wait ----------------------------------------------------
+
+    def reply_when(self, client, predicate, make_reply):
+        """Defer CLIENT's reply until PREDICATE holds (checked after each turn of the
+        loop in which something happened)."""
+        self.waiters.append((predicate, client, make_reply))
+        self.waiters_due = True
         return DEFERRED
 
     def answer_waiters(self):
+        self.waiters_due = False
         still_waiting = []
         for predicate, client, make_reply in self.waiters:
             if predicate():
@@ -3986,46 +5302,71 @@ class Server:
                 still_waiting.append((predicate, client, make_reply))
         self.waiters = still_waiting
 
-    # --- the loop ---------------------------------------------------------
+    def subscribe(self, client, rows):
+        """A wait client follows the jobs of ROWS until they are all done."""
+        subscription = Subscription(client, {row["id"]: row["state"] for row in rows})
+        subscription.note_outcomes(self.store.not_succeeded(
+            [row["id"] for row in rows if row["state"] == JobState.DONE.value]))
+        self.subscriptions.append(subscription)
+        self.log.info("a client waits for %d job(s), %d not done", subscription.total,
+                      len(subscription.pending))
+        return DEFERRED
 
-    def serve(self):
-        wakeup_read, wakeup_write = socket.socketpair()
-        wakeup_read.setblocking(False)
-        wakeup_write.setblocking(False)
-        signal.set_wakeup_fd(wakeup_write.fileno(), warn_on_full_buffer=False)
-        for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, lambda number, frame: self.request_stop())
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        self.selector.register(wakeup_read, EVENT_READ,
-                               lambda events: wakeup_read.recv(4096))
-        self.update_checker()
-        while not self.stopping:
-            if self.schedule_needed:
-                self.guarded(self.schedule)
-            for key, events in self.selector.select(self.timer_timeout()):
-                self.guarded(key.data, events)
-            self.run_timers()
-            if self.subscriptions:
-                self.guarded(self.send_progress)
-        self.shutdown()
+    def jobs_moved(self, job_ids, state):
+        """Tell the wait clients watching any of JOB_IDS where those jobs are now."""
+        self.waiters_due = True
+        if state == JobState.BLOCKED:
+            state = JobState.WAITING   # the same to a client
+        outcomes = None
+        for subscription in self.subscriptions:
+            watched = [job_id for job_id in job_ids if job_id in subscription.pending]
+            for job_id in watched:
+                subscription.move(job_id, state)
+            if watched and state == JobState.DONE:
+                if outcomes is None:   # one query however many clients wait
+                    outcomes = self.store.not_succeeded(job_ids)
+                subscription.note_outcomes(outcomes)
 
-    def guarded(self, callback, *args):
-        """Run one event's work; a bug in it is logged, not fatal to the queue."""
-        try:
-            callback(*args)
-        except Exception:   # noqa: BLE001
-            self.log.exception("internal error (the server goes on)")
+    def jobs_removed(self, job_ids):
+        """Jobs deleted from the queue (remove_job, load_status): wait clients stop
+        waiting for them and hear that they will never run."""
+        self.waiters_due = True
+        for subscription in self.subscriptions:
+            for job_id in job_ids:
+                if job_id in subscription.pending:
+                    subscription.move(job_id, JobState.DONE)
+                    subscription.not_succeeded[job_id] = {
+                        "id": job_id, "result": "removed", "exit_code": None, "signal": None,
+                        "reason": "removed from the queue before it ran"}
 
-    def request_stop(self):
-        self.stopping = True
+    def progress_changed(self):
+        """Every wait client's next progress line is due (the queue was paused or resumed)."""
+        for subscription in self.subscriptions:
+            subscription.dirty = True
 
-    def shutdown(self):
-        """Stop listening and let go of the data dir; jobs keep running.
+    def send_progress(self):
+        """One progress line per wait client per turn of the loop, and its last word."""
+        for subscription in list(self.subscriptions):
+            client = subscription.client
+            if not subscription.dirty or client.outgoing:
+                continue   # nothing new, or the client has not read the last line yet
+            subscription.dirty = False
+            if subscription.pending:
+                self.send_line(client, encode_event(dict(subscription.progress(),
+                                                         paused=self.paused())))
+                continue
+            self.subscriptions.remove(subscription)
+            self.reply(client, result={"total": subscription.total,
+                                       "not_succeeded": list(
+                                           subscription.not_succeeded.values())})
 
-        Every client already connected, or queued on the listener, gets an
-        answer: a second stop is told the server stopped, anything else that
-        it is stopping.
-        """
+    # --- stopping -------------------------------------------------------------
+
+    def close(self):
+        """Stop listening; answer every client already connected, or queued on the
+        listener: a second stop is told the server stopped (once the lock is
+        released: see run_server), anything else that it is stopping."""
+        self.closed = True
         try:
             os.unlink(self.paths["socket"])   # no new clients from here on
         except OSError:
@@ -4035,35 +5376,27 @@ class Server:
                 connection, _ = self.listener.accept()
             except OSError:
                 break
-            self.clients.add(Client(connection))
+            self.connected.add(Client(connection))
         self.listener.close()
         for client in [waiter[1] for waiter in self.waiters] + \
                 [subscription.client for subscription in self.subscriptions]:
             self.reply(client, error="the server stopped before this finished; start it "
                                      "again and check ./cli.py status", stopping=True)
-        for client in list(self.clients - set(self.stop_replies)):
+        for client in list(self.connected - set(self.stop_replies)):
             self.answer_while_stopping(client)
-        self.stop_checker()
-        self.release_ssh_root()
-        self.store.close()
-        self.spawner.close()
-        try:
-            os.waitpid(self.spawner.pid, 0)
-        except ChildProcessError:
-            pass
-        self.log.info("server stopped; %d job(s) left running", len(self.running))
 
     def answer_while_stopping(self, client):
         connection = client.connection
         try:
             connection.setblocking(True)
             connection.settimeout(1.0)
-            while b"\n" not in client.buffer and len(client.buffer) < MAX_REQUEST_BYTES:
+            lines = client.lines.feed(b"")
+            while not lines and len(client.lines.pending) < MAX_REQUEST_BYTES:
                 chunk = connection.recv(1 << 16)
                 if not chunk:
                     break
-                client.buffer.extend(chunk)
-            request = json.loads(bytes(client.buffer).split(b"\n", 1)[0] or b"{}")
+                lines = client.lines.feed(chunk)
+            request = json.loads(lines[0] if lines else bytes(client.lines.pending) or b"{}")
         except (OSError, ValueError, RecursionError):
             request = {}
         if isinstance(request, dict) and request.get("command") == "stop":
@@ -4076,136 +5409,110 @@ class Server:
             pass
         connection.close()
 
-    # --- request handlers (one per command) -------------------------------
 
-    def cmd_ping(self, client, params):
-        return {"pid": os.getpid(), "data_dir": self.data_dir, "log_dir": self.log_dir}
+###############################################################################
+# Request handlers #############################################################
+###############################################################################
 
-    def cmd_stop(self, client, params):
-        self.stopping = True
-        self.stop_replies.append(client)
+class Handlers:
+    """One method per request of REQUESTS, which has checked its parameters: each
+    asks the Queue, Workers or Runner to act and shapes the reply."""
+
+    def __init__(self, server):
+        self.server = server
+        self.store = server.store      # read only
+        self.queue = server.queue
+        self.workers = server.workers
+        self.runner = server.runner
+        self.clients = server.clients
+        self.log_dir = server.log_dir
+
+    def reply_when_ended(self, client, job_ids, make_reply):
+        """Defer CLIENT's reply until none of JOB_IDS is running any more."""
+        running = self.runner.running
+        return self.clients.reply_when(
+            client, lambda: not any(job_id in running for job_id in job_ids), make_reply)
+
+    def with_dependencies(self, jobs):
+        """JOBS (JSON) with the conditions they still wait on: after, after_any."""
+        waiting = [job["id"] for job in jobs if job["state"] == JobState.WAITING.value]
+        conditions = self.store.dependencies.unmet(waiting) if waiting else {}
+        for job in jobs:
+            job["after"], job["after_any"] = conditions.get(job["id"], ([], []))
+        return jobs
+
+    # --- the server -----------------------------------------------------------
+
+    def ping(self, client, params):
+        return {"pid": os.getpid(), "data_dir": self.server.data_dir, "log_dir": self.log_dir}
+
+    def stop(self, client, params):
+        self.server.stopping = True
+        self.clients.stop_replies.append(client)
         return DEFERRED
 
-    def cmd_status(self, client, params):
-        waiting_limit = params.get("waiting_limit")
-        if waiting_limit is not None and not isinstance(waiting_limit, int):
-            raise UserError("malformed request: waiting_limit must be an integer")
+    def ssh_config(self, client, params):
+        """The queue's ssh config: what add_slave's check must read too."""
+        return {"ssh_config": self.server.ssh_config}
+
+    def status(self, client, params):
+        waiting_limit = params["waiting_limit"]
         waiting = self.store.jobs_in_state(JobState.WAITING,
                                            -1 if waiting_limit is None else waiting_limit)
-        running = self.store.jobs_in_state(JobState.RUNNING)
-        running_json = [job_to_json(row, self.log_dir) for row in running]
-        slaves = []
-        for worker in self.workers.values():
-            jobs_here = [job for job in running_json if job["worker"] == worker.name]
-            if worker.health != WorkerHealth.UP:
-                status = "down"
-            elif worker.state == WorkerState.ACTIVE:
-                status = "busy" if worker.busy_slots else "idle"
-            else:
-                status = worker.state.value
-            slaves.append({
-                "ip": worker.name, "envs": worker.variables, "status": status,
-                "state": worker.state.value, "slots": worker.slots,
-                "slots_in_use": len(worker.busy_slots),
-                "running_job": jobs_here[0] if jobs_here else None,
-                "running_jobs": jobs_here, "ssh_checked": worker.ssh_checked,
-                "ssh_reuse": worker.ssh_reuse, "health": worker.health.value,
-                "checked_at": iso_time(worker.checked_at), "check_reason": worker.check_reason,
-                "endpoint": worker.job_endpoint(), "down_after": worker.down_after})
+        running = [job_to_json(row, self.log_dir)
+                   for row in self.store.jobs_in_state(JobState.RUNNING)]
+        slaves = [worker.to_json([job for job in running if job["worker"] == worker.name])
+                  for worker in self.workers.all()]
         waitlist = self.with_dependencies([job_to_json(row, self.log_dir) for row in waiting])
-        capacities = [worker.capacity() for worker in self.workers.values()]
+        capacities = self.workers.capacities()
         now = time.time()
         failed_on = self.store.failed_on([job["id"] for job in waitlist if job["attempt"]])
         for job in waitlist:
-            job["waiting_for"] = waiting_reason(job, capacities, self.paused, now,
+            job["waiting_for"] = waiting_reason(job, capacities, self.queue.paused, now,
                                                 failed_on.get(job["id"], ()))
-        environment_ids = {job["environment"] for job in waitlist + running_json}
+        environment_ids = {job["environment"] for job in waitlist + running}
         environments = self.store.environments(environment_ids) \
-            if params.get("environments", True) else {}
+            if params["environments"] else {}
         return {
-            "server": {"pid": os.getpid(), "version": VERSION, "data_dir": self.data_dir,
-                       "log_dir": self.log_dir},
-            "paused": self.paused,
+            "server": {"pid": os.getpid(), "version": VERSION,
+                       "data_dir": self.server.data_dir, "log_dir": self.log_dir},
+            "paused": self.queue.paused,
             "slaves": slaves,
             "job_waitlist": waitlist,
-            "running_jobs": running_json,
+            "running_jobs": running,
             "counts": self.store.counts(),
             "environments": {str(key): value for key, value in environments.items()},
         }
 
-    def cmd_workers(self, client, params):
+    # --- workers --------------------------------------------------------------
+
+    def worker_names(self, client, params):
         return list(self.workers)
 
-    def cmd_add_slave(self, client, params):
-        hosts = unique_hosts(_list_of_strings(params, "hosts"))
-        slots = _slot_count(params.get("slots", 1), "--slots")
-        variables = validate_variables(params.get("variables", {}), "add_slave")
-        ssh_reuse = _flag(params, "ssh_reuse", True)
-        down_after = _down_after(params.get("down_after"))
-        endpoints = params.get("endpoints") or {}
-        if not isinstance(endpoints, dict):
-            raise UserError("malformed request: endpoints must be an object")
-        entries = {address.alias: address.config_entry()
-                   for address in map(worker_address, self.workers) if address.needs_alias}
-        for host in hosts:
-            if host in self.workers:
-                raise UserError(already_registered(host))
-            if endpoints.get(host) is not None:
-                _endpoint(endpoints[host])
-            address = parse_worker_name(host)
-            if address.needs_alias and \
-                    entries.setdefault(address.alias, address.config_entry()) != \
-                    address.config_entry():
-                raise UserError(f"worker {host} would reach its jobs as {address.alias}, which "
-                                "another worker already names another way: give it a Host "
-                                "alias in your ssh config and add that instead")
-        with self.store.transaction():
-            for host in hosts:
-                self.store.save_worker(host, slots, variables, bool(params.get("ssh_checked")),
-                                       ssh_reuse=ssh_reuse, endpoint=endpoints.get(host),
-                                       down_after=down_after)
-        for row in self.store.workers():
-            if row["name"] in hosts:
-                self.workers[row["name"]] = Worker(row)
-                self.log.info("worker %s: added with %d slot(s)", row["name"], slots)
-        self.write_jobs_ssh_config()
-        self.schedule_needed = True
-        self.update_checker()
-        return hosts
+    def add_slave(self, client, params):
+        self.workers.add(params["hosts"], params["slots"], params["variables"],
+                         params["ssh_checked"], params["ssh_reuse"], params["down_after"],
+                         params["endpoints"])
+        return params["hosts"]
 
-    def cmd_ssh_config(self, client, params):
-        """The queue's ssh config: what add_slave's check must read too."""
-        return {"ssh_config": self.ssh_config}
-
-    def cmd_remove_slave(self, client, params):
-        hosts = unique_hosts(_list_of_strings(params, "hosts"))
-        mode = params.get("mode")
-        if mode not in (None, "wait", "kill"):
-            raise UserError("malformed request: mode must be wait or kill")
-        grace = _grace(params)
+    def remove_slave(self, client, params):
+        hosts, mode = params["hosts"], params["mode"]
         for host in hosts:
-            self.worker_named(host)
-            jobs = self.jobs_on(host)
+            self.workers.named(host)
+            jobs = self.runner.jobs_on(host)
             if jobs and mode is None:
                 raise UserError(
                     f"worker {host} is running job(s) {', '.join(map(str, jobs))}: use "
                     f"--wait to remove it when they end, or --kill to end them now")
         killed = []
         for host in hosts:
-            worker = self.workers[host]
-            if not worker.busy_slots:
-                self.forget_worker(host)
+            if not self.workers.get(host).busy_slots:
+                self.workers.forget(host)
                 continue
-            if worker.state != WorkerState.DRAINING:
-                with self.store.transaction():
-                    self.store.set_worker_state(host, worker.state, WorkerState.DRAINING)
-                worker.state = WorkerState.DRAINING
-                self.log.info("worker %s: draining; removed when its jobs end", host)
-                self.skip_stranded()
+            self.workers.drain(host)
             if mode == "kill":
-                for job_id in self.jobs_on(host):
-                    self.kill_attempt(self.running[job_id], grace,
-                                      f"worker {host} removed with --kill")
+                for job_id in self.runner.jobs_on(host):
+                    self.runner.kill(job_id, params["grace"], f"worker {host} removed with --kill")
                     killed.append(job_id)
 
         def outcome():
@@ -4216,70 +5523,83 @@ class Server:
             return self.reply_when_ended(client, killed, outcome)
         return outcome()
 
-    def jobs_on(self, host):
-        return sorted(job_id for job_id, attempt in self.running.items()
-                      if attempt.worker == host)
+    def edit_slave(self, client, params):
+        """Change a worker's slots or variables; running jobs are not touched."""
+        worker = self.workers.edit(params["host"], params["slots"], params["variables"],
+                                   params["unset"], params["ssh_reuse"], params["down_after"])
+        return {"host": worker.name, "slots": worker.slots,
+                "variables": sorted(worker.variables),
+                "slots_in_use": len(worker.busy_slots), "ssh_reuse": worker.ssh_reuse,
+                "down_after": self.workers.down_after_of(worker.name)}
 
-    def cmd_kill(self, client, params):
+    def pause(self, client, params):
+        return self.set_paused(params["hosts"], True)
+
+    def resume(self, client, params):
+        return self.set_paused(params["hosts"], False)
+
+    def set_paused(self, hosts, paused):
+        """Pause or resume the whole queue, or the workers HOSTS."""
+        if hosts:
+            self.workers.set_paused(hosts, paused)
+            changed = True
+        else:
+            changed = self.queue.paused != paused
+            self.queue.set_paused(paused)
+            self.clients.progress_changed()   # their progress line says so
+        return {"hosts": hosts, "paused": paused, "changed": changed}
+
+    # --- jobs -----------------------------------------------------------------
+
+    def add_job(self, client, params):
+        """Queue one job (ARGS), or one per list in ARGS_LIST, all or none."""
+        first, last, skipped = self.queue.add(
+            params["script"], params["args_list"] or [params["args"]], params["cwd"],
+            params["environment"], params["variables"], params["umask"], params["options"],
+            params["after"], params["after_any"])
+        return {"id": first, "first": first, "last": last, "skipped": skipped}
+
+    def remove_job(self, client, params):
+        if params["ids"] is not None:
+            job_ids = params["ids"]
+            for row in self.queue.existing(job_ids, "id, state, result, worker"):
+                refuse_unless_waiting(row)
+        else:
+            script, args = params["script"], params["args"]
+            job_ids = self.store.waiting_with_command(script, args)
+            if not job_ids:
+                raise UserError(f"no waiting job runs {script} with those arguments; "
+                                "see ./cli.py status")
+        skipped = self.queue.remove(job_ids)
+        return {"removed": job_ids, "skipped": skipped}
+
+    def kill(self, client, params):
         """Kill running jobs (process group, grace, SIGKILL) and waiting ones before they run."""
-        job_ids = _job_ids(params)
-        grace = _grace(params)
-        rows = self.existing_jobs(job_ids)
+        rows = self.queue.existing(params["ids"])
         ended = [row for row in rows if row["state"] == JobState.DONE.value]
         if len(ended) == len(rows):
             raise UserError(f"job {ended[0]['id']} has already ended ({ended[0]['result']})"
                             if len(ended) == 1 else "all those jobs have already ended")
         waiting = [row["id"] for row in rows if row["state"] == JobState.WAITING.value]
         running = [row["id"] for row in rows if row["state"] == JobState.RUNNING.value]
-        job_ids = waiting + running   # a range may hold jobs that already ended: left alone
         if waiting:
-            with self.store.transaction():
-                self.store.change_jobs(waiting, JobState.WAITING, JobState.DONE,
-                                       result=JobResult.KILLED.value, ended_at=time.time(),
-                                       reason="killed before it started")
-                self.store.drop_dependencies(waiting)
-                skipped = self.store.resolve_dependents(
-                    [(job_id, False, "was killed") for job_id in waiting])
-            self.log.info("%d waiting job(s) killed before they started", len(waiting))
-            self.jobs_ended(waiting + self.log_skipped(skipped))
+            self.queue.kill_waiting(waiting)
         for job_id in running:
-            self.kill_attempt(self.running[job_id], grace, "killed with ./cli.py kill")
-        outcome = {"killed": job_ids, "ended": len(ended)}
+            self.runner.kill(job_id, params["grace"], "killed with ./cli.py kill")
+        # A range may hold jobs that already ended: left alone.
+        outcome = {"killed": waiting + running, "ended": len(ended)}
         if running:
             return self.reply_when_ended(client, running, lambda: outcome)
         return outcome
 
-    def cmd_priority(self, client, params):
-        """Give waiting jobs a new priority: higher starts first, FIFO among equals."""
-        job_ids = _job_ids(params)
-        priority = _option_int(params, "priority", -MAX_PRIORITY, MAX_PRIORITY)
-        for row in self.existing_jobs(job_ids):
-            if row["state"] != JobState.WAITING.value:
-                raise UserError(f"job {row['id']} is {row['state']}"
-                                + (f" ({row['result']})" if row["result"] else "")
-                                + ": priority only orders jobs that are still waiting; "
-                                  "nothing was changed")
-        with self.store.transaction():
-            self.store.set_priority(job_ids, priority)
-        self.log.info("%d job(s) now have priority %d", len(job_ids), priority)
-        self.schedule_needed = True
-        return {"ids": job_ids, "priority": priority}
+    def priority(self, client, params):
+        self.queue.set_priority(params["ids"], params["priority"])
+        return {"ids": params["ids"], "priority": params["priority"]}
 
-    def existing_jobs(self, job_ids):
-        """The rows of JOB_IDS, or an error naming the first unknown id."""
-        rows = self.store.jobs_by_id(job_ids)
-        if len(rows) != len(job_ids):
-            known = {row["id"] for row in rows}
-            unknown = [job_id for job_id in job_ids if job_id not in known]
-            more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
-            raise UserError(f"unknown job id {unknown[0]}{more} (never queued, or purged); "
-                            "nothing was changed: see ./cli.py jobs")
-        return rows
-
-    def cmd_jobs(self, client, params):
+    def jobs(self, client, params):
         """Jobs from the history, filtered; or one job in full."""
-        if "id" in params:
-            job_id = _job_id(params["id"])
+        if params["id"] is not None:
+            job_id = params["id"]
             row = self.store.job(job_id)
             if row is None:
                 raise UserError(f"unknown job id {job_id} (never queued, or purged); "
@@ -4287,400 +5607,26 @@ class Server:
             job, = self.with_dependencies([job_to_json(row, self.log_dir)])
             job["attempts"] = [attempt_to_json(attempt) for attempt in self.store.attempts(job_id)]
             return [job]
-        state = params.get("state")
-        result = None
-        if state in {result.value for result in JobResult}:
-            state, result = JobState.DONE.value, state
-        elif state is not None and state not in {state.value for state in JobState}:
-            raise UserError(f"unknown state {state!r}: use waiting, running, done, "
-                            + ", ".join(result.value for result in JobResult))
-        last = params.get("last")
-        if last is not None and (not isinstance(last, int) or isinstance(last, bool)
-                                 or not 1 <= last <= MAX_JOB_ID):
-            raise UserError(f"--last must be a whole number from 1 to {MAX_JOB_ID}")
-        worker, script = params.get("worker"), params.get("script")
-        for name, value in (("worker", worker), ("script", script)):
-            if value is not None and not isinstance(value, str):
-                raise UserError(f"malformed request: {name} must be a string")
-        rows = self.store.find_jobs(state, result, worker, script, last)
+        state, result = params["state"]
+        rows = self.store.find_jobs(state, result, params["worker"], params["script"],
+                                    params["last"])
         return self.with_dependencies([job_to_json(row, self.log_dir) for row in rows])
 
-    def with_dependencies(self, jobs):
-        """JOBS (JSON) with the conditions they still wait on: after, after_any."""
-        waiting = [job["id"] for job in jobs if job["state"] == JobState.WAITING.value]
-        conditions = self.store.open_dependencies(waiting) if waiting else {}
-        for job in jobs:
-            job["after"], job["after_any"] = conditions.get(job["id"], ([], []))
-        return jobs
-
-    def cmd_purge(self, client, params):
+    def purge(self, client, params):
         """Delete finished jobs that ended more than OLDER_THAN seconds ago, with their logs."""
-        older_than = params.get("older_than", 0)
-        if not isinstance(older_than, (int, float)) or isinstance(older_than, bool) or \
-                older_than < 0:
-            raise UserError("malformed request: older_than must be a number of seconds")
-        with self.store.transaction():
-            purged = self.store.purge_jobs(time.time() - older_than)
-        for job_id, log in purged:
-            # Only a log this server named for that job: never another file.
-            if log and os.path.basename(log) == job_log_name(job_id):
-                try:
-                    os.unlink(log)
-                except OSError:
-                    pass
-        self.log.info("purged %d finished job(s)", len(purged))
-        return {"purged": len(purged)}
+        return {"purged": self.queue.purge(params["older_than"])}
 
-    def cmd_wait(self, client, params):
+    def wait(self, client, params):
         """Stream progress until the jobs (default: all waiting or running now) are done."""
-        if params.get("ids") is None:
-            rows = self.store.unfinished_jobs()
-        else:
-            rows = self.existing_jobs(_job_ids(params))
-        subscription = Subscription(client, {row["id"]: row["state"] for row in rows})
-        subscription.note_outcomes(self.store.not_succeeded(
-            [row["id"] for row in rows if row["state"] == JobState.DONE.value]))
-        self.subscriptions.append(subscription)
-        self.log.info("a client waits for %d job(s), %d not done", subscription.total,
-                      len(subscription.pending))
-        return DEFERRED
+        rows = self.store.unfinished_jobs() if params["ids"] is None \
+            else self.queue.existing(params["ids"])
+        return self.clients.subscribe(client, rows)
 
-    def cmd_pause(self, client, params):
-        return self.set_paused(params, True)
-
-    def cmd_resume(self, client, params):
-        return self.set_paused(params, False)
-
-    def set_paused(self, params, paused):
-        """Pause or resume the whole queue, or the workers named in HOSTS."""
-        hosts = unique_hosts(_list_of_strings(params, "hosts", allow_empty=True))
-        if not hosts:
-            changed = self.paused != paused
-            with self.store.transaction():
-                self.store.set_setting("paused", paused)
-            self.paused = paused
-            self.log.info("queue %s", "paused" if paused else "resumed")
-            for subscription in self.subscriptions:
-                subscription.dirty = True   # their progress line says so
-        else:
-            changed = True
-            old, new = (WorkerState.ACTIVE, WorkerState.PAUSED) if paused else \
-                (WorkerState.PAUSED, WorkerState.ACTIVE)
-            for host in hosts:
-                if self.worker_named(host).state == WorkerState.DRAINING:
-                    raise UserError(f"worker {host} is being removed (remove_slave --wait)")
-            changing = [host for host in hosts if self.workers[host].state == old]
-            with self.store.transaction():
-                for host in changing:
-                    self.store.set_worker_state(host, old, new)
-            for host in changing:
-                self.workers[host].state = new
-                self.log.info("worker %s: %s", host, new.value)
-            if not paused:
-                # resume HOST also takes back a worker set aside for failing jobs.
-                for host in hosts:
-                    worker = self.workers[host]
-                    if worker.health == WorkerHealth.SET_ASIDE or worker.set_aside_at:
-                        self.set_health(worker, WorkerHealth.UP, None, time.time())
-        self.schedule_needed = True
-        return {"hosts": hosts, "paused": paused, "changed": changed}
-
-    def worker_named(self, host):
-        if host not in self.workers:
-            raise UserError(f"unknown worker {host!r}; see ./cli.py status for the "
-                            "registered workers")
-        return self.workers[host]
-
-    def cmd_edit_slave(self, client, params):
-        """Change a worker's slots or variables; running jobs are not touched."""
-        host = _string(params, "host")
-        worker = self.worker_named(host)
-        slots = params.get("slots")
-        if slots is not None:
-            _slot_count(slots, "--slots")
-        updates = validate_variables(params.get("variables", {}), "edit_slave -e")
-        unset = _list_of_strings(params, "unset", allow_empty=True)
-        for name in unset:
-            validate_variable_name(name)
-            if name in updates:
-                raise UserError(f"{name} is both set (-e) and unset (--unset): choose one")
-            if name not in worker.variables:
-                raise UserError(f"worker {host} has no variable {name} to unset")
-        variables = {name: value for name, value in {**worker.variables, **updates}.items()
-                     if name not in unset}
-        new_slots = worker.slots if slots is None else slots
-        ssh_reuse = _flag(params, "ssh_reuse", worker.ssh_reuse)
-        down_after = _down_after(params["down_after"]) if "down_after" in params \
-            else worker.down_after
-        with self.store.transaction():
-            self.store.update_worker(host, new_slots, variables, ssh_reuse, down_after)
-        worker.slots, worker.variables, worker.ssh_reuse = new_slots, variables, ssh_reuse
-        worker.down_after = down_after
-        if not ssh_reuse:
-            self.release_control_dir(host)   # once its running jobs no longer use it
-        self.skip_stranded()
-        self.log.info("worker %s: edited (%d slot(s), variables %s, ssh reuse %s)", host,
-                      new_slots, " ".join(sorted(variables)) or "none",
-                      "on" if ssh_reuse else "off")
-        self.schedule_needed = True
-        return {"host": host, "slots": new_slots, "variables": sorted(variables),
-                "slots_in_use": len(worker.busy_slots), "ssh_reuse": ssh_reuse,
-                "down_after": self.down_after_of(host)}
-
-    def cmd_add_job(self, client, params):
-        """Queue one job (ARGS), or one per list in ARGS_LIST, all or none."""
-        script = _string(params, "script")
-        if "args_list" in params:
-            arg_lists = params["args_list"]
-            if not isinstance(arg_lists, list) or not arg_lists:
-                raise UserError("malformed request: args_list must be a non-empty list")
-            for args in arg_lists:
-                _list_of_strings({"args": args}, "args", allow_empty=True)
-        else:
-            arg_lists = [_list_of_strings(params, "args", allow_empty=True)]
-        cwd = _string(params, "cwd")
-        environment = _environment(params)
-        variables = validate_variables(params.get("variables", {}), "add_job -e")
-        umask = _umask(params)
-        options = _job_options(params)
-        check_script(script)
-        self.check_placement(options)
-        conditions, skip_reason = self.conditions_requested(params)
-        if len(arg_lists) * len(conditions) > MAX_BULK_JOBS:
-            raise UserError(f"{len(arg_lists)} jobs each waiting on {len(conditions)} jobs is "
-                            f"more than {MAX_BULK_JOBS} conditions: let them wait on one job "
-                            "that waits on the others (--after that job)")
-        if conditions:
-            options["blocked"] = 1
-        with self.store.transaction():
-            environment_id = self.store.intern_environment(environment)
-            first, last = self.store.insert_jobs(script, arg_lists, cwd, environment_id,
-                                                 variables, umask, options)
-            self.store.add_dependencies(first, last, conditions)
-            skipped = list(range(first, last + 1)) if skip_reason else []
-            if skipped:
-                self.store.change_jobs(skipped, JobState.WAITING, JobState.DONE,
-                                       result=JobResult.SKIPPED.value, reason=skip_reason,
-                                       ended_at=time.time())
-        if len(arg_lists) > 1:
-            self.log.info("jobs %d-%d queued (%s)", first, last, os.path.basename(script))
-        self.schedule_needed = True
-        self.release_delayed()   # a start time may have passed while they were inserted
-        self.jobs_ended(self.log_skipped(skipped))
-        return {"id": first, "first": first, "last": last, "skipped": skip_reason}
-
-    def check_placement(self, options):
-        """Refuse --on/--prefer/--exclude naming unknown workers, and --slots that no
-        allowed worker has."""
-        lists = {}
-        for flag, column in (("--on", "run_on"), ("--prefer", "prefer"),
-                             ("--exclude", "exclude")):
-            lists[column] = json.loads(options[column] or "[]")
-            for host in lists[column]:
-                if host not in self.workers:
-                    raise UserError(f"unknown worker {host!r} in {flag}; see ./cli.py status "
-                                    "for the registered workers")
-        allowed = [worker for worker in self.workers.values()
-                   if (not lists["run_on"] or worker.name in lists["run_on"]) and
-                   worker.name not in lists["exclude"] and
-                   worker.state != WorkerState.DRAINING]
-        if lists["run_on"] and not allowed:
-            raise UserError("every worker in --on is excluded or being removed")
-        if lists["exclude"] and not allowed:
-            raise UserError("--exclude leaves no worker to run on; add one first "
-                            "(./cli.py add_slave HOST)")
-        wanted = options["slots_wanted"]
-        most = max((worker.slots for worker in allowed), default=0)
-        if wanted > 1 and most < wanted:
-            which = "in --on " if lists["run_on"] else ""
-            raise UserError(f"no worker {which}has {wanted} slots (the most is {most}): add one "
-                            f"with ./cli.py add_slave --slots {wanted} HOST, or ask for fewer")
-
-    def skip_stranded(self):
-        """Skip waiting --on jobs none of whose workers is left (or has enough slots)."""
-        usable = {name: worker.slots for name, worker in self.workers.items()
-                  if worker.state != WorkerState.DRAINING}
-        stranded = [row["id"] for row in self.store.pinned_waiting_jobs()
-                    if not any(usable.get(name, 0) >= row["slots_wanted"]
-                               for name in json.loads(row["run_on"]))]
-        if not stranded:
-            return
-        with self.store.transaction():
-            for job_id in stranded:
-                self.store.skip(job_id, "no allowed worker left (--on)")
-            stranded += self.store.resolve_dependents(
-                [(job_id, False, "was skipped") for job_id in stranded])
-        self.jobs_ended(self.log_skipped(stranded))
-
-    def dependencies_outside(self, jobs):
-        """For load_status: check the dependencies of the document's JOBS; return the
-        results of the prerequisites that already ended here.
-
-        A job may wait on another job of the document, or on one here that is
-        running or has ended (waiting ones are being replaced); never in a circle.
-        """
-        in_document = {job["id"] for job in jobs if job["id"] is not None}
-        cycle = find_cycle({job["id"]: job["after"] + job["after_any"] for job in jobs
-                            if job["id"] is not None})
-        if cycle:
-            raise UserError(f"job_waitlist: jobs {' -> '.join(map(str, cycle))} wait on each "
-                            "other in a circle; nothing was changed")
-        outside = sorted({job_id for job in jobs for job_id in job["after"] + job["after_any"]
-                          if job_id not in in_document})
-        rows = {row["id"]: row for row in self.store.jobs_by_id(outside)}
-        for job_id in outside:
-            if job_id not in rows or rows[job_id]["state"] == JobState.WAITING.value:
-                raise UserError(f"job_waitlist: job {job_id}, which a job waits on, is neither "
-                                "in the document nor running or ended here; nothing was changed")
-        return {job_id: row["result"] for job_id, row in rows.items()
-                if row["state"] == JobState.DONE.value}
-
-    def conditions_requested(self, params):
-        """The (prerequisite, any_of) conditions of a new job from its --after and
-        --after-any ids, and why it is skipped at once if they can never be met."""
-        after = _job_ids({"ids": params.get("after", [])}, allow_empty=True)
-        after_any = _job_ids({"ids": params.get("after_any", [])}, allow_empty=True)
-        both = set(after) & set(after_any)
-        if both:
-            raise UserError(f"job {min(both)} is in both --after and --after-any: choose one")
-        rows = self.existing_jobs(after + after_any)
-        return dependency_conditions(after, after_any, {
-            row["id"]: row["result"] for row in rows if row["state"] == JobState.DONE.value})
-
-    def cmd_remove_job(self, client, params):
-        if "ids" in params:
-            job_ids = _job_ids(params)
-            self.existing_jobs(job_ids)   # names an unknown id, if any
-            for row in self.store.jobs_by_id(job_ids, "id, state, result, worker"):
-                refuse_unless_waiting(row)
-        else:
-            script = _string(params, "script")
-            args = _list_of_strings(params, "args", allow_empty=True)
-            job_ids = self.store.waiting_with_command(script, args)
-            if not job_ids:
-                raise UserError(f"no waiting job runs {script} with those arguments; "
-                                "see ./cli.py status")
-        with self.store.transaction():
-            self.store.delete_waiting_jobs(job_ids)
-            self.store.drop_unused_environments()
-            skipped = self.store.resolve_dependents(
-                [(job_id, False, "was removed") for job_id in job_ids])
-        self.jobs_removed(job_ids)
-        self.jobs_ended(self.log_skipped(skipped))
-        return {"removed": job_ids, "skipped": skipped}
-
-    def cmd_load_status(self, client, params):
-        """Replace the workers and the waiting queue; running jobs are left alone.
-
-        A worker missing from the document drains if it is busy (removed when
-        its jobs end) and goes at once otherwise; workers in the document are
-        (re)registered with its slots and variables.
-        """
-        document = params.get("document")
-        defaults = {"cwd": _string(params, "cwd"), "environment": _environment(params),
-                    "umask": _umask(params)}
-        workers, jobs = validate_status_document(document, defaults)
-        taken_ids = self.store.ids_not_waiting()
-        keep_ids = not any(job["id"] in taken_ids for job in jobs if job["id"] is not None)
-        ended = self.dependencies_outside(jobs)
-        wanted = {worker["ip"] for worker in workers}
-        replaced = self.store.waiting_ids()
-        gone = []
-        with self.store.transaction():
-            self.store.delete_all_waiting()
-            for name, worker in self.workers.items():
-                if name in wanted:
-                    continue
-                if worker.busy_slots and worker.state != WorkerState.DRAINING:
-                    self.store.set_worker_state(name, worker.state, WorkerState.DRAINING)
-                elif not worker.busy_slots:
-                    self.store.delete_worker(name)
-                    gone.append(name)
-            for worker in workers:
-                self.store.save_worker(worker["ip"], worker["slots"], worker["envs"],
-                                       worker["ssh_checked"], worker["state"],
-                                       worker["ssh_reuse"], down_after=worker["down_after"])
-            if document.get("paused") is not None:
-                self.store.set_setting("paused", document["paused"])
-            new_ids = {}
-            for job in jobs:
-                environment_id = self.store.intern_environment(job["environment"])
-                options = dict(job["options"], blocked=int(bool(job["after"] or
-                                                                 job["after_any"])))
-                new_id = self.store.insert_job(job["script"], job["args"], job["cwd"],
-                                               environment_id, job["envs"], job["umask"],
-                                               options, job["id"] if keep_ids else None,
-                                               job["submitted_at"])
-                if job["id"] is not None:
-                    new_ids[job["id"]] = new_id
-                job["new_id"] = new_id
-            skipped = []
-            for job in jobs:
-                conditions, skip_reason = dependency_conditions(
-                    [new_ids.get(job_id, job_id) for job_id in job["after"]],
-                    [new_ids.get(job_id, job_id) for job_id in job["after_any"]], ended)
-                self.store.add_dependencies(job["new_id"], job["new_id"], conditions)
-                if skip_reason and self.store.skip(job["new_id"], skip_reason):
-                    skipped.append(job["new_id"])
-                if not conditions:
-                    self.store.unblock([job["new_id"]])
-            skipped += self.store.resolve_dependents([(job_id, False, "was skipped")
-                                                      for job_id in skipped])
-            self.store.drop_unused_environments()
-        self.workers = {row["name"]: Worker(row) for row in self.store.workers()}
-        for name in gone:
-            self.release_control_dir(name)
-        self.write_jobs_ssh_config()
-        self.paused = self.store.setting("paused", False)
-        for attempt in self.running.values():
-            self.hold_slots(attempt.worker, attempt.slots)
-        self.jobs_removed(replaced)
-        self.log_skipped(skipped)
-        self.skip_stranded()
-        self.update_checker()
-        self.schedule_needed = True
-        self.release_delayed()
-        self.log.info("state replaced by load_status: %d worker(s), %d waiting job(s)",
-                      len(workers), len(jobs))
+    def load_status(self, client, params):
+        """Replace the workers and the waiting queue; running jobs are left alone."""
+        workers, jobs = params["workers"], params["jobs"]
+        keep_ids = self.queue.load_status(workers, jobs, params["document"].get("paused"))
         return {"workers": len(workers), "jobs": len(jobs), "ids_kept": keep_ids}
-
-
-HANDLERS = {
-    "ping": Server.cmd_ping,
-    "stop": Server.cmd_stop,
-    "status": Server.cmd_status,
-    "workers": Server.cmd_workers,
-    "ssh_config": Server.cmd_ssh_config,
-    "add_slave": Server.cmd_add_slave,
-    "remove_slave": Server.cmd_remove_slave,
-    "add_job": Server.cmd_add_job,
-    "remove_job": Server.cmd_remove_job,
-    "load_status": Server.cmd_load_status,
-    "kill": Server.cmd_kill,
-    "priority": Server.cmd_priority,
-    "jobs": Server.cmd_jobs,
-    "purge": Server.cmd_purge,
-    "wait": Server.cmd_wait,
-    "pause": Server.cmd_pause,
-    "resume": Server.cmd_resume,
-    "edit_slave": Server.cmd_edit_slave,
-}
-
-
-def unique_hosts(hosts):
-    """Valid host names, each named once."""
-    seen = set()
-    for host in hosts:
-        validate_host_name(host)
-        if host in seen:
-            raise UserError(f"worker {host} is named twice")
-        seen.add(host)
-    return hosts
-
-
-def already_registered(host):
-    return (f"worker {host} is already registered; remove it first "
-            f"(./cli.py remove_slave {host}) to add it again")
 
 
 def refuse_unless_waiting(row):
@@ -4691,306 +5637,136 @@ def refuse_unless_waiting(row):
         raise UserError(f"job {row['id']} has already ended ({row['result']})")
 
 
-def check_script(path, shown=None):
-    """PATH must be an executable file; errors name it as the user wrote it (SHOWN)."""
-    shown = shown or path
-    if not os.path.isabs(path):
-        raise UserError(f"the script path {shown!r} must be absolute")
-    if not os.path.exists(path):
-        raise UserError(f"no such script: {shown}")
-    if not os.path.isfile(path):
-        raise UserError(f"{shown} is not a file")
-    if not os.access(path, os.X_OK):
-        raise UserError(f"{shown} is not executable: run chmod +x {shown}")
+###############################################################################
+# Server #######################################################################
+###############################################################################
 
+class Server(Events):
+    """The wiring: the units above, the data dir, and the event loop.
 
-def _string(params, name):
-    value = params.get(name)
-    if not isinstance(value, str) or "\0" in value:
-        raise UserError(f"malformed request: {name} must be a string")
-    return value
-
-
-def _list_of_strings(params, name, allow_empty=False):
-    value = params.get(name)
-    if not isinstance(value, list) or not all(isinstance(item, str) and "\0" not in item
-                                              for item in value):
-        raise UserError(f"malformed request: {name} must be a list of strings")
-    if not value and not allow_empty:
-        raise UserError(f"malformed request: {name} is empty")
-    return value
-
-
-def _environment(params):
-    """The submitter's environment: any names (it is the caller's own), string values."""
-    environment = params.get("environment")
-    if not isinstance(environment, dict) or not all(
-            isinstance(name, str) and isinstance(value, str) and name and "=" not in name
-            and "\0" not in name + value for name, value in environment.items()):
-        raise UserError("malformed request: environment must be an object of strings")
-    return environment
-
-
-def _down_after(value):
-    """A worker's own --down-after: a count, or None for the server's."""
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or
-                              not 0 <= value <= MAX_DOWN_AFTER):
-        raise UserError(f"--down-after must be a whole number from 0 to {MAX_DOWN_AFTER}")
-    return value
-
-
-def _endpoint(value):
-    """A worker's host, port and user as ssh resolved them (see resolved_endpoint)."""
-    if not isinstance(value, dict) or not isinstance(value.get("host"), str) or \
-            not isinstance(value.get("user"), str) or \
-            not isinstance(value.get("port"), int) or isinstance(value.get("port"), bool) or \
-            not 1 <= value["port"] <= MAX_PORT or "\0" in value["host"] + value["user"]:
-        raise UserError("malformed request: an endpoint needs a host, a port and a user")
-    return value
-
-
-def _flag(params, name, default):
-    value = params.get(name, default)
-    if not isinstance(value, bool):
-        raise UserError(f"malformed request: {name} must be true or false")
-    return value
-
-
-def _job_options(source):
-    """The per-job options (JOB_OPTIONS) of an add_job request or a load_status
-    entry (the names of jobs --json), checked, in their column form."""
-    hosts = {}
-    for name, column in (("on", "run_on"), ("prefer", "prefer"), ("exclude", "exclude")):
-        value = source.get(name)
-        if value is not None:
-            if not isinstance(value, list) or not value or \
-                    not all(isinstance(host, str) for host in value):
-                raise UserError(f"'{name}' must be a non-empty list of worker names")
-            for host in value:
-                validate_host_name(host)
-            value = json.dumps(sorted(set(value), key=value.index))
-        hosts[column] = value
-    return {
-        "ssh_reuse": _option_bool(source, "ssh_reuse"),
-        "priority": _option_int(source, "priority", -MAX_PRIORITY, MAX_PRIORITY),
-        "retries": _option_int(source, "retries", 0, MAX_RETRIES),
-        "retry_delay": _option_seconds(source, "retry_delay"),
-        "timeout": _option_seconds(source, "timeout"),
-        "not_before": _option_time(source, "not_before"),
-        "slots_wanted": _option_int(source, "slots_wanted", 1, MAX_SLOTS),
-        **hosts,
-    }
-
-
-def _option_bool(source, name):
-    value = source.get(name, JOB_OPTIONS[name])
-    if not isinstance(value, bool):
-        raise UserError(f"'{name}' must be true or false")
-    return value
-
-
-def _option_int(source, name, low, high):
-    value = source.get(name, JOB_OPTIONS[name])
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise UserError(f"'{name}' must be a whole number from {low} to {high}")
-    return value
-
-
-def _slot_count(value, what):
-    """A worker's slots: 1 to MAX_SLOTS, the limit of a job's --slots too."""
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SLOTS:
-        raise UserError(f"{what} must be a whole number of at least 1 (at most {MAX_SLOTS})")
-    return value
-
-
-def _option_seconds(source, name):
-    """A duration option: timeout may be null (none) but not 0; retry_delay may be 0."""
-    optional = JOB_OPTIONS[name] is None
-    value = source.get(name, JOB_OPTIONS[name])
-    if value is None and optional:
-        return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or \
-            not 0 <= value <= MAX_DURATION or value != value:
-        raise UserError(f"'{name}' must be a number of seconds from 0 to {MAX_DURATION}")
-    if value == 0 and optional:
-        raise UserError(f"'{name}' must be more than 0 seconds (or null for none)")
-    return float(value)
-
-
-def _option_time(source, name):
-    value = source.get(name)
-    if value is None:
-        return None
-    try:
-        return parse_iso_time(value)
-    except (ValueError, TypeError, OverflowError):
-        raise UserError(f"'{name}' {value!r} is not an ISO 8601 time") from None
-
-
-def _job_id(value):
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_JOB_ID:
-        raise UserError(f"malformed request: job ids are integers from 1 to {MAX_JOB_ID}")
-    return value
-
-
-def _job_ids(params, allow_empty=False):
-    job_ids = params.get("ids")
-    if not isinstance(job_ids, list) or not (job_ids or allow_empty):
-        raise UserError("malformed request: ids must be a non-empty list of integers")
-    return list(dict.fromkeys(_job_id(job_id) for job_id in job_ids))
-
-
-def _grace(params):
-    grace = params.get("grace", DEFAULT_KILL_GRACE)
-    if not isinstance(grace, (int, float)) or isinstance(grace, bool) or \
-            not 0 <= grace <= MAX_KILL_GRACE:
-        raise UserError(f"the grace period must be from 0 to {MAX_KILL_GRACE:g} seconds")
-    return grace
-
-
-def _umask(params):
-    umask = params.get("umask", 0o022)
-    if not isinstance(umask, int) or isinstance(umask, bool) or not 0 <= umask <= 0o777:
-        raise UserError("malformed request: umask must be a number from 0 to 0o777")
-    return umask
-
-
-def validate_status_document(document, defaults):
-    """Check a status --json document whole; return (workers, jobs) to load."""
-    if not isinstance(document, dict):
-        raise UserError("not a status document: expected a JSON object with "
-                        "'slaves' and 'job_waitlist'")
-    for key in ("slaves", "job_waitlist"):
-        if not isinstance(document.get(key), list):
-            raise UserError(f"not a status document: '{key}' must be a list")
-    environments = document.get("environments", {})
-    if not isinstance(environments, dict):
-        raise UserError("'environments' must be an object")
-    if not isinstance(document.get("paused", False), bool):
-        raise UserError("'paused' must be true or false")
-    workers, names = [], set()
-    for index, slave in enumerate(document["slaves"]):
-        where = f"slaves[{index}]"
-        if not isinstance(slave, dict) or not isinstance(slave.get("ip"), str):
-            raise UserError(f"{where}: each slave needs an 'ip' string")
-        name = slave["ip"]
-        try:
-            validate_host_name(name)
-            validate_variables(slave.get("envs", {}), "'envs'")
-        except UserError as error:
-            raise UserError(f"{where}: {error}") from None
-        if name in names:
-            raise UserError(f"{where}: worker {name} is listed twice")
-        names.add(name)
-        slots = _slot_count(slave.get("slots", 1), f"{where}: 'slots'")
-        # A paused worker stays paused; one that was draining is registered afresh.
-        state = WorkerState.PAUSED if slave.get("state") == WorkerState.PAUSED.value \
-            else WorkerState.ACTIVE
-        ssh_reuse = slave.get("ssh_reuse", True)
-        if not isinstance(ssh_reuse, bool):
-            raise UserError(f"{where}: 'ssh_reuse' must be true or false")
-        try:
-            down_after = _down_after(slave.get("down_after"))
-        except UserError as error:
-            raise UserError(f"{where}: {error}") from None
-        workers.append({"ip": name, "slots": slots, "envs": slave.get("envs", {}),
-                        "ssh_checked": bool(slave.get("ssh_checked", False)), "state": state,
-                        "ssh_reuse": ssh_reuse, "down_after": down_after})
-    jobs, ids = [], set()
-    for index, entry in enumerate(document["job_waitlist"]):
-        where = f"job_waitlist[{index}]"
-        if not isinstance(entry, dict):
-            raise UserError(f"{where}: each job must be an object")
-        try:
-            jobs.append(_status_job(entry, environments, defaults))
-        except UserError as error:
-            raise UserError(f"{where}: {error}") from None
-        job_id = jobs[-1]["id"]
-        if job_id is not None:
-            if job_id in ids:
-                raise UserError(f"{where}: job id {job_id} is listed twice")
-            ids.add(job_id)
-    return workers, jobs
-
-
-def _status_job(entry, environments, defaults):
-    script = entry.get("script")
-    if not isinstance(script, str):
-        raise UserError("'script' must be a string")
-    check_script(script)
-    args = entry.get("args", [])
-    if not isinstance(args, list) or not all(isinstance(arg, str) and "\0" not in arg
-                                             for arg in args):
-        raise UserError("'args' must be a list of strings")
-    cwd = entry.get("cwd", defaults["cwd"])
-    if not isinstance(cwd, str) or not os.path.isabs(cwd) or "\0" in cwd:
-        raise UserError("'cwd' must be an absolute path")
-    variables = validate_variables(entry.get("envs", {}), "'envs'")
-    job_id = entry.get("id")
-    if job_id is not None and (not isinstance(job_id, int) or isinstance(job_id, bool)
-                               or not 1 <= job_id <= MAX_LOADED_JOB_ID):
-        raise UserError(f"'id' must be a whole number from 1 to {MAX_LOADED_JOB_ID}")
-    environment_key = entry.get("environment")
-    if environment_key is None:
-        environment = defaults["environment"]
-    else:
-        environment = environments.get(str(environment_key))
-        if environment is None:
-            raise UserError(f"environment {environment_key} is not in 'environments'")
-        try:
-            environment = _environment({"environment": environment})
-        except UserError:
-            raise UserError(f"environments[{str(environment_key)!r}] must be an object of "
-                            "NAME: VALUE strings (names without '=', no NUL bytes)") from None
-    submitted_at = entry.get("submitted_at")
-    umask = entry.get("umask", defaults["umask"])
-    if not isinstance(umask, int) or isinstance(umask, bool) or not 0 <= umask <= 0o777:
-        raise UserError("'umask' must be a number from 0 to 511 (0o777)")
-    after = {}
-    for name in ("after", "after_any"):
-        value = entry.get(name, [])
-        if not isinstance(value, list) or not all(
-                isinstance(item, int) and not isinstance(item, bool) and 1 <= item <= MAX_JOB_ID
-                for item in value):
-            raise UserError(f"'{name}' must be a list of job ids")
-        after[name] = list(dict.fromkeys(value))
-    if set(after["after"]) & set(after["after_any"]):
-        raise UserError("a job id is in both 'after' and 'after_any'")
-    return {"id": job_id, "script": script, "args": args, "cwd": cwd, "envs": variables,
-            "environment": environment, "umask": umask, "options": _job_options(entry),
-            "submitted_at": _submitted_at(submitted_at), **after}
-
-
-def _submitted_at(text):
-    try:
-        return parse_iso_time(text)
-    except (ValueError, OverflowError):
-        raise UserError(f"'submitted_at' {text!r} is not an ISO 8601 time") from None
-
-
-def _duration_text(seconds):
-    """30m, 2h, 1d12h: the way durations are written on the command line."""
-    seconds = round(seconds)
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size or (unit == "s" and not parts):
-            parts.append(f"{seconds // size}{unit}")
-            seconds %= size
-    return "".join(parts)
-
-
-def parse_iso_time(text):
-    """Seconds since the epoch from an ISO 8601 time (None stays None).
-
-    A time that iso_time cannot write back (before year 1 or after 9999 in UTC)
-    is a ValueError too: stored, it would break every status and jobs.
+    Nothing here polls: the loop sleeps in select() until a client writes, a
+    supervisor exits, a timer is due or a signal arrives, and the queue is
+    looked at after each batch of events.
     """
-    if text is None:
-        return None
-    from datetime import datetime
-    timestamp = datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
-    iso_time(timestamp)
-    return timestamp
+
+    def __init__(self, data_dir, log_dir, log, job_fd_limit, spawner,
+                 check_interval=DEFAULT_CHECK_INTERVAL, ssh_config=KEEP_SSH_CONFIG,
+                 down_after=None):
+        import selectors   # here: clients do not need it
+        self.data_dir = data_dir
+        self.log_dir = log_dir
+        self.log = log
+        self.spawner = spawner
+        self.ssh_config = ssh_config   # the queue's (see load): None for ssh's defaults
+        self.down_after = down_after   # ditto: failures in a row that set a worker aside
+        self.paths = data_dir_paths(data_dir)
+        self.store = Store(self.paths["database"])
+        self.selector = selectors.DefaultSelector()
+        self.stopping = False
+        self.timers = Timers(log, (self.store.sqlite3.Error, OSError))
+        self.workers = Workers(self.store, self.timers, self, log)
+        self.queue = Queue(self.store, self.workers, self.timers, self, log, log_dir)
+        self.jobs_ssh = JobsSsh(data_dir, log)
+        self.runner = Runner(self.store, self.queue, self.workers, self.timers, self.selector,
+                             spawner, self.jobs_ssh, log, self.paths["run"], job_fd_limit)
+        self.health = HealthMonitor(self.workers, self.timers, self.selector, log, log_dir,
+                                    check_interval)
+        self.clients = Clients(self.selector, log, self.store, self.paths, data_dir, log_dir)
+        self.clients.paused = lambda: self.queue.paused
+        self.clients.handlers = Handlers(self)
+
+    def load(self):
+        """Read the queue, recover what ran while no server did, and settle the rest."""
+        if self.ssh_config is not KEEP_SSH_CONFIG:
+            with self.store.transaction():
+                self.store.set_setting("ssh_config", self.ssh_config)
+        self.ssh_config = self.health.ssh_config = self.store.setting("ssh_config", None)
+        self.workers.load(self.down_after)
+        # First: recovery may remove a drained worker, and write.
+        self.jobs_ssh.prepare(list(self.workers), self.ssh_config)
+        self.runner.recover()
+        self.queue.load()
+
+    # --- what the lifecycle tells the rest (Events) ----------------------------
+
+    def jobs_moved(self, job_ids, state):
+        self.clients.jobs_moved(job_ids, state)
+        if state != JobState.RUNNING:
+            self.room_changed()   # ready to start, or its slots are free
+
+    def jobs_removed(self, job_ids):
+        self.clients.jobs_removed(job_ids)
+
+    def workers_changed(self, names=()):
+        for name in names:
+            self.runner.release_control_dir(name)
+        self.jobs_ssh.write_config(list(self.workers), self.ssh_config)
+        self.timers.until_saved("skipping the --on jobs that no worker left can run",
+                                self.queue.skip_stranded)
+        self.health.update()
+        self.clients.waiters_due = True
+        self.room_changed()
+
+    def room_changed(self):
+        """The one place that says the queue must be looked at again: a job became
+        ready, slots were freed, a worker came or came back, the queue resumed."""
+        self.queue.schedule_needed = True
+
+    def health_watch_changed(self):
+        self.health.update()
+
+    # --- the loop -------------------------------------------------------------
+
+    def serve(self):
+        wakeup_read, wakeup_write = socket.socketpair()
+        wakeup_read.setblocking(False)
+        wakeup_write.setblocking(False)
+        signal.set_wakeup_fd(wakeup_write.fileno(), warn_on_full_buffer=False)
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, lambda number, frame: self.request_stop())
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self.selector.register(wakeup_read, EVENT_READ,
+                               lambda events: wakeup_read.recv(4096))
+        self.health.update()
+        while not self.stopping:
+            if self.queue.schedule_needed:
+                self.guarded(self.schedule)
+            for key, events in self.selector.select(self.timers.timeout()):
+                self.guarded(key.data, events)
+            for callback in self.timers.due():
+                self.guarded(callback)
+            if self.clients.waiters_due:
+                self.guarded(self.clients.answer_waiters)
+            if self.clients.subscriptions:
+                self.guarded(self.clients.send_progress)
+        self.shutdown()
+
+    def schedule(self):
+        """Start waiting jobs on free slots, as many as fit."""
+        self.runner.start(self.queue.take_starts())
+
+    def guarded(self, callback, *args):
+        """Run one event's work; a bug in it is logged, not fatal to the queue."""
+        try:
+            callback(*args)
+        except Exception:   # noqa: BLE001
+            self.log.exception("internal error (the server goes on)")
+
+    def request_stop(self):
+        self.stopping = True
+
+    def shutdown(self):
+        """Stop listening and let go of the data dir; jobs keep running."""
+        self.clients.close()
+        self.health.stop()
+        self.runner.release_ssh_root()
+        self.store.close()
+        self.spawner.close()
+        try:
+            os.waitpid(self.spawner.pid, 0)
+        except ChildProcessError:
+            pass
+        self.log.info("server stopped; %d job(s) left running", len(self.runner.running))
 
 
 def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL,
@@ -5025,7 +5801,7 @@ def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL,
             pass   # (a read-only disk: the lock, not this file, says who runs)
         lock.release()
         # Answered last, so that a client sees "stopped" only once a new start can run.
-        for client in server.stop_replies:
+        for client in server.clients.stop_replies:
             try:
                 client.connection.setblocking(True)
                 client.connection.sendall(encode_reply(result={"pid": os.getpid()}))
@@ -5059,7 +5835,7 @@ def open_server(data_dir, log_dir, paths, filelock, notify, spawner, check_inter
         server = Server(data_dir, log_dir, log, job_fd_limit, spawner, check_interval,
                         ssh_config, down_after)
         server.load()
-        server.open_socket()
+        server.clients.listen()
     except BaseException:
         # Refused (a corrupt database, a full disk): leave the data dir as it was.
         try:
@@ -5068,7 +5844,7 @@ def open_server(data_dir, log_dir, paths, filelock, notify, spawner, check_inter
             pass
         raise
     log.info("server %d listening on %s (data dir %s, %d job(s) running)", os.getpid(),
-             paths["socket"], data_dir, len(server.running))
+             paths["socket"], data_dir, len(server.runner.running))
     if notify:
         print(f"READY {os.getpid()}", flush=True)
         null_fd = os.open(os.devnull, os.O_RDWR)
@@ -5085,17 +5861,6 @@ def running_server_pid(pid_path):
         if pid is not None and os.path.exists(f"/proc/{pid}") or time.monotonic() > deadline:
             return pid
         time.sleep(0.02)
-
-
-def encode_reply(result=None, error=None, stopping=False):
-    """A reply line: ok with data, or an error with a message meant for the user.
-
-    STOPPING marks an error that only says the server is going away.
-    """
-    message = {"ok": True, "result": result} if error is None else {"ok": False, "error": error}
-    if stopping:
-        message["stopping"] = True
-    return json.dumps(message).encode() + b"\n"
 
 
 def server_logger(log_dir, foreground):
@@ -5202,11 +5967,6 @@ def retry_count(text):
     return int(text)
 
 
-class LostServer(UserError):
-    """The server went away while a client waited for it."""
-    exit_status = 2
-
-
 def connect(data_dir, command, params):
     """A connection to the server of DATA_DIR with the request already sent."""
     path = socket_path(data_dir)
@@ -5230,7 +5990,7 @@ def connect(data_dir, command, params):
         raise UserError(f"the server on {path} runs as another user (uid {peer_uid}); "
                         "refusing to talk to it")
     try:
-        connection.sendall(json.dumps({"command": command, "params": params}).encode() + b"\n")
+        connection.sendall(encode_request(command, params))
     except OSError:
         pass   # the server may have refused the request early: its reply says why
     return connection
@@ -5248,7 +6008,7 @@ def stream(data_dir, command, on_event, on_idle=None, **params):
     """
     with connect(data_dir, command, params) as connection:
         for line in reply_lines(connection, on_idle):
-            message = parse_reply_line(line, data_dir)
+            message = decode_reply_line(line, data_dir)
             if "event" in message and on_event is not None:
                 on_event(message)
             elif "ok" in message:
@@ -5260,7 +6020,7 @@ def stream(data_dir, command, on_event, on_idle=None, **params):
 def reply_lines(connection, on_idle=None):
     """The lines the server sends, the last one even without its newline."""
     import select
-    buffer = bytearray()
+    lines = LineReader()
     while True:
         # A timeout on the socket itself would do, but a file made of a socket
         # refuses every read after its first timeout: hence select.
@@ -5270,32 +6030,9 @@ def reply_lines(connection, on_idle=None):
         chunk = connection.recv(1 << 16)
         if not chunk:
             break
-        searched = len(buffer)
-        buffer += chunk
-        end = buffer.find(b"\n", searched)
-        while end >= 0:
-            yield buffer[:end + 1]
-            del buffer[:end + 1]
-            end = buffer.find(b"\n")
-    if buffer:
-        yield buffer
-
-
-def parse_reply_line(line, data_dir):
-    try:
-        message = json.loads(line)
-        if isinstance(message, dict):
-            return message
-    except ValueError:
-        pass
-    raise UserError(f"the server for {data_dir} sent something unreadable; see its server.log")
-
-
-def reply_result(message):
-    if not message.get("ok"):
-        error = LostServer if message.get("stopping") else UserError
-        raise error(message.get("error", "the server refused the request"))
-    return message.get("result")
+        yield from lines.feed(chunk)
+    if lines.pending:
+        yield bytes(lines.pending)
 
 
 def current_umask():
@@ -5900,7 +6637,7 @@ def follow_log(data_dir, job):
     import select
     offset = 0
     with connect(data_dir, "wait", {"ids": [job["id"]]}) as connection:
-        pending = b""
+        lines = LineReader()
         while True:
             readable, _, _ = select.select([connection], [], [], 0.2)
             offset = copy_log(job["log"], offset)
@@ -5910,10 +6647,8 @@ def follow_log(data_dir, job):
             if not chunk:
                 raise LostServer(f"the server for {data_dir} went away while following job "
                                  f"{job['id']}; start it again and retry")
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                message = parse_reply_line(line, data_dir)
+            for line in lines.feed(chunk):
+                message = decode_reply_line(line, data_dir)
                 if "ok" in message:
                     result = reply_result(message)
                     copy_log(job["log"], offset)
@@ -6223,7 +6958,8 @@ def build_parser(only=None):
     """The whole command line; with ONLY, just that command (what most runs need).
 
     Building the parsers of all the commands costs a client a few milliseconds
-    for nothing: only one of them can be on the command line.
+    for nothing: only one of them can be on the command line.  Long on purpose:
+    all of argparse in one place, one block per command, as git-filter-repo does.
     """
     common = ArgumentParser(add_help=False)
     common.add_argument(

@@ -170,7 +170,7 @@ def test_pause_of_an_unknown_worker_is_refused(server):
 
 def test_edit_slave_changes_slots_and_variables_for_new_jobs(server):
     server.ok("add_slave", "-e", "KEEP=1", "-e", "DROP=2", "w1")
-    env = dict(server.env, SLEEP="1")
+    env = dict(server.env, SLEEP="2")   # long enough to see both run on a slow machine
     first = [server.add_job(server.script, env=env) for _ in range(2)]
     server.wait_for_counts(running=1, waiting=1)
     out = server.ok("edit_slave", "w1", "--slots", "3", "-e", "NEW=x=y", "--unset", "DROP")

@@ -241,8 +241,8 @@ def test_transitions_are_checked():
     with pytest.raises(cli.IllegalTransition):
         cli.check_transition(cli.JOB_TRANSITIONS, cli.JobState.DONE, cli.JobState.RUNNING)
     with pytest.raises(cli.IllegalTransition):
-        cli.check_transition(cli.WORKER_TRANSITIONS, cli.WorkerState.DRAINING,
-                             cli.WorkerState.ACTIVE)
+        cli.check_transition(cli.WORKER_TRANSITIONS, cli.WorkerState.PAUSED,
+                             cli.WorkerState.PAUSED)
 
 
 def test_results():

@@ -1,0 +1,291 @@
+"""The lifecycle layer on a temporary Store: no sockets, no processes.
+
+Every state change of a job or a worker goes through one checked function
+(Store.change_jobs, change_worker_state, change_worker_health); these tests
+try every move, legal or not, and the races that must be reported.
+"""
+import itertools
+import logging
+import sqlite3
+import time
+
+import pytest
+
+import cli
+
+JOB_STATES = list(cli.JobState)
+WORKER_STATES = list(cli.WorkerState)
+HEALTHS = list(cli.WorkerHealth)
+# What a mover must give for each state (JOB_STATE_COLUMNS' REQUIRED ones).
+ENTERING = {
+    cli.JobState.WAITING: {},
+    cli.JobState.BLOCKED: {},
+    cli.JobState.RUNNING: {"worker": "w1", "slot": 0, "slots": None, "started_at": 1.0,
+                           "attempt": 1, "log": "/tmp/job.txt"},
+    cli.JobState.DONE: {"result": "killed", "ended_at": 2.0, "reason": "a test"},
+}
+
+
+class RecordedEvents(cli.Events):
+    def __init__(self):
+        self.moved = []
+        self.removed = []
+        self.workers_changes = 0
+
+    def jobs_moved(self, job_ids, state):
+        self.moved.append((list(job_ids), state))
+
+    def jobs_removed(self, job_ids):
+        self.removed.append(list(job_ids))
+
+    def workers_changed(self, names=()):
+        self.workers_changes += 1
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = cli.Store(str(tmp_path / "state.db"))
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def lifecycle(store, tmp_path):
+    log = logging.getLogger("test_queue")
+    timers = cli.Timers(log, (sqlite3.Error, OSError))
+    events = RecordedEvents()
+    workers = cli.Workers(store, timers, events, log)
+    queue = cli.Queue(store, workers, timers, events, log, str(tmp_path))
+    return queue, workers, events
+
+
+def new_job(store, blocked=False):
+    options = dict(cli.JOB_OPTIONS, blocked=int(blocked))
+    with store.transaction():
+        environment = store.intern_environment({})
+        first, _ = store.insert_jobs("/bin/true", [[]], "/", environment, {}, 0o22, options)
+    return first
+
+
+def job_in(store, state):
+    """A job moved to STATE along legal moves."""
+    job_id = new_job(store, blocked=state == cli.JobState.BLOCKED)
+    if state in (cli.JobState.RUNNING, cli.JobState.DONE):
+        with store.transaction():
+            store.change_jobs([job_id], cli.JobState.WAITING, state, **ENTERING[state])
+    return job_id
+
+
+def state_of(store, job_id):
+    row = store.job(job_id)
+    if row["state"] == "waiting":
+        return cli.JobState.BLOCKED if row["blocked"] else cli.JobState.WAITING
+    return cli.JobState(row["state"])
+
+
+@pytest.mark.parametrize("old,new", list(itertools.product(JOB_STATES, JOB_STATES)),
+                         ids=lambda state: state.value)
+def test_every_job_move_is_checked_against_the_table(store, old, new):
+    job_id = job_in(store, old)
+    before = dict(store.job(job_id))
+    legal = new in cli.JOB_TRANSITIONS[old]
+    if not legal:
+        with pytest.raises(cli.IllegalTransition):
+            with store.transaction():
+                store.change_jobs([job_id], old, new, **ENTERING[new])
+        assert dict(store.job(job_id)) == before
+        return
+    with store.transaction():
+        store.change_jobs([job_id], old, new, **ENTERING[new])
+    assert state_of(store, job_id) == new
+    row = store.job(job_id)
+    # The state's columns are set: given, or their defaults.
+    for column, default in cli.JOB_STATE_COLUMNS[new].items():
+        if column in ENTERING[new]:
+            assert row[column] == ENTERING[new][column], column
+        elif default is not cli.UNCHANGED:
+            assert row[column] == default, column
+        else:
+            assert row[column] == before[column], column
+
+
+def test_a_move_from_a_state_the_job_is_not_in_is_a_lost_race_and_rolls_back(store):
+    running, done = job_in(store, cli.JobState.RUNNING), job_in(store, cli.JobState.DONE)
+    waiting = job_in(store, cli.JobState.WAITING)
+    with pytest.raises(cli.LostRace, match="1 of 2 job"):
+        with store.transaction():
+            store.change_jobs([waiting, done], cli.JobState.WAITING, cli.JobState.RUNNING,
+                              **ENTERING[cli.JobState.RUNNING])
+    # The half that matched is not left moved.
+    assert state_of(store, waiting) == cli.JobState.WAITING
+    with pytest.raises(cli.LostRace):
+        with store.transaction():
+            store.change_jobs([running], cli.JobState.WAITING, cli.JobState.DONE,
+                              **ENTERING[cli.JobState.DONE])
+    assert state_of(store, running) == cli.JobState.RUNNING
+
+
+def test_a_move_may_only_set_the_columns_its_state_owns(store):
+    job_id = job_in(store, cli.JobState.WAITING)
+    with pytest.raises(cli.IllegalTransition, match="does not own priority"):
+        store.change_jobs([job_id], cli.JobState.WAITING, cli.JobState.DONE, priority=3,
+                          **ENTERING[cli.JobState.DONE])
+    with pytest.raises(cli.IllegalTransition, match="needs worker"):
+        store.change_jobs([job_id], cli.JobState.WAITING, cli.JobState.RUNNING, slot=0)
+    assert state_of(store, job_id) == cli.JobState.WAITING
+
+
+def test_a_waiting_job_of_either_kind_moves_when_both_are_named(store):
+    waiting, blocked = job_in(store, cli.JobState.WAITING), job_in(store, cli.JobState.BLOCKED)
+    with store.transaction():
+        store.change_jobs([waiting, blocked], (cli.JobState.WAITING, cli.JobState.BLOCKED),
+                          cli.JobState.DONE, **ENTERING[cli.JobState.DONE])
+    assert state_of(store, waiting) == state_of(store, blocked) == cli.JobState.DONE
+
+
+def test_skipping_a_job_that_is_not_waiting_is_reported_not_swallowed(store):
+    running = job_in(store, cli.JobState.RUNNING)
+    with pytest.raises(cli.LostRace):
+        with store.transaction():
+            store.skip(running, "its dependency failed")
+    assert state_of(store, running) == cli.JobState.RUNNING
+
+
+def test_removing_a_job_that_is_no_longer_waiting_is_reported(store):
+    running = job_in(store, cli.JobState.RUNNING)
+    with pytest.raises(cli.LostRace):
+        with store.transaction():
+            store.delete_waiting_jobs([running])
+    assert store.job(running) is not None
+
+
+def test_a_retry_waits_blocked_until_its_delay_is_over(store):
+    soon, now = job_in(store, cli.JobState.RUNNING), job_in(store, cli.JobState.RUNNING)
+    with store.transaction():
+        assert store.retry(soon, time.time() + 60, "attempt 1 failed") == cli.JobState.BLOCKED
+        assert store.retry(now, None, "attempt 1 failed") == cli.JobState.WAITING
+    row = store.job(soon)
+    assert (row["worker"], row["slot"], row["started_at"], row["reason"]) == \
+        (None, None, None, "attempt 1 failed")
+    with store.transaction():
+        assert store.release_due(time.time() + 120) == [soon]
+    assert state_of(store, soon) == cli.JobState.WAITING
+
+
+def new_worker(store, state=cli.WorkerState.ACTIVE):
+    with store.transaction():
+        store.insert_worker("w1", 2, {}, False, state)
+    return state
+
+
+@pytest.mark.parametrize("old,new", list(itertools.product(WORKER_STATES, WORKER_STATES)),
+                         ids=lambda state: state.value)
+def test_every_worker_move_is_checked_against_the_table(store, old, new):
+    new_worker(store, old)
+    if new not in cli.WORKER_TRANSITIONS[old]:
+        with pytest.raises(cli.IllegalTransition):
+            store.change_worker_state("w1", old, new)
+        assert store.workers()[0]["state"] == old.value
+        return
+    store.change_worker_state("w1", old, new)
+    assert store.workers()[0]["state"] == new.value
+
+
+def test_a_worker_move_from_a_state_it_is_not_in_is_a_lost_race(store):
+    new_worker(store, cli.WorkerState.PAUSED)
+    with pytest.raises(cli.LostRace):
+        store.change_worker_state("w1", cli.WorkerState.ACTIVE, cli.WorkerState.DRAINING)
+    with pytest.raises(cli.LostRace):
+        store.change_worker_state("nobody", cli.WorkerState.ACTIVE, cli.WorkerState.PAUSED)
+    assert store.workers()[0]["state"] == "paused"
+
+
+@pytest.mark.parametrize("old,new", list(itertools.product(HEALTHS, HEALTHS)),
+                         ids=lambda health: health.value)
+def test_every_health_move_is_checked_against_the_table(store, old, new):
+    new_worker(store)
+    if old != cli.WorkerHealth.UP:
+        store.change_worker_health("w1", cli.WorkerHealth.UP, old, "before", 1.0)
+    if new != old and new not in cli.HEALTH_TRANSITIONS[old]:
+        with pytest.raises(cli.IllegalTransition):
+            store.change_worker_health("w1", old, new, "now", 2.0)
+        assert store.workers()[0]["health"] == old.value
+        return
+    store.change_worker_health("w1", old, new, "now", 2.0)
+    row = store.workers()[0]
+    assert (row["health"], row["check_reason"], row["checked_at"]) == (new.value, "now", 2.0)
+
+
+# --- the Queue and Workers over the checked paths ------------------------------
+
+def test_moves_are_announced_only_once_committed(lifecycle, store):
+    queue, workers, events = lifecycle
+    job_id = new_job(store)
+    with pytest.raises(RuntimeError):
+        with queue.changes() as changes:
+            store.change_jobs([job_id], cli.JobState.WAITING, cli.JobState.DONE,
+                              **ENTERING[cli.JobState.DONE])
+            changes.moved([job_id], cli.JobState.DONE)
+            raise RuntimeError("the disk failed before the commit")
+    assert events.moved == [] and state_of(store, job_id) == cli.JobState.WAITING
+    queue.kill_waiting([job_id])
+    assert events.moved == [([job_id], cli.JobState.DONE)]
+    assert store.job(job_id)["result"] == "killed"
+
+
+def test_killing_a_waiting_job_skips_what_runs_after_it(lifecycle, store):
+    queue, workers, events = lifecycle
+    first = new_job(store)
+    second = new_job(store, blocked=True)
+    with store.transaction():
+        store.dependencies.add(second, second, [(first, False)])
+    queue.kill_waiting([first])
+    assert store.job(second)["result"] == "skipped"
+    assert ([second], cli.JobState.DONE) in events.moved
+
+
+def test_a_worker_state_in_memory_follows_the_database_only_after_commit(lifecycle, store):
+    queue, workers, events = lifecycle
+    new_worker(store)
+    workers.load(None)
+    worker = workers.get("w1")
+    with pytest.raises(RuntimeError):
+        with queue.changes() as changes:
+            workers.change_state(changes, worker, cli.WorkerState.PAUSED)
+            raise RuntimeError("rolled back")
+    assert worker.state == cli.WorkerState.ACTIVE
+    assert store.workers()[0]["state"] == "active"
+    workers.set_paused(["w1"], True)
+    assert worker.state == cli.WorkerState.PAUSED == store.workers()[0]["state"]
+
+
+def test_load_status_takes_a_draining_worker_back(lifecycle, store):
+    queue, workers, events = lifecycle
+    new_worker(store)
+    workers.load(None)
+    workers.hold_slots("w1", [0])
+    workers.drain("w1")
+    assert workers.get("w1").state == cli.WorkerState.DRAINING
+    document = {"ip": "w1", "slots": 3, "envs": {}, "ssh_checked": False,
+                "state": cli.WorkerState.ACTIVE, "ssh_reuse": True, "down_after": None}
+    queue.load_status([document], [], None)
+    assert workers.get("w1").state == cli.WorkerState.ACTIVE
+    assert workers.get("w1").busy_slots == {0} and workers.get("w1").slots == 3
+
+
+def test_a_started_job_owns_its_running_columns_and_a_retry_clears_them(lifecycle, store):
+    queue, workers, events = lifecycle
+    new_worker(store)
+    workers.load(None)
+    job_id = new_job(store)
+    with store.transaction():
+        store.db.execute("UPDATE jobs SET retries = 1 WHERE id = ?", (job_id,))
+    started, = queue.take_starts()
+    assert (started["id"], started["worker"], started["attempt"]) == (job_id, "w1", 1)
+    assert events.moved[-1] == ([job_id], cli.JobState.RUNNING)
+    row = store.job(job_id)
+    result, reason, retry = queue.save_end(row, {"exit_code": 3, "signal": None})
+    assert (result, retry) == (cli.JobResult.FAILED, True)
+    assert state_of(store, job_id) == cli.JobState.WAITING
+    assert store.job(job_id)["worker"] is None
+    assert [attempt["exit_code"] for attempt in store.attempts(job_id)] == [3]
