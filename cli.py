@@ -588,7 +588,8 @@ def reply_result(message):
 
 # --- parameters: each check takes (value, name) and returns the value to use --
 
-ABSENT = object()   # the default of a parameter whose absence means something
+ABSENT = object()       # the default of a parameter whose absence means something
+NO_DEFAULT = object()   # a parameter that must be given
 
 
 def whole_number(value, low, high):
@@ -773,17 +774,14 @@ def _state_filter(value, name):
     """jobs --state: a state or a result; returns (state, result) to match."""
     if value is None:
         return None, None
+    if not isinstance(value, str):
+        raise UserError("malformed request: state must be a string")
     if value in {result.value for result in JobResult}:
         return JobState.DONE.value, value
     if value not in {state.value for state in JobState if state != JobState.BLOCKED}:
         raise UserError(f"unknown state {value!r}: use waiting, running, done, "
                         + ", ".join(result.value for result in JobResult))
     return value, None
-
-
-def _option(check):
-    """A per-job option (JOB_OPTIONS) as a request parameter: its name in messages."""
-    return lambda value, name: check({name: value}, name)
 
 
 def _job_options(source):
@@ -997,13 +995,13 @@ def check_script(path, shown=None):
 class Request:
     """One request the server takes: the Handlers method that serves it, and its
     parameters, name -> (check, default); a parameter without a default
-    (REQUIRED) must be given.  WHOLE, if given, checks the parameters together
+    (NO_DEFAULT) must be given.  WHOLE, if given, checks the parameters together
     (and as given) and returns more of them, in their checked form."""
 
     def __init__(self, handler, whole=None, **params):
         self.handler = handler
         self.whole = whole
-        self.params = {name: spec if isinstance(spec, tuple) else (spec, REQUIRED)
+        self.params = {name: spec if isinstance(spec, tuple) else (spec, NO_DEFAULT)
                        for name, spec in params.items()}
 
 
@@ -1056,7 +1054,7 @@ REQUESTS = {
     "kill": Request("kill", ids=_job_ids, grace=(_grace, DEFAULT_KILL_GRACE)),
     "priority": Request("priority", ids=_job_ids, priority=(_priority, 0)),
     "jobs": Request("jobs", id=(_optional_job_id, None),
-                    state=(_state_filter, None), last=(_last, None),
+                    state=(_state_filter, (None, None)), last=(_last, None),
                     worker=(_optional_string, None), script=(_optional_string, None)),
     "purge": Request("purge", older_than=(_age, 0)),
     "wait": Request("wait", ids=(_optional_job_ids, None)),
@@ -1066,7 +1064,8 @@ REQUESTS = {
 
 
 def check_request(line):
-    """(Request, checked parameters) of a request line; UserError if it is malformed."""
+    """(command, its Request, its checked parameters) of a request line; UserError if
+    the line is malformed."""
     try:
         message = json.loads(line)
         if not isinstance(message, dict) or not isinstance(message.get("command"), str) \
@@ -1080,7 +1079,7 @@ def check_request(line):
     given = message.get("params", {})
     params = {}
     for name, (check, default) in spec.params.items():
-        if name in given or default is REQUIRED:
+        if name in given or default is NO_DEFAULT:
             # A missing required one is checked as null: the check says what it wants.
             params[name] = check(given.get(name), name)
         else:
@@ -1305,7 +1304,8 @@ def open_database(path):
 
 class Store:
     """The SQLite database of one data dir.  Only the server opens it, and only the Queue
-    and Workers write to it (reads are free)."""
+    and Workers write to it (reads are free), but for the settings start takes
+    from its command line (Server.load)."""
 
     def __init__(self, path):
         import sqlite3
@@ -3654,23 +3654,22 @@ class Timers:
     """The server's one clock: start times, timeouts, retries after storage
     faults, a new health checker.  The loop sleeps until the first of them."""
 
-    def __init__(self, log, storage_errors):
+    def __init__(self, log, storage_errors, attempts_running=lambda: 0):
         self.log = log
         self.storage_errors = storage_errors   # what a refused write raises
+        self.attempts_running = attempts_running
         self.heap = []             # (when, sequence, callback, attempt)
         self.sequence = 0
-        self.kept = 0              # the heap's size after its last clean-up
 
     def add(self, when, callback, attempt=None):
         """Call CALLBACK at WHEN; a timer of an ATTEMPT goes once the attempt has ended."""
         import heapq
-        if len(self.heap) > 2 * self.kept + 1000:
+        if len(self.heap) > 2 * self.attempts_running() + 1000:
             # Timeouts of attempts that ended early would pile up for as long as
             # their deadlines: drop them.
             self.heap = [timer for timer in self.heap
                          if timer[3] is None or not timer[3].ended]
             heapq.heapify(self.heap)
-            self.kept = len(self.heap)
         self.sequence += 1
         heapq.heappush(self.heap, (when, self.sequence, callback, attempt))
 
@@ -3744,9 +3743,13 @@ class Changes:
     def then(self, hook):
         self.hooks.append(hook)
 
-    def moved(self, job_ids, state):
+    def moved(self, job_ids, state, wake=True):
+        """JOB_IDS are now in STATE: clients hear of it, and (WAKE) the scheduler
+        looks at the queue again if they may start or freed slots."""
         if job_ids:
             self.then(lambda: self.events.jobs_moved(job_ids, state))
+            if wake and state != JobState.RUNNING:
+                self.then(self.events.room_changed)
 
 
 class Events:
@@ -4141,8 +4144,9 @@ def already_registered(host):
 class Queue:
     """The jobs' lifecycle: queued, started, ended, retried, skipped, killed before
     they ran, removed.  "A job ends" reads: the Runner records the end of an
-    attempt, and save_end and settled here settle it (dependencies, retries,
-    slots, waiters)."""
+    attempt, and save_end and settled here settle it (retries, dependencies,
+    what its worker makes of it); the Runner frees its slots, and the clients
+    that wait hear of it through Events."""
 
     def __init__(self, store, workers, timers, events, log, log_dir):
         self.store = store
@@ -4172,12 +4176,16 @@ class Queue:
     def resolve(self, changes, ended):
         """Settle the dependents of ENDED (see Dependencies.resolve) in CHANGES."""
         skipped, freed = self.store.dependencies.resolve(ended)
-        changes.moved(skipped, JobState.DONE)
-        for job_id in skipped:
-            changes.then(lambda job_id=job_id: self.log.info(
-                "job %s: skipped: its dependencies can no longer be met", job_id))
+        self.skipped(changes, skipped)
         changes.moved(freed, JobState.WAITING)
         return skipped
+
+    def skipped(self, changes, job_ids, why="its dependencies can no longer be met"):
+        """JOB_IDS were just skipped in CHANGES: announced and logged once committed."""
+        changes.moved(job_ids, JobState.DONE)
+        for job_id in job_ids:
+            changes.then(lambda job_id=job_id: self.log.info("job %s: skipped: %s",
+                                                             job_id, why))
 
     def existing(self, job_ids, columns="id, state, result"):
         """The rows of JOB_IDS, or an error naming the first unknown id."""
@@ -4265,6 +4273,10 @@ class Queue:
             self.schedule_retry_pending = True
             self.timers.add(time.time() + delay, self.schedule_again)
 
+    def script_started(self):
+        """A script ran: whatever held jobs back (schedule_later) is gone."""
+        self.schedule_delay.reset()
+
     def schedule_again(self):
         self.schedule_retry_pending = False
         self.events.room_changed()
@@ -4291,7 +4303,9 @@ class Queue:
         """An attempt whose script never started: its job waits again, unnumbered."""
         with self.changes() as changes:
             self.store.requeue(row["id"], row["attempt"])
-            changes.moved([row["id"]], JobState.WAITING)
+            # Not at once: the cause (a full disk) may last; the Runner calls
+            # schedule_later.
+            changes.moved([row["id"]], JobState.WAITING, wake=False)
 
     def save_end(self, row, outcome):
         """Save how an attempt ended, in one transaction: its history, then a retry,
@@ -4387,10 +4401,7 @@ class Queue:
                 self.store.change_jobs(skipped, (JobState.WAITING, JobState.BLOCKED),
                                        JobState.DONE, result=JobResult.SKIPPED.value,
                                        reason=skip_reason, ended_at=time.time())
-                changes.moved(skipped, JobState.DONE)
-                for job_id in skipped:
-                    changes.then(lambda job_id=job_id: self.log.info(
-                        "job %s: skipped: its dependencies can no longer be met", job_id))
+                self.skipped(changes, skipped)
         if len(arg_lists) > 1:
             self.log.info("jobs %d-%d queued (%s)", first, last, os.path.basename(script))
         self.events.room_changed()   # new jobs to start
@@ -4429,6 +4440,7 @@ class Queue:
         with self.store.transaction():
             self.store.set_priority(job_ids, priority)
         self.log.info("%d job(s) now have priority %d", len(job_ids), priority)
+        self.events.room_changed()   # a job moved up may fit where the others did not
 
     def purge(self, older_than):
         """Delete finished jobs that ended more than OLDER_THAN seconds ago, with their
@@ -4473,9 +4485,7 @@ class Queue:
         with self.changes() as changes:
             for job_id in stranded:
                 self.store.skip(job_id, "no allowed worker left (--on)")
-                changes.then(lambda job_id=job_id: self.log.info(
-                    "job %s: skipped: its dependencies can no longer be met", job_id))
-            changes.moved(stranded, JobState.DONE)
+            self.skipped(changes, stranded, "no allowed worker left (--on)")
             self.resolve(changes, [(job_id, False, "was skipped") for job_id in stranded])
 
     def load_status(self, workers, jobs, paused):
@@ -4516,11 +4526,9 @@ class Queue:
                 if skip_reason:
                     self.store.skip(job["new_id"], skip_reason)
                     skipped.append(job["new_id"])
-                    changes.then(lambda job_id=job["new_id"]: self.log.info(
-                        "job %s: skipped: its dependencies can no longer be met", job_id))
                 elif not conditions:
                     self.store.unblock([job["new_id"]])
-            changes.moved(skipped, JobState.DONE)
+            self.skipped(changes, skipped)
             self.resolve(changes, [(job_id, False, "was skipped") for job_id in skipped])
             self.store.drop_unused_environments()
         self.paused = self.store.setting("paused", False)
@@ -4818,6 +4826,15 @@ class Runner:
         if attempt.outcome is None:
             attempt.outcome = self.outcome_of(attempt)
         row = self.store.job(attempt.job_id)
+        if row["state"] != JobState.RUNNING.value or row["attempt"] != attempt.number:
+            # An earlier try committed, and failed after (a read in a hook): never
+            # save an end twice.
+            if attempt.outcome is not None and attempt.saved is None:
+                saved, = [entry for entry in self.store.attempts(attempt.job_id)
+                          if entry["attempt"] == attempt.number]
+                attempt.saved = (JobResult(saved["result"]), saved["reason"],
+                                 row["state"] != JobState.DONE.value)
+            return
         if attempt.outcome is None and row["kill_requested_at"] is not None:
             # Killed (or timed out) before its script could start: that is its end.
             attempt.outcome = {"exit_code": None, "signal": None,
@@ -4837,7 +4854,7 @@ class Runner:
             # Not at once (the cause may last, a full disk): after a pause.
             self.queue.schedule_later(f"job {attempt.job_id} could not start")
         else:
-            self.queue.schedule_delay.reset()   # a script started: what held jobs back is gone
+            self.queue.script_started()
             self.queue.settled(attempt.row, attempt.outcome, *attempt.saved)
 
     def settle(self, attempt, row, outcome):
@@ -4922,8 +4939,10 @@ class HealthMonitor:
                  if checked and (worker.ssh_checked or worker.set_aside_at)
                  and worker.state != WorkerState.DRAINING]
         for worker in self.workers.all():
-            # A set-aside worker without checks waits for resume HOST.
-            if worker.health == WorkerHealth.DOWN and worker.name not in names:
+            # A set-aside worker without checks waits for resume HOST; a draining
+            # one is down until it goes.
+            if worker.health == WorkerHealth.DOWN and worker.name not in names and \
+                    worker.state != WorkerState.DRAINING:
                 # Nothing will check it again: down would be for ever.
                 self.checked(worker.name, None, worker.checked_at)
         # Every worker once per start (its ssh config may have changed meanwhile), then
@@ -5075,6 +5094,7 @@ class Subscription:
         self.total = len(states)
         self.watched = set(states)
         self.not_succeeded = {}      # job id -> {"result", "exit_code", "signal"}
+        self.unread = []             # jobs that ended since how they ended was read
         self.dirty = True
 
     def move(self, job_id, state):
@@ -5106,7 +5126,7 @@ class Clients:
     """The Unix socket and its clients: requests in (checked by check_request and
     served by Handlers), replies and wait's progress out, without blocking."""
 
-    def __init__(self, selector, log, store, paths, data_dir, log_dir):
+    def __init__(self, selector, log, store, paths, data_dir, log_dir, paused):
         self.selector = selector
         self.data_dir = data_dir
         self.log = log
@@ -5114,7 +5134,7 @@ class Clients:
         self.paths = paths
         self.log_dir = log_dir
         self.handlers = None       # set by the Server
-        self.paused = lambda: False   # whether the queue is paused (progress lines say so)
+        self.paused = paused       # whether the queue is paused (progress lines say so)
         self.listener = None
         self.accepting = True
         self.closed = False
@@ -5317,15 +5337,14 @@ class Clients:
         self.waiters_due = True
         if state == JobState.BLOCKED:
             state = JobState.WAITING   # the same to a client
-        outcomes = None
         for subscription in self.subscriptions:
             watched = [job_id for job_id in job_ids if job_id in subscription.pending]
             for job_id in watched:
                 subscription.move(job_id, state)
-            if watched and state == JobState.DONE:
-                if outcomes is None:   # one query however many clients wait
-                    outcomes = self.store.not_succeeded(job_ids)
-                subscription.note_outcomes(outcomes)
+            if state == JobState.DONE:
+                # Read in send_progress, not here: this runs as a transaction's
+                # commit hook, which must not fail on a read.
+                subscription.unread += watched
 
     def jobs_removed(self, job_ids):
         """Jobs deleted from the queue (remove_job, load_status): wait clients stop
@@ -5346,6 +5365,13 @@ class Clients:
 
     def send_progress(self):
         """One progress line per wait client per turn of the loop, and its last word."""
+        unread = [job_id for subscription in self.subscriptions
+                  for job_id in subscription.unread]
+        if unread:
+            outcomes = self.store.not_succeeded(unread)   # one query for every client
+            for subscription in self.subscriptions:
+                subscription.note_outcomes(outcomes)
+                subscription.unread = []
         for subscription in list(self.subscriptions):
             client = subscription.client
             if not subscription.dirty or client.outgoing:
@@ -5663,7 +5689,8 @@ class Server(Events):
         self.store = Store(self.paths["database"])
         self.selector = selectors.DefaultSelector()
         self.stopping = False
-        self.timers = Timers(log, (self.store.sqlite3.Error, OSError))
+        self.timers = Timers(log, (self.store.sqlite3.Error, OSError),
+                             lambda: len(self.runner.running))
         self.workers = Workers(self.store, self.timers, self, log)
         self.queue = Queue(self.store, self.workers, self.timers, self, log, log_dir)
         self.jobs_ssh = JobsSsh(data_dir, log)
@@ -5671,9 +5698,9 @@ class Server(Events):
                              spawner, self.jobs_ssh, log, self.paths["run"], job_fd_limit)
         self.health = HealthMonitor(self.workers, self.timers, self.selector, log, log_dir,
                                     check_interval)
-        self.clients = Clients(self.selector, log, self.store, self.paths, data_dir, log_dir)
-        self.clients.paused = lambda: self.queue.paused
-        self.clients.handlers = Handlers(self)
+        self.clients = Clients(self.selector, log, self.store, self.paths, data_dir, log_dir,
+                               paused=lambda: self.queue.paused)
+        self.clients.handlers = Handlers(self)   # (they need the clients too)
 
     def load(self):
         """Read the queue, recover what ran while no server did, and settle the rest."""
@@ -5691,8 +5718,6 @@ class Server(Events):
 
     def jobs_moved(self, job_ids, state):
         self.clients.jobs_moved(job_ids, state)
-        if state != JobState.RUNNING:
-            self.room_changed()   # ready to start, or its slots are free
 
     def jobs_removed(self, job_ids):
         self.clients.jobs_removed(job_ids)

@@ -131,6 +131,28 @@ def full_status(cli):
     return cli_module.request(str(cli.data_dir), "status")
 
 
+WRONG = {"a": [1, None]}   # a value no parameter of any request takes
+
+
+@pytest.mark.parametrize("command", sorted(set(cli_module.REQUESTS) - {"stop"}))
+def test_each_parameter_of_each_request_refuses_what_it_does_not_take(queue, command):
+    """REQUESTS drives this: every parameter of every request, given a value of no
+    type it takes, is refused with a message (never an internal error), and the
+    queue is left as it was."""
+    before = full_status(queue)
+    for name in cli_module.REQUESTS[command].params:
+        with pytest.raises(cli_module.UserError) as refusal:
+            cli_module.request(str(queue.data_dir), command, **{name: WRONG})
+        assert "internal error" not in str(refusal.value), (name, str(refusal.value))
+    assert full_status(queue) == before
+
+
+def test_optional_parameters_may_be_left_out(queue):
+    """What the table gives a default is optional: `jobs` alone lists every job."""
+    jobs = cli_module.request(str(queue.data_dir), "jobs")
+    assert [job["id"] for job in jobs] == list(range(1, len(jobs) + 1))
+
+
 def refused(cli, argv, expect):
     """ARGV fails with one line 'Error: ...' containing EXPECT, and changes nothing."""
     places = re.compile(r"\b(" + "|".join(cli.places) + r")\b")

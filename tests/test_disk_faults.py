@@ -19,6 +19,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import time
 
 import pytest
 
@@ -219,6 +220,28 @@ def test_a_job_whose_supervisor_finds_no_room_is_queued_again_and_starts_later(c
     expected[job] = 3
     cli.wait_for_counts(waiting=0, running=0)
     assert_every_job_once_with_its_true_exit_code(cli, expected)
+
+
+def test_a_job_that_cannot_start_is_tried_again_after_pauses_not_in_a_loop(cli, disk):
+    """While the supervisor finds no room for its run files, each try fails at once:
+    the next must come after a pause (0.5 s, 1 s, 2 s ...), not in a loop of forks."""
+    cli.data_dir.mkdir(mode=0o700)
+    run_dir = disk("-t", "tmpfs", "-o", "size=64k,mode=0700", name=".data/run")
+    cli.write_script("gated.sh", GATED_JOB.split("\n", 1)[1])
+    cli.ok("start")
+    cli.ok("add_slave", "w1")
+    queue(cli, 1)
+    cli.wait_for_counts(waiting=0, running=0)
+    filler = fill(run_dir)
+    job = queue(cli, 3)
+    log = cli.log_dir / "server.log"
+    tried = f"job {job}: its script never started; queued again"
+    wait_until(lambda: tried in log.read_text(), what="the first try")
+    time.sleep(4)   # a count over a while: there is no condition to wait for
+    tries = log.read_text().count(tried)
+    filler.unlink()
+    assert 2 <= tries <= 6, f"tried {tries} times in 4 s"
+    wait_until(lambda: (job, 3) in ran(cli), timeout=30, what="the job to start by itself")
 
 
 # --- fault 6: the disk goes read-only ---------------------------------------

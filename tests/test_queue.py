@@ -289,3 +289,43 @@ def test_a_started_job_owns_its_running_columns_and_a_retry_clears_them(lifecycl
     assert state_of(store, job_id) == cli.JobState.WAITING
     assert store.job(job_id)["worker"] is None
     assert [attempt["exit_code"] for attempt in store.attempts(job_id)] == [3]
+
+
+class FailingOnceEvents(RecordedEvents):
+    """Its first announcement of a job's end fails, as a commit hook that reads a
+    failing disk would: the end is committed, and what follows it is not."""
+
+    def __init__(self):
+        super().__init__()
+        self.failures = 1
+
+    def jobs_moved(self, job_ids, state):
+        super().jobs_moved(job_ids, state)
+        if state == cli.JobState.DONE and self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+
+
+def test_an_end_is_saved_once_even_if_what_follows_its_commit_fails(store, tmp_path):
+    log = logging.getLogger("test_queue")
+    timers = cli.Timers(log, (sqlite3.Error, OSError))
+    events = FailingOnceEvents()
+    workers = cli.Workers(store, timers, events, log)
+    queue = cli.Queue(store, workers, timers, events, log, str(tmp_path))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    runner = cli.Runner(store, queue, workers, timers, None, None,
+                        cli.JobsSsh(str(tmp_path), log), log, str(run_dir), None)
+    new_worker(store)
+    workers.load(None)
+    job_id = new_job(store)
+    row, = queue.take_starts()
+    (run_dir / f"{job_id}-1.exit").write_text('{"exit_code": 0, "signal": null}')
+    attempt = runner.hold(cli.Attempt(row, None, None))
+    runner.record_end(attempt)          # commits, then its announcement fails
+    assert job_id in runner.running      # ... so it is tried again, later
+    for _, _, callback, _ in sorted(timers.heap, key=lambda timer: timer[:2]):
+        callback()                       # (as the loop would, once due)
+    assert store.job(job_id)["result"] == "succeeded"
+    assert len(store.attempts(job_id)) == 1
+    assert job_id not in runner.running and not workers.get("w1").busy_slots

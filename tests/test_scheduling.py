@@ -263,7 +263,8 @@ def test_dependencies_on_jobs_that_already_ended(server):
 
 def test_dependencies_survive_a_restart(server):
     server.ok("add_slave", "--slots", "2", "w1")
-    first = server.add_job(server.script, env=dict(server.env, SLEEP="2"))
+    # Long enough to outlast a stop and a start on a slow, shared machine.
+    first = server.add_job(server.script, env=dict(server.env, SLEEP="6"))
     second = server.add_job("--after", first, server.script)
     server.wait_for_counts(running=1)
     server.ok("stop")
@@ -485,3 +486,26 @@ def test_a_kill_during_a_timeouts_grace_wins_and_is_not_retried(server):
     assert time.time() - started < 5, "kill waited for the timeout's grace period"
     history = attempts_of(server, job_id)
     assert [attempt["result"] for attempt in history] == ["killed"]
+
+
+def test_a_new_priority_is_looked_at_at_once(server):
+    """A job beyond the scheduler's look-ahead (SCHEDULE_SCAN_LIMIT ready jobs) that
+    could run on an idle worker starts as soon as `priority` moves it up."""
+    server.ok("add_slave", "w1", "w2")
+    gate = server.root / "gate"
+    blocker = server.write_script("blocker.sh",
+                                  f'while [ ! -e "{gate}" ]; do sleep 0.05; done\n')
+    try:
+        server.add_job("--on", "w1", blocker)
+        server.wait_for_counts(running=1)
+        # 2000 jobs that only the busy w1 may run fill the look-ahead: w2 idles.
+        server.ok("add_job", "--on", "w1", blocker, ":::", *map(str, range(2000)))
+        free_runner = server.add_job(server.script)
+        server.ok("pause")
+        server.ok("resume")   # a pass of the scheduler that cannot reach it
+        assert server.status()["counts"]["running"] == 1
+        server.ok("priority", "1", free_runner)
+        wait_until(lambda: server.record(free_runner) is not None, timeout=10,
+                   what="the job moved up to start on the idle w2")
+    finally:
+        gate.touch()
