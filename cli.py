@@ -1435,6 +1435,8 @@ class Store:
                 raise IllegalTransition(f"a move to {new.value} needs {name}")
             if value is not UNCHANGED:
                 values[name] = value
+        if not job_ids:
+            return
         values["state"], blocked = JOB_STATE_ROWS[new]
         if blocked is not None:
             values["blocked"] = blocked
@@ -1484,6 +1486,8 @@ class Store:
     def unblock(self, job_ids):
         """Let those of JOB_IDS that wait on nothing any more (nor on a time) be
         scheduled; return their ids."""
+        if not job_ids:
+            return []
         free = []
         for chunk in _chunks(job_ids):
             free += [row[0] for row in self.db.execute(

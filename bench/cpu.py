@@ -9,7 +9,8 @@ server, of the spawner, of the spawner's children (supervisors and the
 scripts they start) and of the whole machine (/proc/stat), as medians over
 the runs.  It is what the README's B1 explanation quotes.  --against runs
 another cli.py (say, a checkout of an earlier commit) in turns with this one,
-so that both see the same machine.
+first one then the other, so that both see the same machine, and adds the
+median of the ratios of each turn.
 """
 import argparse
 import os
@@ -72,7 +73,9 @@ def main():
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         for number in range(options.runs):
-            for label, cli in versions.items():
+            # The order alternates: whichever runs first in a turn is slower here.
+            turn = list(versions.items())
+            for label, cli in (turn if number % 2 == 0 else turn[::-1]):
                 print(f"{label}: run {number + 1}/{options.runs} ({options.jobs:,} jobs) ...",
                       file=sys.stderr)
                 run.CLI = cli
@@ -86,6 +89,15 @@ def main():
         for row, values in rows.items():
             print(f"| {label} | {row} | {statistics.median(values):.2f} | "
                   f"{min(values):.2f}-{max(values):.2f} |")
+    if len(results) == 2:
+        # Each turn ran both on the same machine at nearly the same time: the
+        # median of their ratios sees through the drift of a shared machine.
+        (label, this), (other_label, other) = results.items()
+        print(f"\n| measure | {label} / {other_label}: median of the ratios of each turn |"
+              "\n|---|---|")
+        for row in this:
+            ratios = [mine / theirs for mine, theirs in zip(this[row], other[row]) if theirs]
+            print(f"| {row} | {statistics.median(ratios):.3f} |")
 
 
 if __name__ == "__main__":
