@@ -383,6 +383,52 @@ def worker_address(name):
         return WorkerAddress(name)
 
 
+# A bracket without ':' in a host name is a range (an IPv6 address has colons).
+HOST_RANGE = re.compile(r"\[([^\]:]*)\]")
+RANGE_ITEM = re.compile(r"([0-9]+)(?:-([0-9]+))?\Z")
+MAX_HOSTS = 100_000              # names one host list may expand to
+
+
+def expand_hosts(words):
+    """Host names with ranges as clusters write them (Slurm, pdsh, ClusterShell):
+    node[01-16] is node01 to node16 (zero-padding kept), gpu[1-4,7] five names,
+    rack[1-2]-n[01-08] sixteen.  Brackets holding a colon are IPv6: left alone."""
+    hosts = []
+    for word in words:
+        hosts += _expand_host(word, word)
+        if len(hosts) > MAX_HOSTS:
+            raise UserError(f"{word!r} names more than {MAX_HOSTS} hosts; split the list")
+    return hosts
+
+
+def _expand_host(text, word):
+    match = HOST_RANGE.search(text)
+    if match is None:
+        if "[" in text and ":" not in text or "]" in text and ":" not in text:
+            raise UserError(f"unbalanced brackets in {word!r}: write a range like "
+                            "node[01-16] or gpu[1-4,7]")
+        return [text]
+    numbers = []
+    for item in match.group(1).split(","):
+        found = RANGE_ITEM.match(item)
+        if not found or found.group(2) is not None and \
+                int(found.group(2)) < int(found.group(1)):
+            raise UserError(f"malformed host range [{match.group(1)}] in {word!r}: write "
+                            "it like node[01-16] or gpu[1-4,7] (low-high, low first)")
+        first, last = found.group(1), found.group(2) or found.group(1)
+        if int(last) - int(first) >= MAX_HOSTS:
+            raise UserError(f"{word!r} names more than {MAX_HOSTS} hosts; split the list")
+        numbers += [str(number).zfill(len(first))
+                    for number in range(int(first), int(last) + 1)]
+    rests = _expand_host(text[match.end():], word)
+    return [text[:match.start()] + number + rest for number in numbers for rest in rests]
+
+
+def split_host_list(text):
+    """node1,node[2-4],gpu[1,3]: the commas inside brackets belong to the ranges."""
+    return [part for part in re.split(r",(?![^\[]*\])", text) if part]
+
+
 ###############################################################################
 # States and transitions #######################################################
 ###############################################################################
@@ -6311,7 +6357,7 @@ def command_add_slave(options):
     Hosts are checked in parallel, those that pass are added, and each failure
     is printed with its reason and makes the exit status non-zero.
     """
-    hosts = unique_hosts(options.hosts)
+    hosts = unique_hosts(expand_hosts(options.hosts))
     variables = dict(parse_assignment(text) for text in options.env)
     timeout = parse_duration(options.timeout, "--timeout", limit=MAX_SSH_TIMEOUT, positive=True)
     registered = set(request(options.data_dir, "workers"))
@@ -6342,7 +6388,7 @@ def command_add_slave(options):
 
 def command_remove_slave(options):
     """Remove workers.  A busy worker needs --wait (drain) or --kill (end its jobs)."""
-    hosts = unique_hosts(options.hosts)
+    hosts = unique_hosts(expand_hosts(options.hosts))
     mode = "wait" if options.wait else "kill" if options.kill else None
     result = request(options.data_dir, "remove_slave", hosts=hosts, mode=mode)
     for host in result["removed"]:
@@ -6411,7 +6457,7 @@ def host_list(texts, flag):
     """Worker names from repeatable, comma-separated --on/--prefer/--exclude; None if none."""
     if not texts:
         return None
-    hosts = [host for text in texts for host in text.split(",") if host]
+    hosts = expand_hosts(host for text in texts for host in split_host_list(text))
     if not hosts:
         raise UserError(f"{flag} needs worker names, like {flag} node1,node2")
     for host in hosts:
@@ -6794,10 +6840,12 @@ def command_pause(options):
     Running jobs go on.  A paused queue or worker stays paused across restarts
     until resume.
     """
-    result = request(options.data_dir, "pause", hosts=unique_hosts(options.hosts))
-    if options.hosts:
-        print(f"paused {', '.join(options.hosts)}: running jobs go on, no new job starts "
-              "there (resume with ./cli.py resume " + " ".join(options.hosts) + ")")
+    hosts = unique_hosts(expand_hosts(options.hosts))
+    result = request(options.data_dir, "pause", hosts=hosts)
+    if hosts:
+        print(f"paused {', '.join(hosts)}: running jobs go on, no new job starts "
+              "there (resume with ./cli.py resume "
+              + " ".join(map(_shell_word, options.hosts)) + ")")
     else:
         result_word = "queue paused" if result["changed"] else "the queue was already paused"
         print(f"{result_word}: running jobs go on, no new job starts (./cli.py resume)")
@@ -6810,9 +6858,10 @@ def command_resume(options):
     A worker set aside because jobs kept failing to reach it (see start
     --down-after) is taken back too, without waiting for a health check.
     """
-    result = request(options.data_dir, "resume", hosts=unique_hosts(options.hosts))
-    if options.hosts:
-        print(f"resumed {', '.join(options.hosts)}")
+    hosts = unique_hosts(expand_hosts(options.hosts))
+    result = request(options.data_dir, "resume", hosts=hosts)
+    if hosts:
+        print(f"resumed {', '.join(hosts)}")
     else:
         print("queue resumed" if result["changed"] else "the queue was not paused")
     return 0
@@ -6933,9 +6982,11 @@ EXAMPLES = {
     "stop": "./cli.py stop",
     "status": "./cli.py status\n  ./cli.py status --json > state.json",
     "add_slave": "./cli.py add_slave node1 node2 alice@10.0.0.7 alice@10.0.0.8:2222 '[fd00::5]'\n"
-                 "  ./cli.py add_slave --slots 8 -e SCRATCH=/scratch bignode",
+                 "  ./cli.py add_slave --slots 8 -e SCRATCH=/scratch bignode\n"
+                 "  ./cli.py add_slave --slots 4 'node[01-16]' 'gpu[1-4,7]'   # host ranges",
     "remove_slave": "./cli.py remove_slave node1\n  ./cli.py remove_slave --wait node2\n"
-                    "  ./cli.py remove_slave --kill node3",
+                    "  ./cli.py remove_slave --kill node3\n"
+                    "  ./cli.py remove_slave --wait 'node[09-16]'",
     "add_job": "./cli.py add_job ./job.sh input-1.dat\n"
                "  ./cli.py add_job -e THREADS=4 ./job.sh -- --flag 'two words'\n"
                "  ./cli.py add_job ./job.sh ::: data/*.csv                 # one job per file\n"
@@ -7060,7 +7111,9 @@ def build_parser(only=None):
     add_slave = add("add_slave")
     add_slave.add_argument("hosts", nargs="+", metavar="HOST",
                            help="A host name, IP address, user@host, host:port, an IPv6 "
-                                "address ([::1] or [::1]:2222) or an alias of the ssh config.")
+                                "address ([::1] or [::1]:2222) or an alias of the ssh config; "
+                                "node[01-16] and gpu[1-4,7] name ranges of hosts (quote "
+                                "them for the shell).")
     add_slave.add_argument("--slots", type=positive_int, default=1, metavar="N",
                            help="How many jobs may run on each of these workers at once "
                                 "(default: 1).")
@@ -7081,7 +7134,8 @@ def build_parser(only=None):
                                 f"{DEFAULT_SSH_TIMEOUT:g}).")
 
     remove_slave = add("remove_slave")
-    remove_slave.add_argument("hosts", nargs="+", metavar="HOST", help="A registered worker.")
+    remove_slave.add_argument("hosts", nargs="+", metavar="HOST",
+                              help="A registered worker, or a range such as 'node[01-16]'.")
     remove_slave.add_argument("--wait", action="store_true",
                               help="If busy: take no new jobs, and remove it when its jobs end.")
     remove_slave.add_argument("--kill", action="store_true",
@@ -7111,7 +7165,8 @@ def build_parser(only=None):
                             "lists them. It waits for a worker with K free slots, which "
                             "is kept for it meanwhile.")
     where.add_argument("--on", action="append", metavar="HOSTS",
-                       help="Run only on these workers (comma-separated; repeatable).")
+                       help="Run only on these workers (comma-separated, ranges such as "
+                            "node[1-4] allowed; repeatable).")
     where.add_argument("--prefer", action="append", metavar="HOSTS",
                        help="Prefer these workers when they have a free slot; may still "
                             "run elsewhere.")
@@ -7208,7 +7263,8 @@ def build_parser(only=None):
 
     for name in ("pause", "resume"):
         add(name).add_argument("hosts", nargs="*", metavar="HOST",
-                               help="Only these workers (default: the whole queue).")
+                               help="Only these workers, or ranges such as 'node[1-4]' "
+                                    "(default: the whole queue).")
 
     edit_slave = add("edit_slave")
     edit_slave.add_argument("host", metavar="HOST", help="A registered worker.")

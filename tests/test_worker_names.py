@@ -2,6 +2,7 @@
 as example_job.sh writes them: host:port, user@host:port, IPv6 ([::1], [::1]:port, bare
 ::1) and ssh aliases, through real sshd workers listening on 127.0.0.1 and ::1."""
 import json
+import re
 import socket
 
 import pytest
@@ -103,3 +104,44 @@ def test_two_names_that_would_reach_jobs_as_one_alias_are_refused(server):
     server.fails("add_slave", "--skip_ssh_auth_check", "fe80--1-eth0:22",
                  expect="give it a Host alias")
     assert [slave["ip"] for slave in server.status()["slaves"]] == ["[fe80::1%eth0]:22"]
+
+
+# --- host lists as clusters write them --------------------------------------------
+
+def test_host_ranges_expand_as_slurm_and_pdsh_write_them():
+    import cli
+    assert cli.expand_hosts(["node[01-03]", "gpu[1-2,7]", "rack[1-2]-n[8-10]"]) == [
+        "node01", "node02", "node03", "gpu1", "gpu2", "gpu7",
+        "rack1-n8", "rack1-n9", "rack1-n10", "rack2-n8", "rack2-n9", "rack2-n10"]
+    assert cli.expand_hosts(["node[001-500]"])[-1] == "node500"
+    # IPv6 brackets are not ranges.
+    assert cli.expand_hosts(["[::1]", "[::1]:2222", "::1", "u@h[1-2]"]) == \
+        ["[::1]", "[::1]:2222", "::1", "u@h1", "u@h2"]
+    assert cli.split_host_list("a,node[1,3],[::1]:22") == ["a", "node[1,3]", "[::1]:22"]
+
+
+@pytest.mark.parametrize("word,message", [
+    ("node[3-1]", "malformed host range [3-1]"), ("node[1-]", "malformed host range"),
+    ("node[]", "malformed host range []"), ("n[a-b]", "malformed host range [a-b]"),
+    ("node[1-3", "unbalanced brackets"), ("n[1-200000]", "more than 100000 hosts")])
+def test_a_malformed_host_range_is_one_clear_error(word, message):
+    import cli
+    with pytest.raises(cli.UserError, match=re.escape(message)):
+        cli.expand_hosts([word])
+
+
+def test_host_ranges_work_wherever_workers_are_named(server):
+    server.ok("add_slave", "--skip_ssh_auth_check", "--slots", "2", "node[001-300]", "w[1-2]")
+    names = [slave["ip"] for slave in server.status()["slaves"]]
+    assert len(names) == 302 and names[:2] == ["node001", "node002"] and "w2" in names
+    server.fails("add_slave", "--skip_ssh_auth_check", "node[5-3]", expect="low first")
+    assert len(server.status()["slaves"]) == 302   # nothing added
+    server.ok("remove_slave", "node[001-300]")
+    assert [slave["ip"] for slave in server.status()["slaves"]] == ["w1", "w2"]
+    out = server.ok("pause", "w[1-2]")
+    assert "paused w1, w2" in out and "resume 'w[1-2]'" in out
+    assert {slave["state"] for slave in server.status()["slaves"]} == {"paused"}
+    server.ok("resume", "w[1-2]")
+    job = server.add_job("--on", "w[2-2],w1", "--exclude", "w[1]", server.script)
+    server.wait_for_counts(succeeded=1)
+    assert server.record(job)["slave"] == "w2"
