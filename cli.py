@@ -424,6 +424,40 @@ def _expand_host(text, word):
     return [text[:match.start()] + number + rest for number in numbers for rest in rests]
 
 
+def read_hosts_file(path, slots):
+    """[(host, slots)] from a hosts file (- for stdin): a host or a range per line,
+    or SLOTS/HOST as GNU parallel's --sshloginfile writes it; # starts a comment."""
+    where = "stdin" if path == "-" else path
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as hosts_file:
+                text = hosts_file.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read the hosts file {where}: "
+                        f"{getattr(error, 'strerror', None) or error}") from None
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()   # (no host name holds a '#')
+        if not line:
+            continue
+        count, slash, host = line.partition("/")
+        if not slash:
+            count, host = None, line
+        elif not plain_number(count) or not 1 <= int(count) <= MAX_SLOTS:
+            raise UserError(f"{where}:{number}: {line!r}: write SLOTS/HOST with SLOTS from 1 "
+                            f"to {MAX_SLOTS}, like 8/node1")
+        try:
+            hosts = expand_hosts([host])
+        except UserError as error:
+            raise UserError(f"{where}:{number}: {error}") from None
+        entries += [(name, slots if count is None else int(count)) for name in hosts]
+    if not entries:
+        raise UserError(f"the hosts file {where} names no host")
+    return entries
+
+
 def split_host_list(text):
     """node1,node[2-4],gpu[1,3]: the commas inside brackets belong to the ranges."""
     return [part for part in re.split(r",(?![^\[]*\])", text) if part]
@@ -726,6 +760,15 @@ def _slot_count(value, what):
 
 def _slots_flag(value, name):
     return _slot_count(value, "--slots")
+
+
+def _slots_of(value, name):
+    """{host: its slots}, for hosts that do not take the request's --slots."""
+    if not isinstance(value, dict):
+        raise UserError("malformed request: slots_of must be an object")
+    for slots in value.values():
+        _slot_count(slots, "--slots")
+    return value
 
 
 def _optional_slots_flag(value, name):
@@ -1079,6 +1122,7 @@ REQUESTS = {
     "workers": Request("worker_names"),
     "ssh_config": Request("ssh_config"),
     "add_slave": Request("add_slave", hosts=_hosts, slots=(_slots_flag, 1),
+                         slots_of=(_slots_of, {}),
                          variables=(_variables("add_slave"), {}), ssh_reuse=(_flag, True),
                          down_after=(_down_after, None), endpoints=(_endpoints, {}),
                          ssh_checked=(_truth, False)),
@@ -3478,19 +3522,50 @@ class WorkerConnection:
         return self.host_keys.changed(error.key)
 
 
-def check_hosts(hosts, timeout, ssh_config):
-    """Log in to each worker with fabric, in parallel, and run `true`.
+def check_hosts(hosts, timeout, ssh_config, progress=None):
+    """Log in to each worker with fabric, 32 at a time, and run `true`; PROGRESS (a
+    CheckProgress), if given, hears of each result.
 
     Returns {host: (None or the reason it failed, its endpoint or None)}."""
     import logging
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, as_completed
     require("fabric")   # here, not in the threads: one clear error for a missing package
     # Paramiko's transport thread logs its own copy of each failure; we report
     # the reason per host instead.
     logging.getLogger("paramiko").setLevel(logging.CRITICAL + 1)
+    results = {}
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
-        return dict(zip(hosts, pool.map(lambda host: check_new_host(host, timeout, ssh_config),
-                                        hosts)))
+        futures = {pool.submit(check_new_host, host, timeout, ssh_config): host
+                   for host in hosts}
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            if progress is not None:
+                progress.checked(len(results), len(hosts), results[futures[future]][0])
+    if progress is not None:
+        progress.clear()
+    return {host: results[host] for host in hosts}
+
+
+class CheckProgress:
+    """add_slave's line on a terminal while many hosts are checked."""
+
+    def __init__(self, enabled):
+        self.enabled = enabled
+        self.failed = 0
+        self.width = 0
+
+    def checked(self, done, total, reason):
+        self.failed += reason is not None
+        if self.enabled:
+            text = f"checked {done}/{total} host(s), {self.failed} failed"
+            sys.stderr.write("\r" + text.ljust(self.width))
+            sys.stderr.flush()
+            self.width = len(text)
+
+    def clear(self):
+        if self.enabled and self.width:
+            sys.stderr.write("\r" + " " * self.width + "\r")
+            sys.stderr.flush()
 
 
 def check_new_host(name, timeout, ssh_config):
@@ -3934,8 +4009,9 @@ class Workers:
 
     # --- commands ---------------------------------------------------------
 
-    def add(self, hosts, slots, variables, ssh_checked, ssh_reuse, down_after, endpoints):
-        """Register HOSTS, all or none."""
+    def add(self, hosts, slots, variables, ssh_checked, ssh_reuse, down_after, endpoints,
+            slots_of):
+        """Register HOSTS, all or none, with SLOTS each (or those of SLOTS_OF)."""
         entries = {address.alias: address.config_entry()
                    for address in map(worker_address, self.by_name) if address.needs_alias}
         for host in hosts:
@@ -3950,13 +4026,13 @@ class Workers:
                                 "alias in your ssh config and add that instead")
         with self.store.transaction():
             for host in hosts:
-                self.store.insert_worker(host, slots, variables, ssh_checked,
-                                         ssh_reuse=ssh_reuse, endpoint=endpoints.get(host),
-                                         down_after=down_after)
+                self.store.insert_worker(host, slots_of.get(host, slots), variables,
+                                         ssh_checked, ssh_reuse=ssh_reuse,
+                                         endpoint=endpoints.get(host), down_after=down_after)
         for row in self.store.workers():
             if row["name"] in hosts:
                 self.by_name[row["name"]] = Worker(row)
-                self.log.info("worker %s: added with %d slot(s)", row["name"], slots)
+                self.log.info("worker %s: added with %d slot(s)", row["name"], row["slots"])
         self.events.workers_changed()
 
     def drain(self, host):
@@ -5568,7 +5644,7 @@ class Handlers:
     def add_slave(self, client, params):
         self.workers.add(params["hosts"], params["slots"], params["variables"],
                          params["ssh_checked"], params["ssh_reuse"], params["down_after"],
-                         params["endpoints"])
+                         params["endpoints"], params["slots_of"])
         return params["hosts"]
 
     def remove_slave(self, client, params):
@@ -6357,7 +6433,13 @@ def command_add_slave(options):
     Hosts are checked in parallel, those that pass are added, and each failure
     is printed with its reason and makes the exit status non-zero.
     """
-    hosts = unique_hosts(expand_hosts(options.hosts))
+    named = [(host, options.slots) for host in expand_hosts(options.hosts)]
+    if options.hosts_file is not None:
+        named += read_hosts_file(options.hosts_file, options.slots)
+    if not named:
+        raise UserError("name the workers to add: HOST ..., or --hosts-file FILE")
+    hosts = unique_hosts([host for host, _ in named])
+    slots_of = dict(named)
     variables = dict(parse_assignment(text) for text in options.env)
     timeout = parse_duration(options.timeout, "--timeout", limit=MAX_SSH_TIMEOUT, positive=True)
     registered = set(request(options.data_dir, "workers"))
@@ -6368,18 +6450,21 @@ def command_add_slave(options):
     if options.skip_ssh_auth_check:
         results = {host: resolve_new_host(host, ssh_config) for host in hosts}
     else:
-        results = check_hosts(hosts, timeout, ssh_config)
+        results = check_hosts(hosts, timeout, ssh_config,
+                              CheckProgress(len(hosts) > 1 and sys.stderr.isatty()))
     failures = {host: reason for host, (reason, _) in results.items() if reason}
     passed = [host for host in hosts if host not in failures]
     for host, reason in failures.items():
         print(f"{host}: {reason}", file=sys.stderr)
     if passed:
         request(options.data_dir, "add_slave", hosts=passed, slots=options.slots,
+                slots_of={host: slots_of[host] for host in passed
+                          if slots_of[host] != options.slots},
                 variables=variables, ssh_checked=not options.skip_ssh_auth_check,
                 ssh_reuse=options.ssh_reuse, down_after=options.down_after,
                 endpoints={host: results[host][1] for host in passed})
         for host in passed:
-            print(f"added {host} ({options.slots} slot{'s' if options.slots > 1 else ''})")
+            print(f"added {host} ({slots_of[host]} slot{'s' if slots_of[host] > 1 else ''})")
     if failures:
         raise UserError(f"{len(failures)} of {len(hosts)} worker(s) not added: fix the "
                         "reasons above (see Troubleshooting in README.md) and add them again")
@@ -6983,7 +7068,8 @@ EXAMPLES = {
     "status": "./cli.py status\n  ./cli.py status --json > state.json",
     "add_slave": "./cli.py add_slave node1 node2 alice@10.0.0.7 alice@10.0.0.8:2222 '[fd00::5]'\n"
                  "  ./cli.py add_slave --slots 8 -e SCRATCH=/scratch bignode\n"
-                 "  ./cli.py add_slave --slots 4 'node[01-16]' 'gpu[1-4,7]'   # host ranges",
+                 "  ./cli.py add_slave --slots 4 'node[01-16]' 'gpu[1-4,7]'   # host ranges\n"
+                 "  ./cli.py add_slave --hosts-file cluster.txt   # lines like node1 or 8/node2",
     "remove_slave": "./cli.py remove_slave node1\n  ./cli.py remove_slave --wait node2\n"
                     "  ./cli.py remove_slave --kill node3\n"
                     "  ./cli.py remove_slave --wait 'node[09-16]'",
@@ -7109,11 +7195,16 @@ def build_parser(only=None):
                         help="Print the whole state as JSON (the form load_status reads).")
 
     add_slave = add("add_slave")
-    add_slave.add_argument("hosts", nargs="+", metavar="HOST",
+    add_slave.add_argument("hosts", nargs="*", metavar="HOST",
                            help="A host name, IP address, user@host, host:port, an IPv6 "
                                 "address ([::1] or [::1]:2222) or an alias of the ssh config; "
                                 "node[01-16] and gpu[1-4,7] name ranges of hosts (quote "
                                 "them for the shell).")
+    add_slave.add_argument("--hosts-file", metavar="FILE",
+                           help="Also the hosts in FILE (- for stdin): one host or range "
+                                "per line, # for comments; SLOTS/HOST (as GNU parallel's "
+                                "--sshloginfile writes it, e.g. 8/node1) gives that host "
+                                "its own slots.")
     add_slave.add_argument("--slots", type=positive_int, default=1, metavar="N",
                            help="How many jobs may run on each of these workers at once "
                                 "(default: 1).")

@@ -31,9 +31,11 @@ def workers(ssh_sandbox):
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 CLI = pathlib.Path(__file__).resolve().parent.parent / "cli.py"
@@ -188,3 +190,20 @@ def server(cli):
     """A Cli with a running server and no workers."""
     cli.ok("start")
     return cli
+
+
+# --- terminals: a tmux server of the test's own ---------------------------------
+
+@pytest.fixture
+def tmux():
+    """Runs tmux commands against a tmux server of the test's own, whose socket is in a
+    directory of its own (tmp_path may be too long for a socket's path)."""
+    socket_dir = tempfile.mkdtemp(prefix="cli-py-tmux-")
+    socket_path = os.path.join(socket_dir, "socket")
+
+    def run(*args, env=None):
+        return subprocess.run(["tmux", "-S", socket_path, *args], env=env, check=True,
+                              capture_output=True, text=True, timeout=10).stdout
+    yield run
+    subprocess.run(["tmux", "-S", socket_path, "kill-server"], capture_output=True, timeout=10)
+    shutil.rmtree(socket_dir)

@@ -3,14 +3,10 @@ import os
 import pty
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-
-import pytest
 
 from conftest import CLI, cpu_seconds, wait_until
 
@@ -106,21 +102,6 @@ def test_wait_shows_a_progress_line_on_a_terminal(server):
     assert waiter.wait(30) == 0
     assert b"\r" in output and b"done (0 failed)" in output and b"running" in output
     assert waiter.stdout.read() == "all 4 job(s) succeeded\n"
-
-
-@pytest.fixture
-def tmux():
-    """Runs tmux commands against a tmux server of the test's own, whose socket is in a
-    directory of its own (tmp_path may be too long for a socket's path)."""
-    socket_dir = tempfile.mkdtemp(prefix="cli-py-tmux-")
-    socket_path = os.path.join(socket_dir, "socket")
-
-    def run(*args, env=None):
-        return subprocess.run(["tmux", "-S", socket_path, *args], env=env, check=True,
-                              capture_output=True, text=True, timeout=10).stdout
-    yield run
-    subprocess.run(["tmux", "-S", socket_path, "kill-server"], capture_output=True, timeout=10)
-    shutil.rmtree(socket_dir)
 
 
 def test_the_progress_line_counts_the_seconds_while_no_job_ends(server, tmux):

@@ -145,3 +145,23 @@ def test_host_ranges_work_wherever_workers_are_named(server):
     job = server.add_job("--on", "w[2-2],w1", "--exclude", "w[1]", server.script)
     server.wait_for_counts(succeeded=1)
     assert server.record(job)["slave"] == "w2"
+
+
+def test_a_hosts_file_gives_workers_and_their_own_slots(server):
+    hosts = server.root / "cluster.txt"
+    hosts.write_text("# the rack\nnode[1-3]   # three\n\n8/big1\n  2/gpu[7,9]\n")
+    server.ok("add_slave", "--skip_ssh_auth_check", "--slots", "4", "--hosts-file", hosts,
+              "w1")
+    slots = {slave["ip"]: slave["slots"] for slave in server.status()["slaves"]}
+    assert slots == {"w1": 4, "node1": 4, "node2": 4, "node3": 4, "big1": 8, "gpu7": 2,
+                     "gpu9": 2}
+    result = server.run("add_slave", "--skip_ssh_auth_check", "--hosts-file", "-",
+                        input="more[1-2]\n")
+    assert result.returncode == 0 and "added more2 (1 slot)" in result.stdout
+    for text, message in (("x/node9\n", "write SLOTS/HOST"), ("n[2-1]\n", ":1: malformed"),
+                          ("# nothing\n", "names no host"), ("w1\nw1\n", "named twice")):
+        hosts.write_text(text)
+        server.fails("add_slave", "--skip_ssh_auth_check", "--hosts-file", hosts,
+                     expect=message)
+    assert len(server.status()["slaves"]) == 9   # nothing added by the refused files
+    server.fails("add_slave", "--skip_ssh_auth_check", expect="--hosts-file FILE")

@@ -1,10 +1,12 @@
 """add_slave and remove_slave through real sshd workers."""
 import json
+import shlex
 import socket
+import sys
 
 import pytest
 
-from conftest import process_alive, wait_until
+from conftest import CLI, process_alive, wait_until
 
 
 def slaves(cli):
@@ -151,3 +153,20 @@ def test_remove_slave_kill_ends_the_whole_process_group(server):
     assert status["counts"]["killed"] == 2
     assert not process_alive(child), "a child that ignores SIGTERM survived --kill"
     assert polite_id and stubborn_id
+
+
+def test_the_check_of_many_hosts_shows_its_progress_on_a_terminal(server, bad_hosts, tmux):
+    result = server.root / "add_slave.out"
+    command = (shlex.join([sys.executable, str(CLI), "add_slave", "--timeout", "5", "w1",
+                           "w2", "refused", "silent"]) + f" > {shlex.quote(str(result))}")
+    tmux("new-session", "-d", "-s", "add", "-x", "120", "-y", "10", "-c", str(server.root),
+         command + "; sleep 30", env=server.env)
+    # w1, w2 and refused answer at once; silent keeps the line at 3 of 4 for 5 s.
+    wait_until(lambda: "checked 3/4 host(s), 1 failed" in tmux("capture-pane", "-p",
+                                                               "-t", "add"),
+               what="the progress line")
+    wait_until(lambda: "2 of 4 worker(s) not added" in tmux("capture-pane", "-p", "-t", "add"),
+               what="add_slave to end")
+    pane = tmux("capture-pane", "-p", "-t", "add")
+    assert "checked" not in pane, pane   # the line is cleared before the reasons
+    assert result.read_text().splitlines() == ["added w1 (1 slot)", "added w2 (1 slot)"]
