@@ -1106,6 +1106,14 @@ def _remove_job_whole(params, given):
     return {}
 
 
+def _edit_slave_whole(params, given):
+    """HOSTS, or the one HOST that clients before host lists sent."""
+    hosts = params["hosts"] + ([params["host"]] if params["host"] is not None else [])
+    if not hosts:
+        raise UserError("malformed request: hosts must be a non-empty list of strings")
+    return {"hosts": unique_hosts(hosts)}
+
+
 def _load_status_whole(params, given):
     workers, jobs = validate_status_document(
         params["document"], {"cwd": params["cwd"], "environment": params["environment"],
@@ -1128,7 +1136,8 @@ REQUESTS = {
                          ssh_checked=(_truth, False)),
     "remove_slave": Request("remove_slave", hosts=_hosts, mode=(_removal_mode, None),
                             grace=(_grace, DEFAULT_KILL_GRACE)),
-    "edit_slave": Request("edit_slave", host=_string, slots=(_optional_slots_flag, None),
+    "edit_slave": Request("edit_slave", _edit_slave_whole, host=(_optional_string, None),
+                          hosts=(_hosts_or_empty, []), slots=(_optional_slots_flag, None),
                           variables=(_variables("edit_slave -e"), {}),
                           unset=(_strings_or_empty, []), ssh_reuse=(_flag, ABSENT),
                           down_after=(_down_after, ABSENT)),
@@ -1466,6 +1475,7 @@ class Store:
              down_after))
 
     def update_worker(self, name, slots, variables, ssh_reuse, down_after, ssh_checked=None):
+        """A worker's settings (its state moves only through change_worker_state)."""
         self.db.execute("UPDATE workers SET slots = ?, variables = ?, ssh_reuse = ?, "
                         "down_after = ?, ssh_checked = coalesce(?, ssh_checked) WHERE name = ?",
                         (slots, json.dumps(variables), int(ssh_reuse), down_after,
@@ -4082,30 +4092,36 @@ class Workers:
                 if worker.health == WorkerHealth.SET_ASIDE or worker.set_aside_at:
                     self.set_health(worker, WorkerHealth.UP, None, time.time())
 
-    def edit(self, host, slots, updates, unset, ssh_reuse, down_after):
-        """Change a worker's slots, variables, connection sharing or --down-after
-        (ABSENT: unchanged); running jobs are not touched."""
-        worker = self.named(host)
-        for name in unset:
-            validate_variable_name(name)
-            if name in updates:
-                raise UserError(f"{name} is both set (-e) and unset (--unset): choose one")
-            if name not in worker.variables:
-                raise UserError(f"worker {host} has no variable {name} to unset")
-        variables = {name: value for name, value in {**worker.variables, **updates}.items()
-                     if name not in unset}
-        slots = worker.slots if slots is None else slots
-        ssh_reuse = worker.ssh_reuse if ssh_reuse is ABSENT else ssh_reuse
-        down_after = worker.down_after if down_after is ABSENT else down_after
+    def edit(self, hosts, slots, updates, unset, ssh_reuse, down_after):
+        """Change the slots, variables, connection sharing or --down-after (ABSENT:
+        unchanged) of the workers HOSTS, all or none; running jobs are not touched."""
+        edits = []
+        for host in hosts:
+            worker = self.named(host)
+            for name in unset:
+                validate_variable_name(name)
+                if name in updates:
+                    raise UserError(f"{name} is both set (-e) and unset (--unset): choose one")
+                if name not in worker.variables:
+                    raise UserError(f"worker {host} has no variable {name} to unset")
+            edits.append((worker, {
+                "slots": worker.slots if slots is None else slots,
+                "variables": {name: value for name, value in
+                              {**worker.variables, **updates}.items() if name not in unset},
+                "ssh_reuse": worker.ssh_reuse if ssh_reuse is ABSENT else ssh_reuse,
+                "down_after": worker.down_after if down_after is ABSENT else down_after}))
         with self.store.transaction():
-            self.store.update_worker(host, slots, variables, ssh_reuse, down_after)
-        worker.slots, worker.variables, worker.ssh_reuse = slots, variables, ssh_reuse
-        worker.down_after = down_after
-        self.log.info("worker %s: edited (%d slot(s), variables %s, ssh reuse %s)", host,
-                      slots, " ".join(sorted(variables)) or "none",
-                      "on" if ssh_reuse else "off")
-        self.events.workers_changed([host])
-        return worker
+            for worker, edit in edits:
+                self.store.update_worker(worker.name, **edit)
+        for worker, edit in edits:
+            for name, value in edit.items():
+                setattr(worker, name, value)
+            self.log.info("worker %s: edited (%d slot(s), variables %s, ssh reuse %s)",
+                          worker.name, worker.slots,
+                          " ".join(sorted(worker.variables)) or "none",
+                          "on" if worker.ssh_reuse else "off")
+        self.events.workers_changed(hosts)
+        return [worker for worker, _ in edits]
 
     def replace(self, changes, workers):
         """load_status's part: the document's WORKERS are registered (afresh, even a
@@ -5676,13 +5692,15 @@ class Handlers:
         return outcome()
 
     def edit_slave(self, client, params):
-        """Change a worker's slots or variables; running jobs are not touched."""
-        worker = self.workers.edit(params["host"], params["slots"], params["variables"],
-                                   params["unset"], params["ssh_reuse"], params["down_after"])
-        return {"host": worker.name, "slots": worker.slots,
-                "variables": sorted(worker.variables),
-                "slots_in_use": len(worker.busy_slots), "ssh_reuse": worker.ssh_reuse,
-                "down_after": self.workers.down_after_of(worker.name)}
+        """Change workers' slots or variables; running jobs are not touched."""
+        edited = [{"host": worker.name, "slots": worker.slots,
+                   "variables": sorted(worker.variables),
+                   "slots_in_use": len(worker.busy_slots), "ssh_reuse": worker.ssh_reuse,
+                   "down_after": self.workers.down_after_of(worker.name)}
+                  for worker in self.workers.edit(
+                      params["hosts"], params["slots"], params["variables"],
+                      params["unset"], params["ssh_reuse"], params["down_after"])]
+        return {**edited[0], "edited": edited}   # (the first alone: what one host got)
 
     def pause(self, client, params):
         return self.set_paused(params["hosts"], True)
@@ -6972,13 +6990,15 @@ def command_edit_slave(options):
     if options.down_after is not None:
         changes["down_after"] = None if options.down_after == "default" else \
             int(options.down_after)
-    result = request(options.data_dir, "edit_slave", host=validate_host_name(options.host),
-                     slots=options.slots, variables=variables, unset=options.unset, **changes)
-    down_after = result.get("down_after")
-    print(f"{result['host']}: {result['slots']} slot(s) ({result['slots_in_use']} in use), "
-          f"variables: {' '.join(result['variables']) or 'none'}, "
-          f"ssh reuse: {'on' if result['ssh_reuse'] else 'off'}, set aside after "
-          + (f"{down_after} failures in a row" if down_after else "no failures (off)"))
+    hosts = unique_hosts(expand_hosts(options.hosts))
+    result = request(options.data_dir, "edit_slave", hosts=hosts, slots=options.slots,
+                     variables=variables, unset=options.unset, **changes)
+    for worker in result["edited"]:
+        down_after = worker["down_after"]
+        print(f"{worker['host']}: {worker['slots']} slot(s) ({worker['slots_in_use']} in use), "
+              f"variables: {' '.join(worker['variables']) or 'none'}, "
+              f"ssh reuse: {'on' if worker['ssh_reuse'] else 'off'}, set aside after "
+              + (f"{down_after} failures in a row" if down_after else "no failures (off)"))
     return 0
 
 
@@ -7099,7 +7119,8 @@ EXAMPLES = {
     "resume": "./cli.py resume\n  ./cli.py resume node3        # also takes back a worker set aside",
     "edit_slave": "./cli.py edit_slave node1 --slots 8\n"
                   "  ./cli.py edit_slave node1 -e SCRATCH=/fast --unset OLD_VAR\n"
-                  "  ./cli.py edit_slave node1 --down-after 0     # never set it aside",
+                  "  ./cli.py edit_slave node1 --down-after 0     # never set it aside\n"
+                  "  ./cli.py edit_slave 'node[01-16]' --slots 4",
 }
 
 
@@ -7358,7 +7379,9 @@ def build_parser(only=None):
                                     "(default: the whole queue).")
 
     edit_slave = add("edit_slave")
-    edit_slave.add_argument("host", metavar="HOST", help="A registered worker.")
+    edit_slave.add_argument("hosts", nargs="+", metavar="HOST",
+                            help="A registered worker, or a range such as 'node[01-16]': "
+                                 "all of them are changed, or none.")
     edit_slave.add_argument("--slots", type=positive_int, metavar="N",
                             help="The new number of slots.")
     edit_slave.add_argument("-e", dest="env", action="append", default=[],

@@ -142,6 +142,10 @@ def test_host_ranges_work_wherever_workers_are_named(server):
     assert "paused w1, w2" in out and "resume 'w[1-2]'" in out
     assert {slave["state"] for slave in server.status()["slaves"]} == {"paused"}
     server.ok("resume", "w[1-2]")
+    out = server.ok("edit_slave", "w[1-2]", "--slots", "3")
+    assert out.count(": 3 slot(s)") == 2
+    server.fails("edit_slave", "w[1-3]", "--slots", "2", expect="unknown worker 'w3'")
+    assert {slave["slots"] for slave in server.status()["slaves"]} == {3}   # all or none
     job = server.add_job("--on", "w[2-2],w1", "--exclude", "w[1]", server.script)
     server.wait_for_counts(succeeded=1)
     assert server.record(job)["slave"] == "w2"
