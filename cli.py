@@ -952,13 +952,15 @@ def _arg_lists(value, name):
 
 
 def validate_status_document(document, defaults):
-    """Check a status --json document whole; return (workers, jobs) to load."""
+    """Check a status --json document whole (this tool's, or the original tool's: see
+    from_original_status); return (workers, jobs, notes on what was left out)."""
     if not isinstance(document, dict):
         raise UserError("not a status document: expected a JSON object with "
                         "'slaves' and 'job_waitlist'")
     for key in ("slaves", "job_waitlist"):
         if not isinstance(document.get(key), list):
             raise UserError(f"not a status document: '{key}' must be a list")
+    document, notes = from_original_status(document, defaults["cwd"])
     environments = document.get("environments", {})
     if not isinstance(environments, dict):
         raise UserError("'environments' must be an object")
@@ -985,7 +987,63 @@ def validate_status_document(document, defaults):
             if job_id in ids:
                 raise UserError(f"{where}: job id {job_id} is listed twice")
             ids.add(job_id)
-    return workers, jobs
+    return workers, jobs, notes
+
+
+def from_original_status(document, cwd):
+    """A status document of the tool cli.py grew out of, in this tool's shape, and
+    notes on what it cannot take: {"job_waitlist": [[[SCRIPT, ARG...], [NAME=value,
+    ...]], ...], "slaves": [{"ip", "envs": [NAME=value, ...], "running_job",
+    "remove_after_finish"}]}.  A document in this tool's shape comes back as it is."""
+    notes = []
+    slaves = []
+    for index, slave in enumerate(document["slaves"]):
+        if not isinstance(slave, dict) or not isinstance(slave.get("envs", {}), list):
+            slaves.append(slave)
+            continue
+        where, name = f"slaves[{index}]", slave.get("ip")
+        slave = dict(slave, envs=_original_variables(slave["envs"], where))
+        running = slave.pop("running_job", None)
+        if isinstance(running, dict):
+            command = running.get("script")
+            command = " ".join(map(str, command)) if isinstance(command, list) else command
+            notes.append(f"{name} was running job {running.get('id')} ({command}) under the "
+                         f"original tool: not adopted (its pid {running.get('pid')} is that "
+                         "tool's); queue it again if it did not finish")
+        if slave.pop("remove_after_finish", False):
+            notes.append(f"{name} was to be removed after its job (remove_after_finish): "
+                         "left out")
+            continue
+        slaves.append(slave)
+    jobs = []
+    for index, entry in enumerate(document["job_waitlist"]):
+        if isinstance(entry, dict):
+            jobs.append(entry)
+            continue
+        where = f"job_waitlist[{index}]"
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list)
+                and entry[0] and all(isinstance(word, str) for word in entry[0])
+                and isinstance(entry[1], list)):
+            raise UserError(f"{where}: expected a job object, or the original tool's "
+                            "[[SCRIPT, ARGS...], [NAME=value, ...]]")
+        script, *args = entry[0]
+        jobs.append({"script": os.path.join(cwd, script), "args": args,
+                     "envs": _original_variables(entry[1], where)})
+    return dict(document, slaves=slaves, job_waitlist=jobs), notes
+
+
+def _original_variables(assignments, where):
+    """The original tool's ["NAME=value", ...] as {NAME: value}."""
+    variables = {}
+    for text in assignments:
+        if not isinstance(text, str):
+            raise UserError(f"{where}: 'envs' must hold NAME=value strings")
+        try:
+            name, value = parse_assignment(text)
+        except UserError as error:
+            raise UserError(f"{where}: {error}") from None
+        variables[name] = value
+    return variables
 
 
 def _status_worker(slave, where):
@@ -1115,10 +1173,10 @@ def _edit_slave_whole(params, given):
 
 
 def _load_status_whole(params, given):
-    workers, jobs = validate_status_document(
+    workers, jobs, notes = validate_status_document(
         params["document"], {"cwd": params["cwd"], "environment": params["environment"],
                              "umask": params["umask"]})
-    return {"workers": workers, "jobs": jobs}
+    return {"workers": workers, "jobs": jobs, "notes": notes}
 
 
 _JOB_SHAPE = {"cwd": _string, "environment": _environment, "umask": (_umask, 0o022)}
@@ -5796,7 +5854,8 @@ class Handlers:
         """Replace the workers and the waiting queue; running jobs are left alone."""
         workers, jobs = params["workers"], params["jobs"]
         keep_ids = self.queue.load_status(workers, jobs, params["document"].get("paused"))
-        return {"workers": len(workers), "jobs": len(jobs), "ids_kept": keep_ids}
+        return {"workers": len(workers), "jobs": len(jobs), "ids_kept": keep_ids,
+                "notes": params["notes"]}
 
 
 def refuse_unless_waiting(row):
@@ -7031,6 +7090,8 @@ def command_load_status(options):
         raise UserError(too_deep) from None
     print(f"loaded {result['workers']} worker(s) and {result['jobs']} waiting job(s)"
           + ("" if result["ids_kept"] else " (renumbered: their ids were taken)"))
+    for note in result.get("notes", ()):
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 

@@ -73,6 +73,41 @@ def test_an_original_style_document_gets_defaults(server, tmp_path):
     assert record["cwd"] == str(server.root) and record["args"] == ["a"]
 
 
+def test_the_original_tools_own_status_document_loads(server, tmp_path):
+    """What the original tool's status printed: each waiting job a pair of (script and
+    arguments, NAME=value strings), envs as lists, scripts named from the current
+    directory; a running job (its pid is that tool's) and a worker it was to remove
+    after its job are left out, and said so."""
+    document = {
+        "job_waitlist": [[["record.py", "first", "two words"], ["MODE=fast", "EQ=a=b"]],
+                         [["record.py"], []]],
+        "slaves": [
+            {"ip": "w1", "envs": ["SCRATCH=/tmp"], "status": "busy",
+             "running_job": {"id": 7, "envs": [], "script": ["record.py", "old"],
+                             "pid": 4242, "log_file": "logs/job_7.txt"}},
+            {"ip": "w2", "envs": [], "status": "idle", "running_job": None,
+             "remove_after_finish": True}]}
+    path = tmp_path / "original.json"
+    path.write_text(json.dumps(document))
+    result = server.run("load_status", path)
+    assert result.returncode == 0, result.stderr
+    assert "loaded 1 worker(s) and 2 waiting job(s)" in result.stdout
+    assert "w1 was running job 7 (record.py old) under the original tool: not adopted " \
+           "(its pid 4242 is that tool's)" in result.stderr
+    assert "w2 was to be removed after its job (remove_after_finish): left out" in result.stderr
+    server.wait_for_counts(succeeded=2)
+    first, second = server.record(1), server.record(2)
+    assert first["args"] == ["first", "two words"] and second["args"] == []
+    assert (first["env"]["MODE"], first["env"]["EQ"], first["env"]["SCRATCH"]) == \
+        ("fast", "a=b", "/tmp")
+    assert [slave["ip"] for slave in server.status()["slaves"]] == ["w1"]
+    for job, message in (([["record.py"], ["NOEQUALS"]], "has no '='"),
+                         ([["record.py"]], "[[SCRIPT, ARGS...], [NAME=value, ...]]"),
+                         ([["nonexistent.sh"], []], "no such script")):
+        path.write_text(json.dumps({"slaves": [], "job_waitlist": [job]}))
+        server.fails("load_status", path, expect=message)
+
+
 def bad_documents(script):
     good_job = {"script": str(script), "args": []}
     return [
