@@ -216,6 +216,13 @@ def test_every_health_move_is_checked_against_the_table(store, old, new):
     assert (row["health"], row["check_reason"], row["checked_at"]) == (new.value, "now", 2.0)
 
 
+def test_a_health_move_from_a_health_the_worker_does_not_have_is_a_lost_race(store):
+    new_worker(store)
+    with pytest.raises(cli.LostRace, match="worker w1 was not down"):
+        store.change_worker_health("w1", cli.WorkerHealth.DOWN, cli.WorkerHealth.UP, None, 1.0)
+    assert store.workers()[0]["health"] == "up"
+
+
 # --- the Queue and Workers over the checked paths ------------------------------
 
 def test_moves_are_announced_only_once_committed(lifecycle, store):
