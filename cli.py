@@ -352,7 +352,7 @@ def parse_worker_name(name):
         port, ipv6 = after[1:] if after else None, True
     elif "[" in rest or "]" in rest:
         raise UserError(f"invalid worker name {name!r}: brackets go around an IPv6 address, "
-                        "as in [::1]:2222")
+                        "as in [::1]:2222, or a range of numbers, as in node[01-16]")
     elif rest.count(":") > 1:
         host, ipv6 = rest, True       # a bare IPv6 address: no port in it
     else:
@@ -383,8 +383,9 @@ def worker_address(name):
         return WorkerAddress(name)
 
 
-# A bracket without ':' in a host name is a range (an IPv6 address has colons).
-HOST_RANGE = re.compile(r"\[([^\]:]*)\]")
+# A bracket of digits, commas and '-' in a host name is a range; anything else in
+# brackets ([::1], [fd00::5]:22) is left to parse_worker_name.
+HOST_RANGE = re.compile(r"\[([0-9][0-9,-]*)\]")
 RANGE_ITEM = re.compile(r"([0-9]+)(?:-([0-9]+))?\Z")
 MAX_HOSTS = 100_000              # names one host list may expand to
 
@@ -404,10 +405,10 @@ def expand_hosts(words):
 def _expand_host(text, word):
     match = HOST_RANGE.search(text)
     if match is None:
-        if "[" in text and ":" not in text or "]" in text and ":" not in text:
+        if re.search(r"\[[0-9][0-9,-]*\Z", text):
             raise UserError(f"unbalanced brackets in {word!r}: write a range like "
                             "node[01-16] or gpu[1-4,7]")
-        return [text]
+        return [text]   # (parse_worker_name judges what brackets remain)
     numbers = []
     for item in match.group(1).split(","):
         found = RANGE_ITEM.match(item)
@@ -1017,8 +1018,8 @@ def from_original_status(document, cwd):
         slaves.append(slave)
     jobs = []
     for index, entry in enumerate(document["job_waitlist"]):
-        if isinstance(entry, dict):
-            jobs.append(entry)
+        if not isinstance(entry, list):
+            jobs.append(entry)   # this tool's job object (or not: checked later)
             continue
         where = f"job_waitlist[{index}]"
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list)
@@ -3785,6 +3786,8 @@ def health_checker_main():
     signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(0))
     try:
         check_rounds(request, connections, lines, check, resolve)
+    except BrokenPipeError:
+        pass   # the server went away (stopped, or killed -9) while a result was written
     finally:
         for connection in list(connections.values()):
             connection.close()

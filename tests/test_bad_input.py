@@ -185,7 +185,8 @@ DASH_HOST = "-oProxyCommand=touch /tmp/pwned"
 @rows(
     ("leading-dash", ["add_slave", "--skip_ssh_auth_check", "--", DASH_HOST],
      "cannot start with '-'"),
-    ("leading-dash-as-option", ["add_slave", "-oProxyCommand=x"], "required: HOST"),
+    ("leading-dash-as-option", ["add_slave", "-oProxyCommand=x"],
+     "unrecognized arguments: -oProxyCommand=x"),
     ("empty", ["add_slave", "--skip_ssh_auth_check", ""], "empty worker name"),
     ("space", ["add_slave", "--skip_ssh_auth_check", "a b"], "no spaces"),
     ("control-character", ["add_slave", "--skip_ssh_auth_check", "a\x01"], "invalid worker name"),

@@ -92,7 +92,6 @@ def test_an_alias_with_a_port_is_refused_with_what_to_write(server, workers):
     ("[node]:22", "IPv6"),
     ("[::1", "IPv6"),
     ("node:22:", "not an IPv6 address"),
-    ("node[1-3]", "brackets"),
 ])
 def test_names_ssh_could_not_take_are_refused(server, name, message):
     server.fails("add_slave", "--skip_ssh_auth_check", name, expect=message)
@@ -122,7 +121,7 @@ def test_host_ranges_expand_as_slurm_and_pdsh_write_them():
 
 @pytest.mark.parametrize("word,message", [
     ("node[3-1]", "malformed host range [3-1]"), ("node[1-]", "malformed host range"),
-    ("node[]", "malformed host range []"), ("n[a-b]", "malformed host range [a-b]"),
+    ("node[1,,3]", "malformed host range [1,,3]"),
     ("node[1-3", "unbalanced brackets"), ("n[1-200000]", "more than 100000 hosts")])
 def test_a_malformed_host_range_is_one_clear_error(word, message):
     import cli
