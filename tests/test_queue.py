@@ -49,13 +49,18 @@ def store(tmp_path):
     store.close()
 
 
-@pytest.fixture
-def lifecycle(store, tmp_path):
+def make_lifecycle(store, tmp_path, events):
+    """(queue, workers, timers) over STORE, telling EVENTS what happens."""
     log = logging.getLogger("test_queue")
     timers = cli.Timers(log, (sqlite3.Error, OSError))
-    events = RecordedEvents()
     workers = cli.Workers(store, timers, events, log)
-    queue = cli.Queue(store, workers, timers, events, log, str(tmp_path))
+    return cli.Queue(store, workers, timers, events, log, str(tmp_path)), workers, timers
+
+
+@pytest.fixture
+def lifecycle(store, tmp_path):
+    events = RecordedEvents()
+    queue, workers, _ = make_lifecycle(store, tmp_path, events)
     return queue, workers, events
 
 
@@ -314,11 +319,8 @@ class FailingOnceEvents(RecordedEvents):
 
 
 def test_an_end_is_saved_once_even_if_what_follows_its_commit_fails(store, tmp_path):
+    queue, workers, timers = make_lifecycle(store, tmp_path, FailingOnceEvents())
     log = logging.getLogger("test_queue")
-    timers = cli.Timers(log, (sqlite3.Error, OSError))
-    events = FailingOnceEvents()
-    workers = cli.Workers(store, timers, events, log)
-    queue = cli.Queue(store, workers, timers, events, log, str(tmp_path))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     runner = cli.Runner(store, queue, workers, timers, None, None,
