@@ -2658,6 +2658,9 @@ class ChildSetup:
         import resource
         self.prctl = ctypes.CDLL(None, use_errno=True).prctl
         self.setrlimit = resource.setrlimit
+        # A program that exits at once, to lead each job's process group (_spawn_job).
+        self.group_leader = next((path for path in ("/bin/true", "/usr/bin/true")
+                                  if os.access(path, os.X_OK)), "true")
         self.rlimit_nofile = resource.RLIMIT_NOFILE
         # Dispositions a job must not inherit: ours, and any the server's own
         # starter left ignored (nohup, a background shell).
@@ -2720,11 +2723,11 @@ def _run_and_wait(run_dir, spec, setup, log_fd):
         message = f"cannot enter the job's directory {spec.cwd}: {error.strerror}"
         _note(log_fd, f"cli.py: job {spec.job_id}: {message}\n")
         return {"exit_code": None, "signal": None, "error": message}
-    pid = _spawn_job(spec, log_fd, setup)
+    started = _spawn_job(spec, log_fd, setup)
     os.close(log_fd)
-    if isinstance(pid, dict):
-        return pid
-    exit_status = _wait_for_group(run_dir, spec, pid)
+    if isinstance(started, dict):
+        return started
+    exit_status = _wait_for_group(run_dir, spec, *started)
     if os.WIFSIGNALED(exit_status):
         return {"exit_code": None, "signal": os.WTERMSIG(exit_status), "error": None}
     return {"exit_code": os.WEXITSTATUS(exit_status), "signal": None, "error": None}
@@ -2733,21 +2736,34 @@ def _run_and_wait(run_dir, spec, setup, log_fd):
 def _spawn_job(spec, log_fd, setup):
     """Start the job script in a process group of its own, with a clean slate.
 
+    The group is not led by the script: its leader is a process that exits at
+    once (its zombie holds the group id until the first reap, after the script
+    has joined).  A script whose exit trap runs `kill -- -$$`, as the original
+    tool's example did, then finds no group of that id and ends with its own
+    exit status, as it did there; `kill`, timeouts and the cleanup of what a
+    script leaves behind signal the whole group by the leader's id.
+
     posix_spawn (a vfork) rather than fork: a fork of even this small Python
     process costs more than the whole script (page tables copied, then every
     page the child touches).  What posix_spawn cannot do for the child (umask,
     fd limit) is set in this process, which has no other use for it.
-    Returns the pid, or the outcome if the script could not be started.
+    Returns (script pid, group id), or the outcome if the script could not be
+    started.
     """
     os.umask(spec.umask)
     setup.setrlimit(setup.rlimit_nofile, tuple(spec.fd_limit))
     try:
-        return os.posix_spawn(
+        group = os.posix_spawn(setup.group_leader, [setup.group_leader], {}, setpgroup=0)
+    except OSError:
+        group = 0   # (no process to spare) the script leads its group, as before
+    try:
+        pid = os.posix_spawn(
             spec.script, [spec.script, *spec.args], spec.environment,
             file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                           (os.POSIX_SPAWN_DUP2, log_fd, 1),
                           (os.POSIX_SPAWN_DUP2, log_fd, 2)],
-            setpgroup=0, setsigmask=(), setsigdef=setup.reset_signals)
+            setpgroup=group, setsigmask=(), setsigdef=setup.reset_signals)
+        return pid, group or pid
     except OSError as error:
         message = f"cannot run {spec.script}: {error.strerror}"
         _note(log_fd, f"cli.py: {message}\n")
@@ -2756,8 +2772,9 @@ def _spawn_job(spec, log_fd, setup):
                 "not_started": True}
 
 
-def _wait_for_group(run_dir, spec, leader):
-    """Wait for the job's main process, then for the rest of its process group.
+def _wait_for_group(run_dir, spec, script, group):
+    """Wait for the job's main process (SCRIPT), then for the rest of its
+    process GROUP.
 
     SIGTERM (from the server) means: end the job.  The group gets SIGTERM, and
     SIGKILL once the grace period in the .kill file has passed.  Processes the
@@ -2768,40 +2785,40 @@ def _wait_for_group(run_dir, spec, leader):
     exit_status = None
     kill_deadline = None
     while True:
-        exit_status = _reap_children(leader, exit_status)
+        exit_status = _reap_children(script, exit_status)
         if exit_status is not None:
-            if not _group_alive(leader):
+            if not _group_alive(group):
                 return exit_status
             if kill_deadline is None:
-                kill_deadline = _terminate_group(leader, DEFAULT_KILL_GRACE)
+                kill_deadline = _terminate_group(group, DEFAULT_KILL_GRACE)
         if kill_deadline is None:
             received = signal.sigwaitinfo(waited)
         else:
             remaining = kill_deadline - time.monotonic()
             if remaining <= 0:
-                _signal_group(leader, signal.SIGKILL)
+                _signal_group(group, signal.SIGKILL)
                 remaining = 1.0
             received = signal.sigtimedwait(waited, remaining)
         if received and received.si_signo == signal.SIGTERM:
             # A second kill may ask for a shorter grace than the first.
             grace = _read_grace(run_dir, spec.job_id, spec.attempt)
             if kill_deadline is None:
-                kill_deadline = _terminate_group(leader, grace)
+                kill_deadline = _terminate_group(group, grace)
             else:
                 kill_deadline = min(kill_deadline, time.monotonic() + grace)
 
 
-def _reap_children(leader, leader_status):
-    """Reap every child that has ended; return LEADER's status once known."""
+def _reap_children(script, script_status):
+    """Reap every child that has ended; return SCRIPT's status once known."""
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return leader_status
+            return script_status
         if pid == 0:
-            return leader_status
-        if leader is not None and pid == leader:
-            leader_status = status
+            return script_status
+        if script is not None and pid == script:
+            script_status = status
 
 
 def _terminate_group(pgid, grace):
