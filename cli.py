@@ -500,12 +500,14 @@ class WorkerState(str, Enum):
 # WAITING/BLOCKED -> DONE is a waiting job killed (or skipped) before it ran.
 # RUNNING -> WAITING is a failed attempt with retries left, or, in recovery or
 # after a failed launch, an attempt whose script never started; RUNNING ->
-# BLOCKED the same with a --retry-delay to wait out.  Only a WAITING job starts.
+# BLOCKED the same with a --retry-delay to wait out.  DONE -> WAITING/BLOCKED
+# is `retry` (BLOCKED: a dependent it brings back waits for it again).  Only a
+# WAITING job starts.
 JOB_TRANSITIONS = {
     JobState.WAITING: {JobState.RUNNING, JobState.DONE},
     JobState.BLOCKED: {JobState.WAITING, JobState.DONE},
     JobState.RUNNING: {JobState.DONE, JobState.WAITING, JobState.BLOCKED},
-    JobState.DONE: set(),
+    JobState.DONE: {JobState.WAITING, JobState.BLOCKED},
 }
 # DRAINING -> ACTIVE/PAUSED: a load_status document that lists a worker being
 # removed registers it afresh (its removal is called off).  No command does.
@@ -529,8 +531,10 @@ UNCHANGED = object()   # a column its state owns that keeps its value unless giv
 _RUNNING_CLEARED = {"worker": None, "slot": None, "slots": None, "started_at": None,
                     "kill_requested_at": None, "kill_grace": None, "timed_out": 0,
                     "exit_code": None, "signal": None}
+# (result and ended_at: a retried job has not ended yet.)
 _WAITING_COLUMNS = {**_RUNNING_CLEARED, "reason": UNCHANGED, "not_before": UNCHANGED,
-                    "attempt": UNCHANGED, "log": UNCHANGED}
+                    "attempt": UNCHANGED, "log": UNCHANGED, "result": None, "ended_at": None,
+                    "attempts_before_retry": UNCHANGED}
 # The columns each state owns, set when a job enters it (Store.change_jobs): to
 # the value the mover gives, else to the default here.  Nothing else may be set
 # by a move.  A done job keeps its last attempt's worker and slots: its history.
@@ -1211,6 +1215,8 @@ REQUESTS = {
                            **_JOB_SHAPE),
     "kill": Request("kill", ids=_job_ids, grace=(_grace, DEFAULT_KILL_GRACE)),
     "priority": Request("priority", ids=_job_ids, priority=(_priority, 0)),
+    "retry": Request("retry", ids=(_optional_job_ids, None), state=(_state_filter, (None, None)),
+                     failed=(_flag, False), script=(_optional_string, None)),
     "jobs": Request("jobs", id=(_optional_job_id, None),
                     state=(_state_filter, (None, None)), last=(_last, None),
                     worker=(_optional_string, None), script=(_optional_string, None)),
@@ -1358,6 +1364,23 @@ MIGRATIONS = [
     ALTER TABLE workers ADD COLUMN ssh_port INTEGER;
     ALTER TABLE workers ADD COLUMN ssh_user TEXT;
     ALTER TABLE workers ADD COLUMN down_after INTEGER;
+    """,
+    # 5: retry.  The conditions no longer waited on, with how each was settled,
+    # so that a retried job can bring back the dependents its failure skipped;
+    # and how many attempts a job had before its latest retry, which its
+    # --retries no longer counts.
+    """
+    CREATE TABLE settled_dependencies (
+        job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        prerequisite INTEGER NOT NULL,
+        any_of INTEGER NOT NULL,
+        -- met: the prerequisite (or, for --after-any, one of them) succeeded;
+        -- failed: it ended without success; dropped: the dependent ended first.
+        outcome TEXT NOT NULL,
+        PRIMARY KEY (job_id, prerequisite)
+    );
+    CREATE INDEX settled_dependencies_by_prerequisite ON settled_dependencies (prerequisite);
+    ALTER TABLE jobs ADD COLUMN attempts_before_retry INTEGER NOT NULL DEFAULT 0;
     """,
 ]
 
@@ -1630,7 +1653,7 @@ class Store:
         waiting: only waiting jobs have conditions to fail)."""
         self.change_jobs([job_id], (JobState.WAITING, JobState.BLOCKED), JobState.DONE,
                          result=JobResult.SKIPPED.value, reason=reason, ended_at=time.time())
-        self.db.execute("DELETE FROM dependencies WHERE job_id = ?", (job_id,))
+        self.dependencies.drop([job_id])
 
     def release_due(self, now):
         """Unblock the blocked jobs whose start time has come and that wait on nothing
@@ -1838,14 +1861,17 @@ class Store:
                 failed.setdefault(job_id, set()).add(worker)
         return failed
 
-    def unreached_attempts(self, job_id):
-        """How many ended attempts of the job ssh could not get through (exit 255)."""
+    def unreached_attempts(self, job_id, after=0):
+        """How many ended attempts of the job after the first AFTER ssh could not get
+        through (exit 255)."""
         return self.db.execute("SELECT count(*) FROM attempts WHERE job_id = ? AND "
-                               "exit_code = ?", (job_id, SSH_EXIT_STATUS)).fetchone()[0]
+                               "attempt > ? AND exit_code = ?",
+                               (job_id, after, SSH_EXIT_STATUS)).fetchone()[0]
 
 
 class Dependencies:
-    """The --after graph: a row per condition not yet met (see migration 3)."""
+    """The --after graph: a row per condition not yet met (see migration 3), and
+    one per condition settled, with how (see migration 5)."""
 
     def __init__(self, store):
         self.store = store
@@ -1858,6 +1884,16 @@ class Dependencies:
                 "INSERT INTO dependencies (job_id, prerequisite, any_of) VALUES (?, ?, ?)",
                 ((job_id, prerequisite, int(any_of)) for job_id in range(first, last + 1)
                  for prerequisite, any_of in conditions))
+
+    def add_settled(self, first, last, settled):
+        """Jobs FIRST..LAST were queued with SETTLED conditions (see settled_at_once)."""
+        if settled:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO settled_dependencies (job_id, prerequisite, any_of, "
+                "outcome) VALUES (?, ?, ?, ?)",
+                ((job_id, prerequisite, int(any_of), outcome)
+                 for job_id in range(first, last + 1)
+                 for prerequisite, any_of, outcome in settled))
 
     def unmet(self, job_ids=None):
         """{job id: ([--after ids], [--after-any ids])} still unmet, for JOB_IDS (or all)."""
@@ -1891,13 +1927,11 @@ class Dependencies:
                     "SELECT job_id, any_of FROM dependencies WHERE prerequisite = ?",
                     (prerequisite,)).fetchall():
                 if succeeded:
-                    self.db.execute("DELETE FROM dependencies WHERE job_id = ? AND "
-                                    "(prerequisite = ? OR any_of = 1 AND ? = 1)",
-                                    (job_id, prerequisite, any_of))
+                    self._settle("job_id = ? AND (prerequisite = ? OR any_of = 1 AND ? = 1)",
+                                 (job_id, prerequisite, any_of), "met")
                     met.add(job_id)
                     continue
-                self.db.execute("DELETE FROM dependencies WHERE job_id = ? AND prerequisite = ?",
-                                (job_id, prerequisite))
+                self._settle("job_id = ? AND prerequisite = ?", (job_id, prerequisite), "failed")
                 if any_of:
                     if self.db.execute("SELECT 1 FROM dependencies WHERE job_id = ? AND "
                                        "any_of = 1", (job_id,)).fetchone():
@@ -1913,8 +1947,62 @@ class Dependencies:
 
     def drop(self, job_ids):
         """Jobs that will never run stop waiting for anything."""
-        self.db.executemany("DELETE FROM dependencies WHERE job_id = ?",
-                            ((job_id,) for job_id in job_ids))
+        for job_id in job_ids:
+            self._settle("job_id = ?", (job_id,), "dropped")
+
+    def _settle(self, where, values, outcome):
+        """Conditions (WHERE, on the dependencies table) no longer waited on, kept
+        with OUTCOME for retry."""
+        self.db.execute(f"INSERT OR REPLACE INTO settled_dependencies (job_id, prerequisite, "
+                        f"any_of, outcome) SELECT job_id, prerequisite, any_of, ? FROM "
+                        f"dependencies WHERE {where}", (outcome, *values))
+        self.db.execute(f"DELETE FROM dependencies WHERE {where}", values)
+
+    def skipped_by(self, prerequisites):
+        """The skipped jobs whose --after (or last --after-any) condition on one of
+        PREREQUISITES failed."""
+        found = set()
+        for chunk in _chunks(sorted(prerequisites)):
+            found.update(row[0] for row in self.db.execute(
+                f"SELECT DISTINCT s.job_id FROM settled_dependencies s JOIN jobs j ON "
+                f"j.id = s.job_id WHERE s.outcome = 'failed' AND j.result = 'skipped' AND "
+                f"s.prerequisite IN ({', '.join('?' * len(chunk))})", chunk))
+        return found
+
+    def settled_unmet(self, job_id):
+        """[(prerequisite, any_of, how it ended: a result, 'removed', or None while it
+        has not)] for the conditions of a job that were settled without being met.
+        Its --after-any ones count only if none of them was met."""
+        return [tuple(row) for row in self.db.execute(
+            "SELECT s.prerequisite, s.any_of, CASE WHEN j.id IS NULL THEN 'removed' "
+            "WHEN j.state = 'done' THEN j.result END FROM settled_dependencies s "
+            "LEFT JOIN jobs j ON j.id = s.prerequisite WHERE s.job_id = ? AND "
+            "s.outcome != 'met' AND NOT (s.any_of = 1 AND EXISTS (SELECT 1 FROM "
+            "settled_dependencies m WHERE m.job_id = s.job_id AND m.any_of = 1 AND "
+            "m.outcome = 'met')) ORDER BY s.prerequisite", (job_id,))]
+
+    def reopen(self, job_id):
+        """A retried job waits again for the conditions it never had met (see
+        settled_unmet); returns how many."""
+        conditions = self.settled_unmet(job_id)
+        self.db.executemany(
+            "INSERT INTO dependencies (job_id, prerequisite, any_of) VALUES (?, ?, ?)",
+            [(job_id, prerequisite, any_of) for prerequisite, any_of, _ in conditions])
+        self.db.executemany(
+            "DELETE FROM settled_dependencies WHERE job_id = ? AND prerequisite = ?",
+            [(job_id, prerequisite) for prerequisite, _, _ in conditions])
+        return len(conditions)
+
+    def reopen_failed_on(self, prerequisites):
+        """Waiting jobs whose --after-any condition on one of PREREQUISITES (retried)
+        failed wait for it again."""
+        for prerequisite in prerequisites:
+            where = ("prerequisite = ? AND outcome = 'failed' AND job_id IN "
+                     "(SELECT id FROM jobs WHERE state = 'waiting')")
+            self.db.execute("INSERT INTO dependencies (job_id, prerequisite, any_of) SELECT "
+                            f"job_id, prerequisite, any_of FROM settled_dependencies WHERE {where}",
+                            (prerequisite,))
+            self.db.execute(f"DELETE FROM settled_dependencies WHERE {where}", (prerequisite,))
 
     def stale(self):
         """Prerequisites that ended (or went) without their dependents hearing of it."""
@@ -2250,6 +2338,22 @@ def dependency_conditions(after, after_any, ended):
     return conditions, None
 
 
+def settled_at_once(after, after_any, ended, skipped):
+    """The conditions of a new job settled as it is queued, kept for `retry`:
+    [(prerequisite, any_of, 'met', 'failed' or 'dropped')].  ENDED as for
+    dependency_conditions; SKIPPED: the job is skipped at once, and its
+    conditions still to come are dropped."""
+    settled = []
+    for any_of, job_ids in ((False, after), (True, after_any)):
+        for job_id in job_ids:
+            if job_id in ended:
+                settled.append((job_id, any_of, "met" if ended[job_id] ==
+                                JobResult.SUCCEEDED.value else "failed"))
+            elif skipped:
+                settled.append((job_id, any_of, "dropped"))
+    return settled
+
+
 def find_cycle(prerequisites):
     """A list of job ids that wait on each other in a circle, or None.
 
@@ -2343,6 +2447,38 @@ def set_aside(failures_in_row, down_after, others_working):
     (OTHERS_WORKING).  Where they fail everywhere, the jobs are to blame, not the
     worker, and setting every worker aside would only stall the queue."""
     return down_after > 0 and failures_in_row >= down_after and others_working
+
+
+def retried_together(candidates):
+    """Which of CANDIDATES, ended jobs a `retry` would run again, can come back.
+
+    CANDIDATES: {job id: [(prerequisite, any_of, how it ended: a result,
+    'removed', or None while it has not)]}, the --after and --after-any
+    conditions each job never had met.  A job comes back unless a condition
+    would skip it again at once: an --after job that ended without success and
+    does not come back itself, or every one of its --after-any jobs so.  Leaving
+    one out can hold back others (the largest set that holds is the answer).
+    Returns (the ids that come back, {id held back: the condition that holds it}).
+    """
+    def lost(prerequisite, how, back):
+        return how not in (None, JobResult.SUCCEEDED.value) and prerequisite not in back
+
+    back, held = set(candidates), {}
+    while True:
+        newly = {}
+        for job_id in back:
+            conditions = candidates[job_id]
+            lost_after = [condition for condition in conditions
+                          if not condition[1] and lost(condition[0], condition[2], back)]
+            any_of = [condition for condition in conditions if condition[1]]
+            if lost_after:
+                newly[job_id] = lost_after[0]
+            elif any_of and all(lost(prerequisite, how, back) for prerequisite, _, how in any_of):
+                newly[job_id] = any_of[-1]
+        if not newly:
+            return back, held
+        back -= set(newly)
+        held.update(newly)
 
 
 def free_retry(exit_code, ended_by_us, down_after, unreached_before):
@@ -4541,12 +4677,14 @@ class Queue:
             kill_requested, timed_out, reason = False, False, outcome.get("error")
         result = result_of(outcome.get("exit_code"), kill_requested, timed_out)
         down_after = self.workers.down_after_of(row["worker"])
-        unreached = self.store.unreached_attempts(job_id)
+        # Attempts before its latest `retry` count neither way.
+        base = row["attempts_before_retry"]
+        unreached = self.store.unreached_attempts(job_id, after=base)
         free = result == JobResult.FAILED and free_retry(
             outcome.get("exit_code"), kill_requested, down_after, unreached)
         # The attempts that were free (the first DOWN_AFTER that ssh could not get
         # through) do not count against --retries.
-        counted = row["attempt"] - min(unreached, down_after)
+        counted = row["attempt"] - base - min(unreached, down_after)
         retries_left = row["retries"] - counted + 1
         retry = result in (JobResult.FAILED, JobResult.TIMED_OUT) and retries_left > 0
         with self.changes() as changes:
@@ -4604,7 +4742,7 @@ class Queue:
         why they were all skipped at once or None)."""
         check_script(script)
         self.workers.check_placement(options)
-        conditions, skip_reason = self.conditions_requested(after, after_any)
+        conditions, settled, skip_reason = self.conditions_requested(after, after_any)
         if len(arg_lists) * len(conditions) > MAX_BULK_JOBS:
             raise UserError(f"{len(arg_lists)} jobs each waiting on {len(conditions)} jobs is "
                             f"more than {MAX_BULK_JOBS} conditions: let them wait on one job "
@@ -4616,6 +4754,7 @@ class Queue:
             first, last = self.store.insert_jobs(script, arg_lists, cwd, environment_id,
                                                  variables, umask, options)
             self.store.dependencies.add(first, last, conditions)
+            self.store.dependencies.add_settled(first, last, settled)
             if skip_reason:
                 skipped = list(range(first, last + 1))
                 self.store.change_jobs(skipped, (JobState.WAITING, JobState.BLOCKED),
@@ -4630,13 +4769,16 @@ class Queue:
 
     def conditions_requested(self, after, after_any):
         """The (prerequisite, any_of) conditions of a new job from its --after and
-        --after-any ids, and why it is skipped at once if they can never be met."""
+        --after-any ids, those settled at once (see settled_at_once), and why it is
+        skipped at once if they can never be met."""
         both = set(after) & set(after_any)
         if both:
             raise UserError(f"job {min(both)} is in both --after and --after-any: choose one")
         rows = self.existing(after + after_any)
-        return dependency_conditions(after, after_any, {
-            row["id"]: row["result"] for row in rows if row["state"] == JobState.DONE.value})
+        ended = {row["id"]: row["result"] for row in rows if row["state"] == JobState.DONE.value}
+        conditions, skip_reason = dependency_conditions(after, after_any, ended)
+        return (conditions, settled_at_once(after, after_any, ended, bool(skip_reason)),
+                skip_reason)
 
     def kill_waiting(self, job_ids):
         """Waiting jobs end as killed before they start; their dependents follow."""
@@ -4648,6 +4790,64 @@ class Queue:
             self.store.dependencies.drop(job_ids)
             self.resolve(changes, [(job_id, False, "was killed") for job_id in job_ids])
         self.log.info("%d waiting job(s) killed before they started", len(job_ids))
+
+    def retry(self, job_ids, named):
+        """Ended jobs wait again under their ids, each for a new attempt with its
+        --retries afresh; so do the dependents their failures skipped
+        (transitively), unless another failure would skip them again.  NAMED: the
+        user named the jobs one by one, and one held back is refused rather than
+        left out.  Returns (ids retried, ids of dependents back with them, ids held
+        back)."""
+        for row in self.existing(job_ids):
+            if row["state"] != JobState.DONE.value:
+                raise UserError(f"job {row['id']} is {row['state']}: only ended jobs can be "
+                                "retried (kill it first to run it again); nothing was changed")
+        dependencies = self.store.dependencies
+        candidates, frontier = set(job_ids), set(job_ids)
+        while frontier:
+            frontier = dependencies.skipped_by(frontier) - candidates
+            candidates |= frontier
+        back, held = retried_together({job_id: dependencies.settled_unmet(job_id)
+                                       for job_id in candidates})
+        refused = sorted(set(job_ids) & set(held)) if named else []
+        if refused:
+            prerequisite, any_of, how = held[refused[0]]
+            root, root_how = prerequisite, how
+            for _ in range(MAX_BULK_JOBS):   # up the chain of skips to the job that failed
+                if root_how != JobResult.SKIPPED.value:
+                    break
+                root, _, root_how = next(
+                    (condition for condition in dependencies.settled_unmet(root)
+                     if condition[2] not in (None, JobResult.SUCCEEDED.value)),
+                    (root, None, "removed"))
+            raise UserError(
+                f"job {refused[0]} would be skipped again: it runs "
+                f"{'--after-any' if any_of else '--after'} job {prerequisite}, which "
+                f"{'was removed' if how == 'removed' else f'ended {how}'}"
+                + (f" (after job {root} ended {root_how})"
+                   if root != prerequisite and root_how != "removed" else "")
+                + (f"; retry job {root} and it comes back with that job"
+                   if root_how not in ("removed", JobResult.SKIPPED.value) else "")
+                + "; nothing was changed")
+        rows = {row["id"]: row for row in self.store.jobs_by_id(
+            sorted(back), "id, result, attempt")}
+        with self.changes() as changes:
+            for job_id in sorted(back):
+                row = rows[job_id]
+                state = JobState.BLOCKED if dependencies.reopen(job_id) else JobState.WAITING
+                self.store.change_jobs(
+                    [job_id], JobState.DONE, state, not_before=None,
+                    attempts_before_retry=row["attempt"],
+                    reason=f"retried after it ended {row['result']}" if job_id in job_ids
+                    else "back with the retry of the jobs it runs --after")
+                changes.moved([job_id], state)
+            dependencies.reopen_failed_on(back)
+            # Conditions on jobs that have ended since: met, or failed, now.
+            self.resolve(changes, dependencies.stale())
+        retried = [job_id for job_id in job_ids if job_id in back]
+        self.log.info("%d job(s) retried, %d skipped dependent(s) back with them",
+                      len(retried), len(back) - len(retried))
+        return retried, sorted(back - set(job_ids)), sorted(held)
 
     def set_priority(self, job_ids, priority):
         """Give waiting jobs a new priority: higher starts first, FIFO among equals."""
@@ -4739,10 +4939,13 @@ class Queue:
                 job["new_id"] = new_id
             skipped = []
             for job in jobs:
-                conditions, skip_reason = dependency_conditions(
-                    [new_ids.get(job_id, job_id) for job_id in job["after"]],
-                    [new_ids.get(job_id, job_id) for job_id in job["after_any"]], ended)
+                after = [new_ids.get(job_id, job_id) for job_id in job["after"]]
+                after_any = [new_ids.get(job_id, job_id) for job_id in job["after_any"]]
+                conditions, skip_reason = dependency_conditions(after, after_any, ended)
                 self.store.dependencies.add(job["new_id"], job["new_id"], conditions)
+                self.store.dependencies.add_settled(
+                    job["new_id"], job["new_id"],
+                    settled_at_once(after, after_any, ended, bool(skip_reason)))
                 if skip_reason:
                     self.store.skip(job["new_id"], skip_reason)
                     skipped.append(job["new_id"])
@@ -5840,6 +6043,29 @@ class Handlers:
             return self.reply_when_ended(client, running, lambda: outcome)
         return outcome
 
+    def retry(self, client, params):
+        """Run ended jobs again: the ids named, or those the filters pick among them."""
+        state, result = params["state"]
+        if state not in (None, JobState.DONE.value):
+            raise UserError(f"only ended jobs can be retried: --state takes done or how a job "
+                            f"ended ({', '.join(result.value for result in JobResult)})")
+        filtered = params["failed"] or state is not None or params["script"] is not None
+        job_ids = params["ids"]
+        if not filtered:
+            retried, back, held = self.queue.retry(job_ids, named=True)
+            return {"retried": retried, "back": back, "held": held}
+        if job_ids is not None:
+            self.queue.existing(job_ids)
+        results = (JobResult.FAILED.value, JobResult.TIMED_OUT.value) if params["failed"] \
+            else (result,)
+        chosen = [row["id"] for wanted in results for row in self.store.find_jobs(
+            JobState.DONE.value, wanted, None, params["script"])]
+        if job_ids is not None:
+            chosen = sorted(set(chosen) & set(job_ids))
+        retried, back, held = self.queue.retry(sorted(chosen), named=False) \
+            if chosen else ([], [], [])
+        return {"retried": retried, "back": back, "held": held}
+
     def priority(self, client, params):
         self.queue.set_priority(params["ids"], params["priority"])
         return {"ids": params["ids"], "priority": params["priority"]}
@@ -6760,6 +6986,36 @@ def command_kill(options):
     return 0
 
 
+def command_retry(options):
+    """Run ended jobs again: same id, same options, as a new attempt.
+
+    Each job goes back to the queue under its id, with its --retries afresh;
+    its log, attempts and JOB_ATTEMPT carry on from the last attempt.  Jobs
+    that were skipped because it failed (--after, --after-any) come back with
+    it, and theirs in turn, unless another failed job would skip them again.
+    With --failed (failed or timed out), --state or --script, only the ended
+    jobs that match are retried: all of them, or those among the IDs given.
+    Waiting and running jobs are refused.
+    """
+    if options.failed and options.state is not None:
+        raise UserError("--failed is --state failed plus timed_out: give one or the other")
+    if not options.ids and not (options.failed or options.state or options.script):
+        raise UserError("name the jobs to retry: IDS (like 12 or 12-20), or --failed, "
+                        "--state S or --script P")
+    job_ids = parse_job_ids(options.ids) if options.ids else None
+    result = request(options.data_dir, "retry", ids=job_ids, failed=options.failed,
+                     state=options.state, script=options.script)
+    if not result["retried"]:
+        print("nothing to retry: no ended job matches")
+        return 0
+    print(f"retried {describe_ids(result['retried'])}"
+          + (f"; back with them, the dependents they had skipped: {describe_ids(result['back'])}"
+             if result["back"] else "")
+          + (f"; still skipped (another job they wait for failed): "
+             f"{describe_ids(result['held'])}" if result["held"] else ""))
+    return 0
+
+
 def command_priority(options):
     """Change the priority of waiting jobs: higher starts first, FIFO among equals.
 
@@ -7156,6 +7412,7 @@ COMMANDS = {
     "load_status": command_load_status,
     "kill": command_kill,
     "priority": command_priority,
+    "retry": command_retry,
     "jobs": command_jobs,
     "logs": command_logs,
     "purge": command_purge,
@@ -7189,6 +7446,9 @@ EXAMPLES = {
     "remove_job": "./cli.py remove_job 12 13\n  ./cli.py remove_job ./job.sh input-1.dat",
     "load_status": "./cli.py status --json > state.json\n  ./cli.py load_status state.json",
     "kill": "./cli.py kill 12\n  ./cli.py kill --grace 1m 12-20 31",
+    "retry": "./cli.py retry 42\n  ./cli.py retry --failed          # every failed or timed-out job\n"
+             "  ./cli.py retry --failed 100-199  # those of 100-199 that failed\n"
+             "  ./cli.py retry --state killed --script render.sh",
     "priority": "./cli.py priority 10 42          # job 42 goes before the default-0 ones\n"
                 "  ./cli.py priority -5 100-199   # these go last",
     "jobs": "./cli.py jobs --last 20\n  ./cli.py jobs --state failed --worker node3\n"
@@ -7418,6 +7678,19 @@ def build_parser(only=None):
     kill.add_argument("--grace", default=f"{DEFAULT_KILL_GRACE:g}s", metavar="DURATION",
                       help="Time between SIGTERM and SIGKILL, like 10s or 1m "
                            f"(default: {DEFAULT_KILL_GRACE:g}s).")
+
+    retry = add("retry")
+    retry.add_argument("ids", nargs="*", metavar="ID",
+                       help="Ended jobs: ids, or ranges like 12-20 (with a filter: only "
+                            "those of them that match).")
+    retry.add_argument("--failed", action="store_true",
+                       help="Only jobs that failed or timed out.")
+    retry.add_argument("--state", metavar="S",
+                       help="Only jobs that ended this way: done (any), " +
+                            ", ".join(result.value for result in JobResult) + ".")
+    retry.add_argument("--script", metavar="P",
+                       help="Only jobs of this script: a path, or a bare name matching any "
+                            "script of that name.")
 
     priority = add("priority")
     priority.add_argument("priority", type=int, metavar="N",

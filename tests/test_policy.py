@@ -285,6 +285,36 @@ def test_dependency_conditions():
         "none of its --after-any jobs succeeded"
 
 
+def test_settled_at_once_keeps_the_conditions_a_new_job_does_not_wait_on():
+    ok, failed = cli.JobResult.SUCCEEDED.value, cli.JobResult.FAILED.value
+    assert cli.settled_at_once([1, 2], [], {1: ok}, False) == [(1, False, "met")]
+    assert cli.settled_at_once([1, 2], [3], {1: failed}, True) == \
+        [(1, False, "failed"), (2, False, "dropped"), (3, True, "dropped")]
+    assert cli.settled_at_once([], [3, 4], {3: failed, 4: ok}, False) == \
+        [(3, True, "failed"), (4, True, "met")]
+
+
+@pytest.mark.parametrize("candidates, back, held", [
+    # A failed job and the dependents its failure skipped, transitively.
+    ({1: [], 2: [(1, False, "failed")], 3: [(2, False, "skipped")]}, {1, 2, 3}, {}),
+    # Another --after job that failed and is not retried holds one back, and so
+    # its own dependents.
+    ({1: [], 2: [(1, False, "failed"), (9, False, "failed")], 3: [(2, False, "skipped")]},
+     {1}, {2: (9, False, "failed"), 3: (2, False, "skipped")}),
+    # Conditions on jobs that succeeded since, or have not ended, hold nothing.
+    ({2: [(1, False, "succeeded"), (5, False, None)]}, {2}, {}),
+    # --after-any: one coming back (or still to end) is enough; none is not.
+    ({1: [], 2: [(1, True, "failed"), (9, True, "failed")]}, {1, 2}, {}),
+    ({2: [(1, True, "failed"), (9, True, "killed")]}, set(), {2: (9, True, "killed")}),
+    ({2: [(1, True, None), (9, True, "killed")]}, {2}, {}),
+    # A removed prerequisite can never succeed.
+    ({2: [(1, False, "removed")]}, set(), {2: (1, False, "removed")}),
+])
+def test_retried_together_brings_back_only_what_would_not_be_skipped_again(
+        candidates, back, held):
+    assert cli.retried_together(candidates) == (back, held)
+
+
 @pytest.mark.parametrize("graph, cycle", [
     ({1: [2], 2: [3], 3: []}, None),
     ({1: [1]}, [1, 1]),
