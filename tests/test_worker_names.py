@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from conftest import CLI
+from conftest import CLI, wait_until
 
 
 def loopback_ipv6():
@@ -77,6 +77,22 @@ def test_jobs_get_where_ssh_goes_as_slave_host_port_and_user(server, workers, w6
         assert (env["SLAVE_HOST"], env["SLAVE_PORT"], env["SLAVE_USER"]) == \
             (host, str(port), user), name
     server.fails("add_job", "-e", "SLAVE_PORT=1", server.script, expect="cannot be overridden")
+
+
+def test_many_hosts_added_without_the_check_are_resolved_by_the_server(server, workers):
+    """Beyond 16 hosts add_slave --skip_ssh_auth_check leaves `ssh -G` to the server's
+    health checker: the alias w1 gets its HostName and Port from the ssh config."""
+    server.ok("add_slave", "--skip_ssh_auth_check", "w1", "node[01-20]")
+
+    def w1_endpoint():
+        slaves = {slave["ip"]: slave for slave in server.status()["slaves"]}
+        endpoint = slaves["w1"]["endpoint"]
+        return endpoint if endpoint["host"] != "w1" else None
+    endpoint = wait_until(w1_endpoint, what="w1 to be resolved")
+    assert (endpoint["host"], endpoint["port"]) == ("127.0.0.1", workers[0].port)
+    job_id = server.add_job("--on", "w1", server.script)
+    server.ok("wait", "-q", job_id)
+    assert server.record(job_id)["env"]["SLAVE_PORT"] == str(workers[0].port)
 
 
 def test_an_alias_with_a_port_is_refused_with_what_to_write(server, workers):
