@@ -226,6 +226,16 @@ def test_quickstart_twice_as_a_new_user_without_sudo(system_sshd, new_user):
     assert check_results(new_user, third)[0] == second_ids[1] + 1
     assert check_ssh_dir(new_user) == line
 
+    # sshd refuses the key (StrictModes: a home others may write to): one line, why.
+    new_user.home.chmod(0o777)
+    try:
+        refused = new_user.quickstart()
+    finally:
+        new_user.home.chmod(0o755)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("Error: ") and \
+        "sshd refuses the key" in refused.stderr, refused.stderr
+
 
 @pytest.fixture
 def not_ssh_port():
