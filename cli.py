@@ -44,7 +44,8 @@ Run `./cli.py COMMAND --help` for each command.
 #   Clients                           Clients: the socket, replies, waiters, `wait`
 #   Request handlers                  Handlers: one thin method per request
 #   Server                            Server: the wiring and the event loop; run_server
-#   Client commands, Argument parsing, main()
+#   Client commands, Quickstart (from a fresh machine to jobs run on localhost),
+#   Argument parsing, main()
 #
 # The path of one job:  `add_job` (command_add_job) sends a request line;
 # Clients.handle checks it against REQUESTS and calls Handlers.add_job, which
@@ -7414,10 +7415,524 @@ def resolve_dir(path):
 
 
 ###############################################################################
+# Quickstart ###################################################################
+###############################################################################
+
+# `quickstart` takes a fresh Debian or Ubuntu machine to three finished jobs,
+# with this machine as the worker `localhost`.  Until its Python packages are
+# there it uses the standard library only (it runs before fabric is installed,
+# then runs itself again under .venv/bin/python), and it checks what could stop
+# it before it changes anything it need not.  It leaves the user's keys,
+# known_hosts and ssh config alone: the queue gets a key, a known_hosts file and
+# an ssh config of its own in DATA_DIR/quickstart, and the one change in ~/.ssh
+# is a line in authorized_keys.
+
+QUICKSTART_DIR = "quickstart"       # in the data dir: key, known_hosts, ssh config
+QUICKSTART_INPUTS = "quickstart"    # in the current dir: the sample inputs
+QUICKSTART_JOBS = 3
+QUICKSTART_RESULTS = "results"      # where example_job.sh puts its results
+PYTHON_PACKAGES = ("fabric", "filelock", "tabulate")   # requirements.txt, by import name
+SSH_BANNER_TIMEOUT = 5.0
+SSHD_START_TIMEOUT = 15.0
+HERE = os.path.dirname(os.path.abspath(__file__))
+# ssh config and ssh -G lists do not survive these in a path (see HostKeyCheck).
+PLAIN_SSH_PATH = re.compile(r'[^\s"\'%\\]+\Z')
+
+
+def shown_path(path):
+    """PATH relative to the current directory when it lies below it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def run_quietly(argv, timeout=600, **kwargs):
+    """Run ARGV; its output is kept for a message, never shown as it comes."""
+    import subprocess
+    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          errors="replace", timeout=timeout, **kwargs)
+
+
+def last_line(text):
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def run_or_stop(argv, advice):
+    """Run ARGV quietly; if it fails, stop with the last line it printed and ADVICE.
+    (A run that hangs is stopped by command_quickstart.)"""
+    result = run_quietly(argv)
+    if result.returncode != 0:
+        command = " ".join(shown_path(word) if word.startswith("/") else word
+                           for word in argv)
+        said = last_line(result.stderr + result.stdout) or f"exit status {result.returncode}"
+        raise UserError(f"{command} failed ({said}): {advice}")
+    return result
+
+
+def as_root():
+    """The prefix that runs a command as root: [] for root, sudo -n where sudo needs no
+    password, else None."""
+    import subprocess
+    if os.geteuid() == 0:
+        return []
+    try:
+        if run_quietly(["sudo", "-n", "true"], timeout=30).returncode == 0:
+            return ["sudo", "-n"]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return None
+
+
+def probe_ssh_port(port):
+    """('ssh', banner), ('closed', None) or ('other', what it said) for localhost:PORT."""
+    try:
+        connection = socket.create_connection(("localhost", port), timeout=SSH_BANNER_TIMEOUT)
+    except ConnectionRefusedError:
+        return "closed", None
+    except OSError as error:
+        return "other", f"no answer: {error.strerror or error}"
+    received = b""
+    with connection:
+        try:
+            while len(received) < 4096:
+                *lines, _ = received.split(b"\n")   # the complete lines
+                # RFC 4253: a server may send other lines before its SSH-... line.
+                banner = next((line for line in lines if line.startswith(b"SSH-")), None)
+                if banner is not None:
+                    return "ssh", banner.decode(errors="replace").strip()
+                chunk = connection.recv(1024)
+                if not chunk:
+                    break
+                received += chunk
+        except OSError:
+            pass   # it said nothing in time
+    said = last_line(received.decode(errors="replace"))[:60]
+    return "other", f"it said {said!r}" if said else "it sent no SSH greeting"
+
+
+def quickstart_packages(port):
+    """OS packages: the ssh client, sshd (unless an SSH server answers already), rsync,
+    and python3-venv while this Python lacks cli.py's packages and no .venv has them."""
+    import importlib.util
+    import shutil
+    wanted = {
+        "openssh-client": all(map(shutil.which, ("ssh", "ssh-keygen", "ssh-keyscan"))),
+        "openssh-server": os.path.exists("/usr/sbin/sshd") or
+        probe_ssh_port(port)[0] != "closed",
+        "rsync": shutil.which("rsync"),
+        "python3-venv": python_packages_ready() or os.path.exists(venv_python()) or
+        importlib.util.find_spec("ensurepip"),
+    }
+    missing = [package for package, present in wanted.items() if not present]
+    if not missing:
+        print("OS packages already installed: " + ", ".join(wanted))
+        return
+    command = "apt-get update && apt-get install -y " + " ".join(missing)
+    prefix = as_root()
+    if prefix is None or not shutil.which("apt-get"):
+        raise UserError(f"missing {', '.join(missing)}: as root, run: {command}; then run "
+                        "quickstart again")
+    run_or_stop(prefix + ["apt-get", "update", "-qq"], f"fix that, or run as root: {command}")
+    run_or_stop(prefix + ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y",
+                          "-qq", *missing], f"fix that, or run as root: {command}")
+    print(f"installed {', '.join(missing)} (apt-get{' with sudo' if prefix else ''})")
+
+
+def quickstart_ssh_server(port):
+    """SSH server: one must answer on localhost:PORT; sshd is started if nothing does
+    (port 22, as root or with sudo -n)."""
+    import subprocess
+    kind, said = probe_ssh_port(port)
+    if kind == "ssh":
+        print(f"an SSH server already answers on localhost:{port} ({said})")
+        return
+    if kind == "other":
+        raise UserError(f"localhost:{port} is taken by something that is not an SSH server "
+                        f"({said}): free that port, or run sshd on another port (Port in "
+                        "/etc/ssh/sshd_config) and give quickstart --port PORT")
+    if port != 22:
+        raise UserError(f"nothing listens on localhost:{port}: start an SSH server there "
+                        "(Port in /etc/ssh/sshd_config), or leave out --port for port 22")
+    prefix = as_root()
+    if prefix is None:
+        raise UserError("no SSH server listens on localhost:22: as root, run: service ssh "
+                        "start; then run quickstart again")
+    argv = prefix + ["service", "ssh", "start"]
+    try:
+        result = run_quietly(argv, timeout=60)
+        problem = result.returncode and f"exit status {result.returncode}: " \
+            f"{last_line(result.stderr + result.stdout)}"
+    except (OSError, subprocess.TimeoutExpired) as error:
+        problem = str(error)
+    deadline = time.monotonic() + SSHD_START_TIMEOUT
+    while probe_ssh_port(port)[0] != "ssh":
+        if problem or time.monotonic() > deadline:
+            raise UserError(f"the SSH server did not start ({' '.join(argv)}: "
+                            f"{problem or 'no answer on port 22'}): see `service ssh status`"
+                            " and /var/log/auth.log, then run quickstart again")
+        time.sleep(0.2)
+    print(f"started the SSH server ({' '.join(argv)}); it answers on localhost:22")
+
+
+def quickstart_data_dir(data_dir):
+    """Data dir: a new one, or one quickstart set up before; never another queue's."""
+    if not PLAIN_SSH_PATH.match(data_dir):
+        raise UserError(f"the data dir {data_dir} has spaces, quotes, % or backslashes, "
+                        "which ssh configs cannot hold: give quickstart --server_data_dir DIR "
+                        "with a plain path")
+    ours = os.path.exists(os.path.join(data_dir, QUICKSTART_DIR, "ssh_config"))
+    if os.path.exists(os.path.join(data_dir, DATABASE_FILE)) and not ours:
+        raise UserError(f"{data_dir} holds a queue that quickstart did not set up, which it "
+                        "leaves alone: give quickstart --server_data_dir DIR for a new one")
+    print(f"data dir {data_dir}: {'set up by quickstart before' if ours else 'new'}")
+
+
+def venv_python():
+    return os.path.join(HERE, ".venv", "bin", "python")
+
+
+def python_packages_ready(python=None):
+    """True if PYTHON (this one by default) can import cli.py's packages."""
+    if python is None:
+        import importlib.util
+        return all(importlib.util.find_spec(name) for name in PYTHON_PACKAGES)
+    return run_quietly([python, "-c", "import " + ", ".join(PYTHON_PACKAGES)],
+                       timeout=60).returncode == 0
+
+
+def quickstart_python(options):
+    """Python packages: fabric, filelock and tabulate, else a .venv beside cli.py with
+    requirements.txt installed; then quickstart goes on under its Python."""
+    if python_packages_ready():
+        print(f"Python packages already importable ({', '.join(PYTHON_PACKAGES)})")
+        return
+    venv, python = os.path.dirname(os.path.dirname(venv_python())), venv_python()
+    if os.path.exists(python) and python_packages_ready(python):
+        print(f"Python packages already in {shown_path(venv)}")
+    else:
+        requirements = os.path.join(HERE, "requirements.txt")
+        if not os.path.exists(requirements):
+            raise UserError(f"{requirements} is missing: run quickstart in a clone of "
+                            "cli.py's repository")
+        if not os.path.exists(python):
+            run_or_stop([sys.executable, "-m", "venv", venv],
+                        "fix that (apt-get install python3-venv?), then run quickstart again")
+        run_or_stop([python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                     "-r", requirements], "check the network or pip's settings (a proxy?), "
+                    "then run quickstart again")
+        print(f"installed {', '.join(PYTHON_PACKAGES)} into {shown_path(venv)} "
+              "(requirements.txt)")
+    sys.stdout.flush()
+    os.execv(python, [python, os.path.abspath(__file__), "quickstart", "--venv-ready",
+                      "--port", str(options.port), "--server_data_dir", options.data_dir])
+
+
+def quickstart_key(key_path):
+    """SSH key: the queue's own, in the data dir; ~/.ssh's keys are not used.  Returns
+    its public half (type and base64)."""
+    if os.path.exists(key_path):
+        print(f"the queue's SSH key already exists ({shown_path(key_path)})")
+    else:
+        run_or_stop(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
+                     f"cli.py quickstart {key_path}", "-f", key_path],
+                    "fix that, then run quickstart again")
+        print(f"made the queue's SSH key {shown_path(key_path)} (your ~/.ssh keys stay "
+              "unused)")
+    result = run_quietly(["ssh-keygen", "-y", "-f", key_path], timeout=60)
+    fields = result.stdout.split()
+    if result.returncode != 0 or len(fields) < 2:
+        raise UserError(f"ssh-keygen cannot read {key_path} ({last_line(result.stderr)}): "
+                        "remove it and run quickstart again")
+    return f"{fields[0]} {fields[1]}"
+
+
+def quickstart_authorized_key(public_key, key_path):
+    """authorized_keys: the one change in ~/.ssh, a line for the queue's key, added once
+    (~/.ssh and the file are made 0700 and 0600 if missing).  The account's home
+    comes from the password database, as sshd takes it, not from $HOME."""
+    import pwd
+    home = pwd.getpwuid(os.getuid()).pw_dir
+    ssh_dir = os.path.join(home, ".ssh")
+    path = os.path.join(ssh_dir, "authorized_keys")
+    # from=: the key opens this account to logins from this machine only.
+    line = f'from="127.0.0.1,::1" {public_key} cli.py quickstart {key_path}\n'
+    blob = public_key.split()[1]
+    try:
+        if not os.path.isdir(ssh_dir):
+            os.mkdir(ssh_dir, 0o700)
+            os.chmod(ssh_dir, 0o700)
+        try:
+            with open(path) as existing:
+                text = existing.read()
+        except FileNotFoundError:
+            text = None
+        if text is not None and any(blob in entry.split() for entry in text.splitlines()):
+            print(f"{path} already has the queue's key")
+            return
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        if text is None:
+            os.fchmod(descriptor, 0o600)
+        with os.fdopen(descriptor, "a") as stream:
+            stream.write(("\n" if text and not text.endswith("\n") else "") + line)
+    except OSError as error:
+        raise UserError(f"cannot add the queue's key to {path} ({error.strerror}): fix "
+                        f"that, or add this line to it yourself: {line.strip()}") from None
+    print(f"added the queue's key to {path} (one line, for logins from this machine)")
+
+
+def quickstart_known_hosts(path, port):
+    """Known hosts: localhost's host keys, recorded in the data dir.  Taking them on first
+    sight is safe here: the connection never leaves this machine."""
+    name = "localhost" if port == 22 else f"[localhost]:{port}"
+    try:
+        with open(path) as known_hosts:
+            if any(line.split()[:1] == [name] for line in known_hosts):
+                print(f"localhost's host keys already in {shown_path(path)}")
+                return
+    except FileNotFoundError:
+        pass
+    result = run_quietly(["ssh-keyscan", "-p", str(port), "-T", "10", "localhost"],
+                         timeout=60)
+    keys = [line for line in result.stdout.splitlines()
+            if line.strip() and not line.startswith("#")]
+    if not keys:
+        raise UserError(f"ssh-keyscan read no host key from localhost:{port} "
+                        f"({last_line(result.stderr) or 'no answer'}): check the SSH server, "
+                        "then run quickstart again")
+    _write_file(path, "\n".join(keys) + "\n")
+    print(f"recorded localhost's host keys in {shown_path(path)}")
+
+
+def quickstart_ssh_config(path, key_path, known_hosts, port):
+    """The queue's ssh config: localhost with the queue's key and known_hosts, then
+    whatever ssh reads without -F, so that other hosts behave as usual."""
+    import pwd
+    text = (f"# Written by cli.py quickstart: the ssh config of the queue in "
+            f"{os.path.dirname(os.path.dirname(path))}.\n"
+            f"# localhost is reached with the queue's own key and known_hosts; every other\n"
+            f"# host as ssh reaches it without -F.\n"
+            f"Host localhost\n"
+            f"    User {pwd.getpwuid(os.getuid()).pw_name}\n"
+            f"    Port {port}\n"
+            f"    IdentityFile {key_path}\n"
+            f"    IdentitiesOnly yes\n"
+            f"    UserKnownHostsFile {known_hosts}\n"
+            f"    StrictHostKeyChecking yes\n"
+            f"Match all\n"
+            f"Include ~/.ssh/config\n"
+            f"Include /etc/ssh/ssh_config\n")
+    try:
+        with open(path) as current:
+            if current.read() == text:
+                print(f"the queue's ssh config already written ({shown_path(path)})")
+                return
+    except FileNotFoundError:
+        pass
+    _write_file(path, text)
+    print(f"wrote the queue's ssh config {shown_path(path)}")
+
+
+def quickstart_login(ssh_config, known_hosts):
+    """Login: ssh -F with the queue's config must reach localhost, as the jobs' ssh will."""
+    import pwd
+    import subprocess
+    user = pwd.getpwuid(os.getuid()).pw_name
+    argv = ["ssh", "-F", ssh_config, "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+            "localhost", "true"]
+    try:
+        result = run_quietly(argv, timeout=60)
+        reason = result.returncode and \
+            (last_line(result.stderr) or f"exit status {result.returncode}")
+    except subprocess.TimeoutExpired:
+        reason = "no answer within 60s"
+    shown = f"ssh -F {shown_path(ssh_config)} localhost"
+    if not reason:
+        print(f"{shown} logs in")
+        return
+    if "Permission denied" in reason:
+        hint = (f"sshd refuses the key: check that /etc/ssh/sshd_config lets {user} "
+                "in with ~/.ssh/authorized_keys (AllowUsers, PubkeyAuthentication, "
+                "AuthorizedKeysFile) and that your home and ~/.ssh are not writable by others")
+    elif "host key" in reason.lower() or "IDENTIFICATION" in reason:
+        hint = f"localhost's host key changed: remove {known_hosts} and run quickstart again"
+    else:
+        hint = f"see {shown} -v true"
+    raise UserError(f"{shown} fails ({reason}): {hint}")
+
+
+def quickstart_server(data_dir, ssh_config):
+    """Server: started for the data dir with the queue's ssh config, unless running."""
+    try:
+        running = request(data_dir, "ssh_config")["ssh_config"]
+    except UserError as error:
+        if "no server running" not in str(error):
+            raise
+        COMMANDS["start"](parse_arguments(["start", "--server_data_dir", data_dir,
+                                           "--ssh-config", ssh_config]))
+        return
+    if running != ssh_config:
+        raise UserError(f"the server of {data_dir} runs with "
+                        f"{running or 'the default ssh config'}, not the queue's "
+                        f"{ssh_config}: restart it (./cli.py stop, then ./cli.py start "
+                        f"--ssh-config {ssh_config}), then run quickstart again")
+    pid = request(data_dir, "status", waiting_limit=0, environments=False)["server"]["pid"]
+    print(f"the server already runs (pid {pid}) for {data_dir}")
+
+
+def quickstart_worker(data_dir):
+    """Worker: localhost, added unless it is there; refused if it cannot take jobs."""
+    status = request(data_dir, "status", waiting_limit=0, environments=False)
+    if status["paused"]:
+        raise UserError("the queue is paused: ./cli.py resume, then run quickstart again")
+    worker = next((slave for slave in status["slaves"] if slave["ip"] == "localhost"), None)
+    if worker is None:
+        COMMANDS["add_slave"](parse_arguments(["add_slave", "--server_data_dir", data_dir,
+                                               "localhost"]))
+        return
+    if worker["status"] in ("paused", "draining", "down"):
+        reason = {"paused": "./cli.py resume localhost",
+                  "draining": "wait until remove_slave has removed it",
+                  "down": f"its check fails ({worker['check_reason']}); fix that"}
+        raise UserError(f"the worker localhost is {worker['status']}: "
+                        f"{reason[worker['status']]}, then run quickstart again")
+    print(f"localhost is already a worker ({worker['slots']} slot"
+          f"{'s' if worker['slots'] > 1 else ''}, {worker['status']})")
+
+
+def quickstart_jobs(data_dir):
+    """Jobs: example_job.sh on sample inputs in ./quickstart (written if missing),
+    waited for.  Returns the first job's id and the inputs."""
+    import contextlib
+    import io
+    inputs = []
+    for number in range(1, QUICKSTART_JOBS + 1):
+        path = os.path.join(QUICKSTART_INPUTS, f"input-{number}.txt")
+        if not os.path.exists(path):
+            os.makedirs(QUICKSTART_INPUTS, exist_ok=True)
+            with open(path, "w") as sample:
+                sample.write(f"sample input {number} of {QUICKSTART_JOBS}, for cli.py\n")
+        inputs.append(path)
+    script = shown_path(os.path.join(HERE, "example_job.sh"))
+    script = script if "/" in script else "./" + script
+    ids = io.StringIO()
+    with contextlib.redirect_stdout(ids):   # add_job prints the range of ids, alone
+        COMMANDS["add_job"](parse_arguments(["add_job", "--server_data_dir", data_dir,
+                                             script, ":::", *inputs]))
+    first, _, last = ids.getvalue().strip().partition("-")
+    last = last or first
+    print(f"queued jobs {first}-{last}: {script} on {', '.join(inputs)}")
+    try:
+        COMMANDS["wait"](parse_arguments(["wait", "--server_data_dir", data_dir,
+                                          f"{first}-{last}"]))
+    except UserError as error:
+        raise UserError(f"{error}; see why with ./cli.py logs ID") from None
+    return int(first), inputs
+
+
+def quickstart_summary(data_dir, first_job, inputs):
+    """Where the results are, and what to type next."""
+    me = shown_path(os.path.abspath(__file__))
+    me = me if "/" in me else "./" + me
+    if data_dir != resolve_dir(DEFAULT_DATA_DIR):
+        me += f" --server_data_dir {shown_path(data_dir)}"
+    print(f"\nresults ({QUICKSTART_RESULTS}/ in {os.getcwd()}):")
+    for path in inputs:
+        result = os.path.join(QUICKSTART_RESULTS, os.path.basename(path) + ".out")
+        try:
+            with open(result, errors="replace") as text:
+                print(f"  {result}: {text.read().strip()}")
+        except OSError as error:
+            print(f"  {result}: cannot read it ({error.strerror})")
+    venv = os.path.dirname(os.path.dirname(venv_python()))
+    next_steps = []
+    if os.path.realpath(sys.prefix) == os.path.realpath(venv) and \
+            os.environ.get("VIRTUAL_ENV") != venv:
+        next_steps.append((f". {shown_path(venv)}/bin/activate",
+                           "in each new shell, first: cli.py's packages are there"))
+    next_steps += [(f"{me} status", "the workers and the jobs"),
+                   (f"{me} logs {first_job}", f"what job {first_job} printed"),
+                   (f"{me} add_slave --slots 8 node1 node2",
+                    "real machines: see README.md, Quick start"),
+                   (f"{me} add_job ./example_job.sh ::: data/*.txt", "one job per file"),
+                   (f"{me} stop", "stop the server; running jobs go on")]
+    width = max(len(command) for command, _ in next_steps)
+    print("\nnext:")
+    for command, why in next_steps:
+        print(f"  {command.ljust(width)}   # {why}")
+
+
+def port_number(text):
+    """argparse type for --port."""
+    if not plain_number(text) or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
+    return int(text)
+
+
+def quickstart_steps(options):
+    """The steps of command_quickstart, in order."""
+    if not options.venv_ready:
+        quickstart_packages(options.port)
+        quickstart_ssh_server(options.port)
+        quickstart_data_dir(options.data_dir)
+        quickstart_python(options)       # may go on under .venv/bin/python
+    directory = os.path.join(options.data_dir, QUICKSTART_DIR)
+    make_private_dir(options.data_dir)
+    make_private_dir(directory)
+    key_path = os.path.join(directory, "id_ed25519")
+    known_hosts = os.path.join(directory, "known_hosts")
+    ssh_config = os.path.join(directory, "ssh_config")
+    public_key = quickstart_key(key_path)
+    quickstart_authorized_key(public_key, key_path)
+    quickstart_known_hosts(known_hosts, options.port)
+    quickstart_ssh_config(ssh_config, key_path, known_hosts, options.port)
+    quickstart_login(ssh_config, known_hosts)
+    quickstart_server(options.data_dir, ssh_config)
+    quickstart_worker(options.data_dir)
+    first_job, inputs = quickstart_jobs(options.data_dir)
+    quickstart_summary(options.data_dir, first_job, inputs)
+    return 0
+
+
+def command_quickstart(options):
+    """Make this machine a worker of its own queue, and run three sample jobs on it.
+
+    For a first try, on a fresh Debian or Ubuntu machine: as root or a user
+    with sudo, or as anyone where the packages are installed and sshd runs.
+    Each step prints one line, and a step already done is skipped, so running
+    it again is safe: it only queues three new jobs.  What cannot be done stops
+    it with one line saying what to do.  The steps:
+
+      OS packages    openssh-client, openssh-server, rsync, python3-venv
+                     (apt-get, as root or with sudo -n)
+      SSH server     one must answer on localhost:22 (or --port); sshd is
+                     started if nothing does
+      Python         fabric, filelock, tabulate; else a .venv beside cli.py
+                     with requirements.txt, and the rest runs under it
+      SSH key        the queue's own, in DATA_DIR/quickstart, with localhost's
+                     host keys and an ssh config that uses both for localhost
+                     (start --ssh-config); the one change in ~/.ssh is a line
+                     for that key in authorized_keys
+      server, worker start, and add_slave localhost
+      jobs           example_job.sh on quickstart/input-{1,2,3}.txt, waited
+                     for; the results are in results/
+    """
+    import subprocess
+    try:
+        return quickstart_steps(options)
+    except OSError as error:   # a directory we may not write to, a program gone
+        raise UserError(f"{error.filename or 'quickstart'}: {error.strerror or error}: fix "
+                        "that, then run quickstart again") from None
+    except subprocess.TimeoutExpired as error:
+        raise UserError(f"{' '.join(error.cmd)} took over {error.timeout:g}s: see why, then "
+                        "run quickstart again") from None
+
+
+###############################################################################
 # Argument parsing #############################################################
 ###############################################################################
 
 COMMANDS = {
+    "quickstart": command_quickstart,
     "start": command_start,
     "stop": command_stop,
     "status": command_status,
@@ -7439,6 +7954,9 @@ COMMANDS = {
 }
 
 EXAMPLES = {
+    "quickstart": "./cli.py quickstart               # again at any time: it redoes nothing\n"
+                  "  ./cli.py quickstart --port 2222   # where sshd listens on port 2222\n"
+                  "  ./cli.py quickstart --server_data_dir ~/try-queue",
     "start": "./cli.py start\n  ./cli.py start --server_data_dir ~/queue --log_dir ~/queue/logs\n"
              "  ./cli.py start --foreground          # under systemd or screen\n"
              "  ./cli.py start --ssh-config ~/cluster/ssh_config",
@@ -7535,6 +8053,14 @@ def build_parser(only=None):
             name, parents=[common], help=lines[0], description=description,
             formatter_class=argparse.RawDescriptionHelpFormatter,
             epilog="examples:\n  " + EXAMPLES[name], **kwargs)
+
+    quickstart = add("quickstart")
+    quickstart.add_argument("--port", type=port_number, default=22,
+                            help="The port of this machine's SSH server (default: 22). "
+                                 "quickstart starts sshd only for port 22.")
+    # Set when quickstart runs itself again under .venv/bin/python: the steps up to
+    # the Python packages are done.
+    quickstart.add_argument("--venv-ready", action="store_true", help=argparse.SUPPRESS)
 
     start = add("start")
     start.add_argument("data_dir_positional", nargs="?", metavar="DATA_DIR",

@@ -12,6 +12,10 @@ setup_machine() {
     command -v tmux >/dev/null || missing+=(tmux)
     python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null \
         || missing+=(python3-venv)
+    # tests/test_quickstart.py runs quickstart as a new user (useradd, runuser) with the
+    # system's Python, which makes a venv with it.
+    command -v useradd >/dev/null && command -v runuser >/dev/null || missing+=(passwd util-linux)
+    /usr/bin/python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3 python3-venv)
     if [ ${#missing[@]} -gt 0 ]; then
         local sudo=; [ "$(id -u)" -eq 0 ] || sudo=sudo
         echo "installing ${missing[*]}" >&2
