@@ -8362,6 +8362,7 @@ def main(argv=None):
         options = parse_arguments(argv)
         return COMMANDS[options.command](options)
     except UserError as error:
+        sys.stdout.flush()   # what was done before it, above it, even through a pipe
         print(f"Error: {error}", file=sys.stderr)
         return getattr(error, "exit_status", 1)
     except KeyboardInterrupt:

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+import cli as cli_module
+
 from conftest import CLI, cpu_seconds, wait_until
 
 
@@ -69,8 +71,7 @@ def test_log_dir_flag_puts_job_logs_and_the_server_log_there(cli):
     assert cli.status()["running_jobs"] == [] and str(logs) in cli.ok("status")
 
 
-@pytest.mark.parametrize("command", ["", "start", "stop", "status", "add_slave",
-                                     "remove_slave", "add_job", "remove_job", "load_status"])
+@pytest.mark.parametrize("command", ["", *cli_module.COMMANDS])
 def test_every_command_has_help_ending_with_examples(cli, command):
     out = cli.ok(*([command] if command else []), "--help")
     assert "usage: cli.py" in out
