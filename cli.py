@@ -117,6 +117,14 @@ MAX_LOADED_JOB_ID = 2 ** 53
 MAX_DURATION = 100 * 365 * 86400
 MAX_KILL_GRACE = 86400.0
 MAX_PRIORITY = 10 ** 9
+SERVICE_PRIORITY = MAX_PRIORITY + 1   # a service's replicas start before any batch job
+SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+RESTART_FIRST = 1.0              # seconds before a crashed replica starts again, doubling
+RESTART_MAX = 300.0              # ... up to this
+RESTART_STEADY = 60.0            # a replica that ran this long starts again after RESTART_FIRST
+DEFAULT_HEALTH_INTERVAL = 10.0   # seconds between a replica's health probes
+DEFAULT_HEALTH_FAILURES = 3      # failed probes in a row that restart a replica
+MAX_REPLICAS = 10_000
 MAX_RETRIES = 10_000
 MAX_SLOTS = 100_000              # slots of one worker, or wanted by one job
 SSH_EXIT_STATUS = 255            # what ssh exits with when it cannot reach (or loses) a host
@@ -836,6 +844,54 @@ def _grace(value, name):
     return value
 
 
+def _service_name(value, name):
+    if not isinstance(value, str) or not SERVICE_NAME.match(value):
+        raise UserError(f"{value!r} is not a service name: use letters, digits, '.', '_' and "
+                        "'-' (at most 64, starting with a letter or digit)")
+    return value
+
+
+def _replica_count(value, name):
+    if not whole_number(value, 0, MAX_REPLICAS):
+        raise UserError(f"the number of replicas must be a whole number from 0 to {MAX_REPLICAS}")
+    return value
+
+
+def _service_port(value, name):
+    if value is not None and not whole_number(value, 1, 65535):
+        raise UserError("--port must be a port number from 1 to 65535")
+    return value
+
+
+def _health(value, name):
+    """A health check: {"tcp": true} or {"cmd": COMMAND}, with interval and failures."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"tcp", "cmd", "interval", "failures"} or \
+            (value.get("tcp") is True) == isinstance(value.get("cmd"), str):
+        raise UserError("malformed request: health must be {tcp: true} or {cmd: COMMAND}, "
+                        "with interval and failures")
+    interval = value.get("interval", DEFAULT_HEALTH_INTERVAL)
+    failures = value.get("failures", DEFAULT_HEALTH_FAILURES)
+    if not _seconds(interval, 0.1, MAX_DURATION) or not whole_number(failures, 1, 1000):
+        raise UserError("--health-interval must be a duration of at least 0.1s, and "
+                        "--health-failures a whole number from 1 to 1000")
+    return {**value, "interval": interval, "failures": failures}
+
+
+def _add_service_whole(params, given):
+    if params["port"] is not None and params["port"] + max(params["replicas"] - 1, 0) > 65535:
+        raise UserError(f"--port {params['port']} with {params['replicas']} replicas runs past "
+                        "port 65535 (PORT is --port plus REPLICA): choose a lower port")
+    if params["health"] and params["health"].get("tcp") and params["port"] is None:
+        raise UserError("--health-tcp probes PORT: give --port P as well")
+    reserved = {"SERVICE", "REPLICA"} | ({"PORT"} if params["port"] is not None else set())
+    clash = sorted(reserved & set(params["variables"]))
+    if clash:
+        raise UserError(f"-e {clash[0]}: the service sets {', '.join(sorted(reserved))} itself")
+    return {"options": _job_options(given)}
+
+
 def _umask(value, name):
     if not whole_number(value, 0, 0o777):
         raise UserError("malformed request: umask must be a number from 0 to 0o777")
@@ -985,6 +1041,11 @@ def validate_status_document(document, defaults):
         where = f"job_waitlist[{index}]"
         if not isinstance(entry, dict):
             raise UserError(f"{where}: each job must be an object")
+        if entry.get("service") is not None:
+            # A replica is its service's to start: not a job of its own to queue.
+            notes.append(f"job {entry.get('id')} (replica {entry.get('replica')} of service "
+                         f"{entry['service']}) was left out: replicas are not loaded as jobs")
+            continue
         try:
             jobs.append(_status_job(entry, environments, defaults))
         except UserError as error:
@@ -1217,6 +1278,19 @@ REQUESTS = {
                            **_JOB_SHAPE),
     "kill": Request("kill", ids=_job_ids, grace=(_grace, DEFAULT_KILL_GRACE)),
     "priority": Request("priority", ids=_job_ids, priority=(_priority, 0)),
+    "add_service": Request("add_service", _add_service_whole, name=_service_name,
+                           script=_string, args=(_strings_or_empty, []),
+                           variables=(_variables("add_service -e"), {}),
+                           replicas=(_replica_count, 1), port=(_service_port, None),
+                           health=(_health, None), **_JOB_SHAPE),
+    "scale": Request("scale", name=_service_name, replicas=_replica_count,
+                     grace=(_grace, DEFAULT_KILL_GRACE)),
+    "stop_service": Request("stop_service", name=_service_name,
+                            grace=(_grace, DEFAULT_KILL_GRACE)),
+    "start_service": Request("start_service", name=_service_name),
+    "remove_service": Request("remove_service", name=_service_name,
+                              grace=(_grace, DEFAULT_KILL_GRACE)),
+    "services": Request("list_services", name=(_optional_string, None)),
     "retry": Request("retry", ids=(_optional_job_ids, None), state=(_state_filter, (None, None)),
                      failed=(_flag, False), script=(_optional_string, None)),
     "jobs": Request("jobs", id=(_optional_job_id, None),
@@ -1384,6 +1458,39 @@ MIGRATIONS = [
     CREATE INDEX settled_dependencies_by_prerequisite ON settled_dependencies (prerequisite);
     ALTER TABLE jobs ADD COLUMN attempts_before_retry INTEGER NOT NULL DEFAULT 0;
     """,
+    # 6: services.  A service is a job template and a number of replicas; each
+    # replica runs as a job (service, replica), and starts again when it ends
+    # while wanted.  The unique index keeps a replica number to one job not done.
+    """
+    CREATE TABLE services (
+        name TEXT PRIMARY KEY,
+        script TEXT NOT NULL,
+        args TEXT NOT NULL,                            -- JSON list of strings
+        cwd TEXT NOT NULL,
+        environment_id INTEGER NOT NULL REFERENCES environments(id),
+        variables TEXT NOT NULL DEFAULT '{}',
+        umask INTEGER NOT NULL,
+        options TEXT NOT NULL,                         -- JSON: the replicas' JOB_OPTIONS
+        replicas INTEGER NOT NULL,
+        port INTEGER,                                  -- PORT = port + REPLICA
+        health TEXT,                                   -- JSON: tcp or cmd, interval, failures
+        enabled INTEGER NOT NULL DEFAULT 1,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE replicas (                            -- what the restart policy remembers
+        service TEXT NOT NULL REFERENCES services(name) ON DELETE CASCADE,
+        replica INTEGER NOT NULL,
+        restarts INTEGER NOT NULL DEFAULT 0,
+        delay REAL NOT NULL DEFAULT 0,                 -- before its latest restart
+        last_end TEXT,                                 -- how its latest job ended
+        PRIMARY KEY (service, replica)
+    );
+    ALTER TABLE jobs ADD COLUMN service TEXT;
+    ALTER TABLE jobs ADD COLUMN replica INTEGER;
+    CREATE UNIQUE INDEX jobs_live_replica ON jobs (service, replica)
+        WHERE service IS NOT NULL AND state != 'done';
+    CREATE INDEX jobs_by_service ON jobs (service, ended_at) WHERE service IS NOT NULL;
+    """,
 ]
 
 # Per-job options beyond the command itself: column -> default.  add_job,
@@ -1538,7 +1645,83 @@ class Store:
 
     def drop_unused_environments(self):
         self.db.execute("DELETE FROM environments WHERE id NOT IN "
-                        "(SELECT DISTINCT environment_id FROM jobs)")
+                        "(SELECT DISTINCT environment_id FROM jobs UNION "
+                        "SELECT environment_id FROM services)")
+
+    # --- services ------------------------------------------------------------
+
+    def services(self):
+        return self.db.execute("SELECT * FROM services ORDER BY name").fetchall()
+
+    def service(self, name):
+        return self.db.execute("SELECT * FROM services WHERE name = ?", (name,)).fetchone()
+
+    def insert_service(self, name, script, args, cwd, environment_id, variables, umask,
+                       options, replicas, port, health):
+        self.db.execute(
+            "INSERT INTO services (name, script, args, cwd, environment_id, variables, umask, "
+            "options, replicas, port, health, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "?, ?)", (name, script, json.dumps(args), cwd, environment_id, json.dumps(variables),
+                      umask, json.dumps(options), replicas, port,
+                      None if health is None else json.dumps(health), time.time()))
+
+    def set_service(self, name, **columns):
+        """REPLICAS or ENABLED of a service."""
+        unknown = set(columns) - {"replicas", "enabled"}
+        if unknown:
+            raise ValueError(f"not a service setting: {', '.join(sorted(unknown))}")
+        self.db.execute(f"UPDATE services SET {', '.join(f'{name} = ?' for name in columns)} "
+                        f"WHERE name = ?", (*columns.values(), name))
+
+    def delete_service(self, name):
+        self.db.execute("DELETE FROM services WHERE name = ?", (name,))
+
+    def live_replicas(self, name):
+        """{replica number: its job's row} for the jobs of service NAME not done."""
+        return {row["replica"]: row for row in self.db.execute(
+            "SELECT * FROM jobs WHERE service = ? AND state != 'done'", (name,))}
+
+    def services_with_live_jobs(self):
+        """Names of services (even removed ones) that have jobs not done."""
+        return {row[0] for row in self.db.execute(
+            "SELECT DISTINCT service FROM jobs WHERE service IS NOT NULL AND state != 'done'")}
+
+    def running_replicas_on(self, worker):
+        """The replicas running on WORKER that nothing is ending yet."""
+        return self.db.execute("SELECT id, run_on, exclude FROM jobs WHERE state = 'running' "
+                               "AND worker = ? AND service IS NOT NULL AND kill_requested_at "
+                               "IS NULL", (worker,)).fetchall()
+
+    def last_replica_end(self, name):
+        """How the latest job of service NAME to end ended (a row, or None)."""
+        return self.db.execute(
+            "SELECT result, exit_code, signal, ended_at FROM jobs WHERE service = ? AND "
+            "state = 'done' ORDER BY ended_at DESC LIMIT 1", (name,)).fetchone()
+
+    def replica_records(self, name):
+        """{replica number: its row of the replicas table}."""
+        return {row["replica"]: row for row in self.db.execute(
+            "SELECT * FROM replicas WHERE service = ?", (name,))}
+
+    def insert_replica(self, service, replica, not_before=None):
+        """Queue the next job of replica REPLICA of SERVICE (its row): the service's
+        script and options, SERVICE, REPLICA and PORT, before any batch job."""
+        options = dict(json.loads(service["options"]), priority=SERVICE_PRIORITY,
+                       retries=0, retry_delay=0.0, timeout=None, not_before=not_before)
+        variables = dict(json.loads(service["variables"]), SERVICE=service["name"],
+                         REPLICA=str(replica))
+        if service["port"] is not None:
+            variables["PORT"] = str(service["port"] + replica)
+        self.db.execute("INSERT OR IGNORE INTO replicas (service, replica) VALUES (?, ?)",
+                        (service["name"], replica))
+        return self.insert_job(service["script"], json.loads(service["args"]), service["cwd"],
+                               service["environment_id"], variables, service["umask"], options,
+                               service=service["name"], replica=replica)
+
+    def replica_ended(self, name, replica, how, delay):
+        """Replica REPLICA of NAME ended HOW and starts again after DELAY seconds."""
+        self.db.execute("UPDATE replicas SET restarts = restarts + 1, delay = ?, last_end = ? "
+                        "WHERE service = ? AND replica = ?", (delay, how, name, replica))
 
     # --- workers -------------------------------------------------------------
 
@@ -1691,15 +1874,15 @@ class Store:
     # --- jobs: born, changed, gone -------------------------------------------
 
     def insert_job(self, script, args, cwd, environment_id, variables, umask, options,
-                   job_id=None, submitted_at=None):
+                   job_id=None, submitted_at=None, service=None, replica=None):
         columns = ", ".join(JOB_OPTIONS)
         return self.db.execute(
             f"INSERT INTO jobs (id, state, blocked, script, args, cwd, environment_id, "
-            f"variables, umask, submitted_at, {columns}) "
-            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
+            f"variables, umask, submitted_at, service, replica, {columns}) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
             (job_id, *JOB_STATE_ROWS[first_state(options)], script, json.dumps(args), cwd,
              environment_id, json.dumps(variables), umask, submitted_at or time.time(),
-             *(options[name] for name in JOB_OPTIONS))).lastrowid
+             service, replica, *(options[name] for name in JOB_OPTIONS))).lastrowid
 
     def insert_jobs(self, script, arg_lists, cwd, environment_id, variables, umask, options):
         """Queue one job per argument list; return the (contiguous) first and last ids."""
@@ -2093,6 +2276,8 @@ def job_to_json(row, log_dir):
         "on": json.loads(row["run_on"] or "null"),
         "prefer": json.loads(row["prefer"] or "null"),
         "exclude": json.loads(row["exclude"] or "null"),
+        "service": row["service"],
+        "replica": row["replica"],
     }
 
 
@@ -2130,6 +2315,15 @@ def parse_iso_time(text):
     timestamp = datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
     iso_time(timestamp)
     return timestamp
+
+
+def end_text(result, exit_code, signal_number):
+    """How a job ended, in a few words: 'exit 3', 'signal 9', or its result."""
+    if exit_code is not None:
+        return f"exit {exit_code}"
+    if signal_number is not None:
+        return f"signal {signal_number}"
+    return result
 
 
 def _duration_text(seconds):
@@ -2449,6 +2643,23 @@ def set_aside(failures_in_row, down_after, others_working):
     (OTHERS_WORKING).  Where they fail everywhere, the jobs are to blame, not the
     worker, and setting every worker aside would only stall the queue."""
     return down_after > 0 and failures_in_row >= down_after and others_working
+
+
+def restart_delay(previous, ran_for):
+    """Seconds before a replica whose job ended after RAN_FOR seconds starts again:
+    RESTART_FIRST, doubling at each quick end up to RESTART_MAX, and RESTART_FIRST
+    again once it has run for RESTART_STEADY (PREVIOUS: the delay before its
+    latest start, 0 if none)."""
+    if previous <= 0 or ran_for >= RESTART_STEADY:
+        return RESTART_FIRST
+    return min(previous * 2, RESTART_MAX)
+
+
+def replicas_to_change(desired, live):
+    """What makes a service's replicas what is wanted: (the numbers to start, the
+    numbers to stop).  DESIRED: how many (0 while it is stopped); LIVE: the
+    numbers that have a job not done.  Scaling down stops the highest."""
+    return sorted(set(range(desired)) - set(live)), sorted(n for n in live if n >= desired)
 
 
 def retried_together(candidates):
@@ -4131,6 +4342,10 @@ class Events:
     def jobs_removed(self, job_ids):
         """JOB_IDS left the queue before they ran (remove_job, load_status)."""
 
+    def worker_unusable(self, name, why):
+        """Worker NAME takes no new job any more (WHY: down, set aside, being removed):
+        the service replicas it runs move elsewhere."""
+
     def workers_changed(self, names=()):
         """Workers were added, edited, drained or removed: the jobs' ssh config and the
         health checks follow, --on jobs may be stranded, and the SSH masters of NAMES
@@ -4289,6 +4504,7 @@ class Workers:
             self.change_state(changes, worker, WorkerState.DRAINING)
         self.log.info("worker %s: draining; removed when its jobs end", host)
         self.events.workers_changed()
+        self.events.worker_unusable(host, "being removed")
 
     def forget(self, name):
         """Remove a worker without running jobs."""
@@ -4397,7 +4613,7 @@ class Workers:
 
     def check_placement(self, options):
         """Refuse --on/--prefer/--exclude naming unknown workers, and --slots that no
-        allowed worker has."""
+        allowed worker has; return the allowed workers."""
         lists = {}
         for flag, column in (("--on", "run_on"), ("--prefer", "prefer"),
                              ("--exclude", "exclude")):
@@ -4421,6 +4637,7 @@ class Workers:
             which = "in --on " if lists["run_on"] else ""
             raise UserError(f"no worker {which}has {wanted} slots (the most is {most}): add one "
                             f"with ./cli.py add_slave --slots {wanted} HOST, or ask for fewer")
+        return allowed
 
     def usable_slots(self):
         """{name: slots} of the workers that may still take jobs (not draining)."""
@@ -4455,6 +4672,9 @@ class Workers:
                 self.log.warning("worker %s: %s (%s); no new job starts there", name,
                                  "set aside" if health == WorkerHealth.SET_ASIDE else "down",
                                  reason)
+                if worker.health == WorkerHealth.UP:
+                    self.events.worker_unusable(name, "down" if health == WorkerHealth.DOWN
+                                                else "set aside")
             else:
                 self.log.info("worker %s: up again", name)
                 worker.failures_in_row, worker.set_aside_at = [], 0.0
@@ -4701,7 +4921,8 @@ class Queue:
         # Attempts before its latest `retry` count neither way.
         base = row["attempts_before_retry"]
         unreached = self.store.unreached_attempts(job_id, after=base)
-        free = result == JobResult.FAILED and free_retry(
+        # (A replica is not retried: its service starts it again, as a new job.)
+        free = result == JobResult.FAILED and row["service"] is None and free_retry(
             outcome.get("exit_code"), kill_requested, down_after, unreached)
         # The attempts that were free (the first DOWN_AFTER that ssh could not get
         # through) do not count against --retries.
@@ -4733,7 +4954,28 @@ class Queue:
             if not retry:
                 self.resolve(changes, [(job_id, result == JobResult.SUCCEEDED,
                                         f"ended {result.value}")])
+                if row["service"] is not None:
+                    self.replica_ended(changes, row, result, outcome, ended_at)
         return result, reason, retry
+
+    def replica_ended(self, changes, row, result, outcome, ended_at):
+        """A replica's job has ended (in CHANGES): if its service still wants that
+        replica, its next job is queued in the same transaction, to start after
+        the restart delay; so a replica is never lost, nor ever doubled."""
+        service = self.store.service(row["service"])
+        if service is None or not service["enabled"] or row["replica"] >= service["replicas"]:
+            return
+        record = self.store.replica_records(service["name"]).get(row["replica"])
+        delay = restart_delay(record["delay"] if record else 0.0,
+                              ended_at - (row["started_at"] or ended_at))
+        how = end_text(result.value, outcome.get("exit_code"), outcome.get("signal"))
+        self.store.replica_ended(service["name"], row["replica"], how, delay)
+        job_id = self.store.insert_replica(service, row["replica"], time.time() + delay)
+        changes.moved([job_id], JobState.BLOCKED)
+        changes.then(self.release_delayed)
+        changes.then(lambda: self.log.info(
+            "service %s: replica %s ended (%s); job %s starts it again in %gs",
+            service["name"], row["replica"], how, job_id, delay))
 
     def settled(self, row, outcome, result, reason, retry):
         """What follows a saved end, once its attempt is gone: its worker weighs it,
@@ -4801,12 +5043,12 @@ class Queue:
         return (conditions, settled_at_once(after, after_any, ended, bool(skip_reason)),
                 skip_reason)
 
-    def kill_waiting(self, job_ids):
+    def kill_waiting(self, job_ids, reason="killed before it started"):
         """Waiting jobs end as killed before they start; their dependents follow."""
         with self.changes() as changes:
             self.store.change_jobs(job_ids, (JobState.WAITING, JobState.BLOCKED),
                                    JobState.DONE, result=JobResult.KILLED.value,
-                                   ended_at=time.time(), reason="killed before it started")
+                                   ended_at=time.time(), reason=reason)
             changes.moved(job_ids, JobState.DONE)
             self.store.dependencies.drop(job_ids)
             self.resolve(changes, [(job_id, False, "was killed") for job_id in job_ids])
@@ -5353,6 +5595,191 @@ class Runner:
 
 
 ###############################################################################
+# Services #####################################################################
+###############################################################################
+
+class Services:
+    """Services: a job template and a number of replicas, each replica a job of its
+    own (SERVICE, REPLICA and PORT in its environment), so that logs, kill,
+    placement, history and recovery are the jobs'.  The Queue starts a replica
+    again when its job ends while wanted (Queue.replica_ended, in the same
+    transaction); this unit declares, scales, stops, starts and removes
+    services, and makes the live replicas what is wanted (converge)."""
+
+    def __init__(self, store, queue, runner, workers, log):
+        self.store = store
+        self.queue = queue
+        self.runner = runner
+        self.workers = workers
+        self.log = log
+
+    def existing(self, name):
+        service = self.store.service(name)
+        if service is None:
+            raise UserError(f"unknown service {name!r}; see ./cli.py services")
+        return service
+
+    def add(self, name, script, args, cwd, environment, variables, umask, options, replicas,
+            port, health):
+        """Declare a service and queue its replicas, all in one transaction."""
+        if self.store.service(name) is not None:
+            raise UserError(f"a service named {name!r} exists already: choose another name, "
+                            f"or change it with ./cli.py scale {name} N")
+        check_script(script)
+        self.check_room(options, replicas)
+        with self.queue.changes():
+            environment_id = self.store.intern_environment(environment)
+            self.store.insert_service(name, script, args, cwd, environment_id, variables,
+                                      umask, options, replicas, port, health)
+        self.log.info("service %s: added, %d replica(s) of %s", name, replicas,
+                      os.path.basename(script))
+        self.converge(name)
+
+    def check_room(self, options, replicas):
+        """Refuse more replicas than the workers a service may use can hold at once."""
+        allowed = self.workers.check_placement(options)
+        wanted = options["slots_wanted"]
+        room = sum(worker.slots // wanted for worker in allowed)
+        if replicas > room:
+            slots = f"{wanted} slots" if wanted > 1 else "1 slot"
+            raise UserError(f"{replicas} replicas of {slots} each do not fit: the workers it "
+                            f"may use hold {room} at once; add workers (./cli.py add_slave), "
+                            "or ask for fewer")
+
+    def scale(self, name, replicas, grace):
+        service = self.existing(name)
+        if replicas > service["replicas"]:
+            self.check_room(json.loads(service["options"]), replicas)
+        with self.queue.changes():
+            self.store.set_service(name, replicas=replicas)
+        self.log.info("service %s: scaled from %d to %d", name, service["replicas"], replicas)
+        return self.converge(name, grace, f"service {name} scaled to {replicas}")
+
+    def set_enabled(self, name, enabled, grace):
+        """stop_service (ENABLED false: every replica stops, the spec stays) and
+        start_service."""
+        service = self.existing(name)
+        if bool(service["enabled"]) == enabled:
+            raise UserError(f"service {name} is already {'started' if enabled else 'stopped'}")
+        with self.queue.changes():
+            self.store.set_service(name, enabled=int(enabled))
+        self.log.info("service %s: %s", name, "started" if enabled else "stopped")
+        return self.converge(name, grace, f"service {name} stopped")
+
+    def remove(self, name, grace):
+        """Forget a service; its replicas stop.  Returns the running jobs being stopped."""
+        self.existing(name)
+        with self.queue.changes():
+            self.store.delete_service(name)
+            self.store.drop_unused_environments()
+        self.log.info("service %s: removed", name)
+        return self.converge(name, grace, f"service {name} removed")
+
+    def converge(self, name, grace=DEFAULT_KILL_GRACE, why=None):
+        """Queue the missing replicas of service NAME and stop those not wanted (the
+        highest numbers first).  Returns the ids of running jobs being stopped."""
+        service = self.store.service(name)
+        desired = service["replicas"] if service is not None and service["enabled"] else 0
+        live = self.store.live_replicas(name)
+        start, stop = replicas_to_change(desired, live)
+        if start:
+            with self.queue.changes() as changes:
+                for replica in start:
+                    changes.moved([self.store.insert_replica(service, replica)],
+                                  JobState.WAITING)
+        waiting = [live[replica]["id"] for replica in stop
+                   if live[replica]["state"] == JobState.WAITING.value]
+        running = [live[replica]["id"] for replica in stop
+                   if live[replica]["state"] == JobState.RUNNING.value]
+        if waiting:
+            self.queue.kill_waiting(waiting, reason=f"not started: {why}")
+        for job_id in running:
+            self.runner.kill(job_id, grace, f"stopped: {why}")
+        return running
+
+    def move_off(self, name, why):
+        """Worker NAME takes no new job (WHY): its replicas stop, to start again on a
+        worker their placement allows; those that may run nowhere else stay."""
+        for row in self.store.running_replicas_on(name):
+            run_on, exclude = json.loads(row["run_on"] or "null"), \
+                json.loads(row["exclude"] or "[]")
+            elsewhere = [worker for worker in self.workers.all() if worker.name != name and
+                         (run_on is None or worker.name in run_on) and
+                         worker.name not in exclude and worker.state != WorkerState.DRAINING]
+            if elsewhere:
+                self.runner.kill(row["id"], DEFAULT_KILL_GRACE,
+                                 f"moved: worker {name} is {why}")
+
+    def move_off_unusable(self):
+        """Workers came or changed: replicas that stayed on workers being removed, down
+        or set aside (nowhere else to go, then) may move now."""
+        for worker in self.workers.all():
+            if worker.state == WorkerState.DRAINING or worker.health != WorkerHealth.UP:
+                self.move_off(worker.name, "being removed" if worker.state ==
+                              WorkerState.DRAINING else worker.health.value.replace("_", " "))
+
+    def converge_all(self):
+        """At start: services whose replicas a crash (or an older cli.py) left short."""
+        names = {row["name"] for row in self.store.services()} | \
+            self.store.services_with_live_jobs()
+        for name in sorted(names):
+            self.converge(name)
+
+    def describe(self, name=None):
+        """Each service (or NAME) as services --json shows it."""
+        now = time.time()
+        rows = [self.existing(name)] if name is not None else self.store.services()
+        described = []
+        for service in rows:
+            live = self.store.live_replicas(service["name"])
+            records = self.store.replica_records(service["name"])
+            last = self.store.last_replica_end(service["name"])
+            options = json.loads(service["options"])
+            replicas = []
+            for number in sorted(set(live) | set(range(service["replicas"]))):
+                job = live.get(number)
+                record = records.get(number)
+                replicas.append(describe_replica(number, job, record, now))
+            described.append({
+                "name": service["name"], "script": service["script"],
+                "args": json.loads(service["args"]), "cwd": service["cwd"],
+                "envs": json.loads(service["variables"]),
+                "replicas": service["replicas"], "port": service["port"],
+                "enabled": bool(service["enabled"]),
+                "health": json.loads(service["health"]) if service["health"] else None,
+                "running": sum(replica["state"] == "running" for replica in replicas),
+                "healthy": sum(replica["health"] == "healthy" for replica in replicas),
+                "restarts": sum(record["restarts"] for record in records.values()),
+                "last_end": None if last is None else
+                end_text(last["result"], last["exit_code"], last["signal"]),
+                "slots": options["slots_wanted"],
+                "on": json.loads(options["run_on"]) if options["run_on"] else None,
+                "prefer": json.loads(options["prefer"]) if options["prefer"] else None,
+                "exclude": json.loads(options["exclude"]) if options["exclude"] else None,
+                "instances": replicas})
+        return described
+
+
+def describe_replica(number, job, record, now):
+    """One replica as services NAME shows it: its live job (if any) and its record."""
+    state = "stopped" if job is None else "running" if job["state"] == "running" else \
+        "waiting"
+    since = None if job is None else job["started_at"] if job["state"] == "running" else \
+        job["submitted_at"]
+    why = None
+    if job is not None and job["state"] == "waiting" and job["not_before"] and \
+            job["not_before"] > now and record is not None and record["last_end"]:
+        why = (f"crash loop: {record['last_end']}, next try in "
+               f"{_duration_text(job['not_before'] - now)}")
+    return {"replica": number, "state": state, "job": None if job is None else job["id"],
+            "worker": job["worker"] if job is not None else None,
+            "since": iso_time(since) if since else None,
+            "health": "healthy" if state == "running" else None,
+            "restarts": record["restarts"] if record is not None else 0,
+            "last_end": record["last_end"] if record is not None else None, "why": why}
+
+
+###############################################################################
 # Health monitor ###############################################################
 ###############################################################################
 
@@ -5894,6 +6321,7 @@ class Handlers:
         self.queue = server.queue
         self.workers = server.workers
         self.runner = server.runner
+        self.services = server.services
         self.clients = server.clients
         self.log_dir = server.log_dir
 
@@ -5951,6 +6379,7 @@ class Handlers:
             "job_waitlist": waitlist,
             "running_jobs": running,
             "counts": self.store.counts(),
+            "services": self.services.describe(),
             "environments": {str(key): value for key, value in environments.items()},
         }
 
@@ -6087,6 +6516,35 @@ class Handlers:
             if chosen else ([], [], [])
         return {"retried": retried, "back": back, "held": held}
 
+    def add_service(self, client, params):
+        """Declare a service and queue its replicas."""
+        self.services.add(params["name"], params["script"], params["args"], params["cwd"],
+                          params["environment"], params["variables"], params["umask"],
+                          params["options"], params["replicas"], params["port"],
+                          params["health"])
+        return self.services.describe(params["name"])[0]
+
+    def scale(self, client, params):
+        stopping = self.services.scale(params["name"], params["replicas"], params["grace"])
+        return self.reply_when_ended(client, stopping,
+                                     lambda: self.services.describe(params["name"])[0])
+
+    def stop_service(self, client, params):
+        stopping = self.services.set_enabled(params["name"], False, params["grace"])
+        return self.reply_when_ended(client, stopping,
+                                     lambda: self.services.describe(params["name"])[0])
+
+    def start_service(self, client, params):
+        self.services.set_enabled(params["name"], True, DEFAULT_KILL_GRACE)
+        return self.services.describe(params["name"])[0]
+
+    def remove_service(self, client, params):
+        stopping = self.services.remove(params["name"], params["grace"])
+        return self.reply_when_ended(client, stopping, lambda: {"stopped": stopping})
+
+    def list_services(self, client, params):
+        return self.services.describe(params["name"])
+
     def priority(self, client, params):
         self.queue.set_priority(params["ids"], params["priority"])
         return {"ids": params["ids"], "priority": params["priority"]}
@@ -6166,6 +6624,7 @@ class Server(Events):
         self.jobs_ssh = JobsSsh(data_dir, log)
         self.runner = Runner(self.store, self.queue, self.workers, self.timers, self.selector,
                              spawner, self.jobs_ssh, log, self.paths["run"], job_fd_limit)
+        self.services = Services(self.store, self.queue, self.runner, self.workers, log)
         self.health = HealthMonitor(self.workers, self.timers, self.selector, log, log_dir,
                                     check_interval)
         self.clients = Clients(self.selector, log, self.store, self.paths, data_dir, log_dir,
@@ -6183,6 +6642,7 @@ class Server(Events):
         self.jobs_ssh.prepare(list(self.workers), self.ssh_config)
         self.runner.recover()
         self.queue.load()
+        self.services.converge_all()
 
     # --- what the lifecycle tells the rest (Events) ----------------------------
 
@@ -6198,9 +6658,15 @@ class Server(Events):
         self.jobs_ssh.write_config(list(self.workers), self.ssh_config)
         self.timers.until_saved("skipping the --on jobs that no worker left can run",
                                 self.queue.skip_stranded)
+        self.timers.until_saved("moving replicas off workers that take no jobs",
+                                self.services.move_off_unusable)
         self.health.update()
         self.clients.waiters_due = True
         self.room_changed()
+
+    def worker_unusable(self, name, why):
+        self.timers.until_saved(f"moving the replicas of worker {name}",
+                                lambda: self.services.move_off(name, why))
 
     def room_changed(self):
         """The one place that says the queue must be looked at again: a job became
@@ -6677,6 +7143,8 @@ def render_status(status):
                 " ".join(str(job["id"]) for job in slave["running_jobs"]) or "-",
                 _health_text(slave, now), " ".join(sorted(slave["envs"])) or "-"]
                for slave in status["slaves"]]
+    if status.get("services"):
+        lines += ["", f"Services ({len(status['services'])})", render_services(status["services"])]
     lines += ["", f"Workers ({len(workers)})"]
     lines.append(tabulate(workers, headers=["worker", "status", "slots", "jobs",
                                             "last check", "variables"])
@@ -7031,6 +7499,136 @@ def command_retry(options):
           + (f"; still skipped (another job they wait for failed): "
              f"{describe_ids(result['held'])}" if result["held"] else ""))
     return 0
+
+
+def command_add_service(options):
+    """Declare a service: keep N replicas of SCRIPT running, each started again when it ends.
+
+    Each replica runs SCRIPT like a job (same log, kill, placement, history and
+    recovery), with SERVICE=NAME, REPLICA (0 to N-1, kept by a replica that
+    starts again) and, with --port P, PORT=P+REPLICA, besides JOB_ID, SLAVE_IP
+    and the rest.  A replica whose job ends, for any reason but scale,
+    stop_service or remove_service, starts again: after 1s, twice as long after
+    each quick end, up to 5m, and after 1s again once it has run for a minute.
+    Replicas start before waiting batch jobs and take slots as jobs do.  The
+    service comes back when the server starts, until stop_service.
+    """
+    script = resolve_script(options.script)
+    variables = dict(parse_assignment(text) for text in options.env)
+    result = request(options.data_dir, "add_service", name=options.name, script=script,
+                     args=options.args, cwd=current_dir(), environment=dict(os.environ),
+                     variables=variables, umask=current_umask(), replicas=options.replicas,
+                     port=options.port, slots_wanted=options.slots,
+                     on=host_list(options.on, "--on"),
+                     prefer=host_list(options.prefer, "--prefer"),
+                     exclude=host_list(options.exclude, "--exclude"),
+                     ssh_reuse=options.ssh_reuse)
+    jobs = [instance["job"] for instance in result["instances"]]
+    print(f"service {result['name']}: {result['replicas']} replica(s)"
+          + (f" ({describe_ids(jobs)})" if jobs else ""))
+    return 0
+
+
+def command_scale(options):
+    """Change how many replicas of a service run; scaling down stops the highest-numbered.
+
+    The replicas stopped get SIGTERM, and SIGKILL after the grace period, as
+    kill does; scale returns once they have ended.
+    """
+    grace = parse_duration(options.grace, "--grace", limit=MAX_KILL_GRACE)
+    result = request(options.data_dir, "scale", name=options.name,
+                     replicas=options.replicas, grace=grace)
+    print(f"service {result['name']}: {result['replicas']} replica(s), {result['running']} "
+          "running")
+    return 0
+
+
+def command_stop_service(options):
+    """Stop every replica of a service and keep it stopped (its spec stays).
+
+    Until start_service it stays stopped, across server restarts too.
+    """
+    grace = parse_duration(options.grace, "--grace", limit=MAX_KILL_GRACE)
+    result = request(options.data_dir, "stop_service", name=options.name, grace=grace)
+    print(f"service {result['name']}: stopped")
+    return 0
+
+
+def command_start_service(options):
+    """Start a stopped service again: its replicas are queued at once."""
+    result = request(options.data_dir, "start_service", name=options.name)
+    print(f"service {result['name']}: started, {result['replicas']} replica(s)")
+    return 0
+
+
+def command_remove_service(options):
+    """Stop every replica of a service and forget it (their jobs stay in the history)."""
+    grace = parse_duration(options.grace, "--grace", limit=MAX_KILL_GRACE)
+    result = request(options.data_dir, "remove_service", name=options.name, grace=grace)
+    print(f"service {options.name}: removed"
+          + (f" ({describe_ids(result['stopped'])} stopped)" if result["stopped"] else ""))
+    return 0
+
+
+def command_services(options):
+    """List the services: wanted, running and healthy replicas, restarts, last end.
+
+    With a NAME, that service in full, with each replica: its job, worker,
+    since when, health and restarts.
+    """
+    services = request(options.data_dir, "services", name=options.name)
+    if options.json:
+        print_json(services if options.name is None else services[0])
+        return 0
+    if options.name is None:
+        print(render_services(services) if services else
+              "no services (add one with ./cli.py add_service NAME -- SCRIPT)")
+        return 0
+    print(render_service(services[0]))
+    return 0
+
+
+def render_services(services):
+    """One line per service, for services and status."""
+    tabulate = require("tabulate").tabulate
+    rows = [[service["name"], "started" if service["enabled"] else "stopped",
+             service["replicas"], service["running"], service["healthy"], service["restarts"],
+             service["last_end"] or "-", _placement_text(service)]
+            for service in services]
+    return tabulate(rows, headers=["service", "state", "wanted", "running", "healthy",
+                                   "restarts", "last end", "placement"])
+
+
+def render_service(service):
+    """services NAME: the service's spec, then each replica."""
+    tabulate = require("tabulate").tabulate
+    now = time.time()
+    lines = [f"service:   {service['name']} ({'started' if service['enabled'] else 'stopped'})",
+             f"command:   {_command_line(service, 200)}",
+             f"replicas:  {service['replicas']} wanted, {service['running']} running, "
+             f"{service['healthy']} healthy, {service['restarts']} restart(s)",
+             f"port:      {service['port'] if service['port'] is not None else '-'}"
+             + (f" (PORT {service['port']} to {service['port'] + service['replicas'] - 1})"
+                if service["port"] is not None and service["replicas"] > 1 else ""),
+             f"placement: {_placement_text(service)}",
+             f"last end:  {service['last_end'] or '-'}", ""]
+    rows = [[instance["replica"], instance["state"], instance["job"] or "-",
+             instance["worker"] or "-",
+             _elapsed(now - parse_iso_time(instance["since"])) if instance["since"] else "-",
+             instance["health"] or "-", instance["restarts"],
+             instance["why"] or instance["last_end"] or "-"]
+            for instance in service["instances"]]
+    lines.append(tabulate(rows, headers=["replica", "state", "job", "worker", "for", "health",
+                                         "restarts", "last end"]) if rows else "no replicas")
+    return "\n".join(lines)
+
+
+def _placement_text(service):
+    parts = [f"{service['slots']} slots"] if service["slots"] > 1 else []
+    for key in ("on", "prefer", "exclude"):
+        if service[key]:
+            parts.append(f"--{key} {','.join(service[key])}")
+    return " ".join(parts) or "any worker"
 
 
 def command_priority(options):
@@ -7861,6 +8459,14 @@ def quickstart_summary(data_dir, first_job, inputs):
         print(f"  {command.ljust(width)}   # {why}")
 
 
+def replica_count(text):
+    """argparse type for --replicas and scale's N."""
+    if not plain_number(text) or int(text) > MAX_REPLICAS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of replicas (0 to "
+                                         f"{MAX_REPLICAS})")
+    return int(text)
+
+
 def port_number(text):
     """argparse type for --port."""
     if not plain_number(text) or not 1 <= int(text) <= 65535:
@@ -7944,6 +8550,12 @@ COMMANDS = {
     "kill": command_kill,
     "priority": command_priority,
     "retry": command_retry,
+    "add_service": command_add_service,
+    "scale": command_scale,
+    "stop_service": command_stop_service,
+    "start_service": command_start_service,
+    "remove_service": command_remove_service,
+    "services": command_services,
     "jobs": command_jobs,
     "logs": command_logs,
     "purge": command_purge,
@@ -7980,6 +8592,13 @@ EXAMPLES = {
     "remove_job": "./cli.py remove_job 12 13\n  ./cli.py remove_job ./job.sh input-1.dat",
     "load_status": "./cli.py status --json > state.json\n  ./cli.py load_status state.json",
     "kill": "./cli.py kill 12\n  ./cli.py kill --grace 1m 12-20 31",
+    "add_service": "./cli.py add_service web --replicas 4 --port 8000 -- ./serve.sh --workers 2\n"
+                   "  ./cli.py add_service agent --replicas 8 --on 'node[1-8]' -- ./agent.sh",
+    "scale": "./cli.py scale web 8\n  ./cli.py scale web 0        # none running, the spec kept",
+    "stop_service": "./cli.py stop_service web\n  ./cli.py stop_service --grace 1m web",
+    "start_service": "./cli.py start_service web",
+    "remove_service": "./cli.py remove_service web\n  ./cli.py remove_service --grace 0 web",
+    "services": "./cli.py services\n  ./cli.py services web\n  ./cli.py services --json",
     "retry": "./cli.py retry 42\n  ./cli.py retry --failed          # every failed or timed-out job\n"
              "  ./cli.py retry --failed 100-199  # those of 100-199 that failed\n"
              "  ./cli.py retry --state killed --script render.sh",
@@ -8018,6 +8637,26 @@ class _NotBuilt:
 
     def add_argument_group(self, *args, **kwargs):
         return self
+
+
+def placement_arguments(where, what):
+    """--slots, --on, --prefer, --exclude and --no-ssh-reuse, of add_job and add_service
+    (WHAT: a job, or a replica)."""
+    where.add_argument("--slots", type=positive_int, default=1, metavar="K",
+                       help=f"Take K slots of one worker (a {what} that uses K cores); SLOTS "
+                            "lists them. It waits for a worker with K free slots, which "
+                            "is kept for it meanwhile.")
+    where.add_argument("--on", action="append", metavar="HOSTS",
+                       help="Run only on these workers (comma-separated, ranges such as "
+                            "node[1-4] allowed; repeatable).")
+    where.add_argument("--prefer", action="append", metavar="HOSTS",
+                       help="Prefer these workers when they have a free slot; may still "
+                            "run elsewhere.")
+    where.add_argument("--exclude", action="append", metavar="HOSTS",
+                       help="Never run on these workers.")
+    where.add_argument("--no-ssh-reuse", dest="ssh_reuse", action="store_false",
+                       help=f"The {what}'s ssh, scp and rsync calls each open a new "
+                            "connection instead of sharing one per host.")
 
 
 def build_parser(only=None):
@@ -8158,22 +8797,7 @@ def build_parser(only=None):
     what.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
                       help="Arguments passed to the script verbatim, even ones that look "
                            "like options.")
-    where = add_job.add_argument_group("where it runs")
-    where.add_argument("--slots", type=positive_int, default=1, metavar="K",
-                       help="Take K slots of one worker (a job that uses K cores); SLOTS "
-                            "lists them. It waits for a worker with K free slots, which "
-                            "is kept for it meanwhile.")
-    where.add_argument("--on", action="append", metavar="HOSTS",
-                       help="Run only on these workers (comma-separated, ranges such as "
-                            "node[1-4] allowed; repeatable).")
-    where.add_argument("--prefer", action="append", metavar="HOSTS",
-                       help="Prefer these workers when they have a free slot; may still "
-                            "run elsewhere.")
-    where.add_argument("--exclude", action="append", metavar="HOSTS",
-                       help="Never run on these workers.")
-    where.add_argument("--no-ssh-reuse", dest="ssh_reuse", action="store_false",
-                       help="This job's ssh, scp and rsync calls each open a new connection "
-                            "instead of sharing one per host.")
+    placement_arguments(add_job.add_argument_group("where it runs"), "job")
     when = add_job.add_argument_group("when it starts")
     when.add_argument("--priority", type=int, default=0, metavar="N",
                       help="Higher starts first; jobs of equal priority start in "
@@ -8220,6 +8844,55 @@ def build_parser(only=None):
     kill.add_argument("--grace", default=f"{DEFAULT_KILL_GRACE:g}s", metavar="DURATION",
                       help="Time between SIGTERM and SIGKILL, like 10s or 1m "
                            f"(default: {DEFAULT_KILL_GRACE:g}s).")
+
+    add_service = add("add_service")
+    add_service.add_argument("name", metavar="NAME",
+                             help="The service's name: letters, digits, '.', '_' and '-'.")
+    what = add_service.add_argument_group("what to run")
+    what.add_argument("--replicas", type=replica_count, default=1, metavar="N",
+                      help="How many replicas to keep running (default: 1).")
+    what.add_argument("--port", type=port_number, metavar="P",
+                      help="Give each replica PORT=P+REPLICA, so that two replicas on one "
+                           "worker do not collide.")
+    what.add_argument("-e", dest="env", action="append", default=[], metavar="NAME=VALUE",
+                      help="A variable for every replica; repeatable. SERVICE, REPLICA (and "
+                           "PORT with --port) are set by the service.")
+    what.add_argument("script", metavar="SCRIPT",
+                      help="An executable script (a path, or a command on PATH); put -- "
+                           "before it.")
+    what.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
+                      help="Arguments passed to the script verbatim.")
+    placement_arguments(add_service.add_argument_group("where it runs"), "replica")
+
+    scale = add("scale")
+    scale.add_argument("name", metavar="NAME", help="The service.")
+    scale.add_argument("replicas", type=replica_count, metavar="N",
+                       help="How many replicas to keep running from now on (0 or more).")
+    scale.add_argument("--grace", default=f"{DEFAULT_KILL_GRACE:g}s", metavar="DURATION",
+                       help="Time between SIGTERM and SIGKILL for the replicas stopped "
+                            f"(default: {DEFAULT_KILL_GRACE:g}s).")
+
+    stop_service = add("stop_service")
+    stop_service.add_argument("name", metavar="NAME", help="The service.")
+    stop_service.add_argument("--grace", default=f"{DEFAULT_KILL_GRACE:g}s",
+                              metavar="DURATION",
+                              help="Time between SIGTERM and SIGKILL "
+                                   f"(default: {DEFAULT_KILL_GRACE:g}s).")
+
+    start_service = add("start_service")
+    start_service.add_argument("name", metavar="NAME", help="The service.")
+
+    remove_service = add("remove_service")
+    remove_service.add_argument("name", metavar="NAME", help="The service.")
+    remove_service.add_argument("--grace", default=f"{DEFAULT_KILL_GRACE:g}s",
+                                metavar="DURATION",
+                                help="Time between SIGTERM and SIGKILL "
+                                     f"(default: {DEFAULT_KILL_GRACE:g}s).")
+
+    services = add("services")
+    services.add_argument("name", nargs="?", metavar="NAME",
+                          help="Show this one service in full, with each replica.")
+    services.add_argument("--json", action="store_true", help="Print JSON.")
 
     retry = add("retry")
     retry.add_argument("ids", nargs="*", metavar="ID",
