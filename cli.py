@@ -105,6 +105,8 @@ MAX_SSH_TIMEOUT = 86400.0
 DEFAULT_CHECK_INTERVAL = 30.0    # seconds between health checks of a worker
 HEALTH_CHECKS_AT_ONCE = 16       # connections the health checker opens at the same time
 HEALTH_CHECKER = "_health_checker"   # the hidden command the server runs it as
+PROBER = "_prober"                   # ... and the replicas' health prober
+PROBES_AT_ONCE = 32                  # probes the prober runs at a time
 STATUS_TABLE_HEAD = 10           # waiting jobs shown by the status table
 HEALTH_TEXT_WIDTH = 30           # the status table's "last check" cells (see _health_text)
 JOBS_TABLE_LAST = 50             # jobs shown by the jobs table without --last
@@ -871,6 +873,14 @@ def _health(value, name):
             (value.get("tcp") is True) == isinstance(value.get("cmd"), str):
         raise UserError("malformed request: health must be {tcp: true} or {cmd: COMMAND}, "
                         "with interval and failures")
+    if "cmd" in value:
+        import shlex
+        try:
+            words = shlex.split(value["cmd"])
+        except ValueError as error:
+            raise UserError(f"--health-cmd: {error} (it is split as a shell would)") from None
+        if not words:
+            raise UserError("--health-cmd needs a command")
     interval = value.get("interval", DEFAULT_HEALTH_INTERVAL)
     failures = value.get("failures", DEFAULT_HEALTH_FAILURES)
     if not _seconds(interval, 0.1, MAX_DURATION) or not whole_number(failures, 1, 1000):
@@ -4955,10 +4965,10 @@ class Queue:
                 self.resolve(changes, [(job_id, result == JobResult.SUCCEEDED,
                                         f"ended {result.value}")])
                 if row["service"] is not None:
-                    self.replica_ended(changes, row, result, outcome, ended_at)
+                    self.replica_ended(changes, row, result, outcome, ended_at, reason)
         return result, reason, retry
 
-    def replica_ended(self, changes, row, result, outcome, ended_at):
+    def replica_ended(self, changes, row, result, outcome, ended_at, reason):
         """A replica's job has ended (in CHANGES): if its service still wants that
         replica, its next job is queued in the same transaction, to start after
         the restart delay; so a replica is never lost, nor ever doubled."""
@@ -4969,6 +4979,8 @@ class Queue:
         delay = restart_delay(record["delay"] if record else 0.0,
                               ended_at - (row["started_at"] or ended_at))
         how = end_text(result.value, outcome.get("exit_code"), outcome.get("signal"))
+        if result == JobResult.KILLED and reason:
+            how = reason.split(" (")[0]   # restarted: health checks failed; moved: ...
         self.store.replica_ended(service["name"], row["replica"], how, delay)
         job_id = self.store.insert_replica(service, row["replica"], time.time() + delay)
         changes.moved([job_id], JobState.BLOCKED)
@@ -5289,6 +5301,8 @@ class Runner:
         self.job_fd_limit = job_fd_limit
         self.running = {}          # job id -> Attempt
         self.environment_cache = {}
+        # Told of each replica that runs (started or adopted): Services.replica_running.
+        self.replica_running = lambda attempt, row: None
 
     def jobs_on(self, host):
         return sorted(job_id for job_id, attempt in self.running.items()
@@ -5399,13 +5413,16 @@ class Runner:
                 attempt = self.hold(Attempt(row, None, None))
                 self.record_end(attempt)   # queues it again
 
-    def start_attempt(self, row):
+    def environment_of(self, row):
+        """The environment the running job ROW's script runs (or ran) with."""
         worker = self.workers.get(row["worker"])
-        ssh_shim = self.jobs_ssh.shim_for(worker, row)
-        environment = job_environment(self.submitter_environment(row["environment_id"]),
-                                      worker.variables, json.loads(row["variables"]),
-                                      row["id"], worker.name, row["attempt"],
-                                      attempt_slots(row), worker.job_endpoint(), ssh_shim)
+        return job_environment(self.submitter_environment(row["environment_id"]),
+                               worker.variables, json.loads(row["variables"]), row["id"],
+                               worker.name, row["attempt"], attempt_slots(row),
+                               worker.job_endpoint(), self.jobs_ssh.shim_for(worker, row))
+
+    def start_attempt(self, row):
+        environment = self.environment_of(row)
         spec = AttemptSpec(row["id"], row["attempt"], row["script"], json.loads(row["args"]),
                            row["cwd"], environment, row["umask"], self.job_fd_limit, row["log"],
                            row["worker"])
@@ -5443,6 +5460,8 @@ class Runner:
             # From the recorded start, so that a restart does not extend it.
             self.timers.add(row["started_at"] + row["timeout"],
                             lambda attempt=attempt: self.time_out(attempt), attempt)
+        if row["service"] is not None:
+            self.replica_running(attempt, row)
         return attempt
 
     # --- killing ------------------------------------------------------------
@@ -5598,6 +5617,195 @@ class Runner:
 # Services #####################################################################
 ###############################################################################
 
+class HealthProbes:
+    """The health checks of service replicas.  The prober process runs them (a TCP
+    connect, or a command here), so that none holds up the loop: each replica of
+    a service with a check is probed every interval from one interval after it
+    starts, and FAILURES failed probes in a row restart it (killed as kill does;
+    its service starts it again)."""
+
+    def __init__(self, timers, selector, runner, log, log_dir):
+        self.timers = timers
+        self.selector = selector
+        self.runner = runner
+        self.log = log
+        self.log_dir = log_dir
+        self.process = None
+        self.unsent = bytearray()
+        self.lines = LineReader()
+        self.pending = {}          # probe id -> (attempt, probe, health)
+        self.last_id = 0
+        self.state = {}            # job id -> [failed probes in a row, healthy or None, why not]
+
+    def watch(self, attempt, probe, health):
+        self.state[attempt.job_id] = [0, None, None]
+        self.later(attempt, probe, health)
+
+    def later(self, attempt, probe, health):
+        self.timers.add(time.time() + health["interval"],
+                        lambda: self.probe(attempt, probe, health), attempt)
+
+    def health_of(self, job_id):
+        """(healthy, unhealthy or starting; why not) of a running replica."""
+        failures, healthy, reason = self.state.get(job_id, (0, None, None))
+        return ("starting" if healthy is None else "healthy" if healthy else "unhealthy",
+                reason)
+
+    def probe(self, attempt, probe, health):
+        if attempt.ended or attempt.job_id not in self.state:
+            self.state.pop(attempt.job_id, None)
+            return
+        if self.process is None and not self.start():
+            self.later(attempt, probe, health)
+            return
+        self.last_id += 1
+        self.pending[self.last_id] = (attempt, probe, health)
+        self.unsent += json.dumps(dict(probe, id=self.last_id)).encode() + b"\n"
+        self.send()
+
+    def answered(self, probe_id, reason):
+        attempt, probe, health = self.pending.pop(probe_id, (None, None, None))
+        if attempt is None or attempt.ended or attempt.job_id not in self.state:
+            return
+        state = self.state[attempt.job_id]
+        if reason is None:
+            state[:] = [0, True, None]
+        else:
+            state[:] = [state[0] + 1, False, reason]
+            if state[0] >= health["failures"]:
+                self.log.warning("job %s: %d health checks in a row failed (%s); restarting it",
+                                 attempt.job_id, state[0], reason)
+                self.runner.kill(attempt.job_id, DEFAULT_KILL_GRACE,
+                                 f"restarted: {state[0]} health checks in a row failed "
+                                 f"({reason})")
+                return
+        self.later(attempt, probe, health)
+
+    def start(self):
+        import subprocess
+        try:
+            with open(os.path.join(self.log_dir, SERVER_LOG_FILE), "ab") as errors:
+                self.process = subprocess.Popen(
+                    [sys.executable, os.path.abspath(__file__), PROBER],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, cwd="/")
+        except OSError as error:
+            self.log.error("cannot start the health prober: %s", error)
+            return False
+        for stream in (self.process.stdin, self.process.stdout):
+            os.set_blocking(stream.fileno(), False)
+        self.selector.register(self.process.stdout, EVENT_READ, self.results)
+        self.unsent, self.lines = bytearray(), LineReader()
+        return True
+
+    def send(self, events=0):
+        process = self.process
+        if process is None:
+            return
+        try:
+            while self.unsent:
+                del self.unsent[:os.write(process.stdin.fileno(), self.unsent)]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.gone()
+            return
+        registered = self.selector.get_map().get(process.stdin.fileno()) is not None
+        if self.unsent and not registered:
+            self.selector.register(process.stdin, EVENT_WRITE, self.send)
+        elif not self.unsent and registered:
+            self.selector.unregister(process.stdin)
+
+    def results(self, events):
+        try:
+            chunk = os.read(self.process.stdout.fileno(), 1 << 16)
+        except BlockingIOError:
+            return
+        if not chunk:
+            self.gone()
+            return
+        for line in self.lines.feed(chunk):
+            result = json.loads(line)
+            self.answered(result["id"], result["reason"])
+
+    def gone(self):
+        """The prober died: its probes are asked again, of a new one, an interval later."""
+        self.log.warning("the health prober stopped; starting a new one")
+        self.stop()
+        pending, self.pending = self.pending, {}
+        for attempt, probe, health in pending.values():
+            self.later(attempt, probe, health)
+
+    def stop(self):
+        if self.process is None:
+            return
+        process, self.process = self.process, None
+        for stream in (process.stdin, process.stdout):
+            if self.selector.get_map().get(stream.fileno()) is not None:
+                self.selector.unregister(stream)
+            stream.close()
+        try:
+            process.wait(timeout=1)
+        except Exception:   # noqa: BLE001 - it ends with its stdin; never wait for it
+            pass
+
+
+def prober_main():
+    """The replicas' health prober (cli.py _prober), a process of its own so that no
+    probe holds up the server's loop.  It reads probes as JSON lines on stdin, runs
+    each in a thread (PROBES_AT_ONCE at a time) and writes one JSON line per probe:
+    {"id", "reason" (null if healthy)}.  A probe is {"id", "tcp": [host, port],
+    "timeout"} or {"id", "cmd": argv, "env", "cwd", "timeout"}.  EOF on stdin (the
+    server is gone) ends it."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    output = threading.Lock()
+
+    def run(probe):
+        line = json.dumps({"id": probe["id"], "reason": run_probe(probe)}).encode() + b"\n"
+        with output:
+            try:
+                while line:
+                    line = line[os.write(1, line):]
+            except OSError:
+                os._exit(0)   # the server is gone
+    lines = LineReader()
+    with ThreadPoolExecutor(max_workers=PROBES_AT_ONCE) as pool:
+        while True:
+            chunk = os.read(0, 1 << 16)
+            if not chunk:
+                break
+            for line in lines.feed(chunk):
+                pool.submit(run, json.loads(line))
+
+
+def run_probe(probe):
+    """One health probe: None if the replica is healthy, else why not."""
+    import subprocess
+    timeout = probe["timeout"]
+    if "tcp" in probe:
+        host, port = probe["tcp"]
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            return None
+        except socket.timeout:
+            return f"no TCP connection to {host}:{port} within {timeout:g}s"
+        except OSError as error:
+            return f"TCP connect to {host}:{port}: {error.strerror or error}"
+    command = probe["cmd"][0] if probe["cmd"] else "(empty command)"
+    try:
+        result = subprocess.run(probe["cmd"], env=probe["env"], cwd=probe["cwd"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"{command} took over {timeout:g}s"
+    except (OSError, IndexError) as error:
+        return f"cannot run {command}: {getattr(error, 'strerror', None) or error}"
+    if result.returncode == 0:
+        return None
+    said = last_line(result.stdout.decode(errors="replace"))[:200]
+    return f"{command} exited with status {result.returncode}" + (f": {said}" if said else "")
+
+
 class Services:
     """Services: a job template and a number of replicas, each replica a job of its
     own (SERVICE, REPLICA and PORT in its environment), so that logs, kill,
@@ -5606,12 +5814,30 @@ class Services:
     transaction); this unit declares, scales, stops, starts and removes
     services, and makes the live replicas what is wanted (converge)."""
 
-    def __init__(self, store, queue, runner, workers, log):
+    def __init__(self, store, queue, runner, workers, probes, log):
         self.store = store
         self.queue = queue
         self.runner = runner
         self.workers = workers
+        self.probes = probes
         self.log = log
+
+    def replica_running(self, attempt, row):
+        """A replica runs (started, or adopted at start): its health check, if its
+        service has one, begins an interval later."""
+        service = self.store.service(row["service"])
+        if service is None or service["health"] is None:
+            return
+        health = json.loads(service["health"])
+        if health.get("tcp"):
+            host = self.workers.get(row["worker"]).job_endpoint()["host"]
+            probe = {"tcp": [host, int(json.loads(row["variables"])["PORT"])],
+                     "timeout": min(health["interval"], DEFAULT_SSH_TIMEOUT)}
+        else:
+            import shlex
+            probe = {"cmd": shlex.split(health["cmd"]), "env": self.runner.environment_of(row),
+                     "cwd": row["cwd"], "timeout": health["interval"]}
+        self.probes.watch(attempt, probe, health)
 
     def existing(self, name):
         service = self.store.service(name)
@@ -5738,8 +5964,12 @@ class Services:
             replicas = []
             for number in sorted(set(live) | set(range(service["replicas"]))):
                 job = live.get(number)
-                record = records.get(number)
-                replicas.append(describe_replica(number, job, record, now))
+                health = None
+                if job is not None and job["state"] == "running":
+                    health = self.probes.health_of(job["id"]) if service["health"] \
+                        else ("healthy", None)
+                replicas.append(describe_replica(number, job, records.get(number), health,
+                                                 now))
             described.append({
                 "name": service["name"], "script": service["script"],
                 "args": json.loads(service["args"]), "cwd": service["cwd"],
@@ -5760,8 +5990,10 @@ class Services:
         return described
 
 
-def describe_replica(number, job, record, now):
-    """One replica as services NAME shows it: its live job (if any) and its record."""
+def describe_replica(number, job, record, health, now):
+    """One replica as services NAME shows it: its live job (if any), its record, and
+    HEALTH: (healthy, unhealthy or starting; the last failed probe's reason) while
+    it runs."""
     state = "stopped" if job is None else "running" if job["state"] == "running" else \
         "waiting"
     since = None if job is None else job["started_at"] if job["state"] == "running" else \
@@ -5769,12 +6001,13 @@ def describe_replica(number, job, record, now):
     why = None
     if job is not None and job["state"] == "waiting" and job["not_before"] and \
             job["not_before"] > now and record is not None and record["last_end"]:
-        why = (f"crash loop: {record['last_end']}, next try in "
-               f"{_duration_text(job['not_before'] - now)}")
+        why = (f"{'crash loop' if record['delay'] > RESTART_FIRST else 'restarting'}: "
+               f"{record['last_end']}, next try in {_duration_text(job['not_before'] - now)}")
     return {"replica": number, "state": state, "job": None if job is None else job["id"],
             "worker": job["worker"] if job is not None else None,
             "since": iso_time(since) if since else None,
-            "health": "healthy" if state == "running" else None,
+            "health": health[0] if health else None,
+            "health_reason": health[1] if health else None,
             "restarts": record["restarts"] if record is not None else 0,
             "last_end": record["last_end"] if record is not None else None, "why": why}
 
@@ -6624,7 +6857,10 @@ class Server(Events):
         self.jobs_ssh = JobsSsh(data_dir, log)
         self.runner = Runner(self.store, self.queue, self.workers, self.timers, self.selector,
                              spawner, self.jobs_ssh, log, self.paths["run"], job_fd_limit)
-        self.services = Services(self.store, self.queue, self.runner, self.workers, log)
+        self.probes = HealthProbes(self.timers, self.selector, self.runner, log, log_dir)
+        self.services = Services(self.store, self.queue, self.runner, self.workers,
+                                 self.probes, log)
+        self.runner.replica_running = self.services.replica_running
         self.health = HealthMonitor(self.workers, self.timers, self.selector, log, log_dir,
                                     check_interval)
         self.clients = Clients(self.selector, log, self.store, self.paths, data_dir, log_dir,
@@ -6720,6 +6956,7 @@ class Server(Events):
         """Stop listening and let go of the data dir; jobs keep running."""
         self.clients.close()
         self.health.stop()
+        self.probes.stop()
         self.runner.release_ssh_root()
         self.store.close()
         self.spawner.close()
@@ -7515,6 +7752,12 @@ def command_add_service(options):
     """
     script = resolve_script(options.script)
     variables = dict(parse_assignment(text) for text in options.env)
+    health = None
+    if options.health_tcp or options.health_cmd is not None:
+        health = {"tcp": True} if options.health_tcp else {"cmd": options.health_cmd}
+        health.update(interval=parse_duration(options.health_interval, "--health-interval",
+                                              positive=True),
+                      failures=options.health_failures)
     result = request(options.data_dir, "add_service", name=options.name, script=script,
                      args=options.args, cwd=current_dir(), environment=dict(os.environ),
                      variables=variables, umask=current_umask(), replicas=options.replicas,
@@ -7522,7 +7765,7 @@ def command_add_service(options):
                      on=host_list(options.on, "--on"),
                      prefer=host_list(options.prefer, "--prefer"),
                      exclude=host_list(options.exclude, "--exclude"),
-                     ssh_reuse=options.ssh_reuse)
+                     ssh_reuse=options.ssh_reuse, health=health)
     jobs = [instance["job"] for instance in result["instances"]]
     print(f"service {result['name']}: {result['replicas']} replica(s)"
           + (f" ({describe_ids(jobs)})" if jobs else ""))
@@ -7611,16 +7854,27 @@ def render_service(service):
              + (f" (PORT {service['port']} to {service['port'] + service['replicas'] - 1})"
                 if service["port"] is not None and service["replicas"] > 1 else ""),
              f"placement: {_placement_text(service)}",
+             f"health:    {_health_check_text(service['health'])}",
              f"last end:  {service['last_end'] or '-'}", ""]
     rows = [[instance["replica"], instance["state"], instance["job"] or "-",
              instance["worker"] or "-",
              _elapsed(now - parse_iso_time(instance["since"])) if instance["since"] else "-",
              instance["health"] or "-", instance["restarts"],
-             instance["why"] or instance["last_end"] or "-"]
+             instance["why"] or instance["health_reason"] or instance["last_end"] or "-"]
             for instance in service["instances"]]
     lines.append(tabulate(rows, headers=["replica", "state", "job", "worker", "for", "health",
                                          "restarts", "last end"]) if rows else "no replicas")
     return "\n".join(lines)
+
+
+def _health_check_text(health):
+    if health is None:
+        return "no check (running counts as healthy)"
+    probe = "TCP connect to SLAVE_HOST:PORT" if health.get("tcp") else f"`{health['cmd']}`"
+    every = _duration_text(health["interval"]) if health["interval"] >= 1 else \
+        f"{health['interval']:g}s"
+    return (f"{probe} every {every}, restarted after "
+            f"{health['failures']} failure(s) in a row")
 
 
 def _placement_text(service):
@@ -8638,6 +8892,9 @@ class _NotBuilt:
     def add_argument_group(self, *args, **kwargs):
         return self
 
+    def add_mutually_exclusive_group(self, *args, **kwargs):
+        return self
+
 
 def placement_arguments(where, what):
     """--slots, --on, --prefer, --exclude and --no-ssh-reuse, of add_job and add_service
@@ -8863,6 +9120,24 @@ def build_parser(only=None):
     what.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
                       help="Arguments passed to the script verbatim.")
     placement_arguments(add_service.add_argument_group("where it runs"), "replica")
+    health = add_service.add_argument_group("health checks")
+    probe = health.add_mutually_exclusive_group()
+    probe.add_argument("--health-tcp", action="store_true",
+                       help="Probe each replica by connecting to SLAVE_HOST:PORT from this "
+                            "machine (needs --port).")
+    probe.add_argument("--health-cmd", metavar="CMD",
+                       help="Probe each replica by running CMD on this machine, with the "
+                            "replica's environment (PORT, SLAVE_IP, ...); exit 0 means "
+                            "healthy. CMD is split into words as a shell would, but no "
+                            "shell runs it: use a script to expand variables.")
+    health.add_argument("--health-interval", metavar="DURATION",
+                        default=f"{DEFAULT_HEALTH_INTERVAL:g}s",
+                        help="Time between probes, and before the first "
+                             f"(default: {DEFAULT_HEALTH_INTERVAL:g}s).")
+    health.add_argument("--health-failures", type=positive_int, metavar="K",
+                        default=DEFAULT_HEALTH_FAILURES,
+                        help="Failed probes in a row that restart a replica "
+                             f"(default: {DEFAULT_HEALTH_FAILURES}).")
 
     scale = add("scale")
     scale.add_argument("name", metavar="NAME", help="The service.")
@@ -9028,6 +9303,9 @@ def main(argv=None):
         # from argv (surrogate escapes): print them as the bytes they were, in any
         # locale, rather than fail on them.
         sys.stdout.reconfigure(errors="surrogateescape")
+    if argv == [PROBER]:
+        prober_main()
+        return 0
     if argv == [HEALTH_CHECKER]:
         health_checker_main()
         return 0
