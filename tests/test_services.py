@@ -287,3 +287,22 @@ def test_a_replica_whose_health_check_starts_failing_is_restarted(server, check)
     wait_until(lambda: service(server, "web")["instances"][0]["health"] == "healthy",
                what="the new replica to be healthy")
     assert service(server, "web")["restarts"] == 1
+
+
+def test_a_replica_moves_off_a_worker_that_goes_down(cli, ssh_sandbox):
+    doomed = ssh_sandbox.start_worker(f"wsvc{len(ssh_sandbox._workers)}")
+    cli.ok("start", "--check-interval", "0.5s")
+    cli.ok("add_slave", doomed.alias)
+    script, _ = replica_script(cli)
+    cli.ok("add_service", "agent", "--", script)
+    wait_until(lambda: live(cli, "agent"), what="the replica on the only worker")
+    first = live(cli, "agent")[0]
+    cli.ok("add_slave", "w1")
+    assert service(cli, "agent")["instances"][0]["worker"] == doomed.alias
+    doomed.stop()
+    wait_until(lambda: service(cli, "agent")["instances"][0]["worker"] == "w1" and
+               service(cli, "agent")["instances"][0]["state"] == "running",
+               what="the replica to move to w1")
+    assert live(cli, "agent")[0] != first
+    assert json.loads(cli.ok("jobs", first, "--json"))["reason"].startswith(
+        f"moved: worker {doomed.alias} is down")
