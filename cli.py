@@ -2010,7 +2010,8 @@ class Store:
                 if row["result"] != JobResult.SUCCEEDED.value]
 
     def unfinished_jobs(self):
-        return self.db.execute("SELECT id, state FROM jobs WHERE state != ?",
+        """The jobs not done, but services' replicas (which never are)."""
+        return self.db.execute("SELECT id, state FROM jobs WHERE state != ? AND service IS NULL",
                                (JobState.DONE.value,)).fetchall()
 
     def waiting_ids(self):
@@ -2023,12 +2024,14 @@ class Store:
 
     def waiting_with_command(self, script, args):
         return [row[0] for row in self.db.execute(
-            "SELECT id FROM jobs WHERE state = ? AND script = ? AND args = ? ORDER BY id",
-            (JobState.WAITING.value, script, json.dumps(args)))]
+            "SELECT id FROM jobs WHERE state = ? AND script = ? AND args = ? AND service IS NULL "
+            "ORDER BY id", (JobState.WAITING.value, script, json.dumps(args)))]
 
     def pinned_waiting_jobs(self):
+        """Waiting --on jobs (not replicas: a service waits for its workers to come)."""
         return self.db.execute("SELECT id, run_on, slots_wanted FROM jobs WHERE state = ? AND "
-                               "run_on IS NOT NULL", (JobState.WAITING.value,)).fetchall()
+                               "run_on IS NOT NULL AND service IS NULL",
+                               (JobState.WAITING.value,)).fetchall()
 
     # --- history: every ended attempt ----------------------------------------
 
@@ -5126,7 +5129,8 @@ class Queue:
 
     def set_priority(self, job_ids, priority):
         """Give waiting jobs a new priority: higher starts first, FIFO among equals."""
-        for row in self.existing(job_ids):
+        for row in self.existing(job_ids, "id, state, result, service, replica"):
+            refuse_replica(row, "has the priority of replicas (before any batch job)")
             if row["state"] != JobState.WAITING.value:
                 raise UserError(f"job {row['id']} is {row['state']}"
                                 + (f" ({row['result']})" if row["result"] else "")
@@ -6696,7 +6700,9 @@ class Handlers:
     def remove_job(self, client, params):
         if params["ids"] is not None:
             job_ids = params["ids"]
-            for row in self.queue.existing(job_ids, "id, state, result, worker"):
+            for row in self.queue.existing(job_ids, "id, state, result, worker, service, "
+                                                    "replica"):
+                refuse_replica(row, "cannot be removed")
                 refuse_unless_waiting(row)
         else:
             script, args = params["script"], params["args"]
@@ -6709,7 +6715,7 @@ class Handlers:
 
     def kill(self, client, params):
         """Kill running jobs (process group, grace, SIGKILL) and waiting ones before they run."""
-        rows = self.queue.existing(params["ids"])
+        rows = self.queue.existing(params["ids"], "id, state, result, service")
         ended = [row for row in rows if row["state"] == JobState.DONE.value]
         if len(ended) == len(rows):
             raise UserError(f"job {ended[0]['id']} has already ended ({ended[0]['result']})"
@@ -6718,6 +6724,10 @@ class Handlers:
         running = [row["id"] for row in rows if row["state"] == JobState.RUNNING.value]
         if waiting:
             self.queue.kill_waiting(waiting)
+            # A replica killed before it ran starts again at once, as a new job.
+            for name in sorted({row["service"] for row in rows if row["service"] is not None
+                                and row["state"] == JobState.WAITING.value}):
+                self.services.converge(name)
         for job_id in running:
             self.runner.kill(job_id, params["grace"], "killed with ./cli.py kill")
         # A range may hold jobs that already ended: left alone.
@@ -6814,6 +6824,15 @@ class Handlers:
         keep_ids = self.queue.load_status(workers, jobs, params["document"].get("paused"))
         return {"workers": len(workers), "jobs": len(jobs), "ids_kept": keep_ids,
                 "notes": params["notes"]}
+
+
+def refuse_replica(row, what):
+    """A replica's job is its service's to start and stop."""
+    if row["service"] is not None and row["state"] != JobState.DONE.value:
+        raise UserError(f"job {row['id']} is replica {row['replica']} of service "
+                        f"{row['service']} and {what}: change the service instead "
+                        f"(./cli.py scale {row['service']} N, or stop_service); "
+                        "nothing was changed")
 
 
 def refuse_unless_waiting(row):

@@ -306,3 +306,24 @@ def test_a_replica_moves_off_a_worker_that_goes_down(cli, ssh_sandbox):
     assert live(cli, "agent")[0] != first
     assert json.loads(cli.ok("jobs", first, "--json"))["reason"].startswith(
         f"moved: worker {doomed.alias} is down")
+
+
+def test_replicas_are_the_services_own_wait_remove_job_and_priority_leave_them(server):
+    server.ok("add_slave", "--slots", 2, "w1")
+    script, _ = replica_script(server)
+    server.ok("add_service", "busy", "--", script)
+    server.ok("add_service", "queued", "--slots", 2, "--", script)   # no room yet: it waits
+    wait_until(lambda: live(server, "busy"), what="the first replica")
+    waiting = service(server, "queued")["instances"][0]["job"]
+    server.fails("remove_job", waiting, expect=f"job {waiting} is replica 0 of service queued "
+                                               "and cannot be removed")
+    server.fails("priority", 5, waiting, expect="scale queued N")
+    server.ok("kill", waiting)   # a replica killed before it ran is queued again at once
+    again = service(server, "queued")["instances"][0]
+    assert again["state"] == "waiting" and again["job"] not in (None, waiting)
+    batch = server.add_job(server.script)   # the replicas go first: it waits
+    server.ok("stop_service", "queued")
+    # wait (no ids) waits for batch jobs only: busy's replica never ends.
+    server.ok("wait", timeout=30)
+    assert json.loads(server.ok("jobs", batch, "--json"))["result"] == "succeeded"
+    assert live(server, "busy")
