@@ -5076,10 +5076,14 @@ class Queue:
         user named the jobs one by one, and one held back is refused rather than
         left out.  Returns (ids retried, ids of dependents back with them, ids held
         back)."""
-        for row in self.existing(job_ids):
+        for row in self.existing(job_ids, "id, state, result, service, replica"):
             if row["state"] != JobState.DONE.value:
                 raise UserError(f"job {row['id']} is {row['state']}: only ended jobs can be "
                                 "retried (kill it first to run it again); nothing was changed")
+            if row["service"] is not None:
+                raise UserError(f"job {row['id']} ran replica {row['replica']} of service "
+                                f"{row['service']}, which starts its replicas again itself "
+                                "(./cli.py services); nothing was changed")
         dependencies = self.store.dependencies
         candidates, frontier = set(job_ids), set(job_ids)
         while frontier:
@@ -6752,7 +6756,7 @@ class Handlers:
         results = (JobResult.FAILED.value, JobResult.TIMED_OUT.value) if params["failed"] \
             else (result,)
         chosen = [row["id"] for wanted in results for row in self.store.find_jobs(
-            JobState.DONE.value, wanted, None, params["script"])]
+            JobState.DONE.value, wanted, None, params["script"]) if row["service"] is None]
         if job_ids is not None:
             chosen = sorted(set(chosen) & set(job_ids))
         retried, back, held = self.queue.retry(sorted(chosen), named=False) \

@@ -327,3 +327,13 @@ def test_replicas_are_the_services_own_wait_remove_job_and_priority_leave_them(s
     server.ok("wait", timeout=30)
     assert json.loads(server.ok("jobs", batch, "--json"))["result"] == "succeeded"
     assert live(server, "busy")
+
+
+def test_retry_leaves_the_jobs_of_replicas_to_their_service(server):
+    server.ok("add_slave", "w1")
+    crash = server.write_script("crash.sh", "exit 3\n")
+    server.ok("add_service", "crashy", "--", crash)
+    wait_until(lambda: service(server, "crashy")["restarts"] >= 1, what="a crash")
+    ended = json.loads(server.ok("jobs", "--state", "failed", "--json"))[0]["id"]
+    server.fails("retry", ended, expect=f"job {ended} ran replica 0 of service crashy")
+    assert server.ok("retry", "--failed").strip() == "nothing to retry: no ended job matches"
