@@ -127,6 +127,7 @@ RESTART_STEADY = 60.0            # a replica that ran this long starts again aft
 DEFAULT_HEALTH_INTERVAL = 10.0   # seconds between a replica's health probes
 DEFAULT_HEALTH_FAILURES = 3      # failed probes in a row that restart a replica
 MAX_REPLICAS = 10_000
+MAX_ARRAY_TASKS = 1_000_000      # tasks of one --array
 MAX_RETRIES = 10_000
 MAX_SLOTS = 100_000              # slots of one worker, or wanted by one job
 SSH_EXIT_STATUS = 255            # what ssh exits with when it cannot reach (or loses) a host
@@ -2656,6 +2657,41 @@ def set_aside(failures_in_row, down_after, others_working):
     (OTHERS_WORKING).  Where they fail everywhere, the jobs are to blame, not the
     worker, and setting every worker aside would only stall the queue."""
     return down_after > 0 and failures_in_row >= down_after and others_working
+
+
+def parse_array_spec(text):
+    """add_job --array in Slurm's syntax: '1-1000', '0-99:5' (a step), '1,4,9-12', and
+    '%K' at the end (at most K tasks running at once).  Returns (the task ids, in
+    order and each once; K or None)."""
+    spec, _, limit = text.partition("%")
+    most = None
+    if limit or text.endswith("%"):
+        if not plain_number(limit) or int(limit) < 1:
+            raise UserError(f"--array {text}: %K needs a whole number of at least 1 (at "
+                            "most K tasks running at once), like 1-1000%50")
+        most = int(limit)
+    task_ids, seen = [], set()
+    for part in spec.split(","):
+        match = re.fullmatch(r"(\d{1,7})(?:-(\d{1,7})(?::(\d{1,7}))?)?", part)
+        if not match:
+            raise UserError(f"--array {text}: {part!r} is not an index, a range like 1-100 "
+                            "or a range with a step like 0-99:5")
+        first = int(match[1])
+        last = int(match[2]) if match[2] is not None else first
+        step = int(match[3]) if match[3] is not None else 1
+        if last < first:
+            raise UserError(f"--array {text}: the range {part} runs backwards: write "
+                            f"{last}-{first}")
+        if step < 1:
+            raise UserError(f"--array {text}: the step of {part} must be at least 1")
+        if sum(map(len, task_ids)) + (last - first) // step + 1 > MAX_ARRAY_TASKS:
+            raise UserError(f"--array {text}: more than {MAX_ARRAY_TASKS} tasks; split it "
+                            "into several arrays")
+        task_ids.append(range(first, last + 1, step))
+    if len(task_ids) == 1:
+        return list(task_ids[0]), most    # (a million in a few milliseconds)
+    return [task_id for part in task_ids for task_id in part
+            if task_id not in seen and not seen.add(task_id)], most
 
 
 def restart_delay(previous, ran_for):

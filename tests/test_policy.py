@@ -1,6 +1,7 @@
 """Pure functions: scheduling decisions, environments, validation, state transitions."""
 import importlib.util
 import pathlib
+import re
 
 import pytest
 
@@ -283,6 +284,30 @@ def test_dependency_conditions():
     assert cli.dependency_conditions([], [3, 4], {3: ok}) == ([], None)
     assert cli.dependency_conditions([], [3, 4], {3: failed, 4: "killed"})[1] == \
         "none of its --after-any jobs succeeded"
+
+
+@pytest.mark.parametrize("spec, task_ids, most", [
+    ("1-5", [1, 2, 3, 4, 5], None),
+    ("0-9:5", [0, 5], None),
+    ("1,4,9-12", [1, 4, 9, 10, 11, 12], None),
+    ("1-1000%50", list(range(1, 1001)), 50),
+    ("7", [7], None),
+    ("3,1-3", [3, 1, 2], None),            # each once, in the order given
+    ("0-1000000:500000", [0, 500000, 1000000], None),
+])
+def test_array_specs_read_as_slurm_reads_them(spec, task_ids, most):
+    assert cli.parse_array_spec(spec) == (task_ids, most)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("5-1", "runs backwards: write 1-5"), ("1-10%0", "%K needs a whole number of at least 1"),
+    ("1-10%", "%K needs"), ("1-2000000", "more than 1000000 tasks"), ("a-b", "is not an index"),
+    ("1-10:0", "step of 1-10:0 must be at least 1"), ("", "is not an index"),
+    ("-3", "is not an index"), ("1,,2", "is not an index"),
+])
+def test_bad_array_specs_are_one_clear_error(spec, message):
+    with pytest.raises(cli.UserError, match=re.escape(message)):
+        cli.parse_array_spec(spec)
 
 
 def test_settled_at_once_keeps_the_conditions_a_new_job_does_not_wait_on():
