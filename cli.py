@@ -1203,6 +1203,93 @@ def _submitted_at(text):
         raise UserError(f"'submitted_at' {text!r} is not an ISO 8601 time") from None
 
 
+# A service in a document (load_services, load_status) has the fields services
+# --json prints; the ones it prints about the running replicas are left out.
+SERVICE_FIELDS = ("name", "script", "args", "cwd", "envs", "replicas", "port", "enabled",
+                  "health", "slots", "on", "prefer", "exclude", "ssh_reuse")
+SERVICE_READ_ONLY_FIELDS = ("running", "healthy", "restarts", "last_end", "instances")
+
+
+def services_in(document):
+    """The list of services of a load_services document: a list, or {"services": [...]}
+    (other keys, such as those of a status document, are not read)."""
+    entries = document.get("services") if isinstance(document, dict) else document
+    if not isinstance(entries, list):
+        raise UserError('not a services document: expected a list of services, or '
+                        '{"services": [...]} (what services --json or status --json prints)')
+    return entries
+
+
+def validate_services(entries, defaults):
+    """Check the services of a document whole; return each as a spec (see
+    Services.spec_of) with its place in the document ("where"), and the
+    environment and umask it would be added with (DEFAULTS: the client's)."""
+    specs, names = [], set()
+    for index, entry in enumerate(entries):
+        place = f"services[{index}]"
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            place += f" ({entry['name']})"
+        try:
+            spec = _service_entry(entry, defaults)
+        except UserError as error:
+            raise UserError(f"{place}: {error}") from None
+        if spec["name"] in names:
+            raise UserError(f"{place}: service {spec['name']} is listed twice")
+        names.add(spec["name"])
+        specs.append(dict(spec, where=place))
+    return specs
+
+
+def _service_entry(entry, defaults):
+    """One service of a document, checked as add_service checks its request."""
+    if not isinstance(entry, dict):
+        raise UserError("each service must be an object")
+    unknown = sorted(set(entry) - set(SERVICE_FIELDS) - set(SERVICE_READ_ONLY_FIELDS))
+    if unknown:
+        raise UserError(f"unknown field {unknown[0]!r} (a service has "
+                        f"{', '.join(SERVICE_FIELDS)})")
+    if "name" not in entry:
+        raise UserError("'name' is missing")
+    name = _service_name(entry["name"], "name")
+    script = entry.get("script")
+    if not isinstance(script, str) or not script:
+        raise UserError("'script' must be the path of an executable script")
+    check_script(script)
+    args = entry.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(arg, str) and "\0" not in arg
+                                             for arg in args):
+        raise UserError("'args' must be a list of strings")
+    cwd = entry.get("cwd", defaults["cwd"])
+    if not isinstance(cwd, str) or not os.path.isabs(cwd) or "\0" in cwd:
+        raise UserError("'cwd' must be an absolute path")
+    variables = validate_variables(entry.get("envs", {}), "'envs'")
+    replicas = entry.get("replicas", 1)
+    if not whole_number(replicas, 0, MAX_REPLICAS):
+        raise UserError(f"'replicas' must be a whole number from 0 to {MAX_REPLICAS}")
+    port = entry.get("port")
+    if port is not None and not whole_number(port, 1, 65535):
+        raise UserError("'port' must be a port number from 1 to 65535, or null")
+    enabled = entry.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise UserError("'enabled' must be true or false")
+    try:
+        health = _health(entry.get("health"), "health")
+    except UserError:
+        raise UserError("'health' must be null, or {\"tcp\": true} or {\"cmd\": COMMAND} "
+                        "with an optional \"interval\" (seconds, at least 0.1) and "
+                        "\"failures\" (1 to 1000)") from None
+    placement = {"slots_wanted": _slot_count(entry.get("slots", 1), "'slots'")}
+    for key in ("on", "prefer", "exclude", "ssh_reuse"):
+        if entry.get(key) is not None:
+            placement[key] = entry[key]
+    params = {"port": port, "replicas": replicas, "health": health, "variables": variables}
+    params.update(_add_service_whole(params, placement))
+    return {"name": name, "script": script, "args": args, "cwd": cwd, "envs": variables,
+            "port": port, "health": health, "options": params["options"],
+            "replicas": replicas, "enabled": enabled,
+            "environment": defaults["environment"], "umask": defaults["umask"]}
+
+
 def check_script(path, shown=None):
     """PATH must be an executable file; errors name it as the user wrote it (SHOWN)."""
     shown = shown or path
@@ -1258,6 +1345,12 @@ def _load_status_whole(params, given):
     return {"workers": workers, "jobs": jobs, "notes": notes}
 
 
+def _load_services_whole(params, given):
+    defaults = {"cwd": params["cwd"], "environment": params["environment"],
+                "umask": params["umask"]}
+    return {"services": validate_services(services_in(params["document"]), defaults)}
+
+
 _JOB_SHAPE = {"cwd": _string, "environment": _environment, "umask": (_umask, 0o022)}
 REQUESTS = {
     "ping": Request("ping"),
@@ -1302,6 +1395,8 @@ REQUESTS = {
     "remove_service": Request("remove_service", name=_service_name,
                               grace=(_grace, DEFAULT_KILL_GRACE)),
     "services": Request("list_services", name=(_optional_string, None)),
+    "load_services": Request("load_services", _load_services_whole, document=_anything,
+                             grace=(_grace, DEFAULT_KILL_GRACE), **_JOB_SHAPE),
     "retry": Request("retry", ids=(_optional_job_ids, None), state=(_state_filter, (None, None)),
                      failed=(_flag, False), script=(_optional_string, None)),
     "jobs": Request("jobs", id=(_optional_job_id, None),
@@ -2709,6 +2804,47 @@ def replicas_to_change(desired, live):
     numbers to stop).  DESIRED: how many (0 while it is stopped); LIVE: the
     numbers that have a job not done.  Scaling down stops the highest."""
     return sorted(set(range(desired)) - set(live)), sorted(n for n in live if n >= desired)
+
+
+# The fields of a service's spec, as a document names them; a change to any of
+# them replaces the service (its replicas restart), unlike replicas and enabled.
+SERVICE_SPEC_FIELDS = ("script", "args", "cwd", "envs", "port", "health")
+OPTION_FIELDS = {"slots_wanted": "slots", "run_on": "on"}   # JOB_OPTIONS columns named otherwise
+
+
+def service_differences(current, wanted):
+    """What makes the services CURRENT ({name: spec}) those of WANTED (a list of
+    specs), for load_services: one dict per difference, in WANTED's order, then
+    the removed ones by name.  Each has the service's "name", its "replicas"
+    and "enabled" as [before, after], and a "change": added; changed (its
+    "fields" other than replicas and enabled differ: it is replaced); scaled;
+    started or stopped (enabled alone changed); removed.  A spec is a dict with
+    SERVICE_SPEC_FIELDS, "options" (JOB_OPTIONS), "replicas" and "enabled"."""
+    def difference(name, change, old, new, fields=()):
+        return {"name": name, "change": change, "fields": list(fields),
+                "replicas": [old["replicas"] if old else 0, new["replicas"] if new else 0],
+                "enabled": [bool(old and old["enabled"]), bool(new and new["enabled"])]}
+    differences = []
+    for spec in wanted:
+        old = current.get(spec["name"])
+        if old is None:
+            differences.append(difference(spec["name"], "added", None, spec))
+            continue
+        fields = [field for field in SERVICE_SPEC_FIELDS if old[field] != spec[field]]
+        fields += [OPTION_FIELDS.get(column, column) for column in JOB_OPTIONS
+                   if old["options"].get(column) != spec["options"].get(column)]
+        if fields:
+            differences.append(difference(spec["name"], "changed", old, spec, fields))
+            continue
+        if old["replicas"] != spec["replicas"]:
+            differences.append(difference(spec["name"], "scaled", old, spec))
+        if old["enabled"] != spec["enabled"]:
+            differences.append(difference(spec["name"], "started" if spec["enabled"]
+                                          else "stopped", old, spec))
+    named = {spec["name"] for spec in wanted}
+    differences += [difference(name, "removed", current[name], None)
+                    for name in sorted(set(current) - named)]
+    return differences
 
 
 def retried_together(candidates):
@@ -5097,13 +5233,17 @@ class Queue:
     def kill_waiting(self, job_ids, reason="killed before it started"):
         """Waiting jobs end as killed before they start; their dependents follow."""
         with self.changes() as changes:
-            self.store.change_jobs(job_ids, (JobState.WAITING, JobState.BLOCKED),
-                                   JobState.DONE, result=JobResult.KILLED.value,
-                                   ended_at=time.time(), reason=reason)
-            changes.moved(job_ids, JobState.DONE)
-            self.store.dependencies.drop(job_ids)
-            self.resolve(changes, [(job_id, False, "was killed") for job_id in job_ids])
+            self.end_waiting(changes, job_ids, reason)
         self.log.info("%d waiting job(s) killed before they started", len(job_ids))
+
+    def end_waiting(self, changes, job_ids, reason):
+        """kill_waiting's change, in the caller's transaction (CHANGES)."""
+        self.store.change_jobs(job_ids, (JobState.WAITING, JobState.BLOCKED),
+                               JobState.DONE, result=JobResult.KILLED.value,
+                               ended_at=time.time(), reason=reason)
+        changes.moved(job_ids, JobState.DONE)
+        self.store.dependencies.drop(job_ids)
+        self.resolve(changes, [(job_id, False, "was killed") for job_id in job_ids])
 
     def retry(self, job_ids, named):
         """Ended jobs wait again under their ids, each for a new attempt with its
@@ -5905,9 +6045,10 @@ class Services:
                       os.path.basename(script))
         self.converge(name)
 
-    def check_room(self, options, replicas):
-        """Refuse more replicas than the workers a service may use can hold at once."""
-        allowed = self.workers.check_placement(options)
+    def check_room(self, options, replicas, workers=None):
+        """Refuse more replicas than the workers a service may use can hold at once
+        (WORKERS: those, if not the registered ones; see Workers.as_replaced)."""
+        allowed = (self.workers if workers is None else workers).check_placement(options)
         wanted = options["slots_wanted"]
         room = sum(worker.slots // wanted for worker in allowed)
         if replicas > room:
@@ -6032,6 +6173,103 @@ class Services:
                 "exclude": json.loads(options["exclude"]) if options["exclude"] else None,
                 "instances": replicas})
         return described
+
+    # --- load_services: the services of a document, all at once ----------
+
+    def spec_of(self, row):
+        """A stored service as a spec (see service_differences)."""
+        return {"name": row["name"], "script": row["script"], "args": json.loads(row["args"]),
+                "cwd": row["cwd"], "envs": json.loads(row["variables"]), "port": row["port"],
+                "health": json.loads(row["health"]) if row["health"] else None,
+                "options": json.loads(row["options"]), "replicas": row["replicas"],
+                "enabled": bool(row["enabled"])}
+
+    def plan(self, specs, workers=None):
+        """The differences (see service_differences) between the services and SPECS,
+        a checked document (validate_services), each with its "spec"; refused
+        (naming the entry) where add_service or scale would refuse it.  WORKERS:
+        the ones to place them on (load_status: the document's), else ours."""
+        current = {row["name"]: self.spec_of(row) for row in self.store.services()}
+        by_name = {spec["name"]: spec for spec in specs}
+        differences = service_differences(current, specs)
+        for difference in differences:
+            spec = difference["spec"] = by_name.get(difference["name"])
+            before, after = difference["replicas"]
+            if difference["change"] in ("added", "changed") or \
+                    difference["change"] == "scaled" and after > before:
+                try:
+                    self.check_room(spec["options"], after, workers)
+                except UserError as error:
+                    raise UserError(f"{spec['where']}: {error}") from None
+        return differences
+
+    def write(self, changes, differences, grace):
+        """The services become what DIFFERENCES say, in the caller's transaction
+        (CHANGES).  A changed service is removed and added again, and its live
+        replicas stop in the same transaction (the waiting ones end, the kills of
+        the running ones are recorded), so that no crash leaves the old spec
+        running.  Returns (job id, why) of those running, for follow to kill."""
+        restarting = []
+        for difference in differences:
+            name, spec, change = difference["name"], difference["spec"], difference["change"]
+            if change in ("changed", "removed"):
+                self.store.delete_service(name)
+            if change in ("added", "changed"):
+                environment_id = self.store.intern_environment(spec["environment"])
+                self.store.insert_service(name, spec["script"], spec["args"], spec["cwd"],
+                                          environment_id, spec["envs"], spec["umask"],
+                                          spec["options"], spec["replicas"], spec["port"],
+                                          spec["health"])
+                if not spec["enabled"]:
+                    self.store.set_service(name, enabled=0)
+            elif change == "scaled":
+                self.store.set_service(name, replicas=spec["replicas"])
+            elif change in ("started", "stopped"):
+                self.store.set_service(name, enabled=int(spec["enabled"]))
+            if change == "changed":
+                why = f"restarted: service {name} changed"
+                live = self.store.live_replicas(name).values()
+                waiting = [row["id"] for row in live if row["state"] == JobState.WAITING.value]
+                if waiting:
+                    self.queue.end_waiting(changes, waiting,
+                                           f"not started: service {name} changed")
+                for row in live:
+                    if row["state"] == JobState.RUNNING.value:
+                        self.store.request_kill(row["id"], grace, why)
+                        restarting.append((row["id"], why))
+        self.store.drop_unused_environments()
+        return restarting
+
+    def follow(self, differences, restarting, grace):
+        """Once the services are written: the missing replicas are queued, those no
+        longer wanted stop (as scale, stop_service and remove_service stop them),
+        and those of changed services are killed, to start again with the new
+        spec (Queue.replica_ended).  Returns the ids of the running jobs being
+        stopped."""
+        whys = {}
+        for difference in differences:
+            name, change = difference["name"], difference["change"]
+            self.log.info("service %s: %s, as the document loaded says%s", name, change,
+                          f" ({', '.join(difference['fields'])})" if difference["fields"]
+                          else "")
+            whys[name] = f"service {name} scaled to {difference['replicas'][1]}" \
+                if change == "scaled" else f"service {name} {change}"
+        stopping = []
+        for name in sorted(whys):
+            stopping += self.converge(name, grace, whys[name])
+        for job_id, why in restarting:
+            if job_id not in stopping and job_id in self.runner.running:
+                self.runner.kill(job_id, grace, why)
+                stopping.append(job_id)
+        return stopping
+
+    def load(self, specs, grace):
+        """load_services: the services become those of SPECS, all or none, in one
+        transaction; returns (the differences, the running jobs being stopped)."""
+        differences = self.plan(specs)
+        with self.queue.changes() as changes:
+            restarting = self.write(changes, differences, grace)
+        return differences, self.follow(differences, restarting, grace)
 
 
 def describe_replica(number, job, record, health, now):
@@ -6828,6 +7066,13 @@ class Handlers:
     def list_services(self, client, params):
         return self.services.describe(params["name"])
 
+    def load_services(self, client, params):
+        """Make the services those of a document; reply once the replicas stopped have ended."""
+        differences, stopping = self.services.load(params["services"], params["grace"])
+        shown = [public_difference(difference) for difference in differences]
+        return self.reply_when_ended(client, stopping,
+                                     lambda: {"changes": shown, "stopped": stopping})
+
     def priority(self, client, params):
         self.queue.set_priority(params["ids"], params["priority"])
         return {"ids": params["ids"], "priority": params["priority"]}
@@ -6864,6 +7109,11 @@ class Handlers:
         keep_ids = self.queue.load_status(workers, jobs, params["document"].get("paused"))
         return {"workers": len(workers), "jobs": len(jobs), "ids_kept": keep_ids,
                 "notes": params["notes"]}
+
+
+def public_difference(difference):
+    """A difference of load_services as its reply shows it: without its spec."""
+    return {key: value for key, value in difference.items() if key != "spec"}
 
 
 def refuse_replica(row, what):
@@ -7944,6 +8194,89 @@ def _placement_text(service):
     return " ".join(parts) or "any worker"
 
 
+def command_load_services(options):
+    """Make the services those of a JSON document: add, change and remove them to match.
+
+    The document lists every service, as services --json prints them (a list,
+    or {"services": [...]}, so a status --json document loads too): name,
+    script, args, cwd, envs, replicas, port, enabled, health, slots, on,
+    prefer, exclude and ssh_reuse.  Only name and script are required; cwd
+    defaults to the current directory, replicas to 1, enabled to true, and a
+    relative script is found as add_service finds it.  The fields services
+    --json adds about the running replicas (running, healthy, restarts,
+    last_end, instances) are ignored.
+
+    The document is checked whole first: a mistake in it is one error line,
+    naming the service and the field, and nothing changes.  Then, in one step,
+    a service missing here is added; one whose script, args, cwd, envs, port,
+    health or placement changed is replaced, and its replicas restart with the
+    new spec; one whose replicas changed is scaled, one whose enabled changed
+    is stopped or started; one not in the document is removed.  The replicas
+    stopped get SIGTERM, then SIGKILL after --grace, and load_services returns
+    once they have ended.  It prints one line per difference, or "no change":
+    loading the same document again changes nothing.  New and replaced
+    services run in your current environment and umask, as add_service's do;
+    those alone never count as a change.
+    """
+    grace = parse_duration(options.grace, "--grace", limit=MAX_KILL_GRACE)
+    shown = "standard input" if options.file == "-" else options.file
+    too_deep = f"{shown} is nested too deeply to be a services document"
+    try:
+        if options.file == "-":
+            document = json.load(sys.stdin)
+        else:
+            with open(options.file, encoding="utf-8") as document_file:
+                document = json.load(document_file)
+    except OSError as error:
+        raise UserError(f"cannot read {options.file}: {error.strerror}") from None
+    except ValueError as error:
+        raise UserError(f"{shown} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise UserError(too_deep) from None
+    for index, entry in enumerate(services_in(document)):
+        # Scripts are found here, where PATH and the current directory are the user's.
+        if isinstance(entry, dict) and isinstance(entry.get("script"), str):
+            try:
+                entry["script"] = resolve_script(entry["script"])
+            except UserError as error:
+                name = f" ({entry['name']})" if isinstance(entry.get("name"), str) else ""
+                raise UserError(f"services[{index}]{name}: {error}") from None
+    try:
+        result = request(options.data_dir, "load_services", document=document,
+                         cwd=current_dir(), environment=dict(os.environ),
+                         umask=current_umask(), grace=grace)
+    except RecursionError:   # json.dumps gives up a few levels before json.load does
+        raise UserError(too_deep) from None
+    for line in service_difference_lines(result["changes"]) or ["no change"]:
+        print(line)
+    return 0
+
+
+def service_difference_lines(differences):
+    """One line per difference load_services (or load_status) made."""
+    lines = []
+    for difference in differences:
+        name, change = difference["name"], difference["change"]
+        (replicas_before, replicas), (enabled_before, enabled) = \
+            difference["replicas"], difference["enabled"]
+        if change == "added":
+            lines.append(f"added {name} ({replicas} replica{'s' if replicas != 1 else ''}"
+                         f"{'' if enabled else ', stopped'})")
+        elif change == "changed":
+            fields = difference["fields"] + \
+                ([f"replicas {replicas_before} -> {replicas}"]
+                 if replicas != replicas_before else []) + \
+                ([("started" if enabled else "stopped")] if enabled != enabled_before else [])
+            restart = enabled and enabled_before and replicas and replicas_before
+            lines.append(f"changed {name}: {', '.join(fields)}"
+                         + (" (its replicas restart)" if restart else ""))
+        elif change == "scaled":
+            lines.append(f"scaled {name} {replicas_before} -> {replicas}")
+        else:   # started, stopped, removed
+            lines.append(f"{change} {name}")
+    return lines
+
+
 def command_priority(options):
     """Change the priority of waiting jobs: higher starts first, FIFO among equals.
 
@@ -8869,6 +9202,7 @@ COMMANDS = {
     "start_service": command_start_service,
     "remove_service": command_remove_service,
     "services": command_services,
+    "load_services": command_load_services,
     "jobs": command_jobs,
     "logs": command_logs,
     "purge": command_purge,
@@ -8912,6 +9246,16 @@ EXAMPLES = {
     "start_service": "./cli.py start_service web",
     "remove_service": "./cli.py remove_service web\n  ./cli.py remove_service --grace 0 web",
     "services": "./cli.py services\n  ./cli.py services web\n  ./cli.py services --json",
+    "load_services": "./cli.py services --json > services.json   # edit it, then:\n"
+                     "  ./cli.py load_services services.json\n"
+                     "  ./cli.py load_services --grace 1m - < services.json\n"
+                     "  # services.json, by hand (only name and script are required):\n"
+                     "  # [{\"name\": \"web\", \"script\": \"./serve.sh\", \"replicas\": 4, "
+                     "\"port\": 8000,\n"
+                     "  #   \"envs\": {\"MODE\": \"prod\"}, \"on\": [\"node1\", \"node2\"], "
+                     "\"health\": {\"tcp\": true}},\n"
+                     "  #  {\"name\": \"agent\", \"script\": \"/opt/agent.sh\", "
+                     "\"args\": [\"--quiet\"], \"replicas\": 8}]",
     "retry": "./cli.py retry 42\n  ./cli.py retry --failed          # every failed or timed-out job\n"
              "  ./cli.py retry --failed 100-199  # those of 100-199 that failed\n"
              "  ./cli.py retry --state killed --script render.sh",
@@ -9227,6 +9571,15 @@ def build_parser(only=None):
     services.add_argument("name", nargs="?", metavar="NAME",
                           help="Show this one service in full, with each replica.")
     services.add_argument("--json", action="store_true", help="Print JSON.")
+
+    load_services = add("load_services")
+    load_services.add_argument("file", metavar="FILE",
+                               help="A JSON document of every service, as services --json "
+                                    "prints it (- for stdin).")
+    load_services.add_argument("--grace", default=f"{DEFAULT_KILL_GRACE:g}s",
+                               metavar="DURATION",
+                               help="Time between SIGTERM and SIGKILL for the replicas "
+                                    f"stopped or restarted (default: {DEFAULT_KILL_GRACE:g}s).")
 
     retry = add("retry")
     retry.add_argument("ids", nargs="*", metavar="ID",
