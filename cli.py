@@ -1342,7 +1342,15 @@ def _load_status_whole(params, given):
     workers, jobs, notes = validate_status_document(
         params["document"], {"cwd": params["cwd"], "environment": params["environment"],
                              "umask": params["umask"]})
-    return {"workers": workers, "jobs": jobs, "notes": notes}
+    # A document from before services (or the original tool's) leaves them as they are.
+    services = params["document"].get("services")
+    if services is not None:
+        if not isinstance(services, list):
+            raise UserError("'services' must be a list")
+        services = validate_services(services, {"cwd": params["cwd"],
+                                                "environment": params["environment"],
+                                                "umask": params["umask"]})
+    return {"workers": workers, "jobs": jobs, "notes": notes, "services": services}
 
 
 def _load_services_whole(params, given):
@@ -4796,6 +4804,30 @@ class Workers:
         for name, worker in self.by_name.items():
             worker.busy_slots = busy.get(name, set())
 
+    def as_replaced(self, entries):
+        """The workers as replace(ENTRIES) would leave them, for check_placement only:
+        load_status checks the document's services against them before anything
+        changes.  A copy; these workers stay as they are."""
+        import copy
+        preview = copy.copy(self)
+        preview.by_name = {}
+        wanted = {entry["ip"] for entry in entries}
+        for name, worker in self.by_name.items():
+            if name not in wanted and worker.busy_slots:
+                preview.by_name[name] = copy.copy(worker)
+                preview.by_name[name].state = WorkerState.DRAINING
+        for entry in entries:
+            worker = self.by_name.get(entry["ip"])
+            worker = copy.copy(worker) if worker is not None else Worker({
+                "name": entry["ip"], "slots": entry["slots"], "variables": "{}",
+                "state": entry["state"].value, "ssh_checked": entry["ssh_checked"],
+                "ssh_reuse": entry["ssh_reuse"], "health": WorkerHealth.UP.value,
+                "checked_at": None, "check_reason": None, "ssh_host": None, "ssh_port": None,
+                "ssh_user": None, "down_after": entry["down_after"]})
+            worker.slots, worker.state = entry["slots"], entry["state"]
+            preview.by_name[entry["ip"]] = worker
+        return preview
+
     def check_placement(self, options):
         """Refuse --on/--prefer/--exclude naming unknown workers, and --slots that no
         allowed worker has; return the allowed workers."""
@@ -5367,12 +5399,13 @@ class Queue:
             self.skipped(changes, stranded, "no allowed worker left (--on)")
             self.resolve(changes, [(job_id, False, "was skipped") for job_id in stranded])
 
-    def load_status(self, workers, jobs, paused):
+    def load_status(self, workers, jobs, paused, also=None):
         """Replace the workers and the waiting queue; running jobs are left alone.
 
         A worker missing from the document drains if it is busy (removed when
         its jobs end) and goes at once otherwise; workers in the document are
-        (re)registered with its slots and variables.
+        (re)registered with its slots and variables.  ALSO(changes), if given,
+        does its part in the same transaction (Services.load_status).
         """
         taken_ids = self.store.ids_not_waiting()
         keep_ids = not any(job["id"] in taken_ids for job in jobs if job["id"] is not None)
@@ -5412,6 +5445,8 @@ class Queue:
                     self.store.unblock([job["new_id"]])
             self.skipped(changes, skipped)
             self.resolve(changes, [(job_id, False, "was skipped") for job_id in skipped])
+            if also is not None:
+                also(changes)
             self.store.drop_unused_environments()
         self.paused = self.store.setting("paused", False)
         self.events.workers_changed(gone)   # (new jobs to start too)
@@ -6240,12 +6275,13 @@ class Services:
         self.store.drop_unused_environments()
         return restarting
 
-    def follow(self, differences, restarting, grace):
+    def follow(self, differences, restarting, grace, every=False):
         """Once the services are written: the missing replicas are queued, those no
         longer wanted stop (as scale, stop_service and remove_service stop them),
         and those of changed services are killed, to start again with the new
-        spec (Queue.replica_ended).  Returns the ids of the running jobs being
-        stopped."""
+        spec (Queue.replica_ended).  EVERY: look at every service (load_status
+        replaced the waiting replicas with the waiting queue).  Returns the ids
+        of the running jobs being stopped."""
         whys = {}
         for difference in differences:
             name, change = difference["name"], difference["change"]
@@ -6254,9 +6290,13 @@ class Services:
                           else "")
             whys[name] = f"service {name} scaled to {difference['replicas'][1]}" \
                 if change == "scaled" else f"service {name} {change}"
+        names = set(whys)
+        if every:
+            names |= {row["name"] for row in self.store.services()} | \
+                self.store.services_with_live_jobs()
         stopping = []
-        for name in sorted(whys):
-            stopping += self.converge(name, grace, whys[name])
+        for name in sorted(names):
+            stopping += self.converge(name, grace, whys.get(name, "load_status"))
         for job_id, why in restarting:
             if job_id not in stopping and job_id in self.runner.running:
                 self.runner.kill(job_id, grace, why)
@@ -6270,6 +6310,22 @@ class Services:
         with self.queue.changes() as changes:
             restarting = self.write(changes, differences, grace)
         return differences, self.follow(differences, restarting, grace)
+
+    def load_status(self, workers, jobs, paused, specs):
+        """load_status: the Queue replaces the workers and the waiting queue, and, if
+        the document has services (SPECS), they become those, in the same
+        transaction; checked against the document's workers before anything
+        changes.  Returns (whether the jobs kept their ids, the differences, the
+        running jobs being stopped)."""
+        differences = [] if specs is None else \
+            self.plan(specs, self.workers.as_replaced(workers))
+        restarting = []
+
+        def write(changes):
+            restarting.extend(self.write(changes, differences, DEFAULT_KILL_GRACE))
+        keep_ids = self.queue.load_status(workers, jobs, paused, write)
+        return keep_ids, differences, self.follow(differences, restarting,
+                                                  DEFAULT_KILL_GRACE, every=True)
 
 
 def describe_replica(number, job, record, health, now):
@@ -7104,11 +7160,15 @@ class Handlers:
         return self.clients.subscribe(client, rows)
 
     def load_status(self, client, params):
-        """Replace the workers and the waiting queue; running jobs are left alone."""
+        """Replace the workers, the waiting queue and (if the document has them) the
+        services; running jobs are left alone."""
         workers, jobs = params["workers"], params["jobs"]
-        keep_ids = self.queue.load_status(workers, jobs, params["document"].get("paused"))
-        return {"workers": len(workers), "jobs": len(jobs), "ids_kept": keep_ids,
-                "notes": params["notes"]}
+        keep_ids, differences, stopping = self.services.load_status(
+            workers, jobs, params["document"].get("paused"), params["services"])
+        shown = [public_difference(difference) for difference in differences]
+        return self.reply_when_ended(client, stopping, lambda: {
+            "workers": len(workers), "jobs": len(jobs), "ids_kept": keep_ids,
+            "notes": params["notes"], "services": shown})
 
 
 def public_difference(difference):
@@ -8627,6 +8687,8 @@ def command_load_status(options):
         raise UserError(too_deep) from None
     print(f"loaded {result['workers']} worker(s) and {result['jobs']} waiting job(s)"
           + ("" if result["ids_kept"] else " (renumbered: their ids were taken)"))
+    for line in service_difference_lines(result.get("services", ())):
+        print(line)
     for note in result.get("notes", ()):
         print(f"note: {note}", file=sys.stderr)
     return 0
