@@ -6202,7 +6202,7 @@ class Services:
                 "restarts": sum(record["restarts"] for record in records.values()),
                 "last_end": None if last is None else
                 end_text(last["result"], last["exit_code"], last["signal"]),
-                "slots": options["slots_wanted"],
+                "slots": options["slots_wanted"], "ssh_reuse": options["ssh_reuse"],
                 "on": json.loads(options["run_on"]) if options["run_on"] else None,
                 "prefer": json.loads(options["prefer"]) if options["prefer"] else None,
                 "exclude": json.loads(options["exclude"]) if options["exclude"] else None,

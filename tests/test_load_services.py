@@ -120,7 +120,7 @@ def test_what_services_json_prints_loads_back_as_no_change(server):
     server.ok("add_service", "web", "--replicas", 2, "--port", 8200, "-e", "A=1", "--on",
               "w1,w2", "--prefer", "w2", "--health-cmd", "true", "--health-interval", "1m",
               "--", replica, "serve", "two words")
-    server.ok("add_service", "quiet", "--exclude", "w1,w2", "--", replica)
+    server.ok("add_service", "quiet", "--exclude", "w1,w2", "--no-ssh-reuse", "--", replica)
     server.ok("stop_service", "quiet")
     load(server, [*specs(server), {"name": "checked", "script": str(replica), "port": 8300,
                                    "health": {"tcp": True}, "enabled": False}])
