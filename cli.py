@@ -40,6 +40,8 @@ Run `./cli.py COMMAND --help` for each command.
 #   Queue                             Queue (jobs) and Workers: the lifecycle, the only
 #                                     code that writes to the Store (Changes)
 #   Runner                            Runner: start, watch, adopt, kill, record ends
+#   Services                          Services (replicas as jobs, converge, load_services)
+#                                     and HealthProbes (the prober process's pipe)
 #   Health monitor                    HealthMonitor: the checker's pipe, its results
 #   Clients                           Clients: the socket, replies, waiters, `wait`
 #   Request handlers                  Handlers: one thin method per request
