@@ -187,11 +187,7 @@ def test_a_set_aside_worker_without_checks_of_its_own_stays_down_until_one_passe
         cli, ssh_sandbox):
     """Added with --skip_ssh_auth_check, it gets no health checks, except once set aside:
     then a failing check keeps it down, whatever else happens meanwhile."""
-    import socket
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        free_port = probe.getsockname()[1]
-    ssh_sandbox.add_alias("rwgone", "127.0.0.1", free_port)
+    ssh_sandbox.add_alias("rwgone", "127.0.0.1", ssh_sandbox.refusing_port())
     cli.ok("start", "--check-interval", "1s")
     add_checked_workers(cli, "w1")
     cli.ok("add_slave", "--skip_ssh_auth_check", "rwgone")
