@@ -28,6 +28,7 @@ def workers(ssh_sandbox):
 
 # --- cli.py: a server per test in a temp dir, driven as a user drives it ---
 
+import fcntl
 import json
 import os
 import pathlib
@@ -190,6 +191,17 @@ def server(cli):
     """A Cli with a running server and no workers."""
     cli.ok("start")
     return cli
+
+
+@pytest.fixture
+def example_job_dirs():
+    """Held by the tests that run example_job.sh: it works in /tmp/cli-py-job-$JOB_ID on
+    its worker, and every sandbox worker is this machine, so two servers' job 1 at once
+    (tests in parallel, under xdist) would share a directory and remove it under each
+    other.  Ask for it before `server` or `cli`: it is let go after their teardown."""
+    with open("/tmp/cli-py-job-dirs.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # let go when the file closes
+        yield
 
 
 # --- terminals: a tmux server of the test's own ---------------------------------

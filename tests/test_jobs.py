@@ -61,7 +61,7 @@ def test_script_is_found_on_path_and_relative_paths_are_made_absolute(server):
     assert job_id == 1
 
 
-def test_example_job_copies_works_remotely_and_brings_the_result_back(server):
+def test_example_job_copies_works_remotely_and_brings_the_result_back(example_job_dirs, server):
     server.ok("add_slave", "w1")
     example = CLI.parent / "example_job.sh"
     data = server.root / "input file.txt"
@@ -75,7 +75,7 @@ def test_example_job_copies_works_remotely_and_brings_the_result_back(server):
     assert not os.path.exists(f"/tmp/cli-py-job-{job_id}"), "remote scratch dir not cleaned up"
 
 
-def test_cancelling_example_job_stops_the_remote_work_and_cleans_up(server):
+def test_cancelling_example_job_stops_the_remote_work_and_cleans_up(example_job_dirs, server):
     server.ok("add_slave", "w1")
     example = (CLI.parent / "example_job.sh").read_text()
     work = 'work=$(printf \'cd %q && tr "[:lower:]" "[:upper:]" < %q > %q\' "$remote_dir" "$name" "$name.out")'
