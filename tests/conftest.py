@@ -12,6 +12,37 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         report.longrepr = f"skipped tests count as failures in this suite: {report.longrepr}"
 
+
+# --- running in parallel: tests/run uses pytest-xdist, then a part with nothing beside it ---
+
+
+def pytest_addoption(parser):
+    parser.addoption("--alone", choices=("include", "exclude", "only"), default="include",
+                     help="Run the tests marked `alone` among the others (include, the "
+                          "default), leave them out (exclude), or run only them (only). "
+                          "tests/run runs the rest in parallel, then these by themselves.")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "alone: the test changes what every process on the machine shares (the "
+                   "kernel's next pid), so no other test may run beside it")
+    config.addinivalue_line(
+        "markers", "slow: the test takes minutes; under xdist its file is handed out first, "
+                   "so that it does not start last and end long after the rest")
+
+
+def pytest_collection_modifyitems(config, items):
+    choice = config.getoption("alone")
+    if choice != "include":
+        wanted = choice == "only"
+        config.hook.pytest_deselected(
+            items=[item for item in items if bool(item.get_closest_marker("alone")) != wanted])
+        items[:] = [item for item in items if bool(item.get_closest_marker("alone")) == wanted]
+    if hasattr(config, "workerinput"):   # an xdist worker: the controller hands out files in this order
+        slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: item.path not in slow_files)   # stable: a file keeps its order
+
 # --- SSH: real sshd servers on loopback, isolated from the real ~/.ssh (see sshd.py) ---
 
 
