@@ -25,11 +25,13 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "alone: the test changes what every process on the machine shares (the "
-                   "kernel's next pid), so no other test may run beside it")
+        "markers", "alone(reason): no other test may run beside it: it changes what every "
+                   "process on the machine shares (the kernel's next pid), or it must look "
+                   "while a short job still runs, which a machine busy with other tests "
+                   "can make it miss")
     config.addinivalue_line(
-        "markers", "slow: the test takes minutes; under xdist its file is handed out first, "
-                   "so that it does not start last and end long after the rest")
+        "markers", "slow: it takes minutes; under xdist its file is handed out first, so "
+                   "that it does not start last and end long after the rest")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -39,7 +41,7 @@ def pytest_collection_modifyitems(config, items):
         config.hook.pytest_deselected(
             items=[item for item in items if bool(item.get_closest_marker("alone")) != wanted])
         items[:] = [item for item in items if bool(item.get_closest_marker("alone")) == wanted]
-    if hasattr(config, "workerinput"):   # an xdist worker: the controller hands out files in this order
+    if hasattr(config, "workerinput"):   # an xdist worker: files are handed out in this order
         slow_files = {item.path for item in items if item.get_closest_marker("slow")}
         items.sort(key=lambda item: item.path not in slow_files)   # stable: a file keeps its order
 

@@ -121,6 +121,7 @@ def test_jobs_start_in_submission_order(server):
     assert server.runs() == ids
 
 
+@pytest.mark.alone("each 0.4 s job must still run when the next is added")
 def test_slots_are_never_exceeded_and_load_spreads_across_workers(server):
     server.ok("add_slave", "--slots", "2", "w1", "w2")
     env = dict(server.env, SLEEP="0.4")

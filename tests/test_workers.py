@@ -116,6 +116,7 @@ def test_busy_worker_needs_wait_or_kill(server):
     assert slaves(server)["w1"]["status"] == "busy"
 
 
+@pytest.mark.alone("its 1.5 s job must still run when w1 is drained")
 def test_remove_slave_wait_drains_then_removes(server):
     server.ok("add_slave", "w1")
     long_job = server.add_job(server.script, env=dict(server.env, SLEEP="1.5"))
