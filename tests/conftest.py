@@ -12,6 +12,39 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         report.longrepr = f"skipped tests count as failures in this suite: {report.longrepr}"
 
+
+# --- running in parallel: tests/run uses pytest-xdist, then a part with nothing beside it ---
+
+
+def pytest_addoption(parser):
+    parser.addoption("--alone", choices=("include", "exclude", "only"), default="include",
+                     help="Run the tests marked `alone` among the others (include, the "
+                          "default), leave them out (exclude), or run only them (only). "
+                          "tests/run runs the rest in parallel, then these by themselves.")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "alone(reason): no other test may run beside it: it changes what every "
+                   "process on the machine shares (the kernel's next pid), or it must look "
+                   "while a short job still runs, which a machine busy with other tests "
+                   "can make it miss")
+    config.addinivalue_line(
+        "markers", "slow: it takes minutes; under xdist its file is handed out first, so "
+                   "that it does not start last and end long after the rest")
+
+
+def pytest_collection_modifyitems(config, items):
+    choice = config.getoption("alone")
+    if choice != "include":
+        wanted = choice == "only"
+        config.hook.pytest_deselected(
+            items=[item for item in items if bool(item.get_closest_marker("alone")) != wanted])
+        items[:] = [item for item in items if bool(item.get_closest_marker("alone")) == wanted]
+    if hasattr(config, "workerinput"):   # an xdist worker: files are handed out in this order
+        slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: item.path not in slow_files)   # stable: a file keeps its order
+
 # --- SSH: real sshd servers on loopback, isolated from the real ~/.ssh (see sshd.py) ---
 
 
@@ -28,6 +61,7 @@ def workers(ssh_sandbox):
 
 # --- cli.py: a server per test in a temp dir, driven as a user drives it ---
 
+import fcntl
 import json
 import os
 import pathlib
@@ -190,6 +224,17 @@ def server(cli):
     """A Cli with a running server and no workers."""
     cli.ok("start")
     return cli
+
+
+@pytest.fixture
+def example_job_dirs():
+    """Held by the tests that run example_job.sh: it works in /tmp/cli-py-job-$JOB_ID on
+    its worker, and every sandbox worker is this machine, so two servers' job 1 at once
+    (tests in parallel, under xdist) would share a directory and remove it under each
+    other.  Ask for it before `server` or `cli`: it is let go after their teardown."""
+    with open("/tmp/cli-py-job-dirs.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # let go when the file closes
+        yield
 
 
 # --- terminals: a tmux server of the test's own ---------------------------------

@@ -140,6 +140,14 @@ class SshSandbox:
         env["CLI_PY_SSH_CONFIG"] = str(self.config)
         return env
 
+    def refusing_port(self) -> int:
+        """Port on 127.0.0.1 that refuses connections until close(): bound, never listening,
+        so that no other process (another test's sshd, under xdist) can take it meanwhile."""
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self._listeners.append(sock)
+        return sock.getsockname()[1]
+
     def silent_listener(self) -> int:
         """Port that completes the TCP handshake but never sends a byte (banner/connect timeouts)."""
         # The kernel completes handshakes for queued connections without accept(),

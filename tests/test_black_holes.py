@@ -87,6 +87,7 @@ def test_quick_failures_set_a_worker_aside_but_spend_retries(cli):
     assert slaves(cli)["w2"]["health"] == "set_aside"
 
 
+@pytest.mark.alone("its 6 jobs must end before the first 2 s health check")
 def test_a_passing_health_check_takes_a_set_aside_worker_back(cli):
     cli.ok("start", "--check-interval", "2s")
     cli.ok("add_slave", "w1", "w2")
@@ -183,15 +184,12 @@ def test_jobs_that_fail_everywhere_set_no_worker_aside(cli):
     assert {slave["health"] for slave in slaves(cli).values()} == {"up"}
 
 
+@pytest.mark.alone("resume must not land while a 1 s health check of rwgone is on its way")
 def test_a_set_aside_worker_without_checks_of_its_own_stays_down_until_one_passes(
         cli, ssh_sandbox):
     """Added with --skip_ssh_auth_check, it gets no health checks, except once set aside:
     then a failing check keeps it down, whatever else happens meanwhile."""
-    import socket
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        free_port = probe.getsockname()[1]
-    ssh_sandbox.add_alias("rwgone", "127.0.0.1", free_port)
+    ssh_sandbox.add_alias("rwgone", "127.0.0.1", ssh_sandbox.refusing_port())
     cli.ok("start", "--check-interval", "1s")
     add_checked_workers(cli, "w1")
     cli.ok("add_slave", "--skip_ssh_auth_check", "rwgone")

@@ -11,6 +11,8 @@ import random
 import signal
 import time
 
+import pytest
+
 from conftest import process_alive, wait_until
 
 # MODE decides how the job behaves; every attempt logs "start" and "end" lines.
@@ -365,6 +367,7 @@ def children_named(pid, name):
     return found
 
 
+@pytest.mark.slow
 def test_a_soak_of_20000_jobs_leaks_no_memory_fds_threads_or_zombies(server):
     """Fault 10: 20,000 jobs with status and jobs pollers beside them; the server and
     its spawner end where they were after the first 1,000.

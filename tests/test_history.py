@@ -136,6 +136,7 @@ def test_purge_removes_old_finished_jobs_and_their_logs_only(server):
     server.fails("purge", "--older-than", "", expect="not a duration")
 
 
+@pytest.mark.alone("its second job must end and be purged within 1 s")
 def test_purge_goes_by_when_a_job_ended(server):
     server.ok("add_slave", "w1")
     old = server.add_job(server.script)

@@ -130,6 +130,7 @@ def test_resume_says_when_nothing_was_paused(server):
     assert server.ok("resume") == "queue resumed\n"
 
 
+@pytest.mark.alone("its 1 s job must still run when the test looks")
 def test_pausing_the_queue_lets_running_jobs_finish(server):
     server.ok("add_slave", "w1")
     server.add_job(server.script, env=dict(server.env, SLEEP="1"))
@@ -139,6 +140,7 @@ def test_pausing_the_queue_lets_running_jobs_finish(server):
     server.wait_for_counts(succeeded=1, waiting=1)
 
 
+@pytest.mark.alone("its 1 s job must still run when the test looks")
 def test_a_paused_worker_drains_without_being_removed(server):
     server.ok("add_slave", "w1", "w2")
     running = server.add_job(server.script, env=dict(server.env, SLEEP="1"))
@@ -168,6 +170,7 @@ def test_pause_of_an_unknown_worker_is_refused(server):
     assert server.status()["slaves"][0]["status"] == "idle"
 
 
+@pytest.mark.alone("its first 2 s job must still run when the second starts")
 def test_edit_slave_changes_slots_and_variables_for_new_jobs(server):
     server.ok("add_slave", "-e", "KEEP=1", "-e", "DROP=2", "w1")
     env = dict(server.env, SLEEP="2")   # long enough to see both run on a slow machine
@@ -185,6 +188,7 @@ def test_edit_slave_changes_slots_and_variables_for_new_jobs(server):
     assert second["start"] < server.record(first[0])["end"], "the third slot was not used"
 
 
+@pytest.mark.alone("its 1.5 s jobs must still run when the test looks")
 def test_fewer_slots_than_in_use_lets_jobs_finish_and_starts_nothing_until_it_fits(server):
     server.ok("add_slave", "--slots", "3", "w1")
     env = dict(server.env, SLEEP="1.5")

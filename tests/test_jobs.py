@@ -61,7 +61,7 @@ def test_script_is_found_on_path_and_relative_paths_are_made_absolute(server):
     assert job_id == 1
 
 
-def test_example_job_copies_works_remotely_and_brings_the_result_back(server):
+def test_example_job_copies_works_remotely_and_brings_the_result_back(example_job_dirs, server):
     server.ok("add_slave", "w1")
     example = CLI.parent / "example_job.sh"
     data = server.root / "input file.txt"
@@ -75,7 +75,7 @@ def test_example_job_copies_works_remotely_and_brings_the_result_back(server):
     assert not os.path.exists(f"/tmp/cli-py-job-{job_id}"), "remote scratch dir not cleaned up"
 
 
-def test_cancelling_example_job_stops_the_remote_work_and_cleans_up(server):
+def test_cancelling_example_job_stops_the_remote_work_and_cleans_up(example_job_dirs, server):
     server.ok("add_slave", "w1")
     example = (CLI.parent / "example_job.sh").read_text()
     work = 'work=$(printf \'cd %q && tr "[:lower:]" "[:upper:]" < %q > %q\' "$remote_dir" "$name" "$name.out")'
@@ -121,6 +121,7 @@ def test_jobs_start_in_submission_order(server):
     assert server.runs() == ids
 
 
+@pytest.mark.alone("each 0.4 s job must still run when the next is added")
 def test_slots_are_never_exceeded_and_load_spreads_across_workers(server):
     server.ok("add_slave", "--slots", "2", "w1", "w2")
     env = dict(server.env, SLEEP="0.4")

@@ -7,6 +7,8 @@ import sqlite3
 import subprocess
 import time
 
+import pytest
+
 from conftest import proc_stat, process_alive, wait_until
 
 
@@ -230,6 +232,8 @@ def take_pid(pid, attempts=20):
     raise AssertionError(f"could not get pid {pid} for the unrelated process")
 
 
+@pytest.mark.alone("take_pid rewinds the kernel's next pid for every process: others' new "
+                   "processes would get the pids of processes that just ended")
 def test_a_pid_reused_while_the_server_was_down_is_not_mistaken_for_the_job(server):
     """Fault 2: the supervisors' pids now belong to unrelated session leaders.
 

@@ -3,6 +3,8 @@ import json
 import re
 import time
 
+import pytest
+
 from conftest import wait_until
 
 
@@ -320,6 +322,7 @@ def test_load_status_keeps_dependencies_and_refuses_circles(server):
 
 # --- placement: multi-slot jobs and affinity ----------------------------------
 
+@pytest.mark.alone("its 1 s job must still run when the test looks")
 def test_a_multi_slot_job_holds_distinct_slots_and_is_not_starved(server):
     server.ok("add_slave", "--slots", "2", "w1")
     early = server.add_job(server.script, env=dict(server.env, SLEEP="1"))
@@ -448,6 +451,7 @@ def test_check_interval_is_checked_and_can_turn_checks_off(cli):
     assert slave(cli, "w1")["checked_at"] is None
 
 
+@pytest.mark.alone("its 2 s job must still run when the test looks")
 def test_every_policy_survives_a_kill_9_of_the_server(server):
     import os
     import signal

@@ -42,8 +42,8 @@ def forms(workers, w6, user):
     return names
 
 
-def test_each_form_of_worker_name_runs_example_job_end_to_end(server, workers, w6,
-                                                               ssh_sandbox):
+def test_each_form_of_worker_name_runs_example_job_end_to_end(example_job_dirs, server,
+                                                               workers, w6, ssh_sandbox):
     names = forms(workers, w6, ssh_sandbox.user)
     out = server.ok("add_slave", *names)    # with the SSH check
     assert out.count("added ") == len(names)

@@ -1,7 +1,6 @@
 """add_slave and remove_slave through real sshd workers."""
 import json
 import shlex
-import socket
 import sys
 
 import pytest
@@ -26,10 +25,7 @@ def test_add_slave_checks_ssh_and_registers_with_slots_and_variables(server):
 @pytest.fixture
 def bad_hosts(ssh_sandbox):
     """ssh aliases that fail the check, each for a different real reason."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        free_port = probe.getsockname()[1]
-    ssh_sandbox.add_alias("refused", "127.0.0.1", free_port)
+    ssh_sandbox.add_alias("refused", "127.0.0.1", ssh_sandbox.refusing_port())
     ssh_sandbox.add_alias("nowhere", "no-such-host.invalid", 22)
     ssh_sandbox.add_alias("silent", "127.0.0.1", ssh_sandbox.silent_listener())
     if not hasattr(ssh_sandbox, "closing"):
@@ -120,6 +116,7 @@ def test_busy_worker_needs_wait_or_kill(server):
     assert slaves(server)["w1"]["status"] == "busy"
 
 
+@pytest.mark.alone("its 1.5 s job must still run when w1 is drained")
 def test_remove_slave_wait_drains_then_removes(server):
     server.ok("add_slave", "w1")
     long_job = server.add_job(server.script, env=dict(server.env, SLEEP="1.5"))
