@@ -71,6 +71,7 @@ def test_scale_3_to_1_to_4_stops_the_highest_and_starts_the_missing(server):
     assert service(server, "pool")["restarts"] == 0   # scaling is not a restart
 
 
+@pytest.mark.alone("measures the delays between a replica's starts to the second")
 def test_a_crash_looping_replica_backs_off_doubling(server):
     server.ok("add_slave", "w1")
     starts = server.root / "starts"
