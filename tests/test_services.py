@@ -238,7 +238,7 @@ def test_bad_service_specs_change_nothing(server, arguments, message):
 
 LISTENER = """#!{python}
 # Listens on 127.0.0.1:$PORT (this machine is the workers' host) until the file
-# sick exists, then stops listening and lingers.
+# sick-$JOB_ID exists, then stops listening and lingers.
 import os, socket, sys, time
 listener = socket.socket()
 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -246,7 +246,7 @@ listener.bind(("127.0.0.1", int(os.environ["PORT"])))
 listener.listen()
 with open(os.path.join("pids", os.environ["JOB_ID"]), "w") as record:
     record.write(os.environ["REPLICA"])
-while not os.path.exists("sick"):
+while not os.path.exists("sick-" + os.environ["JOB_ID"]):
     time.sleep(0.05)
 listener.close()
 time.sleep(300)
@@ -269,21 +269,20 @@ def test_a_replica_whose_health_check_starts_failing_is_restarted(server, check)
     script.write_text(LISTENER.format(python=sys.executable))
     script.chmod(0o755)
     server.write_script("check.sh", '[ "$1" = --quiet ] && [ -n "$SLAVE_IP" ] && '
-                                    '[ -n "$PORT" ] && [ ! -e sick ]\n')
+                                    '[ -n "$PORT" ] && [ ! -e "sick-$JOB_ID" ]\n')
     server.ok("add_service", "web", "--port", free_port(), *check, "--health-interval", "0.3s",
               "--health-failures", 3, "--", script)
     wait_until(lambda: service(server, "web")["instances"][0]["health"] == "healthy",
                what="a first probe to pass")
     first = live(server, "web")[0]
     started = time.monotonic()
-    (server.root / "sick").touch()
+    (server.root / f"sick-{first}").touch()   # this replica's job only
     wait_until(lambda: json.loads(server.ok("jobs", first, "--json"))["state"] == "done",
                what="the unhealthy replica to be stopped")
     assert time.monotonic() - started >= 0.3 * 2   # three failures, 0.3 s apart
     ended = json.loads(server.ok("jobs", first, "--json"))
     assert ended["result"] == "killed"
     assert ended["reason"].startswith("restarted: 3 health checks in a row failed")
-    (server.root / "sick").unlink()   # (its replacement starts a second later)
     wait_until(lambda: live(server, "web").get(0) not in (None, first), what="a restart")
     wait_until(lambda: service(server, "web")["instances"][0]["health"] == "healthy",
                what="the new replica to be healthy")
