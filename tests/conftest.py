@@ -45,6 +45,7 @@ def pytest_collection_modifyitems(config, items):
         slow_files = {item.path for item in items if item.get_closest_marker("slow")}
         items.sort(key=lambda item: item.path not in slow_files)   # stable: a file keeps its order
 
+
 # --- SSH: real sshd servers on loopback, isolated from the real ~/.ssh (see sshd.py) ---
 
 
