@@ -1152,10 +1152,11 @@ def _status_worker(slave, where):
             "ssh_reuse": ssh_reuse, "down_after": down_after}
 
 
-def _status_job(entry, environments, defaults):
+def _entry_command(entry, defaults):
+    """The script, args, cwd and envs of a job or service in a document, checked."""
     script = entry.get("script")
-    if not isinstance(script, str):
-        raise UserError("'script' must be a string")
+    if not isinstance(script, str) or not script:
+        raise UserError("'script' must be the path of an executable script")
     check_script(script)
     args = entry.get("args", [])
     if not isinstance(args, list) or not all(isinstance(arg, str) and "\0" not in arg
@@ -1165,6 +1166,11 @@ def _status_job(entry, environments, defaults):
     if not isinstance(cwd, str) or not os.path.isabs(cwd) or "\0" in cwd:
         raise UserError("'cwd' must be an absolute path")
     variables = validate_variables(entry.get("envs", {}), "'envs'")
+    return script, args, cwd, variables
+
+
+def _status_job(entry, environments, defaults):
+    script, args, cwd, variables = _entry_command(entry, defaults)
     job_id = entry.get("id")
     if job_id is not None and not whole_number(job_id, 1, MAX_LOADED_JOB_ID):
         raise UserError(f"'id' must be a whole number from 1 to {MAX_LOADED_JOB_ID}")
@@ -1253,18 +1259,7 @@ def _service_entry(entry, defaults):
     if "name" not in entry:
         raise UserError("'name' is missing")
     name = _service_name(entry["name"], "name")
-    script = entry.get("script")
-    if not isinstance(script, str) or not script:
-        raise UserError("'script' must be the path of an executable script")
-    check_script(script)
-    args = entry.get("args", [])
-    if not isinstance(args, list) or not all(isinstance(arg, str) and "\0" not in arg
-                                             for arg in args):
-        raise UserError("'args' must be a list of strings")
-    cwd = entry.get("cwd", defaults["cwd"])
-    if not isinstance(cwd, str) or not os.path.isabs(cwd) or "\0" in cwd:
-        raise UserError("'cwd' must be an absolute path")
-    variables = validate_variables(entry.get("envs", {}), "'envs'")
+    script, args, cwd, variables = _entry_command(entry, defaults)
     replicas = entry.get("replicas", 1)
     if not whole_number(replicas, 0, MAX_REPLICAS):
         raise UserError(f"'replicas' must be a whole number from 0 to {MAX_REPLICAS}")
@@ -1718,6 +1713,7 @@ class Store:
         self.sqlite3 = sqlite3
         self.db = open_database(path)
         self.dependencies = Dependencies(self)
+        self.service_rows = ServiceRows(self)
 
     def transaction(self):
         return _Transaction(self.db)
@@ -1763,81 +1759,6 @@ class Store:
         self.db.execute("DELETE FROM environments WHERE id NOT IN "
                         "(SELECT DISTINCT environment_id FROM jobs UNION "
                         "SELECT environment_id FROM services)")
-
-    # --- services ------------------------------------------------------------
-
-    def services(self):
-        return self.db.execute("SELECT * FROM services ORDER BY name").fetchall()
-
-    def service(self, name):
-        return self.db.execute("SELECT * FROM services WHERE name = ?", (name,)).fetchone()
-
-    def insert_service(self, name, script, args, cwd, environment_id, variables, umask,
-                       options, replicas, port, health):
-        self.db.execute(
-            "INSERT INTO services (name, script, args, cwd, environment_id, variables, umask, "
-            "options, replicas, port, health, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "?, ?)", (name, script, json.dumps(args), cwd, environment_id, json.dumps(variables),
-                      umask, json.dumps(options), replicas, port,
-                      None if health is None else json.dumps(health), time.time()))
-
-    def set_service(self, name, **columns):
-        """REPLICAS or ENABLED of a service."""
-        unknown = set(columns) - {"replicas", "enabled"}
-        if unknown:
-            raise ValueError(f"not a service setting: {', '.join(sorted(unknown))}")
-        self.db.execute(f"UPDATE services SET {', '.join(f'{name} = ?' for name in columns)} "
-                        f"WHERE name = ?", (*columns.values(), name))
-
-    def delete_service(self, name):
-        self.db.execute("DELETE FROM services WHERE name = ?", (name,))
-
-    def live_replicas(self, name):
-        """{replica number: its job's row} for the jobs of service NAME not done."""
-        return {row["replica"]: row for row in self.db.execute(
-            "SELECT * FROM jobs WHERE service = ? AND state != 'done'", (name,))}
-
-    def services_with_live_jobs(self):
-        """Names of services (even removed ones) that have jobs not done."""
-        return {row[0] for row in self.db.execute(
-            "SELECT DISTINCT service FROM jobs WHERE service IS NOT NULL AND state != 'done'")}
-
-    def running_replicas_on(self, worker):
-        """The replicas running on WORKER that nothing is ending yet."""
-        return self.db.execute("SELECT id, run_on, exclude FROM jobs WHERE state = 'running' "
-                               "AND worker = ? AND service IS NOT NULL AND kill_requested_at "
-                               "IS NULL", (worker,)).fetchall()
-
-    def last_replica_end(self, name):
-        """How the latest job of service NAME to end ended (a row, or None)."""
-        return self.db.execute(
-            "SELECT result, exit_code, signal, ended_at FROM jobs WHERE service = ? AND "
-            "state = 'done' ORDER BY ended_at DESC LIMIT 1", (name,)).fetchone()
-
-    def replica_records(self, name):
-        """{replica number: its row of the replicas table}."""
-        return {row["replica"]: row for row in self.db.execute(
-            "SELECT * FROM replicas WHERE service = ?", (name,))}
-
-    def insert_replica(self, service, replica, not_before=None):
-        """Queue the next job of replica REPLICA of SERVICE (its row): the service's
-        script and options, SERVICE, REPLICA and PORT, before any batch job."""
-        options = dict(json.loads(service["options"]), priority=SERVICE_PRIORITY,
-                       retries=0, retry_delay=0.0, timeout=None, not_before=not_before)
-        variables = dict(json.loads(service["variables"]), SERVICE=service["name"],
-                         REPLICA=str(replica))
-        if service["port"] is not None:
-            variables["PORT"] = str(service["port"] + replica)
-        self.db.execute("INSERT OR IGNORE INTO replicas (service, replica) VALUES (?, ?)",
-                        (service["name"], replica))
-        return self.insert_job(service["script"], json.loads(service["args"]), service["cwd"],
-                               service["environment_id"], variables, service["umask"], options,
-                               service=service["name"], replica=replica)
-
-    def replica_ended(self, name, replica, how, delay):
-        """Replica REPLICA of NAME ended HOW and starts again after DELAY seconds."""
-        self.db.execute("UPDATE replicas SET restarts = restarts + 1, delay = ?, last_end = ? "
-                        "WHERE service = ? AND replica = ?", (delay, how, name, replica))
 
     # --- workers -------------------------------------------------------------
 
@@ -2316,6 +2237,88 @@ class Dependencies:
                     "SELECT DISTINCT d.prerequisite, j.result FROM dependencies d LEFT JOIN jobs j "
                     "ON j.id = d.prerequisite WHERE j.id IS NULL OR j.state = 'done'")]
 
+
+
+class ServiceRows:
+    """The services' rows (see migration 6): their templates, and what the restart
+    policy remembers of each replica."""
+
+    def __init__(self, store):
+        self.store = store
+        self.db = store.db
+
+    def all(self):
+        return self.db.execute("SELECT * FROM services ORDER BY name").fetchall()
+
+    def get(self, name):
+        return self.db.execute("SELECT * FROM services WHERE name = ?", (name,)).fetchone()
+
+    def insert(self, name, script, args, cwd, environment_id, variables, umask,
+                       options, replicas, port, health):
+        self.db.execute(
+            "INSERT INTO services (name, script, args, cwd, environment_id, variables, umask, "
+            "options, replicas, port, health, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "?, ?)", (name, script, json.dumps(args), cwd, environment_id, json.dumps(variables),
+                      umask, json.dumps(options), replicas, port,
+                      None if health is None else json.dumps(health), time.time()))
+
+    def set(self, name, **columns):
+        """REPLICAS or ENABLED of a service."""
+        unknown = set(columns) - {"replicas", "enabled"}
+        if unknown:
+            raise ValueError(f"not a service setting: {', '.join(sorted(unknown))}")
+        self.db.execute(f"UPDATE services SET {', '.join(f'{name} = ?' for name in columns)} "
+                        f"WHERE name = ?", (*columns.values(), name))
+
+    def delete(self, name):
+        self.db.execute("DELETE FROM services WHERE name = ?", (name,))
+
+    def live_replicas(self, name):
+        """{replica number: its job's row} for the jobs of service NAME not done."""
+        return {row["replica"]: row for row in self.db.execute(
+            "SELECT * FROM jobs WHERE service = ? AND state != 'done'", (name,))}
+
+    def with_live_jobs(self):
+        """Names of services (even removed ones) that have jobs not done."""
+        return {row[0] for row in self.db.execute(
+            "SELECT DISTINCT service FROM jobs WHERE service IS NOT NULL AND state != 'done'")}
+
+    def running_on(self, worker):
+        """The replicas running on WORKER that nothing is ending yet."""
+        return self.db.execute("SELECT id, run_on, exclude FROM jobs WHERE state = 'running' "
+                               "AND worker = ? AND service IS NOT NULL AND kill_requested_at "
+                               "IS NULL", (worker,)).fetchall()
+
+    def last_end(self, name):
+        """How the latest job of service NAME to end ended (a row, or None)."""
+        return self.db.execute(
+            "SELECT result, exit_code, signal, ended_at FROM jobs WHERE service = ? AND "
+            "state = 'done' ORDER BY ended_at DESC LIMIT 1", (name,)).fetchone()
+
+    def replica_records(self, name):
+        """{replica number: its row of the replicas table}."""
+        return {row["replica"]: row for row in self.db.execute(
+            "SELECT * FROM replicas WHERE service = ?", (name,))}
+
+    def insert_replica(self, service, replica, not_before=None):
+        """Queue the next job of replica REPLICA of SERVICE (its row): the service's
+        script and options, SERVICE, REPLICA and PORT, before any batch job."""
+        options = dict(json.loads(service["options"]), priority=SERVICE_PRIORITY,
+                       retries=0, retry_delay=0.0, timeout=None, not_before=not_before)
+        variables = dict(json.loads(service["variables"]), SERVICE=service["name"],
+                         REPLICA=str(replica))
+        if service["port"] is not None:
+            variables["PORT"] = str(service["port"] + replica)
+        self.db.execute("INSERT OR IGNORE INTO replicas (service, replica) VALUES (?, ?)",
+                        (service["name"], replica))
+        return self.store.insert_job(service["script"], json.loads(service["args"]), service["cwd"],
+                               service["environment_id"], variables, service["umask"], options,
+                               service=service["name"], replica=replica)
+
+    def replica_ended(self, name, replica, how, delay):
+        """Replica REPLICA of NAME ended HOW and starts again after DELAY seconds."""
+        self.db.execute("UPDATE replicas SET restarts = restarts + 1, delay = ?, last_end = ? "
+                        "WHERE service = ? AND replica = ?", (delay, how, name, replica))
 
 
 def first_state(options):
@@ -5181,17 +5184,18 @@ class Queue:
         """A replica's job has ended (in CHANGES): if its service still wants that
         replica, its next job is queued in the same transaction, to start after
         the restart delay; so a replica is never lost, nor ever doubled."""
-        service = self.store.service(row["service"])
+        service = self.store.service_rows.get(row["service"])
         if service is None or not service["enabled"] or row["replica"] >= service["replicas"]:
             return
-        record = self.store.replica_records(service["name"]).get(row["replica"])
+        record = self.store.service_rows.replica_records(service["name"]).get(row["replica"])
         delay = restart_delay(record["delay"] if record else 0.0,
                               ended_at - (row["started_at"] or ended_at))
         how = end_text(result.value, outcome.get("exit_code"), outcome.get("signal"))
         if result == JobResult.KILLED and reason:
             how = reason.split(" (")[0]   # restarted: health checks failed; moved: ...
-        self.store.replica_ended(service["name"], row["replica"], how, delay)
-        job_id = self.store.insert_replica(service, row["replica"], time.time() + delay)
+        self.store.service_rows.replica_ended(service["name"], row["replica"], how, delay)
+        job_id = self.store.service_rows.insert_replica(service, row["replica"],
+                                                        time.time() + delay)
         changes.moved([job_id], JobState.BLOCKED)
         changes.then(self.release_delayed)
         changes.then(lambda: self.log.info(
@@ -5903,17 +5907,11 @@ class HealthProbes:
         self.later(attempt, probe, health)
 
     def start(self):
-        import subprocess
         try:
-            with open(os.path.join(self.log_dir, SERVER_LOG_FILE), "ab") as errors:
-                self.process = subprocess.Popen(
-                    [sys.executable, os.path.abspath(__file__), PROBER],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, cwd="/")
+            self.process = start_helper_process(PROBER, self.log_dir)
         except OSError as error:
             self.log.error("cannot start the health prober: %s", error)
             return False
-        for stream in (self.process.stdin, self.process.stdout):
-            os.set_blocking(stream.fileno(), False)
         self.selector.register(self.process.stdout, EVENT_READ, self.results)
         self.unsent, self.lines = bytearray(), LineReader()
         return True
@@ -6037,6 +6035,7 @@ class Services:
 
     def __init__(self, store, queue, runner, workers, probes, log):
         self.store = store
+        self.rows = store.service_rows
         self.queue = queue
         self.runner = runner
         self.workers = workers
@@ -6046,7 +6045,7 @@ class Services:
     def replica_running(self, attempt, row):
         """A replica runs (started, or adopted at start): its health check, if its
         service has one, begins an interval later."""
-        service = self.store.service(row["service"])
+        service = self.rows.get(row["service"])
         if service is None or service["health"] is None:
             return
         health = json.loads(service["health"])
@@ -6061,7 +6060,7 @@ class Services:
         self.probes.watch(attempt, probe, health)
 
     def existing(self, name):
-        service = self.store.service(name)
+        service = self.rows.get(name)
         if service is None:
             raise UserError(f"unknown service {name!r}; see ./cli.py services")
         return service
@@ -6069,14 +6068,14 @@ class Services:
     def add(self, name, script, args, cwd, environment, variables, umask, options, replicas,
             port, health):
         """Declare a service and queue its replicas, all in one transaction."""
-        if self.store.service(name) is not None:
+        if self.rows.get(name) is not None:
             raise UserError(f"a service named {name!r} exists already: choose another name, "
                             f"or change it with ./cli.py scale {name} N")
         check_script(script)
         self.check_room(options, replicas)
         with self.queue.changes():
             environment_id = self.store.intern_environment(environment)
-            self.store.insert_service(name, script, args, cwd, environment_id, variables,
+            self.rows.insert(name, script, args, cwd, environment_id, variables,
                                       umask, options, replicas, port, health)
         self.log.info("service %s: added, %d replica(s) of %s", name, replicas,
                       os.path.basename(script))
@@ -6099,7 +6098,7 @@ class Services:
         if replicas > service["replicas"]:
             self.check_room(json.loads(service["options"]), replicas)
         with self.queue.changes():
-            self.store.set_service(name, replicas=replicas)
+            self.rows.set(name, replicas=replicas)
         self.log.info("service %s: scaled from %d to %d", name, service["replicas"], replicas)
         return self.converge(name, grace, f"service {name} scaled to {replicas}")
 
@@ -6110,7 +6109,7 @@ class Services:
         if bool(service["enabled"]) == enabled:
             raise UserError(f"service {name} is already {'started' if enabled else 'stopped'}")
         with self.queue.changes():
-            self.store.set_service(name, enabled=int(enabled))
+            self.rows.set(name, enabled=int(enabled))
         self.log.info("service %s: %s", name, "started" if enabled else "stopped")
         return self.converge(name, grace, f"service {name} stopped")
 
@@ -6118,7 +6117,7 @@ class Services:
         """Forget a service; its replicas stop.  Returns the running jobs being stopped."""
         self.existing(name)
         with self.queue.changes():
-            self.store.delete_service(name)
+            self.rows.delete(name)
             self.store.drop_unused_environments()
         self.log.info("service %s: removed", name)
         return self.converge(name, grace, f"service {name} removed")
@@ -6126,14 +6125,14 @@ class Services:
     def converge(self, name, grace=DEFAULT_KILL_GRACE, why=None):
         """Queue the missing replicas of service NAME and stop those not wanted (the
         highest numbers first).  Returns the ids of running jobs being stopped."""
-        service = self.store.service(name)
+        service = self.rows.get(name)
         desired = service["replicas"] if service is not None and service["enabled"] else 0
-        live = self.store.live_replicas(name)
+        live = self.rows.live_replicas(name)
         start, stop = replicas_to_change(desired, live)
         if start:
             with self.queue.changes() as changes:
                 for replica in start:
-                    changes.moved([self.store.insert_replica(service, replica)],
+                    changes.moved([self.rows.insert_replica(service, replica)],
                                   JobState.WAITING)
         waiting = [live[replica]["id"] for replica in stop
                    if live[replica]["state"] == JobState.WAITING.value]
@@ -6148,7 +6147,7 @@ class Services:
     def move_off(self, name, why):
         """Worker NAME takes no new job (WHY): its replicas stop, to start again on a
         worker their placement allows; those that may run nowhere else stay."""
-        for row in self.store.running_replicas_on(name):
+        for row in self.rows.running_on(name):
             run_on, exclude = json.loads(row["run_on"] or "null"), \
                 json.loads(row["exclude"] or "[]")
             elsewhere = [worker for worker in self.workers.all() if worker.name != name and
@@ -6168,20 +6167,20 @@ class Services:
 
     def converge_all(self):
         """At start: services whose replicas a crash (or an older cli.py) left short."""
-        names = {row["name"] for row in self.store.services()} | \
-            self.store.services_with_live_jobs()
+        names = {row["name"] for row in self.rows.all()} | \
+            self.rows.with_live_jobs()
         for name in sorted(names):
             self.converge(name)
 
     def describe(self, name=None):
         """Each service (or NAME) as services --json shows it."""
         now = time.time()
-        rows = [self.existing(name)] if name is not None else self.store.services()
+        rows = [self.existing(name)] if name is not None else self.rows.all()
         described = []
         for service in rows:
-            live = self.store.live_replicas(service["name"])
-            records = self.store.replica_records(service["name"])
-            last = self.store.last_replica_end(service["name"])
+            live = self.rows.live_replicas(service["name"])
+            records = self.rows.replica_records(service["name"])
+            last = self.rows.last_end(service["name"])
             options = json.loads(service["options"])
             replicas = []
             for number in sorted(set(live) | set(range(service["replicas"]))):
@@ -6226,7 +6225,7 @@ class Services:
         a checked document (validate_services), each with its "spec"; refused
         (naming the entry) where add_service or scale would refuse it.  WORKERS:
         the ones to place them on (load_status: the document's), else ours."""
-        current = {row["name"]: self.spec_of(row) for row in self.store.services()}
+        current = {row["name"]: self.spec_of(row) for row in self.rows.all()}
         by_name = {spec["name"]: spec for spec in specs}
         differences = service_differences(current, specs)
         for difference in differences:
@@ -6250,22 +6249,22 @@ class Services:
         for difference in differences:
             name, spec, change = difference["name"], difference["spec"], difference["change"]
             if change in ("changed", "removed"):
-                self.store.delete_service(name)
+                self.rows.delete(name)
             if change in ("added", "changed"):
                 environment_id = self.store.intern_environment(spec["environment"])
-                self.store.insert_service(name, spec["script"], spec["args"], spec["cwd"],
+                self.rows.insert(name, spec["script"], spec["args"], spec["cwd"],
                                           environment_id, spec["envs"], spec["umask"],
                                           spec["options"], spec["replicas"], spec["port"],
                                           spec["health"])
                 if not spec["enabled"]:
-                    self.store.set_service(name, enabled=0)
+                    self.rows.set(name, enabled=0)
             elif change == "scaled":
-                self.store.set_service(name, replicas=spec["replicas"])
+                self.rows.set(name, replicas=spec["replicas"])
             elif change in ("started", "stopped"):
-                self.store.set_service(name, enabled=int(spec["enabled"]))
+                self.rows.set(name, enabled=int(spec["enabled"]))
             if change == "changed":
                 why = f"restarted: service {name} changed"
-                live = self.store.live_replicas(name).values()
+                live = self.rows.live_replicas(name).values()
                 waiting = [row["id"] for row in live if row["state"] == JobState.WAITING.value]
                 if waiting:
                     self.queue.end_waiting(changes, waiting,
@@ -6294,8 +6293,8 @@ class Services:
                 if change == "scaled" else f"service {name} {change}"
         names = set(whys)
         if every:
-            names |= {row["name"] for row in self.store.services()} | \
-                self.store.services_with_live_jobs()
+            names |= {row["name"] for row in self.rows.all()} | \
+                self.rows.with_live_jobs()
         stopping = []
         for name in sorted(names):
             stopping += self.converge(name, grace, whys.get(name, "load_status"))
@@ -6356,6 +6355,19 @@ def describe_replica(number, job, record, health, now):
 # Health monitor ###############################################################
 ###############################################################################
 
+def start_helper_process(command, log_dir):
+    """Start cli.py's hidden COMMAND (the health checker, the prober), its pipes set
+    never to block the loop and its stderr going to server.log.  Raises OSError."""
+    import subprocess
+    with open(os.path.join(log_dir, SERVER_LOG_FILE), "ab") as errors:
+        process = subprocess.Popen([sys.executable, os.path.abspath(__file__), command],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=errors, cwd="/")
+    for stream in (process.stdin, process.stdout):
+        os.set_blocking(stream.fileno(), False)
+    return process
+
+
 class HealthMonitor:
     """The server's side of the health checker (health_checker_main): which workers
     it checks, over a pipe written without blocking, and what its results do."""
@@ -6413,17 +6425,11 @@ class HealthMonitor:
         self.send()
 
     def start(self):
-        import subprocess
         try:
-            with open(os.path.join(self.log_dir, SERVER_LOG_FILE), "ab") as errors:
-                self.checker = subprocess.Popen(
-                    [sys.executable, os.path.abspath(__file__), HEALTH_CHECKER],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, cwd="/")
+            self.checker = start_helper_process(HEALTH_CHECKER, self.log_dir)
         except OSError as error:
             self.log.error("cannot start the health checker: %s", error)
             return False
-        for stream in (self.checker.stdin, self.checker.stdout):
-            os.set_blocking(stream.fileno(), False)
         self.selector.register(self.checker.stdout, EVENT_READ, self.results)
         self.unsent = bytearray()
         self.lines = LineReader()

@@ -199,7 +199,7 @@ def check_ssh_dir(user):
     return lines[0]
 
 
-def test_quickstart_twice_as_a_new_user_without_sudo(system_sshd, new_user):
+def test_quickstart_twice_as_a_new_user_without_sudo(example_job_dirs, system_sshd, new_user):
     first = succeeded(new_user.quickstart(timeout=300))   # pip installs into .venv
     assert "installed fabric, filelock, tabulate into .venv" in first
     assert "added localhost (1 slot)" in first
