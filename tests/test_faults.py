@@ -262,6 +262,8 @@ def open_fds(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+@pytest.mark.alone("counts the status answers a poller gets during a flood of a few seconds, "
+                   "which other tests' load slows more than the flood")
 def test_garbage_and_floods_on_the_socket_leave_the_server_serving_with_bounded_memory(server):
     """Fault 5: random bytes, half requests, a 100 MB line, huge requests at once, and
     thousands of connections opened and dropped, while a client keeps asking for status."""
