@@ -6480,6 +6480,8 @@ class HealthMonitor:
         worker = self.workers.get(name)
         if worker is None:
             return   # removed since
+        if not worker.ssh_checked and not worker.set_aside_at:
+            return   # no longer checked (resume took it back): a result on its way is stale
         if worker.health == WorkerHealth.SET_ASIDE and started is not None and \
                 started < worker.set_aside_at:
             return   # a check (or connection) from before its jobs failed proves nothing
