@@ -38,11 +38,13 @@ Run `./cli.py COMMAND --help` for each command.
 #   SSH settings and checks           ssh -G, host keys, fabric, the health checker
 #   Timers                            Timers, and RetryDelay for storage faults
 #   Queue                             Queue (jobs) and Workers: the lifecycle, the only
-#                                     code that writes to the Store (Changes)
+#                                     code that writes to the Store (Changes); JobEdits:
+#                                     retry, priority, removal, purge, load_status
 #   Runner                            Runner: start, watch, adopt, kill, record ends
 #   Services                          Services (replicas as jobs, converge, load_services)
 #                                     and HealthProbes (the prober process's pipe)
-#   Health monitor                    HealthMonitor: the checker's pipe, its results
+#   Health monitor                    HelperPipe (a helper process's pipes, never blocking
+#                                     the loop); HealthMonitor: the checker's results
 #   Clients                           Clients: the socket, replies, waiters, `wait`
 #   Request handlers                  Handlers: one thin method per request
 #   Server                            Server: the wiring and the event loop; run_server
@@ -5283,6 +5285,34 @@ class Queue:
         self.store.dependencies.drop(job_ids)
         self.resolve(changes, [(job_id, False, "was killed") for job_id in job_ids])
 
+    def skip_stranded(self):
+        """Skip waiting --on jobs none of whose workers is left (or has enough slots)."""
+        usable = self.workers.usable_slots()
+        stranded = [row["id"] for row in self.store.pinned_waiting_jobs()
+                    if not any(usable.get(name, 0) >= row["slots_wanted"]
+                               for name in json.loads(row["run_on"]))]
+        if not stranded:
+            return
+        with self.changes() as changes:
+            for job_id in stranded:
+                self.store.skip(job_id, "no allowed worker left (--on)")
+            self.skipped(changes, stranded, "no allowed worker left (--on)")
+            self.resolve(changes, [(job_id, False, "was skipped") for job_id in stranded])
+
+
+class JobEdits:
+    """What users change in jobs already queued or ended, beside the lifecycle:
+    retry, priority, removal, purge, pause, and load_status's replacement of the
+    waiting queue.  Each is one transaction of the Queue's (Queue.changes), and
+    settles dependents as the lifecycle does (Queue.resolve)."""
+
+    def __init__(self, queue, store, workers, events, log):
+        self.queue = queue
+        self.store = store
+        self.workers = workers
+        self.events = events
+        self.log = log
+
     def retry(self, job_ids, named):
         """Ended jobs wait again under their ids, each for a new attempt with its
         --retries afresh; so do the dependents their failures skipped
@@ -5290,7 +5320,7 @@ class Queue:
         user named the jobs one by one, and one held back is refused rather than
         left out.  Returns (ids retried, ids of dependents back with them, ids held
         back)."""
-        for row in self.existing(job_ids, "id, state, result, service, replica"):
+        for row in self.queue.existing(job_ids, "id, state, result, service, replica"):
             if row["state"] != JobState.DONE.value:
                 raise UserError(f"job {row['id']} is {row['state']}: only ended jobs can be "
                                 "retried (kill it first to run it again); nothing was changed")
@@ -5327,7 +5357,7 @@ class Queue:
                 + "; nothing was changed")
         rows = {row["id"]: row for row in self.store.jobs_by_id(
             sorted(back), "id, result, attempt")}
-        with self.changes() as changes:
+        with self.queue.changes() as changes:
             for job_id in sorted(back):
                 row = rows[job_id]
                 state = JobState.BLOCKED if dependencies.reopen(job_id) else JobState.WAITING
@@ -5339,7 +5369,7 @@ class Queue:
                 changes.moved([job_id], state)
             dependencies.reopen_failed_on(back)
             # Conditions on jobs that have ended since: met, or failed, now.
-            self.resolve(changes, dependencies.stale())
+            self.queue.resolve(changes, dependencies.stale())
         retried = [job_id for job_id in job_ids if job_id in back]
         self.log.info("%d job(s) retried, %d skipped dependent(s) back with them",
                       len(retried), len(back) - len(retried))
@@ -5347,7 +5377,7 @@ class Queue:
 
     def set_priority(self, job_ids, priority):
         """Give waiting jobs a new priority: higher starts first, FIFO among equals."""
-        for row in self.existing(job_ids, "id, state, result, service, replica"):
+        for row in self.queue.existing(job_ids, "id, state, result, service, replica"):
             refuse_replica(row, "has the priority of replicas (before any batch job)")
             if row["state"] != JobState.WAITING.value:
                 raise UserError(f"job {row['id']} is {row['state']}"
@@ -5378,32 +5408,18 @@ class Queue:
         """Pause or resume the whole queue."""
         with self.store.transaction():
             self.store.set_setting("paused", paused)
-        self.paused = paused
+        self.queue.paused = paused
         self.log.info("queue %s", "paused" if paused else "resumed")
         self.events.room_changed()
 
     def remove(self, job_ids):
         """Delete waiting jobs; their dependents follow.  Returns the ids skipped."""
-        with self.changes() as changes:
+        with self.queue.changes() as changes:
             self.store.delete_waiting_jobs(job_ids)
             self.store.drop_unused_environments()
             changes.then(lambda: self.events.jobs_removed(job_ids))
-            return self.resolve(changes, [(job_id, False, "was removed")
+            return self.queue.resolve(changes, [(job_id, False, "was removed")
                                           for job_id in job_ids])
-
-    def skip_stranded(self):
-        """Skip waiting --on jobs none of whose workers is left (or has enough slots)."""
-        usable = self.workers.usable_slots()
-        stranded = [row["id"] for row in self.store.pinned_waiting_jobs()
-                    if not any(usable.get(name, 0) >= row["slots_wanted"]
-                               for name in json.loads(row["run_on"]))]
-        if not stranded:
-            return
-        with self.changes() as changes:
-            for job_id in stranded:
-                self.store.skip(job_id, "no allowed worker left (--on)")
-            self.skipped(changes, stranded, "no allowed worker left (--on)")
-            self.resolve(changes, [(job_id, False, "was skipped") for job_id in stranded])
 
     def load_status(self, workers, jobs, paused, also=None):
         """Replace the workers and the waiting queue; running jobs are left alone.
@@ -5417,7 +5433,7 @@ class Queue:
         keep_ids = not any(job["id"] in taken_ids for job in jobs if job["id"] is not None)
         ended = self.dependencies_outside(jobs)
         replaced = self.store.waiting_ids()
-        with self.changes() as changes:
+        with self.queue.changes() as changes:
             self.store.delete_all_waiting()
             changes.then(lambda: self.events.jobs_removed(replaced))
             gone = self.workers.replace(changes, workers)
@@ -5449,14 +5465,14 @@ class Queue:
                     skipped.append(job["new_id"])
                 elif not conditions:
                     self.store.unblock([job["new_id"]])
-            self.skipped(changes, skipped)
-            self.resolve(changes, [(job_id, False, "was skipped") for job_id in skipped])
+            self.queue.skipped(changes, skipped)
+            self.queue.resolve(changes, [(job_id, False, "was skipped") for job_id in skipped])
             if also is not None:
                 also(changes)
             self.store.drop_unused_environments()
-        self.paused = self.store.setting("paused", False)
+        self.queue.paused = self.store.setting("paused", False)
         self.events.workers_changed(gone)   # (new jobs to start too)
-        self.release_delayed()
+        self.queue.release_delayed()
         self.log.info("state replaced by load_status: %d worker(s), %d waiting job(s)",
                       len(workers), len(jobs))
         return keep_ids
@@ -5855,9 +5871,8 @@ class HealthProbes:
         self.runner = runner
         self.log = log
         self.log_dir = log_dir
-        self.process = None
-        self.unsent = bytearray()
-        self.lines = LineReader()
+        self.pipe = HelperPipe(PROBER, "the health prober", selector, log, log_dir,
+                               self.answered, self.gone)
         self.pending = {}          # probe id -> (attempt, probe, health)
         self.last_id = 0
         self.state = {}            # job id -> [failed probes in a row, healthy or None, why not]
@@ -5880,16 +5895,16 @@ class HealthProbes:
         if attempt.ended or attempt.job_id not in self.state:
             self.state.pop(attempt.job_id, None)
             return
-        if self.process is None and not self.start():
+        if not self.pipe.running() and not self.pipe.start():
             self.later(attempt, probe, health)
             return
         self.last_id += 1
         self.pending[self.last_id] = (attempt, probe, health)
-        self.unsent += json.dumps(dict(probe, id=self.last_id)).encode() + b"\n"
-        self.send()
+        self.pipe.write(dict(probe, id=self.last_id))
 
-    def answered(self, probe_id, reason):
-        attempt, probe, health = self.pending.pop(probe_id, (None, None, None))
+    def answered(self, result):
+        attempt, probe, health = self.pending.pop(result["id"], (None, None, None))
+        reason = result["reason"]
         if attempt is None or attempt.ended or attempt.job_id not in self.state:
             return
         state = self.state[attempt.job_id]
@@ -5906,66 +5921,14 @@ class HealthProbes:
                 return
         self.later(attempt, probe, health)
 
-    def start(self):
-        try:
-            self.process = start_helper_process(PROBER, self.log_dir)
-        except OSError as error:
-            self.log.error("cannot start the health prober: %s", error)
-            return False
-        self.selector.register(self.process.stdout, EVENT_READ, self.results)
-        self.unsent, self.lines = bytearray(), LineReader()
-        return True
-
-    def send(self, events=0):
-        process = self.process
-        if process is None:
-            return
-        try:
-            while self.unsent:
-                del self.unsent[:os.write(process.stdin.fileno(), self.unsent)]
-        except BlockingIOError:
-            pass
-        except OSError:
-            self.gone()
-            return
-        registered = self.selector.get_map().get(process.stdin.fileno()) is not None
-        if self.unsent and not registered:
-            self.selector.register(process.stdin, EVENT_WRITE, self.send)
-        elif not self.unsent and registered:
-            self.selector.unregister(process.stdin)
-
-    def results(self, events):
-        try:
-            chunk = os.read(self.process.stdout.fileno(), 1 << 16)
-        except BlockingIOError:
-            return
-        if not chunk:
-            self.gone()
-            return
-        for line in self.lines.feed(chunk):
-            result = json.loads(line)
-            self.answered(result["id"], result["reason"])
-
     def gone(self):
         """The prober died: its probes are asked again, of a new one, an interval later."""
-        self.log.warning("the health prober stopped; starting a new one")
-        self.stop()
         pending, self.pending = self.pending, {}
         for attempt, probe, health in pending.values():
             self.later(attempt, probe, health)
 
     def stop(self):
-        if self.process is None:
-            return
-        process, self.process = self.process, None
-        for stream in (process.stdin, process.stdout):
-            if self.selector.get_map().get(stream.fileno()) is not None:
-                self.selector.unregister(stream)
-            stream.close()
-        try:
-            process.wait(timeout=1)
-        except Exception:   # noqa: BLE001 - it ends with its stdin; never wait for it
-            pass
+        self.pipe.stop()
 
 
 def prober_main():
@@ -6033,10 +5996,11 @@ class Services:
     transaction); this unit declares, scales, stops, starts and removes
     services, and makes the live replicas what is wanted (converge)."""
 
-    def __init__(self, store, queue, runner, workers, probes, log):
+    def __init__(self, store, queue, edits, runner, workers, probes, log):
         self.store = store
         self.rows = store.service_rows
         self.queue = queue
+        self.edits = edits
         self.runner = runner
         self.workers = workers
         self.probes = probes
@@ -6324,7 +6288,7 @@ class Services:
 
         def write(changes):
             restarting.extend(self.write(changes, differences, DEFAULT_KILL_GRACE))
-        keep_ids = self.queue.load_status(workers, jobs, paused, write)
+        keep_ids = self.edits.load_status(workers, jobs, paused, write)
         return keep_ids, differences, self.follow(differences, restarting,
                                                   DEFAULT_KILL_GRACE, every=True)
 
@@ -6368,6 +6332,109 @@ def start_helper_process(command, log_dir):
     return process
 
 
+class HelperPipe:
+    """A helper process of the server's (the health checker, the prober) and its
+    pipes: JSON lines written to its stdin without ever blocking the loop (what
+    the pipe does not take waits for EVENT_WRITE), JSON lines read from its
+    stdout handed to ON_LINE, and ON_GONE called if it dies."""
+
+    def __init__(self, command, name, selector, log, log_dir, on_line, on_gone):
+        self.command = command
+        self.name = name
+        self.selector = selector
+        self.log = log
+        self.log_dir = log_dir
+        self.on_line = on_line
+        self.on_gone = on_gone
+        self.process = None
+        self.unsent = bytearray()    # what the pipe has not taken yet
+        self.latest = None           # write(latest=True): sent once unsent is
+        self.lines = LineReader()
+
+    def running(self):
+        return self.process is not None
+
+    def start(self):
+        """Start the process; False (logged) if it cannot be."""
+        try:
+            self.process = start_helper_process(self.command, self.log_dir)
+        except OSError as error:
+            self.log.error("cannot start %s: %s", self.name, error)
+            return False
+        self.selector.register(self.process.stdout, EVENT_READ, self.readable)
+        self.unsent, self.latest, self.lines = bytearray(), None, LineReader()
+        return True
+
+    def write(self, message, latest=False):
+        """Send MESSAGE; LATEST: it replaces the previous such message not sent yet
+        (only the newest matters)."""
+        line = json.dumps(message).encode() + b"\n"
+        if latest:
+            self.latest = line
+        else:
+            self.unsent += line
+        self.writable()
+
+    def writable(self, events=0):
+        process = self.process
+        if process is None:
+            return
+        while True:
+            if not self.unsent:
+                if self.latest is None:
+                    break
+                self.unsent, self.latest = bytearray(self.latest), None
+            try:
+                del self.unsent[:os.write(process.stdin.fileno(), self.unsent)]
+            except BlockingIOError:
+                break
+            except OSError:
+                self.gone()
+                return
+        registered = self.selector.get_map().get(process.stdin.fileno()) is not None
+        if self.unsent and not registered:
+            self.selector.register(process.stdin, EVENT_WRITE, self.writable)
+        elif not self.unsent and registered:
+            self.selector.unregister(process.stdin)
+
+    def readable(self, events):
+        try:
+            chunk = os.read(self.process.stdout.fileno(), 1 << 16)
+        except BlockingIOError:
+            return
+        if not chunk:
+            self.gone()
+            return
+        for line in self.lines.feed(chunk):
+            self.on_line(json.loads(line))
+            if self.process is None:
+                return   # ON_LINE stopped it
+
+    def gone(self):
+        self.log.warning("%s stopped; starting a new one", self.name)
+        self.stop()
+        self.on_gone()
+
+    def stop(self):
+        if self.process is None:
+            return
+        process, self.process = self.process, None
+        for stream in (process.stdin, process.stdout):
+            if self.selector.get_map().get(stream.fileno()) is not None:
+                self.selector.unregister(stream)
+            try:
+                stream.close()
+            except OSError:
+                pass
+        process.terminate()   # it may be busy for a while (a round of hung hosts)
+        import subprocess   # imported when the process was started: free here
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 class HealthMonitor:
     """The server's side of the health checker (health_checker_main): which workers
     it checks, over a pipe written without blocking, and what its results do."""
@@ -6380,10 +6447,8 @@ class HealthMonitor:
         self.log_dir = log_dir
         self.check_interval = check_interval
         self.ssh_config = None     # the queue's (see Server.load)
-        self.checker = None        # the health checker process
-        self.lines = LineReader()
-        self.unsent = bytearray()  # part of a request the pipe has not taken yet
-        self.next_request = None   # the newest request, once that one is sent
+        self.pipe = HelperPipe(HEALTH_CHECKER, "the health checker", selector, log, log_dir,
+                               self.result, self.gone)
         self.endpoints_fresh = False  # the workers' endpoints resolved since this start
 
     def update(self, now=False):
@@ -6406,10 +6471,10 @@ class HealthMonitor:
         resolve = [worker.name for worker in self.workers.all()
                    if worker.endpoint is None or not self.endpoints_fresh]
         self.endpoints_fresh = True
-        if self.checker is None and not names and not resolve:
+        if not self.pipe.running() and not names and not resolve:
             return
-        if self.checker is None:
-            if not self.start():
+        if not self.pipe.running():
+            if not self.pipe.start():
                 return
             now = True
         # Only the newest list matters: it replaces one not yet sent, and the
@@ -6421,59 +6486,14 @@ class HealthMonitor:
                    "resolve": resolve,
                    "fresh": [worker.name for worker in self.workers.all()
                              if worker.health == WorkerHealth.SET_ASIDE]}
-        self.next_request = json.dumps(request).encode() + b"\n"
-        self.send()
+        self.pipe.write(request, latest=True)
 
-    def start(self):
-        try:
-            self.checker = start_helper_process(HEALTH_CHECKER, self.log_dir)
-        except OSError as error:
-            self.log.error("cannot start the health checker: %s", error)
-            return False
-        self.selector.register(self.checker.stdout, EVENT_READ, self.results)
-        self.unsent = bytearray()
-        self.lines = LineReader()
-        return True
-
-    def send(self, events=0):
-        checker = self.checker
-        if checker is None:
-            return
-        while True:
-            if not self.unsent:
-                if self.next_request is None:
-                    break
-                self.unsent, self.next_request = bytearray(self.next_request), None
-            try:
-                written = os.write(checker.stdin.fileno(), self.unsent)
-            except BlockingIOError:
-                break
-            except OSError:
-                self.gone()
-                return
-            del self.unsent[:written]
-        waiting = bool(self.unsent)
-        registered = self.selector.get_map().get(checker.stdin.fileno()) is not None
-        if waiting and not registered:
-            self.selector.register(checker.stdin, EVENT_WRITE, self.send)
-        elif not waiting and registered:
-            self.selector.unregister(checker.stdin)
-
-    def results(self, events):
-        try:
-            chunk = os.read(self.checker.stdout.fileno(), 1 << 16)
-        except BlockingIOError:
-            return
-        if not chunk:
-            self.gone()
-            return
-        for line in self.lines.feed(chunk):
-            result = json.loads(line)
-            if result.get("endpoint"):
-                self.workers.endpoint_resolved(result["worker"], result["endpoint"])
-            if "reason" in result:
-                self.checked(result["worker"], result["reason"], result["at"],
-                             result.get("started", result["at"]))
+    def result(self, result):
+        if result.get("endpoint"):
+            self.workers.endpoint_resolved(result["worker"], result["endpoint"])
+        if "reason" in result:
+            self.checked(result["worker"], result["reason"], result["at"],
+                         result.get("started", result["at"]))
 
     def checked(self, name, reason, at, started=None):
         """One check's result: a worker goes down, comes back up, or stays as it was."""
@@ -6491,30 +6511,11 @@ class HealthMonitor:
                                 else WorkerHealth.DOWN, reason, at)
 
     def gone(self):
-        """The health checker died: say so, and start a new one an interval later."""
-        self.log.warning("the health checker stopped; starting a new one in %gs",
-                         self.check_interval)
-        self.stop()
+        """The health checker died: a new one starts an interval later."""
         self.timers.add(time.time() + self.check_interval, self.update)
 
     def stop(self):
-        if self.checker is None:
-            return
-        checker, self.checker = self.checker, None
-        for stream in (checker.stdin, checker.stdout):
-            if self.selector.get_map().get(stream.fileno()) is not None:
-                self.selector.unregister(stream)
-            try:
-                stream.close()
-            except OSError:
-                pass
-        checker.terminate()   # it may be in the middle of a round of checks
-        import subprocess   # imported when the checker was started: free here
-        try:
-            checker.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            checker.kill()
-            checker.wait()
+        self.pipe.stop()
 
 
 ###############################################################################
@@ -6900,6 +6901,7 @@ class Handlers:
         self.server = server
         self.store = server.store      # read only
         self.queue = server.queue
+        self.edits = server.edits
         self.workers = server.workers
         self.runner = server.runner
         self.services = server.services
@@ -7027,7 +7029,7 @@ class Handlers:
             changed = True
         else:
             changed = self.queue.paused != paused
-            self.queue.set_paused(paused)
+            self.edits.set_paused(paused)
             self.clients.progress_changed()   # their progress line says so
         return {"hosts": hosts, "paused": paused, "changed": changed}
 
@@ -7054,7 +7056,7 @@ class Handlers:
             if not job_ids:
                 raise UserError(f"no waiting job runs {script} with those arguments; "
                                 "see ./cli.py status")
-        skipped = self.queue.remove(job_ids)
+        skipped = self.edits.remove(job_ids)
         return {"removed": job_ids, "skipped": skipped}
 
     def kill(self, client, params):
@@ -7089,7 +7091,7 @@ class Handlers:
         filtered = params["failed"] or state is not None or params["script"] is not None
         job_ids = params["ids"]
         if not filtered:
-            retried, back, held = self.queue.retry(job_ids, named=True)
+            retried, back, held = self.edits.retry(job_ids, named=True)
             return {"retried": retried, "back": back, "held": held}
         if job_ids is not None:
             self.queue.existing(job_ids)
@@ -7099,7 +7101,7 @@ class Handlers:
             JobState.DONE.value, wanted, None, params["script"]) if row["service"] is None]
         if job_ids is not None:
             chosen = sorted(set(chosen) & set(job_ids))
-        retried, back, held = self.queue.retry(sorted(chosen), named=False) \
+        retried, back, held = self.edits.retry(sorted(chosen), named=False) \
             if chosen else ([], [], [])
         return {"retried": retried, "back": back, "held": held}
 
@@ -7140,7 +7142,7 @@ class Handlers:
                                      lambda: {"changes": shown, "stopped": stopping})
 
     def priority(self, client, params):
-        self.queue.set_priority(params["ids"], params["priority"])
+        self.edits.set_priority(params["ids"], params["priority"])
         return {"ids": params["ids"], "priority": params["priority"]}
 
     def jobs(self, client, params):
@@ -7161,7 +7163,7 @@ class Handlers:
 
     def purge(self, client, params):
         """Delete finished jobs that ended more than OLDER_THAN seconds ago, with their logs."""
-        return {"purged": self.queue.purge(params["older_than"])}
+        return {"purged": self.edits.purge(params["older_than"])}
 
     def wait(self, client, params):
         """Stream progress until the jobs (default: all waiting or running now) are done."""
@@ -7233,11 +7235,12 @@ class Server(Events):
                              lambda: len(self.runner.running))
         self.workers = Workers(self.store, self.timers, self, log)
         self.queue = Queue(self.store, self.workers, self.timers, self, log, log_dir)
+        self.edits = JobEdits(self.queue, self.store, self.workers, self, log)
         self.jobs_ssh = JobsSsh(data_dir, log)
         self.runner = Runner(self.store, self.queue, self.workers, self.timers, self.selector,
                              spawner, self.jobs_ssh, log, self.paths["run"], job_fd_limit)
         self.probes = HealthProbes(self.timers, self.selector, self.runner, log, log_dir)
-        self.services = Services(self.store, self.queue, self.runner, self.workers,
+        self.services = Services(self.store, self.queue, self.edits, self.runner, self.workers,
                                  self.probes, log)
         self.runner.replica_running = self.services.replica_running
         self.health = HealthMonitor(self.workers, self.timers, self.selector, log, log_dir,

@@ -280,7 +280,8 @@ def test_load_status_takes_a_draining_worker_back(lifecycle, store):
     assert workers.get("w1").state == cli.WorkerState.DRAINING
     document = {"ip": "w1", "slots": 3, "envs": {}, "ssh_checked": False,
                 "state": cli.WorkerState.ACTIVE, "ssh_reuse": True, "down_after": None}
-    queue.load_status([document], [], None)
+    edits = cli.JobEdits(queue, store, workers, events, logging.getLogger("test_queue"))
+    edits.load_status([document], [], None)
     assert workers.get("w1").state == cli.WorkerState.ACTIVE
     assert workers.get("w1").busy_slots == {0} and workers.get("w1").slots == 3
 
