@@ -152,10 +152,12 @@ PR_SET_CHILD_SUBREAPER = 36      # a prctl option (linux/prctl.h)
 
 RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP", "SLAVE_HOST", "SLAVE_PORT", "SLAVE_USER",
                       "JOB_ATTEMPT", "SLOT", "SLOTS")
+TASK_VARIABLES = ("ARRAY_ID", "TASK_ID", "TASK_ARG")   # set for the tasks of arrays
 SSH_SHIM_VARIABLE = "CLI_PY_SSH_SHIM_DIR"            # set for jobs whose ssh goes through our shim
 SSH_CONTROL_VARIABLE = "CLI_PY_SSH_CONTROL_PATH"     # ... and shares connections
 SSH_JOBS_CONFIG_VARIABLE = "CLI_PY_SSH_JOBS_CONFIG"  # ... and reads the queue's ssh config
 VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+JOB_NAME = re.compile(r"([0-9]{1,19})(?:\.([0-9]{1,7}))?\Z")   # 12, or ARRAY.TASK: 7.3
 # Host names reach ssh as one argv element, but also job scripts that may not
 # quote $SLAVE_IP: allow what host names, IPs, user@host, ssh aliases and
 # [IPv6]:port use.
@@ -727,6 +729,10 @@ def _strings(value, name):
     return value
 
 
+def _optional_strings(value, name):
+    return None if value is None else _strings(value, name)
+
+
 def unique_hosts(hosts, name="hosts"):
     """Valid host names, each named once."""
     seen = set()
@@ -825,10 +831,19 @@ def _job_id(value, name="id"):
     return value
 
 
+def _job_name(value, name="id"):
+    """A job id (an int: that job); or as typed (a string): 'N', an array's id for its
+    tasks or else a job's, or 'ARRAY.TASK' (see Queue.named)."""
+    match = JOB_NAME.match(value) if isinstance(value, str) else None
+    if match and 1 <= int(match[1]) <= MAX_JOB_ID:
+        return value
+    return _job_id(value, name)
+
+
 def _job_ids_or_empty(value, name="ids"):
     if not isinstance(value, list):
         raise UserError("malformed request: ids must be a non-empty list of integers")
-    return list(dict.fromkeys(_job_id(job_id) for job_id in value))
+    return list(dict.fromkeys(_job_name(job_id) for job_id in value))
 
 
 def _job_ids(value, name="ids"):
@@ -839,6 +854,10 @@ def _job_ids(value, name="ids"):
 
 def _optional_job_id(value, name):
     return None if value is None else _job_id(value)
+
+
+def _optional_job_name(value, name):
+    return None if value is None else _job_name(value)
 
 
 def _optional_job_ids(value, name):
@@ -1320,7 +1339,17 @@ class Request:
 def _add_job_whole(params, given):
     if params["args_list"] is None and params["args"] is None:
         raise UserError("malformed request: args must be a list of strings")
-    return {"options": _job_options(given)}
+    if params["task_args"] is not None and params["args_list"] is not None:
+        raise UserError("malformed request: task_args and args_list together")
+    if params["task_args"] is not None:
+        if len(params["task_args"]) > MAX_BULK_JOBS:
+            raise UserError(f"more than {MAX_BULK_JOBS} tasks in one array; split the file")
+        try:
+            "".join(params["task_args"]).encode()
+        except UnicodeEncodeError:
+            raise UserError("malformed request: task_args must be UTF-8 text") from None
+    return {"options": _job_options(given),
+            "array": array_request(params["array"], params["args_list"], params["task_args"])}
 
 
 def _remove_job_whole(params, given):
@@ -1382,6 +1411,7 @@ REQUESTS = {
                        args=(_strings_or_empty, None), args_list=(_arg_lists, None),
                        variables=(_variables("add_job -e"), {}),
                        after=(_job_ids_or_empty, []), after_any=(_job_ids_or_empty, []),
+                       array=(_optional_string, None), task_args=(_optional_strings, None),
                        **_JOB_SHAPE),
     "remove_job": Request("remove_job", _remove_job_whole, ids=(_optional_job_ids, None),
                           script=(_optional_string, None), args=(_strings_or_empty, [])),
@@ -1406,9 +1436,10 @@ REQUESTS = {
                              grace=(_grace, DEFAULT_KILL_GRACE), **_JOB_SHAPE),
     "retry": Request("retry", ids=(_optional_job_ids, None), state=(_state_filter, (None, None)),
                      failed=(_flag, False), script=(_optional_string, None)),
-    "jobs": Request("jobs", id=(_optional_job_id, None),
+    "jobs": Request("jobs", id=(_optional_job_name, None),
                     state=(_state_filter, (None, None)), last=(_last, None),
-                    worker=(_optional_string, None), script=(_optional_string, None)),
+                    worker=(_optional_string, None), script=(_optional_string, None),
+                    array=(_optional_job_id, None)),
     "purge": Request("purge", older_than=(_age, 0)),
     "wait": Request("wait", ids=(_optional_job_ids, None)),
     "pause": Request("pause", hosts=(_hosts_or_empty, [])),
@@ -1603,6 +1634,31 @@ MIGRATIONS = [
     CREATE UNIQUE INDEX jobs_live_replica ON jobs (service, replica)
         WHERE service IS NOT NULL AND state != 'done';
     CREATE INDEX jobs_by_service ON jobs (service, ended_at) WHERE service IS NOT NULL;
+    """,
+    # 7: arrays.  Many tasks from one add_job (--array, :::, --args-file,
+    # --each-line), each a job of its own; the array's id is its first task's
+    # job id.  The tasks of an array with a limit (%K) are kept out of the
+    # ready index: the scheduler takes at most the room their limit leaves
+    # from an index of their own, so they neither exceed it nor hide the
+    # jobs behind them.
+    """
+    CREATE TABLE arrays (
+        id INTEGER PRIMARY KEY,                        -- its first task's job id
+        tasks INTEGER NOT NULL,
+        spec TEXT,                                     -- --array SPEC; NULL: :::, lines
+        max_running INTEGER,                           -- %K; NULL: no limit
+        created_at REAL NOT NULL
+    );
+    ALTER TABLE jobs ADD COLUMN array_id INTEGER;
+    ALTER TABLE jobs ADD COLUMN task_id INTEGER;       -- TASK_ID
+    ALTER TABLE jobs ADD COLUMN task_arg TEXT;         -- TASK_ARG (--each-line)
+    ALTER TABLE jobs ADD COLUMN limited INTEGER NOT NULL DEFAULT 0;   -- its array has %K
+    CREATE INDEX jobs_by_array ON jobs (array_id, state, result) WHERE array_id IS NOT NULL;
+    DROP INDEX jobs_ready;
+    CREATE INDEX jobs_ready ON jobs (priority DESC, id)
+        WHERE state = 'waiting' AND blocked = 0 AND limited = 0;
+    CREATE INDEX jobs_ready_limited ON jobs (array_id, priority DESC, id)
+        WHERE state = 'waiting' AND blocked = 0 AND limited = 1;
     """,
 ]
 
@@ -1923,20 +1979,45 @@ class Store:
              environment_id, json.dumps(variables), umask, submitted_at or time.time(),
              service, replica, *(options[name] for name in JOB_OPTIONS))).lastrowid
 
-    def insert_jobs(self, script, arg_lists, cwd, environment_id, variables, umask, options):
-        """Queue one job per argument list; return the (contiguous) first and last ids."""
+    def insert_jobs(self, script, arg_lists, cwd, environment_id, variables, umask, options,
+                    array=None):
+        """Queue one job per argument list, or the tasks of ARRAY (an ArrayRequest: one
+        list for all, or one per task); return the (contiguous) first and last ids.
+        The array's id is its first job's."""
         now = time.time()
         variables_text = json.dumps(variables)
         option_values = tuple(options[name] for name in JOB_OPTIONS)
         state_columns = JOB_STATE_ROWS[first_state(options)]
-        self.db.executemany(
-            f"INSERT INTO jobs (state, blocked, script, args, cwd, environment_id, variables, "
-            f"umask, submitted_at, {', '.join(JOB_OPTIONS)}) "
-            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
-            ((*state_columns, script, json.dumps(args), cwd, environment_id,
-              variables_text, umask, now, *option_values) for args in arg_lists))
+        common = (script, cwd, environment_id, variables_text, umask, now, *option_values)
+        columns = (f"INSERT INTO jobs (state, blocked, args, script, cwd, environment_id, "
+                   f"variables, umask, submitted_at, {', '.join(JOB_OPTIONS)}")
+        if array is None:
+            self.db.executemany(
+                f"{columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
+                ((*state_columns, json.dumps(args), *common) for args in arg_lists))
+            count = len(arg_lists)
+        else:
+            count = len(array.task_ids)
+            first = self.db.execute("SELECT coalesce(max(seq), 0) + 1 FROM sqlite_sequence "
+                                    "WHERE name = 'jobs'").fetchone()[0]
+            import itertools
+            shared = json.dumps(arg_lists[0]) if len(arg_lists) == 1 else None
+            task_args = array.task_args or itertools.repeat(None)
+            self.db.executemany(
+                f"{columns}, array_id, task_id, task_arg, limited) VALUES "
+                f"(?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)}, ?, ?, ?, ?)",
+                ((*state_columns, shared or json.dumps(args), *common, first, task_id,
+                  task_arg, int(array.max_running is not None))
+                 for args, task_id, task_arg in zip(
+                     itertools.repeat(None) if shared else arg_lists, array.task_ids,
+                     task_args)))
+            self.db.execute("INSERT INTO arrays (id, tasks, spec, max_running, created_at) "
+                            "VALUES (?, ?, ?, ?, ?)",
+                            (first, count, array.spec, array.max_running, now))
         last = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()[0]
-        return last - len(arg_lists) + 1, last
+        if array is not None and last - count + 1 != first:
+            raise LostRace(f"array {first}: its tasks got ids from {last - count + 1}")
+        return last - count + 1, last
 
     def set_priority(self, job_ids, priority):
         self.db.executemany("UPDATE jobs SET priority = ? WHERE id = ? AND state = ?",
@@ -1960,9 +2041,11 @@ class Store:
                                        for job_id in job_ids]).rowcount
         if deleted != len(job_ids):
             raise LostRace(f"{len(job_ids) - deleted} of {len(job_ids)} job(s) were not waiting")
+        self.drop_empty_arrays()
 
     def delete_all_waiting(self):
         self.db.execute("DELETE FROM jobs WHERE state = ?", (JobState.WAITING.value,))
+        self.drop_empty_arrays()
 
     def purge_jobs(self, ended_before):
         """Delete finished jobs that ended before then; return their (id, log) pairs."""
@@ -1972,6 +2055,7 @@ class Store:
         self.db.execute("DELETE FROM jobs WHERE state = 'done' AND ended_at < ?",
                         (ended_before,))
         self.drop_unused_environments()
+        self.drop_empty_arrays()
         return [(row["id"], row["log"]) for row in rows]
 
     # --- jobs: queries -------------------------------------------------------
@@ -1987,14 +2071,15 @@ class Store:
 
     def ready_jobs(self, limit, after=None):
         """Waiting jobs free to start, highest priority first, then oldest; the
-        ones after AFTER, the (priority, id) of the last one seen, if given."""
+        ones after AFTER, the (priority, id) of the last one seen, if given.  The
+        tasks of arrays with a limit are not among them (see ready_tasks)."""
         if after is None:
             return self.db.execute(
-                "SELECT * FROM jobs WHERE state = 'waiting' AND blocked = 0 "
+                "SELECT * FROM jobs WHERE state = 'waiting' AND blocked = 0 AND limited = 0 "
                 "ORDER BY priority DESC, id LIMIT ?", (limit,)).fetchall()
         priority, job_id = after
         return self.db.execute(
-            "SELECT * FROM jobs WHERE state = 'waiting' AND blocked = 0 AND "
+            "SELECT * FROM jobs WHERE state = 'waiting' AND blocked = 0 AND limited = 0 AND "
             "(priority < ? OR (priority = ? AND id > ?)) ORDER BY priority DESC, id LIMIT ?",
             (priority, priority, job_id, limit)).fetchall()
 
@@ -2006,10 +2091,12 @@ class Store:
             counts[key] = counts.get(key, 0) + row[2]
         return counts
 
-    def find_jobs(self, state=None, result=None, worker=None, script=None, last=None):
+    def find_jobs(self, state=None, result=None, worker=None, script=None, last=None,
+                  array=None):
         """Jobs matching every filter given, oldest first (the LAST most recent if given)."""
         conditions, values = [], []
-        for column, value in (("state", state), ("result", result), ("worker", worker)):
+        for column, value in (("state", state), ("result", result), ("worker", worker),
+                              ("array_id", array)):
             if value is not None:
                 conditions.append(f"{column} = ?")
                 values.append(value)
@@ -2023,6 +2110,66 @@ class Store:
         rows = self.db.execute(f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?",
                                (*values, last)).fetchall()
         return rows[::-1]
+
+    # --- arrays ---
+
+    def arrays_among(self, ids):
+        """{id: row} of the arrays whose ids are among IDS."""
+        arrays = {}
+        for first in range(0, len(ids), 500):
+            chunk = ids[first:first + 500]
+            for row in self.db.execute(f"SELECT * FROM arrays WHERE id IN "
+                                       f"({', '.join('?' * len(chunk))})", chunk):
+                arrays[row["id"]] = row
+        return arrays
+
+    def array_job_ids(self, array):
+        """The ids of the tasks of ARRAY (a row) still here, in order."""
+        # Its tasks took consecutive ids from its own: the primary key finds them.
+        return [row[0] for row in self.db.execute(
+            "SELECT id FROM jobs WHERE id BETWEEN ? AND ? AND array_id = ?",
+            (array["id"], array["id"] + array["tasks"] - 1, array["id"]))]
+
+    def array_counts(self, array_ids):
+        """{array id: {state or result: tasks}} (waiting counts blocked tasks too)."""
+        counts = {array_id: {} for array_id in array_ids}
+        for array_id in array_ids:
+            for state, result, number in self.db.execute(
+                    "SELECT state, result, count(*) FROM jobs WHERE array_id = ? "
+                    "GROUP BY state, result", (array_id,)):
+                key = result or state
+                counts[array_id][key] = counts[array_id].get(key, 0) + number
+        return counts
+
+    def live_arrays(self):
+        """The arrays some of whose tasks are still waiting or running, oldest first."""
+        return self.db.execute(
+            "SELECT * FROM arrays a WHERE EXISTS (SELECT 1 FROM jobs WHERE array_id = a.id "
+            "AND state IN ('waiting', 'running')) ORDER BY id").fetchall()
+
+    def limited_arrays(self):
+        """[(array id, %K, tasks running)] of the arrays with a limit that have tasks
+        ready to start."""
+        return self.db.execute(
+            "SELECT a.id, a.max_running, (SELECT count(*) FROM jobs WHERE array_id = a.id "
+            "AND state = 'running') FROM arrays a WHERE a.max_running IS NOT NULL AND "
+            "EXISTS (SELECT 1 FROM jobs WHERE array_id = a.id AND state = 'waiting' AND "
+            "blocked = 0 AND limited = 1)").fetchall()
+
+    def ready_tasks(self, array_id, limit):
+        """Tasks of limited array ARRAY_ID free to start, in the order they would."""
+        return self.db.execute(
+            "SELECT * FROM jobs WHERE array_id = ? AND state = 'waiting' AND blocked = 0 "
+            "AND limited = 1 ORDER BY priority DESC, id LIMIT ?", (array_id, limit)).fetchall()
+
+    def running_tasks(self, array_id):
+        return self.db.execute("SELECT count(*) FROM jobs WHERE array_id = ? AND "
+                               "state = 'running'", (array_id,)).fetchone()[0]
+
+    def drop_empty_arrays(self):
+        """Arrays none of whose tasks is left (removed, purged) go too."""
+        self.db.execute("DELETE FROM arrays WHERE NOT EXISTS "
+                        "(SELECT 1 FROM jobs WHERE array_id = arrays.id)")
 
     def jobs_by_id(self, job_ids, columns="id, state, result"):
         """COLUMNS of those of JOB_IDS that exist, 500 ids per query."""
@@ -2402,6 +2549,9 @@ def job_to_json(row, log_dir):
         "exclude": json.loads(row["exclude"] or "null"),
         "service": row["service"],
         "replica": row["replica"],
+        "array": row["array_id"],
+        "task": row["task_id"],
+        "task_arg": row["task_arg"],
     }
 
 
@@ -2702,12 +2852,13 @@ def find_cycle(prerequisites):
     return None
 
 
-def waiting_reason(job, workers, paused, now, failed_on=()):
+def waiting_reason(job, workers, paused, now, failed_on=(), array_limit=None):
     """Why a waiting job (its JSON form) has not started yet, in a few words.
 
     WORKERS: WorkerCapacity of every registered worker (accepting: active and
-    up); FAILED_ON: the workers its earlier attempts failed on.  Order
-    matters: the first thing that holds the job back is named.
+    up); FAILED_ON: the workers its earlier attempts failed on; ARRAY_LIMIT, for
+    a task of an array with %K: (K, its tasks running).  Order matters: the
+    first thing that holds the job back is named.
     """
     if job["after"] or job["after_any"]:
         def some(ids):
@@ -2722,6 +2873,8 @@ def waiting_reason(job, workers, paused, now, failed_on=()):
                                             time.localtime(moment))
     if paused:
         return "queue paused"
+    if array_limit is not None and array_limit[1] >= array_limit[0]:
+        return f"array {job['array']} runs {array_limit[1]} tasks, its limit (%{array_limit[0]})"
     allowed = [worker for worker in workers if
                (job["on"] is None or worker.name in job["on"]) and
                worker.name not in (job["exclude"] or ())]
@@ -2780,6 +2933,8 @@ def parse_array_spec(text):
             raise UserError(f"--array {text}: %K needs a whole number of at least 1 (at "
                             "most K tasks running at once), like 1-1000%50")
         most = int(limit)
+        if not spec:
+            return None, most   # the tasks come from :::, --args-file or --each-line
     task_ids, seen = [], set()
     for part in spec.split(","):
         match = re.fullmatch(r"(\d{1,7})(?:-(\d{1,7})(?::(\d{1,7}))?)?", part)
@@ -2802,6 +2957,52 @@ def parse_array_spec(text):
         return list(task_ids[0]), most    # (a million in a few milliseconds)
     return [task_id for part in task_ids for task_id in part
             if task_id not in seen and not seen.add(task_id)], most
+
+
+def task_position(spec, tasks, task_id):
+    """Where task TASK_ID is among the tasks of an array, from 0 (and so its job id,
+    less the array's); None if it has no such task.  SPEC: its --array SPEC, or None
+    for TASKS tasks counted from 1 (:::, lines)."""
+    if spec is None:
+        return task_id - 1 if 1 <= task_id <= tasks else None
+    task_ids, _ = parse_array_spec(spec)
+    try:
+        return task_ids.index(task_id)
+    except ValueError:
+        return None
+
+
+class ArrayRequest:
+    """The tasks of a new array: TASK_IDS (each task's TASK_ID, in the order of their
+    job ids), TASK_ARGS (each one's TASK_ARG, --each-line) or None, the --array SPEC
+    that gave them (None for ::: and lines), and MAX_RUNNING (%K) or None."""
+
+    def __init__(self, task_ids, task_args=None, spec=None, max_running=None):
+        self.task_ids = task_ids
+        self.task_args = task_args
+        self.spec = spec
+        self.max_running = max_running
+
+
+def array_request(spec_text, arg_lists, task_args):
+    """The ArrayRequest of an add_job request, or None for one plain job: --array SPEC
+    (SPEC_TEXT) makes one task per index; ARG_LISTS (:::, --args-file) or TASK_ARGS
+    (--each-line) one per list or line, TASK_ID counting from 1, and a SPEC_TEXT
+    of '%K' alone then only sets their limit."""
+    task_ids, most = parse_array_spec(spec_text) if spec_text is not None else (None, None)
+    many = arg_lists if arg_lists is not None else task_args
+    if task_ids is not None and many is not None:
+        raise UserError(f"--array {spec_text} gives the tasks their indexes; so do ::: and "
+                        f"--each-line: use one (or --array %K to only limit the others)")
+    if task_ids is not None:
+        return ArrayRequest(task_ids, None, spec_text.partition("%")[0], most)
+    if many is None:
+        if most is not None:
+            raise UserError(f"--array {spec_text} limits the tasks of :::, --args-file or "
+                            "--each-line, and there are none: give the indexes too, like "
+                            f"--array 1-100{spec_text}")
+        return None
+    return ArrayRequest(range(1, len(many) + 1), task_args, None, most)
 
 
 def restart_delay(previous, ran_for):
@@ -2904,7 +3105,7 @@ def free_retry(exit_code, ended_by_us, down_after, unreached_before):
 
 
 def job_environment(submitter_environment, worker_variables, job_variables, job_id, worker,
-                    attempt=1, slots=(0,), endpoint=None, ssh_shim=None):
+                    attempt=1, slots=(0,), endpoint=None, ssh_shim=None, task=None):
     """The environment a job script runs with; later sources override earlier ones.
 
     WORKER is the worker's name; the job gets the destination its ssh, rsync and
@@ -2912,9 +3113,12 @@ def job_environment(submitter_environment, worker_variables, job_variables, job_
     port and user, as ssh resolves them) as SLAVE_HOST, SLAVE_PORT and
     SLAVE_USER.  SSH_SHIM, if given, is (shim dir, ControlPath or None, ssh config
     or None): the shim dir goes first on PATH, so that the job's ssh, scp, sftp
-    and rsync share connections and read the queue's ssh config.
+    and rsync share connections and read the queue's ssh config.  TASK, for a task
+    of an array, is (ARRAY_ID, TASK_ID, TASK_ARG or None).
     """
     environment = dict(submitter_environment)
+    for name in TASK_VARIABLES:
+        environment.pop(name, None)   # a task's own, if a task submitted this job
     environment.update(worker_variables)
     environment.update(job_variables)
     environment["JOB_ID"] = str(job_id)
@@ -2926,6 +3130,10 @@ def job_environment(submitter_environment, worker_variables, job_variables, job_
     environment["JOB_ATTEMPT"] = str(attempt)
     environment["SLOT"] = str(slots[0])
     environment["SLOTS"] = ",".join(map(str, slots))
+    if task is not None:
+        for name, value in zip(TASK_VARIABLES, task):
+            if value is not None:
+                environment[name] = str(value)
     for name in (SSH_SHIM_VARIABLE, SSH_CONTROL_VARIABLE, SSH_JOBS_CONFIG_VARIABLE):
         environment.pop(name, None)   # the submitter's own job may have had them
     if ssh_shim is not None:
@@ -5019,6 +5227,45 @@ class Queue:
                             "nothing was changed: see ./cli.py jobs")
         return rows
 
+    def named(self, names):
+        """The job ids NAMES stand for (see _job_name), each once, in order: an int is
+        that job; 'N' the tasks of array N if N is an array (as in Slurm, whose
+        array id is its first task's job id), else job N; 'A.T' task T of array A."""
+        if all(isinstance(name, int) for name in names):
+            return names
+        arrays = self.store.arrays_among([int(name) for name in names
+                                          if isinstance(name, str) and "." not in name])
+        job_ids = []
+        for name in names:
+            if isinstance(name, int):
+                job_ids.append(name)
+            elif "." in name:
+                job_ids.append(self.task_job_id(*map(int, name.split("."))))
+            elif int(name) in arrays:
+                job_ids += self.store.array_job_ids(arrays[int(name)])
+            else:
+                job_ids.append(int(name))
+            if len(job_ids) > MAX_BULK_JOBS:
+                raise UserError(f"those arrays hold more than {MAX_BULK_JOBS} jobs: name "
+                                "fewer at once")
+        return list(dict.fromkeys(job_ids))
+
+    def task_job_id(self, array_id, task_id):
+        """The job id of task TASK_ID of array ARRAY_ID, or an error that says why none."""
+        array = self.store.arrays_among([array_id]).get(array_id)
+        if array is None:
+            raise UserError(f"{array_id}.{task_id}: there is no array {array_id} (ARRAY.TASK "
+                            "names a task of an array; see ./cli.py status)")
+        position = task_position(array["spec"], array["tasks"], task_id)
+        if position is None:
+            raise UserError(f"array {array_id} has no task {task_id} (its tasks: "
+                            f"{array['spec'] or '1-' + str(array['tasks'])})")
+        row = self.store.job(array_id + position)
+        if row is None or row["array_id"] != array_id:
+            raise UserError(f"task {array_id}.{task_id} (job {array_id + position}) was removed "
+                            "or purged")
+        return row["id"]
+
     # --- starting -----------------------------------------------------------
 
     def take_starts(self):
@@ -5066,12 +5313,28 @@ class Queue:
         # free slot; then, if room is left that those jobs cannot use, a deeper
         # look (a job that is pinned or too big must not idle the others).
         head = max(free, 64)
-        rows = self.store.ready_jobs(limit=head)
+        rows, more = self.ready_rows(head)
         starts = plan_starts(self.job_needs(rows), capacities)
-        if starts.left and len(rows) == head:
-            rows = self.store.ready_jobs(limit=SCHEDULE_SCAN_LIMIT)
+        if starts.left and more:
+            rows, _ = self.ready_rows(SCHEDULE_SCAN_LIMIT)
             starts = plan_starts(self.job_needs(rows), capacities)
         return starts, {row["id"]: row for row in rows}
+
+    def ready_rows(self, limit):
+        """Jobs free to start, in the order they would: LIMIT of the ready queue, and of
+        each array with a limit (%K) as many tasks as it leaves room for, so that
+        it is never exceeded and its other tasks hold up no one.  Also: whether
+        the queue has more."""
+        rows = self.store.ready_jobs(limit=limit)
+        more = len(rows) == limit
+        limited = False
+        for array_id, most, running in self.store.limited_arrays():
+            if running < most:
+                rows += self.store.ready_tasks(array_id, min(most - running, limit))
+                limited = True
+        if limited:
+            rows.sort(key=lambda row: (-row["priority"], row["id"]))
+        return rows, more
 
     def job_needs(self, rows):
         failed_on = self.store.failed_on([row["id"] for row in rows if row["attempt"]])
@@ -5227,14 +5490,16 @@ class Queue:
     # --- commands -----------------------------------------------------------
 
     def add(self, script, arg_lists, cwd, environment, variables, umask, options, after,
-            after_any):
-        """Queue one job per argument list, all or none; returns (first id, last id,
-        why they were all skipped at once or None)."""
+            after_any, array=None):
+        """Queue one job per argument list, or the tasks of ARRAY (an ArrayRequest), all
+        or none; returns (first id, last id, why they were all skipped at once or
+        None)."""
         check_script(script)
         self.workers.check_placement(options)
         conditions, settled, skip_reason = self.conditions_requested(after, after_any)
-        if len(arg_lists) * len(conditions) > MAX_BULK_JOBS:
-            raise UserError(f"{len(arg_lists)} jobs each waiting on {len(conditions)} jobs is "
+        count = len(arg_lists) if array is None else len(array.task_ids)
+        if count * len(conditions) > MAX_BULK_JOBS:
+            raise UserError(f"{count} jobs each waiting on {len(conditions)} jobs is "
                             f"more than {MAX_BULK_JOBS} conditions: let them wait on one job "
                             "that waits on the others (--after that job)")
         if conditions:
@@ -5242,7 +5507,7 @@ class Queue:
         with self.changes() as changes:
             environment_id = self.store.intern_environment(environment)
             first, last = self.store.insert_jobs(script, arg_lists, cwd, environment_id,
-                                                 variables, umask, options)
+                                                 variables, umask, options, array)
             self.store.dependencies.add(first, last, conditions)
             self.store.dependencies.add_settled(first, last, settled)
             if skip_reason:
@@ -5251,7 +5516,10 @@ class Queue:
                                        JobState.DONE, result=JobResult.SKIPPED.value,
                                        reason=skip_reason, ended_at=time.time())
                 self.skipped(changes, skipped)
-        if len(arg_lists) > 1:
+        if array is not None:
+            self.log.info("array %d: jobs %d-%d queued (%s)", first, first, last,
+                          os.path.basename(script))
+        elif len(arg_lists) > 1:
             self.log.info("jobs %d-%d queued (%s)", first, last, os.path.basename(script))
         self.events.room_changed()   # new jobs to start
         self.release_delayed()   # a start time may have passed while they were inserted
@@ -5419,7 +5687,7 @@ class JobEdits:
             self.store.drop_unused_environments()
             changes.then(lambda: self.events.jobs_removed(job_ids))
             return self.queue.resolve(changes, [(job_id, False, "was removed")
-                                          for job_id in job_ids])
+                                                for job_id in job_ids])
 
     def load_status(self, workers, jobs, paused, also=None):
         """Replace the workers and the waiting queue; running jobs are left alone.
@@ -5660,7 +5928,9 @@ class Runner:
         return job_environment(self.submitter_environment(row["environment_id"]),
                                worker.variables, json.loads(row["variables"]), row["id"],
                                worker.name, row["attempt"], attempt_slots(row),
-                               worker.job_endpoint(), self.jobs_ssh.shim_for(worker, row))
+                               worker.job_endpoint(), self.jobs_ssh.shim_for(worker, row),
+                               None if row["array_id"] is None else
+                               (row["array_id"], row["task_id"], row["task_arg"]))
 
     def start_attempt(self, row):
         environment = self.environment_of(row)
@@ -6948,9 +7218,13 @@ class Handlers:
         capacities = self.workers.capacities()
         now = time.time()
         failed_on = self.store.failed_on([job["id"] for job in waitlist if job["attempt"]])
+        arrays = self.arrays()
+        limits = {array["id"]: (array["max_running"], array["counts"].get("running", 0))
+                  for array in arrays if array["max_running"] is not None}
         for job in waitlist:
             job["waiting_for"] = waiting_reason(job, capacities, self.queue.paused, now,
-                                                failed_on.get(job["id"], ()))
+                                                failed_on.get(job["id"], ()),
+                                                limits.get(job["array"]))
         environment_ids = {job["environment"] for job in waitlist + running}
         environments = self.store.environments(environment_ids) \
             if params["environments"] else {}
@@ -6963,8 +7237,17 @@ class Handlers:
             "running_jobs": running,
             "counts": self.store.counts(),
             "services": self.services.describe(),
+            "arrays": arrays,
             "environments": {str(key): value for key, value in environments.items()},
         }
+
+    def arrays(self):
+        """The arrays with tasks still waiting or running, and their tasks by state."""
+        live = self.store.live_arrays()
+        counts = self.store.array_counts([array["id"] for array in live])
+        return [{"id": array["id"], "spec": array["spec"], "max_running": array["max_running"],
+                 "tasks": sum(counts[array["id"]].values()), "counts": counts[array["id"]]}
+                for array in live]
 
     # --- workers --------------------------------------------------------------
 
@@ -7036,16 +7319,22 @@ class Handlers:
     # --- jobs -----------------------------------------------------------------
 
     def add_job(self, client, params):
-        """Queue one job (ARGS), or one per list in ARGS_LIST, all or none."""
+        """Queue one job (ARGS), or an array: one task per list in ARGS_LIST, per
+        TASK_ARGS line or per --array index, all or none."""
+        array = params["array"]
         first, last, skipped = self.queue.add(
             params["script"], params["args_list"] or [params["args"]], params["cwd"],
             params["environment"], params["variables"], params["umask"], params["options"],
-            params["after"], params["after_any"])
-        return {"id": first, "first": first, "last": last, "skipped": skipped}
+            self.queue.named(params["after"]), self.queue.named(params["after_any"]), array)
+        return {"id": first, "first": first, "last": last, "skipped": skipped,
+                "array": None if array is None else first}
 
     def remove_job(self, client, params):
         if params["ids"] is not None:
-            job_ids = params["ids"]
+            job_ids = self.queue.named(params["ids"])
+            if self.arrays_named(params["ids"]):   # an array named whole: its waiting tasks
+                job_ids = [row["id"] for row in self.store.jobs_by_id(job_ids)
+                           if row["state"] == JobState.WAITING.value] or job_ids
             for row in self.queue.existing(job_ids, "id, state, result, worker, service, "
                                                     "replica"):
                 refuse_replica(row, "cannot be removed")
@@ -7061,7 +7350,7 @@ class Handlers:
 
     def kill(self, client, params):
         """Kill running jobs (process group, grace, SIGKILL) and waiting ones before they run."""
-        rows = self.queue.existing(params["ids"], "id, state, result, service")
+        rows = self.queue.existing(self.queue.named(params["ids"]), "id, state, result, service")
         ended = [row for row in rows if row["state"] == JobState.DONE.value]
         if len(ended) == len(rows):
             raise UserError(f"job {ended[0]['id']} has already ended ({ended[0]['result']})"
@@ -7083,16 +7372,23 @@ class Handlers:
         return outcome
 
     def retry(self, client, params):
-        """Run ended jobs again: the ids named, or those the filters pick among them."""
+        """Run ended jobs again: the ids named, or those the filters pick among them.
+        An array named whole retries its tasks that ended without success."""
         state, result = params["state"]
         if state not in (None, JobState.DONE.value):
             raise UserError(f"only ended jobs can be retried: --state takes done or how a job "
                             f"ended ({', '.join(result.value for result in JobResult)})")
         filtered = params["failed"] or state is not None or params["script"] is not None
-        job_ids = params["ids"]
         if not filtered:
-            retried, back, held = self.edits.retry(job_ids, named=True)
+            arrays = self.arrays_named(params["ids"])
+            job_ids = self.queue.named([name for name in params["ids"] if name not in arrays])
+            tasks = [row["id"] for row in self.store.jobs_by_id(self.queue.named(arrays))
+                     if row["state"] == JobState.DONE.value
+                     and row["result"] != JobResult.SUCCEEDED.value]
+            retried, back, held = self.edits.retry(job_ids + tasks, named=not arrays) \
+                if job_ids or tasks else ([], [], [])
             return {"retried": retried, "back": back, "held": held}
+        job_ids = None if params["ids"] is None else self.queue.named(params["ids"])
         if job_ids is not None:
             self.queue.existing(job_ids)
         results = (JobResult.FAILED.value, JobResult.TIMED_OUT.value) if params["failed"] \
@@ -7104,6 +7400,12 @@ class Handlers:
         retried, back, held = self.edits.retry(sorted(chosen), named=False) \
             if chosen else ([], [], [])
         return {"retried": retried, "back": back, "held": held}
+
+    def arrays_named(self, names):
+        """Those of NAMES that name an array whole ('N' where N is an array's id)."""
+        bare = [name for name in names or () if isinstance(name, str) and "." not in name]
+        arrays = self.store.arrays_among([int(name) for name in bare]) if bare else {}
+        return [name for name in bare if int(name) in arrays]
 
     def add_service(self, client, params):
         """Declare a service and queue its replicas."""
@@ -7142,13 +7444,23 @@ class Handlers:
                                      lambda: {"changes": shown, "stopped": stopping})
 
     def priority(self, client, params):
-        self.edits.set_priority(params["ids"], params["priority"])
-        return {"ids": params["ids"], "priority": params["priority"]}
+        job_ids = self.queue.named(params["ids"])
+        if self.arrays_named(params["ids"]):   # an array named whole: its waiting tasks
+            job_ids = [row["id"] for row in self.store.jobs_by_id(job_ids)
+                       if row["state"] == JobState.WAITING.value] or job_ids
+        self.edits.set_priority(job_ids, params["priority"])
+        return {"ids": job_ids, "priority": params["priority"]}
 
     def jobs(self, client, params):
         """Jobs from the history, filtered; or one job in full."""
+        state, result = params["state"]
+        if params["id"] is not None and self.arrays_named([params["id"]]):
+            # An array named whole: its tasks, as a list.
+            rows = self.store.find_jobs(state, result, params["worker"], params["script"],
+                                        params["last"], array=int(params["id"]))
+            return self.with_dependencies([job_to_json(row, self.log_dir) for row in rows])
         if params["id"] is not None:
-            job_id = params["id"]
+            job_id, = self.queue.named([params["id"]])
             row = self.store.job(job_id)
             if row is None:
                 raise UserError(f"unknown job id {job_id} (never queued, or purged); "
@@ -7156,9 +7468,8 @@ class Handlers:
             job, = self.with_dependencies([job_to_json(row, self.log_dir)])
             job["attempts"] = [attempt_to_json(attempt) for attempt in self.store.attempts(job_id)]
             return [job]
-        state, result = params["state"]
         rows = self.store.find_jobs(state, result, params["worker"], params["script"],
-                                    params["last"])
+                                    params["last"], params["array"])
         return self.with_dependencies([job_to_json(row, self.log_dir) for row in rows])
 
     def purge(self, client, params):
@@ -7168,7 +7479,7 @@ class Handlers:
     def wait(self, client, params):
         """Stream progress until the jobs (default: all waiting or running now) are done."""
         rows = self.store.unfinished_jobs() if params["ids"] is None \
-            else self.queue.existing(params["ids"])
+            else self.queue.existing(self.queue.named(params["ids"]))
         return self.clients.subscribe(client, rows)
 
     def load_status(self, client, params):
@@ -7484,13 +7795,22 @@ def parse_duration(text, what, limit=MAX_DURATION, positive=False):
 
 
 def parse_job_ids(words):
-    """Job ids as typed: 12, a range 12-14 (what a bulk add_job prints), or 12,13."""
+    """Job ids as typed: 12, a range 12-14, or 12,13; 7.3 for task 3 of array 7.  A
+    range is a list of job ids (ints); one number (12) and a task (7.3) go to the
+    server as typed (strings), which knows whether 12 is an array (Queue.named)."""
     job_ids = []
     for word in words:
         for part in filter(None, word.split(",")):
+            task = JOB_NAME.match(part)
+            if task and task[2] is not None:
+                if not 1 <= int(task[1]) <= MAX_JOB_ID:
+                    raise UserError(f"{part}: array ids run from 1 to {MAX_JOB_ID}")
+                job_ids.append(f"{int(task[1])}.{int(task[2])}")
+                continue
             match = JOB_ID_RANGE.match(part)
             if not match:
-                raise UserError(f"{part!r} is not a job id or a range of ids (like 12 or 12-14)")
+                raise UserError(f"{part!r} is not a job id, a range of ids or a task (like "
+                                "12, 12-14 or 7.3)")
             if max(len(match[1]), len(match[2] or "")) > len(str(MAX_JOB_ID)):
                 raise UserError(f"{part}: job ids run from 1 to {MAX_JOB_ID}")
             first, last = int(match[1]), int(match[2] or match[1])
@@ -7500,7 +7820,7 @@ def parse_job_ids(words):
                 raise UserError(f"{part}: job ids run from 1 to {MAX_JOB_ID}")
             if last - first + len(job_ids) >= MAX_BULK_JOBS:
                 raise UserError(f"more than {MAX_BULK_JOBS} job ids at once: give smaller ranges")
-            job_ids.extend(range(first, last + 1))
+            job_ids.extend([str(first)] if match[2] is None else range(first, last + 1))
     if not job_ids:
         raise UserError("no job ids given")
     return list(dict.fromkeys(job_ids))   # each once, in the order given
@@ -7512,16 +7832,27 @@ def plain_number(text):
 
 
 def one_job_id(text):
-    """argparse type for commands that show one job."""
-    if not plain_number(text) or not 1 <= int(text) <= MAX_JOB_ID:
+    """argparse type for commands that show one job (or one array: its id): the id as
+    typed, for the server (see parse_job_ids)."""
+    match = JOB_NAME.match(text)
+    if not match or not 1 <= int(match[1]) <= MAX_JOB_ID:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not one job id (ids run from 1 to {MAX_JOB_ID}; for several jobs: "
-            "jobs --last N, or jobs --json)")
+            f"{text!r} is not one job id, array id or task like 7.3 (ids run from 1 to "
+            f"{MAX_JOB_ID}; for several jobs: jobs --last N, or jobs --json)")
+    return f"{int(match[1])}" + (f".{int(match[2])}" if match[2] is not None else "")
+
+
+def array_id(text):
+    """argparse type for jobs --array."""
+    if not plain_number(text) or not 1 <= int(text) <= MAX_JOB_ID:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an array id (what add_job "
+                                         "printed, like 7)")
     return int(text)
 
 
 def looks_like_job_ids(words):
-    return all(JOB_ID_RANGE.match(part) for word in words for part in word.split(",") if part)
+    return all(JOB_ID_RANGE.match(part) or JOB_NAME.match(part)
+               for word in words for part in word.split(",") if part)
 
 
 def positive_int(text):
@@ -7775,6 +8106,9 @@ def render_status(status):
         lines += ["", f"Running ({len(running)})",
                   tabulate(running, headers=["job", "worker", "slot", "running for", "command",
                                              "log"])]
+    if status.get("arrays"):
+        lines += ["", f"Arrays ({len(status['arrays'])})"]
+        lines += [array_line(array) for array in status["arrays"]]
     counts = status["counts"]
     if status["job_waitlist"]:
         waiting = [[job["id"], job["priority"], job["waiting_for"], _command_line(job, 50)]
@@ -7790,6 +8124,17 @@ def render_status(status):
                                       if counts.get(name) or name in ("waiting", "running",
                                                                       "succeeded", "failed"))]
     return "\n".join(lines)
+
+
+def array_line(array):
+    """array 7: 1000 tasks, 812 succeeded, 3 failed, 50 running, 135 waiting (at most 50
+    at once)."""
+    counts = array["counts"]
+    shown = [name for name in ("succeeded", "failed", "timed_out", "killed", "skipped",
+                               "running", "waiting") if counts.get(name)]
+    return (f"array {array['id']}: {array['tasks']} task{'s' * (array['tasks'] != 1)}, "
+            + ", ".join(f"{counts[name]} {name}" for name in shown)
+            + (f" (at most {array['max_running']} at once)" if array["max_running"] else ""))
 
 
 def _health_text(slave, now, width=HEALTH_TEXT_WIDTH):
@@ -7915,33 +8260,74 @@ def command_remove_slave(options):
 
 
 def command_add_job(options):
-    """Queue a job and print its id (or many, and print the range of ids).
+    """Queue a job and print its id; or an array of tasks, and print the array's id.
 
     The job runs SCRIPT with ARGS exactly as given, in the current directory,
     with the current environment plus the worker's and the job's -e variables,
     plus JOB_ID, SLAVE_IP, SLAVE_HOST, SLAVE_PORT, SLAVE_USER, SLOT, SLOTS and
-    JOB_ATTEMPT.  After ARGS, each `::: A B C` group adds one argument per job,
-    several groups give every combination (as in GNU parallel); --args-file
-    gives one job per line instead.  Either all jobs are queued or none.
+    JOB_ATTEMPT.  An array is many tasks from one call, each a job of its own
+    with ARRAY_ID and TASK_ID: --array SPEC gives one task per index (Slurm's
+    syntax; %K runs at most K at once); after ARGS, each `::: A B C` group adds
+    one argument per task, several groups give every combination (as in GNU
+    parallel); --args-file gives one task per line of arguments, --each-line
+    one per line in TASK_ARG.  Either all are queued or none.  The array's id
+    stands for all its tasks in wait, kill, jobs, logs, retry, ... and
+    ARRAY.TASK names one.
     """
     script = resolve_script(options.script)
     args = options.args
-    if args[:1] in (["-e"], ["--args-file"]):
+    if args[:1] in (["-e"], ["--args-file"], ["--array"], ["--each-line"]):
         print(f"note: {args[0]} after SCRIPT goes to the script as an argument; put "
               "add_job's own options before SCRIPT", file=sys.stderr)
     variables = dict(parse_assignment(text) for text in options.env)
     policy = job_policy(options)
-    arg_lists = job_arguments(args, options.args_file)
-    one = {"args": arg_lists[0]} if len(arg_lists) == 1 else {"args_list": arg_lists}
+    tasks = task_request(options, args)
+    if options.array is not None:
+        array_request(options.array, tasks.get("args_list"), tasks.get("task_args"))
     result = request(options.data_dir, "add_job", script=script, cwd=current_dir(),
                      environment=dict(os.environ), variables=variables, umask=current_umask(),
-                     **policy, **one)
-    print(result["id"] if result["first"] == result["last"]
-          else f"{result['first']}-{result['last']}")
+                     array=options.array, **policy, **tasks)
+    print(result["array"] or result["id"])
     if result.get("skipped"):
         print(f"note: {describe_ids(list(range(result['first'], result['last'] + 1)))} "
               f"will not run (skipped): {result['skipped']}", file=sys.stderr)
     return 0
+
+
+def task_request(options, args):
+    """The arguments of add_job's request: ARGS for one job (or each --array task),
+    an argument list per task (:::, --args-file), or ARGS and one TASK_ARG per
+    task (--each-line)."""
+    if options.each_line is None:
+        arg_lists = job_arguments(args, options.args_file)
+        many = ":::" in args or options.args_file is not None
+        return {"args_list": arg_lists} if many else {"args": arg_lists[0]}
+    if options.args_file is not None or ":::" in args:
+        raise UserError("--each-line makes one task per line; ::: and --args-file make "
+                        "tasks too: use one of them")
+    return {"args": args, "task_args": read_lines(options.each_line)}
+
+
+def read_lines(path):
+    """--each-line: the lines of PATH (- for stdin) that are not blank, without their
+    line ends."""
+    try:
+        stream = sys.stdin.buffer if path == "-" else open(path, "rb")
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror}") from None
+    with stream:
+        try:
+            lines = [line.decode().rstrip("\r\n") for line in stream if line.strip()]
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text: TASK_ARG carries text; convert it "
+                            "(iconv -t UTF-8)") from None
+    if not lines:
+        raise UserError(f"{path} holds no line: write one line per task")
+    if len(lines) > MAX_BULK_JOBS:
+        raise UserError(f"{path} holds more than {MAX_BULK_JOBS} lines; split it")
+    if any("\0" in line for line in lines):
+        raise UserError(f"{path} holds a NUL byte, which no variable can carry")
+    return lines
 
 
 def job_policy(options):
@@ -8066,13 +8452,21 @@ def command_remove_job(options):
 
 
 def describe_ids(job_ids):
-    """job 4, or jobs 4-9 for a run, or jobs 4, 7, 9."""
+    """job 4, or jobs 4-9 for a run, or jobs 4, 7, 9, 12-20 (runs of 3 or more)."""
     job_ids = sorted(job_ids)
     if len(job_ids) == 1:
         return f"job {job_ids[0]}"
     if job_ids == list(range(job_ids[0], job_ids[-1] + 1)):
         return f"jobs {job_ids[0]}-{job_ids[-1]}"
-    return "jobs " + ", ".join(map(str, job_ids))
+    runs = []   # [first, last] of each run of consecutive ids
+    for job_id in job_ids:
+        if runs and job_id == runs[-1][1] + 1:
+            runs[-1][1] = job_id
+        else:
+            runs.append([job_id, job_id])
+    return "jobs " + ", ".join(f"{first}-{last}" if last - first >= 2 else
+                               ", ".join(map(str, range(first, last + 1)))
+                               for first, last in runs)
 
 
 def command_kill(options):
@@ -8366,47 +8760,67 @@ def command_jobs(options):
     """List jobs from the history: where each is, how it ended, where its log is.
 
     Without --last the table shows the most recent 50; --json lists every job
-    that matches.  With an ID, shows that one job in full.
+    that matches.  With an ID, shows that one job in full; with an array's id
+    (or --array), lists its tasks, which the filters then narrow.
     """
-    if options.id is not None:
-        if options.state or options.worker or options.script or options.last:
-            raise UserError("give either a job ID or filters (--state, --worker, --script, "
-                            "--last), not both")
-        job = request(options.data_dir, "jobs", id=options.id)[0]
-        if options.json:
-            print(json.dumps(job, indent=1))
-        else:
-            print(render_job(job))
-        return 0
     script = options.script
     if script is not None and "/" in script:
         script = os.path.abspath(script)
     last = options.last if options.last is not None or options.json else JOBS_TABLE_LAST
-    jobs = request(options.data_dir, "jobs", state=options.state, worker=options.worker,
-                   script=script, last=last)
+    filters = {"state": options.state, "worker": options.worker, "script": script,
+               "last": last}
+    if options.id is not None:
+        jobs = request(options.data_dir, "jobs", id=options.id, **filters)
+        if len(jobs) == 1 and "attempts" in jobs[0]:   # one job in full, not an array
+            if options.state or options.worker or options.script or options.last:
+                raise UserError("give either a job ID or filters (--state, --worker, "
+                                "--script, --last), not both (filters narrow an array's "
+                                "tasks: --array ID)")
+            print(json.dumps(jobs[0], indent=1) if options.json else render_job(jobs[0]))
+            return 0
+    else:
+        jobs = request(options.data_dir, "jobs", array=options.array, **filters)
     if options.json:
         print_json(jobs)
         return 0
-    tabulate = require("tabulate").tabulate
-    now = time.time()
-    table = [[job["id"], job["result"] or job["state"], _exit_text(job), job["worker"] or "-",
-              "-" if job["slot"] is None else job["slot"], job["attempt"],
-              _local_time(job["submitted_at"]), _runtime(job, now), _command_line(job)]
-             for job in jobs]
-    print(tabulate(table, headers=["job", "state/result", "exit", "worker", "slot", "attempt",
-                                   "submitted", "runtime", "command"]) if table else "no jobs")
+    print(render_jobs(jobs) if jobs else "no jobs")
     if options.last is None and len(jobs) == JOBS_TABLE_LAST:
         print(f"(the last {JOBS_TABLE_LAST}: --last N shows more, --json every one)")
     return 0
 
 
+def render_jobs(jobs):
+    """The jobs table; a task column if some of them are tasks of arrays."""
+    tabulate = require("tabulate").tabulate
+    now = time.time()
+    tasks = any(job["array"] is not None for job in jobs)
+    table = [[job["id"]] + [task_name(job) or "-"] * tasks +
+             [job["result"] or job["state"], _exit_text(job), job["worker"] or "-",
+              "-" if job["slot"] is None else job["slot"], job["attempt"],
+              _local_time(job["submitted_at"]), _runtime(job, now), _command_line(job)]
+             for job in jobs]
+    return tabulate(table, headers=["job"] + ["task"] * tasks +
+                    ["state/result", "exit", "worker", "slot", "attempt", "submitted",
+                     "runtime", "command"])
+
+
+def task_name(job):
+    """ARRAY.TASK of a task (its JSON form), None for a job of no array."""
+    return None if job["array"] is None else f"{job['array']}.{job['task']}"
+
+
 def render_job(job):
     lines = []
-    for key in ("id", "state", "result", "exit_code", "signal", "reason", "worker", "slots",
-                "attempt", "retries", "priority", "timeout", "not_before", "script", "args",
-                "cwd", "envs", "submitted_at", "started_at", "ended_at", "log"):
+    for key in ("id", "task", "state", "result", "exit_code", "signal", "reason", "worker",
+                "slots", "attempt", "retries", "priority", "timeout", "not_before", "script",
+                "args", "cwd", "envs", "submitted_at", "started_at", "ended_at", "log"):
         value = job[key]
-        if key == "signal" and value is not None:
+        if key == "task":
+            if value is None:
+                continue
+            value = task_name(job) + (f" (TASK_ARG={job['task_arg']})"
+                                      if job["task_arg"] is not None else "")
+        elif key == "signal" and value is not None:
             value = f"{value} ({_signal_name(value)})"
         elif isinstance(value, (list, dict)):
             value = json.dumps(value, ensure_ascii=False)
@@ -8452,7 +8866,10 @@ def command_logs(options):
     With -f, exits with the job's own exit status (128 + N for a job ended by
     signal N), like the job itself would.
     """
-    job = request(options.data_dir, "jobs", id=options.id)[0]
+    jobs = request(options.data_dir, "jobs", id=options.id)
+    if len(jobs) != 1 or "attempts" not in jobs[0]:
+        return print_array_logs(options, jobs)
+    job = jobs[0]
     if not options.follow:
         if job["started_at"] is None and job["state"] == JobState.DONE.value:
             raise UserError(f"job {job['id']} never ran ({job['result']}), so it has no output")
@@ -8462,6 +8879,24 @@ def command_logs(options):
         copy_log(job["log"], 0, missing_ok=False)
         return 0
     return follow_log(options.data_dir, job)
+
+
+def print_array_logs(options, tasks):
+    """logs ARRAY: the log of each of its tasks that ran, one after another, each under
+    a header (as tail prints several files)."""
+    if options.follow:
+        raise UserError(f"logs -f follows one job: name one task of array {options.id}, "
+                        f"like {options.id}.{tasks[0]['task'] if tasks else 1}")
+    started = [task for task in tasks if task["started_at"] is not None]
+    if not started:
+        raise UserError(f"no task of array {options.id} has started yet, so there is no "
+                        "output")
+    for number, task in enumerate(started):
+        gap = "\n" if number else ""
+        print(f"{gap}==> task {task_name(task)} (job {task['id']}, "
+              f"{task['result'] or task['state']}) <==", flush=True)
+        copy_log(task["log"], 0)
+    return 0
 
 
 def copy_log(path, offset, missing_ok=True):
@@ -9305,15 +9740,21 @@ EXAMPLES = {
                     "  ./cli.py remove_slave --wait 'node[09-16]'",
     "add_job": "./cli.py add_job ./job.sh input-1.dat\n"
                "  ./cli.py add_job -e THREADS=4 ./job.sh -- --flag 'two words'\n"
-               "  ./cli.py add_job ./job.sh ::: data/*.csv                 # one job per file\n"
-               "  ./cli.py add_job ./sweep.sh --lr ::: 0.1 0.01 ::: 32 64   # 4 jobs\n"
+               "  ./cli.py add_job ./job.sh ::: data/*.csv                 # one task per file\n"
+               "  ./cli.py add_job ./sweep.sh --lr ::: 0.1 0.01 ::: 32 64   # 4 tasks\n"
+               "  ./cli.py add_job --array 1-1000%50 ./task.sh   # TASK_ID 1..1000, 50 at once\n"
+               "  ./cli.py add_job --each-line urls.txt ./fetch.sh   # the line in TASK_ARG\n"
                "  ./cli.py add_job --args-file params.txt ./sweep.sh\n"
+               "  ./cli.py add_job --after 7 ./merge.sh      # after every task of array 7\n"
                "  ./cli.py add_job --retries 3 --timeout 2h ./simulate.sh run-7\n"
                "  ./cli.py add_job --after 12-20 --priority 5 ./collect.sh\n"
                "  ./cli.py add_job --slots 8 --on gpu1,gpu2 --at 22:00 ./train.sh",
-    "remove_job": "./cli.py remove_job 12 13\n  ./cli.py remove_job ./job.sh input-1.dat",
+    "remove_job": "./cli.py remove_job 12 13\n  ./cli.py remove_job ./job.sh input-1.dat\n"
+                  "  ./cli.py remove_job 7     # the tasks of array 7 still waiting",
     "load_status": "./cli.py status --json > state.json\n  ./cli.py load_status state.json",
-    "kill": "./cli.py kill 12\n  ./cli.py kill --grace 1m 12-20 31",
+    "kill": "./cli.py kill 12\n  ./cli.py kill --grace 1m 12-20 31\n"
+            "  ./cli.py kill 7          # every task of array 7 still waiting or running\n"
+            "  ./cli.py kill 7.15       # task 15 of array 7",
     "add_service": "./cli.py add_service web --replicas 4 --port 8000 -- ./serve.sh --workers 2\n"
                    "  ./cli.py add_service agent --replicas 8 --on 'node[1-8]' -- ./agent.sh",
     "scale": "./cli.py scale web 8\n  ./cli.py scale web 0        # none running, the spec kept",
@@ -9333,17 +9774,23 @@ EXAMPLES = {
                      "\"args\": [\"--quiet\"], \"replicas\": 8}]",
     "retry": "./cli.py retry 42\n  ./cli.py retry --failed          # every failed or timed-out job\n"
              "  ./cli.py retry --failed 100-199  # those of 100-199 that failed\n"
+             "  ./cli.py retry 7                 # the tasks of array 7 that did not succeed\n"
              "  ./cli.py retry --state killed --script render.sh",
     "priority": "./cli.py priority 10 42          # job 42 goes before the default-0 ones\n"
-                "  ./cli.py priority -5 100-199   # these go last",
+                "  ./cli.py priority -5 100-199   # these go last\n"
+                "  ./cli.py priority 5 7          # the waiting tasks of array 7",
     "jobs": "./cli.py jobs --last 20\n  ./cli.py jobs --state failed --worker node3\n"
-            "  ./cli.py jobs 42\n  ./cli.py jobs --json > history.json",
-    "logs": "./cli.py logs 42\n  ./cli.py logs -f 42 && echo 'job 42 succeeded'",
+            "  ./cli.py jobs 42\n  ./cli.py jobs --json > history.json\n"
+            "  ./cli.py jobs --array 7 --state failed   # the failed tasks of array 7\n"
+            "  ./cli.py jobs 7.15                       # task 15 of array 7",
+    "logs": "./cli.py logs 42\n  ./cli.py logs -f 42 && echo 'job 42 succeeded'\n"
+            "  ./cli.py logs 7.15        # task 15 of array 7\n"
+            "  ./cli.py logs 7           # every task of array 7 that ran",
     "purge": "./cli.py purge                    # finished more than 7 days ago\n"
              "  ./cli.py purge --older-than 12h\n"
              "  ./cli.py purge --older-than 0      # every finished job",
     "wait": "./cli.py wait && ./collect-results.sh\n  ./cli.py wait 12-20 31\n"
-            "  ids=$(./cli.py add_job ./job.sh ::: a b c) && ./cli.py wait --quiet $ids",
+            "  array=$(./cli.py add_job ./job.sh ::: a b c) && ./cli.py wait --quiet $array",
     "pause": "./cli.py pause              # the whole queue\n  ./cli.py pause node3        "
              "# drain node3 without removing it",
     "resume": "./cli.py resume\n  ./cli.py resume node3        # also takes back a worker set aside",
@@ -9522,11 +9969,19 @@ def build_parser(only=None):
     what.add_argument("-e", dest="env", action="append", default=[], metavar="NAME=VALUE",
                       help="A variable for this job; repeatable. JOB_ID, SLAVE_IP, "
                            "SLAVE_HOST, SLAVE_PORT, SLAVE_USER, SLOT, SLOTS and JOB_ATTEMPT "
-                           "are reserved.")
+                           "are reserved (and ARRAY_ID, TASK_ID, TASK_ARG in arrays).")
+    what.add_argument("--array", metavar="SPEC",
+                      help="An array: one task per index of SPEC, in Slurm's syntax: 1-1000, "
+                           "0-99:5 (a step), 1,4,9-12; %%K at the end runs at most K at "
+                           "once (1-1000%%50), and %%K alone limits the tasks of ::: or a "
+                           "file. Each task gets ARRAY_ID and TASK_ID (its index).")
     what.add_argument("--args-file", metavar="FILE",
-                      help="One job per line of FILE (- for stdin), split into arguments as "
-                           "a POSIX shell would, without running anything; they follow "
-                           "ARGS. Like -e, it goes before SCRIPT.")
+                      help="An array: one task per line of FILE (- for stdin), split into "
+                           "arguments as a POSIX shell would, without running anything; "
+                           "they follow ARGS. Like -e, it goes before SCRIPT.")
+    what.add_argument("--each-line", metavar="FILE",
+                      help="An array: one task per line of FILE (- for stdin) that is not "
+                           "blank, the line in TASK_ARG, TASK_ID counting from 1.")
     what.add_argument("script", metavar="SCRIPT",
                       help="An executable job script (a path, or a command on PATH).")
     what.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
@@ -9678,7 +10133,10 @@ def build_parser(only=None):
 
     jobs = add("jobs")
     jobs.add_argument("id", nargs="?", type=one_job_id, metavar="ID",
-                      help="Show this one job in full.")
+                      help="Show this one job in full (ARRAY.TASK: one task of an array); "
+                           "an array's id lists its tasks.")
+    jobs.add_argument("--array", type=array_id, metavar="ID",
+                      help="Only the tasks of this array (the id add_job printed).")
     jobs.add_argument("--state", metavar="S",
                       help="Only jobs in this state: waiting, running or done, or ended this "
                            "way: " + ", ".join(result.value for result in JobResult) + ".")
@@ -9692,7 +10150,9 @@ def build_parser(only=None):
                       help="Print a JSON list (every matching job unless --last is given).")
 
     logs = add("logs")
-    logs.add_argument("id", type=one_job_id, metavar="ID", help="The job.")
+    logs.add_argument("id", type=one_job_id, metavar="ID",
+                      help="The job, or ARRAY.TASK; an array's id prints the logs of all "
+                           "its tasks that ran, one after another.")
     logs.add_argument("-f", "--follow", action="store_true",
                       help="Follow the output until the job ends, then exit with its status.")
 
