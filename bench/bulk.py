@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""How cli.py copes with a big queue: 100,000 jobs in one add_job call, then
-how quickly the other commands answer at that size.
+"""How cli.py copes with a big queue: 100,000 jobs in one add_job call (each of
+--args-file, :::, --array and --array with a limit: four arrays), then how
+quickly the other commands answer at that size.
 
     python3 bench/bulk.py            # 100,000 jobs, 3 runs
     python3 bench/bulk.py --quick    # 10,000 jobs, 1 run (under a minute)
@@ -60,7 +61,11 @@ def one_run(jobs):
                 cli(data_dir, "add_job", "--args-file", arguments, script)
             figures[f"add_job ::: ({jobs:,} arguments)"] = \
                 cli(data_dir, "add_job", script, ":::", *(f"x{n}" for n in range(jobs)))
-            queued = 2 * jobs
+            figures[f"add_job --array 1-{jobs} ({jobs:,} tasks)"] = \
+                cli(data_dir, "add_job", "--array", f"1-{jobs}", script)
+            figures[f"add_job --array 1-{jobs}%50 ({jobs:,} tasks, a limit)"] = \
+                cli(data_dir, "add_job", "--array", f"1-{jobs}%50", script)
+            queued = 4 * jobs
             figures[f"status with {queued:,} waiting"] = cli(data_dir, "status")
             figures[f"status --json with {queued:,} waiting"] = cli(data_dir, "status", "--json")
             figures[f"jobs --last 20 with {queued:,} waiting"] = cli(data_dir, "jobs", "--last", 20)

@@ -1,4 +1,5 @@
-"""Bulk submission: ::: groups and --args-file, all jobs or none, printed as a range."""
+"""Bulk submission: ::: groups and --args-file make arrays, all jobs or none; add_job
+prints the array's id, its first job's."""
 import pytest
 
 
@@ -6,9 +7,9 @@ def queued_args(cli):
     return [job["args"] for job in cli.status()["job_waitlist"]]
 
 
-def test_one_group_gives_one_job_per_argument_and_prints_the_range(server):
+def test_one_group_gives_one_job_per_argument_and_prints_the_array_id(server):
     out = server.ok("add_job", server.script, "--fixed", ":::", "a", "b c", "")
-    assert out == "1-3\n"
+    assert out == "1\n"
     assert queued_args(server) == [["--fixed", "a"], ["--fixed", "b c"], ["--fixed", ""]]
 
 
@@ -18,7 +19,7 @@ def test_several_groups_give_their_cross_product_in_gnu_parallel_order(server):
                                    ["b", "2", "x"]]
 
 
-def test_printed_range_feeds_wait_and_the_jobs_run(server):
+def test_printed_array_id_feeds_wait_and_the_jobs_run(server):
     server.ok("add_slave", "--slots", "2", "w1")
     ids = server.ok("add_job", server.script, ":::", "1", "2", "3").strip()
     assert server.ok("wait", "--quiet", ids) == "all 3 job(s) succeeded\n"
@@ -32,7 +33,7 @@ def test_args_file_splits_lines_like_a_shell_without_running_anything(server):
                          '\n'
                          '# a comment line\n'
                          '$(touch pwned) `x` ; ; trailing # comment\n')
-    assert server.ok("add_job", "--args-file", arguments, server.script, "base") == "1-3\n"
+    assert server.ok("add_job", "--args-file", arguments, server.script, "base") == "1\n"
     assert queued_args(server) == [["base", "plain", "1"],
                                    ["base", "two words", "single $(quoted)", "back slash"],
                                    ["base", "$(touch", "pwned)", "`x`", ";", ";", "trailing"]]
@@ -40,7 +41,7 @@ def test_args_file_splits_lines_like_a_shell_without_running_anything(server):
 
 
 def test_args_file_from_stdin(server):
-    assert server.ok("add_job", "--args-file", "-", server.script, input="a\nb\n") == "1-2\n"
+    assert server.ok("add_job", "--args-file", "-", server.script, input="a\nb\n") == "1\n"
     assert queued_args(server) == [["a"], ["b"]]
 
 

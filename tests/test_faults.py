@@ -63,16 +63,19 @@ def test_kill_9_storm_loses_nothing_and_runs_nothing_twice(server):
 
     def queue(*args, count, mode):
         sleeps = [f"{rng.uniform(0, 0.3):.2f}" for _ in range(count)]
-        ids = server.ok("add_job", *args, script, mode, ":::", *sleeps).strip()
-        first, _, last = ids.partition("-")
-        return list(range(int(first), int(last or first) + 1))
+        array = int(server.ok("add_job", *args, script, mode, ":::", *sleeps))
+        for task in range(1, count + 1):   # the array's id is its first job's
+            names[array + task - 1] = f"{array}.{task}"
+        return list(range(array, array + count))
+
+    names = {}
 
     plain = queue(count=300, mode="ok")
     flaky = queue("--retries", "2", count=100, mode="flaky")
     failing = queue("--retries", "1", count=50, mode="fail")
     slow = queue("--timeout", "1s", count=25, mode="slow")
     prerequisites = rng.sample(plain[:150], 25)
-    dependents = [server.add_job("--after", prerequisite, script, "ok", "0")
+    dependents = [server.add_job("--after", names[prerequisite], script, "ok", "0")
                   for prerequisite in prerequisites]
     total = 500
 
@@ -108,7 +111,7 @@ def test_kill_9_storm_loses_nothing_and_runs_nothing_twice(server):
     assert {outcome(job_id) for job_id in failing} == {("failed", 4)}
     assert {jobs[job_id]["result"] for job_id in slow} == {"timed_out"}
     for job_id in flaky + failing:
-        history = json.loads(server.ok("jobs", job_id, "--json"))["attempts"]
+        history = json.loads(server.ok("jobs", names[job_id], "--json"))["attempts"]
         codes = [attempt["exit_code"] for attempt in history]
         assert codes == ([3, 0] if job_id in flaky else [4, 4]), (job_id, history)
     for prerequisite, dependent in zip(prerequisites, dependents):

@@ -42,8 +42,7 @@ def run_jobs(cli, *add_job_args, count=4, scp=True):
     """Queue COUNT jobs, wait for them all, and check each really reached its worker."""
     ids = cli.ok("add_job", *add_job_args, ":::", *range(count)).strip()
     cli.ok("wait", "-q", ids)
-    first = int(ids.split("-")[0])
-    job_ids = range(first, first + count)
+    job_ids = range(int(ids), int(ids) + count)   # the array's id is its first job's
     for job_id in job_ids:
         assert (cli.results / f"{job_id}.out").read_text() == f"hello from {job_id}\n"
         assert (cli.results / f"rsync-{job_id}").exists()
@@ -52,7 +51,9 @@ def run_jobs(cli, *add_job_args, count=4, scp=True):
 
 
 def worker_of(cli, job_id):
-    return json.loads(cli.ok("jobs", job_id, "--json"))["worker"]
+    # (Not `jobs ID`: the first job of a ::: call is its array's id, which names them all.)
+    return next(job["worker"] for job in json.loads(cli.ok("jobs", "--json"))
+                if job["id"] == job_id)
 
 
 def control_dir(cli, job_id):
@@ -279,8 +280,7 @@ ssh "$SLAVE_IP" "echo hello from $JOB_ID"
     before = workers[1].connections()
     ids = server.ok("add_job", script, ":::", *range(8)).strip()
     server.ok("wait", "-q", ids)
-    first, last = map(int, ids.split("-"))
-    for job_id in range(first, last + 1):
+    for job_id in range(int(ids), int(ids) + 8):
         log = (server.log_dir / f"job_{job_id}.txt").read_text()
         assert log == f"hello from {job_id}\n", log   # no "ControlSocket ... already exists"
     assert workers[1].connections() - before == 1
