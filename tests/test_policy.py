@@ -403,3 +403,34 @@ def test_free_retries_are_for_ssh_failures_and_bounded():
     assert not cli.free_retry(255, False, 0, 0)     # the rule is off
     assert not cli.free_retry(1, False, 3, 0)
     assert not cli.free_retry(255, True, 3, 0)      # killed
+
+
+@pytest.mark.parametrize("spec, tasks, task_id, position", [
+    (None, 3, 1, 0), (None, 3, 3, 2), (None, 3, 4, None), (None, 3, 0, None),
+    ("0-99:5", 20, 95, 19), ("0-99:5", 20, 96, None), ("1,4,9-12", 6, 9, 2),
+    ("1,4,9-12", 6, 5, None), ("1-1000000", 1_000_000, 1_000_000, 999_999),
+])
+def test_a_task_is_found_where_its_index_puts_it(spec, tasks, task_id, position):
+    assert cli.task_position(spec, tasks, task_id) == position
+
+
+def test_an_array_request_comes_from_a_spec_or_from_lists_and_lines():
+    by_spec = cli.array_request("1-4%2", None, None)
+    assert (list(by_spec.task_ids), by_spec.spec, by_spec.max_running) == ([1, 2, 3, 4], "1-4", 2)
+    by_lists = cli.array_request(None, [["a"], ["b"]], None)
+    assert (list(by_lists.task_ids), by_lists.spec, by_lists.max_running) == ([1, 2], None, None)
+    by_lines = cli.array_request("%5", None, ["x", "y", "z"])
+    assert (list(by_lines.task_ids), by_lines.task_args, by_lines.max_running) == \
+        ([1, 2, 3], ["x", "y", "z"], 5)
+    assert cli.array_request(None, None, None) is None       # one plain job
+    assert cli.parse_array_spec("%7") == (None, 7)
+    with pytest.raises(cli.UserError, match="use one"):
+        cli.array_request("1-3", [["a"]], None)
+    with pytest.raises(cli.UserError, match="there are none"):
+        cli.array_request("%3", None, None)
+
+
+def test_ids_are_described_as_runs():
+    assert cli.describe_ids([3]) == "job 3"
+    assert cli.describe_ids([5, 4, 6]) == "jobs 4-6"
+    assert cli.describe_ids([1, 2, 3, 4, 9, 11, 12, 20, 21, 22]) == "jobs 1-4, 9, 11, 12, 20-22"

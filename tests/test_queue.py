@@ -5,6 +5,7 @@ Every state change of a job or a worker goes through one checked function
 try every move, legal or not, and the races that must be reported.
 """
 import itertools
+import re
 import logging
 import sqlite3
 import time
@@ -339,3 +340,52 @@ def test_an_end_is_saved_once_even_if_what_follows_its_commit_fails(store, tmp_p
     assert store.job(job_id)["result"] == "succeeded"
     assert len(store.attempts(job_id)) == 1
     assert job_id not in runner.running and not workers.get("w1").busy_slots
+
+
+def new_array(store, tasks, max_running=None, spec=None):
+    with store.transaction():
+        environment = store.intern_environment({})
+        first, last = store.insert_jobs(
+            "/bin/true", [[]], "/", environment, {}, 0o22, dict(cli.JOB_OPTIONS),
+            cli.ArrayRequest(tasks, None, spec, max_running))
+    return first, last
+
+
+def test_an_array_limit_is_never_exceeded_and_jobs_behind_it_still_start(lifecycle, store):
+    queue, workers, events = lifecycle
+    with store.transaction():
+        store.insert_worker("w1", 20, {}, False)
+    workers.load(None)
+    first, last = new_array(store, range(1, 11), max_running=3, spec="1-10")
+    behind = new_job(store)
+
+    def start():
+        rows = queue.take_starts()
+        for row in rows:
+            workers.hold_slots(row["worker"], cli.attempt_slots(row))
+        return sorted(row["id"] for row in rows)
+    assert start() == [first, first + 1, first + 2, behind]
+    assert start() == []                      # three of its tasks run: its limit
+    row = store.job(first + 1)
+    queue.save_end(row, {"exit_code": 0, "signal": None})
+    workers.free_slots(row["worker"], cli.attempt_slots(row))
+    assert start() == [first + 3]
+    assert [(row["task_id"], row["array_id"]) for row in
+            store.jobs_by_id(list(range(first, last + 1)), "task_id, array_id")] == \
+        [(task, first) for task in range(1, 11)]
+
+
+def test_names_stand_for_arrays_tasks_and_jobs(lifecycle, store):
+    queue, workers, events = lifecycle
+    plain = new_job(store)
+    first, last = new_array(store, [0, 5, 10], spec="0-10:5")
+    lines, _ = new_array(store, range(1, 4))
+    assert queue.named([plain, str(first)]) == [plain, first, first + 1, first + 2]
+    assert queue.named([f"{first}.10", f"{lines}.2", first + 1]) == [first + 2, lines + 1,
+                                                                      first + 1]
+    assert queue.named([str(plain)]) == [plain]    # not an array: that job
+    for name, message in [(f"{first}.3", f"array {first} has no task 3 (its tasks: 0-10:5)"),
+                          (f"{lines}.4", f"array {lines} has no task 4 (its tasks: 1-3)"),
+                          (f"{plain}.1", f"there is no array {plain}")]:
+        with pytest.raises(cli.UserError, match=re.escape(message)):
+            queue.named([name])
