@@ -1070,6 +1070,12 @@ def validate_status_document(document, defaults):
         if workers[-1]["ip"] in names:
             raise UserError(f"{where}: worker {workers[-1]['ip']} is listed twice")
         names.add(workers[-1]["ip"])
+    arrays = document.get("arrays", [])
+    if not isinstance(arrays, list) or not all(
+            isinstance(array, dict) and whole_number(array.get("id"), 1, MAX_LOADED_JOB_ID)
+            for array in arrays):
+        raise UserError("'arrays' must be a list of objects with an 'id'")
+    arrays = {array["id"]: array for array in arrays}
     jobs, ids = [], set()
     for index, entry in enumerate(document["job_waitlist"]):
         where = f"job_waitlist[{index}]"
@@ -1082,6 +1088,7 @@ def validate_status_document(document, defaults):
             continue
         try:
             jobs.append(_status_job(entry, environments, defaults))
+            jobs[-1]["task"] = _status_task(entry, arrays)
         except UserError as error:
             raise UserError(f"{where}: {error}") from None
         job_id = jobs[-1]["id"]
@@ -1090,6 +1097,31 @@ def validate_status_document(document, defaults):
                 raise UserError(f"{where}: job id {job_id} is listed twice")
             ids.add(job_id)
     return workers, jobs, notes
+
+
+def _status_task(entry, arrays):
+    """A document's job that is a task of an array: {array, task, task_arg, spec,
+    max_running} (the array's from the document's 'arrays'); None for other jobs."""
+    array_id = entry.get("array")
+    if array_id is None:
+        return None
+    task_id, task_arg = entry.get("task"), entry.get("task_arg")
+    if not whole_number(array_id, 1, MAX_LOADED_JOB_ID) or \
+            not whole_number(task_id, 0, MAX_JOB_ID):
+        raise UserError("'array' and 'task' must be whole numbers (a task's array id and "
+                        "index)")
+    if task_arg is not None and not isinstance(task_arg, str) or "\0" in (task_arg or ""):
+        raise UserError("'task_arg' must be a string")
+    array = arrays.get(array_id, {})
+    spec, most = array.get("spec"), array.get("max_running")
+    if spec is not None:
+        if not isinstance(spec, str) or "%" in spec:
+            raise UserError(f"arrays: the spec of array {array_id} must be a string like 1-100")
+        parse_array_spec(spec)
+    if most is not None and not whole_number(most, 1, MAX_ARRAY_TASKS):
+        raise UserError(f"arrays: max_running of array {array_id} must be a whole number")
+    return {"array": array_id, "task": task_id, "task_arg": task_arg, "spec": spec,
+            "max_running": most}
 
 
 def from_original_status(document, cwd):
@@ -2112,6 +2144,20 @@ class Store:
         return rows[::-1]
 
     # --- arrays ---
+
+    def restore_task(self, job_id, task):
+        """load_status: job JOB_ID is again a task of its array, which comes back too
+        (see _status_task)."""
+        self.db.execute("INSERT OR IGNORE INTO arrays (id, tasks, spec, max_running, "
+                        "created_at) VALUES (?, ?, ?, ?, ?)",
+                        (task["array"], len(parse_array_spec(task["spec"])[0])
+                         if task["spec"] else task["task"], task["spec"], task["max_running"],
+                         time.time()))
+        self.db.execute("UPDATE arrays SET tasks = max(tasks, ?) WHERE id = ? AND spec IS NULL",
+                        (task["task"], task["array"]))
+        self.db.execute("UPDATE jobs SET array_id = ?, task_id = ?, task_arg = ?, limited = "
+                        "(SELECT max_running IS NOT NULL FROM arrays WHERE id = ?) WHERE id = ?",
+                        (task["array"], task["task"], task["task_arg"], task["array"], job_id))
 
     def arrays_among(self, ids):
         """{id: row} of the arrays whose ids are among IDS."""
@@ -5719,6 +5765,8 @@ class JobEdits:
                 if job["id"] is not None:
                     new_ids[job["id"]] = new_id
                 job["new_id"] = new_id
+                if job["task"] is not None and keep_ids:
+                    self.store.restore_task(new_id, job["task"])
             skipped = []
             for job in jobs:
                 after = [new_ids.get(job_id, job_id) for job_id in job["after"]]
@@ -7489,9 +7537,12 @@ class Handlers:
         keep_ids, differences, stopping = self.services.load_status(
             workers, jobs, params["document"].get("paused"), params["services"])
         shown = [public_difference(difference) for difference in differences]
+        notes = params["notes"] + [
+            "the tasks of arrays were loaded as plain jobs (without ARRAY_ID and TASK_ID): "
+            "their ids could not be kept"] * (not keep_ids and any(job["task"] for job in jobs))
         return self.reply_when_ended(client, stopping, lambda: {
             "workers": len(workers), "jobs": len(jobs), "ids_kept": keep_ids,
-            "notes": params["notes"], "services": shown})
+            "notes": notes, "services": shown})
 
 
 def public_difference(difference):
@@ -10021,7 +10072,8 @@ def build_parser(only=None):
 
     remove_job = add("remove_job")
     remove_job.add_argument("first", metavar="ID | SCRIPT",
-                            help="A job id or range, or the script of the jobs to remove.")
+                            help="A job id or range, an array id (its waiting tasks) or a "
+                                 "task like 7.3, or the script of the jobs to remove.")
     remove_job.add_argument("rest", nargs=argparse.REMAINDER, metavar="ID | ARGS",
                             help="More ids, or the script's exact arguments.")
 
@@ -10030,7 +10082,8 @@ def build_parser(only=None):
 
     kill = add("kill")
     kill.add_argument("ids", nargs="+", metavar="ID",
-                      help="Job ids, or ranges like 12-20 (what a bulk add_job prints).")
+                      help="Job ids, ranges like 12-20, array ids (every task) or tasks "
+                           "like 7.3.")
     kill.add_argument("--grace", default=f"{DEFAULT_KILL_GRACE:g}s", metavar="DURATION",
                       help="Time between SIGTERM and SIGKILL, like 10s or 1m "
                            f"(default: {DEFAULT_KILL_GRACE:g}s).")
@@ -10113,8 +10166,9 @@ def build_parser(only=None):
 
     retry = add("retry")
     retry.add_argument("ids", nargs="*", metavar="ID",
-                       help="Ended jobs: ids, or ranges like 12-20 (with a filter: only "
-                            "those of them that match).")
+                       help="Ended jobs: ids, ranges like 12-20, tasks like 7.3, or array "
+                            "ids (their tasks that did not succeed); with a filter: only "
+                            "those of them that match.")
     retry.add_argument("--failed", action="store_true",
                        help="Only jobs that failed or timed out.")
     retry.add_argument("--state", metavar="S",
@@ -10129,7 +10183,8 @@ def build_parser(only=None):
                           help=f"The new priority, a whole number from {-MAX_PRIORITY} to "
                                f"{MAX_PRIORITY}; higher starts first.")
     priority.add_argument("ids", nargs="+", metavar="ID",
-                          help="Waiting jobs: ids, or ranges like 12-20.")
+                          help="Waiting jobs: ids, ranges like 12-20, tasks like 7.3, or "
+                               "array ids (their waiting tasks).")
 
     jobs = add("jobs")
     jobs.add_argument("id", nargs="?", type=one_job_id, metavar="ID",
@@ -10163,8 +10218,8 @@ def build_parser(only=None):
 
     wait = add("wait")
     wait.add_argument("ids", nargs="*", metavar="ID",
-                      help="Job ids or ranges like 12-20 (default: every job waiting or "
-                           "running now).")
+                      help="Job ids, ranges like 12-20, array ids (every task) or tasks "
+                           "like 7.3 (default: every job waiting or running now).")
     wait.add_argument("--quiet", "-q", action="store_true",
                       help="No progress line, only the result.")
 

@@ -197,3 +197,40 @@ def test_a_limit_survives_kill_9_of_the_server_and_every_task_runs_once(cli):
     assert running_high_water(cli, array, 1000) <= 20
     ran = sorted(map(int, (cli.results / "tasks.log").read_text().split()))
     assert ran == list(range(1, 1001))       # each exactly once
+
+
+def test_a_task_held_back_by_its_limit_says_so(server):
+    server.ok("add_slave", "--slots", "4", "w1")
+    gate = server.root / "gate"
+    gated = server.write_script("gated.sh", f'while [ ! -e "{gate}" ]; do sleep 0.05; done\n')
+    array = server.add_job("--array", "1-5%2", gated)
+    server.wait_for_counts(running=2)
+    time.sleep(0.3)                          # room for a third start, were it allowed
+    status = server.status()
+    assert len(status["running_jobs"]) == 2
+    assert {job["waiting_for"] for job in status["job_waitlist"]} == \
+        {f"array {array} runs 2 tasks, its limit (%2)"}
+    assert status["arrays"] == [{"id": array, "spec": "1-5", "max_running": 2, "tasks": 5,
+                                 "counts": {"running": 2, "waiting": 3}}]
+    gate.touch()
+    server.ok("wait", "-q", array)
+
+
+def test_load_status_brings_back_the_waiting_tasks_of_an_array(server):
+    server.ok("add_slave", "--slots", "4", "w1")
+    server.ok("pause")
+    array = server.add_job("--array", "3-6%2", server.script)
+    lines = server.root / "lines.txt"
+    lines.write_text("alpha\nbeta\n")
+    each = server.add_job("--each-line", lines, server.script)
+    document = server.root / "state.json"
+    document.write_text(server.ok("status", "--json"))
+    server.ok("load_status", document)
+    assert [(job["id"], job["task"]) for job in tasks(server, array)] == \
+        [(array + n, 3 + n) for n in range(4)]
+    assert server.status()["arrays"][0]["max_running"] == 2
+    server.ok("resume")
+    server.ok("wait", "-q", array, each)
+    assert [env_of(server, array + n)["TASK_ID"] for n in range(4)] == ["3", "4", "5", "6"]
+    assert env_of(server, each + 1)["TASK_ARG"] == "beta"
+    assert json.loads(server.ok("jobs", f"{array}.5", "--json"))["id"] == array + 2
