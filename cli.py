@@ -7528,6 +7528,10 @@ class Handlers:
                                         params["last"], array=int(params["id"]))
             return self.with_dependencies([job_to_json(row, self.log_dir) for row in rows])
         if params["id"] is not None:
+            if state or result or params["worker"] or params["script"] or params["last"]:
+                raise UserError("give either a job ID or filters (--state, --worker, "
+                                "--script, --last), not both (for an array's tasks: "
+                                "--array ID with filters)")
             job_id, = self.queue.named([params["id"]])
             row = self.store.job(job_id)
             if row is None:
@@ -8838,19 +8842,18 @@ def command_jobs(options):
     if script is not None and "/" in script:
         script = os.path.abspath(script)
     last = options.last if options.last is not None or options.json else JOBS_TABLE_LAST
-    filters = {"state": options.state, "worker": options.worker, "script": script,
-               "last": last}
+    filters = {"state": options.state, "worker": options.worker, "script": script}
     if options.id is not None:
-        jobs = request(options.data_dir, "jobs", id=options.id, **filters)
+        if options.array is not None:
+            raise UserError("give either an ID or --array, not both")
+        # The user's own --last only: the server refuses filters for one job.
+        jobs = request(options.data_dir, "jobs", id=options.id, last=options.last, **filters)
         if len(jobs) == 1 and "attempts" in jobs[0]:   # one job in full, not an array
-            if options.state or options.worker or options.script or options.last:
-                raise UserError("give either a job ID or filters (--state, --worker, "
-                                "--script, --last), not both (filters narrow an array's "
-                                "tasks: --array ID)")
             print(json.dumps(jobs[0], indent=1) if options.json else render_job(jobs[0]))
             return 0
+        jobs = jobs[-last:] if last is not None else jobs
     else:
-        jobs = request(options.data_dir, "jobs", array=options.array, **filters)
+        jobs = request(options.data_dir, "jobs", array=options.array, last=last, **filters)
     if options.json:
         print_json(jobs)
         return 0

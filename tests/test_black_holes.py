@@ -54,7 +54,9 @@ def attempts_on(cli, worker):
     jobs = json.loads(cli.ok("jobs", "--json"))
     found = []
     for job in jobs:
-        found += [attempt for attempt in json.loads(cli.ok("jobs", job["id"], "--json"))[
+        # A task as ARRAY.TASK: a first task's id is its array's, which names them all.
+        name = job["id"] if job["array"] is None else f"{job['array']}.{job['task']}"
+        found += [attempt for attempt in json.loads(cli.ok("jobs", name, "--json"))[
             "attempts"] if attempt["worker"] == worker]
     return found
 
