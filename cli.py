@@ -2493,9 +2493,10 @@ class WorkerCapacity:
 class JobNeeds:
     """What the scheduler needs to know of one waiting job."""
 
-    def __init__(self, job_id, slots=1, on=None, prefer=(), exclude=(), avoid=()):
+    def __init__(self, job_id, slots=1, on=None, prefer=(), exclude=(), avoid=(), split=False):
         self.job_id = job_id
         self.slots = slots
+        self.split = split and slots > 1   # may run as parts on several workers (--split)
         self.on = on                   # None: any worker
         self.prefer = set(prefer)
         self.exclude = set(exclude)
@@ -2531,15 +2532,21 @@ class JobNeeds:
                    for worker in self.allowed(capacity))
 
 
-def plan_starts(jobs, workers):
+PLACEMENTS = ("spread", "pack")   # start --placement; the first is the default
+
+
+def plan_starts(jobs, workers, placement="spread"):
     """Which waiting jobs start now, where, and in which slots.
 
     JOBS (JobNeeds) come in the order they should start: priority, then age.
-    A plain job goes to the accepting worker with the most free slots, so load
-    spreads across machines; ties go to the worker added first.  That is a
+    PLACEMENT "spread": a plain job goes to the accepting worker with the most
+    free slots, so load spreads across machines; "pack": to the one with the
+    fewest free slots that still holds it (best fit), so large workers stay
+    free for large jobs.  Ties go to the worker added first.  That is a
     heap, so 500 workers cost little more than 4.  A job with wishes goes to
     the allowed worker with enough free slots that it prefers (--prefer),
-    then the one with most free slots.  A retry waits for a worker it has not
+    then the one the placement picks.  A --split job that no one worker holds
+    runs as parts: see _split_parts.  A retry waits for a worker it has not
     failed on while one is up (as GNU parallel's --retries does): a broken
     worker frees its slot at once and would otherwise take every retry before
     its health check notices.  Once it has failed everywhere, anywhere will do.
@@ -2551,13 +2558,16 @@ def plan_starts(jobs, workers):
     ageing would still let small jobs take every freed slot in between.
 
     Returns a Plan: [(job_id, worker name, [slots])], with the reserved
-    workers' names in .reserved; WORKERS are not modified.
+    workers' names in .reserved and, for each --split job, all its parts in
+    .parts (job id -> [(worker name, [slots])], the first part being the one
+    in the list); WORKERS are not modified.
     """
     import heapq
     capacity = {worker.name: WorkerCapacity(worker.name, worker.slots, worker.busy_slots,
                                             worker.accepting) for worker in workers}
     order = {name: position for position, name in enumerate(capacity)}
-    heap = [(-worker.free_slots, order[name], name) for name, worker in capacity.items()
+    sign = 1 if placement == "pack" else -1   # the heap's key: sign * free slots
+    heap = [(sign * worker.free_slots, order[name], name) for name, worker in capacity.items()
             if worker.free_slots > 0]
     heapq.heapify(heap)
     reserved = set()
@@ -2566,6 +2576,7 @@ def plan_starts(jobs, workers):
     open_workers = {name for name, worker in capacity.items() if worker.free_slots > 0}
     starts = Plan()
     starts.reserved = reserved
+    starts.parts = {}
     accepting_sizes = None   # sorted slots of the accepting workers, once a retry asks
 
     def big_enough(slots):
@@ -2579,7 +2590,7 @@ def plan_starts(jobs, workers):
         if not open_workers:
             break
         if job.plain:
-            worker = _most_free(heap, capacity, reserved)
+            worker = _most_free(heap, capacity, reserved, sign)
             if worker is None:
                 break          # no free slot left but on reserved workers
             starts.append((job.job_id, worker.name, worker.take(1)))
@@ -2589,8 +2600,19 @@ def plan_starts(jobs, workers):
                     if worker.free_slots >= job.slots and worker.name not in avoid]
             if fits:
                 worker = min(fits, key=lambda worker: (worker.name not in job.prefer,
-                                                       -worker.free_slots, order[worker.name]))
+                                                       sign * worker.free_slots,
+                                                       order[worker.name]))
                 starts.append((job.job_id, worker.name, worker.take(job.slots)))
+                if job.split:
+                    starts.parts[job.job_id] = [starts[-1][1:]]
+            elif job.split:
+                parts = _split_parts(job, capacity, open_workers, reserved, avoid, order)
+                if parts:
+                    starts.append((job.job_id, *parts[0]))
+                    starts.parts[job.job_id] = parts
+                    open_workers.difference_update(
+                        name for name, _ in parts if not capacity[name].free_slots)
+                continue
             elif job.slots > 1:
                 could = [worker for worker in job.allowed(capacity) if worker.accepting and
                          worker.slots >= job.slots and worker.name not in reserved and
@@ -2610,28 +2632,75 @@ def plan_starts(jobs, workers):
 
 
 class Plan(list):
-    """What plan_starts decided: a list of starts, .reserved (worker names), and
-    .left, the free slots that no start took and no reservation holds."""
+    """What plan_starts decided: a list of starts, .reserved (worker names), .parts
+    (the parts of --split jobs), and .left, the free slots that no start took
+    and no reservation holds."""
 
     reserved = frozenset()
+    parts = {}
     left = 0
 
 
-def _most_free(heap, capacity, reserved):
-    """The worker on top of HEAP, once stale entries (slots taken since, or reserved)
-    are dropped or corrected."""
+def _split_parts(job, capacity, open_workers, reserved, avoid, order):
+    """The parts of a --split job that no one worker holds: [(worker name, [slots])],
+    taken from CAPACITY; or [] if it cannot start now, and then the workers it
+    waits for are RESERVED.
+
+    The fewest workers: most free slots first, the last part taking only what
+    is left (6 over 4+4 free: 4+2).  All or nothing: a part never starts alone.
+    What it reserves keeps it from starving behind small jobs, as for one
+    worker: one allowed worker that could hold it all, if any (the most free);
+    else as many as could hold it together, most free first.
+    """
+    allowed = [worker for worker in job.allowed(capacity)
+               if worker.accepting and worker.name not in avoid]
+
+    def most_free(worker):
+        return (-worker.free_slots, order[worker.name])
+    usable = sorted((worker for worker in allowed if worker.name in open_workers),
+                    key=most_free)
+    if sum(worker.free_slots for worker in usable) >= job.slots:
+        parts, wanted = [], job.slots
+        for worker in usable:
+            share = min(wanted, worker.free_slots)
+            parts.append((worker.name, worker.take(share)))
+            wanted -= share
+            if not wanted:
+                return parts
+    free_to_reserve = sorted((worker for worker in allowed if worker.name not in reserved),
+                             key=most_free)
+    whole = [worker for worker in free_to_reserve if worker.slots >= job.slots]
+    chosen, total = whole[:1], 0
+    if not chosen:
+        for worker in free_to_reserve:
+            if total >= job.slots:
+                break
+            chosen.append(worker)
+            total += worker.slots
+        if total < job.slots:
+            chosen = []   # (other jobs hold the rest: it waits for them first)
+    for worker in chosen:
+        reserved.add(worker.name)
+        open_workers.discard(worker.name)
+    return []
+
+
+def _most_free(heap, capacity, reserved, sign=-1):
+    """The worker on top of HEAP (keyed by SIGN * free slots: -1 most free first, 1
+    fewest first), once stale entries (slots taken since, or reserved) are
+    dropped or corrected."""
     import heapq
     while heap:
-        free, position, name = heap[0]
+        key, position, name = heap[0]
         worker = capacity[name]
         if name in reserved or worker.free_slots == 0:
             heapq.heappop(heap)
-        elif -free != worker.free_slots:
-            heapq.heapreplace(heap, (-worker.free_slots, position, name))
+        elif key != sign * worker.free_slots:
+            heapq.heapreplace(heap, (sign * worker.free_slots, position, name))
         else:
             # Its entry after this job takes a slot; the heap stays a heap.
             if worker.free_slots > 1:
-                heapq.heapreplace(heap, (free + 1, position, name))
+                heapq.heapreplace(heap, (sign * (worker.free_slots - 1), position, name))
             else:
                 heapq.heappop(heap)
             return worker
@@ -2728,16 +2797,22 @@ def waiting_reason(job, workers, paused, now, failed_on=()):
     wanted = job["slots_wanted"]
     where = f"on {', '.join(job['on'])}" if job["on"] else \
         "outside --exclude" if job["exclude"] else "on any worker"
-    if not any(worker.slots >= wanted for worker in allowed):
+    split = job.get("split") and wanted > 1
+    if sum(worker.slots for worker in allowed) < wanted if split else \
+            not any(worker.slots >= wanted for worker in allowed):
+        if split and allowed:
+            return f"workers with {wanted} slots together"
         return f"no worker with {wanted} slots" if wanted > 1 and allowed else \
             f"no worker {where}" if job["on"] or job["exclude"] else "no worker yet"
     if not any(worker.accepting for worker in allowed):
         return f"every worker {where} is paused, down or draining"
     untried = [worker.name for worker in allowed if worker.accepting and
-               worker.slots >= wanted and worker.name not in failed_on]
+               (split or worker.slots >= wanted) and worker.name not in failed_on]
     if failed_on and untried:
         return f"a worker it has not failed on ({', '.join(untried[:3])}" + \
             (", ...)" if len(untried) > 3 else ")")
+    if split:
+        return f"{wanted} free slots at once (--split)"
     return f"{wanted} free slots on one worker" if wanted > 1 else f"a free slot {where}"
 
 
