@@ -151,7 +151,7 @@ RESOLVED_AT_ONCE = 16            # hosts add_slave --skip_ssh_auth_check resolve
 PR_SET_CHILD_SUBREAPER = 36      # a prctl option (linux/prctl.h)
 
 RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP", "SLAVE_HOST", "SLAVE_PORT", "SLAVE_USER",
-                      "JOB_ATTEMPT", "SLOT", "SLOTS")
+                      "JOB_ATTEMPT", "SLOT", "SLOTS", "SPLIT_HOSTS", "SPLIT_PART")
 SSH_SHIM_VARIABLE = "CLI_PY_SSH_SHIM_DIR"            # set for jobs whose ssh goes through our shim
 SSH_CONTROL_VARIABLE = "CLI_PY_SSH_CONTROL_PATH"     # ... and shares connections
 SSH_JOBS_CONFIG_VARIABLE = "CLI_PY_SSH_JOBS_CONFIG"  # ... and reads the queue's ssh config
@@ -545,7 +545,8 @@ JOB_STATE_ROWS = {
 REQUIRED = object()    # a column its state owns that the mover must give
 UNCHANGED = object()   # a column its state owns that keeps its value unless given
 # What a job has only while it runs: cleared when it waits again.
-_RUNNING_CLEARED = {"worker": None, "slot": None, "slots": None, "started_at": None,
+_RUNNING_CLEARED = {"worker": None, "slot": None, "slots": None, "split_parts": None,
+                    "started_at": None,
                     "kill_requested_at": None, "kill_grace": None, "timed_out": 0,
                     "exit_code": None, "signal": None}
 # (result and ended_at: a retried job has not ended yet.)
@@ -559,8 +560,8 @@ JOB_STATE_COLUMNS = {
     JobState.WAITING: _WAITING_COLUMNS,
     JobState.BLOCKED: _WAITING_COLUMNS,
     JobState.RUNNING: {"worker": REQUIRED, "slot": REQUIRED, "slots": REQUIRED,
-                       "started_at": REQUIRED, "attempt": REQUIRED, "log": REQUIRED,
-                       "reason": None, "exit_code": None, "signal": None},
+                       "split_parts": None, "started_at": REQUIRED, "attempt": REQUIRED,
+                       "log": REQUIRED, "reason": None, "exit_code": None, "signal": None},
     JobState.DONE: {"result": REQUIRED, "ended_at": REQUIRED, "reason": REQUIRED,
                     "exit_code": None, "signal": None},
 }
@@ -951,9 +952,10 @@ def _state_filter(value, name):
     return value, None
 
 
-def _job_options(source):
+def _job_options(source, split_allowed=False):
     """The per-job options (JOB_OPTIONS) of an add_job request or a load_status
-    entry (the names of jobs --json), checked, in their column form."""
+    entry (the names of jobs --json), checked, in their column form; and, if
+    SPLIT_ALLOWED, "split" (not a JOB_OPTIONS one: services have no split)."""
     hosts = {}
     for name, column in (("on", "run_on"), ("prefer", "prefer"), ("exclude", "exclude")):
         value = source.get(name)
@@ -974,7 +976,19 @@ def _job_options(source):
         "not_before": _option_time(source, "not_before"),
         "slots_wanted": _option_int(source, "slots_wanted", 1, MAX_SLOTS),
         **hosts,
+        **({"split": _split_option(source)} if split_allowed else {}),
     }
+
+
+def _split_option(source):
+    """--split: the job's slots may come from several workers; it needs 2 or more."""
+    split = source.get("split", False)
+    if not isinstance(split, bool):
+        raise UserError("'split' must be true or false")
+    if split and source.get("slots_wanted", source.get("slots", 1)) == 1:
+        raise UserError("--split needs --slots of 2 or more (the slots to split across "
+                        "workers)")
+    return split
 
 
 def _option_bool(source, name):
@@ -1202,7 +1216,7 @@ def _status_job(entry, environments, defaults):
     if set(after["after"]) & set(after["after_any"]):
         raise UserError("a job id is in both 'after' and 'after_any'")
     return {"id": job_id, "script": script, "args": args, "cwd": cwd, "envs": variables,
-            "environment": environment, "umask": umask, "options": _job_options(entry),
+            "environment": environment, "umask": umask, "options": _job_options(entry, True),
             "submitted_at": _submitted_at(submitted_at), **after}
 
 
@@ -1320,7 +1334,7 @@ class Request:
 def _add_job_whole(params, given):
     if params["args_list"] is None and params["args"] is None:
         raise UserError("malformed request: args must be a list of strings")
-    return {"options": _job_options(given)}
+    return {"options": _job_options(given, True)}
 
 
 def _remove_job_whole(params, given):
@@ -1603,6 +1617,15 @@ MIGRATIONS = [
     CREATE UNIQUE INDEX jobs_live_replica ON jobs (service, replica)
         WHERE service IS NOT NULL AND state != 'done';
     CREATE INDEX jobs_by_service ON jobs (service, ended_at) WHERE service IS NOT NULL;
+    """,
+    # 8: split jobs (add_job --split).  split: its slots may come from several
+    # workers; split_parts: where its attempt runs (or ran), JSON [[worker,
+    # [slots]], ...], the first part being the one in worker and slots; each
+    # attempt keeps its parts in its history.
+    """
+    ALTER TABLE jobs ADD COLUMN split INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN split_parts TEXT;
+    ALTER TABLE attempts ADD COLUMN parts TEXT;
     """,
 ]
 
@@ -1917,11 +1940,12 @@ class Store:
         columns = ", ".join(JOB_OPTIONS)
         return self.db.execute(
             f"INSERT INTO jobs (id, state, blocked, script, args, cwd, environment_id, "
-            f"variables, umask, submitted_at, service, replica, {columns}) "
-            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
+            f"variables, umask, submitted_at, service, replica, split, {columns}) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
             (job_id, *JOB_STATE_ROWS[first_state(options)], script, json.dumps(args), cwd,
              environment_id, json.dumps(variables), umask, submitted_at or time.time(),
-             service, replica, *(options[name] for name in JOB_OPTIONS))).lastrowid
+             service, replica, int(options.get("split", False)),
+             *(options[name] for name in JOB_OPTIONS))).lastrowid
 
     def insert_jobs(self, script, arg_lists, cwd, environment_id, variables, umask, options):
         """Queue one job per argument list; return the (contiguous) first and last ids."""
@@ -1929,12 +1953,13 @@ class Store:
         variables_text = json.dumps(variables)
         option_values = tuple(options[name] for name in JOB_OPTIONS)
         state_columns = JOB_STATE_ROWS[first_state(options)]
+        split = int(options.get("split", False))
         self.db.executemany(
             f"INSERT INTO jobs (state, blocked, script, args, cwd, environment_id, variables, "
-            f"umask, submitted_at, {', '.join(JOB_OPTIONS)}) "
-            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
+            f"umask, submitted_at, split, {', '.join(JOB_OPTIONS)}) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
             ((*state_columns, script, json.dumps(args), cwd, environment_id,
-              variables_text, umask, now, *option_values) for args in arg_lists))
+              variables_text, umask, now, split, *option_values) for args in arg_lists))
         last = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'jobs'").fetchone()[0]
         return last - len(arg_lists) + 1, last
 
@@ -2058,7 +2083,7 @@ class Store:
 
     def pinned_waiting_jobs(self):
         """Waiting --on jobs (not replicas: a service waits for its workers to come)."""
-        return self.db.execute("SELECT id, run_on, slots_wanted FROM jobs WHERE state = ? AND "
+        return self.db.execute("SELECT id, run_on, slots_wanted, split FROM jobs WHERE state = ? AND "
                                "run_on IS NOT NULL AND service IS NULL",
                                (JobState.WAITING.value,)).fetchall()
 
@@ -2068,10 +2093,11 @@ class Store:
         """Keep how one attempt went, for the job's history (jobs ID)."""
         self.db.execute(
             "INSERT OR REPLACE INTO attempts (job_id, attempt, worker, slots, started_at, "
-            "ended_at, result, exit_code, signal, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "ended_at, result, exit_code, signal, reason, parts) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (row["id"], row["attempt"], row["worker"], json.dumps(attempt_slots(row)),
              row["started_at"], ended_at, result.value, outcome.get("exit_code"),
-             outcome.get("signal"), reason))
+             outcome.get("signal"), reason, row["split_parts"]))
 
     def attempts(self, job_id):
         return self.db.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt",
@@ -2402,7 +2428,20 @@ def job_to_json(row, log_dir):
         "exclude": json.loads(row["exclude"] or "null"),
         "service": row["service"],
         "replica": row["replica"],
+        "split": bool(row["split"]),
+        "parts": split_parts(row),
     }
+
+
+def job_workers(job):
+    """The workers a job (its JSON form) runs or ran on: those of its parts, if split."""
+    return [worker for worker, _ in job["parts"]] if job.get("parts") else [job["worker"]]
+
+
+def split_parts(row):
+    """The parts of a --split job's latest attempt, [[worker, [slots]], ...]; None for
+    other jobs, and for one that has not run."""
+    return json.loads(row["split_parts"]) if row["split_parts"] else None
 
 
 def attempt_slots(row):
@@ -2413,7 +2452,8 @@ def attempt_slots(row):
 def attempt_to_json(row):
     """One ended attempt of a job, from its history."""
     return {"attempt": row["attempt"], "worker": row["worker"],
-            "slots": json.loads(row["slots"] or "null"), "result": row["result"],
+            "slots": json.loads(row["slots"] or "null"),
+            "parts": json.loads(row["parts"] or "null"), "result": row["result"],
             "exit_code": row["exit_code"], "signal": row["signal"], "reason": row["reason"],
             "started_at": iso_time(row["started_at"]), "ended_at": iso_time(row["ended_at"])}
 
@@ -3014,6 +3054,15 @@ def job_environment(submitter_environment, worker_variables, job_variables, job_
     return environment
 
 
+def split_variables(parts, index):
+    """What part INDEX of a --split job gets beside SLOTS (its share): SPLIT_HOSTS,
+    every part as destination:slots (an MPI host list, this part's place in it
+    being SPLIT_PART, from 0)."""
+    return {"SPLIT_HOSTS": ",".join(f"{worker_address(worker).destination}:{len(slots)}"
+                                    for worker, slots in parts),
+            "SPLIT_PART": str(index)}
+
+
 ###############################################################################
 # Job runner ###################################################################
 ###############################################################################
@@ -3046,8 +3095,11 @@ class AttemptSpec:
     """Everything a supervisor needs to run one attempt of one job."""
 
     def __init__(self, job_id, attempt, script, args, cwd, environment, umask, fd_limit,
-                 log_path, worker):
+                 log_path, worker, parts=None):
         self.job_id = job_id
+        # A --split job's: [{"worker", "slots", "environment"}], one script each, all
+        # under this one supervisor (see _run_parts); ENVIRONMENT is then None.
+        self.parts = parts
         self.attempt = attempt
         self.worker = worker     # its name as registered, for the log's attempt marker
         self.script = script
@@ -3347,6 +3399,8 @@ def _run_and_wait(run_dir, spec, setup, log_fd):
         message = f"cannot enter the job's directory {spec.cwd}: {error.strerror}"
         _note(log_fd, f"cli.py: job {spec.job_id}: {message}\n")
         return {"exit_code": None, "signal": None, "error": message}
+    if spec.parts:
+        return _run_parts(run_dir, spec, setup, log_fd)
     started = _spawn_job(spec, log_fd, setup)
     os.close(log_fd)
     if isinstance(started, dict):
@@ -3357,7 +3411,7 @@ def _run_and_wait(run_dir, spec, setup, log_fd):
     return {"exit_code": os.WEXITSTATUS(exit_status), "signal": None, "error": None}
 
 
-def _spawn_job(spec, log_fd, setup):
+def _spawn_job(spec, log_fd, setup, environment=None):
     """Start the job script in a process group of its own, with a clean slate.
 
     The group is not led by the script: its leader is a process that exits at
@@ -3382,7 +3436,7 @@ def _spawn_job(spec, log_fd, setup):
         group = 0   # (no process to spare) the script leads its group, as before
     try:
         pid = os.posix_spawn(
-            spec.script, [spec.script, *spec.args], spec.environment,
+            spec.script, [spec.script, *spec.args], environment or spec.environment,
             file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                           (os.POSIX_SPAWN_DUP2, log_fd, 1),
                           (os.POSIX_SPAWN_DUP2, log_fd, 2)],
@@ -3430,6 +3484,110 @@ def _wait_for_group(run_dir, spec, script, group):
                 kill_deadline = _terminate_group(group, grace)
             else:
                 kill_deadline = min(kill_deadline, time.monotonic() + grace)
+
+
+def _run_parts(run_dir, spec, setup, log_fd):
+    """Run each part of a --split job (its script, with that part's environment) in
+    a process group of its own, and wait for all of them: the attempt succeeds
+    when every part does.  The first part to fail ends the others (TERM, then
+    KILL after the grace), and its exit status is the attempt's.
+
+    One supervisor for all parts, rather than one per part: the parts start
+    together, and the all-or-nothing end is decided here, in a process that
+    outlives the server; a server killed at any point finds one attempt to
+    adopt or settle, as for any job.  Their output shares the job's log.
+    """
+    count = len(spec.parts)
+    groups = {}   # script pid -> (part index, process group)
+    for index, part in enumerate(spec.parts):
+        _note(log_fd, f"--- part {index + 1} of {count} on {part['worker']} "
+                      f"(slots {','.join(map(str, part['slots']))}) ---\n")
+        started = _spawn_job(spec, log_fd, setup, part["environment"])
+        if isinstance(started, dict):
+            for _, group in groups.values():
+                _signal_group(group, signal.SIGKILL)
+            _wait_for_parts(run_dir, spec, groups)
+            os.close(log_fd)
+            return {**started,
+                    "error": f"part {index + 1} of {count} on {part['worker']} could not start"}
+        groups[started[0]] = (index, started[1])
+    os.close(log_fd)
+    statuses, failed, stopped = _wait_for_parts(run_dir, spec, groups)
+    if failed is None:
+        return {"exit_code": 0, "signal": None, "error": None}
+    status = statuses[failed]
+    ended = {"exit_code": os.WEXITSTATUS(status), "signal": None} \
+        if os.WIFEXITED(status) else {"exit_code": None, "signal": os.WTERMSIG(status)}
+    worker = spec.parts[failed]["worker"]
+    if stopped:
+        return {**ended, "error": None, "part_worker": worker}
+    how = f"exited with status {ended['exit_code']}" if ended["exit_code"] is not None \
+        else f"was killed by signal {ended['signal']}"
+    return {**ended, "part_worker": worker,
+            "error": f"part {failed + 1} of {count} on {worker} {how}" +
+                     ("; the other parts were ended" if count > 1 else "")}
+
+
+def _wait_for_parts(run_dir, spec, groups):
+    """_wait_for_group for the parts of a split job, GROUPS {script pid: (part index,
+    group)}: returns ({part index: wait status}, the index of the first part
+    that failed or None, True if the server asked us to end the job)."""
+    waited = {signal.SIGTERM, signal.SIGCHLD}
+    statuses, failed, stopped = {}, None, False
+    ending = set()          # the groups asked to end (SIGTERM sent)
+    kill_deadline = None
+
+    def end(group_ids, grace):
+        nonlocal kill_deadline
+        for group in group_ids:
+            _signal_group(group, signal.SIGTERM)
+            ending.add(group)
+        deadline = time.monotonic() + grace
+        kill_deadline = deadline if kill_deadline is None else min(kill_deadline, deadline)
+    while True:
+        for pid, status in _reaped():
+            if pid not in groups:
+                continue
+            index, group = groups[pid]
+            statuses[index] = status
+            if failed is None and not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+                failed = index
+            # What the part's script left behind goes, as for any job (_wait_for_group).
+            if group not in ending and _group_alive(group):
+                end([group], DEFAULT_KILL_GRACE)
+        if failed is not None:
+            others = [group for _, group in groups.values() if group not in ending]
+            if others:
+                end(others, DEFAULT_KILL_GRACE)
+        if len(statuses) == len(groups) and \
+                not any(_group_alive(group) for _, group in groups.values()):
+            return statuses, failed, stopped
+        if kill_deadline is None:
+            received = signal.sigwaitinfo(waited)
+        else:
+            remaining = kill_deadline - time.monotonic()
+            if remaining <= 0:
+                for group in ending:
+                    _signal_group(group, signal.SIGKILL)
+                remaining = 1.0
+            received = signal.sigtimedwait(waited, remaining)
+        if received and received.si_signo == signal.SIGTERM:
+            stopped = True
+            end([group for _, group in groups.values()],
+                _read_grace(run_dir, spec.job_id, spec.attempt))
+
+
+def _reaped():
+    """Reap every child that has ended: [(pid, wait status)]."""
+    reaped = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return reaped
+        if pid == 0:
+            return reaped
+        reaped.append((pid, status))
 
 
 def _reap_children(script, script_status):
@@ -4931,8 +5089,14 @@ class Workers:
             raise UserError("--exclude leaves no worker to run on; add one first "
                             "(./cli.py add_slave HOST)")
         wanted = options["slots_wanted"]
+        together = sum(worker.slots for worker in allowed)
+        if options.get("split") and together < wanted:
+            which = "in --on have" if lists["run_on"] else "have"
+            raise UserError(f"the workers {which} {together} slots together, fewer than "
+                            f"--slots {wanted}: add workers (./cli.py add_slave), or ask "
+                            "for fewer")
         most = max((worker.slots for worker in allowed), default=0)
-        if wanted > 1 and most < wanted:
+        if wanted > 1 and most < wanted and not options.get("split"):
             which = "in --on " if lists["run_on"] else ""
             raise UserError(f"no worker {which}has {wanted} slots (the most is {most}): add one "
                             f"with ./cli.py add_slave --slots {wanted} HOST, or ask for fewer")
@@ -4997,7 +5161,8 @@ class Workers:
     def weigh_attempt(self, row, outcome, result):
         """Count an ended attempt for or against its worker (see worker_verdict); set the
         worker aside after DOWN_AFTER in a row, until a health check passes."""
-        worker = self.by_name.get(row["worker"])
+        # (A --split job: the worker of the part that failed, if one did.)
+        worker = self.by_name.get(outcome.get("part_worker") or row["worker"])
         if worker is None:
             return
         ended = outcome.get("ended_at") or time.time()
@@ -5052,6 +5217,7 @@ class Queue:
         self.log = log
         self.log_dir = log_dir
         self.paused = False        # the whole queue: no job starts while set
+        self.placement = PLACEMENTS[0]   # start --placement (see plan_starts)
         self.schedule_needed = True
         self.release_at = None     # when the timer that unblocks delayed jobs fires
         self.schedule_delay = RetryDelay()   # while jobs cannot start (schedule_later)
@@ -5064,6 +5230,7 @@ class Queue:
         """At start, after recovery: settle what recovery (or an older cli.py) left
         undone, and wake up for the start times to come."""
         self.paused = self.store.setting("paused", False)
+        self.placement = self.store.setting("placement", PLACEMENTS[0])
         with self.changes() as changes:   # a database from before Dependencies.resolve, or edited
             self.resolve(changes, self.store.dependencies.stale())
         self.skip_stranded()   # a crash may have come between a worker's removal and this
@@ -5116,6 +5283,8 @@ class Queue:
                                "slots": json.dumps(slots) if len(slots) > 1 else None,
                                "started_at": now, "attempt": jobs[job_id]["attempt"] + 1,
                                "log": job_log_path(self.log_dir, job_id)}
+                    if job_id in starts.parts:
+                        columns["split_parts"] = json.dumps(starts.parts[job_id])
                     self.store.change_jobs([job_id], JobState.WAITING, JobState.RUNNING,
                                            **columns)
                     started.append({**dict(jobs[job_id]), **columns, "reason": None,
@@ -5142,10 +5311,10 @@ class Queue:
         # look (a job that is pinned or too big must not idle the others).
         head = max(free, 64)
         rows = self.store.ready_jobs(limit=head)
-        starts = plan_starts(self.job_needs(rows), capacities)
+        starts = plan_starts(self.job_needs(rows), capacities, self.placement)
         if starts.left and len(rows) == head:
             rows = self.store.ready_jobs(limit=SCHEDULE_SCAN_LIMIT)
-            starts = plan_starts(self.job_needs(rows), capacities)
+            starts = plan_starts(self.job_needs(rows), capacities, self.placement)
         return starts, {row["id"]: row for row in rows}
 
     def job_needs(self, rows):
@@ -5155,7 +5324,7 @@ class Queue:
                          row["run_on"] and json.loads(row["run_on"]),
                          row["prefer"] and json.loads(row["prefer"]) or (),
                          row["exclude"] and json.loads(row["exclude"]) or (),
-                         failed_on.get(row["id"], ())) for row in rows]
+                         failed_on.get(row["id"], ()), row["split"]) for row in rows]
 
     def schedule_later(self, why):
         """Jobs could not start (the database refused, or their supervisors found no
@@ -5363,9 +5532,10 @@ class Queue:
     def skip_stranded(self):
         """Skip waiting --on jobs none of whose workers is left (or has enough slots)."""
         usable = self.workers.usable_slots()
-        stranded = [row["id"] for row in self.store.pinned_waiting_jobs()
-                    if not any(usable.get(name, 0) >= row["slots_wanted"]
-                               for name in json.loads(row["run_on"]))]
+        def fits(row):
+            sizes = [usable.get(name, 0) for name in json.loads(row["run_on"])]
+            return (sum(sizes) if row["split"] else max(sizes)) >= row["slots_wanted"]
+        stranded = [row["id"] for row in self.store.pinned_waiting_jobs() if not fits(row)]
         if not stranded:
             return
         with self.changes() as changes:
@@ -5588,8 +5758,11 @@ class Attempt:
         self.number = row["attempt"]
         self.worker = row["worker"]
         self.slots = attempt_slots(row)
+        # (worker, slots) of each part: one, but for a --split job across workers.
+        self.parts = [(worker, slots) for worker, slots in split_parts(row) or
+                      [(self.worker, self.slots)]]
         self.pid = pid
-        self.control_dir = None  # its worker's SSH masters' directory, if its ssh shares them
+        self.control_dirs = []   # its workers' SSH masters' directories, if its ssh shares them
         self.pidfd = pidfd       # None: a live supervisor we could not watch (see adopt),
                                  # or one that has ended (see record_end)
         self.outcome = None      # how it ended, once known: kept until it is saved
@@ -5622,7 +5795,7 @@ class Runner:
 
     def jobs_on(self, host):
         return sorted(job_id for job_id, attempt in self.running.items()
-                      if attempt.worker == host)
+                      if any(worker == host for worker, _ in attempt.parts))
 
     # --- recovery -----------------------------------------------------------
 
@@ -5729,23 +5902,36 @@ class Runner:
                 attempt = self.hold(Attempt(row, None, None))
                 self.record_end(attempt)   # queues it again
 
-    def environment_of(self, row):
-        """The environment the running job ROW's script runs (or ran) with."""
-        worker = self.workers.get(row["worker"])
-        return job_environment(self.submitter_environment(row["environment_id"]),
-                               worker.variables, json.loads(row["variables"]), row["id"],
-                               worker.name, row["attempt"], attempt_slots(row),
-                               worker.job_endpoint(), self.jobs_ssh.shim_for(worker, row))
+    def environment_of(self, row, part=None):
+        """The environment the running job ROW's script runs (or ran) with; for a --split
+        job, that of PART (worker, slots), with SPLIT_HOSTS and SPLIT_PART."""
+        worker_name, slots = part or (row["worker"], attempt_slots(row))
+        worker = self.workers.get(worker_name)
+        environment = job_environment(self.submitter_environment(row["environment_id"]),
+                                      worker.variables, json.loads(row["variables"]),
+                                      row["id"], worker.name, row["attempt"], slots,
+                                      worker.job_endpoint(), self.jobs_ssh.shim_for(worker, row))
+        if part is not None:
+            parts = split_parts(row)
+            environment.update(split_variables(parts, parts.index(list(part))))
+        return environment
 
     def start_attempt(self, row):
-        environment = self.environment_of(row)
+        parts = split_parts(row)
+        environment = None if parts else self.environment_of(row)
         spec = AttemptSpec(row["id"], row["attempt"], row["script"], json.loads(row["args"]),
                            row["cwd"], environment, row["umask"], self.job_fd_limit, row["log"],
                            row["worker"])
+        if parts:
+            spec.parts = [{"worker": worker, "slots": slots,
+                           "environment": self.environment_of(row, (worker, slots))}
+                          for worker, slots in parts]
         pid, pidfd = self.spawner.spawn(self.run_dir, spec)
         self.watch(row, pid, pidfd)
-        self.log.info("job %s: started on %s slot %s (attempt %s, supervisor %s)",
-                      row["id"], row["worker"], row["slot"], row["attempt"], pid)
+        where = " + ".join(f"{worker} ({len(slots)})" for worker, slots in parts) if parts \
+            else f"{row['worker']} slot {row['slot']}"
+        self.log.info("job %s: started on %s (attempt %s, supervisor %s)",
+                      row["id"], where, row["attempt"], pid)
 
     def submitter_environment(self, environment_id):
         if environment_id not in self.environment_cache:
@@ -5759,13 +5945,15 @@ class Runner:
         if row["ssh_reuse"]:
             # Its worker's masters stay while it runs (whatever the worker's own
             # setting, which may have changed since it started).
-            attempt.control_dir = self.jobs_ssh.control_dir(row["worker"])
+            attempt.control_dirs = [self.jobs_ssh.control_dir(worker)
+                                    for worker, _ in attempt.parts]
         return attempt
 
     def hold(self, attempt):
         """ATTEMPT runs (or is being settled): it holds its slots until forget."""
         self.running[attempt.job_id] = attempt
-        self.workers.hold_slots(attempt.worker, attempt.slots)
+        for worker, slots in attempt.parts:
+            self.workers.hold_slots(worker, slots)
         return attempt
 
     def watch(self, row, pid, pidfd):
@@ -5906,9 +6094,10 @@ class Runner:
         attempt.ended = True
         if self.running.get(attempt.job_id) is attempt:
             del self.running[attempt.job_id]
-        self.workers.free_slots(attempt.worker, attempt.slots)
-        if attempt.control_dir is not None:
-            self.release_control_dir(attempt.worker)
+        for worker, slots in attempt.parts:
+            self.workers.free_slots(worker, slots)
+            if attempt.control_dirs:
+                self.release_control_dir(worker)
 
     # --- SSH masters --------------------------------------------------------
 
@@ -5919,13 +6108,14 @@ class Runner:
         if worker is not None and worker.ssh_reuse:
             return
         control_dir = self.jobs_ssh.control_dir(worker_name)
-        if any(attempt.control_dir == control_dir for attempt in self.running.values()):
+        if any(control_dir in attempt.control_dirs for attempt in self.running.values()):
             return
         stop_ssh_masters(control_dir)
 
     def release_ssh_root(self):
         """At stop: stop the masters that no running job uses; see JobsSsh.release."""
-        in_use = {attempt.control_dir for attempt in self.running.values()}
+        in_use = {control_dir for attempt in self.running.values()
+                  for control_dir in attempt.control_dirs}
         self.jobs_ssh.release(list(self.workers), in_use, bool(self.running))
 
 
@@ -7017,7 +7207,7 @@ class Handlers:
                                            -1 if waiting_limit is None else waiting_limit)
         running = [job_to_json(row, self.log_dir)
                    for row in self.store.jobs_in_state(JobState.RUNNING)]
-        slaves = [worker.to_json([job for job in running if job["worker"] == worker.name])
+        slaves = [worker.to_json([job for job in running if worker.name in job_workers(job)])
                   for worker in self.workers.all()]
         waitlist = self.with_dependencies([job_to_json(row, self.log_dir) for row in waiting])
         capacities = self.workers.capacities()
@@ -7033,6 +7223,7 @@ class Handlers:
             "server": {"pid": os.getpid(), "version": VERSION,
                        "data_dir": self.server.data_dir, "log_dir": self.log_dir},
             "paused": self.queue.paused,
+            "placement": self.queue.placement,
             "slaves": slaves,
             "job_waitlist": waitlist,
             "running_jobs": running,
@@ -7294,7 +7485,7 @@ class Server(Events):
 
     def __init__(self, data_dir, log_dir, log, job_fd_limit, spawner,
                  check_interval=DEFAULT_CHECK_INTERVAL, ssh_config=KEEP_SSH_CONFIG,
-                 down_after=None):
+                 down_after=None, placement=None):
         import selectors   # here: clients do not need it
         self.data_dir = data_dir
         self.log_dir = log_dir
@@ -7302,6 +7493,7 @@ class Server(Events):
         self.spawner = spawner
         self.ssh_config = ssh_config   # the queue's (see load): None for ssh's defaults
         self.down_after = down_after   # ditto: failures in a row that set a worker aside
+        self.placement = placement     # ditto: spread or pack (see plan_starts)
         self.paths = data_dir_paths(data_dir)
         self.store = Store(self.paths["database"])
         self.selector = selectors.DefaultSelector()
@@ -7329,6 +7521,9 @@ class Server(Events):
         if self.ssh_config is not KEEP_SSH_CONFIG:
             with self.store.transaction():
                 self.store.set_setting("ssh_config", self.ssh_config)
+        if self.placement is not None:
+            with self.store.transaction():
+                self.store.set_setting("placement", self.placement)
         self.ssh_config = self.health.ssh_config = self.store.setting("ssh_config", None)
         self.workers.load(self.down_after)
         # First: recovery may remove a drained worker, and write.
@@ -7425,7 +7620,7 @@ class Server(Events):
 
 
 def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL,
-               ssh_config=KEEP_SSH_CONFIG, down_after=None):
+               ssh_config=KEEP_SSH_CONFIG, down_after=None, placement=None):
     """Own DATA_DIR, recover, listen, and serve until stopped."""
     if not hasattr(os, "pidfd_open"):
         raise UserError("the server needs Linux 5.3 or later (pidfd) and Python 3.10+")
@@ -7436,7 +7631,7 @@ def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL,
     import sqlite3
     try:
         lock, server = open_server(data_dir, log_dir, paths, filelock, notify, spawner,
-                                   check_interval, ssh_config, down_after)
+                                   check_interval, ssh_config, down_after, placement)
     except (OSError, sqlite3.Error) as error:
         # The disk may be full or read-only: say so, and what to do.
         fault = storage_fault(getattr(error, "filename", None) or data_dir, error)
@@ -7466,7 +7661,7 @@ def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL,
 
 
 def open_server(data_dir, log_dir, paths, filelock, notify, spawner, check_interval,
-                ssh_config, down_after):
+                ssh_config, down_after, placement=None):
     """Take the data dir, recover and listen; return (lock, server) ready to serve."""
     import resource
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
@@ -7488,7 +7683,7 @@ def open_server(data_dir, log_dir, paths, filelock, notify, spawner, check_inter
     spawner.log = log
     try:
         server = Server(data_dir, log_dir, log, job_fd_limit, spawner, check_interval,
-                        ssh_config, down_after)
+                        ssh_config, down_after, placement)
         server.load()
         server.clients.listen()
     except BaseException:
@@ -7712,7 +7907,8 @@ def command_start(options):
     ssh_config = start_ssh_config(options)
     if options.foreground:
         run_server(data_dir, log_dir, notify=options.notify, check_interval=check_interval,
-                   ssh_config=ssh_config, down_after=options.down_after)
+                   ssh_config=ssh_config, down_after=options.down_after,
+                   placement=options.placement)
         return 0
     import subprocess
     server = subprocess.Popen(
@@ -7720,7 +7916,8 @@ def command_start(options):
          "--server_data_dir", data_dir, "--log_dir", log_dir,
          "--check-interval", str(check_interval)] +
         ([] if ssh_config is KEEP_SSH_CONFIG else ["--ssh-config", ssh_config or "default"]) +
-        ([] if options.down_after is None else ["--down-after", str(options.down_after)]),
+        ([] if options.down_after is None else ["--down-after", str(options.down_after)]) +
+        ([] if options.placement is None else ["--placement", options.placement]),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True, cwd="/")
     output = []
@@ -7829,7 +8026,8 @@ def print_json(document):
 def render_status(status):
     tabulate = require("tabulate").tabulate
     lines = [f"server pid {status['server']['pid']}, data dir {status['server']['data_dir']}, "
-             f"job logs in {status['server']['log_dir']}"]
+             f"job logs in {status['server']['log_dir']}, placement "
+             f"{status.get('placement', PLACEMENTS[0])}"]
     if status["paused"]:
         lines.append("QUEUE PAUSED: no new job starts (./cli.py resume)")
     now = time.time()
@@ -7843,7 +8041,7 @@ def render_status(status):
     lines.append(tabulate(workers, headers=["worker", "status", "slots", "jobs",
                                             "last check", "variables"])
                  if workers else "  none: add one with ./cli.py add_slave HOST")
-    running = [[job["id"], job["worker"], job["slot"],
+    running = [[job["id"], "+".join(job_workers(job)), job["slot"],
                 _elapsed(now - parse_iso_time(job["started_at"])), _command_line(job), job["log"]]
                for job in status["running_jobs"]]
     if running:
@@ -7995,7 +8193,7 @@ def command_add_job(options):
     The job runs SCRIPT with ARGS exactly as given, in the current directory,
     with the current environment plus the worker's and the job's -e variables,
     plus JOB_ID, SLAVE_IP, SLAVE_HOST, SLAVE_PORT, SLAVE_USER, SLOT, SLOTS and
-    JOB_ATTEMPT.  After ARGS, each `::: A B C` group adds one argument per job,
+    JOB_ATTEMPT (and SPLIT_HOSTS and SPLIT_PART with --split).  After ARGS, each `::: A B C` group adds one argument per job,
     several groups give every combination (as in GNU parallel); --args-file
     gives one job per line instead.  Either all jobs are queued or none.
     """
@@ -8028,6 +8226,7 @@ def job_policy(options):
         not_before = time.time() + parse_duration(options.delay, "--delay")
     return {
         "slots_wanted": options.slots,
+        **({"split": True} if getattr(options, "split", False) else {}),
         "on": host_list(options.on, "--on"),
         "prefer": host_list(options.prefer, "--prefer"),
         "exclude": host_list(options.exclude, "--exclude"),
@@ -9368,7 +9567,8 @@ EXAMPLES = {
                   "  ./cli.py quickstart --server_data_dir ~/try-queue",
     "start": "./cli.py start\n  ./cli.py start --server_data_dir ~/queue --log_dir ~/queue/logs\n"
              "  ./cli.py start --foreground          # under systemd or screen\n"
-             "  ./cli.py start --ssh-config ~/cluster/ssh_config",
+             "  ./cli.py start --ssh-config ~/cluster/ssh_config\n"
+             "  ./cli.py start --placement pack     # best fit: big workers kept for big jobs",
     "stop": "./cli.py stop",
     "status": "./cli.py status\n  ./cli.py status --json > state.json",
     "add_slave": "./cli.py add_slave node1 node2 alice@10.0.0.7 alice@10.0.0.8:2222 '[fd00::5]'\n"
@@ -9385,7 +9585,11 @@ EXAMPLES = {
                "  ./cli.py add_job --args-file params.txt ./sweep.sh\n"
                "  ./cli.py add_job --retries 3 --timeout 2h ./simulate.sh run-7\n"
                "  ./cli.py add_job --after 12-20 --priority 5 ./collect.sh\n"
-               "  ./cli.py add_job --slots 8 --on gpu1,gpu2 --at 22:00 ./train.sh",
+               "  ./cli.py add_job --slots 8 --on gpu1,gpu2 --at 22:00 ./train.sh\n"
+               "  ./cli.py add_job --slots 40 --split ./mpi.sh   # 40 slots over one or more "
+               "workers;\n"
+               "                                               # each part: mpirun -H "
+               "$SPLIT_HOSTS ...",
     "remove_job": "./cli.py remove_job 12 13\n  ./cli.py remove_job ./job.sh input-1.dat",
     "load_status": "./cli.py status --json > state.json\n  ./cli.py load_status state.json",
     "kill": "./cli.py kill 12\n  ./cli.py kill --grace 1m 12-20 31",
@@ -9544,6 +9748,12 @@ def build_parser(only=None):
                             "'default' goes back to ~/.ssh/config and /etc/ssh/ssh_config, "
                             "'none' reads no config. Default: the one the queue has, or "
                             f"${SSH_CONFIG_VARIABLE} if set.")
+    start.add_argument("--placement", choices=PLACEMENTS,
+                       help="Where jobs go among the workers with room: 'spread' (the one "
+                            "with the most free slots, so load spreads across machines) or "
+                            "'pack' (the one with the fewest free slots that still holds "
+                            "the job, so large workers stay free for large jobs). Remembered "
+                            f"across restarts (default: {PLACEMENTS[0]}).")
     start.add_argument("--notify", action="store_true", help=argparse.SUPPRESS)
 
     add("stop")
@@ -9607,7 +9817,16 @@ def build_parser(only=None):
     what.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
                       help="Arguments passed to the script verbatim, even ones that look "
                            "like options.")
-    placement_arguments(add_job.add_argument_group("where it runs"), "job")
+    where = add_job.add_argument_group("where it runs")
+    placement_arguments(where, "job")
+    where.add_argument("--split", action="store_true",
+                       help="Let the --slots K come from several workers (an MPI-style "
+                            "job): the script runs once per worker, each run with SLOTS its "
+                            "share, SPLIT_HOSTS every part as host:slots,... and SPLIT_PART "
+                            "its place in that list (from 0). One worker that holds all K "
+                            "is preferred, else the fewest workers, most room first. It "
+                            "starts only when all K are free at once, succeeds when every "
+                            "part does, and a part that fails ends the others.")
     when = add_job.add_argument_group("when it starts")
     when.add_argument("--priority", type=int, default=0, metavar="N",
                       help="Higher starts first; jobs of equal priority start in "
@@ -9846,6 +10065,9 @@ def check_conflicts(options):
         raise UserError("--wait and --kill exclude each other: choose one")
     if command == "add_job" and options.at is not None and options.delay is not None:
         raise UserError("--at and --delay both give a start time: choose one")
+    if command == "add_job" and options.split and options.slots < 2:
+        raise UserError("--split needs --slots K of 2 or more (the slots to split across "
+                        "workers)")
     if command == "add_job" and options.retry_delay is not None and not options.retries:
         raise UserError("--retry-delay needs --retries N (how many more attempts)")
     if command == "edit_slave":
