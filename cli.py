@@ -8677,9 +8677,13 @@ def command_jobs(options):
 def render_job(job):
     lines = []
     for key in ("id", "state", "result", "exit_code", "signal", "reason", "worker", "slots",
-                "attempt", "retries", "priority", "timeout", "not_before", "script", "args",
+                "parts", "attempt", "retries", "priority", "timeout", "not_before", "script", "args",
                 "cwd", "envs", "submitted_at", "started_at", "ended_at", "log"):
         value = job[key]
+        if key == "parts":
+            if not job["split"]:
+                continue   # (a line for --split jobs only)
+            value = value and " + ".join(f"{worker} ({len(slots)})" for worker, slots in value)
         if key == "signal" and value is not None:
             value = f"{value} ({_signal_name(value)})"
         elif isinstance(value, (list, dict)):
@@ -8688,7 +8692,9 @@ def render_job(job):
     for attempt in job.get("attempts", []):
         if attempt is job["attempts"][0]:
             lines.append("attempts:")
-        lines.append(f"  {attempt['attempt']}. {attempt['result']} on {attempt['worker']} "
+        where = "+".join(worker for worker, _ in attempt["parts"]) if attempt.get("parts") \
+            else attempt["worker"]
+        lines.append(f"  {attempt['attempt']}. {attempt['result']} on {where} "
                      f"(exit {_exit_text(attempt)}), {_local_time(attempt['started_at'])} to "
                      f"{_local_time(attempt['ended_at'])}"
                      + (f": {attempt['reason']}" if attempt["reason"] else ""))

@@ -93,6 +93,8 @@ def test_a_split_job_of_6_slots_over_two_workers_of_4_runs_as_4_plus_2_at_once(s
     assert ended["result"] == "succeeded" and ended["split"] is True
     assert ended["parts"] == [["w1", [0, 1, 2, 3]], ["w2", [0, 1]]]
     assert ended["attempts"][0]["parts"] == ended["parts"]
+    shown = server.ok("jobs", job_id)
+    assert "w1 (4) + w2 (2)" in shown and "succeeded on w1+w2" in shown
     log = pathlib_text(ended["log"])
     assert "part 1 of 2 on w1" in log and "part 2 of 2 on w2" in log
     assert slots_in_use(server) == {"w1": 0, "w2": 0}
