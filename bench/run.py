@@ -213,25 +213,26 @@ def b7_placement(sandbox, root, rounds):
 
 
 def placement_waits(sandbox, root, rounds, placement):
-    """{slots: [seconds from each job's --at to its start]} of the B7 stream."""
+    """{slots: [seconds from each job's start time to its start]} of the B7 stream."""
     from datetime import datetime, timezone
-    job = script(root.parent, "second.sh", "sleep 1\n")
+    job = str(script(root.parent, "second.sh", "sleep 1\n"))
+    slaves = [{"ip": "big", "slots": 16}, {"ip": "mid1", "slots": 4}, {"ip": "mid2", "slots": 4},
+              *({"ip": f"one{n}", "slots": 1} for n in range(1, 5))]
+    # The whole stream in one load_status call, each job with its start time: how
+    # fast jobs can be submitted (some 50 ms an add_job, far more on a loaded
+    # machine) must not shape it.
+    base = time.time() + 3
+    stream = []
+    for number in range(rounds):
+        at = datetime.fromtimestamp(base + 0.5 * number, timezone.utc).isoformat()
+        sizes = [1, 1, 1, 1, 4] + ([16] if number % 2 == 0 else [])
+        stream += [{"script": job, "slots_wanted": size, "not_before": at} for size in sizes]
+    document = root.parent / f"{placement}-stream.json"
+    document.write_text(json.dumps({"slaves": slaves, "job_waitlist": stream}))
     with Queue(root, sandbox.env(), "--placement", placement) as queue:
-        queue("add_slave", "--skip_ssh_auth_check", "--slots", 16, "big")
-        queue("add_slave", "--skip_ssh_auth_check", "--slots", 4, "mid1", "mid2")
-        queue("add_slave", "--skip_ssh_auth_check", "--slots", 1, "one1", "one2", "one3",
-              "one4")
-        # Start times given up front (--at), so that the stream does not depend on
-        # how fast it is submitted; each add_job call takes some 50 ms.
-        base = time.time() + 2 + 0.06 * rounds * 2.5
-        for number in range(rounds):
-            at = datetime.fromtimestamp(base + 0.5 * number, timezone.utc).isoformat()
-            queue("add_job", "--at", at, job, ":::", 1, 2, 3, 4)
-            queue("add_job", "--at", at, "--slots", 4, job)
-            if number % 2 == 0:
-                queue("add_job", "--at", at, "--slots", 16, job)
+        queue("load_status", document)
         if time.time() > base:
-            print(f"B7: submitting took {time.time() - base:.1f}s longer than planned; "
+            print(f"B7: loading took {time.time() - base + 3:.1f}s, longer than planned; "
                   "the first jobs' waits include it", file=sys.stderr)
         queue("wait", "--quiet")
         placed = json.loads(queue("jobs", "--json"))
