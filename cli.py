@@ -9812,8 +9812,8 @@ def build_parser(only=None):
     what = add_job.add_argument_group("what to run")
     what.add_argument("-e", dest="env", action="append", default=[], metavar="NAME=VALUE",
                       help="A variable for this job; repeatable. JOB_ID, SLAVE_IP, "
-                           "SLAVE_HOST, SLAVE_PORT, SLAVE_USER, SLOT, SLOTS and JOB_ATTEMPT "
-                           "are reserved.")
+                           "SLAVE_HOST, SLAVE_PORT, SLAVE_USER, SLOT, SLOTS, JOB_ATTEMPT, "
+                           "SPLIT_HOSTS and SPLIT_PART are reserved.")
     what.add_argument("--args-file", metavar="FILE",
                       help="One job per line of FILE (- for stdin), split into arguments as "
                            "a POSIX shell would, without running anything; they follow "
