@@ -2083,8 +2083,8 @@ class Store:
 
     def pinned_waiting_jobs(self):
         """Waiting --on jobs (not replicas: a service waits for its workers to come)."""
-        return self.db.execute("SELECT id, run_on, slots_wanted, split FROM jobs WHERE state = ? AND "
-                               "run_on IS NOT NULL AND service IS NULL",
+        return self.db.execute("SELECT id, run_on, slots_wanted, split FROM jobs "
+                               "WHERE state = ? AND run_on IS NOT NULL AND service IS NULL",
                                (JobState.WAITING.value,)).fetchall()
 
     # --- history: every ended attempt ----------------------------------------
@@ -8193,9 +8193,11 @@ def command_add_job(options):
     The job runs SCRIPT with ARGS exactly as given, in the current directory,
     with the current environment plus the worker's and the job's -e variables,
     plus JOB_ID, SLAVE_IP, SLAVE_HOST, SLAVE_PORT, SLAVE_USER, SLOT, SLOTS and
-    JOB_ATTEMPT (and SPLIT_HOSTS and SPLIT_PART with --split).  After ARGS, each `::: A B C` group adds one argument per job,
-    several groups give every combination (as in GNU parallel); --args-file
-    gives one job per line instead.  Either all jobs are queued or none.
+    JOB_ATTEMPT (and SPLIT_HOSTS and SPLIT_PART with --split).  After ARGS,
+    each `::: A B C` group adds one argument per job, several groups give
+    every combination (as in GNU parallel); --args-file gives one job per
+    line instead.  Either all jobs are queued or none.  With --slots K
+    --split, the K slots may come from several workers: see --split below.
     """
     script = resolve_script(options.script)
     args = options.args
@@ -8677,8 +8679,8 @@ def command_jobs(options):
 def render_job(job):
     lines = []
     for key in ("id", "state", "result", "exit_code", "signal", "reason", "worker", "slots",
-                "parts", "attempt", "retries", "priority", "timeout", "not_before", "script", "args",
-                "cwd", "envs", "submitted_at", "started_at", "ended_at", "log"):
+                "parts", "attempt", "retries", "priority", "timeout", "not_before", "script",
+                "args", "cwd", "envs", "submitted_at", "started_at", "ended_at", "log"):
         value = job[key]
         if key == "parts":
             if not job["split"]:
