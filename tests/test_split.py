@@ -138,6 +138,22 @@ def test_kill_ends_every_part(server, parts):
         wait_until(lambda: not process_alive(record["pid"]), what=f"part {record['part']} to end")
 
 
+def test_a_timeout_ends_every_part_and_a_retry_runs_the_whole_job_again(server, parts):
+    server.ok("add_slave", "--slots", "2", "w1", "w2")
+    job_id = server.add_job("--slots", "4", "--split", "--timeout", "1s", "--retries", "1",
+                            parts, env=dict(server.env, SLEEP="60"))
+    server.run("wait", "-q", job_id, timeout=90)
+    ended = job(server, job_id)
+    assert [attempt["result"] for attempt in ended["attempts"]] == ["timed_out", "timed_out"]
+    assert all(attempt["parts"] == [["w1", [0, 1]], ["w2", [0, 1]]]
+               for attempt in ended["attempts"])
+    records = part_records(server, job_id)   # (the second attempt's, written over the first's)
+    assert {record["attempt"] for record in records} == {"2"}
+    for record in records:
+        wait_until(lambda: not process_alive(record["pid"]), what=f"part {record['part']} to end")
+    assert slots_in_use(server) == {"w1": 0, "w2": 0}
+
+
 def test_a_split_job_waits_for_all_its_slots_at_once_ahead_of_small_jobs(server, parts):
     server.ok("add_slave", "--slots", "2", "w1", "w2")
     gate = server.root / "gate"
