@@ -2034,10 +2034,16 @@ class Store:
     def find_jobs(self, state=None, result=None, worker=None, script=None, last=None):
         """Jobs matching every filter given, oldest first (the LAST most recent if given)."""
         conditions, values = [], []
-        for column, value in (("state", state), ("result", result), ("worker", worker)):
+        for column, value in (("state", state), ("result", result)):
             if value is not None:
                 conditions.append(f"{column} = ?")
                 values.append(value)
+        if worker is not None:
+            # Any part of a --split job counts, not only the first (in worker): its
+            # entry in split_parts as json.dumps wrote it, '["w2", [' (names have no
+            # quotes or backslashes that JSON would escape).
+            conditions.append("(worker = ? OR instr(split_parts, ?) > 0)")
+            values += [worker, json.dumps([worker, []])[:-2]]
         if script is not None:
             # An absolute path matches exactly; a bare name matches any script of that name.
             conditions.append("(script = ? OR substr(script, -length(?) - 1) = '/' || ?)")

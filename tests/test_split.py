@@ -95,6 +95,8 @@ def test_a_split_job_of_6_slots_over_two_workers_of_4_runs_as_4_plus_2_at_once(s
     assert ended["attempts"][0]["parts"] == ended["parts"]
     shown = server.ok("jobs", job_id)
     assert "w1 (4) + w2 (2)" in shown and "succeeded on w1+w2" in shown
+    assert [entry["id"] for entry in json.loads(server.ok("jobs", "--worker", "w2", "--json"))] \
+        == [job_id]
     log = pathlib_text(ended["log"])
     assert "part 1 of 2 on w1" in log and "part 2 of 2 on w2" in log
     assert slots_in_use(server) == {"w1": 0, "w2": 0}
@@ -257,3 +259,17 @@ def test_placement_pack_takes_the_smallest_worker_that_holds_a_job_and_is_kept(c
     spread = cli.add_job("--slots", "4", cli.script)
     cli.ok("wait", "-q", spread)
     assert cli.record(spread)["slave"] == "w1"
+
+
+def test_a_split_job_keeps_split_through_status_json_and_load_status(server, parts):
+    server.ok("add_slave", "--slots", "2", "w1", "w2")
+    server.ok("pause")
+    server.add_job("--slots", "4", "--split", parts)
+    document = server.root / "state.json"
+    document.write_text(server.ok("status", "--json"))
+    server.ok("load_status", document)
+    loaded, = server.status()["job_waitlist"]
+    assert (loaded["split"], loaded["slots_wanted"], loaded["parts"]) == (True, 4, None)
+    server.ok("resume")
+    server.ok("wait", "-q", loaded["id"])
+    assert len(part_records(server, loaded["id"])) == 2
