@@ -21,13 +21,16 @@ spec.loader.exec_module(cli_module)
 # same time fails), then sleeps $SLEEP or until the file $GATE exists, and exits
 # with $EXIT_<PART> (default 0; a part with an exit code first waits for $FAIL_GATE).
 PART_JOB = """#!{python}
-import json, os, sys, time
+import json, os, subprocess, sys, time
 results = os.environ["RESULTS"]
+# Each part reaches its own worker over ssh, as a real part would.
+reached = subprocess.run(["ssh", os.environ["SLAVE_IP"], "echo reached $SSH_CONNECTION"],
+                         capture_output=True, text=True, timeout=30).stdout.strip()
 job, part = os.environ["JOB_ID"], os.environ["SPLIT_PART"]
 parts = len(os.environ["SPLIT_HOSTS"].split(","))
 record = {{"part": int(part), "slave": os.environ["SLAVE_IP"], "slots": os.environ["SLOTS"],
           "hosts": os.environ["SPLIT_HOSTS"], "pid": os.getpid(), "attempt":
-          os.environ["JOB_ATTEMPT"]}}
+          os.environ["JOB_ATTEMPT"], "reached": reached}}
 path = os.path.join(results, f"{{job}}-{{part}}.json")
 with open(path + ".tmp", "w") as out:
     json.dump(record, out)
@@ -89,6 +92,9 @@ def test_a_split_job_of_6_slots_over_two_workers_of_4_runs_as_4_plus_2_at_once(s
     assert (first["slave"], first["slots"]) == ("w1", "0,1,2,3")
     assert (second["slave"], second["slots"]) == ("w2", "0,1")
     assert first["hosts"] == second["hosts"] == "w1:4,w2:2"
+    # w1 and w2 are sshd servers on loopback ports of their own: each part got to its own.
+    assert first["reached"].startswith("reached ") and second["reached"].startswith("reached ")
+    assert first["reached"].split()[-1] != second["reached"].split()[-1]
     ended = job(server, job_id)
     assert ended["result"] == "succeeded" and ended["split"] is True
     assert ended["parts"] == [["w1", [0, 1, 2, 3]], ["w2", [0, 1]]]
