@@ -3537,50 +3537,55 @@ def _run_parts(run_dir, spec, setup, log_fd):
 def _wait_for_parts(run_dir, spec, groups):
     """_wait_for_group for the parts of a split job, GROUPS {script pid: (part index,
     group)}: returns ({part index: wait status}, the index of the first part
-    that failed or None, True if the server asked us to end the job)."""
+    that failed or None, True if the server asked us to end the job).
+
+    A group found empty is never signalled again: a job runs for hours, and
+    its number may by then lead someone else's group."""
     waited = {signal.SIGTERM, signal.SIGCHLD}
     statuses, failed, stopped = {}, None, False
-    ending = set()          # the groups asked to end (SIGTERM sent)
+    live = {group for _, group in groups.values()}
+    asked = set()           # the groups sent SIGTERM: SIGKILL at the deadline
     kill_deadline = None
 
     def end(group_ids, grace):
         nonlocal kill_deadline
         for group in group_ids:
             _signal_group(group, signal.SIGTERM)
-            ending.add(group)
+            asked.add(group)
         deadline = time.monotonic() + grace
         kill_deadline = deadline if kill_deadline is None else min(kill_deadline, deadline)
     while True:
+        ended_scripts = []
         for pid, status in _reaped():
-            if pid not in groups:
-                continue
-            index, group = groups[pid]
-            statuses[index] = status
-            if failed is None and not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
-                failed = index
-            # What the part's script left behind goes, as for any job (_wait_for_group).
-            if group not in ending and _group_alive(group):
-                end([group], DEFAULT_KILL_GRACE)
-        if failed is not None:
-            others = [group for _, group in groups.values() if group not in ending]
-            if others:
-                end(others, DEFAULT_KILL_GRACE)
-        if len(statuses) == len(groups) and \
-                not any(_group_alive(group) for _, group in groups.values()):
+            if pid in groups:
+                index, group = groups[pid]
+                statuses[index] = status
+                ended_scripts.append(group)
+                if failed is None and not (os.WIFEXITED(status) and
+                                           os.WEXITSTATUS(status) == 0):
+                    failed = index
+        live = {group for group in live if _group_alive(group)}
+        # What a part's script left behind goes, as for any job (_wait_for_group);
+        # once one part has failed, every other part goes too.
+        to_end = (live if failed is not None else live & set(ended_scripts)) - asked
+        if to_end:
+            end(to_end, DEFAULT_KILL_GRACE)
+        if len(statuses) == len(groups) and not live:
             return statuses, failed, stopped
+        if not live & asked:
+            kill_deadline = None
         if kill_deadline is None:
             received = signal.sigwaitinfo(waited)
         else:
             remaining = kill_deadline - time.monotonic()
             if remaining <= 0:
-                for group in ending:
+                for group in live & asked:
                     _signal_group(group, signal.SIGKILL)
                 remaining = 1.0
             received = signal.sigtimedwait(waited, remaining)
         if received and received.si_signo == signal.SIGTERM:
             stopped = True
-            end([group for _, group in groups.values()],
-                _read_grace(run_dir, spec.job_id, spec.attempt))
+            end(live, _read_grace(run_dir, spec.job_id, spec.attempt))
 
 
 def _reaped():
