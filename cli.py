@@ -2622,7 +2622,6 @@ def plan_starts(jobs, workers, placement="spread"):
     open_workers = {name for name, worker in capacity.items() if worker.free_slots > 0}
     starts = Plan()
     starts.reserved = reserved
-    starts.parts = {}
     accepting_sizes = None   # sorted slots of the accepting workers, once a retry asks
 
     def big_enough(slots):
@@ -2683,8 +2682,11 @@ class Plan(list):
     and no reservation holds."""
 
     reserved = frozenset()
-    parts = {}
     left = 0
+
+    def __init__(self):
+        super().__init__()
+        self.parts = {}   # (each Plan its own: a class-wide dict would be shared)
 
 
 def _split_parts(job, capacity, open_workers, reserved, avoid, order):
