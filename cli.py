@@ -151,7 +151,7 @@ RESOLVED_AT_ONCE = 16            # hosts add_slave --skip_ssh_auth_check resolve
 PR_SET_CHILD_SUBREAPER = 36      # a prctl option (linux/prctl.h)
 
 RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP", "SLAVE_HOST", "SLAVE_PORT", "SLAVE_USER",
-                      "JOB_ATTEMPT", "SLOT", "SLOTS")
+                      "JOB_ATTEMPT", "SLOT", "SLOTS", "SPLIT_HOSTS", "SPLIT_PART")
 TASK_VARIABLES = ("ARRAY_ID", "TASK_ID", "TASK_ARG")   # set for the tasks of arrays
 SSH_SHIM_VARIABLE = "CLI_PY_SSH_SHIM_DIR"            # set for jobs whose ssh goes through our shim
 SSH_CONTROL_VARIABLE = "CLI_PY_SSH_CONTROL_PATH"     # ... and shares connections
@@ -547,7 +547,8 @@ JOB_STATE_ROWS = {
 REQUIRED = object()    # a column its state owns that the mover must give
 UNCHANGED = object()   # a column its state owns that keeps its value unless given
 # What a job has only while it runs: cleared when it waits again.
-_RUNNING_CLEARED = {"worker": None, "slot": None, "slots": None, "started_at": None,
+_RUNNING_CLEARED = {"worker": None, "slot": None, "slots": None, "split_parts": None,
+                    "started_at": None,
                     "kill_requested_at": None, "kill_grace": None, "timed_out": 0,
                     "exit_code": None, "signal": None}
 # (result and ended_at: a retried job has not ended yet.)
@@ -561,8 +562,8 @@ JOB_STATE_COLUMNS = {
     JobState.WAITING: _WAITING_COLUMNS,
     JobState.BLOCKED: _WAITING_COLUMNS,
     JobState.RUNNING: {"worker": REQUIRED, "slot": REQUIRED, "slots": REQUIRED,
-                       "started_at": REQUIRED, "attempt": REQUIRED, "log": REQUIRED,
-                       "reason": None, "exit_code": None, "signal": None},
+                       "split_parts": None, "started_at": REQUIRED, "attempt": REQUIRED,
+                       "log": REQUIRED, "reason": None, "exit_code": None, "signal": None},
     JobState.DONE: {"result": REQUIRED, "ended_at": REQUIRED, "reason": REQUIRED,
                     "exit_code": None, "signal": None},
 }
@@ -970,9 +971,10 @@ def _state_filter(value, name):
     return value, None
 
 
-def _job_options(source):
+def _job_options(source, split_allowed=False):
     """The per-job options (JOB_OPTIONS) of an add_job request or a load_status
-    entry (the names of jobs --json), checked, in their column form."""
+    entry (the names of jobs --json), checked, in their column form; and, if
+    SPLIT_ALLOWED, "split" (not a JOB_OPTIONS one: services have no split)."""
     hosts = {}
     for name, column in (("on", "run_on"), ("prefer", "prefer"), ("exclude", "exclude")):
         value = source.get(name)
@@ -993,7 +995,19 @@ def _job_options(source):
         "not_before": _option_time(source, "not_before"),
         "slots_wanted": _option_int(source, "slots_wanted", 1, MAX_SLOTS),
         **hosts,
+        **({"split": _split_option(source)} if split_allowed else {}),
     }
+
+
+def _split_option(source):
+    """--split: the job's slots may come from several workers; it needs 2 or more."""
+    split = source.get("split", False)
+    if not isinstance(split, bool):
+        raise UserError("'split' must be true or false")
+    if split and source.get("slots_wanted", source.get("slots", 1)) == 1:
+        raise UserError("--split needs --slots of 2 or more (the slots to split across "
+                        "workers)")
+    return split
 
 
 def _option_bool(source, name):
@@ -1253,7 +1267,7 @@ def _status_job(entry, environments, defaults):
     if set(after["after"]) & set(after["after_any"]):
         raise UserError("a job id is in both 'after' and 'after_any'")
     return {"id": job_id, "script": script, "args": args, "cwd": cwd, "envs": variables,
-            "environment": environment, "umask": umask, "options": _job_options(entry),
+            "environment": environment, "umask": umask, "options": _job_options(entry, True),
             "submitted_at": _submitted_at(submitted_at), **after}
 
 
@@ -1380,7 +1394,7 @@ def _add_job_whole(params, given):
             "".join(params["task_args"]).encode()
         except UnicodeEncodeError:
             raise UserError("malformed request: task_args must be UTF-8 text") from None
-    return {"options": _job_options(given),
+    return {"options": _job_options(given, True),
             "array": array_request(params["array"], params["args_list"], params["task_args"])}
 
 
@@ -1697,6 +1711,15 @@ MIGRATIONS = [
     """
     CREATE INDEX arrays_limited ON arrays (id) WHERE max_running IS NOT NULL;
     """,
+    # 9: split jobs (add_job --split).  split: its slots may come from several
+    # workers; split_parts: where its attempt runs (or ran), JSON [[worker,
+    # [slots]], ...], the first part being the one in worker and slots; each
+    # attempt keeps its parts in its history.
+    """
+    ALTER TABLE jobs ADD COLUMN split INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN split_parts TEXT;
+    ALTER TABLE attempts ADD COLUMN parts TEXT;
+    """,
 ]
 
 # Per-job options beyond the command itself: column -> default.  add_job,
@@ -2010,11 +2033,12 @@ class Store:
         columns = ", ".join(JOB_OPTIONS)
         return self.db.execute(
             f"INSERT INTO jobs (id, state, blocked, script, args, cwd, environment_id, "
-            f"variables, umask, submitted_at, service, replica, {columns}) "
-            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
+            f"variables, umask, submitted_at, service, replica, split, {columns}) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
             (job_id, *JOB_STATE_ROWS[first_state(options)], script, json.dumps(args), cwd,
              environment_id, json.dumps(variables), umask, submitted_at or time.time(),
-             service, replica, *(options[name] for name in JOB_OPTIONS))).lastrowid
+             service, replica, int(options.get("split", False)),
+             *(options[name] for name in JOB_OPTIONS))).lastrowid
 
     def insert_jobs(self, script, arg_lists, cwd, environment_id, variables, umask, options,
                     array=None):
@@ -2026,11 +2050,13 @@ class Store:
         option_values = tuple(options[name] for name in JOB_OPTIONS)
         state_columns = JOB_STATE_ROWS[first_state(options)]
         common = (script, cwd, environment_id, variables_text, umask, now, *option_values)
+        split = int(options.get("split", False))
+        common = (*common, split)
         columns = (f"INSERT INTO jobs (state, blocked, args, script, cwd, environment_id, "
-                   f"variables, umask, submitted_at, {', '.join(JOB_OPTIONS)}")
+                   f"variables, umask, submitted_at, {', '.join(JOB_OPTIONS)}, split")
         if array is None:
             self.db.executemany(
-                f"{columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
+                f"{columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)}, ?)",
                 ((*state_columns, json.dumps(args), *common) for args in arg_lists))
             count = len(arg_lists)
         else:
@@ -2042,7 +2068,7 @@ class Store:
             task_args = array.task_args or itertools.repeat(None)
             self.db.executemany(
                 f"{columns}, array_id, task_id, task_arg, limited) VALUES "
-                f"(?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)}, ?, ?, ?, ?)",
+                f"(?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)}, ?, ?, ?, ?, ?)",
                 ((*state_columns, shared or json.dumps(args), *common, first, task_id,
                   task_arg, int(array.max_running is not None))
                  for args, task_id, task_arg in zip(
@@ -2146,11 +2172,16 @@ class Store:
                   array=None):
         """Jobs matching every filter given, oldest first (the LAST most recent if given)."""
         conditions, values = [], []
-        for column, value in (("state", state), ("result", result), ("worker", worker),
-                              ("array_id", array)):
+        for column, value in (("state", state), ("result", result), ("array_id", array)):
             if value is not None:
                 conditions.append(f"{column} = ?")
                 values.append(value)
+        if worker is not None:
+            # Any part of a --split job counts, not only the first (in worker): its
+            # entry in split_parts as json.dumps wrote it, '["w2", [' (names have no
+            # quotes or backslashes that JSON would escape).
+            conditions.append("(worker = ? OR instr(split_parts, ?) > 0)")
+            values += [worker, json.dumps([worker, []])[:-2]]
         if script is not None:
             # An absolute path matches exactly; a bare name matches any script of that name.
             conditions.append("(script = ? OR substr(script, -length(?) - 1) = '/' || ?)")
@@ -2271,8 +2302,8 @@ class Store:
 
     def pinned_waiting_jobs(self):
         """Waiting --on jobs (not replicas: a service waits for its workers to come)."""
-        return self.db.execute("SELECT id, run_on, slots_wanted FROM jobs WHERE state = ? AND "
-                               "run_on IS NOT NULL AND service IS NULL",
+        return self.db.execute("SELECT id, run_on, slots_wanted, split FROM jobs "
+                               "WHERE state = ? AND run_on IS NOT NULL AND service IS NULL",
                                (JobState.WAITING.value,)).fetchall()
 
     # --- history: every ended attempt ----------------------------------------
@@ -2281,10 +2312,11 @@ class Store:
         """Keep how one attempt went, for the job's history (jobs ID)."""
         self.db.execute(
             "INSERT OR REPLACE INTO attempts (job_id, attempt, worker, slots, started_at, "
-            "ended_at, result, exit_code, signal, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "ended_at, result, exit_code, signal, reason, parts) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (row["id"], row["attempt"], row["worker"], json.dumps(attempt_slots(row)),
              row["started_at"], ended_at, result.value, outcome.get("exit_code"),
-             outcome.get("signal"), reason))
+             outcome.get("signal"), reason, row["split_parts"]))
 
     def attempts(self, job_id):
         return self.db.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt",
@@ -2618,7 +2650,20 @@ def job_to_json(row, log_dir):
         "array": row["array_id"],
         "task": row["task_id"],
         "task_arg": row["task_arg"],
+        "split": bool(row["split"]),
+        "parts": split_parts(row),
     }
+
+
+def job_workers(job):
+    """The workers a job (its JSON form) runs or ran on: those of its parts, if split."""
+    return [worker for worker, _ in job["parts"]] if job.get("parts") else [job["worker"]]
+
+
+def split_parts(row):
+    """The parts of a --split job's latest attempt, [[worker, [slots]], ...]; None for
+    other jobs, and for one that has not run."""
+    return json.loads(row["split_parts"]) if row["split_parts"] else None
 
 
 def attempt_slots(row):
@@ -2629,7 +2674,8 @@ def attempt_slots(row):
 def attempt_to_json(row):
     """One ended attempt of a job, from its history."""
     return {"attempt": row["attempt"], "worker": row["worker"],
-            "slots": json.loads(row["slots"] or "null"), "result": row["result"],
+            "slots": json.loads(row["slots"] or "null"),
+            "parts": json.loads(row["parts"] or "null"), "result": row["result"],
             "exit_code": row["exit_code"], "signal": row["signal"], "reason": row["reason"],
             "started_at": iso_time(row["started_at"]), "ended_at": iso_time(row["ended_at"])}
 
@@ -2709,9 +2755,10 @@ class WorkerCapacity:
 class JobNeeds:
     """What the scheduler needs to know of one waiting job."""
 
-    def __init__(self, job_id, slots=1, on=None, prefer=(), exclude=(), avoid=()):
+    def __init__(self, job_id, slots=1, on=None, prefer=(), exclude=(), avoid=(), split=False):
         self.job_id = job_id
         self.slots = slots
+        self.split = split and slots > 1   # may run as parts on several workers (--split)
         self.on = on                   # None: any worker
         self.prefer = set(prefer)
         self.exclude = set(exclude)
@@ -2747,15 +2794,21 @@ class JobNeeds:
                    for worker in self.allowed(capacity))
 
 
-def plan_starts(jobs, workers):
+PLACEMENTS = ("spread", "pack")   # start --placement; the first is the default
+
+
+def plan_starts(jobs, workers, placement="spread"):
     """Which waiting jobs start now, where, and in which slots.
 
     JOBS (JobNeeds) come in the order they should start: priority, then age.
-    A plain job goes to the accepting worker with the most free slots, so load
-    spreads across machines; ties go to the worker added first.  That is a
+    PLACEMENT "spread": a plain job goes to the accepting worker with the most
+    free slots, so load spreads across machines; "pack": to the one with the
+    fewest free slots that still holds it (best fit), so large workers stay
+    free for large jobs.  Ties go to the worker added first.  That is a
     heap, so 500 workers cost little more than 4.  A job with wishes goes to
     the allowed worker with enough free slots that it prefers (--prefer),
-    then the one with most free slots.  A retry waits for a worker it has not
+    then the one the placement picks.  A --split job that no one worker holds
+    runs as parts: see _split_parts.  A retry waits for a worker it has not
     failed on while one is up (as GNU parallel's --retries does): a broken
     worker frees its slot at once and would otherwise take every retry before
     its health check notices.  Once it has failed everywhere, anywhere will do.
@@ -2767,13 +2820,16 @@ def plan_starts(jobs, workers):
     ageing would still let small jobs take every freed slot in between.
 
     Returns a Plan: [(job_id, worker name, [slots])], with the reserved
-    workers' names in .reserved; WORKERS are not modified.
+    workers' names in .reserved and, for each --split job, all its parts in
+    .parts (job id -> [(worker name, [slots])], the first part being the one
+    in the list); WORKERS are not modified.
     """
     import heapq
     capacity = {worker.name: WorkerCapacity(worker.name, worker.slots, worker.busy_slots,
                                             worker.accepting) for worker in workers}
     order = {name: position for position, name in enumerate(capacity)}
-    heap = [(-worker.free_slots, order[name], name) for name, worker in capacity.items()
+    sign = 1 if placement == "pack" else -1   # the heap's key: sign * free slots
+    heap = [(sign * worker.free_slots, order[name], name) for name, worker in capacity.items()
             if worker.free_slots > 0]
     heapq.heapify(heap)
     reserved = set()
@@ -2795,7 +2851,7 @@ def plan_starts(jobs, workers):
         if not open_workers:
             break
         if job.plain:
-            worker = _most_free(heap, capacity, reserved)
+            worker = _most_free(heap, capacity, reserved, sign)
             if worker is None:
                 break          # no free slot left but on reserved workers
             starts.append((job.job_id, worker.name, worker.take(1)))
@@ -2805,8 +2861,19 @@ def plan_starts(jobs, workers):
                     if worker.free_slots >= job.slots and worker.name not in avoid]
             if fits:
                 worker = min(fits, key=lambda worker: (worker.name not in job.prefer,
-                                                       -worker.free_slots, order[worker.name]))
+                                                       sign * worker.free_slots,
+                                                       order[worker.name]))
                 starts.append((job.job_id, worker.name, worker.take(job.slots)))
+                if job.split:
+                    starts.parts[job.job_id] = [starts[-1][1:]]
+            elif job.split:
+                parts = _split_parts(job, capacity, open_workers, reserved, avoid, order)
+                if parts:
+                    starts.append((job.job_id, *parts[0]))
+                    starts.parts[job.job_id] = parts
+                    open_workers.difference_update(
+                        name for name, _ in parts if not capacity[name].free_slots)
+                continue
             elif job.slots > 1:
                 could = [worker for worker in job.allowed(capacity) if worker.accepting and
                          worker.slots >= job.slots and worker.name not in reserved and
@@ -2826,28 +2893,78 @@ def plan_starts(jobs, workers):
 
 
 class Plan(list):
-    """What plan_starts decided: a list of starts, .reserved (worker names), and
-    .left, the free slots that no start took and no reservation holds."""
+    """What plan_starts decided: a list of starts, .reserved (worker names), .parts
+    (the parts of --split jobs), and .left, the free slots that no start took
+    and no reservation holds."""
 
     reserved = frozenset()
     left = 0
 
+    def __init__(self):
+        super().__init__()
+        self.parts = {}   # (each Plan its own: a class-wide dict would be shared)
 
-def _most_free(heap, capacity, reserved):
-    """The worker on top of HEAP, once stale entries (slots taken since, or reserved)
-    are dropped or corrected."""
+
+def _split_parts(job, capacity, open_workers, reserved, avoid, order):
+    """The parts of a --split job that no one worker holds: [(worker name, [slots])],
+    taken from CAPACITY; or [] if it cannot start now, and then the workers it
+    waits for are RESERVED.
+
+    The fewest workers: most free slots first, the last part taking only what
+    is left (6 over 4+4 free: 4+2).  All or nothing: a part never starts alone.
+    What it reserves keeps it from starving behind small jobs, as for one
+    worker: one allowed worker that could hold it all, if any (the most free);
+    else as many as could hold it together, most free first.
+    """
+    allowed = [worker for worker in job.allowed(capacity)
+               if worker.accepting and worker.name not in avoid]
+
+    def most_free(worker):
+        return (-worker.free_slots, order[worker.name])
+    usable = sorted((worker for worker in allowed if worker.name in open_workers),
+                    key=most_free)
+    if sum(worker.free_slots for worker in usable) >= job.slots:
+        parts, wanted = [], job.slots
+        for worker in usable:
+            share = min(wanted, worker.free_slots)
+            parts.append((worker.name, worker.take(share)))
+            wanted -= share
+            if not wanted:
+                return parts
+    free_to_reserve = sorted((worker for worker in allowed if worker.name not in reserved),
+                             key=most_free)
+    whole = [worker for worker in free_to_reserve if worker.slots >= job.slots]
+    chosen, total = whole[:1], 0
+    if not chosen:
+        for worker in free_to_reserve:
+            if total >= job.slots:
+                break
+            chosen.append(worker)
+            total += worker.slots
+        if total < job.slots:
+            chosen = []   # (other jobs hold the rest: it waits for them first)
+    for worker in chosen:
+        reserved.add(worker.name)
+        open_workers.discard(worker.name)
+    return []
+
+
+def _most_free(heap, capacity, reserved, sign=-1):
+    """The worker on top of HEAP (keyed by SIGN * free slots: -1 most free first, 1
+    fewest first), once stale entries (slots taken since, or reserved) are
+    dropped or corrected."""
     import heapq
     while heap:
-        free, position, name = heap[0]
+        key, position, name = heap[0]
         worker = capacity[name]
         if name in reserved or worker.free_slots == 0:
             heapq.heappop(heap)
-        elif -free != worker.free_slots:
-            heapq.heapreplace(heap, (-worker.free_slots, position, name))
+        elif key != sign * worker.free_slots:
+            heapq.heapreplace(heap, (sign * worker.free_slots, position, name))
         else:
             # Its entry after this job takes a slot; the heap stays a heap.
             if worker.free_slots > 1:
-                heapq.heapreplace(heap, (free + 1, position, name))
+                heapq.heapreplace(heap, (sign * (worker.free_slots - 1), position, name))
             else:
                 heapq.heappop(heap)
             return worker
@@ -2947,16 +3064,22 @@ def waiting_reason(job, workers, paused, now, failed_on=(), array_limit=None):
     wanted = job["slots_wanted"]
     where = f"on {', '.join(job['on'])}" if job["on"] else \
         "outside --exclude" if job["exclude"] else "on any worker"
-    if not any(worker.slots >= wanted for worker in allowed):
+    split = job.get("split") and wanted > 1
+    if sum(worker.slots for worker in allowed) < wanted if split else \
+            not any(worker.slots >= wanted for worker in allowed):
+        if split and allowed:
+            return f"workers with {wanted} slots together"
         return f"no worker with {wanted} slots" if wanted > 1 and allowed else \
             f"no worker {where}" if job["on"] or job["exclude"] else "no worker yet"
     if not any(worker.accepting for worker in allowed):
         return f"every worker {where} is paused, down or draining"
     untried = [worker.name for worker in allowed if worker.accepting and
-               worker.slots >= wanted and worker.name not in failed_on]
+               (split or worker.slots >= wanted) and worker.name not in failed_on]
     if failed_on and untried:
         return f"a worker it has not failed on ({', '.join(untried[:3])}" + \
             (", ...)" if len(untried) > 3 else ")")
+    if split:
+        return f"{wanted} free slots at once (--split)"
     return f"{wanted} free slots on one worker" if wanted > 1 else f"a free slot {where}"
 
 
@@ -3213,6 +3336,15 @@ def job_environment(submitter_environment, worker_variables, job_variables, job_
     return environment
 
 
+def split_variables(parts, index):
+    """What part INDEX of a --split job gets beside SLOTS (its share): SPLIT_HOSTS,
+    every part as destination:slots (an MPI host list, this part's place in it
+    being SPLIT_PART, from 0)."""
+    return {"SPLIT_HOSTS": ",".join(f"{worker_address(worker).destination}:{len(slots)}"
+                                    for worker, slots in parts),
+            "SPLIT_PART": str(index)}
+
+
 ###############################################################################
 # Job runner ###################################################################
 ###############################################################################
@@ -3245,8 +3377,11 @@ class AttemptSpec:
     """Everything a supervisor needs to run one attempt of one job."""
 
     def __init__(self, job_id, attempt, script, args, cwd, environment, umask, fd_limit,
-                 log_path, worker):
+                 log_path, worker, parts=None):
         self.job_id = job_id
+        # A --split job's: [{"worker", "slots", "environment"}], one script each, all
+        # under this one supervisor (see _run_parts); ENVIRONMENT is then None.
+        self.parts = parts
         self.attempt = attempt
         self.worker = worker     # its name as registered, for the log's attempt marker
         self.script = script
@@ -3546,6 +3681,8 @@ def _run_and_wait(run_dir, spec, setup, log_fd):
         message = f"cannot enter the job's directory {spec.cwd}: {error.strerror}"
         _note(log_fd, f"cli.py: job {spec.job_id}: {message}\n")
         return {"exit_code": None, "signal": None, "error": message}
+    if spec.parts:
+        return _run_parts(run_dir, spec, setup, log_fd)
     started = _spawn_job(spec, log_fd, setup)
     os.close(log_fd)
     if isinstance(started, dict):
@@ -3556,7 +3693,7 @@ def _run_and_wait(run_dir, spec, setup, log_fd):
     return {"exit_code": os.WEXITSTATUS(exit_status), "signal": None, "error": None}
 
 
-def _spawn_job(spec, log_fd, setup):
+def _spawn_job(spec, log_fd, setup, environment=None):
     """Start the job script in a process group of its own, with a clean slate.
 
     The group is not led by the script: its leader is a process that exits at
@@ -3581,7 +3718,7 @@ def _spawn_job(spec, log_fd, setup):
         group = 0   # (no process to spare) the script leads its group, as before
     try:
         pid = os.posix_spawn(
-            spec.script, [spec.script, *spec.args], spec.environment,
+            spec.script, [spec.script, *spec.args], environment or spec.environment,
             file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                           (os.POSIX_SPAWN_DUP2, log_fd, 1),
                           (os.POSIX_SPAWN_DUP2, log_fd, 2)],
@@ -3629,6 +3766,115 @@ def _wait_for_group(run_dir, spec, script, group):
                 kill_deadline = _terminate_group(group, grace)
             else:
                 kill_deadline = min(kill_deadline, time.monotonic() + grace)
+
+
+def _run_parts(run_dir, spec, setup, log_fd):
+    """Run each part of a --split job (its script, with that part's environment) in
+    a process group of its own, and wait for all of them: the attempt succeeds
+    when every part does.  The first part to fail ends the others (TERM, then
+    KILL after the grace), and its exit status is the attempt's.
+
+    One supervisor for all parts, rather than one per part: the parts start
+    together, and the all-or-nothing end is decided here, in a process that
+    outlives the server; a server killed at any point finds one attempt to
+    adopt or settle, as for any job.  Their output shares the job's log.
+    """
+    count = len(spec.parts)
+    groups = {}   # script pid -> (part index, process group)
+    for index, part in enumerate(spec.parts):
+        _note(log_fd, f"--- part {index + 1} of {count} on {part['worker']} "
+                      f"(slots {','.join(map(str, part['slots']))}) ---\n")
+        started = _spawn_job(spec, log_fd, setup, part["environment"])
+        if isinstance(started, dict):
+            for _, group in groups.values():
+                _signal_group(group, signal.SIGKILL)
+            _wait_for_parts(run_dir, spec, groups)
+            os.close(log_fd)
+            return {**started,
+                    "error": f"part {index + 1} of {count} on {part['worker']} could not start"}
+        groups[started[0]] = (index, started[1])
+    os.close(log_fd)
+    statuses, failed, stopped = _wait_for_parts(run_dir, spec, groups)
+    if failed is None:
+        return {"exit_code": 0, "signal": None, "error": None}
+    status = statuses[failed]
+    ended = {"exit_code": os.WEXITSTATUS(status), "signal": None} \
+        if os.WIFEXITED(status) else {"exit_code": None, "signal": os.WTERMSIG(status)}
+    worker = spec.parts[failed]["worker"]
+    if stopped:
+        return {**ended, "error": None, "part_worker": worker}
+    how = f"exited with status {ended['exit_code']}" if ended["exit_code"] is not None \
+        else f"was killed by signal {ended['signal']}"
+    return {**ended, "part_worker": worker,
+            "error": f"part {failed + 1} of {count} on {worker} {how}" +
+                     ("; the other parts were ended" if count > 1 else "")}
+
+
+def _wait_for_parts(run_dir, spec, groups):
+    """_wait_for_group for the parts of a split job, GROUPS {script pid: (part index,
+    group)}: returns ({part index: wait status}, the index of the first part
+    that failed or None, True if the server asked us to end the job).
+
+    A group found empty is never signalled again: a job runs for hours, and
+    its number may by then lead someone else's group."""
+    waited = {signal.SIGTERM, signal.SIGCHLD}
+    statuses, failed, stopped = {}, None, False
+    live = {group for _, group in groups.values()}
+    asked = set()           # the groups sent SIGTERM: SIGKILL at the deadline
+    kill_deadline = None
+
+    def end(group_ids, grace):
+        nonlocal kill_deadline
+        for group in group_ids:
+            _signal_group(group, signal.SIGTERM)
+            asked.add(group)
+        deadline = time.monotonic() + grace
+        kill_deadline = deadline if kill_deadline is None else min(kill_deadline, deadline)
+    while True:
+        ended_scripts = []
+        for pid, status in _reaped():
+            if pid in groups:
+                index, group = groups[pid]
+                statuses[index] = status
+                ended_scripts.append(group)
+                if failed is None and not (os.WIFEXITED(status) and
+                                           os.WEXITSTATUS(status) == 0):
+                    failed = index
+        live = {group for group in live if _group_alive(group)}
+        # What a part's script left behind goes, as for any job (_wait_for_group);
+        # once one part has failed, every other part goes too.
+        to_end = (live if failed is not None else live & set(ended_scripts)) - asked
+        if to_end:
+            end(to_end, DEFAULT_KILL_GRACE)
+        if len(statuses) == len(groups) and not live:
+            return statuses, failed, stopped
+        if not live & asked:
+            kill_deadline = None
+        if kill_deadline is None:
+            received = signal.sigwaitinfo(waited)
+        else:
+            remaining = kill_deadline - time.monotonic()
+            if remaining <= 0:
+                for group in live & asked:
+                    _signal_group(group, signal.SIGKILL)
+                remaining = 1.0
+            received = signal.sigtimedwait(waited, remaining)
+        if received and received.si_signo == signal.SIGTERM:
+            stopped = True
+            end(live, _read_grace(run_dir, spec.job_id, spec.attempt))
+
+
+def _reaped():
+    """Reap every child that has ended: [(pid, wait status)]."""
+    reaped = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return reaped
+        if pid == 0:
+            return reaped
+        reaped.append((pid, status))
 
 
 def _reap_children(script, script_status):
@@ -5130,8 +5376,14 @@ class Workers:
             raise UserError("--exclude leaves no worker to run on; add one first "
                             "(./cli.py add_slave HOST)")
         wanted = options["slots_wanted"]
+        together = sum(worker.slots for worker in allowed)
+        if options.get("split") and together < wanted:
+            which = "in --on have" if lists["run_on"] else "have"
+            raise UserError(f"the workers {which} {together} slots together, fewer than "
+                            f"--slots {wanted}: add workers (./cli.py add_slave), or ask "
+                            "for fewer")
         most = max((worker.slots for worker in allowed), default=0)
-        if wanted > 1 and most < wanted:
+        if wanted > 1 and most < wanted and not options.get("split"):
             which = "in --on " if lists["run_on"] else ""
             raise UserError(f"no worker {which}has {wanted} slots (the most is {most}): add one "
                             f"with ./cli.py add_slave --slots {wanted} HOST, or ask for fewer")
@@ -5196,7 +5448,8 @@ class Workers:
     def weigh_attempt(self, row, outcome, result):
         """Count an ended attempt for or against its worker (see worker_verdict); set the
         worker aside after DOWN_AFTER in a row, until a health check passes."""
-        worker = self.by_name.get(row["worker"])
+        # (A --split job: the worker of the part that failed, if one did.)
+        worker = self.by_name.get(outcome.get("part_worker") or row["worker"])
         if worker is None:
             return
         ended = outcome.get("ended_at") or time.time()
@@ -5251,6 +5504,7 @@ class Queue:
         self.log = log
         self.log_dir = log_dir
         self.paused = False        # the whole queue: no job starts while set
+        self.placement = PLACEMENTS[0]   # start --placement (see plan_starts)
         self.schedule_needed = True
         self.release_at = None     # when the timer that unblocks delayed jobs fires
         self.schedule_delay = RetryDelay()   # while jobs cannot start (schedule_later)
@@ -5263,6 +5517,7 @@ class Queue:
         """At start, after recovery: settle what recovery (or an older cli.py) left
         undone, and wake up for the start times to come."""
         self.paused = self.store.setting("paused", False)
+        self.placement = self.store.setting("placement", PLACEMENTS[0])
         with self.changes() as changes:   # a database from before Dependencies.resolve, or edited
             self.resolve(changes, self.store.dependencies.stale())
         self.skip_stranded()   # a crash may have come between a worker's removal and this
@@ -5354,6 +5609,8 @@ class Queue:
                                "slots": json.dumps(slots) if len(slots) > 1 else None,
                                "started_at": now, "attempt": jobs[job_id]["attempt"] + 1,
                                "log": job_log_path(self.log_dir, job_id)}
+                    if job_id in starts.parts:
+                        columns["split_parts"] = json.dumps(starts.parts[job_id])
                     self.store.change_jobs([job_id], JobState.WAITING, JobState.RUNNING,
                                            **columns)
                     started.append({**dict(jobs[job_id]), **columns, "reason": None,
@@ -5380,10 +5637,10 @@ class Queue:
         # look (a job that is pinned or too big must not idle the others).
         head = max(free, 64)
         rows, more = self.ready_rows(head)
-        starts = plan_starts(self.job_needs(rows), capacities)
+        starts = plan_starts(self.job_needs(rows), capacities, self.placement)
         if starts.left and more:
             rows, _ = self.ready_rows(SCHEDULE_SCAN_LIMIT)
-            starts = plan_starts(self.job_needs(rows), capacities)
+            starts = plan_starts(self.job_needs(rows), capacities, self.placement)
         return starts, {row["id"]: row for row in rows}
 
     def ready_rows(self, limit):
@@ -5409,7 +5666,7 @@ class Queue:
                          row["run_on"] and json.loads(row["run_on"]),
                          row["prefer"] and json.loads(row["prefer"]) or (),
                          row["exclude"] and json.loads(row["exclude"]) or (),
-                         failed_on.get(row["id"], ())) for row in rows]
+                         failed_on.get(row["id"], ()), row["split"]) for row in rows]
 
     def schedule_later(self, why):
         """Jobs could not start (the database refused, or their supervisors found no
@@ -5622,9 +5879,10 @@ class Queue:
     def skip_stranded(self):
         """Skip waiting --on jobs none of whose workers is left (or has enough slots)."""
         usable = self.workers.usable_slots()
-        stranded = [row["id"] for row in self.store.pinned_waiting_jobs()
-                    if not any(usable.get(name, 0) >= row["slots_wanted"]
-                               for name in json.loads(row["run_on"]))]
+        def fits(row):
+            sizes = [usable.get(name, 0) for name in json.loads(row["run_on"])]
+            return (sum(sizes) if row["split"] else max(sizes)) >= row["slots_wanted"]
+        stranded = [row["id"] for row in self.store.pinned_waiting_jobs() if not fits(row)]
         if not stranded:
             return
         with self.changes() as changes:
@@ -5849,8 +6107,11 @@ class Attempt:
         self.number = row["attempt"]
         self.worker = row["worker"]
         self.slots = attempt_slots(row)
+        # (worker, slots) of each part: one, but for a --split job across workers.
+        self.parts = [(worker, slots) for worker, slots in split_parts(row) or
+                      [(self.worker, self.slots)]]
         self.pid = pid
-        self.control_dir = None  # its worker's SSH masters' directory, if its ssh shares them
+        self.control_dirs = []   # its workers' SSH masters' directories, if its ssh shares them
         self.pidfd = pidfd       # None: a live supervisor we could not watch (see adopt),
                                  # or one that has ended (see record_end)
         self.outcome = None      # how it ended, once known: kept until it is saved
@@ -5883,7 +6144,7 @@ class Runner:
 
     def jobs_on(self, host):
         return sorted(job_id for job_id, attempt in self.running.items()
-                      if attempt.worker == host)
+                      if any(worker == host for worker, _ in attempt.parts))
 
     # --- recovery -----------------------------------------------------------
 
@@ -5990,25 +6251,38 @@ class Runner:
                 attempt = self.hold(Attempt(row, None, None))
                 self.record_end(attempt)   # queues it again
 
-    def environment_of(self, row):
-        """The environment the running job ROW's script runs (or ran) with."""
-        worker = self.workers.get(row["worker"])
-        return job_environment(self.submitter_environment(row["environment_id"]),
-                               worker.variables, json.loads(row["variables"]), row["id"],
-                               worker.name, row["attempt"], attempt_slots(row),
-                               worker.job_endpoint(), self.jobs_ssh.shim_for(worker, row),
-                               None if row["array_id"] is None else
-                               (row["array_id"], row["task_id"], row["task_arg"]))
+    def environment_of(self, row, part=None):
+        """The environment the running job ROW's script runs (or ran) with; for a --split
+        job, that of PART (worker, slots), with SPLIT_HOSTS and SPLIT_PART."""
+        worker_name, slots = part or (row["worker"], attempt_slots(row))
+        worker = self.workers.get(worker_name)
+        environment = job_environment(self.submitter_environment(row["environment_id"]),
+                                      worker.variables, json.loads(row["variables"]),
+                                      row["id"], worker.name, row["attempt"], slots,
+                                      worker.job_endpoint(), self.jobs_ssh.shim_for(worker, row),
+                                      None if row["array_id"] is None else
+                                      (row["array_id"], row["task_id"], row["task_arg"]))
+        if part is not None:
+            parts = split_parts(row)
+            environment.update(split_variables(parts, parts.index(list(part))))
+        return environment
 
     def start_attempt(self, row):
-        environment = self.environment_of(row)
+        parts = split_parts(row)
+        environment = None if parts else self.environment_of(row)
         spec = AttemptSpec(row["id"], row["attempt"], row["script"], json.loads(row["args"]),
                            row["cwd"], environment, row["umask"], self.job_fd_limit, row["log"],
                            row["worker"])
+        if parts:
+            spec.parts = [{"worker": worker, "slots": slots,
+                           "environment": self.environment_of(row, (worker, slots))}
+                          for worker, slots in parts]
         pid, pidfd = self.spawner.spawn(self.run_dir, spec)
         self.watch(row, pid, pidfd)
-        self.log.info("job %s: started on %s slot %s (attempt %s, supervisor %s)",
-                      row["id"], row["worker"], row["slot"], row["attempt"], pid)
+        where = " + ".join(f"{worker} ({len(slots)})" for worker, slots in parts) if parts \
+            else f"{row['worker']} slot {row['slot']}"
+        self.log.info("job %s: started on %s (attempt %s, supervisor %s)",
+                      row["id"], where, row["attempt"], pid)
 
     def submitter_environment(self, environment_id):
         if environment_id not in self.environment_cache:
@@ -6022,13 +6296,15 @@ class Runner:
         if row["ssh_reuse"]:
             # Its worker's masters stay while it runs (whatever the worker's own
             # setting, which may have changed since it started).
-            attempt.control_dir = self.jobs_ssh.control_dir(row["worker"])
+            attempt.control_dirs = [self.jobs_ssh.control_dir(worker)
+                                    for worker, _ in attempt.parts]
         return attempt
 
     def hold(self, attempt):
         """ATTEMPT runs (or is being settled): it holds its slots until forget."""
         self.running[attempt.job_id] = attempt
-        self.workers.hold_slots(attempt.worker, attempt.slots)
+        for worker, slots in attempt.parts:
+            self.workers.hold_slots(worker, slots)
         return attempt
 
     def watch(self, row, pid, pidfd):
@@ -6169,9 +6445,10 @@ class Runner:
         attempt.ended = True
         if self.running.get(attempt.job_id) is attempt:
             del self.running[attempt.job_id]
-        self.workers.free_slots(attempt.worker, attempt.slots)
-        if attempt.control_dir is not None:
-            self.release_control_dir(attempt.worker)
+        for worker, slots in attempt.parts:
+            self.workers.free_slots(worker, slots)
+            if attempt.control_dirs:
+                self.release_control_dir(worker)
 
     # --- SSH masters --------------------------------------------------------
 
@@ -6182,13 +6459,14 @@ class Runner:
         if worker is not None and worker.ssh_reuse:
             return
         control_dir = self.jobs_ssh.control_dir(worker_name)
-        if any(attempt.control_dir == control_dir for attempt in self.running.values()):
+        if any(control_dir in attempt.control_dirs for attempt in self.running.values()):
             return
         stop_ssh_masters(control_dir)
 
     def release_ssh_root(self):
         """At stop: stop the masters that no running job uses; see JobsSsh.release."""
-        in_use = {attempt.control_dir for attempt in self.running.values()}
+        in_use = {control_dir for attempt in self.running.values()
+                  for control_dir in attempt.control_dirs}
         self.jobs_ssh.release(list(self.workers), in_use, bool(self.running))
 
 
@@ -7280,7 +7558,7 @@ class Handlers:
                                            -1 if waiting_limit is None else waiting_limit)
         running = [job_to_json(row, self.log_dir)
                    for row in self.store.jobs_in_state(JobState.RUNNING)]
-        slaves = [worker.to_json([job for job in running if job["worker"] == worker.name])
+        slaves = [worker.to_json([job for job in running if worker.name in job_workers(job)])
                   for worker in self.workers.all()]
         waitlist = self.with_dependencies([job_to_json(row, self.log_dir) for row in waiting])
         capacities = self.workers.capacities()
@@ -7300,6 +7578,7 @@ class Handlers:
             "server": {"pid": os.getpid(), "version": VERSION,
                        "data_dir": self.server.data_dir, "log_dir": self.log_dir},
             "paused": self.queue.paused,
+            "placement": self.queue.placement,
             "slaves": slaves,
             "job_waitlist": waitlist,
             "running_jobs": running,
@@ -7605,7 +7884,7 @@ class Server(Events):
 
     def __init__(self, data_dir, log_dir, log, job_fd_limit, spawner,
                  check_interval=DEFAULT_CHECK_INTERVAL, ssh_config=KEEP_SSH_CONFIG,
-                 down_after=None):
+                 down_after=None, placement=None):
         import selectors   # here: clients do not need it
         self.data_dir = data_dir
         self.log_dir = log_dir
@@ -7613,6 +7892,7 @@ class Server(Events):
         self.spawner = spawner
         self.ssh_config = ssh_config   # the queue's (see load): None for ssh's defaults
         self.down_after = down_after   # ditto: failures in a row that set a worker aside
+        self.placement = placement     # ditto: spread or pack (see plan_starts)
         self.paths = data_dir_paths(data_dir)
         self.store = Store(self.paths["database"])
         self.selector = selectors.DefaultSelector()
@@ -7640,6 +7920,9 @@ class Server(Events):
         if self.ssh_config is not KEEP_SSH_CONFIG:
             with self.store.transaction():
                 self.store.set_setting("ssh_config", self.ssh_config)
+        if self.placement is not None:
+            with self.store.transaction():
+                self.store.set_setting("placement", self.placement)
         self.ssh_config = self.health.ssh_config = self.store.setting("ssh_config", None)
         self.workers.load(self.down_after)
         # First: recovery may remove a drained worker, and write.
@@ -7736,7 +8019,7 @@ class Server(Events):
 
 
 def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL,
-               ssh_config=KEEP_SSH_CONFIG, down_after=None):
+               ssh_config=KEEP_SSH_CONFIG, down_after=None, placement=None):
     """Own DATA_DIR, recover, listen, and serve until stopped."""
     if not hasattr(os, "pidfd_open"):
         raise UserError("the server needs Linux 5.3 or later (pidfd) and Python 3.10+")
@@ -7747,7 +8030,7 @@ def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL,
     import sqlite3
     try:
         lock, server = open_server(data_dir, log_dir, paths, filelock, notify, spawner,
-                                   check_interval, ssh_config, down_after)
+                                   check_interval, ssh_config, down_after, placement)
     except (OSError, sqlite3.Error) as error:
         # The disk may be full or read-only: say so, and what to do.
         fault = storage_fault(getattr(error, "filename", None) or data_dir, error)
@@ -7777,7 +8060,7 @@ def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL,
 
 
 def open_server(data_dir, log_dir, paths, filelock, notify, spawner, check_interval,
-                ssh_config, down_after):
+                ssh_config, down_after, placement=None):
     """Take the data dir, recover and listen; return (lock, server) ready to serve."""
     import resource
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
@@ -7799,7 +8082,7 @@ def open_server(data_dir, log_dir, paths, filelock, notify, spawner, check_inter
     spawner.log = log
     try:
         server = Server(data_dir, log_dir, log, job_fd_limit, spawner, check_interval,
-                        ssh_config, down_after)
+                        ssh_config, down_after, placement)
         server.load()
         server.clients.listen()
     except BaseException:
@@ -8043,7 +8326,8 @@ def command_start(options):
     ssh_config = start_ssh_config(options)
     if options.foreground:
         run_server(data_dir, log_dir, notify=options.notify, check_interval=check_interval,
-                   ssh_config=ssh_config, down_after=options.down_after)
+                   ssh_config=ssh_config, down_after=options.down_after,
+                   placement=options.placement)
         return 0
     import subprocess
     server = subprocess.Popen(
@@ -8051,7 +8335,8 @@ def command_start(options):
          "--server_data_dir", data_dir, "--log_dir", log_dir,
          "--check-interval", str(check_interval)] +
         ([] if ssh_config is KEEP_SSH_CONFIG else ["--ssh-config", ssh_config or "default"]) +
-        ([] if options.down_after is None else ["--down-after", str(options.down_after)]),
+        ([] if options.down_after is None else ["--down-after", str(options.down_after)]) +
+        ([] if options.placement is None else ["--placement", options.placement]),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True, cwd="/")
     output = []
@@ -8160,7 +8445,8 @@ def print_json(document):
 def render_status(status):
     tabulate = require("tabulate").tabulate
     lines = [f"server pid {status['server']['pid']}, data dir {status['server']['data_dir']}, "
-             f"job logs in {status['server']['log_dir']}"]
+             f"job logs in {status['server']['log_dir']}, placement "
+             f"{status.get('placement', PLACEMENTS[0])}"]
     if status["paused"]:
         lines.append("QUEUE PAUSED: no new job starts (./cli.py resume)")
     now = time.time()
@@ -8174,7 +8460,7 @@ def render_status(status):
     lines.append(tabulate(workers, headers=["worker", "status", "slots", "jobs",
                                             "last check", "variables"])
                  if workers else "  none: add one with ./cli.py add_slave HOST")
-    running = [[job["id"], job["worker"], job["slot"],
+    running = [[job["id"], "+".join(job_workers(job)), job["slot"],
                 _elapsed(now - parse_iso_time(job["started_at"])), _command_line(job), job["log"]]
                for job in status["running_jobs"]]
     if running:
@@ -8340,14 +8626,15 @@ def command_add_job(options):
     The job runs SCRIPT with ARGS exactly as given, in the current directory,
     with the current environment plus the worker's and the job's -e variables,
     plus JOB_ID, SLAVE_IP, SLAVE_HOST, SLAVE_PORT, SLAVE_USER, SLOT, SLOTS and
-    JOB_ATTEMPT.  An array is many tasks from one call, each a job of its own
-    with ARRAY_ID and TASK_ID: --array SPEC gives one task per index (Slurm's
-    syntax; %K runs at most K at once); after ARGS, each `::: A B C` group adds
-    one argument per task, several groups give every combination (as in GNU
-    parallel); --args-file gives one task per line of arguments, --each-line
-    one per line in TASK_ARG.  Either all are queued or none.  The array's id
-    stands for all its tasks in wait, kill, jobs, logs, retry, ... and
-    ARRAY.TASK names one.
+    JOB_ATTEMPT (and SPLIT_HOSTS and SPLIT_PART with --split).  An array is
+    many tasks from one call, each a job of its own with ARRAY_ID and TASK_ID:
+    --array SPEC gives one task per index (Slurm's syntax; %K runs at most K at
+    once); after ARGS, each `::: A B C` group adds one argument per task,
+    several groups give every combination (as in GNU parallel); --args-file
+    gives one task per line of arguments, --each-line one per line in TASK_ARG.
+    Either all are queued or none.  The array's id stands for all its tasks in
+    wait, kill, jobs, logs, retry, ... and ARRAY.TASK names one.  With --slots
+    K --split, the K slots may come from several workers: see --split below.
     """
     script = resolve_script(options.script)
     args = options.args
@@ -8414,6 +8701,7 @@ def job_policy(options):
         not_before = time.time() + parse_duration(options.delay, "--delay")
     return {
         "slots_wanted": options.slots,
+        **({"split": True} if getattr(options, "split", False) else {}),
         "on": host_list(options.on, "--on"),
         "prefer": host_list(options.prefer, "--prefer"),
         "exclude": host_list(options.exclude, "--exclude"),
@@ -8886,14 +9174,20 @@ def task_name(job):
 def render_job(job):
     lines = []
     for key in ("id", "task", "state", "result", "exit_code", "signal", "reason", "worker",
-                "slots", "attempt", "retries", "priority", "timeout", "not_before", "script",
-                "args", "cwd", "envs", "submitted_at", "started_at", "ended_at", "log"):
+                "slots", "parts", "attempt", "retries", "priority", "timeout", "not_before",
+                "script", "args", "cwd", "envs", "submitted_at", "started_at", "ended_at",
+                "log"):
         value = job[key]
         if key == "task":
             if value is None:
                 continue
             value = task_name(job) + (f" (TASK_ARG={job['task_arg']})"
                                       if job["task_arg"] is not None else "")
+        elif key == "parts":
+            if not job["split"]:
+                continue   # (a line for --split jobs only)
+            value = " + ".join(f"{worker} ({len(slots)})" for worker, slots in value) \
+                if value else None
         elif key == "signal" and value is not None:
             value = f"{value} ({_signal_name(value)})"
         elif isinstance(value, (list, dict)):
@@ -8902,7 +9196,9 @@ def render_job(job):
     for attempt in job.get("attempts", []):
         if attempt is job["attempts"][0]:
             lines.append("attempts:")
-        lines.append(f"  {attempt['attempt']}. {attempt['result']} on {attempt['worker']} "
+        where = "+".join(worker for worker, _ in attempt["parts"]) if attempt.get("parts") \
+            else attempt["worker"]
+        lines.append(f"  {attempt['attempt']}. {attempt['result']} on {where} "
                      f"(exit {_exit_text(attempt)}), {_local_time(attempt['started_at'])} to "
                      f"{_local_time(attempt['ended_at'])}"
                      + (f": {attempt['reason']}" if attempt["reason"] else ""))
@@ -9802,7 +10098,8 @@ EXAMPLES = {
                   "  ./cli.py quickstart --server_data_dir ~/try-queue",
     "start": "./cli.py start\n  ./cli.py start --server_data_dir ~/queue --log_dir ~/queue/logs\n"
              "  ./cli.py start --foreground          # under systemd or screen\n"
-             "  ./cli.py start --ssh-config ~/cluster/ssh_config",
+             "  ./cli.py start --ssh-config ~/cluster/ssh_config\n"
+             "  ./cli.py start --placement pack     # best fit: big workers kept for big jobs",
     "stop": "./cli.py stop",
     "status": "./cli.py status\n  ./cli.py status --json > state.json",
     "add_slave": "./cli.py add_slave node1 node2 alice@10.0.0.7 alice@10.0.0.8:2222 '[fd00::5]'\n"
@@ -9822,7 +10119,11 @@ EXAMPLES = {
                "  ./cli.py add_job --after 7 ./merge.sh      # after every task of array 7\n"
                "  ./cli.py add_job --retries 3 --timeout 2h ./simulate.sh run-7\n"
                "  ./cli.py add_job --after 12-20 --priority 5 ./collect.sh\n"
-               "  ./cli.py add_job --slots 8 --on gpu1,gpu2 --at 22:00 ./train.sh",
+               "  ./cli.py add_job --slots 8 --on gpu1,gpu2 --at 22:00 ./train.sh\n"
+               "  ./cli.py add_job --slots 40 --split ./mpi.sh   # 40 slots over one or more "
+               "workers;\n"
+               "                                               # each part: mpirun -H "
+               "$SPLIT_HOSTS ...",
     "remove_job": "./cli.py remove_job 12 13\n  ./cli.py remove_job ./job.sh input-1.dat\n"
                   "  ./cli.py remove_job 7     # the tasks of array 7 still waiting",
     "load_status": "./cli.py status --json > state.json\n  ./cli.py load_status state.json",
@@ -9990,6 +10291,12 @@ def build_parser(only=None):
                             "'default' goes back to ~/.ssh/config and /etc/ssh/ssh_config, "
                             "'none' reads no config. Default: the one the queue has, or "
                             f"${SSH_CONFIG_VARIABLE} if set.")
+    start.add_argument("--placement", choices=PLACEMENTS,
+                       help="Where jobs go among the workers with room: 'spread' (the one "
+                            "with the most free slots, so load spreads across machines) or "
+                            "'pack' (the one with the fewest free slots that still holds "
+                            "the job, so large workers stay free for large jobs). Remembered "
+                            f"across restarts (default: {PLACEMENTS[0]}).")
     start.add_argument("--notify", action="store_true", help=argparse.SUPPRESS)
 
     add("stop")
@@ -10042,8 +10349,9 @@ def build_parser(only=None):
     what = add_job.add_argument_group("what to run")
     what.add_argument("-e", dest="env", action="append", default=[], metavar="NAME=VALUE",
                       help="A variable for this job; repeatable. JOB_ID, SLAVE_IP, "
-                           "SLAVE_HOST, SLAVE_PORT, SLAVE_USER, SLOT, SLOTS and JOB_ATTEMPT "
-                           "are reserved (and ARRAY_ID, TASK_ID, TASK_ARG in arrays).")
+                           "SLAVE_HOST, SLAVE_PORT, SLAVE_USER, SLOT, SLOTS, JOB_ATTEMPT, "
+                           "SPLIT_HOSTS and SPLIT_PART are reserved (and ARRAY_ID, TASK_ID, "
+                           "TASK_ARG in arrays).")
     what.add_argument("--array", metavar="SPEC",
                       help="An array: one task per index of SPEC, in Slurm's syntax: 1-1000, "
                            "0-99:5 (a step), 1,4,9-12; %%K at the end runs at most K at "
@@ -10061,7 +10369,16 @@ def build_parser(only=None):
     what.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
                       help="Arguments passed to the script verbatim, even ones that look "
                            "like options.")
-    placement_arguments(add_job.add_argument_group("where it runs"), "job")
+    where = add_job.add_argument_group("where it runs")
+    placement_arguments(where, "job")
+    where.add_argument("--split", action="store_true",
+                       help="Let the --slots K come from several workers (an MPI-style "
+                            "job): the script runs once per worker, each run with SLOTS its "
+                            "share, SPLIT_HOSTS every part as host:slots,... and SPLIT_PART "
+                            "its place in that list (from 0). One worker that holds all K "
+                            "is preferred, else the fewest workers, most room first. It "
+                            "starts only when all K are free at once, succeeds when every "
+                            "part does, and a part that fails ends the others.")
     when = add_job.add_argument_group("when it starts")
     when.add_argument("--priority", type=int, default=0, metavar="N",
                       help="Higher starts first; jobs of equal priority start in "
@@ -10309,6 +10626,9 @@ def check_conflicts(options):
         raise UserError("--wait and --kill exclude each other: choose one")
     if command == "add_job" and options.at is not None and options.delay is not None:
         raise UserError("--at and --delay both give a start time: choose one")
+    if command == "add_job" and options.split and options.slots < 2:
+        raise UserError("--split needs --slots K of 2 or more (the slots to split across "
+                        "workers)")
     if command == "add_job" and options.retry_delay is not None and not options.retries:
         raise UserError("--retry-delay needs --retries N (how many more attempts)")
     if command == "edit_slave":

@@ -15,6 +15,10 @@ Workloads (medians over the runs, min-max beside them):
                  starting Python and compiling cli.py
   B5 workers     500 workers x 2 slots (registered without the SSH check)
   B6 refill      time from a job's end to the next start on the same slot
+  B7 placement   a mixed stream of 1-, 4- and 16-slot jobs of 1 s (every 0.5 s:
+                 four 1-slot, one 4-slot, and every other time one 16-slot, ~85%
+                 load) on 1x16 + 2x4 + 4x1 slots; median queue wait (start - --at)
+                 of the 16-slot jobs and of all jobs, start --placement spread vs pack
 It is a benchmark, not a test: it never fails on a number.  B4 (queue size)
 is bench/bulk.py.
 """
@@ -38,10 +42,11 @@ from sshd import SshSandbox  # noqa: E402 - the tests' sshd harness, not a copy 
 class Queue:
     """A cli.py server in a temp dir, driven through this interpreter."""
 
-    def __init__(self, root, env):
+    def __init__(self, root, env, *start_args):
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.env = dict(env, CLI_PY_DATA_DIR=str(root / ".data"))
+        self.start_args = start_args
 
     def __call__(self, *args, check=True):
         result = subprocess.run([sys.executable, str(CLI), *map(str, args)], cwd=self.root,
@@ -51,7 +56,7 @@ class Queue:
         return result.stdout
 
     def __enter__(self):
-        self("start")
+        self("start", *self.start_args)
         return self
 
     def __exit__(self, *exc):
@@ -195,15 +200,60 @@ def refill_gaps(sandbox, root, jobs, workers, slots):
     return sorted(gaps)
 
 
+def b7_placement(sandbox, root, rounds):
+    figures = {}
+    for placement in ("spread", "pack"):
+        waits = placement_waits(sandbox, root / placement, rounds, placement)
+        for size in (16, 4, 1):
+            figures[f"B7 {placement}: {size}-slot jobs' median wait (s)"] = \
+                statistics.median(waits[size])
+        figures[f"B7 {placement}: all jobs' median wait (s)"] = \
+            statistics.median([wait for sizes in waits.values() for wait in sizes])
+    return figures
+
+
+def placement_waits(sandbox, root, rounds, placement):
+    """{slots: [seconds from each job's start time to its start]} of the B7 stream."""
+    from datetime import datetime, timezone
+    job = str(script(root.parent, "second.sh", "sleep 1\n"))
+    slaves = [{"ip": "big", "slots": 16}, {"ip": "mid1", "slots": 4}, {"ip": "mid2", "slots": 4},
+              *({"ip": f"one{n}", "slots": 1} for n in range(1, 5))]
+    # The whole stream in one load_status call, each job with its start time: how
+    # fast jobs can be submitted (some 50 ms an add_job, far more on a loaded
+    # machine) must not shape it.
+    base = time.time() + 3
+    stream = []
+    for number in range(rounds):
+        at = datetime.fromtimestamp(base + 0.5 * number, timezone.utc).isoformat()
+        sizes = [1, 1, 1, 1, 4] + ([16] if number % 2 == 0 else [])
+        stream += [{"script": job, "slots_wanted": size, "not_before": at} for size in sizes]
+    document = root.parent / f"{placement}-stream.json"
+    document.write_text(json.dumps({"slaves": slaves, "job_waitlist": stream}))
+    with Queue(root, sandbox.env(), "--placement", placement) as queue:
+        queue("load_status", document)
+        if time.time() > base:
+            print(f"B7: loading took {time.time() - base + 3:.1f}s, longer than planned; "
+                  "the first jobs' waits include it", file=sys.stderr)
+        queue("wait", "--quiet")
+        placed = json.loads(queue("jobs", "--json"))
+    waits = {}
+    for entry in placed:
+        started = datetime.fromisoformat(entry["started_at"].replace("Z", "+00:00"))
+        due = datetime.fromisoformat(entry["not_before"].replace("Z", "+00:00"))
+        waits.setdefault(entry["slots_wanted"], []).append((started - due).total_seconds())
+    return waits
+
+
 WORKLOADS = {"B1": (b1_dispatch, 5000, 1000), "B2": (b2_ssh, 500, 100),
              "B3": (b3_latency, 100_000, 10_000), "B5": (b5_many_workers, 20_000, 2000),
-             "B6": (b6_refill, 1000, 200)}
+             "B6": (b6_refill, 1000, 200), "B7": (b7_placement, 40, 16)}
 TARGETS = {
     "B1": "cli.py >= 3x GNU parallel, >= 0.5x xargs",
     "B2": "cli.py >= 3x parallel -S, >= parallel -S -M",
     "B3": "add_job, status --json within 10 ms of the floor; no growth with the queue",
     "B5": "cli.py >= 0.8x its B1 rate",
     "B6": "median < 5 ms, p99 < 20 ms",
+    "B7": "pack starts 16-slot jobs sooner than spread (issue 16)",
 }
 
 
@@ -232,7 +282,8 @@ def main():
             function, size, quick_size = WORKLOADS[name]
             size = quick_size if options.quick else size
             for run in range(runs):
-                print(f"{name} run {run + 1}/{runs} ({size:,} jobs) ...", file=sys.stderr)
+                unit = "rounds" if name == "B7" else "jobs"
+                print(f"{name} run {run + 1}/{runs} ({size:,} {unit}) ...", file=sys.stderr)
                 root = Path(tempfile.mkdtemp(dir=scratch))
                 for row, value in function(sandbox, root, size).items():
                     results.setdefault(name, {}).setdefault(row, []).append(value)

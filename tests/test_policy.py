@@ -19,8 +19,8 @@ def jobs(*ids, **needs):
     return [cli.JobNeeds(job_id, **needs) for job_id in ids]
 
 
-def plan(job_list, workers):
-    return cli.plan_starts(job_list, workers)
+def plan(job_list, workers, placement="spread"):
+    return cli.plan_starts(job_list, workers, placement)
 
 
 def test_fifo_and_most_free_slots_first():
@@ -434,3 +434,100 @@ def test_ids_are_described_as_runs():
     assert cli.describe_ids([3]) == "job 3"
     assert cli.describe_ids([5, 4, 6]) == "jobs 4-6"
     assert cli.describe_ids([1, 2, 3, 4, 9, 11, 12, 20, 21, 22]) == "jobs 1-4, 9, 11, 12, 20-22"
+
+
+# --- split jobs and placement (issue 16) --------------------------------------------
+
+def split_job(job_id, slots, **needs):
+    return cli.JobNeeds(job_id, slots=slots, split=True, **needs)
+
+
+def test_a_split_job_takes_the_fewest_workers_most_room_first():
+    starts = plan([split_job(1, 6)], [worker("a", 4), worker("b", 4)])
+    assert starts == [(1, "a", [0, 1, 2, 3])]
+    assert starts.parts == {1: [("a", [0, 1, 2, 3]), ("b", [0, 1])]}
+    # Most room first: 3 free on c beats 2 on b; the last part takes what is left.
+    starts = plan([split_job(1, 5)], [worker("a", 4, busy={0, 1}), worker("b", 4, busy={0, 1}),
+                                      worker("c", 3)])
+    assert starts.parts == {1: [("c", [0, 1, 2]), ("a", [2, 3])]}
+
+
+def test_a_split_job_that_one_worker_holds_runs_there_whole():
+    starts = plan([split_job(1, 6)], [worker("a", 4), worker("b", 8)])
+    assert starts == [(1, "b", [0, 1, 2, 3, 4, 5])]
+    assert starts.parts == {1: [("b", [0, 1, 2, 3, 4, 5])]}
+    # pack also keeps it whole, on the smallest worker that holds it.
+    starts = plan([split_job(1, 6)], [worker("a", 4), worker("b", 16), worker("c", 8)],
+                  placement="pack")
+    assert starts.parts == {1: [("c", [0, 1, 2, 3, 4, 5])]}
+
+
+def test_a_split_job_starts_all_or_nothing_and_reserves_what_it_waits_for():
+    # 4 free of the 6 it needs: nothing starts for it, and the small jobs behind
+    # it must not take the free slots of the workers it waits for.
+    workers = [worker("a", 4, busy={0, 1}), worker("b", 4, busy={0, 1}), worker("c", 1)]
+    starts = plan([split_job(1, 6), *jobs(2, 3, 4)], workers)
+    assert starts == [(2, "c", [0])]
+    assert starts.parts == {}
+    assert starts.reserved == {"a", "b"}
+    assert workers[0].busy_slots == {0, 1}   # (inputs untouched)
+
+
+def test_a_split_job_prefers_to_reserve_one_worker_that_holds_it_all():
+    workers = [worker("a", 4, busy={0}), worker("b", 8, busy={0, 1, 2, 3, 4, 5})]
+    starts = plan([split_job(1, 6), *jobs(2)], workers)
+    # 3 + 2 free is too little; b alone could hold it: b is reserved, a takes job 2.
+    assert starts == [(2, "a", [1])]
+    assert starts.reserved == {"b"}
+
+
+def test_a_split_job_keeps_to_on_and_exclude():
+    workers = [worker("a", 4), worker("b", 4), worker("c", 4)]
+    starts = plan([split_job(1, 6, on=["b", "c"])], workers)
+    assert starts.parts == {1: [("b", [0, 1, 2, 3]), ("c", [0, 1])]}
+    starts = plan([split_job(1, 6, exclude=["a"])], workers)
+    assert starts.parts == {1: [("b", [0, 1, 2, 3]), ("c", [0, 1])]}
+    assert plan([split_job(1, 6, on=["a"])], workers) == []
+
+
+def test_a_split_job_bigger_than_all_workers_together_waits_and_reserves_nothing():
+    starts = plan([split_job(1, 9), *jobs(2)], [worker("a", 4), worker("b", 4)])
+    assert starts == [(2, "a", [0])]
+    assert starts.reserved == set()
+
+
+def test_without_split_a_multi_slot_job_stays_on_one_worker():
+    starts = plan(jobs(1, slots=6), [worker("a", 4), worker("b", 4)])
+    assert starts == [] and starts.parts == {}
+
+
+def test_pack_puts_a_job_on_the_smallest_worker_that_holds_it_spread_on_the_largest():
+    workers = [worker("big", 16), worker("small", 4)]
+    assert plan(jobs(1, slots=4), workers) == [(1, "big", [0, 1, 2, 3])]
+    assert plan(jobs(1, slots=4), workers, placement="pack") == [(1, "small", [0, 1, 2, 3])]
+    # Plain one-slot jobs too: pack fills the fullest worker that has room.
+    workers = [worker("big", 16), worker("small", 4, busy={0}), worker("one", 1)]
+    assert plan(jobs(1), workers) == [(1, "big", [0])]
+    assert plan(jobs(1, 2, 3, 4, 5), workers, placement="pack") == [
+        (1, "one", [0]), (2, "small", [1]), (3, "small", [2]), (4, "small", [3]),
+        (5, "big", [0])]
+
+
+def test_pack_leaves_the_large_worker_whole_for_a_large_job():
+    workers = [worker("big", 16), worker("s1", 4), worker("s2", 4)]
+    stream = [*jobs(1, 2, 3, 4), cli.JobNeeds(5, slots=16)]
+    spread = plan(stream, workers)
+    assert 5 not in [job_id for job_id, _, _ in spread]
+    packed = plan(stream, workers, placement="pack")
+    assert (5, "big", list(range(16))) in packed
+
+
+def test_split_jobs_wait_for_slots_together_with_a_reason():
+    job = {"after": [], "after_any": [], "not_before": None, "on": None, "exclude": None,
+           "slots_wanted": 6, "split": True}
+    assert cli.waiting_reason(job, [worker("a", 4), worker("b", 4, busy={0})], False, 0) == \
+        "6 free slots at once (--split)"
+    assert cli.waiting_reason(job, [worker("a", 4)], False, 0) == \
+        "workers with 6 slots together"
+    assert cli.waiting_reason({**job, "split": False}, [worker("a", 4), worker("b", 4)],
+                              False, 0) == "no worker with 6 slots"
