@@ -28,7 +28,8 @@ Run `./cli.py COMMAND --help` for each command.
 #                                     moves, and the columns each job state owns
 #   Protocol                          REQUESTS (name -> handler, parameter checks),
 #                                     check_request, replies, LineReader
-#   Storage                           Store: SQLite, migrations, every SQL statement;
+#   Storage                           Store: SQLite, migrations, every SQL statement
+#                                     (Dependencies, ArrayRows, ServiceRows: theirs);
 #                                     change_jobs / change_worker_state /
 #                                     change_worker_health write the states
 #   Scheduling policy                 pure functions: plan_starts, waiting_reason, ...
@@ -1832,6 +1833,7 @@ class Store:
         self.db = open_database(path)
         self.dependencies = Dependencies(self)
         self.service_rows = ServiceRows(self)
+        self.arrays = ArrayRows(self)
 
     def transaction(self):
         return _Transaction(self.db)
@@ -2104,11 +2106,11 @@ class Store:
                                        for job_id in job_ids]).rowcount
         if deleted != len(job_ids):
             raise LostRace(f"{len(job_ids) - deleted} of {len(job_ids)} job(s) were not waiting")
-        self.drop_empty_arrays()
+        self.arrays.drop_empty()
 
     def delete_all_waiting(self):
         self.db.execute("DELETE FROM jobs WHERE state = ?", (JobState.WAITING.value,))
-        self.drop_empty_arrays()
+        self.arrays.drop_empty()
 
     def purge_jobs(self, ended_before):
         """Delete finished jobs that ended before then; return their (id, log) pairs."""
@@ -2118,7 +2120,7 @@ class Store:
         self.db.execute("DELETE FROM jobs WHERE state = 'done' AND ended_at < ?",
                         (ended_before,))
         self.drop_unused_environments()
-        self.drop_empty_arrays()
+        self.arrays.drop_empty()
         return [(row["id"], row["log"]) for row in rows]
 
     # --- jobs: queries -------------------------------------------------------
@@ -2136,8 +2138,8 @@ class Store:
             return self.db.execute("SELECT * FROM jobs WHERE state = 'waiting' "
                                    "ORDER BY blocked, priority DESC, id").fetchall()
         rows = self.ready_jobs(limit)
-        for array_id, _, _ in self.limited_arrays():
-            rows += self.ready_tasks(array_id, limit)
+        for array_id, _, _ in self.arrays.limited():
+            rows += self.arrays.ready_tasks(array_id, limit)
         if len(rows) < limit:
             rows += self.db.execute(
                 "SELECT * FROM jobs INDEXED BY jobs_not_before WHERE state = 'waiting' AND "
@@ -2147,7 +2149,7 @@ class Store:
     def ready_jobs(self, limit, after=None):
         """Waiting jobs free to start, highest priority first, then oldest; the
         ones after AFTER, the (priority, id) of the last one seen, if given.  The
-        tasks of arrays with a limit are not among them (see ready_tasks)."""
+        tasks of arrays with a limit are not among them (see ArrayRows.ready_tasks)."""
         if after is None:
             # INDEXED BY: without statistics SQLite would rather sort every waiting job.
             return self.db.execute(
@@ -2192,81 +2194,6 @@ class Store:
         rows = self.db.execute(f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?",
                                (*values, last)).fetchall()
         return rows[::-1]
-
-    # --- arrays ---
-
-    def restore_task(self, job_id, task):
-        """load_status: job JOB_ID is again a task of its array, which comes back too
-        (see _status_task)."""
-        self.db.execute("INSERT OR IGNORE INTO arrays (id, tasks, spec, max_running, "
-                        "created_at) VALUES (?, ?, ?, ?, ?)",
-                        (task["array"], len(parse_array_spec(task["spec"])[0])
-                         if task["spec"] else task["task"], task["spec"], task["max_running"],
-                         time.time()))
-        self.db.execute("UPDATE arrays SET tasks = max(tasks, ?) WHERE id = ? AND spec IS NULL",
-                        (task["task"], task["array"]))
-        self.db.execute("UPDATE jobs SET array_id = ?, task_id = ?, task_arg = ?, limited = "
-                        "(SELECT max_running IS NOT NULL FROM arrays WHERE id = ?) WHERE id = ?",
-                        (task["array"], task["task"], task["task_arg"], task["array"], job_id))
-
-    def arrays_among(self, ids):
-        """{id: row} of the arrays whose ids are among IDS."""
-        arrays = {}
-        for first in range(0, len(ids), 500):
-            chunk = ids[first:first + 500]
-            for row in self.db.execute(f"SELECT * FROM arrays WHERE id IN "
-                                       f"({', '.join('?' * len(chunk))})", chunk):
-                arrays[row["id"]] = row
-        return arrays
-
-    def array_job_ids(self, array):
-        """The ids of the tasks of ARRAY (a row) still here, in order."""
-        # Its tasks took consecutive ids from its own: the primary key finds them.
-        return [row[0] for row in self.db.execute(
-            "SELECT id FROM jobs WHERE id BETWEEN ? AND ? AND array_id = ?",
-            (array["id"], array["id"] + array["tasks"] - 1, array["id"]))]
-
-    def array_counts(self, array_ids):
-        """{array id: {state or result: tasks}} (waiting counts blocked tasks too)."""
-        counts = {array_id: {} for array_id in array_ids}
-        for array_id in array_ids:
-            for state, result, number in self.db.execute(
-                    "SELECT state, result, count(*) FROM jobs WHERE array_id = ? "
-                    "GROUP BY state, result", (array_id,)):
-                key = result or state
-                counts[array_id][key] = counts[array_id].get(key, 0) + number
-        return counts
-
-    def live_arrays(self):
-        """The arrays some of whose tasks are still waiting or running, oldest first."""
-        return self.db.execute(
-            "SELECT * FROM arrays a WHERE EXISTS (SELECT 1 FROM jobs WHERE array_id = a.id "
-            "AND state IN ('waiting', 'running')) ORDER BY id").fetchall()
-
-    def limited_arrays(self):
-        """[(array id, %K, tasks running)] of the arrays with a limit that have tasks
-        ready to start."""
-        return self.db.execute(
-            "SELECT a.id, a.max_running, (SELECT count(*) FROM jobs WHERE array_id = a.id "
-            "AND state = 'running') FROM arrays a WHERE a.max_running IS NOT NULL AND "
-            "EXISTS (SELECT 1 FROM jobs WHERE array_id = a.id AND state = 'waiting' AND "
-            "blocked = 0 AND limited = 1)").fetchall()
-
-    def ready_tasks(self, array_id, limit):
-        """Tasks of limited array ARRAY_ID free to start, in the order they would."""
-        return self.db.execute(
-            "SELECT * FROM jobs INDEXED BY jobs_ready_limited WHERE array_id = ? AND "
-            "state = 'waiting' AND blocked = 0 AND limited = 1 ORDER BY priority DESC, id "
-            "LIMIT ?", (array_id, limit)).fetchall()
-
-    def running_tasks(self, array_id):
-        return self.db.execute("SELECT count(*) FROM jobs WHERE array_id = ? AND "
-                               "state = 'running'", (array_id,)).fetchone()[0]
-
-    def drop_empty_arrays(self):
-        """Arrays none of whose tasks is left (removed, purged) go too."""
-        self.db.execute("DELETE FROM arrays WHERE NOT EXISTS "
-                        "(SELECT 1 FROM jobs WHERE array_id = arrays.id)")
 
     def jobs_by_id(self, job_ids, columns="id, state, result"):
         """COLUMNS of those of JOB_IDS that exist, 500 ids per query."""
@@ -2484,6 +2411,84 @@ class Dependencies:
                     "SELECT DISTINCT d.prerequisite, j.result FROM dependencies d LEFT JOIN jobs j "
                     "ON j.id = d.prerequisite WHERE j.id IS NULL OR j.state = 'done'")]
 
+
+
+class ArrayRows:
+    """The Store's statements about arrays (store.arrays): their rows, and their
+    tasks as the scheduler, the names in commands and status need them.  The
+    tasks of an array took consecutive job ids from the array's own."""
+
+    def __init__(self, store):
+        self.db = store.db
+
+    def restore(self, job_id, task):
+        """load_status: job JOB_ID is again a task of its array, which comes back too
+        (see _status_task)."""
+        self.db.execute("INSERT OR IGNORE INTO arrays (id, tasks, spec, max_running, "
+                        "created_at) VALUES (?, ?, ?, ?, ?)",
+                        (task["array"], len(parse_array_spec(task["spec"])[0])
+                         if task["spec"] else task["task"], task["spec"], task["max_running"],
+                         time.time()))
+        self.db.execute("UPDATE arrays SET tasks = max(tasks, ?) WHERE id = ? AND spec IS NULL",
+                        (task["task"], task["array"]))
+        self.db.execute("UPDATE jobs SET array_id = ?, task_id = ?, task_arg = ?, limited = "
+                        "(SELECT max_running IS NOT NULL FROM arrays WHERE id = ?) WHERE id = ?",
+                        (task["array"], task["task"], task["task_arg"], task["array"], job_id))
+
+    def among(self, ids):
+        """{id: row} of the arrays whose ids are among IDS."""
+        arrays = {}
+        for first in range(0, len(ids), 500):
+            chunk = ids[first:first + 500]
+            for row in self.db.execute(f"SELECT * FROM arrays WHERE id IN "
+                                       f"({', '.join('?' * len(chunk))})", chunk):
+                arrays[row["id"]] = row
+        return arrays
+
+    def job_ids(self, array):
+        """The ids of the tasks of ARRAY (a row) still here, in order."""
+        # Its tasks took consecutive ids from its own: the primary key finds them.
+        return [row[0] for row in self.db.execute(
+            "SELECT id FROM jobs WHERE id BETWEEN ? AND ? AND array_id = ?",
+            (array["id"], array["id"] + array["tasks"] - 1, array["id"]))]
+
+    def counts(self, array_ids):
+        """{array id: {state or result: tasks}} (waiting counts blocked tasks too)."""
+        counts = {array_id: {} for array_id in array_ids}
+        for array_id in array_ids:
+            for state, result, number in self.db.execute(
+                    "SELECT state, result, count(*) FROM jobs WHERE array_id = ? "
+                    "GROUP BY state, result", (array_id,)):
+                key = result or state
+                counts[array_id][key] = counts[array_id].get(key, 0) + number
+        return counts
+
+    def live(self):
+        """The arrays some of whose tasks are still waiting or running, oldest first."""
+        return self.db.execute(
+            "SELECT * FROM arrays a WHERE EXISTS (SELECT 1 FROM jobs WHERE array_id = a.id "
+            "AND state IN ('waiting', 'running')) ORDER BY id").fetchall()
+
+    def limited(self):
+        """[(array id, %K, tasks running)] of the arrays with a limit that have tasks
+        ready to start."""
+        return self.db.execute(
+            "SELECT a.id, a.max_running, (SELECT count(*) FROM jobs WHERE array_id = a.id "
+            "AND state = 'running') FROM arrays a WHERE a.max_running IS NOT NULL AND "
+            "EXISTS (SELECT 1 FROM jobs WHERE array_id = a.id AND state = 'waiting' AND "
+            "blocked = 0 AND limited = 1)").fetchall()
+
+    def ready_tasks(self, array_id, limit):
+        """Tasks of limited array ARRAY_ID free to start, in the order they would."""
+        return self.db.execute(
+            "SELECT * FROM jobs INDEXED BY jobs_ready_limited WHERE array_id = ? AND "
+            "state = 'waiting' AND blocked = 0 AND limited = 1 ORDER BY priority DESC, id "
+            "LIMIT ?", (array_id, limit)).fetchall()
+
+    def drop_empty(self):
+        """Arrays none of whose tasks is left (removed, purged) go too."""
+        self.db.execute("DELETE FROM arrays WHERE NOT EXISTS "
+                        "(SELECT 1 FROM jobs WHERE array_id = arrays.id)")
 
 
 class ServiceRows:
@@ -5554,7 +5559,7 @@ class Queue:
         array id is its first task's job id), else job N; 'A.T' task T of array A."""
         if all(isinstance(name, int) for name in names):
             return names
-        arrays = self.store.arrays_among([int(name) for name in names
+        arrays = self.store.arrays.among([int(name) for name in names
                                           if isinstance(name, str) and "." not in name])
         job_ids = []
         for name in names:
@@ -5563,7 +5568,7 @@ class Queue:
             elif "." in name:
                 job_ids.append(self.task_job_id(*map(int, name.split("."))))
             elif int(name) in arrays:
-                job_ids += self.store.array_job_ids(arrays[int(name)])
+                job_ids += self.store.arrays.job_ids(arrays[int(name)])
             else:
                 job_ids.append(int(name))
             if len(job_ids) > MAX_BULK_JOBS:
@@ -5573,7 +5578,7 @@ class Queue:
 
     def task_job_id(self, array_id, task_id):
         """The job id of task TASK_ID of array ARRAY_ID, or an error that says why none."""
-        array = self.store.arrays_among([array_id]).get(array_id)
+        array = self.store.arrays.among([array_id]).get(array_id)
         if array is None:
             raise UserError(f"{array_id}.{task_id}: there is no array {array_id} (ARRAY.TASK "
                             "names a task of an array; see ./cli.py status)")
@@ -5651,9 +5656,9 @@ class Queue:
         rows = self.store.ready_jobs(limit=limit)
         more = len(rows) == limit
         limited = False
-        for array_id, most, running in self.store.limited_arrays():
+        for array_id, most, running in self.store.arrays.limited():
             if running < most:
-                rows += self.store.ready_tasks(array_id, min(most - running, limit))
+                rows += self.store.arrays.ready_tasks(array_id, min(most - running, limit))
                 limited = True
         if limited:
             rows.sort(key=lambda row: (-row["priority"], row["id"]))
@@ -6044,7 +6049,7 @@ class JobEdits:
                     new_ids[job["id"]] = new_id
                 job["new_id"] = new_id
                 if job["task"] is not None and keep_ids:
-                    self.store.restore_task(new_id, job["task"])
+                    self.store.arrays.restore(new_id, job["task"])
             skipped = []
             for job in jobs:
                 after = [new_ids.get(job_id, job_id) for job_id in job["after"]]
@@ -7590,8 +7595,8 @@ class Handlers:
 
     def arrays(self):
         """The arrays with tasks still waiting or running, and their tasks by state."""
-        live = self.store.live_arrays()
-        counts = self.store.array_counts([array["id"] for array in live])
+        live = self.store.arrays.live()
+        counts = self.store.arrays.counts([array["id"] for array in live])
         return [{"id": array["id"], "spec": array["spec"], "max_running": array["max_running"],
                  "tasks": sum(counts[array["id"]].values()), "counts": counts[array["id"]]}
                 for array in live]
@@ -7751,7 +7756,7 @@ class Handlers:
     def arrays_named(self, names):
         """Those of NAMES that name an array whole ('N' where N is an array's id)."""
         bare = [name for name in names or () if isinstance(name, str) and "." not in name]
-        arrays = self.store.arrays_among([int(name) for name in bare]) if bare else {}
+        arrays = self.store.arrays.among([int(name) for name in bare]) if bare else {}
         return [name for name in bare if int(name) in arrays]
 
     def add_service(self, client, params):
