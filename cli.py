@@ -2389,6 +2389,14 @@ class FamilyRows:
             "SELECT * FROM jobs WHERE parent IS NOT NULL OR id IN "
             "(SELECT parent FROM jobs WHERE parent IS NOT NULL) ORDER BY id").fetchall()
 
+    def let_outlive_parents(self, job_ids):
+        """Those of JOB_IDS whose parent has ended (or gone) become --nohup children."""
+        for chunk in _chunks(job_ids):
+            self.db.execute(
+                f"UPDATE jobs SET nohup = 1 WHERE id IN ({', '.join('?' * len(chunk))}) AND "
+                f"parent IS NOT NULL AND nohup = 0 AND NOT EXISTS (SELECT 1 FROM jobs p WHERE "
+                f"p.id = jobs.parent AND p.state != 'done')", chunk)
+
     def orphans(self, parents=None):
         """The children, not --nohup, still waiting or running (and not being killed
         already) whose parent has ended, or is gone; only those of PARENTS if given."""
@@ -5541,6 +5549,9 @@ class JobEdits:
                     else "back with the retry of the jobs it runs --after")
                 changes.moved([job_id], state)
             dependencies.reopen_failed_on(back)
+            # A child retried after its parent ended would end again at once (or at
+            # the next start): the user who asked for it to run means it to outlive it.
+            self.store.families.let_outlive_parents(sorted(back))
             # Conditions on jobs that have ended since: met, or failed, now.
             self.queue.resolve(changes, dependencies.stale())
         retried = [job_id for job_id in job_ids if job_id in back]

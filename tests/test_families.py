@@ -200,3 +200,24 @@ def test_children_whose_parent_ended_without_settling_them_are_settled_on_start(
     shown = job(server, child)
     assert (shown["result"], shown["reason"], shown["parent"]) == \
         ("killed", f"parent {parent} ended", parent)
+
+
+def test_a_child_retried_after_its_parent_ended_runs_on_its_own(server):
+    server.ok("add_slave", "--slots", "2", "w1")
+    gate = server.root / "gate"
+    child = server.write_script("gated.sh", f'while [ ! -e {gate} ]; do sleep 0.05; done\n')
+    driver = driver_script(server, f'add {child} a\n')
+    parent = server.add_job(driver, env=family_env(server))
+    server.wait_for_counts(succeeded=1, killed=1)
+    killed = parent + 1
+    assert job(server, killed)["reason"] == f"parent {parent} ended"
+    gate.touch()
+    server.ok("pause")
+    server.ok("retry", killed)
+    server.ok("stop")
+    server.ok("start")   # the sweep at start leaves it waiting
+    assert job(server, killed)["state"] == "waiting"
+    server.ok("resume")
+    server.ok("wait", "-q", killed)
+    shown = job(server, killed)
+    assert (shown["result"], shown["parent"], shown["nohup"]) == ("succeeded", parent, True)
