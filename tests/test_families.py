@@ -221,3 +221,18 @@ def test_a_child_retried_after_its_parent_ended_runs_on_its_own(server):
     server.ok("wait", "-q", killed)
     shown = job(server, killed)
     assert (shown["result"], shown["parent"], shown["nohup"]) == ("succeeded", parent, True)
+
+
+def test_a_child_added_by_a_process_that_left_the_jobs_session_is_still_a_child(server):
+    # Out of the job's session (setsid) and orphaned (its parent, a subshell, has
+    # exited): what it descends from now is the job's supervisor, a subreaper.
+    server.ok("add_slave", "--slots", "2", "w1")
+    child = child_script(server)
+    done = server.results / "added"
+    driver = driver_script(server, f'( setsid sh -c \'"$PY" "$CLI" add_job -e RUN=0 {child} x '
+                                   f'> "$RESULTS/out"; touch {done}\' & )\n'
+                                   f'while [ ! -e {done} ]; do sleep 0.05; done\n')
+    parent = server.add_job(driver, env=family_env(server))
+    server.ok("wait", "-q", parent)
+    added = int((server.results / "out").read_text())
+    assert job(server, added)["parent"] == parent
