@@ -114,6 +114,8 @@ PROBES_AT_ONCE = 32                  # probes the prober runs at a time
 STATUS_TABLE_HEAD = 10           # waiting jobs shown by the status table
 HEALTH_TEXT_WIDTH = 30           # the status table's "last check" cells (see _health_text)
 JOBS_TABLE_LAST = 50             # jobs shown by the jobs table without --last
+TREE_INDENT_LIMIT = 60           # jobs --tree's indentation, at most: a job that queues its
+                                 # next round as its child makes families thousands deep
 MAX_BULK_JOBS = 1_000_000        # jobs one add_job call may queue, ids one command may name
 MAX_JOB_ID = 2 ** 63 - 1         # SQLite's largest integer
 # Ids a status document may give its jobs: ids only grow (AUTOINCREMENT), so one
@@ -8694,20 +8696,21 @@ def render_tree(jobs):
     """Families as trees: each job under its parent, with how it is or ended."""
     by_id = {job["id"]: job for job in jobs}
     lines = []
-
-    def add(job, prefix, branch):
+    # A stack, not recursion: a family may be deeper than Python's recursion limit.
+    stack = [(job, "", "") for job in reversed(jobs) if job["parent"] not in by_id]
+    while stack:
+        job, prefix, branch = stack.pop()
         how = job["result"] or job["state"]
         reason = f" ({job['reason']})" if job["result"] and job["reason"] else ""
-        lines.append(f"{prefix}{branch}{job['id']}  {how}{reason}"
+        shown = prefix if len(prefix) <= TREE_INDENT_LIMIT else \
+            "…" + prefix[-TREE_INDENT_LIMIT + 1:]
+        lines.append(f"{shown}{branch}{job['id']}  {how}{reason}"
                      f"{'  [nohup]' if job['nohup'] else ''}  {_command_line(job)}")
         children = [by_id[child] for child in job["children"] if child in by_id]
         below = prefix + ("" if not branch else "   " if branch == "└─ " else "│  ")
-        for child in children:
-            add(child, below, "└─ " if child is children[-1] else "├─ ")
-
-    for job in jobs:
-        if job["parent"] not in by_id:
-            add(job, "", "")
+        below = below[-TREE_INDENT_LIMIT:] if len(below) > 2 * TREE_INDENT_LIMIT else below
+        for child in reversed(children):
+            stack.append((child, below, "└─ " if child is children[-1] else "├─ "))
     return "\n".join(lines)
 
 
