@@ -2353,9 +2353,18 @@ class FamilyRows:
     def __init__(self, store):
         self.db = store.db
 
-    def children(self, job_id):
-        return self.db.execute("SELECT id, state, result, nohup FROM jobs WHERE parent = ? "
-                               "ORDER BY id", (job_id,)).fetchall()
+    # A child that runs --after (or --after-any) its own parent is meant to run once
+    # the parent has ended: the parent's end does not end it (its condition settles
+    # it as any job's does), and the parent cannot wait for it.
+    _NOT_AFTER_PARENT = (
+        "NOT EXISTS (SELECT 1 FROM dependencies d WHERE d.job_id = c.id AND "
+        "d.prerequisite = c.parent) AND NOT EXISTS (SELECT 1 FROM settled_dependencies s "
+        "WHERE s.job_id = c.id AND s.prerequisite = c.parent)")
+
+    def children_to_wait_for(self, job_id):
+        """The children of JOB_ID, but those that run --after it (see above)."""
+        return self.db.execute(f"SELECT c.id, c.state FROM jobs c WHERE c.parent = ? AND "
+                               f"{self._NOT_AFTER_PARENT} ORDER BY c.id", (job_id,)).fetchall()
 
     def children_of(self, job_ids):
         """{parent id: [child ids]} for those of JOB_IDS that have children."""
@@ -2400,12 +2409,13 @@ class FamilyRows:
                 f"p.id = jobs.parent AND p.state != 'done')", chunk)
 
     def orphans(self, parents=None):
-        """The children, not --nohup, still waiting or running (and not being killed
-        already) whose parent has ended, or is gone; only those of PARENTS if given."""
+        """The children, not --nohup nor --after their parent, still waiting or running
+        (and not being killed already) whose parent has ended, or is gone; only those
+        of PARENTS if given."""
         query = ("SELECT c.id, c.state, c.parent FROM jobs c LEFT JOIN jobs p ON "
                  "p.id = c.parent WHERE c.parent IS NOT NULL AND c.nohup = 0 AND "
                  "c.state != 'done' AND c.kill_requested_at IS NULL AND "
-                 "(p.id IS NULL OR p.state = 'done')")
+                 f"(p.id IS NULL OR p.state = 'done') AND {self._NOT_AFTER_PARENT}")
         if parents is None:
             return self.db.execute(query).fetchall()
         rows = []
@@ -5438,7 +5448,8 @@ class Families:
     once, as killed, in the transaction that ends it; running ones are killed
     with the default grace, the kill recorded in that same transaction so that a
     restart finishes it.  Either way their reason is "parent N ended", and their
-    own children follow them.  (`kill` of a parent kills its whole family, --nohup
+    own children follow them.  A child that runs --after its parent is left to its
+    condition.  (`kill` of a parent kills its whole family, --nohup
     children too: see Handlers.kill.)"""
 
     def __init__(self, store, queue, events, log):
@@ -7412,7 +7423,7 @@ class Handlers:
                 raise UserError(f"wait --children waits for the children of the job it runs "
                                 f"in, but this process is not one of running job {parent}'s "
                                 "(JOB_ID alone does not make it one)")
-            rows = self.store.families.children(parent)
+            rows = self.store.families.children_to_wait_for(parent)
         elif params["ids"] is None:
             rows = self.store.unfinished_jobs()
         else:

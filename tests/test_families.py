@@ -236,3 +236,31 @@ def test_a_child_added_by_a_process_that_left_the_jobs_session_is_still_a_child(
     server.ok("wait", "-q", parent)
     added = int((server.results / "out").read_text())
     assert job(server, added)["parent"] == parent
+
+
+def test_a_child_after_its_parent_runs_once_the_parent_succeeded_as_usual(server):
+    server.ok("add_slave", "--slots", "3", "w1")
+    child = child_script(server)
+    outcome = server.write_script("outcome.sh", 'exit "$1"\n')
+    # The --after child is not waited for by wait --children: it could never start.
+    driver = driver_script(server, f'add -e RUN=0 --after "$JOB_ID" {child} collect\n'
+                                   f'add {outcome} 0\n"$PY" "$CLI" wait --children || exit 9\n'
+                                   f'add {child} cut-off\nexit "$1"\n')
+    good = server.add_job(driver, "0", env=family_env(server))
+    server.ok("wait", "-q", good)
+    bad = server.add_job(driver, "4", env=family_env(server))
+    server.run("wait", "-q", bad)
+    jobs = jobs_by_id(server)
+    assert jobs[good]["result"] == "succeeded"
+    collect, step, cut_off = jobs[good]["children"]
+    wait_until(lambda: jobs_by_id(server)[collect]["state"] == "done",
+               what="the --after child to run")
+    jobs = jobs_by_id(server)
+    assert [jobs[job_id]["result"] for job_id in (collect, step, cut_off)] == \
+        ["succeeded", "succeeded", "killed"]
+    collect, _, cut_off = jobs[bad]["children"]
+    assert jobs[bad]["result"] == "failed"
+    assert (jobs[collect]["result"], jobs[collect]["reason"]) == \
+        ("skipped", f"job {bad}, which it runs --after, ended failed")
+    assert (jobs[cut_off]["result"], jobs[cut_off]["reason"]) == \
+        ("killed", f"parent {bad} ended")
