@@ -59,7 +59,11 @@ def test_a_driver_that_adds_5_children_and_exits_leaves_none_running(server):
         wait_until(lambda: not process_alive(child_pid(server, job_id)),
                    what=f"child {job_id}'s process to end")
     assert job(server, parent)["children"] == sorted(entry["id"] for entry in children)
-    assert "children:" in server.ok("jobs", parent)
+    shown = server.ok("jobs", parent)
+    assert ["children:", ", ".join(str(child["id"]) for child in children)] in \
+        [line.split(None, 1) for line in shown.splitlines()]
+    assert ["parent:", str(parent)] in [line.split() for line in
+                                        server.ok("jobs", children[0]["id"]).splitlines()]
 
 
 def test_nohup_children_run_to_completion(server):
