@@ -30,15 +30,18 @@ Run `./cli.py COMMAND --help` for each command.
 #                                     check_request, replies, LineReader
 #   Storage                           Store: SQLite, migrations, every SQL statement;
 #                                     change_jobs / change_worker_state /
-#                                     change_worker_health write the states
+#                                     change_worker_health write the states;
+#                                     FamilyRows: parents and children
 #   Scheduling policy                 pure functions: plan_starts, waiting_reason, ...
 #   Job runner                        Spawner and the supervisor of each attempt
-#                                     (their own processes: exit codes survive us)
+#                                     (their own processes: exit codes survive us);
+#                                     process_of_job: is a process one of a job's?
 #   SSH for job scripts               the ssh shim, JobsSsh (shims, config, masters)
 #   SSH settings and checks           ssh -G, host keys, fabric, the health checker
 #   Timers                            Timers, and RetryDelay for storage faults
 #   Queue                             Queue (jobs) and Workers: the lifecycle, the only
-#                                     code that writes to the Store (Changes); JobEdits:
+#                                     code that writes to the Store (Changes); Families:
+#                                     children end with their parent; JobEdits:
 #                                     retry, priority, removal, purge, load_status
 #   Runner                            Runner: start, watch, adopt, kill, record ends
 #   Services                          Services (replicas as jobs, converge, load_services)
