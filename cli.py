@@ -31,15 +31,18 @@ Run `./cli.py COMMAND --help` for each command.
 #   Storage                           Store: SQLite, migrations, every SQL statement
 #                                     (Dependencies, ArrayRows, ServiceRows: theirs);
 #                                     change_jobs / change_worker_state /
-#                                     change_worker_health write the states
+#                                     change_worker_health write the states;
+#                                     FamilyRows: parents and children
 #   Scheduling policy                 pure functions: plan_starts, waiting_reason, ...
 #   Job runner                        Spawner and the supervisor of each attempt
-#                                     (their own processes: exit codes survive us)
+#                                     (their own processes: exit codes survive us);
+#                                     process_of_job: is a process one of a job's?
 #   SSH for job scripts               the ssh shim, JobsSsh (shims, config, masters)
 #   SSH settings and checks           ssh -G, host keys, fabric, the health checker
 #   Timers                            Timers, and RetryDelay for storage faults
 #   Queue                             Queue (jobs) and Workers: the lifecycle, the only
-#                                     code that writes to the Store (Changes); JobEdits:
+#                                     code that writes to the Store (Changes); Families:
+#                                     children end with their parent; JobEdits:
 #                                     retry, priority, removal, purge, load_status
 #   Runner                            Runner: start, watch, adopt, kill, record ends
 #   Services                          Services (replicas as jobs, converge, load_services)
@@ -115,6 +118,8 @@ PROBES_AT_ONCE = 32                  # probes the prober runs at a time
 STATUS_TABLE_HEAD = 10           # waiting jobs shown by the status table
 HEALTH_TEXT_WIDTH = 30           # the status table's "last check" cells (see _health_text)
 JOBS_TABLE_LAST = 50             # jobs shown by the jobs table without --last
+TREE_INDENT_LIMIT = 60           # jobs --tree's indentation, at most: a job that queues its
+                                 # next round as its child makes families thousands deep
 MAX_BULK_JOBS = 1_000_000        # jobs one add_job call may queue, ids one command may name
 MAX_JOB_ID = 2 ** 63 - 1         # SQLite's largest integer
 # Ids a status document may give its jobs: ids only grow (AUTOINCREMENT), so one
@@ -1434,6 +1439,12 @@ def _load_services_whole(params, given):
     return {"services": validate_services(services_in(params["document"]), defaults)}
 
 
+def _wait_whole(params, given):
+    if params["ids"] is not None and params["children_of"] is not None:
+        raise UserError("wait takes either job ids or --children, not both")
+    return {}
+
+
 _JOB_SHAPE = {"cwd": _string, "environment": _environment, "umask": (_umask, 0o022)}
 REQUESTS = {
     "ping": Request("ping"),
@@ -1459,7 +1470,7 @@ REQUESTS = {
                        variables=(_variables("add_job -e"), {}),
                        after=(_job_ids_or_empty, []), after_any=(_job_ids_or_empty, []),
                        array=(_optional_string, None), task_args=(_optional_strings, None),
-                       **_JOB_SHAPE),
+                       parent=(_optional_job_id, None), nohup=(_flag, False), **_JOB_SHAPE),
     "remove_job": Request("remove_job", _remove_job_whole, ids=(_optional_job_ids, None),
                           script=(_optional_string, None), args=(_strings_or_empty, [])),
     "load_status": Request("load_status", _load_status_whole, document=_anything,
@@ -1486,9 +1497,10 @@ REQUESTS = {
     "jobs": Request("jobs", id=(_optional_job_name, None),
                     state=(_state_filter, (None, None)), last=(_last, None),
                     worker=(_optional_string, None), script=(_optional_string, None),
-                    array=(_optional_job_id, None)),
+                    array=(_optional_job_id, None), tree=(_flag, False)),
     "purge": Request("purge", older_than=(_age, 0)),
-    "wait": Request("wait", ids=(_optional_job_ids, None)),
+    "wait": Request("wait", _wait_whole, ids=(_optional_job_ids, None),
+                    children_of=(_optional_job_id, None)),
     "pause": Request("pause", hosts=(_hosts_or_empty, [])),
     "resume": Request("resume", hosts=(_hosts_or_empty, [])),
 }
@@ -1721,6 +1733,15 @@ MIGRATIONS = [
     ALTER TABLE jobs ADD COLUMN split_parts TEXT;
     ALTER TABLE attempts ADD COLUMN parts TEXT;
     """,
+    # 10: parent and child jobs.  A job added from a process of a running job is
+    # its child (parent: that job's id, checked against the requesting process,
+    # never taken from JOB_ID alone); it is killed when its parent ends, unless
+    # it was added with --nohup.
+    """
+    ALTER TABLE jobs ADD COLUMN parent INTEGER;
+    ALTER TABLE jobs ADD COLUMN nohup INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX jobs_by_parent ON jobs (parent) WHERE parent IS NOT NULL;
+    """,
 ]
 
 # Per-job options beyond the command itself: column -> default.  add_job,
@@ -1834,6 +1855,7 @@ class Store:
         self.dependencies = Dependencies(self)
         self.service_rows = ServiceRows(self)
         self.arrays = ArrayRows(self)
+        self.families = FamilyRows(self)
 
     def transaction(self):
         return _Transaction(self.db)
@@ -2043,22 +2065,25 @@ class Store:
              *(options[name] for name in JOB_OPTIONS))).lastrowid
 
     def insert_jobs(self, script, arg_lists, cwd, environment_id, variables, umask, options,
-                    array=None):
+                    array=None, parent=None, nohup=False):
         """Queue one job per argument list, or the tasks of ARRAY (an ArrayRequest: one
         list for all, or one per task); return the (contiguous) first and last ids.
-        The array's id is its first job's."""
+        The array's id is its first job's.  PARENT: the running job they were added
+        from (see Families), if any."""
         now = time.time()
         variables_text = json.dumps(variables)
         option_values = tuple(options[name] for name in JOB_OPTIONS)
         state_columns = JOB_STATE_ROWS[first_state(options)]
         common = (script, cwd, environment_id, variables_text, umask, now, *option_values)
         split = int(options.get("split", False))
-        common = (*common, split)
+        common = (*common, split, parent, int(nohup))
         columns = (f"INSERT INTO jobs (state, blocked, args, script, cwd, environment_id, "
-                   f"variables, umask, submitted_at, {', '.join(JOB_OPTIONS)}, split")
+                   f"variables, umask, submitted_at, {', '.join(JOB_OPTIONS)}, split, parent, "
+                   f"nohup")
         if array is None:
             self.db.executemany(
-                f"{columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)}, ?)",
+                f"{columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)}, "
+                f"?, ?, ?)",
                 ((*state_columns, json.dumps(args), *common) for args in arg_lists))
             count = len(arg_lists)
         else:
@@ -2070,7 +2095,7 @@ class Store:
             task_args = array.task_args or itertools.repeat(None)
             self.db.executemany(
                 f"{columns}, array_id, task_id, task_arg, limited) VALUES "
-                f"(?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)}, ?, ?, ?, ?, ?)",
+                f"(?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)}, ?, ?, ?, ?, ?, ?, ?)",
                 ((*state_columns, shared or json.dumps(args), *common, first, task_id,
                   task_arg, int(array.max_running is not None))
                  for args, task_id, task_arg in zip(
@@ -2573,6 +2598,85 @@ class ServiceRows:
                         "WHERE service = ? AND replica = ?", (delay, how, name, replica))
 
 
+class FamilyRows:
+    """Parents and children (see migration 9 and Families): who descends from whom,
+    and the children whose parent has ended while they have not."""
+
+    def __init__(self, store):
+        self.db = store.db
+
+    # A child that runs --after (or --after-any) its own parent is meant to run once
+    # the parent has ended: the parent's end does not end it (its condition settles
+    # it as any job's does), and the parent cannot wait for it.
+    _NOT_AFTER_PARENT = (
+        "NOT EXISTS (SELECT 1 FROM dependencies d WHERE d.job_id = c.id AND "
+        "d.prerequisite = c.parent) AND NOT EXISTS (SELECT 1 FROM settled_dependencies s "
+        "WHERE s.job_id = c.id AND s.prerequisite = c.parent)")
+
+    def children_to_wait_for(self, job_id):
+        """The children of JOB_ID, but those that run --after it (see above)."""
+        return self.db.execute(f"SELECT c.id, c.state FROM jobs c WHERE c.parent = ? AND "
+                               f"{self._NOT_AFTER_PARENT} ORDER BY c.id", (job_id,)).fetchall()
+
+    def children_of(self, job_ids):
+        """{parent id: [child ids]} for those of JOB_IDS that have children."""
+        found = {}
+        for chunk in _chunks(job_ids):
+            for row in self.db.execute(
+                    f"SELECT parent, id FROM jobs WHERE parent IN "
+                    f"({', '.join('?' * len(chunk))}) ORDER BY id", chunk):
+                found.setdefault(row[0], []).append(row[1])
+        return found
+
+    def descendants(self, job_ids):
+        """The ids of the children of JOB_IDS, theirs, and so on (nohup ones too)."""
+        found = set()
+        for chunk in _chunks(job_ids):
+            found.update(row[0] for row in self.db.execute(
+                f"WITH RECURSIVE family(id) AS (SELECT id FROM jobs WHERE parent IN "
+                f"({', '.join('?' * len(chunk))}) UNION SELECT jobs.id FROM jobs JOIN family "
+                f"ON jobs.parent = family.id) SELECT id FROM family", chunk))
+        return sorted(found)
+
+    def root(self, job_id):
+        """The eldest ancestor of JOB_ID (JOB_ID itself if it has no parent)."""
+        return self.db.execute(
+            "WITH RECURSIVE line(id, parent) AS (SELECT id, parent FROM jobs WHERE id = ? "
+            "UNION SELECT jobs.id, jobs.parent FROM jobs JOIN line ON jobs.id = line.parent) "
+            "SELECT id FROM line WHERE parent IS NULL OR parent NOT IN (SELECT id FROM jobs)",
+            (job_id,)).fetchone()[0]
+
+    def members(self):
+        """Every job that has a parent or a child."""
+        return self.db.execute(
+            "SELECT * FROM jobs WHERE parent IS NOT NULL OR id IN "
+            "(SELECT parent FROM jobs WHERE parent IS NOT NULL) ORDER BY id").fetchall()
+
+    def let_outlive_parents(self, job_ids):
+        """Those of JOB_IDS whose parent has ended (or gone) become --nohup children."""
+        for chunk in _chunks(job_ids):
+            self.db.execute(
+                f"UPDATE jobs SET nohup = 1 WHERE id IN ({', '.join('?' * len(chunk))}) AND "
+                f"parent IS NOT NULL AND nohup = 0 AND NOT EXISTS (SELECT 1 FROM jobs p WHERE "
+                f"p.id = jobs.parent AND p.state != 'done')", chunk)
+
+    def orphans(self, parents=None):
+        """The children, not --nohup nor --after their parent, still waiting or running
+        (and not being killed already) whose parent has ended, or is gone; only those
+        of PARENTS if given."""
+        query = ("SELECT c.id, c.state, c.parent FROM jobs c LEFT JOIN jobs p ON "
+                 "p.id = c.parent WHERE c.parent IS NOT NULL AND c.nohup = 0 AND "
+                 "c.state != 'done' AND c.kill_requested_at IS NULL AND "
+                 f"(p.id IS NULL OR p.state = 'done') AND {self._NOT_AFTER_PARENT}")
+        if parents is None:
+            return self.db.execute(query).fetchall()
+        rows = []
+        for chunk in _chunks(parents):
+            rows += self.db.execute(f"{query} AND c.parent IN ({', '.join('?' * len(chunk))})",
+                                    chunk).fetchall()
+        return rows
+
+
 def first_state(options):
     """BLOCKED if a new job with OPTIONS may not start yet: it waits for other jobs
     (the caller says so), or its start time is to come; else WAITING."""
@@ -2657,6 +2761,8 @@ def job_to_json(row, log_dir):
         "task_arg": row["task_arg"],
         "split": bool(row["split"]),
         "parts": split_parts(row),
+        "parent": row["parent"],
+        "nohup": bool(row["nohup"]),
     }
 
 
@@ -4066,6 +4172,33 @@ def boot_time():
     return 0
 
 
+def process_of_job(pid, supervisor):
+    """True if process PID belongs to the job whose supervisor is SUPERVISOR.
+
+    The supervisor's pid is the session id of every process of its job, and a
+    process that left the session (setsid) is still below the supervisor in the
+    process tree: a subreaper, it adopts what its job orphans.  So PID or one of
+    its ancestors must be in that session or be the supervisor.  A process outside
+    the job cannot make itself either (setsid names a session after the caller,
+    and a live supervisor's pid is not reused), whatever its JOB_ID says.
+    """
+    for _ in range(4096):   # (a depth no real tree has: a guard against a /proc loop)
+        if pid == supervisor:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            parent, session = int(fields[1]), int(fields[3])
+        except (OSError, ValueError, IndexError):
+            return False
+        if session == supervisor:
+            return True
+        if parent <= 1:
+            return False
+        pid = parent
+    return False
+
+
 def pid_file_time(run_dir, job_id, attempt):
     """When the supervisor of an attempt wrote its pid file (now, if it never did)."""
     try:
@@ -5079,6 +5212,10 @@ class Events:
     def room_changed(self):
         """Slots may be free where they were not: time to look at the queue."""
 
+    def kills_recorded(self, job_ids, grace):
+        """Kills of the running JOB_IDS were just committed: their supervisors are
+        told (TERM, then KILL after GRACE)."""
+
     def health_watch_changed(self):
         """A worker was set aside or taken back: the health checker's list changes."""
 
@@ -5514,6 +5651,7 @@ class Queue:
         self.release_at = None     # when the timer that unblocks delayed jobs fires
         self.schedule_delay = RetryDelay()   # while jobs cannot start (schedule_later)
         self.schedule_retry_pending = False
+        self.families = Families(store, self, events, log)
 
     def changes(self):
         return Changes(self.store, self.events)
@@ -5526,6 +5664,7 @@ class Queue:
         with self.changes() as changes:   # a database from before Dependencies.resolve, or edited
             self.resolve(changes, self.store.dependencies.stale())
         self.skip_stranded()   # a crash may have come between a worker's removal and this
+        self.families.load()
         self.release_delayed()
 
     def resolve(self, changes, ended):
@@ -5541,6 +5680,7 @@ class Queue:
         for job_id in job_ids:
             changes.then(lambda job_id=job_id: self.log.info("job %s: skipped: %s",
                                                              job_id, why))
+        self.families.ended(changes, job_ids)
 
     def existing(self, job_ids, columns="id, state, result"):
         """The rows of JOB_IDS, or an error naming the first unknown id."""
@@ -5769,6 +5909,7 @@ class Queue:
             if not retry:
                 self.resolve(changes, [(job_id, result == JobResult.SUCCEEDED,
                                         f"ended {result.value}")])
+                self.families.ended(changes, [job_id])
                 if row["service"] is not None:
                     self.replica_ended(changes, row, result, outcome, ended_at, reason)
         return result, reason, retry
@@ -5818,10 +5959,11 @@ class Queue:
     # --- commands -----------------------------------------------------------
 
     def add(self, script, arg_lists, cwd, environment, variables, umask, options, after,
-            after_any, array=None):
+            after_any, array=None, parent=None, nohup=False):
         """Queue one job per argument list, or the tasks of ARRAY (an ArrayRequest), all
         or none; returns (first id, last id, why they were all skipped at once or
-        None)."""
+        None).  PARENT: the running job they are children of (the caller has
+        checked it: see process_of_job)."""
         check_script(script)
         self.workers.check_placement(options)
         conditions, settled, skip_reason = self.conditions_requested(after, after_any)
@@ -5835,7 +5977,8 @@ class Queue:
         with self.changes() as changes:
             environment_id = self.store.intern_environment(environment)
             first, last = self.store.insert_jobs(script, arg_lists, cwd, environment_id,
-                                                 variables, umask, options, array)
+                                                 variables, umask, options, array, parent,
+                                                 nohup)
             self.store.dependencies.add(first, last, conditions)
             self.store.dependencies.add_settled(first, last, settled)
             if skip_reason:
@@ -5880,6 +6023,7 @@ class Queue:
         changes.moved(job_ids, JobState.DONE)
         self.store.dependencies.drop(job_ids)
         self.resolve(changes, [(job_id, False, "was killed") for job_id in job_ids])
+        self.families.ended(changes, job_ids)
 
     def skip_stranded(self):
         """Skip waiting --on jobs none of whose workers is left (or has enough slots)."""
@@ -5895,6 +6039,59 @@ class Queue:
                 self.store.skip(job_id, "no allowed worker left (--on)")
             self.skipped(changes, stranded, "no allowed worker left (--on)")
             self.resolve(changes, [(job_id, False, "was skipped") for job_id in stranded])
+
+
+class Families:
+    """Parents and children.  A job added from a process of a running job (checked:
+    see process_of_job) is its child.  When a parent ends (done, however: a retry
+    is not an end), its children not added with --nohup end too: waiting ones at
+    once, as killed, in the transaction that ends it; running ones are killed
+    with the default grace, the kill recorded in that same transaction so that a
+    restart finishes it.  Either way their reason is "parent N ended", and their
+    own children follow them.  A child that runs --after its parent is left to its
+    condition.  (`kill` of a parent kills its whole family, --nohup
+    children too: see Handlers.kill.)"""
+
+    def __init__(self, store, queue, events, log):
+        self.store = store
+        self.queue = queue
+        self.events = events
+        self.log = log
+
+    def load(self):
+        """At start, after recovery: children whose parent ended while no server ran
+        (or whose end was cut off by a crash) are settled now."""
+        orphans = self.store.families.orphans()
+        if orphans:
+            with self.queue.changes() as changes:
+                self.settle(changes, orphans)
+
+    def ended(self, changes, job_ids):
+        """JOB_IDS have just ended (or gone), in CHANGES: so do their children."""
+        if job_ids:
+            self.settle(changes, self.store.families.orphans(job_ids))
+
+    def settle(self, changes, orphans):
+        """End ORPHANS (rows of FamilyRows.orphans) in CHANGES."""
+        waiting, running = {}, []
+        for row in orphans:
+            if row["state"] == JobState.RUNNING.value:
+                running.append(row)
+            else:
+                waiting.setdefault(row["parent"], []).append(row["id"])
+        for parent, job_ids in waiting.items():
+            self.queue.end_waiting(changes, job_ids, f"parent {parent} ended")
+            changes.then(lambda parent=parent, job_ids=job_ids: self.log.info(
+                "job %s: ended; its waiting children %s end with it", parent,
+                ", ".join(map(str, job_ids))))
+        for row in running:
+            self.store.request_kill(row["id"], DEFAULT_KILL_GRACE,
+                                    f"parent {row['parent']} ended")
+            changes.then(lambda row=row: self.log.info(
+                "job %s: killing (parent %s ended)", row["id"], row["parent"]))
+        if running:
+            job_ids = [row["id"] for row in running]
+            changes.then(lambda: self.events.kills_recorded(job_ids, DEFAULT_KILL_GRACE))
 
 
 class JobEdits:
@@ -5965,6 +6162,9 @@ class JobEdits:
                     else "back with the retry of the jobs it runs --after")
                 changes.moved([job_id], state)
             dependencies.reopen_failed_on(back)
+            # A child retried after its parent ended would end again at once (or at
+            # the next start): the user who asked for it to run means it to outlive it.
+            self.store.families.let_outlive_parents(sorted(back))
             # Conditions on jobs that have ended since: met, or failed, now.
             self.queue.resolve(changes, dependencies.stale())
         retried = [job_id for job_id in job_ids if job_id in back]
@@ -6015,6 +6215,7 @@ class JobEdits:
             self.store.delete_waiting_jobs(job_ids)
             self.store.drop_unused_environments()
             changes.then(lambda: self.events.jobs_removed(job_ids))
+            self.queue.families.ended(changes, job_ids)   # (a parent waiting for a retry)
             return self.queue.resolve(changes, [(job_id, False, "was removed")
                                                 for job_id in job_ids])
 
@@ -7154,6 +7355,12 @@ class Client:
         self.request_done = False
         self.closing = False
         self.on_event = None       # the selector callback, set when accepted
+        try:
+            # Which process asks: what a job's child or `wait --children` is checked by.
+            self.pid = struct.unpack("3i", connection.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+        except OSError:
+            self.pid = 0
 
 
 class Subscription:
@@ -7535,6 +7742,20 @@ class Handlers:
         return self.clients.reply_when(
             client, lambda: not any(job_id in running for job_id in job_ids), make_reply)
 
+    def job_of_process(self, client, job_id):
+        """True if job JOB_ID is running and CLIENT's process is one of its processes
+        (see process_of_job): what JOB_ID in an environment is taken on."""
+        attempt = self.runner.running.get(job_id)
+        return attempt is not None and not attempt.ended and attempt.pid is not None and \
+            client.pid > 0 and process_of_job(client.pid, attempt.pid)
+
+    def with_children(self, jobs):
+        """JOBS (JSON) with the ids of their children."""
+        children = self.store.families.children_of([job["id"] for job in jobs])
+        for job in jobs:
+            job["children"] = children.get(job["id"], [])
+        return jobs
+
     def with_dependencies(self, jobs):
         """JOBS (JSON) with the conditions they still wait on: after, after_any."""
         waiting = [job["id"] for job in jobs if job["state"] == JobState.WAITING.value]
@@ -7672,14 +7893,27 @@ class Handlers:
 
     def add_job(self, client, params):
         """Queue one job (ARGS), or an array: one task per list in ARGS_LIST, per
-        TASK_ARGS line or per --array index, all or none."""
+        TASK_ARGS line or per --array index, all or none; children of the job PARENT
+        if the request comes from one of its processes."""
+        claimed = params["parent"]
+        if params["nohup"] and claimed is None:
+            raise UserError("--nohup is for jobs added from inside a running job (JOB_ID "
+                            "is not set): a job added from outside has no parent to outlive")
+        parent = claimed if claimed is not None and self.job_of_process(client, claimed) \
+            else None
         array = params["array"]
         first, last, skipped = self.queue.add(
             params["script"], params["args_list"] or [params["args"]], params["cwd"],
             params["environment"], params["variables"], params["umask"], params["options"],
-            self.queue.named(params["after"]), self.queue.named(params["after_any"]), array)
-        return {"id": first, "first": first, "last": last, "skipped": skipped,
-                "array": None if array is None else first}
+            self.queue.named(params["after"]), self.queue.named(params["after_any"]), array,
+            parent, params["nohup"] and parent is not None)
+        reply = {"id": first, "first": first, "last": last, "skipped": skipped,
+                 "array": None if array is None else first, "parent": parent}
+        if claimed is not None and parent is None:
+            reply["note"] = (f"JOB_ID={claimed} is set, but this add_job does not come from a "
+                             f"process of running job {claimed}: queued as a job of its own, "
+                             "with no parent")
+        return reply
 
     def remove_job(self, client, params):
         if params["ids"] is not None:
@@ -7702,11 +7936,17 @@ class Handlers:
 
     def kill(self, client, params):
         """Kill running jobs (process group, grace, SIGKILL) and waiting ones before they run."""
-        rows = self.queue.existing(self.queue.named(params["ids"]), "id, state, result, service")
+        # A parent's kill is its family's: its descendants, --nohup ones too.
+        named = self.queue.named(params["ids"])
+        family = self.store.families.descendants(named)
+        job_ids = named + [job_id for job_id in family if job_id not in set(named)]
+        rows = self.queue.existing(job_ids, "id, state, result, service")
         ended = [row for row in rows if row["state"] == JobState.DONE.value]
         if len(ended) == len(rows):
             raise UserError(f"job {ended[0]['id']} has already ended ({ended[0]['result']})"
-                            if len(ended) == 1 else "all those jobs have already ended")
+                            if len(params["ids"]) == 1 and len(ended) == 1 else
+                            f"job {params['ids'][0]} and its family have already ended"
+                            if len(params["ids"]) == 1 else "all those jobs have already ended")
         waiting = [row["id"] for row in rows if row["state"] == JobState.WAITING.value]
         running = [row["id"] for row in rows if row["state"] == JobState.RUNNING.value]
         if waiting:
@@ -7806,11 +8046,19 @@ class Handlers:
     def jobs(self, client, params):
         """Jobs from the history, filtered; or one job in full."""
         state, result = params["state"]
+        if params["tree"] and params["id"] is None:
+            return self.with_children([job_to_json(row, self.log_dir)
+                                       for row in self.store.families.members()])
+        if params["tree"]:   # (an array's: its first task's, as all its tasks')
+            job_id = self.queue.named([params["id"]])[0]
+            self.queue.existing([job_id])
+            return self.family_of(job_id)
         if params["id"] is not None and self.arrays_named([params["id"]]):
             # An array named whole: its tasks, as a list.
             rows = self.store.find_jobs(state, result, params["worker"], params["script"],
                                         params["last"], array=int(params["id"]))
-            return self.with_dependencies([job_to_json(row, self.log_dir) for row in rows])
+            return self.with_children(
+                self.with_dependencies([job_to_json(row, self.log_dir) for row in rows]))
         if params["id"] is not None:
             if state or result or params["worker"] or params["script"] or params["last"]:
                 raise UserError("give either a job ID or filters (--state, --worker, "
@@ -7821,21 +8069,39 @@ class Handlers:
             if row is None:
                 raise UserError(f"unknown job id {job_id} (never queued, or purged); "
                                 "see ./cli.py jobs")
-            job, = self.with_dependencies([job_to_json(row, self.log_dir)])
+            job, = self.with_children(self.with_dependencies([job_to_json(row, self.log_dir)]))
             job["attempts"] = [attempt_to_json(attempt) for attempt in self.store.attempts(job_id)]
             return [job]
         rows = self.store.find_jobs(state, result, params["worker"], params["script"],
                                     params["last"], params["array"])
-        return self.with_dependencies([job_to_json(row, self.log_dir) for row in rows])
+        return self.with_children(
+            self.with_dependencies([job_to_json(row, self.log_dir) for row in rows]))
+
+    def family_of(self, job_id):
+        """The family of JOB_ID: its eldest ancestor and every descendant of that one."""
+        root = self.store.families.root(job_id)
+        members = [root] + self.store.families.descendants([root])
+        rows = sorted(self.store.jobs_by_id(members, "*"), key=lambda row: row["id"])
+        return self.with_children([job_to_json(row, self.log_dir) for row in rows])
 
     def purge(self, client, params):
         """Delete finished jobs that ended more than OLDER_THAN seconds ago, with their logs."""
         return {"purged": self.edits.purge(params["older_than"])}
 
     def wait(self, client, params):
-        """Stream progress until the jobs (default: all waiting or running now) are done."""
-        rows = self.store.unfinished_jobs() if params["ids"] is None \
-            else self.queue.existing(self.queue.named(params["ids"]))
+        """Stream progress until the jobs (default: all waiting or running now; with
+        CHILDREN_OF, the children of the job the client runs in) are done."""
+        parent = params["children_of"]
+        if parent is not None:
+            if not self.job_of_process(client, parent):
+                raise UserError(f"wait --children waits for the children of the job it runs "
+                                f"in, but this process is not one of running job {parent}'s "
+                                "(JOB_ID alone does not make it one)")
+            rows = self.store.families.children_to_wait_for(parent)
+        elif params["ids"] is None:
+            rows = self.store.unfinished_jobs()
+        else:
+            rows = self.queue.existing(self.queue.named(params["ids"]))
         return self.clients.subscribe(client, rows)
 
     def load_status(self, client, params):
@@ -7967,6 +8233,12 @@ class Server(Events):
 
     def health_watch_changed(self):
         self.health.update()
+
+    def kills_recorded(self, job_ids, grace):
+        for job_id in job_ids:
+            attempt = self.runner.running.get(job_id)
+            if attempt is not None:
+                self.runner.signal_kill(attempt, grace)
 
     # --- the loop -------------------------------------------------------------
 
@@ -8640,7 +8912,15 @@ def command_add_job(options):
     Either all are queued or none.  The array's id stands for all its tasks in
     wait, kill, jobs, logs, retry, ... and ARRAY.TASK names one.  With --slots
     K --split, the K slots may come from several workers: see --split below.
+
+    Added from inside a running job (by its script, or anything it started),
+    the jobs are that job's children: they are killed when it ends, unless
+    added with --nohup (see `jobs --tree`, `wait --children`).
     """
+    parent = job_of_environment()
+    if options.nohup and parent is None:
+        raise UserError("--nohup is for jobs added from inside a running job (JOB_ID is not "
+                        "set): a job added from outside has no parent to outlive")
     script = resolve_script(options.script)
     args = options.args
     if args[:1] in (["-e"], ["--args-file"], ["--array"], ["--each-line"]):
@@ -8651,10 +8931,13 @@ def command_add_job(options):
     tasks = task_request(options, args)
     if options.array is not None:
         array_request(options.array, tasks.get("args_list"), tasks.get("task_args"))
+    family = {} if parent is None else {"parent": parent, "nohup": options.nohup}
     result = request(options.data_dir, "add_job", script=script, cwd=current_dir(),
                      environment=dict(os.environ), variables=variables, umask=current_umask(),
-                     array=options.array, **policy, **tasks)
+                     array=options.array, **policy, **tasks, **family)
     print(result["array"] or result["id"])
+    if result.get("note"):
+        print(f"note: {result['note']}", file=sys.stderr)
     if result.get("skipped"):
         print(f"note: {describe_ids(list(range(result['first'], result['last'] + 1)))} "
               f"will not run (skipped): {result['skipped']}", file=sys.stderr)
@@ -8695,6 +8978,18 @@ def read_lines(path):
     if any("\0" in line for line in lines):
         raise UserError(f"{path} holds a NUL byte, which no variable can carry")
     return lines
+
+
+def job_of_environment():
+    """The job this process says it runs in (JOB_ID, set for every job script), or
+    None.  Only a claim: the server checks it against the process (process_of_job)."""
+    text = os.environ.get("JOB_ID")
+    if text is None:
+        return None
+    if not plain_number(text) or not 1 <= int(text) <= MAX_JOB_ID:
+        print(f"note: JOB_ID={text!r} is not a job id; ignored", file=sys.stderr)
+        return None
+    return int(text)
 
 
 def job_policy(options):
@@ -8842,7 +9137,9 @@ def command_kill(options):
 
     Running jobs get SIGTERM to their whole process group, and SIGKILL after
     the grace period if anything is left; waiting jobs end without running.
-    Either way they end as killed.  Returns once they have ended.
+    Either way they end as killed.  A job's family goes with it: the jobs added
+    from inside it (its children, theirs, and so on), --nohup ones too.
+    Returns once they have ended.
     """
     grace = parse_duration(options.grace, "--grace", limit=MAX_KILL_GRACE)
     job_ids = parse_job_ids(options.ids)
@@ -9128,9 +9425,23 @@ def command_jobs(options):
     """List jobs from the history: where each is, how it ended, where its log is.
 
     Without --last the table shows the most recent 50; --json lists every job
-    that matches.  With an ID, shows that one job in full; with an array's id
-    (or --array), lists its tasks, which the filters then narrow.
+    that matches.  With an ID, shows that one job in full, with its parent and
+    children; with an array's id (or --array), lists its tasks, which the
+    filters then narrow.  --tree shows families (jobs added from inside other
+    jobs) as trees: every family, or with an ID the one that job belongs to.
     """
+    if options.tree:
+        if options.state or options.worker or options.script or options.last or \
+                options.array is not None:
+            raise UserError("--tree shows whole families: give it no --state, --worker, "
+                            "--script, --last or --array")
+        jobs = request(options.data_dir, "jobs", id=options.id, tree=True)
+        if options.json:
+            print_json(jobs)
+        else:
+            print(render_tree(jobs) if jobs else "no families: no job was added from inside "
+                  "another job")
+        return 0
     script = options.script
     if script is not None and "/" in script:
         script = os.path.abspath(script)
@@ -9176,12 +9487,34 @@ def task_name(job):
     return None if job["array"] is None else f"{job['array']}.{job['task']}"
 
 
+def render_tree(jobs):
+    """Families as trees: each job under its parent, with how it is or ended."""
+    by_id = {job["id"]: job for job in jobs}
+    lines = []
+    # A stack, not recursion: a family may be deeper than Python's recursion limit.
+    stack = [(job, "", "") for job in reversed(jobs) if job["parent"] not in by_id]
+    while stack:
+        job, prefix, branch = stack.pop()
+        how = job["result"] or job["state"]
+        reason = f" ({job['reason']})" if job["result"] and job["reason"] else ""
+        shown = prefix if len(prefix) <= TREE_INDENT_LIMIT else \
+            "…" + prefix[-TREE_INDENT_LIMIT + 1:]
+        lines.append(f"{shown}{branch}{job['id']}  {how}{reason}"
+                     f"{'  [nohup]' if job['nohup'] else ''}  {_command_line(job)}")
+        children = [by_id[child] for child in job["children"] if child in by_id]
+        below = prefix + ("" if not branch else "   " if branch == "└─ " else "│  ")
+        below = below[-TREE_INDENT_LIMIT:] if len(below) > 2 * TREE_INDENT_LIMIT else below
+        for child in reversed(children):
+            stack.append((child, below, "└─ " if child is children[-1] else "├─ "))
+    return "\n".join(lines)
+
+
 def render_job(job):
     lines = []
     for key in ("id", "task", "state", "result", "exit_code", "signal", "reason", "worker",
                 "slots", "parts", "attempt", "retries", "priority", "timeout", "not_before",
                 "script", "args", "cwd", "envs", "submitted_at", "started_at", "ended_at",
-                "log"):
+                "log", "parent", "children"):
         value = job[key]
         if key == "task":
             if value is None:
@@ -9193,6 +9526,10 @@ def render_job(job):
                 continue   # (a line for --split jobs only)
             value = " + ".join(f"{worker} ({len(slots)})" for worker, slots in value) \
                 if value else None
+        elif key == "parent" and value is not None and job["nohup"]:
+            value = f"{value} (nohup: outlives its end)"
+        elif key == "children":
+            value = ", ".join(map(str, value)) if value else None
         elif key == "signal" and value is not None:
             value = f"{value} ({_signal_name(value)})"
         elif isinstance(value, (list, dict)):
@@ -9346,17 +9683,31 @@ def command_wait(options):
     terminal a progress line is redrawn in place; in a pipe or with --quiet
     only the result is printed.  Jobs that did not succeed are listed on
     stderr and the exit status is 1; 2 if the server went away meanwhile.
+
+    With --children, run from inside a job (its script, or anything it
+    started), waits for the jobs that job added: its children.
     """
+    if options.children and options.ids:
+        raise UserError("wait takes either job ids or --children, not both")
     job_ids = parse_job_ids(options.ids) if options.ids else None
+    family = {}
+    if options.children:
+        parent = job_of_environment()
+        if parent is None:
+            raise UserError("wait --children waits for the children of the job it runs in, "
+                            "but JOB_ID is not set: run it from a job's script")
+        family = {"children_of": parent}
     progress = ProgressLine(sys.stderr.isatty() and not options.quiet)
     try:
         result = stream(options.data_dir, "wait", progress.show,
-                        on_idle=progress.tick if progress.enabled else None, ids=job_ids)
+                        on_idle=progress.tick if progress.enabled else None, ids=job_ids,
+                        **family)
     finally:
         progress.clear()
     total, failures = result["total"], sorted(result["not_succeeded"], key=lambda job: job["id"])
     if total == 0:
-        print("nothing to wait for: no job is waiting or running")
+        print(f"nothing to wait for: job {family['children_of']} has no children" if family
+              else "nothing to wait for: no job is waiting or running")
         return 0
     if not failures:
         print(f"all {total} job(s) succeeded" if total > 1 else "the job succeeded")
@@ -10128,13 +10479,16 @@ EXAMPLES = {
                "  ./cli.py add_job --slots 40 --split ./mpi.sh   # 40 slots over one or more "
                "workers;\n"
                "                                               # each part: mpirun -H "
-               "$SPLIT_HOSTS ...",
+               "$SPLIT_HOSTS ...\n"
+               "  # in a job's script: children, killed when the script ends\n"
+               "  ./cli.py add_job ./step.sh part-1; ./cli.py add_job --nohup ./report.sh",
     "remove_job": "./cli.py remove_job 12 13\n  ./cli.py remove_job ./job.sh input-1.dat\n"
                   "  ./cli.py remove_job 7     # the tasks of array 7 still waiting",
     "load_status": "./cli.py status --json > state.json\n  ./cli.py load_status state.json",
     "kill": "./cli.py kill 12\n  ./cli.py kill --grace 1m 12-20 31\n"
             "  ./cli.py kill 7          # every task of array 7 still waiting or running\n"
-            "  ./cli.py kill 7.15       # task 15 of array 7",
+            "  ./cli.py kill 7.15       # task 15 of array 7\n"
+            "  ./cli.py kill 40        # job 40 and its family (the jobs it added, theirs...)",
     "add_service": "./cli.py add_service web --replicas 4 --port 8000 -- ./serve.sh --workers 2\n"
                    "  ./cli.py add_service agent --replicas 8 --on 'node[1-8]' -- ./agent.sh",
     "scale": "./cli.py scale web 8\n  ./cli.py scale web 0        # none running, the spec kept",
@@ -10162,7 +10516,9 @@ EXAMPLES = {
     "jobs": "./cli.py jobs --last 20\n  ./cli.py jobs --state failed --worker node3\n"
             "  ./cli.py jobs 42\n  ./cli.py jobs --json > history.json\n"
             "  ./cli.py jobs --array 7 --state failed   # the failed tasks of array 7\n"
-            "  ./cli.py jobs 7.15                       # task 15 of array 7",
+            "  ./cli.py jobs 7.15                       # task 15 of array 7\n"
+            "  ./cli.py jobs --tree            # jobs added from inside jobs, under them\n"
+            "  ./cli.py jobs --tree 42         # the family of job 42",
     "logs": "./cli.py logs 42\n  ./cli.py logs -f 42 && echo 'job 42 succeeded'\n"
             "  ./cli.py logs 7.15        # task 15 of array 7\n"
             "  ./cli.py logs 7           # every task of array 7 that ran",
@@ -10170,7 +10526,9 @@ EXAMPLES = {
              "  ./cli.py purge --older-than 12h\n"
              "  ./cli.py purge --older-than 0      # every finished job",
     "wait": "./cli.py wait && ./collect-results.sh\n  ./cli.py wait 12-20 31\n"
-            "  array=$(./cli.py add_job ./job.sh ::: a b c) && ./cli.py wait --quiet $array",
+            "  array=$(./cli.py add_job ./job.sh ::: a b c) && ./cli.py wait --quiet $array\n"
+            "  # in a job's script: add children, then wait for them all\n"
+            "  ./cli.py add_job ./part.sh ::: 1 2 3 && ./cli.py wait --children",
     "pause": "./cli.py pause              # the whole queue\n  ./cli.py pause node3        "
              "# drain node3 without removing it",
     "resume": "./cli.py resume\n  ./cli.py resume node3        # also takes back a worker set aside",
@@ -10401,6 +10759,11 @@ def build_parser(only=None):
                            "a zone.")
     when.add_argument("--delay", metavar="DURATION",
                       help="Start no earlier than DURATION from now, like 10m or 2h.")
+    family = add_job.add_argument_group("inside a job")
+    family.add_argument("--nohup", action="store_true",
+                        help="Added from inside a running job, the new jobs are its children "
+                             "and are killed when it ends; with --nohup they run on (they "
+                             "are still its family: a kill of it kills them too).")
     often = add_job.add_argument_group("how often it runs")
     often.add_argument("--retries", type=retry_count, default=0, metavar="N",
                        help="Run a failed job (non-zero exit, timed out, or its supervisor "
@@ -10548,6 +10911,9 @@ def build_parser(only=None):
                       help="Only the N most recent jobs.")
     jobs.add_argument("--json", action="store_true",
                       help="Print a JSON list (every matching job unless --last is given).")
+    jobs.add_argument("--tree", action="store_true",
+                      help="Show families as trees: jobs added from inside other jobs under "
+                           "them; with an ID, only its family.")
 
     logs = add("logs")
     logs.add_argument("id", type=one_job_id, metavar="ID",
@@ -10567,6 +10933,9 @@ def build_parser(only=None):
                            "like 7.3 (default: every job waiting or running now).")
     wait.add_argument("--quiet", "-q", action="store_true",
                       help="No progress line, only the result.")
+    wait.add_argument("--children", action="store_true",
+                      help="From inside a job: wait for the jobs it added (its children); "
+                           "exit 1 if one did not succeed.")
 
     for name in ("pause", "resume"):
         add(name).add_argument("hosts", nargs="*", metavar="HOST",
