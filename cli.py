@@ -10294,16 +10294,16 @@ def quickstart_jobs(data_dir):
         inputs.append(path)
     script = shown_path(os.path.join(HERE, "example_job.sh"))
     script = script if "/" in script else "./" + script
-    ids = io.StringIO()
-    with contextlib.redirect_stdout(ids):   # add_job prints the range of ids, alone
+    array = io.StringIO()
+    with contextlib.redirect_stdout(array):   # add_job prints the array's id, alone
         COMMANDS["add_job"](parse_arguments(["add_job", "--server_data_dir", data_dir,
                                              script, ":::", *inputs]))
-    first, _, last = ids.getvalue().strip().partition("-")
-    last = last or first
-    print(f"queued jobs {first}-{last}: {script} on {', '.join(inputs)}")
+    # The array's id is its first task's job id; the others follow.
+    first = int(array.getvalue())
+    last = first + len(inputs) - 1
+    print(f"queued jobs {first}-{last} (array {first}): {script} on {', '.join(inputs)}")
     try:
-        COMMANDS["wait"](parse_arguments(["wait", "--server_data_dir", data_dir,
-                                          f"{first}-{last}"]))
+        COMMANDS["wait"](parse_arguments(["wait", "--server_data_dir", data_dir, str(first)]))
     except UserError as error:
         raise UserError(f"{error}; see why with ./cli.py logs ID") from None
     return int(first), inputs
@@ -10330,7 +10330,7 @@ def quickstart_summary(data_dir, first_job, inputs):
         next_steps.append((f". {shown_path(venv)}/bin/activate",
                            "in each new shell, first: cli.py's packages are there"))
     next_steps += [(f"{me} status", "the workers and the jobs"),
-                   (f"{me} logs {first_job}", f"what job {first_job} printed"),
+                   (f"{me} logs {first_job}.1", f"what task 1 of array {first_job} printed"),
                    (f"{me} add_slave --slots 8 node1 node2",
                     "real machines: see README.md, Quick start"),
                    (f"{me} add_job ./example_job.sh ::: data/*.txt", "one job per file"),

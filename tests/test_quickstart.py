@@ -169,7 +169,9 @@ def succeeded(result):
 
 def announced(output):
     """The job ids and the results quickstart announced: (first, last), {path: text}."""
-    first, last = map(int, re.search(r"^queued jobs (\d+)-(\d+):", output, re.M).groups())
+    first, last, array = map(int, re.search(r"^queued jobs (\d+)-(\d+) \(array (\d+)\):",
+                                            output, re.M).groups())
+    assert array == first
     results = dict(re.findall(r"^  (results/\S+): (.*)$", output, re.M))
     return (first, last), results
 
