@@ -107,7 +107,9 @@ def one_run(program, jobs, with_json=True):
             # One kill per array (the array's id names its tasks; at most a million
             # ids per command), and the one more job; a range before arrays.
             firsts = [1, jobs + 1, jobs + arguments_given + 1, 2 * jobs + arguments_given + 1,
-                      queued + 1] if arrays else [f"1-{queued + 1}"]
+                      queued + 1] if arrays else \
+                [f"{first}-{min(first + 999_999, queued + 1)}"
+                 for first in range(1, queued + 2, 1_000_000)]
             figures["kill every job left"] = sum(
                 cli(program, data_dir, "kill", first) for first in firsts)
             waiter.wait()
