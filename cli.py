@@ -2022,9 +2022,11 @@ class Store:
     def release_due(self, now):
         """Unblock the blocked jobs whose start time has come and that wait on nothing
         else; return their ids."""
+        # INDEXED BY (here and below): without statistics SQLite would read every
+        # waiting job, on each add_job.
         job_ids = [row[0] for row in self.db.execute(
-            "SELECT id FROM jobs WHERE state = 'waiting' AND blocked = 1 AND "
-            "not_before <= ? AND NOT EXISTS (SELECT 1 FROM dependencies "
+            "SELECT id FROM jobs INDEXED BY jobs_not_before WHERE state = 'waiting' AND "
+            "blocked = 1 AND not_before <= ? AND NOT EXISTS (SELECT 1 FROM dependencies "
             "WHERE dependencies.job_id = jobs.id)", (now,))]
         self.change_jobs(job_ids, JobState.BLOCKED, JobState.WAITING)
         return job_ids
@@ -2047,8 +2049,8 @@ class Store:
     def next_release(self, now):
         """The earliest start time still to come among blocked jobs, or None."""
         return self.db.execute(
-            "SELECT min(not_before) FROM jobs WHERE state = 'waiting' AND blocked = 1 AND "
-            "not_before > ?", (now,)).fetchone()[0]
+            "SELECT min(not_before) FROM jobs INDEXED BY jobs_not_before WHERE "
+            "state = 'waiting' AND blocked = 1 AND not_before > ?", (now,)).fetchone()[0]
 
     # --- jobs: born, changed, gone -------------------------------------------
 
@@ -2435,7 +2437,6 @@ class Dependencies:
                 for row in self.db.execute(
                     "SELECT DISTINCT d.prerequisite, j.result FROM dependencies d LEFT JOIN jobs j "
                     "ON j.id = d.prerequisite WHERE j.id IS NULL OR j.state = 'done'")]
-
 
 
 class ArrayRows:
