@@ -9352,20 +9352,7 @@ def command_load_services(options):
     those alone never count as a change.
     """
     grace = parse_duration(options.grace, "--grace", limit=MAX_KILL_GRACE)
-    shown = "standard input" if options.file == "-" else options.file
-    too_deep = f"{shown} is nested too deeply to be a services document"
-    try:
-        if options.file == "-":
-            document = json.load(sys.stdin)
-        else:
-            with open(options.file, encoding="utf-8") as document_file:
-                document = json.load(document_file)
-    except OSError as error:
-        raise UserError(f"cannot read {options.file}: {error.strerror}") from None
-    except ValueError as error:
-        raise UserError(f"{shown} is not valid JSON: {error}") from None
-    except RecursionError:
-        raise UserError(too_deep) from None
+    document, too_deep = read_json_document(options.file, "a services document")
     for index, entry in enumerate(services_in(document)):
         # Scripts are found here, where PATH and the current directory are the user's.
         if isinstance(entry, dict) and isinstance(entry.get("script"), str):
@@ -9842,18 +9829,27 @@ def _bad_down_after(text):
                     "or 'default' for the server's")
 
 
-def command_load_status(options):
-    """Replace the workers and the waiting queue with a status --json document."""
-    too_deep = f"{options.file} is nested too deeply to be a status document"
+def read_json_document(path, what):
+    """(The JSON document in PATH (- for stdin), the error to give if it is too deeply
+    nested to send): WHAT it should be names it in errors."""
+    shown = "standard input" if path == "-" else path
+    too_deep = f"{shown} is nested too deeply to be {what}"
     try:
-        with open(options.file, encoding="utf-8") as document_file:
-            document = json.load(document_file)
+        if path == "-":
+            return json.load(sys.stdin), too_deep
+        with open(path, encoding="utf-8") as document_file:
+            return json.load(document_file), too_deep
     except OSError as error:
-        raise UserError(f"cannot read {options.file}: {error.strerror}") from None
+        raise UserError(f"cannot read {path}: {error.strerror}") from None
     except ValueError as error:
-        raise UserError(f"{options.file} is not valid JSON: {error}") from None
+        raise UserError(f"{shown} is not valid JSON: {error}") from None
     except RecursionError:
         raise UserError(too_deep) from None
+
+
+def command_load_status(options):
+    """Replace the workers and the waiting queue with a status --json document."""
+    document, too_deep = read_json_document(options.file, "a status document")
     try:
         result = request(options.data_dir, "load_status", document=document,
                          cwd=current_dir(), environment=dict(os.environ),
