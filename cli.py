@@ -3306,6 +3306,146 @@ def array_request(spec_text, arg_lists, task_args):
     return ArrayRequest(range(1, len(many) + 1), task_args, None, most)
 
 
+# --- schedules: when a rule fires next (issue 17; the rest of it is to come) ---
+
+CRON_FIELDS = (("minute", 0, 59, None), ("hour", 0, 23, None),
+               ("day of month", 1, 31, None),
+               ("month", 1, 12, "jan feb mar apr may jun jul aug sep oct nov dec"),
+               ("day of week", 0, 7, "sun mon tue wed thu fri sat"))
+
+
+def parse_cron(text):
+    """A cron line's five fields (minute, hour, day of month, month, day of week) with
+    *, lists, ranges, steps and names (jan, mon): returns (the five sets of values,
+    whether day of month and day of week are both restricted: then either one
+    matches, as cron has it).  Day of week 7 is Sunday, as 0 is."""
+    fields = text.split()
+    if len(fields) != 5:
+        raise UserError(f"--cron {text!r}: a cron line has 5 fields (minute hour "
+                        f"day-of-month month day-of-week), this one has {len(fields)}")
+    values = [_cron_field(field, *spec) for field, spec in zip(fields, CRON_FIELDS)]
+    if 7 in values[4]:
+        values[4] = (values[4] - {7}) | {0}
+    both = not fields[2].startswith("*") and not fields[4].startswith("*")
+    return values, both
+
+
+def _cron_field(text, name, low, high, names):
+    numbers = {word: index + low for index, word in enumerate(names.split())} if names else {}
+
+    def number(word):
+        word = word.lower()
+        if word in numbers:
+            return numbers[word]
+        if not plain_number(word) or not low <= int(word) <= high:
+            raise UserError(f"cron {name} {text!r}: {word!r} is not in the {name} field's "
+                            f"range ({low}-{high}"
+                            + (f" or {names.split()[0]}-{names.split()[-1]}" if names else "")
+                            + ")")
+        return int(word)
+    chosen = set()
+    for part in text.split(","):
+        span, _, step = part.partition("/")
+        if step and (not plain_number(step) or int(step) < 1):
+            raise UserError(f"cron {name} {text!r}: the step {step!r} must be a whole number "
+                            "of at least 1")
+        if span == "*":
+            first, last = low, high
+        elif "-" in span:
+            first, last = map(number, span.split("-", 1))
+            if last < first:
+                raise UserError(f"cron {name} {text!r}: the range {span} runs backwards")
+        else:
+            first = number(span)
+            last = high if step else first
+        chosen.update(range(first, last + 1, int(step or 1)))
+    return chosen
+
+
+def parse_daily(text):
+    """--daily HH:MM[,HH:MM...]: the times of day, as sorted (hour, minute) pairs."""
+    times = set()
+    for part in text.split(","):
+        match = re.fullmatch(r"([0-9]{1,2}):([0-9]{2})", part.strip())
+        if not match or int(match[1]) > 23 or int(match[2]) > 59:
+            raise UserError(f"--daily {text!r}: {part!r} is not a time of day like 07:30 "
+                            "(00:00 to 23:59)")
+        times.add((int(match[1]), int(match[2])))
+    return sorted(times)
+
+
+def parse_days(text):
+    """--days mon-fri, sat,sun, ...: the days of the week as cron numbers (0 = Sunday)."""
+    return _cron_field(text, "day of week", 0, 6, CRON_FIELDS[4][3])
+
+
+def next_cron_time(rule, after, zone):
+    """The first moment after AFTER (seconds since the epoch) at which RULE (from
+    parse_cron) fires, in ZONE's local time; None if it never does (Feb 30)."""
+    from datetime import datetime, timedelta
+    (minutes, hours, days, months, weekdays), both = rule
+    start = datetime.fromtimestamp(after, zone).replace(tzinfo=None, second=0, microsecond=0)
+    day = start.replace(hour=0, minute=0)
+    for _ in range(366 * 8):   # a leap day comes back within 8 years
+        weekday = (day.weekday() + 1) % 7
+        day_matches = (day.day in days or weekday in weekdays) if both else \
+            (day.day in days and weekday in weekdays)
+        if day.month in months and day_matches:
+            for hour in sorted(hours):
+                for minute in sorted(minutes):
+                    wall = day.replace(hour=hour, minute=minute)
+                    if wall < start - timedelta(hours=3):
+                        continue   # long past (a daylight-saving change is at most 2 h)
+                    moment = local_moment(wall, zone)
+                    if moment > after:
+                        return moment
+        day += timedelta(days=1)
+    return None
+
+
+def next_daily_time(times, weekdays, after, zone):
+    """The first moment after AFTER at which --daily TIMES (on WEEKDAYS, cron numbers)
+    falls, in ZONE's local time."""
+    return min(next_cron_time((({minute}, {hour}, set(range(1, 32)), set(range(1, 13)),
+                                 set(weekdays)), False), after, zone)
+               for hour, minute in times)
+
+
+def local_moment(wall, zone):
+    """Seconds since the epoch of the wall-clock time WALL (naive, whole minutes) in
+    ZONE.  A time a daylight-saving change skips (02:30 on the night the clocks go
+    forward) is the moment the clocks jump; a time it repeats (02:30 when they go
+    back) is its first occurrence: so a daily time is neither skipped nor run twice."""
+    earlier = wall.replace(tzinfo=zone, fold=0).timestamp()
+    if wall_time(earlier, zone) == wall:
+        return min(earlier, wall.replace(tzinfo=zone, fold=1).timestamp())
+    # In the gap: from a moment before the jump, the first minute whose wall time is
+    # past WALL is the jump itself (jumps fall on whole minutes).
+    moment = wall.replace(tzinfo=zone, fold=1).timestamp()
+    while wall_time(moment, zone) <= wall:
+        moment += 60
+    return moment
+
+
+def wall_time(moment, zone):
+    """The naive wall-clock time in ZONE at MOMENT (seconds since the epoch)."""
+    from datetime import datetime
+    return datetime.fromtimestamp(moment, zone).replace(tzinfo=None)
+
+
+def local_zone():
+    """The zone schedules run in: TZ if set, else the system's (/etc/localtime)."""
+    import zoneinfo
+    name = os.environ.get("TZ", "").lstrip(":")
+    try:
+        if name:
+            return zoneinfo.ZoneInfo(name)
+        with open("/etc/localtime", "rb") as data:
+            return zoneinfo.ZoneInfo.from_file(data, key="localtime")
+    except (OSError, ValueError, zoneinfo.ZoneInfoNotFoundError):
+        return zoneinfo.ZoneInfo("UTC")
+
+
 def restart_delay(previous, ran_for):
     """Seconds before a replica whose job ended after RAN_FOR seconds starts again:
     RESTART_FIRST, doubling at each quick end up to RESTART_MAX, and RESTART_FIRST

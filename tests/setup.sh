@@ -16,6 +16,8 @@ setup_machine() {
     # system's Python, which makes a venv with it.
     command -v useradd >/dev/null && command -v runuser >/dev/null || missing+=(passwd util-linux)
     /usr/bin/python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3 python3-venv)
+    # Schedules run in local time; their tests take zones such as Europe/Berlin.
+    [ -e /usr/share/zoneinfo/Europe/Berlin ] || missing+=(tzdata)
     if [ ${#missing[@]} -gt 0 ]; then
         local sudo=; [ "$(id -u)" -eq 0 ] || sudo=sudo
         echo "installing ${missing[*]}" >&2

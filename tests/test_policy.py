@@ -2,6 +2,7 @@
 import importlib.util
 import pathlib
 import re
+import zoneinfo
 
 import pytest
 
@@ -531,3 +532,83 @@ def test_split_jobs_wait_for_slots_together_with_a_reason():
         "workers with 6 slots together"
     assert cli.waiting_reason({**job, "split": False}, [worker("a", 4), worker("b", 4)],
                               False, 0) == "no worker with 6 slots"
+
+
+# --- schedules (issue 17): when a rule fires next, in local time ---
+
+def at(text, zone):
+    from datetime import datetime
+    return datetime.fromisoformat(text).replace(tzinfo=zoneinfo.ZoneInfo(zone)).timestamp()
+
+
+def shown(moment, zone):
+    from datetime import datetime
+    return None if moment is None else \
+        datetime.fromtimestamp(moment, zoneinfo.ZoneInfo(zone)).isoformat()
+
+
+@pytest.mark.parametrize("line, after, zone, expected", [
+    ("*/15 * * * *", "2026-01-01 10:07", "UTC", "2026-01-01T10:15:00+00:00"),
+    ("* * * * *", "2026-12-05 23:59:30", "UTC", "2026-12-06T00:00:00+00:00"),
+    ("0 9 * * mon-fri", "2026-12-04 10:00", "UTC", "2026-12-07T09:00:00+00:00"),   # Fri -> Mon
+    ("5 4 * * 7", "2026-11-30 00:00", "UTC", "2026-12-06T04:05:00+00:00"),         # 7: Sunday
+    ("0 0 * jan sun", "2026-06-01 00:00", "UTC", "2027-01-03T00:00:00+00:00"),
+    # Day of month and day of week both given: either matches (Tue 1 Dec, a 1st).
+    ("0 0 1,15 * 5", "2026-11-30 12:00", "UTC", "2026-12-01T00:00:00+00:00"),
+    ("0 12 29 2 *", "2026-03-01 00:00", "UTC", "2028-02-29T12:00:00+00:00"),
+    ("0 0 30 2 *", "2026-01-01 00:00", "UTC", None),                                # never
+    ("0 8-18/5 * * *", "2026-05-05 13:01", "UTC", "2026-05-05T18:00:00+00:00"),
+    # The clocks go forward at 02:00 (Berlin, 29 March): 02:30 runs as they jump.
+    ("30 2 * * *", "2026-03-29 00:00", "Europe/Berlin", "2026-03-29T03:00:00+02:00"),
+    ("30 2 * * *", "2026-03-29 03:00", "Europe/Berlin", "2026-03-30T02:30:00+02:00"),
+    # They go back at 03:00 (25 October): 02:30 comes twice and runs once.
+    ("30 2 * * *", "2026-10-25 00:00", "Europe/Berlin", "2026-10-25T02:30:00+02:00"),
+    ("30 2 * * *", "2026-10-25 02:30", "Europe/Berlin", "2026-10-26T02:30:00+01:00"),
+    ("30 2 * * *", "2026-03-08 00:00", "America/New_York", "2026-03-08T03:00:00-04:00"),
+])
+def test_a_cron_rule_fires_next_when_a_table_of_known_answers_says(line, after, zone, expected):
+    rule = cli.parse_cron(line)
+    assert shown(cli.next_cron_time(rule, at(after, zone), cli_zone(zone)), zone) == expected
+
+
+def cli_zone(name):
+    return zoneinfo.ZoneInfo(name)
+
+
+def test_daily_times_on_chosen_days_and_across_both_daylight_saving_changes():
+    times, weekdays = cli.parse_daily("18:00,07:30"), cli.parse_days("mon-fri")
+    assert times == [(7, 30), (18, 0)] and weekdays == {1, 2, 3, 4, 5}
+    utc = cli_zone("UTC")
+    moment = cli.next_daily_time(times, weekdays, at("2026-12-05 12:00", "UTC"), utc)  # a Sat
+    assert shown(moment, "UTC") == "2026-12-07T07:30:00+00:00"
+    # Every day at 02:30 in Berlin from March to November: once a day, never skipped.
+    berlin = cli_zone("Europe/Berlin")
+    moment, days = at("2026-03-01 00:00", "Europe/Berlin"), set()
+    for _ in range(270):
+        moment = cli.next_daily_time([(2, 30)], set(range(7)), moment, berlin)
+        day = shown(moment, "Europe/Berlin")[:10]
+        assert day not in days
+        days.add(day)
+    assert len(days) == 270 and "2026-03-29" in days and "2026-10-25" in days
+
+
+@pytest.mark.parametrize("line, message", [
+    ("0 0 * * * *", "a cron line has 5 fields"), ("0 0 *", "this one has 3"),
+    ("60 * * * *", "'60' is not in the minute field's range (0-59)"),
+    ("* 24 * * *", "cron hour '24': '24' is not in the hour field's range (0-23)"),
+    ("* * 0 * *", "day of month field's range (1-31)"), ("* * * foo *", "or jan-dec"),
+    ("* * * * 8", "the day of week field's range (0-7 or sun-sat)"),
+    ("*/0 * * * *", "step '0'"), ("5-1 * * * *", "the range 5-1 runs backwards"),
+    ("1,,2 * * * *", "'' is not in the minute field's range"),
+])
+def test_bad_cron_lines_name_the_field(line, message):
+    with pytest.raises(cli.UserError, match=re.escape(message)):
+        cli.parse_cron(line)
+
+
+@pytest.mark.parametrize("text, message", [("25:00", "'25:00' is not a time of day"),
+                                           ("7:5", "is not a time of day"),
+                                           ("12:00,noon", "'noon' is not a time of day")])
+def test_bad_daily_times_are_refused(text, message):
+    with pytest.raises(cli.UserError, match=re.escape(message)):
+        cli.parse_daily(text)
