@@ -8112,6 +8112,8 @@ class Handlers:
             raise UserError(f"only ended jobs can be retried: --state takes done or how a job "
                             f"ended ({', '.join(result.value for result in JobResult)})")
         filtered = params["failed"] or state is not None or params["script"] is not None
+        if not filtered and params["ids"] is None:
+            raise UserError("name the jobs to retry: ids, or --failed, --state S or --script P")
         if not filtered:
             arrays = self.arrays_named(params["ids"])
             job_ids = self.queue.named([name for name in params["ids"] if name not in arrays])

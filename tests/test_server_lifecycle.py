@@ -186,12 +186,15 @@ def test_an_existing_log_dir_keeps_its_mode(cli):
 def test_garbage_on_the_socket_gets_an_error_and_the_server_keeps_serving(server):
     path = str(server.data_dir / "server.sock")
     for garbage in (b"not json\n", b"[1, 2]\n", b'{"command": "nope"}\n',
-                    b'{"command": "add_job", "params": {"script": 5}}\n'):
+                    b'{"command": "add_job", "params": {"script": 5}}\n',
+                b'{"command": "retry", "params": {}}\n',
+                b'{"command": "kill", "params": {"ids": ["7.x"]}}\n',
+                b'{"command": "wait", "params": {"ids": ["99999999999999999999.1"]}}\n'):
         with socket.socket(socket.AF_UNIX) as connection:
             connection.connect(path)
             connection.sendall(garbage)
             reply = connection.makefile().readline()
-            assert '"ok": false' in reply, (garbage, reply)
+            assert '"ok": false' in reply and "internal error" not in reply, (garbage, reply)
     with socket.socket(socket.AF_UNIX) as connection:   # half a request, then gone
         connection.connect(path)
         connection.sendall(b'{"command": "sta')
