@@ -2464,8 +2464,7 @@ class ArrayRows:
     def among(self, ids):
         """{id: row} of the arrays whose ids are among IDS."""
         arrays = {}
-        for first in range(0, len(ids), 500):
-            chunk = ids[first:first + 500]
+        for chunk in _chunks(ids):
             for row in self.db.execute(f"SELECT * FROM arrays WHERE id IN "
                                        f"({', '.join('?' * len(chunk))})", chunk):
                 arrays[row["id"]] = row
@@ -4131,15 +4130,10 @@ def _reaped():
 
 def _reap_children(script, script_status):
     """Reap every child that has ended; return SCRIPT's status once known."""
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return script_status
-        if pid == 0:
-            return script_status
+    for pid, status in _reaped():
         if script is not None and pid == script:
             script_status = status
+    return script_status
 
 
 def _terminate_group(pgid, grace):
@@ -8058,10 +8052,7 @@ class Handlers:
 
     def remove_job(self, client, params):
         if params["ids"] is not None:
-            job_ids = self.queue.named(params["ids"])
-            if self.arrays_named(params["ids"]):   # an array named whole: its waiting tasks
-                job_ids = [row["id"] for row in self.store.jobs_by_id(job_ids)
-                           if row["state"] == JobState.WAITING.value] or job_ids
+            job_ids = self.waiting_named(params["ids"])
             for row in self.queue.existing(job_ids, "id, state, result, worker, service, "
                                                     "replica"):
                 refuse_replica(row, "cannot be removed")
@@ -8136,6 +8127,15 @@ class Handlers:
             if chosen else ([], [], [])
         return {"retried": retried, "back": back, "held": held}
 
+    def waiting_named(self, names):
+        """The job ids NAMES stand for, where an array named whole stands for its
+        waiting tasks (or, if none waits, for all, to be refused one by one)."""
+        job_ids = self.queue.named(names)
+        if self.arrays_named(names):
+            job_ids = [row["id"] for row in self.store.jobs_by_id(job_ids)
+                       if row["state"] == JobState.WAITING.value] or job_ids
+        return job_ids
+
     def arrays_named(self, names):
         """Those of NAMES that name an array whole ('N' where N is an array's id)."""
         bare = [name for name in names or () if isinstance(name, str) and "." not in name]
@@ -8179,10 +8179,7 @@ class Handlers:
                                      lambda: {"changes": shown, "stopped": stopping})
 
     def priority(self, client, params):
-        job_ids = self.queue.named(params["ids"])
-        if self.arrays_named(params["ids"]):   # an array named whole: its waiting tasks
-            job_ids = [row["id"] for row in self.store.jobs_by_id(job_ids)
-                       if row["state"] == JobState.WAITING.value] or job_ids
+        job_ids = self.waiting_named(params["ids"])
         self.edits.set_priority(job_ids, params["priority"])
         return {"ids": job_ids, "priority": params["priority"]}
 
