@@ -127,6 +127,8 @@ MAX_JOB_ID = 2 ** 63 - 1         # SQLite's largest integer
 # JSON readers that use doubles.
 MAX_LOADED_JOB_ID = 2 ** 53
 MAX_DURATION = 100 * 365 * 86400
+MIN_SCHEDULE_INTERVAL = 1.0      # --every: seconds
+SCHEDULE_LATE = 60.0             # a firing this late (the machine slept) was missed
 MAX_KILL_GRACE = 86400.0
 MAX_PRIORITY = 10 ** 9
 SERVICE_PRIORITY = MAX_PRIORITY + 1   # a service's replicas start before any batch job
@@ -159,6 +161,7 @@ PR_SET_CHILD_SUBREAPER = 36      # a prctl option (linux/prctl.h)
 RESERVED_VARIABLES = ("JOB_ID", "SLAVE_IP", "SLAVE_HOST", "SLAVE_PORT", "SLAVE_USER",
                       "JOB_ATTEMPT", "SLOT", "SLOTS", "SPLIT_HOSTS", "SPLIT_PART")
 TASK_VARIABLES = ("ARRAY_ID", "TASK_ID", "TASK_ARG")   # set for the tasks of arrays
+SCHEDULE_VARIABLES = ("SCHEDULE", "SCHEDULED_FOR")     # set for the runs of schedules
 SSH_SHIM_VARIABLE = "CLI_PY_SSH_SHIM_DIR"            # set for jobs whose ssh goes through our shim
 SSH_CONTROL_VARIABLE = "CLI_PY_SSH_CONTROL_PATH"     # ... and shares connections
 SSH_JOBS_CONFIG_VARIABLE = "CLI_PY_SSH_JOBS_CONFIG"  # ... and reads the queue's ssh config
@@ -884,6 +887,13 @@ def _service_name(value, name):
     return value
 
 
+def _schedule_name(value, name):
+    if not isinstance(value, str) or not SERVICE_NAME.match(value):
+        raise UserError(f"{value!r} is not a schedule name: use letters, digits, '.', '_' "
+                        "and '-' (at most 64, starting with a letter or digit)")
+    return value
+
+
 def _replica_count(value, name):
     if not whole_number(value, 0, MAX_REPLICAS):
         raise UserError(f"the number of replicas must be a whole number from 0 to {MAX_REPLICAS}")
@@ -1360,6 +1370,68 @@ def _service_entry(entry, defaults):
             "environment": defaults["environment"], "umask": defaults["umask"]}
 
 
+# A schedule in a status document has the fields schedules --json prints; those
+# about its latest run are not read.
+SCHEDULE_FIELDS = ("name", "rule", "script", "args", "cwd", "envs", "environment", "umask",
+                   "overlap", "skip_missed", "paused", "next_due", "runs", "skipped",
+                   "slots_wanted", "split", "on", "prefer", "exclude", "ssh_reuse",
+                   "priority", "retries", "retry_delay", "timeout")
+SCHEDULE_READ_ONLY_FIELDS = ("rule_text", "last_job", "last_state", "last_result")
+
+
+def validate_schedules(entries, environments, defaults):
+    """Check the schedules of a status document whole; return each as a spec for
+    Schedules.replace."""
+    if not isinstance(entries, list):
+        raise UserError("'schedules' must be a list")
+    if not isinstance(environments, dict):
+        raise UserError("'environments' must be an object")
+    specs = {}
+    for index, entry in enumerate(entries):
+        try:
+            spec = _status_schedule(entry, environments, defaults)
+        except UserError as error:
+            raise UserError(f"schedules[{index}]: {error}") from None
+        if spec["name"] in specs:
+            raise UserError(f"schedules[{index}]: schedule {spec['name']} is listed twice")
+        specs[spec["name"]] = spec
+    for spec in specs.values():
+        followed = spec["rule"].get("after")
+        if followed is not None and followed not in specs:
+            raise UserError(f"schedule {spec['name']} follows {followed}, which is not in "
+                            "'schedules'")
+    return list(specs.values())
+
+
+def _status_schedule(entry, environments, defaults):
+    if not isinstance(entry, dict):
+        raise UserError("each schedule must be an object")
+    unknown = sorted(set(entry) - set(SCHEDULE_FIELDS) - set(SCHEDULE_READ_ONLY_FIELDS))
+    if unknown:
+        raise UserError(f"unknown field {unknown[0]!r} (a schedule has "
+                        f"{', '.join(SCHEDULE_FIELDS)})")
+    name = _schedule_name(entry.get("name"), "name")
+    rule = entry.get("rule")
+    if not isinstance(rule, dict) or set(rule) - {"every", "daily", "days", "cron", "after"}:
+        raise UserError("'rule' must be an object with one of every, daily (and days), cron "
+                        "or after")
+    rule = schedule_rule(rule.get("every"), rule.get("daily"), rule.get("days"),
+                         rule.get("cron"), rule.get("after"))
+    job = _status_job({key: entry[key] for key in SCHEDULE_FIELDS[1:] if key in entry},
+                      environments, defaults)
+    flags = {key: entry.get(key, False) for key in ("overlap", "skip_missed", "paused")}
+    counters = {key: entry.get(key, 0) for key in ("runs", "skipped")}
+    if not all(isinstance(value, bool) for value in flags.values()):
+        raise UserError("'overlap', 'skip_missed' and 'paused' must be true or false")
+    if not all(whole_number(value, 0, MAX_JOB_ID) for value in counters.values()):
+        raise UserError("'runs' and 'skipped' must be whole numbers")
+    return {"name": name, "rule": rule, **{key: job[key] for key in
+            ("script", "args", "cwd", "envs", "environment", "umask", "options")},
+            "overlap": flags["overlap"], "skip_missed": flags["skip_missed"],
+            "enabled": not flags["paused"], "next_due": _option_time(entry, "next_due"),
+            **counters}
+
+
 def check_script(path, shown=None):
     """PATH must be an executable file; errors name it as the user wrote it (SHOWN)."""
     shown = shown or path
@@ -1404,6 +1476,15 @@ def _add_job_whole(params, given):
             "array": array_request(params["array"], params["args_list"], params["task_args"])}
 
 
+def _add_schedule_whole(params, given):
+    taken = sorted(set(params["variables"]) & set(SCHEDULE_VARIABLES))
+    if taken:
+        raise UserError(f"{taken[0]} is set by the schedule for each run; choose another name")
+    return {"rule": schedule_rule(params["every"], params["daily"], params["days"],
+                                  params["cron"], params["after_schedule"]),
+            "options": _job_options(given, True)}
+
+
 def _remove_job_whole(params, given):
     if params["ids"] is None:
         _string(params["script"], "script")
@@ -1430,7 +1511,15 @@ def _load_status_whole(params, given):
         services = validate_services(services, {"cwd": params["cwd"],
                                                 "environment": params["environment"],
                                                 "umask": params["umask"]})
-    return {"workers": workers, "jobs": jobs, "notes": notes, "services": services}
+    # Likewise for schedules.
+    schedules = params["document"].get("schedules")
+    if schedules is not None:
+        schedules = validate_schedules(schedules, params["document"].get("environments", {}),
+                                       {"cwd": params["cwd"],
+                                        "environment": params["environment"],
+                                        "umask": params["umask"]})
+    return {"workers": workers, "jobs": jobs, "notes": notes, "services": services,
+            "schedules": schedules}
 
 
 def _load_services_whole(params, given):
@@ -1497,11 +1586,24 @@ REQUESTS = {
     "jobs": Request("jobs", id=(_optional_job_name, None),
                     state=(_state_filter, (None, None)), last=(_last, None),
                     worker=(_optional_string, None), script=(_optional_string, None),
-                    array=(_optional_job_id, None), tree=(_flag, False)),
+                    array=(_optional_job_id, None), tree=(_flag, False),
+                    schedule=(_optional_string, None)),
     "purge": Request("purge", older_than=(_age, 0)),
     "wait": Request("wait", _wait_whole, ids=(_optional_job_ids, None),
                     children_of=(_optional_job_id, None)),
     "pause": Request("pause", hosts=(_hosts_or_empty, [])),
+    "add_schedule": Request("add_schedule", _add_schedule_whole, name=_schedule_name,
+                            every=(_anything, None), daily=(_anything, None),
+                            days=(_anything, None), cron=(_anything, None),
+                            after_schedule=(_anything, None), overlap=(_flag, False),
+                            skip_missed=(_flag, False), script=_string,
+                            args=(_strings_or_empty, []),
+                            variables=(_variables("add_schedule -e"), {}), **_JOB_SHAPE),
+    "schedules": Request("list_schedules", name=(_optional_string, None)),
+    "pause_schedule": Request("pause_schedule", name=_schedule_name),
+    "resume_schedule": Request("resume_schedule", name=_schedule_name),
+    "remove_schedule": Request("remove_schedule", name=_schedule_name),
+    "run_schedule": Request("run_schedule", name=_schedule_name),
     "resume": Request("resume", hosts=(_hosts_or_empty, [])),
 }
 
@@ -1742,6 +1844,37 @@ MIGRATIONS = [
     ALTER TABLE jobs ADD COLUMN nohup INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX jobs_by_parent ON jobs (parent) WHERE parent IS NOT NULL;
     """,
+    # 11: schedules (add_schedule): a job template and a rule (JSON: {"every":
+    # seconds}, {"daily": "07:30,19:00", "days": "mon-fri" or null}, {"cron":
+    # "M H DOM MON DOW"} or {"after": NAME}).  A firing inserts the job and moves
+    # next_due in one transaction, so that no due time fires twice.  Each job
+    # keeps the schedule that made it and the time it was due.
+    """
+    CREATE TABLE schedules (
+        name TEXT PRIMARY KEY,
+        rule TEXT NOT NULL,
+        script TEXT NOT NULL,
+        args TEXT NOT NULL,                  -- JSON list
+        cwd TEXT NOT NULL,
+        environment_id INTEGER NOT NULL REFERENCES environments(id),
+        variables TEXT NOT NULL,             -- JSON object, -e
+        umask INTEGER NOT NULL,
+        options TEXT NOT NULL,               -- JSON object, the job options (JOB_OPTIONS)
+        overlap INTEGER NOT NULL DEFAULT 0,
+        skip_missed INTEGER NOT NULL DEFAULT 0,
+        enabled INTEGER NOT NULL DEFAULT 1,
+        next_due REAL,                       -- NULL: it follows another schedule
+        last_job INTEGER,                    -- the job of its latest run
+        runs INTEGER NOT NULL DEFAULT 0,
+        skipped INTEGER NOT NULL DEFAULT 0,  -- due while its previous run was not done
+        followed_job INTEGER,                -- {"after": NAME}: the run of NAME last followed
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX schedules_due ON schedules (next_due) WHERE enabled = 1;
+    ALTER TABLE jobs ADD COLUMN schedule TEXT;
+    ALTER TABLE jobs ADD COLUMN scheduled_for REAL;
+    CREATE INDEX jobs_by_schedule ON jobs (schedule, id) WHERE schedule IS NOT NULL;
+    """,
 ]
 
 # Per-job options beyond the command itself: column -> default.  add_job,
@@ -1856,6 +1989,7 @@ class Store:
         self.service_rows = ServiceRows(self)
         self.arrays = ArrayRows(self)
         self.families = FamilyRows(self)
+        self.schedules = ScheduleRows(self)
 
     def transaction(self):
         return _Transaction(self.db)
@@ -1900,7 +2034,8 @@ class Store:
     def drop_unused_environments(self):
         self.db.execute("DELETE FROM environments WHERE id NOT IN "
                         "(SELECT DISTINCT environment_id FROM jobs UNION "
-                        "SELECT environment_id FROM services)")
+                        "SELECT environment_id FROM services UNION "
+                        "SELECT environment_id FROM schedules)")
 
     # --- workers -------------------------------------------------------------
 
@@ -2055,16 +2190,25 @@ class Store:
     # --- jobs: born, changed, gone -------------------------------------------
 
     def insert_job(self, script, args, cwd, environment_id, variables, umask, options,
-                   job_id=None, submitted_at=None, service=None, replica=None):
+                   job_id=None, submitted_at=None, service=None, replica=None, schedule=None,
+                   scheduled_for=None):
         columns = ", ".join(JOB_OPTIONS)
         return self.db.execute(
             f"INSERT INTO jobs (id, state, blocked, script, args, cwd, environment_id, "
-            f"variables, umask, submitted_at, service, replica, split, {columns}) "
-            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
+            f"variables, umask, submitted_at, service, replica, split, schedule, "
+            f"scheduled_for, {columns}) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(JOB_OPTIONS)})",
             (job_id, *JOB_STATE_ROWS[first_state(options)], script, json.dumps(args), cwd,
              environment_id, json.dumps(variables), umask, submitted_at or time.time(),
-             service, replica, int(options.get("split", False)),
+             service, replica, int(options.get("split", False)), schedule, scheduled_for,
              *(options[name] for name in JOB_OPTIONS))).lastrowid
+
+    def schedules_succeeded(self, job_ids, names):
+        """Whether any of JOB_IDS is a run of a schedule in NAMES that succeeded."""
+        return any(self.db.execute(
+            f"SELECT 1 FROM jobs WHERE id IN ({', '.join('?' * len(chunk))}) AND schedule IN "
+            f"({', '.join('?' * len(names))}) AND result = 'succeeded' LIMIT 1",
+            (*chunk, *names)).fetchone() for chunk in _chunks(list(job_ids)))
 
     def insert_jobs(self, script, arg_lists, cwd, environment_id, variables, umask, options,
                     array=None, parent=None, nohup=False):
@@ -2198,10 +2342,11 @@ class Store:
         return counts
 
     def find_jobs(self, state=None, result=None, worker=None, script=None, last=None,
-                  array=None):
+                  array=None, schedule=None):
         """Jobs matching every filter given, oldest first (the LAST most recent if given)."""
         conditions, values = [], []
-        for column, value in (("state", state), ("result", result), ("array_id", array)):
+        for column, value in (("state", state), ("result", result), ("array_id", array),
+                              ("schedule", schedule)):
             if value is not None:
                 conditions.append(f"{column} = ?")
                 values.append(value)
@@ -2677,6 +2822,89 @@ class FamilyRows:
         return rows
 
 
+class ScheduleRows:
+    """The schedules' rows (see migration 11) and what they ask of their jobs."""
+
+    COUNTERS = ("runs", "skipped")
+
+    def __init__(self, store):
+        self.db = store.db
+
+    def all(self):
+        return self.db.execute("SELECT * FROM schedules ORDER BY name").fetchall()
+
+    def get(self, name):
+        return self.db.execute("SELECT * FROM schedules WHERE name = ?", (name,)).fetchone()
+
+    def insert(self, name, rule, script, args, cwd, environment_id, variables, umask, options,
+               overlap, skip_missed, next_due, enabled=True, runs=0, skipped=0, last_job=None,
+               followed=None):
+        self.db.execute(
+            "INSERT INTO schedules (name, rule, script, args, cwd, environment_id, variables, "
+            "umask, options, overlap, skip_missed, enabled, next_due, runs, skipped, last_job, "
+            "followed_job, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "?, ?)",
+            (name, json.dumps(rule), script, json.dumps(args), cwd, environment_id,
+             json.dumps(variables), umask, json.dumps(options), int(overlap), int(skip_missed),
+             int(enabled), next_due, runs, skipped, last_job, followed, time.time()))
+
+    def delete(self, name):
+        self.db.execute("DELETE FROM schedules WHERE name = ?", (name,))
+
+    def delete_all(self):
+        self.db.execute("DELETE FROM schedules")
+
+    def moved_on(self, name, expected_due, next_due, outcome, job_id=None, followed=None):
+        """The one write of a firing (OUTCOME: fire, skip or miss) or a run_schedule
+        (EXPECTED_DUE: None): the next due time, the counters, the run's job.  Raises
+        LostRace if the schedule changed since it was read, so that a due time that
+        was handled is never handled twice."""
+        changed = self.db.execute(
+            "UPDATE schedules SET next_due = ?, runs = runs + ?, skipped = skipped + ?, "
+            "last_job = coalesce(?, last_job), followed_job = coalesce(?, followed_job) "
+            "WHERE name = ? AND (? IS NULL OR next_due = ?)",
+            (next_due, int(outcome == "fire"), int(outcome == "skip"), job_id, followed, name,
+             expected_due, expected_due)).rowcount
+        if not changed:
+            raise LostRace(f"schedule {name}: changed while it fired")
+
+    def set_enabled(self, name, enabled, next_due, followed=None):
+        self.db.execute("UPDATE schedules SET enabled = ?, next_due = ?, "
+                        "followed_job = coalesce(?, followed_job) WHERE name = ?",
+                        (int(enabled), next_due, followed, name))
+
+    def due(self, now):
+        """The enabled schedules whose time has come, the earliest first."""
+        return self.db.execute("SELECT * FROM schedules WHERE enabled = 1 AND next_due <= ? "
+                               "ORDER BY next_due", (now,)).fetchall()
+
+    def next_due(self):
+        """The earliest due time of an enabled schedule, or None."""
+        return self.db.execute("SELECT min(next_due) FROM schedules WHERE enabled = 1"
+                               ).fetchone()[0]
+
+    def followers(self, names=None):
+        """The schedules that follow another's runs (of NAMES, if given)."""
+        rows = self.db.execute("SELECT * FROM schedules WHERE next_due IS NULL").fetchall()
+        return [row for row in rows if json.loads(row["rule"]).get("after") is not None and
+                (names is None or json.loads(row["rule"])["after"] in names)]
+
+    def latest_success(self, name, after_job):
+        """The newest run of schedule NAME that succeeded, if newer than AFTER_JOB."""
+        return self.db.execute(
+            "SELECT id, ended_at FROM jobs WHERE schedule = ? AND id > ? AND state = 'done' "
+            "AND result = 'succeeded' ORDER BY id DESC LIMIT 1",
+            (name, after_job or 0)).fetchone()
+
+    def job_states(self, job_ids):
+        """{job id: (state, result)} of the latest runs JOB_IDS."""
+        ids = [job_id for job_id in job_ids if job_id is not None]
+        return {row["id"]: (row["state"], row["result"]) for chunk in _chunks(ids)
+                for row in self.db.execute(
+                    f"SELECT id, state, result FROM jobs WHERE id IN "
+                    f"({', '.join('?' * len(chunk))})", chunk)}
+
+
 def first_state(options):
     """BLOCKED if a new job with OPTIONS may not start yet: it waits for other jobs
     (the caller says so), or its start time is to come; else WAITING."""
@@ -2763,6 +2991,8 @@ def job_to_json(row, log_dir):
         "parts": split_parts(row),
         "parent": row["parent"],
         "nohup": bool(row["nohup"]),
+        "schedule": row["schedule"],
+        "scheduled_for": iso_time(row["scheduled_for"]),
     }
 
 
@@ -3305,7 +3535,83 @@ def array_request(spec_text, arg_lists, task_args):
     return ArrayRequest(range(1, len(many) + 1), task_args, None, most)
 
 
-# --- schedules: when a rule fires next (issue 17; the rest of it is to come) ---
+# --- schedules: their rules, when a rule fires next, what a due schedule does ---
+
+def schedule_rule(every=None, daily=None, days=None, cron=None, after=None):
+    """The rule of add_schedule from its rule options (one of EVERY seconds, DAILY
+    times with DAYS, a CRON line, or AFTER: another schedule's name), checked; the
+    dict stored (see migration 11)."""
+    given = [flag for flag, value in (("--every", every), ("--daily", daily), ("--cron", cron),
+                                      ("--after-schedule", after)) if value is not None]
+    if days is not None and daily is None:
+        raise UserError("--days goes with --daily (a cron line has its own day-of-week field)")
+    if not given:
+        raise UserError("a schedule needs a rule: --every DURATION, --daily HH:MM, "
+                        "--cron 'M H DOM MON DOW' or --after-schedule NAME")
+    if len(given) > 1:
+        raise UserError(f"{given[0]} and {given[1]} are two rules: a schedule has one")
+    if every is not None:
+        if not _seconds(every, MIN_SCHEDULE_INTERVAL, MAX_DURATION):
+            raise UserError(f"--every must be from {MIN_SCHEDULE_INTERVAL:g}s to "
+                            f"{MAX_DURATION // 86400}d")
+        return {"every": float(every)}
+    if daily is not None:
+        if not isinstance(daily, str) or days is not None and not isinstance(days, str):
+            raise UserError("malformed request: daily and days must be strings")
+        times = parse_daily(daily)
+        weekdays = parse_days(days) if days is not None else None
+        return {"daily": ",".join(f"{hour:02}:{minute:02}" for hour, minute in times),
+                "days": None if weekdays is None or len(weekdays) == 7 else
+                ",".join(CRON_FIELDS[4][3].split()[day] for day in sorted(weekdays))}
+    if cron is not None:
+        if not isinstance(cron, str):
+            raise UserError("malformed request: cron must be a string")
+        from datetime import timezone
+        if next_cron_time(parse_cron(cron), 0, timezone.utc) is None:
+            raise UserError(f"--cron {cron!r} never fires (no such day in any year): check "
+                            "its day-of-month and month fields")
+        return {"cron": " ".join(cron.split())}
+    return {"after": _schedule_name(after, "--after-schedule")}
+
+
+def next_due_time(rule, after, zone):
+    """When RULE fires next after AFTER (seconds since the epoch), in ZONE's local time
+    for --daily and --cron; None for a rule that follows another schedule's runs."""
+    if "every" in rule:
+        return after + rule["every"]
+    if "daily" in rule:
+        weekdays = parse_days(rule["days"]) if rule.get("days") else set(range(7))
+        return next_daily_time(parse_daily(rule["daily"]), weekdays, after, zone)
+    if "cron" in rule:
+        return next_cron_time(parse_cron(rule["cron"]), after, zone)
+    return None
+
+
+def rule_text(rule):
+    """A rule as schedules shows it: every 1h, daily 07:30 (mon-fri), cron 0 2 * * *."""
+    if "every" in rule:
+        return f"every {_duration_text(rule['every'])}"
+    if "daily" in rule:
+        return f"daily {rule['daily']}" + (f" ({rule['days']})" if rule.get("days") else "")
+    if "cron" in rule:
+        return f"cron {rule['cron']}"
+    return f"after {rule['after']} succeeds"
+
+
+def schedule_firing(due, now, server_started, skip_missed, overlap, previous_live):
+    """What a schedule due at DUE does at NOW: "fire"; "skip", if its previous run
+    still waits or runs and it may not overlap (the skips are counted); or "miss",
+    with --skip-missed, for a time that passed while no server ran (before
+    SERVER_STARTED) or the machine slept (SCHEDULE_LATE or more ago).  A missed
+    time without --skip-missed fires, once however many passed: the next due
+    time is always taken from NOW."""
+    missed = due < server_started or now - due >= SCHEDULE_LATE
+    if missed and skip_missed:
+        return "miss"
+    if previous_live and not overlap:
+        return "skip"
+    return "fire"
+
 
 CRON_FIELDS = (("minute", 0, 59, None), ("hour", 0, 23, None),
                ("day of month", 1, 31, None),
@@ -3433,7 +3739,9 @@ def wall_time(moment, zone):
 
 
 def local_zone():
-    """The zone schedules run in: TZ if set, else the system's (/etc/localtime)."""
+    """The zone schedules run in: TZ if set, else the system's (/etc/localtime).  A TZ
+    that names no zone but a POSIX offset (UTC-05:30) is that fixed offset: its
+    daylight-saving rules, if it has any, are not followed."""
     import zoneinfo
     name = os.environ.get("TZ", "").lstrip(":")
     try:
@@ -3442,7 +3750,11 @@ def local_zone():
         with open("/etc/localtime", "rb") as data:
             return zoneinfo.ZoneInfo.from_file(data, key="localtime")
     except (OSError, ValueError, zoneinfo.ZoneInfoNotFoundError):
-        return zoneinfo.ZoneInfo("UTC")
+        if not name:
+            return zoneinfo.ZoneInfo("UTC")
+    from datetime import timedelta, timezone
+    time.tzset()
+    return timezone(timedelta(seconds=time.localtime().tm_gmtoff))
 
 
 def restart_delay(previous, ran_for):
@@ -3557,8 +3869,8 @@ def job_environment(submitter_environment, worker_variables, job_variables, job_
     of an array, is (ARRAY_ID, TASK_ID, TASK_ARG or None).
     """
     environment = dict(submitter_environment)
-    for name in TASK_VARIABLES:
-        environment.pop(name, None)   # a task's own, if a task submitted this job
+    for name in TASK_VARIABLES + SCHEDULE_VARIABLES:
+        environment.pop(name, None)   # a task's or a run's own, if one submitted this job
     environment.update(worker_variables)
     environment.update(job_variables)
     environment["JOB_ID"] = str(job_id)
@@ -7233,18 +7545,20 @@ class Services:
             restarting = self.write(changes, differences, grace)
         return differences, self.follow(differences, restarting, grace)
 
-    def load_status(self, workers, jobs, paused, specs):
+    def load_status(self, workers, jobs, paused, specs, also=None):
         """load_status: the Queue replaces the workers and the waiting queue, and, if
         the document has services (SPECS), they become those, in the same
-        transaction; checked against the document's workers before anything
-        changes.  Returns (whether the jobs kept their ids, the differences, the
-        running jobs being stopped)."""
+        transaction (and ALSO(changes) does its part there); checked against the
+        document's workers before anything changes.  Returns (whether the jobs
+        kept their ids, the differences, the running jobs being stopped)."""
         differences = [] if specs is None else \
             self.plan(specs, self.workers.as_replaced(workers))
         restarting = []
 
         def write(changes):
             restarting.extend(self.write(changes, differences, DEFAULT_KILL_GRACE))
+            if also is not None:
+                also(changes)
         keep_ids = self.edits.load_status(workers, jobs, paused, write)
         return keep_ids, differences, self.follow(differences, restarting,
                                                   DEFAULT_KILL_GRACE, every=True)
@@ -7270,6 +7584,262 @@ def describe_replica(number, job, record, health, now):
             "health_reason": health[1] if health else None,
             "restarts": record["restarts"] if record is not None else 0,
             "last_end": record["last_end"] if record is not None else None, "why": why}
+
+
+###############################################################################
+# Schedules ####################################################################
+###############################################################################
+
+class Schedules:
+    """Schedules: a job template and a rule (--every, --daily, --cron, or the
+    successes of another schedule); each firing queues a normal job with
+    SCHEDULE and SCHEDULED_FOR in its environment.  The server's one timer
+    wakes fire_due at the earliest due time (nothing polls); a firing's job
+    and the schedule's next due time are one transaction, so that no due time
+    fires twice, across kill -9 too."""
+
+    def __init__(self, store, queue, workers, timers, log):
+        self.store = store
+        self.rows = store.schedules
+        self.queue = queue
+        self.workers = workers
+        self.timers = timers
+        self.log = log
+        self.zone = local_zone()
+        self.started = time.time()   # due times before this passed while no server ran
+        self.armed_for = None        # the due time the timer is set for, if any
+        self.followed = set()        # names of the schedules others follow
+
+    def load(self):
+        """At start: the successes that other schedules follow and that no server saw,
+        then the schedules due (missed ones fire once, or not with --skip-missed)."""
+        self.started = time.time()
+        self.changed()
+        self.follow()
+
+    def existing(self, name):
+        row = self.rows.get(name)
+        if row is None:
+            raise UserError(f"unknown schedule {name!r}; see ./cli.py schedules")
+        return row
+
+    def add(self, name, rule, script, args, cwd, environment, variables, umask, options,
+            overlap, skip_missed):
+        if self.rows.get(name) is not None:
+            raise UserError(f"a schedule named {name!r} exists already: choose another name, "
+                            f"or remove it first (./cli.py remove_schedule {name})")
+        if "after" in rule:
+            self.existing_followed(rule["after"])
+        check_script(script)
+        self.workers.check_placement(options)
+        with self.queue.changes():
+            self.rows.insert(name, rule, script, args, cwd,
+                             self.store.intern_environment(environment), variables, umask,
+                             options, overlap, skip_missed, self.first_due(rule),
+                             followed=self.latest_run(rule))
+        self.log.info("schedule %s: added, %s, runs %s", name, rule_text(rule),
+                      os.path.basename(script))
+        self.changed()
+        return self.describe([self.rows.get(name)])[0]
+
+    def existing_followed(self, name):
+        if self.rows.get(name) is None:
+            raise UserError(f"--after-schedule {name}: no such schedule; see ./cli.py "
+                            "schedules")
+
+    def first_due(self, rule):
+        return next_due_time(rule, time.time(), self.zone)
+
+    def latest_run(self, rule):
+        """For a rule that follows schedule NAME: its newest success so far, which the
+        new follower does not follow (only the ones after it)."""
+        if "after" not in rule:
+            return None
+        row = self.rows.latest_success(rule["after"], 0)
+        return row["id"] if row is not None else 0
+
+    def remove(self, name):
+        self.existing(name)
+        followers = [row["name"] for row in self.rows.followers({name})]
+        if followers:
+            raise UserError(f"schedule {followers[0]} follows {name} (--after-schedule): "
+                            f"remove it first; nothing was changed")
+        with self.queue.changes():
+            self.rows.delete(name)
+            self.store.drop_unused_environments()
+        self.log.info("schedule %s: removed (its jobs stay)", name)
+        self.changed()
+
+    def set_enabled(self, name, enabled):
+        """pause_schedule (no firing until resumed) and resume_schedule: the next due
+        time counts from now; times that passed while paused do not fire."""
+        row = self.existing(name)
+        if bool(row["enabled"]) == enabled:
+            raise UserError(f"schedule {name} is already {'running' if enabled else 'paused'}")
+        rule = json.loads(row["rule"])
+        with self.queue.changes():
+            self.rows.set_enabled(name, enabled, self.first_due(rule) if enabled
+                                  else row["next_due"], self.latest_run(rule))
+        self.log.info("schedule %s: %s", name, "resumed" if enabled else "paused")
+        self.changed()
+
+    def run_now(self, name):
+        """run_schedule: fire once now (a paused schedule too); a --every schedule
+        counts its next run from this one.  Returns the job's id."""
+        row = self.existing(name)
+        if not row["overlap"] and self.previous_live(row):
+            raise UserError(f"schedule {name}'s previous run, job {row['last_job']}, has not "
+                            f"ended: wait for it (./cli.py wait {row['last_job']}) or kill it; "
+                            "or add the schedule with --overlap")
+        now = time.time()
+        rule = json.loads(row["rule"])
+        next_due = now + rule["every"] if "every" in rule and row["enabled"] else \
+            row["next_due"]
+        job_id = self.move_on(row, "fire", now, next_due, check_due=False)
+        self.arm()
+        return job_id
+
+    def replace(self, changes, specs):
+        """load_status: the schedules become SPECS (see validate_schedules), in the
+        caller's transaction (CHANGES).  A loaded follower follows only the
+        successes that come after."""
+        self.rows.delete_all()
+        now = time.time()
+        for spec in specs:
+            rule = spec["rule"]
+            next_due = None if "after" in rule else \
+                spec["next_due"] or next_due_time(rule, now, self.zone)
+            self.rows.insert(spec["name"], rule, spec["script"], spec["args"], spec["cwd"],
+                             self.store.intern_environment(spec["environment"]),
+                             spec["envs"], spec["umask"], spec["options"], spec["overlap"],
+                             spec["skip_missed"], next_due, spec["enabled"], spec["runs"],
+                             spec["skipped"], followed=self.latest_run(rule))
+        changes.then(self.changed)
+
+    # --- firing -------------------------------------------------------------
+
+    def changed(self):
+        self.followed = {json.loads(row["rule"])["after"] for row in self.rows.followers()}
+        self.arm()
+
+    def arm(self):
+        """Have the server's timer call fire_due at the earliest due time."""
+        due = self.rows.next_due()
+        if due is not None and (self.armed_for is None or due < self.armed_for):
+            self.armed_for = due
+            self.timers.add(due, lambda: self.timers.until_saved("firing schedules",
+                                                                 self.fire_due))
+
+    def fire_due(self):
+        """The timer's call: each schedule whose time has come fires, skips (its
+        previous run has not ended) or, with --skip-missed, lets a missed time go."""
+        self.armed_for = None
+        now = time.time()
+        for row in self.rows.due(now):
+            outcome = schedule_firing(row["next_due"], now, self.started, row["skip_missed"],
+                                      row["overlap"], self.previous_live(row))
+            self.move_on(row, outcome, row["next_due"],
+                         next_due_time(json.loads(row["rule"]), now, self.zone))
+        self.arm()
+
+    def previous_live(self, row):
+        state = self.rows.job_states([row["last_job"]]).get(row["last_job"])
+        return state is not None and state[0] != JobState.DONE.value
+
+    def move_on(self, row, outcome, due, next_due, check_due=True, followed=None):
+        """One transaction: the run's job (if OUTCOME is fire) and the schedule's next
+        due time and counters.  Returns the job's id, or None."""
+        name = row["name"]
+        with self.queue.changes() as changes:
+            job_id = self.insert_run(row, due) if outcome == "fire" else None
+            self.rows.moved_on(name, row["next_due"] if check_due else None, next_due,
+                               outcome, job_id, followed)
+            if job_id is not None:
+                changes.moved([job_id], JobState.WAITING)
+        shown = iso_time(due)
+        if outcome == "fire":
+            self.log.info("schedule %s: job %d queued (due %s)", name, job_id, shown)
+        elif outcome == "skip":
+            self.log.info("schedule %s: due %s, skipped: its previous run, job %s, has not "
+                          "ended (--overlap allows it)", name, shown, row["last_job"])
+        else:
+            self.log.info("schedule %s: due %s while no server ran or the machine slept; "
+                          "let go (--skip-missed)", name, shown)
+        return job_id
+
+    def insert_run(self, row, due):
+        # JOB_OPTIONS first: a schedule saved before a new option carries its default.
+        options = {**JOB_OPTIONS, **json.loads(row["options"]), "not_before": None}
+        variables = dict(json.loads(row["variables"]), SCHEDULE=row["name"],
+                         SCHEDULED_FOR=local_iso_time(due, self.zone))
+        return self.store.insert_job(row["script"], json.loads(row["args"]), row["cwd"],
+                                     row["environment_id"], variables, row["umask"], options,
+                                     schedule=row["name"], scheduled_for=due)
+
+    def runs_ended(self, job_ids):
+        """Jobs ended: the schedules that follow theirs may fire."""
+        if self.followed and self.store.schedules_succeeded(job_ids, self.followed):
+            self.timers.until_saved("following schedules", self.follow)
+
+    def follow(self):
+        """Each enabled follower of a schedule whose newest success it has not followed
+        fires once for it (skips, if its own previous run has not ended)."""
+        for row in self.rows.followers():
+            if not row["enabled"]:
+                continue
+            success = self.rows.latest_success(json.loads(row["rule"])["after"],
+                                               row["followed_job"])
+            if success is not None:
+                outcome = "skip" if not row["overlap"] and self.previous_live(row) else "fire"
+                self.move_on(row, outcome, success["ended_at"], None, check_due=False,
+                             followed=success["id"])
+
+    # --- what schedules and status show ---------------------------------------
+
+    def describe(self, rows=None):
+        """The schedules (ROWS, or all) as schedules --json and status --json show them;
+        load_status reads them back."""
+        rows = self.rows.all() if rows is None else rows
+        last = self.rows.job_states([row["last_job"] for row in rows])
+        return [schedule_to_json(row, last.get(row["last_job"])) for row in rows]
+
+
+def schedule_to_json(row, last_state):
+    """A schedule's public form; LAST_STATE: (state, result) of its latest run."""
+    options = json.loads(row["options"])
+    return {
+        "name": row["name"],
+        "rule": json.loads(row["rule"]),
+        "rule_text": rule_text(json.loads(row["rule"])),
+        "script": row["script"],
+        "args": json.loads(row["args"]),
+        "cwd": row["cwd"],
+        "envs": json.loads(row["variables"]),
+        "environment": row["environment_id"],
+        "umask": row["umask"],
+        "overlap": bool(row["overlap"]),
+        "skip_missed": bool(row["skip_missed"]),
+        "paused": not row["enabled"],
+        "next_due": iso_time(row["next_due"]) if row["enabled"] else None,
+        "last_job": row["last_job"],
+        "last_state": None if last_state is None else last_state[0],
+        "last_result": None if last_state is None else last_state[1],
+        "runs": row["runs"],
+        "skipped": row["skipped"],
+        "slots_wanted": options.get("slots_wanted", 1),
+        "split": options.get("split", False),
+        "on": json.loads(options.get("run_on") or "null"),
+        "prefer": json.loads(options.get("prefer") or "null"),
+        "exclude": json.loads(options.get("exclude") or "null"),
+        **{name: options.get(name, JOB_OPTIONS[name])
+           for name in ("ssh_reuse", "priority", "retries", "retry_delay", "timeout")},
+    }
+
+
+def local_iso_time(moment, zone):
+    """MOMENT in ZONE's local time, ISO 8601 with its offset (SCHEDULED_FOR)."""
+    from datetime import datetime
+    return datetime.fromtimestamp(moment, zone).isoformat(timespec="seconds")
 
 
 ###############################################################################
@@ -7868,6 +8438,7 @@ class Handlers:
         self.workers = server.workers
         self.runner = server.runner
         self.services = server.services
+        self.schedules = server.schedules
         self.clients = server.clients
         self.log_dir = server.log_dir
 
@@ -7932,7 +8503,8 @@ class Handlers:
             job["waiting_for"] = waiting_reason(job, capacities, self.queue.paused, now,
                                                 failed_on.get(job["id"], ()),
                                                 limits.get(job["array"]))
-        environment_ids = {job["environment"] for job in waitlist + running}
+        schedules = self.schedules.describe()
+        environment_ids = {job["environment"] for job in waitlist + running + schedules}
         environments = self.store.environments(environment_ids) \
             if params["environments"] else {}
         return {
@@ -7945,6 +8517,7 @@ class Handlers:
             "running_jobs": running,
             "counts": self.store.counts(),
             "services": self.services.describe(),
+            "schedules": schedules,
             "arrays": arrays,
             "environments": {str(key): value for key, value in environments.items()},
         }
@@ -8178,6 +8751,34 @@ class Handlers:
         return self.reply_when_ended(client, stopping,
                                      lambda: {"changes": shown, "stopped": stopping})
 
+    # --- schedules ------------------------------------------------------------
+
+    def add_schedule(self, client, params):
+        return self.schedules.add(
+            params["name"], params["rule"], params["script"], params["args"], params["cwd"],
+            params["environment"], params["variables"], params["umask"], params["options"],
+            params["overlap"], params["skip_missed"])
+
+    def list_schedules(self, client, params):
+        name = params["name"]
+        return self.schedules.describe(None if name is None else
+                                       [self.schedules.existing(name)])
+
+    def pause_schedule(self, client, params):
+        self.schedules.set_enabled(params["name"], False)
+        return {}
+
+    def resume_schedule(self, client, params):
+        self.schedules.set_enabled(params["name"], True)
+        return {}
+
+    def remove_schedule(self, client, params):
+        self.schedules.remove(params["name"])
+        return {}
+
+    def run_schedule(self, client, params):
+        return {"id": self.schedules.run_now(params["name"])}
+
     def priority(self, client, params):
         job_ids = self.waiting_named(params["ids"])
         self.edits.set_priority(job_ids, params["priority"])
@@ -8196,13 +8797,14 @@ class Handlers:
         if params["id"] is not None and self.arrays_named([params["id"]]):
             # An array named whole: its tasks, as a list.
             rows = self.store.find_jobs(state, result, params["worker"], params["script"],
-                                        params["last"], array=int(params["id"]))
+                                        params["last"], int(params["id"]), params["schedule"])
             return self.with_children(
                 self.with_dependencies([job_to_json(row, self.log_dir) for row in rows]))
         if params["id"] is not None:
-            if state or result or params["worker"] or params["script"] or params["last"]:
+            if state or result or params["worker"] or params["script"] or params["last"] or \
+                    params["schedule"]:
                 raise UserError("give either a job ID or filters (--state, --worker, "
-                                "--script, --last), not both (for an array's tasks: "
+                                "--script, --schedule, --last), not both (for an array's tasks: "
                                 "--array ID with filters)")
             job_id, = self.queue.named([params["id"]])
             row = self.store.job(job_id)
@@ -8213,7 +8815,7 @@ class Handlers:
             job["attempts"] = [attempt_to_json(attempt) for attempt in self.store.attempts(job_id)]
             return [job]
         rows = self.store.find_jobs(state, result, params["worker"], params["script"],
-                                    params["last"], params["array"])
+                                    params["last"], params["array"], params["schedule"])
         return self.with_children(
             self.with_dependencies([job_to_json(row, self.log_dir) for row in rows]))
 
@@ -8248,8 +8850,11 @@ class Handlers:
         """Replace the workers, the waiting queue and (if the document has them) the
         services; running jobs are left alone."""
         workers, jobs = params["workers"], params["jobs"]
+        schedules = params["schedules"]
         keep_ids, differences, stopping = self.services.load_status(
-            workers, jobs, params["document"].get("paused"), params["services"])
+            workers, jobs, params["document"].get("paused"), params["services"],
+            None if schedules is None else
+            lambda changes: self.schedules.replace(changes, schedules))
         shown = [public_difference(difference) for difference in differences]
         notes = params["notes"] + [
             "the tasks of arrays were loaded as plain jobs (without ARRAY_ID and TASK_ID): "
@@ -8320,6 +8925,7 @@ class Server(Events):
         self.services = Services(self.store, self.queue, self.edits, self.runner, self.workers,
                                  self.probes, log)
         self.runner.replica_running = self.services.replica_running
+        self.schedules = Schedules(self.store, self.queue, self.workers, self.timers, log)
         self.health = HealthMonitor(self.workers, self.timers, self.selector, log, log_dir,
                                     check_interval)
         self.clients = Clients(self.selector, log, self.store, self.paths, data_dir, log_dir,
@@ -8341,11 +8947,14 @@ class Server(Events):
         self.runner.recover()
         self.queue.load()
         self.services.converge_all()
+        self.schedules.load()
 
     # --- what the lifecycle tells the rest (Events) ----------------------------
 
     def jobs_moved(self, job_ids, state):
         self.clients.jobs_moved(job_ids, state)
+        if state == JobState.DONE:
+            self.schedules.runs_ended(job_ids)
 
     def jobs_removed(self, job_ids):
         self.clients.jobs_removed(job_ids)
@@ -9536,6 +10145,109 @@ def service_difference_lines(differences):
     return lines
 
 
+def command_add_schedule(options):
+    """Run a job on a schedule: every D, daily at HH:MM, on a cron line, or after another one.
+
+    Each time the schedule fires, it queues a normal job of SCRIPT with ARGS
+    (its own id, log, retries and placement, with the options given here), with
+    SCHEDULE=NAME and SCHEDULED_FOR (the local time it was due, ISO 8601) in its
+    environment.  While the schedule's previous run still waits or runs, a due
+    time is skipped and counted (--overlap lets runs overlap).  --every counts
+    from the previous firing; the first comes one interval after add_schedule
+    (run_schedule fires one now).  --daily and --cron times are local, in the
+    server's zone (TZ when it started, else the system's): a daylight-saving
+    change neither skips nor doubles a run.  Times missed while the server was
+    stopped or the machine slept fire once when it is back, however many there
+    were, unless --skip-missed.  No due time ever fires twice, kill -9 of the
+    server included.
+    """
+    script = resolve_script(options.script)
+    variables = dict(parse_assignment(text) for text in options.env)
+    every = None if options.every is None else \
+        parse_duration(options.every, "--every", positive=True)
+    schedule_rule(every, options.daily, options.days, options.cron, options.after_schedule)
+    policy = job_policy(options)
+    for name in ("after", "after_any", "not_before"):
+        del policy[name]
+    schedule = request(options.data_dir, "add_schedule", name=options.name, every=every,
+                       daily=options.daily, days=options.days, cron=options.cron,
+                       after_schedule=options.after_schedule, overlap=options.overlap,
+                       skip_missed=options.skip_missed, script=script, args=options.args,
+                       cwd=current_dir(), environment=dict(os.environ), variables=variables,
+                       umask=current_umask(), **policy)
+    print(f"schedule {schedule['name']}: {schedule['rule_text']}, "
+          + (f"next run {_local_time(schedule['next_due'], '%Y-%m-%d %H:%M:%S')}"
+             if schedule["next_due"] else "runs after each success of "
+             f"{schedule['rule'].get('after')}"))
+    return 0
+
+
+def command_schedules(options):
+    """List the schedules: rule, next run, latest run and how it ended, runs, skips.
+
+    NEXT is local time; SKIPPED counts the due times that found the previous
+    run not ended (see add_schedule --overlap).  Each run is a job: see them
+    with ./cli.py jobs --schedule NAME.
+    """
+    schedules = request(options.data_dir, "schedules", name=options.name)
+    if options.json:
+        print_json(schedules if options.name is None else schedules[0])
+        return 0
+    if not schedules:
+        print("no schedules (add one with ./cli.py add_schedule NAME --every 1h -- SCRIPT)")
+        return 0
+    print(render_schedules(schedules))
+    return 0
+
+
+def render_schedules(schedules):
+    tabulate = require("tabulate").tabulate
+    rows = [[schedule["name"], schedule["rule_text"],
+             "paused" if schedule["paused"] else
+             _local_time(schedule["next_due"], "%Y-%m-%d %H:%M:%S")
+             if schedule["next_due"] else "-",
+             "-" if schedule["last_job"] is None else
+             f"job {schedule['last_job']} ({schedule['last_result'] or schedule['last_state'] or 'gone'})",
+             schedule["runs"], schedule["skipped"], _command_line(schedule, 40)]
+            for schedule in schedules]
+    return tabulate(rows, headers=["schedule", "rule", "next run", "last run", "runs",
+                                   "skipped", "command"])
+
+
+def command_pause_schedule(options):
+    """Stop a schedule from firing until resume_schedule; its jobs are left alone."""
+    request(options.data_dir, "pause_schedule", name=options.name)
+    print(f"schedule {options.name}: paused")
+    return 0
+
+
+def command_resume_schedule(options):
+    """Let a paused schedule fire again, from now on: the times that passed while it was
+    paused do not fire."""
+    request(options.data_dir, "resume_schedule", name=options.name)
+    print(f"schedule {options.name}: resumed")
+    return 0
+
+
+def command_remove_schedule(options):
+    """Forget a schedule; the jobs it queued stay (waiting ones still run)."""
+    request(options.data_dir, "remove_schedule", name=options.name)
+    print(f"schedule {options.name}: removed")
+    return 0
+
+
+def command_run_schedule(options):
+    """Fire a schedule now, once, and print the id of the job it queued.
+
+    Refused while its previous run has not ended, unless it was added with
+    --overlap.  A --every schedule counts its next run from this one; other
+    rules keep their next time.  Works on a paused schedule too.
+    """
+    result = request(options.data_dir, "run_schedule", name=options.name)
+    print(result["id"])
+    return 0
+
+
 def command_priority(options):
     """Change the priority of waiting jobs: higher starts first, FIFO among equals.
 
@@ -9559,9 +10271,9 @@ def command_jobs(options):
     """
     if options.tree:
         if options.state or options.worker or options.script or options.last or \
-                options.array is not None:
+                options.array is not None or options.schedule:
             raise UserError("--tree shows whole families: give it no --state, --worker, "
-                            "--script, --last or --array")
+                            "--script, --schedule, --last or --array")
         jobs = request(options.data_dir, "jobs", id=options.id, tree=True)
         if options.json:
             print_json(jobs)
@@ -9573,7 +10285,8 @@ def command_jobs(options):
     if script is not None and "/" in script:
         script = os.path.abspath(script)
     last = options.last if options.last is not None or options.json else JOBS_TABLE_LAST
-    filters = {"state": options.state, "worker": options.worker, "script": script}
+    filters = {"state": options.state, "worker": options.worker, "script": script,
+               "schedule": options.schedule}
     if options.id is not None:
         if options.array is not None:
             raise UserError("give either an ID or --array, not both")
@@ -9641,9 +10354,13 @@ def render_job(job):
     for key in ("id", "task", "state", "result", "exit_code", "signal", "reason", "worker",
                 "slots", "parts", "attempt", "retries", "priority", "timeout", "not_before",
                 "script", "args", "cwd", "envs", "submitted_at", "started_at", "ended_at",
-                "log", "parent", "children"):
+                "log", "parent", "children", "schedule"):
         value = job[key]
-        if key == "task":
+        if key == "schedule":
+            if value is None:
+                continue
+            value += f" (due {_local_time(job['scheduled_for'], '%Y-%m-%d %H:%M:%S')})"
+        elif key == "task":
             if value is None:
                 continue
             value = task_name(job) + (f" (TASK_ARG={job['task_arg']})"
@@ -9687,9 +10404,8 @@ def _signal_name(number):
         return f"signal {number}"
 
 
-def _local_time(iso):
-    return "-" if iso is None else time.strftime("%m-%d %H:%M:%S",
-                                                 time.localtime(parse_iso_time(iso)))
+def _local_time(iso, form="%m-%d %H:%M:%S"):
+    return "-" if iso is None else time.strftime(form, time.localtime(parse_iso_time(iso)))
 
 
 def _runtime(job, now):
@@ -10574,6 +11290,12 @@ COMMANDS = {
     "start_service": command_start_service,
     "remove_service": command_remove_service,
     "services": command_services,
+    "add_schedule": command_add_schedule,
+    "schedules": command_schedules,
+    "pause_schedule": command_pause_schedule,
+    "resume_schedule": command_resume_schedule,
+    "remove_schedule": command_remove_schedule,
+    "run_schedule": command_run_schedule,
     "load_services": command_load_services,
     "jobs": command_jobs,
     "logs": command_logs,
@@ -10632,6 +11354,17 @@ EXAMPLES = {
     "start_service": "./cli.py start_service web",
     "remove_service": "./cli.py remove_service web\n  ./cli.py remove_service --grace 0 web",
     "services": "./cli.py services\n  ./cli.py services web\n  ./cli.py services --json",
+    "add_schedule": "./cli.py add_schedule backup --daily 02:30 -- ./backup.sh /srv/data\n"
+                    "  ./cli.py add_schedule poll --every 10m --timeout 5m -- ./poll.sh\n"
+                    "  ./cli.py add_schedule report --cron '0 8 * * mon-fri' -- ./report.sh\n"
+                    "  ./cli.py add_schedule publish --after-schedule report -- ./publish.sh\n"
+                    "  ./cli.py add_schedule sweep --daily 22:00 --days mon-fri --skip-missed "
+                    "--retries 2 -- ./sweep.sh",
+    "schedules": "./cli.py schedules\n  ./cli.py schedules backup --json",
+    "pause_schedule": "./cli.py pause_schedule backup",
+    "resume_schedule": "./cli.py resume_schedule backup",
+    "remove_schedule": "./cli.py remove_schedule backup",
+    "run_schedule": "./cli.py run_schedule backup\n  ./cli.py wait $(./cli.py run_schedule backup)",
     "load_services": "./cli.py services --json > services.json   # edit it, then:\n"
                      "  ./cli.py load_services services.json\n"
                      "  ./cli.py load_services --grace 1m - < services.json\n"
@@ -10694,6 +11427,9 @@ class _NotBuilt:
     def add_mutually_exclusive_group(self, *args, **kwargs):
         return self
 
+    def set_defaults(self, **kwargs):
+        return None
+
 
 def placement_arguments(where, what):
     """--slots, --on, --prefer, --exclude and --no-ssh-reuse, of add_job and add_service
@@ -10713,6 +11449,33 @@ def placement_arguments(where, what):
     where.add_argument("--no-ssh-reuse", dest="ssh_reuse", action="store_false",
                        help=f"The {what}'s ssh, scp and rsync calls each open a new "
                             "connection instead of sharing one per host.")
+
+
+def attempt_arguments(where):
+    """--retries, --retry-delay and --timeout, of add_job and add_schedule."""
+    where.add_argument("--retries", type=retry_count, default=0, metavar="N",
+                       help="Run a failed job (non-zero exit, timed out, or its supervisor "
+                            "lost) up to N more times, on a worker it has not failed on "
+                            "while one is up. Killed jobs are not retried. The script sees "
+                            "JOB_ATTEMPT (1, 2, ...).")
+    where.add_argument("--retry-delay", metavar="DURATION",
+                       help="Wait this long before each retry, like 30s or 5m "
+                            "(default: none).")
+    where.add_argument("--timeout", metavar="DURATION",
+                       help="Kill an attempt that runs longer than this, like 30m or 2h, "
+                            f"as kill does (SIGTERM, SIGKILL {DEFAULT_KILL_GRACE:g}s later); "
+                            "it ends as timed_out, and is retried if --retries allows.")
+
+
+def split_argument(where):
+    where.add_argument("--split", action="store_true",
+                       help="Let the --slots K come from several workers (an MPI-style "
+                            "job): the script runs once per worker, each run with SLOTS its "
+                            "share, SPLIT_HOSTS every part as host:slots,... and SPLIT_PART "
+                            "its place in that list (from 0). One worker that holds all K "
+                            "is preferred, else the fewest workers, most room first. It "
+                            "starts only when all K are free at once, succeeds when every "
+                            "part does, and a part that fails ends the others.")
 
 
 def build_parser(only=None):
@@ -10870,14 +11633,7 @@ def build_parser(only=None):
                            "like options.")
     where = add_job.add_argument_group("where it runs")
     placement_arguments(where, "job")
-    where.add_argument("--split", action="store_true",
-                       help="Let the --slots K come from several workers (an MPI-style "
-                            "job): the script runs once per worker, each run with SLOTS its "
-                            "share, SPLIT_HOSTS every part as host:slots,... and SPLIT_PART "
-                            "its place in that list (from 0). One worker that holds all K "
-                            "is preferred, else the fewest workers, most room first. It "
-                            "starts only when all K are free at once, succeeds when every "
-                            "part does, and a part that fails ends the others.")
+    split_argument(where)
     when = add_job.add_argument_group("when it starts")
     when.add_argument("--priority", type=int, default=0, metavar="N",
                       help="Higher starts first; jobs of equal priority start in "
@@ -10900,19 +11656,7 @@ def build_parser(only=None):
                         help="Added from inside a running job, the new jobs are its children "
                              "and are killed when it ends; with --nohup they run on (they "
                              "are still its family: a kill of it kills them too).")
-    often = add_job.add_argument_group("how often it runs")
-    often.add_argument("--retries", type=retry_count, default=0, metavar="N",
-                       help="Run a failed job (non-zero exit, timed out, or its supervisor "
-                            "lost) up to N more times, on a worker it has not failed on "
-                            "while one is up. Killed jobs are not retried. The script sees "
-                            "JOB_ATTEMPT (1, 2, ...).")
-    often.add_argument("--retry-delay", metavar="DURATION",
-                       help="Wait this long before each retry, like 30s or 5m "
-                            "(default: none).")
-    often.add_argument("--timeout", metavar="DURATION",
-                       help="Kill an attempt that runs longer than this, like 30m or 2h, "
-                            f"as kill does (SIGTERM, SIGKILL {DEFAULT_KILL_GRACE:g}s later); "
-                            "it ends as timed_out, and is retried if --retries allows.")
+    attempt_arguments(add_job.add_argument_group("how often it runs"))
 
     remove_job = add("remove_job")
     remove_job.add_argument("first", metavar="ID | SCRIPT",
@@ -10994,6 +11738,58 @@ def build_parser(only=None):
                                 help="Time between SIGTERM and SIGKILL "
                                      f"(default: {DEFAULT_KILL_GRACE:g}s).")
 
+    add_schedule = add("add_schedule")
+    add_schedule.add_argument("name", metavar="NAME",
+                              help="The schedule's name: letters, digits, '.', '_' and '-'.")
+    rule = add_schedule.add_argument_group("when it fires (one of these)")
+    rule.add_argument("--every", metavar="DURATION",
+                      help="Every DURATION (at least 1s), like 90s, 10m, 6h or 1d, counted "
+                           "from the previous firing.")
+    rule.add_argument("--daily", metavar="HH:MM[,HH:MM...]",
+                      help="At these local times of day, like 02:30 or 08:00,12:00,18:00.")
+    rule.add_argument("--days", metavar="DAYS",
+                      help="With --daily: only on these days of the week, like mon-fri or "
+                           "sat,sun (default: every day).")
+    rule.add_argument("--cron", metavar="'M H DOM MON DOW'",
+                      help="A cron line's five fields (minute, hour, day of month, month, "
+                           "day of week) with *, lists, ranges, steps and names, like "
+                           "'*/15 8-18 * * mon-fri'. When both day fields are restricted, "
+                           "either matches, as in cron.")
+    rule.add_argument("--after-schedule", metavar="NAME",
+                      help="After each run of schedule NAME that succeeds (SCHEDULED_FOR is "
+                           "when it ended); once for several successes it did not follow.")
+    how = add_schedule.add_argument_group("how it fires")
+    how.add_argument("--overlap", action="store_true",
+                     help="Fire even while the previous run still waits or runs (default: "
+                          "skip that time, and count it).")
+    how.add_argument("--skip-missed", action="store_true",
+                     help="Let times missed while the server was stopped or the machine "
+                          "slept go (default: run once when it is back).")
+    what = add_schedule.add_argument_group("what each run is (as add_job)")
+    what.add_argument("-e", dest="env", action="append", default=[], metavar="NAME=VALUE",
+                      help="A variable for every run; repeatable. SCHEDULE and SCHEDULED_FOR "
+                           "are set by the schedule.")
+    what.add_argument("script", metavar="SCRIPT",
+                      help="An executable script (a path, or a command on PATH); put -- "
+                           "before it.")
+    what.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
+                      help="Arguments passed to the script verbatim.")
+    where = add_schedule.add_argument_group("where each run goes")
+    placement_arguments(where, "job")
+    split_argument(where)
+    when = add_schedule.add_argument_group("each run")
+    when.add_argument("--priority", type=int, default=0, metavar="N",
+                      help="Higher starts first (default: 0; may be negative).")
+    attempt_arguments(when)
+    # job_policy reads these of add_job: a run starts when it is due, after nothing.
+    add_schedule.set_defaults(at=None, delay=None, after=None, after_any=None)
+
+    schedules = add("schedules")
+    schedules.add_argument("name", nargs="?", metavar="NAME", help="Show this schedule only.")
+    schedules.add_argument("--json", action="store_true", help="Print JSON.")
+    for name in ("pause_schedule", "resume_schedule", "remove_schedule", "run_schedule"):
+        add(name).add_argument("name", metavar="NAME", help="The schedule's name.")
+
     services = add("services")
     services.add_argument("name", nargs="?", metavar="NAME",
                           help="Show this one service in full, with each replica.")
@@ -11040,6 +11836,8 @@ def build_parser(only=None):
                       help="Only jobs in this state: waiting, running or done, or ended this "
                            "way: " + ", ".join(result.value for result in JobResult) + ".")
     jobs.add_argument("--worker", metavar="HOST", help="Only jobs that ran on this worker.")
+    jobs.add_argument("--schedule", metavar="NAME",
+                      help="Only the runs of this schedule (see add_schedule).")
     jobs.add_argument("--script", metavar="P",
                       help="Only jobs of this script: a path, or a bare name matching any "
                            "script of that name.")
@@ -11136,10 +11934,11 @@ def check_conflicts(options):
         raise UserError("--wait and --kill exclude each other: choose one")
     if command == "add_job" and options.at is not None and options.delay is not None:
         raise UserError("--at and --delay both give a start time: choose one")
-    if command == "add_job" and options.split and options.slots < 2:
+    if command in ("add_job", "add_schedule") and options.split and options.slots < 2:
         raise UserError("--split needs --slots K of 2 or more (the slots to split across "
                         "workers)")
-    if command == "add_job" and options.retry_delay is not None and not options.retries:
+    if command in ("add_job", "add_schedule") and options.retry_delay is not None and \
+            not options.retries:
         raise UserError("--retry-delay needs --retries N (how many more attempts)")
     if command == "edit_slave":
         both = {text.partition("=")[0] for text in options.env} & set(options.unset)

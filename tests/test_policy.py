@@ -612,3 +612,48 @@ def test_bad_cron_lines_name_the_field(line, message):
 def test_bad_daily_times_are_refused(text, message):
     with pytest.raises(cli.UserError, match=re.escape(message)):
         cli.parse_daily(text)
+
+
+@pytest.mark.parametrize("due, now, skip_missed, overlap, live, expected", [
+    (100.0, 100.0, False, False, False, "fire"),
+    (100.0, 100.5, False, False, True, "skip"),      # the previous run has not ended
+    (100.0, 100.5, False, True, True, "fire"),       # --overlap
+    (50.0, 100.0, False, False, False, "fire"),      # due while no server ran: once
+    (50.0, 100.0, True, False, False, "miss"),       # ... but not with --skip-missed
+    (100.0, 170.0, True, False, False, "miss"),      # the machine slept past it
+    (100.0, 159.0, True, False, False, "fire"),      # late, but not asleep
+    (50.0, 100.0, True, False, True, "miss"),
+])
+def test_what_a_due_schedule_does(due, now, skip_missed, overlap, live, expected):
+    assert cli.schedule_firing(due, now, 80.0, skip_missed, overlap, live) == expected
+
+
+def test_schedule_rules_are_checked_and_stored_in_one_form():
+    assert cli.schedule_rule(every=90) == {"every": 90.0}
+    assert cli.schedule_rule(daily="19:00, 7:30", days="mon-fri") == \
+        {"daily": "07:30,19:00", "days": "mon,tue,wed,thu,fri"}
+    assert cli.schedule_rule(daily="07:30", days="sun-sat") == {"daily": "07:30", "days": None}
+    assert cli.schedule_rule(cron=" 0  2 * * * ") == {"cron": "0 2 * * *"}
+    assert cli.schedule_rule(after="build") == {"after": "build"}
+    utc = cli_zone("UTC")
+    start = at("2026-12-04 10:00", "UTC")   # a Friday
+    assert cli.next_due_time({"every": 90.0}, start, utc) == start + 90
+    assert shown(cli.next_due_time({"daily": "07:30,19:00", "days": "mon,tue,wed,thu,fri"},
+                                   start, utc), "UTC") == "2026-12-04T19:00:00+00:00"
+    assert cli.next_due_time({"after": "build"}, start, utc) is None
+    assert [cli.rule_text(rule) for rule in (
+        {"every": 5400.0}, {"daily": "07:30", "days": "sat,sun"}, {"cron": "0 2 * * *"},
+        {"after": "build"})] == ["every 1h30m", "daily 07:30 (sat,sun)", "cron 0 2 * * *",
+                                 "after build succeeds"]
+
+
+@pytest.mark.parametrize("rule, message", [
+    ({"every": 0}, "--every must be from 1s"), ({"every": True}, "--every must be from 1s"),
+    ({"daily": 7}, "daily and days must be strings"), ({}, "a schedule needs a rule"),
+    ({"every": 60, "after": "x"}, "--every and --after-schedule are two rules"),
+    ({"after": "no spaces"}, "is not a schedule name"),
+    ({"cron": "0 0 31 4,6,9,11 *"}, "never fires"),
+])
+def test_bad_schedule_rules(rule, message):
+    with pytest.raises(cli.UserError, match=re.escape(message)):
+        cli.schedule_rule(**rule)
