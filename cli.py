@@ -47,6 +47,7 @@ Run `./cli.py COMMAND --help` for each command.
 #   Runner                            Runner: start, watch, adopt, kill, record ends
 #   Services                          Services (replicas as jobs, converge, load_services)
 #                                     and HealthProbes (the prober process's pipe)
+#   Schedules                         Schedules: rules that queue jobs, on the one timer
 #   Health monitor                    HelperPipe (a helper process's pipes, never blocking
 #                                     the loop); HealthMonitor: the checker's results
 #   Clients                           Clients: the socket, replies, waiters, `wait`
@@ -9482,6 +9483,9 @@ def render_status(status):
                for slave in status["slaves"]]
     if status.get("services"):
         lines += ["", f"Services ({len(status['services'])})", render_services(status["services"])]
+    if status.get("schedules"):
+        lines += ["", f"Schedules ({len(status['schedules'])})",
+                  render_schedules(status["schedules"])]
     lines += ["", f"Workers ({len(workers)})"]
     lines.append(tabulate(workers, headers=["worker", "status", "slots", "jobs",
                                             "last check", "variables"])

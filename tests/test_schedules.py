@@ -180,6 +180,7 @@ def test_run_pause_resume_and_the_refusals_that_keep_runs_apart(server):
         (2, second, "succeeded", False)
     table = server.ok("schedules")
     assert "nightly" in table and "cron 0 3 * * *" in table and f"job {second}" in table
+    assert "Schedules (1)" in server.ok("status")
     server.fails("remove_schedule", "nope", expect="unknown schedule 'nope'")
     server.ok("remove_schedule", "nightly")
     assert schedules(server) == {} and len(runs_of(server, "nightly")) == 2
