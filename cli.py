@@ -7757,6 +7757,10 @@ class Schedules:
                                outcome, job_id, followed)
             if job_id is not None:
                 changes.moved([job_id], JobState.WAITING)
+        if job_id is not None and json.loads(row["options"]).get("run_on"):
+            # Its --on workers may have gone since the schedule was added.
+            self.timers.until_saved("skipping the --on jobs that no worker left can run",
+                                    self.queue.skip_stranded)
         shown = iso_time(due)
         if outcome == "fire":
             self.log.info("schedule %s: job %d queued (due %s)", name, job_id, shown)

@@ -255,3 +255,13 @@ def test_bad_rules_get_one_line_and_change_nothing(server, args, expect):
     server.fails("add_schedule", "kept", "--every", "2h", "--", server.script,
                  expect="exists already")
     assert schedules(server) == before
+
+
+def test_a_run_whose_on_workers_are_gone_is_skipped_with_the_reason(server):
+    server.ok("add_slave", "w1", "w2")
+    server.ok("add_schedule", "pinned", "--every", "1h", "--on", "w2", "--", server.script)
+    server.ok("remove_slave", "w2")
+    job_id = int(server.ok("run_schedule", "pinned"))
+    wait_until(lambda: json.loads(server.ok("jobs", job_id, "--json"))["result"] == "skipped",
+               20, "the run to be skipped")
+    assert "no allowed worker left" in json.loads(server.ok("jobs", job_id, "--json"))["reason"]
