@@ -128,6 +128,12 @@ MAX_JOB_ID = 2 ** 63 - 1         # SQLite's largest integer
 # JSON readers that use doubles.
 MAX_LOADED_JOB_ID = 2 ** 53
 MAX_DURATION = 100 * 365 * 86400
+LIVE_MIN_INTERVAL = 0.2          # live views: at most 5 snapshots a second
+LIVE_COST_SHARE = 0.02           # ... and their making at most 2% of the server's time
+LIVE_LIST_LIMIT = 100            # running and waiting jobs a snapshot lists (and counts all)
+LIVE_RATE_SAMPLES = 100_000      # end times kept for the rate of the last minute
+LIVE_RECENT = 10                 # latest ends and failures a snapshot lists
+LIVE_FAILURE_SCAN = 5000         # ... the failures among the latest this many ends
 MIN_SCHEDULE_INTERVAL = 1.0      # --every: seconds
 SCHEDULE_LATE = 60.0             # a firing this late (the machine slept) was missed
 MAX_KILL_GRACE = 86400.0
@@ -1593,6 +1599,7 @@ REQUESTS = {
     "wait": Request("wait", _wait_whole, ids=(_optional_job_ids, None),
                     children_of=(_optional_job_id, None)),
     "pause": Request("pause", hosts=(_hosts_or_empty, [])),
+    "watch": Request("watch"),
     "add_schedule": Request("add_schedule", _add_schedule_whole, name=_schedule_name,
                             every=(_anything, None), daily=(_anything, None),
                             days=(_anything, None), cron=(_anything, None),
@@ -2342,6 +2349,17 @@ class Store:
             counts[key] = counts.get(key, 0) + row[2]
         return counts
 
+    def latest_ends(self, count, failed=False):
+        """The COUNT jobs that ended last (that ended without success, if FAILED: looked
+        for among the last LIVE_FAILURE_SCAN ends only, so that the cost stays flat)."""
+        if not failed:
+            return self.db.execute("SELECT * FROM jobs INDEXED BY jobs_by_end WHERE state = "
+                                   "'done' ORDER BY ended_at DESC LIMIT ?", (count,)).fetchall()
+        return self.db.execute(
+            "SELECT * FROM jobs WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_by_end "
+            "WHERE state = 'done' ORDER BY ended_at DESC LIMIT ?) AND result != 'succeeded' "
+            "ORDER BY ended_at DESC LIMIT ?", (LIVE_FAILURE_SCAN, count)).fetchall()
+
     def find_jobs(self, state=None, result=None, worker=None, script=None, last=None,
                   array=None, schedule=None):
         """Jobs matching every filter given, oldest first (the LAST most recent if given)."""
@@ -2995,6 +3013,18 @@ def job_to_json(row, log_dir):
         "schedule": row["schedule"],
         "scheduled_for": iso_time(row["scheduled_for"]),
     }
+
+
+LIVE_JOB_FIELDS = ("id", "state", "result", "exit_code", "signal", "reason", "worker", "slot",
+                   "slots", "attempt", "priority", "submitted_at", "started_at", "ended_at",
+                   "script", "args", "cwd", "log", "service", "replica", "array", "task", "parts",
+                   "schedule", "waiting_for")
+
+
+def live_job(job):
+    """A job as the live views list it: where it is and what it runs (not its
+    environment)."""
+    return {key: job[key] for key in LIVE_JOB_FIELDS if key in job}
 
 
 def job_workers(job):
@@ -8051,6 +8081,116 @@ class HealthMonitor:
 
 
 ###############################################################################
+# Activity: what the live views show ###########################################
+###############################################################################
+
+# Prometheus-style bucket bounds (seconds): how long jobs waited in the queue,
+# and how long the scheduler took from "a slot is free or a job is ready" to
+# the start.
+WAIT_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 14400, 86400)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+
+class Histogram:
+    """Counts of observations at most each bound, Prometheus's way (cumulative on
+    output), with their sum."""
+
+    def __init__(self, bounds):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)   # the last: above every bound
+        self.sum = 0.0
+
+    def observe(self, value):
+        import bisect
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def to_json(self):
+        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.sum}
+
+
+class Activity:
+    """What happened lately, for the live views (top, the dashboard) and /metrics:
+    starts and ends per minute over the last hour, the ends of the last minute,
+    queue waits and scheduling latency.  Runtime state, fed by the Server's
+    events: it begins empty with each server (the jobs table keeps the history)."""
+
+    def __init__(self):
+        import collections
+        self.since = time.time()
+        self.minutes = collections.OrderedDict()   # epoch minute -> [starts, ends]
+        self.last_minute_ends = collections.deque()
+        self.starts = 0
+        self.ends = 0
+        self.waits = Histogram(WAIT_BUCKETS)
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.room_since = None                      # monotonic: when room was first made
+
+    def minute(self, now):
+        key = int(now // 60)
+        if key not in self.minutes:
+            self.minutes[key] = [0, 0]
+            while len(self.minutes) > 60:
+                self.minutes.popitem(last=False)
+        return self.minutes[key]
+
+    def room_made(self):
+        if self.room_since is None:
+            self.room_since = time.monotonic()
+
+    def started(self, rows):
+        """ROWS (jobs) just started: their waits, and the scheduler's latency."""
+        now = time.time()
+        if self.room_since is not None and rows:
+            latency = time.monotonic() - self.room_since
+            for _ in rows:
+                self.latency.observe(latency)
+        self.room_since = None
+        self.starts += len(rows)
+        self.minute(now)[0] += len(rows)
+        for row in rows:
+            self.waits.observe(max(0.0, now - max(row["submitted_at"],
+                                                  row["not_before"] or 0)))
+
+    def ended(self, count):
+        now = time.time()
+        self.ends += count
+        self.minute(now)[1] += count
+        self.last_minute_ends.extend([now] * min(count, LIVE_RATE_SAMPLES))
+        self.forget(now)
+
+    def forget(self, now):
+        while self.last_minute_ends and self.last_minute_ends[0] < now - 60 or \
+                len(self.last_minute_ends) > LIVE_RATE_SAMPLES:
+            self.last_minute_ends.popleft()
+
+    def rate(self):
+        """Jobs ended per minute, over the last minute (or since the server started)."""
+        now = time.time()
+        self.forget(now)
+        span = min(60.0, max(now - self.since, 1.0))
+        return len(self.last_minute_ends) * 60.0 / span
+
+    def to_json(self):
+        now = time.time()
+        first = int(now // 60) - 59
+        return {"since": iso_time(self.since), "starts": self.starts, "ends": self.ends,
+                "per_minute": [[iso_time(minute * 60), *self.minutes.get(minute, (0, 0))]
+                               for minute in range(first, first + 60)],
+                "ends_per_minute": round(self.rate(), 1),
+                "waits": self.waits.to_json(), "latency": self.latency.to_json()}
+
+
+class Watcher:
+    """A live-view client (top, the dashboard): it gets a snapshot of the queue when
+    something changed, at most as often as the snapshots' cost allows."""
+
+    def __init__(self, client):
+        self.client = client
+        self.dirty = True
+
+
+###############################################################################
 # Clients ######################################################################
 ###############################################################################
 
@@ -8135,6 +8275,7 @@ class Clients:
         self.waiters = []          # (predicate, client, make_reply)
         self.waiters_due = False   # something happened that a waiter may wait for
         self.subscriptions = []    # wait clients
+        self.watchers = []         # live-view clients (watch)
 
     def listen(self):
         path = self.paths["socket"]
@@ -8288,6 +8429,7 @@ class Clients:
         self.waiters = [waiter for waiter in self.waiters if waiter[1] is not client]
         self.subscriptions = [subscription for subscription in self.subscriptions
                               if subscription.client is not client]
+        self.watchers = [watcher for watcher in self.watchers if watcher.client is not client]
         if client in self.stop_replies:
             self.stop_replies.remove(client)
         if not self.accepting and not self.closed:
@@ -8323,9 +8465,32 @@ class Clients:
                       len(subscription.pending))
         return DEFERRED
 
+    def watch(self, client):
+        """A live-view client gets a snapshot now and after each change (see
+        Server.send_snapshots) until it disconnects."""
+        self.watchers.append(Watcher(client))
+        return DEFERRED
+
+    def live_changed(self):
+        """Something a live view shows changed: each watcher's next snapshot is due."""
+        for watcher in self.watchers:
+            watcher.dirty = True
+
+    def send_snapshot(self, snapshot):
+        """SNAPSHOT (an event line) to each watcher that has something new and has read
+        the last one (a slow reader skips snapshots instead of piling them up)."""
+        for watcher in self.watchers:
+            if watcher.dirty and not watcher.client.outgoing:
+                watcher.dirty = False
+                self.send_line(watcher.client, snapshot)
+
+    def snapshot_wanted(self):
+        return any(watcher.dirty and not watcher.client.outgoing for watcher in self.watchers)
+
     def jobs_moved(self, job_ids, state):
         """Tell the wait clients watching any of JOB_IDS where those jobs are now."""
         self.waiters_due = True
+        self.live_changed()
         if state == JobState.BLOCKED:
             state = JobState.WAITING   # the same to a client
         for subscription in self.subscriptions:
@@ -8341,6 +8506,7 @@ class Clients:
         """Jobs deleted from the queue (remove_job, load_status): wait clients stop
         waiting for them and hear that they will never run."""
         self.waiters_due = True
+        self.live_changed()
         for subscription in self.subscriptions:
             for job_id in job_ids:
                 if job_id in subscription.pending:
@@ -8351,6 +8517,7 @@ class Clients:
 
     def progress_changed(self):
         """Every wait client's next progress line is due (the queue was paused or resumed)."""
+        self.live_changed()
         for subscription in self.subscriptions:
             subscription.dirty = True
 
@@ -8396,7 +8563,8 @@ class Clients:
             self.connected.add(Client(connection))
         self.listener.close()
         for client in [waiter[1] for waiter in self.waiters] + \
-                [subscription.client for subscription in self.subscriptions]:
+                [subscription.client for subscription in self.subscriptions] + \
+                [watcher.client for watcher in self.watchers]:
             self.reply(client, error="the server stopped before this finished; start it "
                                      "again and check ./cli.py status", stopping=True)
         for client in list(self.connected - set(self.stop_replies)):
@@ -8498,16 +8666,8 @@ class Handlers:
         slaves = [worker.to_json([job for job in running if worker.name in job_workers(job)])
                   for worker in self.workers.all()]
         waitlist = self.with_dependencies([job_to_json(row, self.log_dir) for row in waiting])
-        capacities = self.workers.capacities()
-        now = time.time()
-        failed_on = self.store.failed_on([job["id"] for job in waitlist if job["attempt"]])
         arrays = self.arrays()
-        limits = {array["id"]: (array["max_running"], array["counts"].get("running", 0))
-                  for array in arrays if array["max_running"] is not None}
-        for job in waitlist:
-            job["waiting_for"] = waiting_reason(job, capacities, self.queue.paused, now,
-                                                failed_on.get(job["id"], ()),
-                                                limits.get(job["array"]))
+        self.say_why_they_wait(waitlist, arrays)
         schedules = self.schedules.describe()
         environment_ids = {job["environment"] for job in waitlist + running + schedules}
         environments = self.store.environments(environment_ids) \
@@ -8526,6 +8686,50 @@ class Handlers:
             "arrays": arrays,
             "environments": {str(key): value for key, value in environments.items()},
         }
+
+    def say_why_they_wait(self, waitlist, arrays):
+        """Set each waiting job's waiting_for (WAITLIST: JSON, with dependencies)."""
+        capacities = self.workers.capacities()
+        now = time.time()
+        failed_on = self.store.failed_on([job["id"] for job in waitlist if job["attempt"]])
+        limits = {array["id"]: (array["max_running"], array["counts"].get("running", 0))
+                  for array in arrays if array["max_running"] is not None}
+        for job in waitlist:
+            job["waiting_for"] = waiting_reason(job, capacities, self.queue.paused, now,
+                                                failed_on.get(job["id"], ()),
+                                                limits.get(job["array"]))
+
+    def live(self):
+        """What the live views show (see watch): the workers; the first LIVE_LIST_LIMIT
+        running and waiting jobs (and why they wait); the counts; the latest ends
+        and failures; how fast jobs end and the time the waiting ones may take."""
+        counts = self.store.counts()
+        running = [live_job(job_to_json(row, self.log_dir)) for row in
+                   self.store.jobs_in_state(JobState.RUNNING, LIVE_LIST_LIMIT)]
+        waiting = self.with_dependencies([job_to_json(row, self.log_dir) for row in
+                                          self.store.jobs_in_state(JobState.WAITING,
+                                                                   LIVE_LIST_LIMIT)])
+        self.say_why_they_wait(waiting, self.arrays())
+        rate = self.server.activity.rate()
+        return {
+            "server": {"pid": os.getpid(), "version": VERSION,
+                       "data_dir": self.server.data_dir},
+            "now": iso_time(time.time()), "paused": self.queue.paused, "counts": counts,
+            "workers": [dict(worker.to_json([]), used=sorted(worker.busy_slots))
+                        for worker in self.workers.all()],
+            "running": running, "waiting": [live_job(job) for job in waiting],
+            "recent": [live_job(job_to_json(row, self.log_dir))
+                       for row in self.store.latest_ends(LIVE_RECENT)],
+            "failures": [live_job(job_to_json(row, self.log_dir))
+                         for row in self.store.latest_ends(LIVE_RECENT, failed=True)],
+            "ends_per_minute": round(rate, 1),
+            "seconds_left": None if not rate else round(counts["waiting"] * 60 / rate),
+            "activity": self.server.activity.to_json(),
+            "services": self.services.describe(),
+        }
+
+    def watch(self, client, params):
+        return self.clients.watch(client)
 
     def arrays(self):
         """The arrays with tasks still waiting or running, and their tasks by state."""
@@ -8936,6 +9140,9 @@ class Server(Events):
         self.clients = Clients(self.selector, log, self.store, self.paths, data_dir, log_dir,
                                paused=lambda: self.queue.paused)
         self.clients.handlers = Handlers(self)   # (they need the clients too)
+        self.activity = Activity()
+        self.next_snapshot = 0.0    # monotonic: the live views' next snapshot, at the soonest
+        self.snapshot_timer = False
 
     def load(self):
         """Read the queue, recover what ran while no server did, and settle the rest."""
@@ -8959,6 +9166,7 @@ class Server(Events):
     def jobs_moved(self, job_ids, state):
         self.clients.jobs_moved(job_ids, state)
         if state == JobState.DONE:
+            self.activity.ended(len(job_ids))
             self.schedules.runs_ended(job_ids)
 
     def jobs_removed(self, job_ids):
@@ -8974,6 +9182,7 @@ class Server(Events):
                                 self.services.move_off_unusable)
         self.health.update()
         self.clients.waiters_due = True
+        self.clients.live_changed()
         self.room_changed()
 
     def worker_unusable(self, name, why):
@@ -8984,6 +9193,8 @@ class Server(Events):
         """The one place that says the queue must be looked at again: a job became
         ready, slots were freed, a worker came or came back, the queue resumed."""
         self.queue.schedule_needed = True
+        self.activity.room_made()
+        self.clients.live_changed()
 
     def health_watch_changed(self):
         self.health.update()
@@ -9008,21 +9219,45 @@ class Server(Events):
                                lambda events: wakeup_read.recv(4096))
         self.health.update()
         while not self.stopping:
+            # Everything that follows from the last events, before sleeping again:
+            # what the scheduler starts is news for the clients too.
             if self.queue.schedule_needed:
                 self.guarded(self.schedule)
-            for key, events in self.selector.select(self.timers.timeout()):
-                self.guarded(key.data, events)
-            for callback in self.timers.due():
-                self.guarded(callback)
             if self.clients.waiters_due:
                 self.guarded(self.clients.answer_waiters)
             if self.clients.subscriptions:
                 self.guarded(self.clients.send_progress)
+            if self.clients.watchers:
+                self.guarded(self.send_snapshots)
+            for key, events in self.selector.select(self.timers.timeout()):
+                self.guarded(key.data, events)
+            for callback in self.timers.due():
+                self.guarded(callback)
         self.shutdown()
 
     def schedule(self):
         """Start waiting jobs on free slots, as many as fit."""
-        self.runner.start(self.queue.take_starts())
+        starts = self.queue.take_starts()
+        self.runner.start(starts)
+        self.activity.started(starts)
+
+    def send_snapshots(self):
+        """The live views' next snapshot, once something changed, but at most as often
+        as keeps its cost under LIVE_COST_SHARE of the loop's time: a live view
+        never slows the scheduler much, however big the queue."""
+        if not self.clients.snapshot_wanted():
+            return
+        now = time.monotonic()
+        if now < self.next_snapshot:
+            if not self.snapshot_timer:   # wake the loop then: nothing else may
+                self.snapshot_timer = True
+                self.timers.add(time.time() + self.next_snapshot - now,
+                                lambda: setattr(self, "snapshot_timer", False))
+            return
+        snapshot = encode_event(dict(self.clients.handlers.live(), event="live"))
+        cost = time.monotonic() - now
+        self.next_snapshot = now + max(LIVE_MIN_INTERVAL, cost / LIVE_COST_SHARE)
+        self.clients.send_snapshot(snapshot)
 
     def guarded(self, callback, *args):
         """Run one event's work; a bug in it is logged, not fatal to the queue."""
@@ -10755,6 +10990,265 @@ def resolve_dir(path):
 
 
 ###############################################################################
+# Live views: top ##############################################################
+###############################################################################
+
+def command_top(options):
+    """A live view of the queue in this terminal: workers, running jobs, speed, failures.
+
+    It redraws when something happens (the server sends a snapshot after each
+    change, a few times a second at most), and each second for the clocks.
+    Keys: q quits; up and down select a running job; l shows the tail of its
+    log (l or Esc: back); k kills it (y confirms);
+    p pauses or resumes the queue; w pauses or resumes the selected job's
+    worker.  Lists longer than the screen show their top and count the rest.
+    """
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        print("Error: top needs a terminal; for a snapshot use ./cli.py status (or "
+              "status --json)", file=sys.stderr)
+        return 2
+    import curses
+    connection = connect(options.data_dir, "watch", {})
+    with connection:
+        return curses.wrapper(lambda screen: TopView(screen, connection,
+                                                     options.data_dir).run())
+
+
+class TopView:
+    """The screen of `top`: a snapshot from the server, the selection, and the keys."""
+
+    def __init__(self, screen, connection, data_dir):
+        self.screen = screen
+        self.connection = connection
+        self.data_dir = data_dir
+        self.snapshot = None
+        self.selected = None        # the id of the selected running job
+        self.showing_log = False
+        self.confirm_kill = None    # the job a kill waits for y to confirm
+        self.message = ""
+        self.lines = LineReader()
+
+    def run(self):
+        import curses
+        import selectors
+        curses.curs_set(0)
+        self.screen.nodelay(True)
+        self.screen.keypad(True)
+        events = selectors.DefaultSelector()
+        events.register(self.connection, selectors.EVENT_READ, "server")
+        events.register(sys.stdin, selectors.EVENT_READ, "keys")
+        self.draw()
+        while True:
+            for key, _ in events.select(1.0):
+                if key.data == "server" and not self.read_server():
+                    return 1
+            # Keys, and a resize: curses learns of it (SIGWINCH) only inside getch.
+            if not self.read_keys():
+                return 0
+            self.draw()
+
+    def read_server(self):
+        """Take the server's lines; False once it has gone (the view ends)."""
+        chunk = self.connection.recv(1 << 20)
+        if not chunk:
+            raise LostServer(f"the server for {self.data_dir} went away (stopped or crashed)")
+        for line in self.lines.feed(chunk):
+            message = decode_reply_line(line, self.data_dir)
+            if message.get("event") == "live":
+                self.snapshot = message
+            elif "ok" in message:
+                reply_result(message)   # raises the server's error (it is stopping)
+                return False
+        return True
+
+    def read_keys(self):
+        """Act on the keys pressed; False on q."""
+        import curses
+        while True:
+            key = self.screen.getch()
+            if key == -1:
+                return True
+            if key == curses.KEY_RESIZE:
+                curses.update_lines_cols()
+                # What curses thinks is on the screen is not what the terminal kept.
+                self.screen.clear()
+                continue
+            character = chr(key) if 0 <= key < 256 else ""
+            if self.confirm_kill is not None:
+                self.answer_kill(character)
+            elif character == "q":
+                return False
+            elif key in (curses.KEY_UP, curses.KEY_DOWN):
+                self.move_selection(-1 if key == curses.KEY_UP else 1)
+            elif character == "l" or key == 27 and self.showing_log:
+                self.showing_log = not self.showing_log and self.selected is not None
+            elif character == "k" and self.selected is not None:
+                self.confirm_kill = self.selected
+                self.message = f"kill job {self.selected}? y: yes, any other key: no"
+            elif character == "p":
+                self.act("resume" if self.snapshot and self.snapshot["paused"] else "pause",
+                         hosts=[])
+            elif character == "w":
+                self.toggle_worker()
+
+    def running(self):
+        return self.snapshot["running"] if self.snapshot else []
+
+    def move_selection(self, step):
+        ids = [job["id"] for job in self.running()]
+        if not ids:
+            return
+        index = ids.index(self.selected) + step if self.selected in ids else 0
+        self.selected = ids[max(0, min(len(ids) - 1, index))]
+
+    def answer_kill(self, character):
+        job_id, self.confirm_kill = self.confirm_kill, None
+        if character in ("y", "Y"):
+            self.act("kill", ids=[job_id], grace=DEFAULT_KILL_GRACE)
+            self.message = f"job {job_id}: kill sent" if not self.message else self.message
+        else:
+            self.message = f"job {job_id} not killed"
+
+    def toggle_worker(self):
+        job = next((job for job in self.running() if job["id"] == self.selected), None)
+        if job is None:
+            self.message = "select a running job first (up, down): w pauses its worker"
+            return
+        worker = next((worker for worker in self.snapshot["workers"]
+                       if worker["ip"] == job["worker"]), None)
+        paused = worker is not None and worker["state"] == WorkerState.PAUSED.value
+        self.act("resume" if paused else "pause", hosts=[job["worker"]])
+
+    def act(self, command, **params):
+        """Send a request as the command line would; its error is shown, not raised."""
+        try:
+            request(self.data_dir, command, **params)
+            self.message = ""
+        except UserError as error:
+            self.message = str(error)
+
+    # --- drawing --------------------------------------------------------------
+
+    def draw(self):
+        import curses
+        self.screen.erase()
+        height, width = self.screen.getmaxyx()
+        rows = self.log_rows(height) if self.showing_log else self.main_rows(height)
+        footer = self.message or ("l or Esc: back" if self.showing_log else
+                                  "q quit  up/down select  l log  k kill  p pause queue  "
+                                  "w pause worker")
+        for number, (text, attribute) in enumerate(rows[:height - 1]):
+            self.put(number, text, attribute, width)
+        self.put(height - 1, footer, curses.A_REVERSE, width)
+        self.screen.refresh()
+
+    def put(self, row, text, attribute, width):
+        import curses
+        try:
+            self.screen.addnstr(row, 0, text.ljust(width), width, attribute)
+        except curses.error:
+            pass   # the bottom right corner, or a screen smaller than we thought
+
+    def main_rows(self, height):
+        import curses
+        snapshot = self.snapshot
+        if snapshot is None:
+            return [("waiting for the server's first snapshot...", curses.A_NORMAL)]
+        now = time.time()
+        counts = snapshot["counts"]
+        rows = [("cli.py top  " + ("QUEUE PAUSED (p resumes)  " if snapshot["paused"] else "")
+                 + snapshot["server"]["data_dir"], curses.A_BOLD),
+                (top_counts_line(snapshot), curses.A_NORMAL)]
+        # Room: workers get up to a third, failures up to 4 lines, running the rest.
+        room = height - 1 - len(rows) - 3
+        failures = snapshot["failures"][:max(0, min(4, room // 4))]
+        workers = snapshot["workers"]
+        shown_workers = workers[:max(1, room // 3)] if workers else []
+        rows.append((f"Workers ({len(workers)})", curses.A_BOLD))
+        rows += [(top_worker_line(worker), curses.A_NORMAL) for worker in shown_workers]
+        if not workers:
+            rows.append(("  none: add one with ./cli.py add_slave HOST", curses.A_NORMAL))
+        elif len(workers) > len(shown_workers):
+            rows.append((f"  ... and {len(workers) - len(shown_workers)} more", curses.A_DIM))
+        running = snapshot["running"]
+        left = height - 1 - len(rows) - 1 - (len(failures) + 1 if failures else 0)
+        rows.append((f"Running ({counts.get('running', 0)})", curses.A_BOLD))
+        if self.selected not in [job["id"] for job in running]:
+            self.selected = running[0]["id"] if running else None
+        shown = top_window(running, self.selected, max(1, left - 1))
+        for job in shown:
+            rows.append((top_job_line(job, now),
+                         curses.A_REVERSE if job["id"] == self.selected else curses.A_NORMAL))
+        hidden = counts.get("running", 0) - len(shown)
+        if hidden > 0:
+            rows.append((f"  ... and {hidden} more", curses.A_DIM))
+        if failures:
+            rows.append(("Latest failures", curses.A_BOLD))
+            rows += [(f"  {job['id']:>6}  {job['result']:<9} {_exit_text(job):<8} "
+                      f"{_local_time(job['ended_at'])}  {_command_line(job, 40)}",
+                      curses.A_NORMAL) for job in failures]
+        return rows
+
+    def log_rows(self, height):
+        import curses
+        job = next((job for job in self.running() if job["id"] == self.selected), None)
+        if job is None:
+            self.showing_log = False
+            return self.main_rows(height)
+        lines = log_tail(job["log"], height - 2)
+        return [(f"job {job['id']} on {job['worker']}: {job['log']}", curses.A_BOLD)] + \
+            [(line, curses.A_NORMAL) for line in lines]
+
+
+def top_counts_line(snapshot):
+    counts = snapshot["counts"]
+    text = ", ".join(f"{counts.get(name, 0)} {name}" for name in
+                     ("waiting", "running", "succeeded", "failed")) + \
+        "".join(f", {counts[name]} {name}" for name in ("killed", "timed_out", "skipped")
+                if counts.get(name))
+    text += f"  |  {snapshot['ends_per_minute']:g} ended/min"
+    if snapshot["seconds_left"] is not None and counts.get("waiting"):
+        text += f", about {_duration_text(snapshot['seconds_left'])} left"
+    return text
+
+
+def top_worker_line(worker):
+    used, slots = len(worker["used"]), worker["slots"]
+    width = min(slots, 20)
+    filled = round(used * width / slots) if slots else 0
+    bar = "#" * filled + "." * (width - filled)
+    return f"  {worker['ip']:<20.20} [{bar}] {used}/{slots}  {worker['status']}" + \
+        (f" ({worker['check_reason']})" if worker["health"] != "up" and
+         worker["check_reason"] else "")
+
+
+def top_job_line(job, now):
+    where = f"{job['worker']}:{job['slot']}"
+    ran = _elapsed(now - parse_iso_time(job["started_at"])) if job["started_at"] else "-"
+    return f"  {job['id']:>6}  {where:<18.18} {ran:>9}  {_command_line(job, 200)}"
+
+
+def top_window(jobs, selected, size):
+    """The SIZE jobs of JOBS to show: the first ones, or a window that holds SELECTED."""
+    ids = [job["id"] for job in jobs]
+    index = ids.index(selected) if selected in ids else 0
+    first = max(0, index - size + 1)
+    return jobs[first:first + size]
+
+
+def log_tail(path, count):
+    """The last COUNT lines of the log at PATH (its last 64 kB), as text."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - 65536))
+            text = log.read().decode(errors="replace")
+    except OSError as error:
+        return [f"(no log yet: {error.strerror})"]
+    return text.splitlines()[-count:] if count > 0 else []
+
+
+###############################################################################
 # Quickstart ###################################################################
 ###############################################################################
 
@@ -11299,6 +11793,7 @@ COMMANDS = {
     "remove_service": command_remove_service,
     "services": command_services,
     "add_schedule": command_add_schedule,
+    "top": command_top,
     "schedules": command_schedules,
     "pause_schedule": command_pause_schedule,
     "resume_schedule": command_resume_schedule,
@@ -11369,6 +11864,7 @@ EXAMPLES = {
                     "  ./cli.py add_schedule sweep --daily 22:00 --days mon-fri --skip-missed "
                     "--retries 2 -- ./sweep.sh",
     "schedules": "./cli.py schedules\n  ./cli.py schedules backup --json",
+    "top": "./cli.py top\n  ./cli.py --server_data_dir /srv/queue/.data top",
     "pause_schedule": "./cli.py pause_schedule backup",
     "resume_schedule": "./cli.py resume_schedule backup",
     "remove_schedule": "./cli.py remove_schedule backup",
@@ -11791,6 +12287,8 @@ def build_parser(only=None):
     attempt_arguments(when)
     # job_policy reads these of add_job: a run starts when it is due, after nothing.
     add_schedule.set_defaults(at=None, delay=None, after=None, after_any=None)
+
+    add("top")
 
     schedules = add("schedules")
     schedules.add_argument("name", nargs="?", metavar="NAME", help="Show this schedule only.")
