@@ -11117,8 +11117,8 @@ EXAMPLES = {
              "  ./cli.py start --ssh-config ~/cluster/ssh_config\n"
              "  ./cli.py start --placement pack     # best fit: big workers kept for big jobs\n"
              "  ./cli.py start --on-end ./notify.sh  # runs as each job ends (remembered)\n"
-             "  ./cli.py start --on-end 'curl -fsS -d @- https://chat.example/hook' "
-             "--hook-timeout 10s\n"
+             "  ./cli.py start --on-end ./chat.sh --hook-timeout 30s   # see README: "
+             "Completion hooks\n"
              "  ./cli.py start --no-on-end           # jobs' own --on-end still run",
     "stop": "./cli.py stop",
     "status": "./cli.py status\n  ./cli.py status --json > state.json",
