@@ -151,7 +151,8 @@ def test_a_hook_for_a_job_that_ended_while_the_server_was_down_runs_after_start(
 
 
 def test_a_hook_that_hangs_is_cut_at_its_timeout_and_the_server_stays_responsive(cli):
-    cli.ok("start", "--hook-timeout", "2s")
+    # 4 s: room for the looks below while it hangs, even on a busy machine
+    cli.ok("start", "--hook-timeout", "4s")
     cli.ok("add_slave", "w1")
     marker = cli.root / "hook.pid"
     hang = cli.write_script("hang.sh", f"echo $$ > '{marker}'\nsleep 300\n")
@@ -160,14 +161,14 @@ def test_a_hook_that_hangs_is_cut_at_its_timeout_and_the_server_stays_responsive
     began = time.monotonic()
     status = cli.status()   # answered while the hook hangs
     assert time.monotonic() - began < 2.0
-    assert status["hooks"]["running"] == [job_id] and status["hooks"]["timeout"] == 2.0
+    assert status["hooks"]["running"] == [job_id] and status["hooks"]["timeout"] == 4.0
     assert json.loads(cli.ok("jobs", job_id, "--json"))["hooks"][0]["state"] == "running"
     done, = wait_for_hooks(cli, job_id)
     assert done["timed_out"] and done["signal"] == signal.SIGTERM and done["exit_code"] is None
-    assert 1.5 < done["duration"] < 20
+    assert 3.5 < done["duration"] < 20
     assert not process_alive(int(marker.read_text()))
     assert "timed out, SIGTERM after" in cli.ok("jobs", job_id)
-    assert "still runs after 2s" in (cli.log_dir / "server.log").read_text()
+    assert "still runs after 4s" in (cli.log_dir / "server.log").read_text()
 
 
 def test_at_most_four_hooks_run_at_once_the_rest_wait_their_turn(cli):
