@@ -45,6 +45,10 @@ Run `./cli.py COMMAND --help` for each command.
 #                                     children end with their parent; JobEdits:
 #                                     retry, priority, removal, purge, load_status
 #   Runner                            Runner: start, watch, adopt, kill, record ends
+#   Hooks                             Hooks: the --on-end programs of ended jobs (rows a
+#                                     trigger makes as a job moves to done), run at
+#                                     most HOOKS_AT_ONCE at a time, each a process of its
+#                                     own watched through a pidfd, cut at its timeout
 #   Services                          Services (replicas as jobs, converge, load_services)
 #                                     and HealthProbes (the prober process's pipe)
 #   Schedules                         Schedules: rules that queue jobs, on the one timer
@@ -67,7 +71,9 @@ Run `./cli.py COMMAND --help` for each command.
 # saves the attempt and moves the job (DONE, or WAITING/BLOCKED for a retry)
 # and its dependents, the Runner frees the slots, and Queue.settled lets the
 # worker weigh the attempt.  The committed move reaches Clients.jobs_moved,
-# and the `wait` client's Subscription sends its last line.
+# and the `wait` client's Subscription sends its last line.  A move to DONE
+# also makes (a trigger, in that transaction) a pending hook run for each
+# --on-end the job has, which Hooks runs, then records as done.
 
 ###############################################################################
 # Imports ######################################################################
@@ -154,6 +160,11 @@ QUICK_FAILURE = 1.0              # seconds: a failure this fast says more of the
 DEFAULT_DOWN_AFTER = 3           # such failures in a row that set a worker aside
 MAX_DOWN_AFTER = 1000
 SCHEDULE_SCAN_LIMIT = 2000       # ready jobs one scheduling pass looks at, at most
+HOOKS_AT_ONCE = 4                # completion hooks (--on-end) running at the same time
+DEFAULT_HOOK_TIMEOUT = 60.0      # seconds a hook may run before it is ended (start --hook-timeout)
+HOOK_KILL_GRACE = 5.0            # seconds between a late hook's SIGTERM and its SIGKILL
+HOOK_OUTPUT_LIMIT = 64 * 1024    # bytes of one hook's output that server.log takes; the rest
+HOOK_LINE_LIMIT = 1000           # is read and dropped; characters of one logged line
 
 EVENT_READ, EVENT_WRITE = 1, 2   # selectors' event masks (imported by the server only)
 RECOVERY_WAIT = 5.0              # seconds a live supervisor gets to write its pid file
@@ -1017,6 +1028,7 @@ def _job_options(source, split_allowed=False):
         "timeout": _option_seconds(source, "timeout"),
         "not_before": _option_time(source, "not_before"),
         "slots_wanted": _option_int(source, "slots_wanted", 1, MAX_SLOTS),
+        "on_end": _option_program(source, "on_end"),
         **hosts,
         **({"split": _split_option(source)} if split_allowed else {}),
     }
@@ -1062,6 +1074,21 @@ def _option_seconds(source, name):
     if value == 0 and optional:
         raise UserError(f"'{name}' must be more than 0 seconds (or null for none)")
     return float(value)
+
+
+def _option_program(source, name):
+    """A hook (--on-end): a non-empty list of strings, its program an absolute path
+    to an executable file (the client resolved it: see hook_command); in its
+    column form, JSON."""
+    value = source.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(
+            isinstance(word, str) and "\0" not in word for word in value):
+        raise UserError(f"'{name}' must be a program and its arguments: a non-empty list "
+                        "of strings")
+    check_script(value[0], what="--on-end program")
+    return json.dumps(value)
 
 
 def _option_time(source, name):
@@ -1382,7 +1409,7 @@ def _service_entry(entry, defaults):
 SCHEDULE_FIELDS = ("name", "rule", "script", "args", "cwd", "envs", "environment", "umask",
                    "overlap", "skip_missed", "paused", "next_due", "runs", "skipped",
                    "slots_wanted", "split", "on", "prefer", "exclude", "ssh_reuse",
-                   "priority", "retries", "retry_delay", "timeout")
+                   "priority", "retries", "retry_delay", "timeout", "on_end")
 SCHEDULE_READ_ONLY_FIELDS = ("rule_text", "last_job", "last_state", "last_result")
 
 
@@ -1439,13 +1466,14 @@ def _status_schedule(entry, environments, defaults):
             **counters}
 
 
-def check_script(path, shown=None):
-    """PATH must be an executable file; errors name it as the user wrote it (SHOWN)."""
+def check_script(path, shown=None, what="script"):
+    """PATH must be an executable file; errors name it as the user wrote it (SHOWN),
+    and as WHAT."""
     shown = shown or path
     if not os.path.isabs(path):
-        raise UserError(f"the script path {shown!r} must be absolute")
+        raise UserError(f"the {what} path {shown!r} must be absolute")
     if not os.path.exists(path):
-        raise UserError(f"no such script: {shown}")
+        raise UserError(f"no such {what}: {shown}")
     if not os.path.isfile(path):
         raise UserError(f"{shown} is not a file")
     if not os.access(path, os.X_OK):
@@ -1883,13 +1911,60 @@ MIGRATIONS = [
     ALTER TABLE jobs ADD COLUMN scheduled_for REAL;
     CREATE INDEX jobs_by_schedule ON jobs (schedule, id) WHERE schedule IS NOT NULL;
     """,
+    # 12: completion hooks.  on_end: the job's own --on-end, a JSON argv.  A row
+    # of hook_runs is one hook to run for one end of a job (its own, and start
+    # --on-end's, the setting 'on_end'), with what that end was (the job_
+    # columns), and how the hook went once it ran.  The trigger makes the rows in
+    # the statement that moves the job to done, so in its transaction, whichever
+    # code ends it: no end can be recorded without its hooks, nor twice.  A row
+    # stays pending until its hook has ended and that is saved: a server killed
+    # meanwhile runs it again (at least once).  Only new tables and columns.
+    """
+    ALTER TABLE jobs ADD COLUMN on_end TEXT;
+    CREATE TABLE hook_runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        origin TEXT NOT NULL,                          -- job: add_job's; server: start's
+        argv TEXT NOT NULL,                            -- JSON list, its program absolute
+        job_result TEXT NOT NULL,
+        job_exit_code INTEGER,
+        job_signal INTEGER,
+        job_worker TEXT,
+        job_attempts INTEGER NOT NULL,
+        job_log TEXT,
+        job_ended_at REAL NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',         -- pending, done
+        starts INTEGER NOT NULL DEFAULT 0,             -- more than 1: run again after a stop
+        started_at REAL,
+        ended_at REAL,
+        duration REAL,
+        exit_code INTEGER,                             -- the hook's own
+        signal INTEGER,
+        timed_out INTEGER NOT NULL DEFAULT 0,
+        error TEXT                                     -- why it could not run
+    );
+    CREATE INDEX hook_runs_pending ON hook_runs (id) WHERE state = 'pending';
+    CREATE INDEX hook_runs_by_job ON hook_runs (job_id);
+    CREATE TRIGGER hook_runs_at_end AFTER UPDATE OF state ON jobs
+    WHEN NEW.state = 'done' AND OLD.state != 'done'
+    BEGIN
+        INSERT INTO hook_runs (job_id, origin, argv, job_result, job_exit_code, job_signal,
+                               job_worker, job_attempts, job_log, job_ended_at)
+        SELECT NEW.id, 'job', NEW.on_end, NEW.result, NEW.exit_code, NEW.signal, NEW.worker,
+               NEW.attempt, NEW.log, NEW.ended_at WHERE NEW.on_end IS NOT NULL;
+        INSERT INTO hook_runs (job_id, origin, argv, job_result, job_exit_code, job_signal,
+                               job_worker, job_attempts, job_log, job_ended_at)
+        SELECT NEW.id, 'server', value, NEW.result, NEW.exit_code, NEW.signal, NEW.worker,
+               NEW.attempt, NEW.log, NEW.ended_at FROM settings WHERE key = 'on_end';
+    END;
+    """,
 ]
 
 # Per-job options beyond the command itself: column -> default.  add_job,
 # load_status and the JSON forms all take them from here (see _job_options).
 JOB_OPTIONS = {"ssh_reuse": True, "priority": 0, "retries": 0, "retry_delay": 0.0,
                "timeout": None, "not_before": None, "slots_wanted": 1, "run_on": None,
-               "prefer": None, "exclude": None}
+               "prefer": None, "exclude": None, "on_end": None}
 
 
 def storage_fault(path, error):
@@ -1998,6 +2073,7 @@ class Store:
         self.arrays = ArrayRows(self)
         self.families = FamilyRows(self)
         self.schedules = ScheduleRows(self)
+        self.hook_rows = HookRows(self)
 
     def transaction(self):
         return _Transaction(self.db)
@@ -2014,6 +2090,9 @@ class Store:
     def set_setting(self, key, value):
         self.db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)",
                         (key, json.dumps(value)))
+
+    def drop_setting(self, key):
+        self.db.execute("DELETE FROM settings WHERE key = ?", (key,))
 
     # --- environments --------------------------------------------------------
 
@@ -2292,12 +2371,15 @@ class Store:
         self.arrays.drop_empty()
 
     def purge_jobs(self, ended_before):
-        """Delete finished jobs that ended before then; return their (id, log) pairs."""
+        """Delete finished jobs that ended before then; return their (id, log) pairs.
+        A job whose hook has not run yet stays until it has (its cwd and
+        environment are the hook's)."""
         # 'done' is spelled out so that SQLite can use the partial index jobs_by_end.
-        rows = self.db.execute("SELECT id, log FROM jobs WHERE state = 'done' AND ended_at < ?",
+        ended = ("state = 'done' AND ended_at < ? AND NOT EXISTS (SELECT 1 FROM hook_runs "
+                 "WHERE hook_runs.job_id = jobs.id AND hook_runs.state = 'pending')")
+        rows = self.db.execute(f"SELECT id, log FROM jobs WHERE {ended}",
                                (ended_before,)).fetchall()
-        self.db.execute("DELETE FROM jobs WHERE state = 'done' AND ended_at < ?",
-                        (ended_before,))
+        self.db.execute(f"DELETE FROM jobs WHERE {ended}", (ended_before,))
         self.drop_unused_environments()
         self.arrays.drop_empty()
         return [(row["id"], row["log"]) for row in rows]
@@ -2744,8 +2826,10 @@ class ServiceRows:
     def insert_replica(self, service, replica, not_before=None):
         """Queue the next job of replica REPLICA of SERVICE (its row): the service's
         script and options, SERVICE, REPLICA and PORT, before any batch job."""
-        options = dict(json.loads(service["options"]), priority=SERVICE_PRIORITY,
-                       retries=0, retry_delay=0.0, timeout=None, not_before=not_before)
+        # (JOB_OPTIONS first: a service stored before an option existed has none of it.)
+        options = {**JOB_OPTIONS, **json.loads(service["options"]),
+                   "priority": SERVICE_PRIORITY, "retries": 0, "retry_delay": 0.0,
+                   "timeout": None, "not_before": not_before}
         variables = dict(json.loads(service["variables"]), SERVICE=service["name"],
                          REPLICA=str(replica))
         if service["port"] is not None:
@@ -2924,6 +3008,56 @@ class ScheduleRows:
                     f"({', '.join('?' * len(chunk))})", chunk)}
 
 
+class HookRows:
+    """The hook runs (see migration 11): one per hook to run for one end of a job,
+    made by a trigger as the job moves to done; pending until its hook has run."""
+
+    def __init__(self, store):
+        self.db = store.db
+
+    def pending(self, limit, running):
+        """The first LIMIT pending runs, oldest first, but those RUNNING (ids)."""
+        running = sorted(running)
+        return self.db.execute(
+            f"SELECT * FROM hook_runs WHERE state = 'pending' AND id NOT IN "
+            f"({', '.join('?' * len(running))}) ORDER BY id LIMIT ?",
+            (*running, limit)).fetchall()
+
+    def pending_count(self):
+        return self.db.execute("SELECT count(*) FROM hook_runs WHERE state = 'pending'"
+                               ).fetchone()[0]
+
+    def started(self, run_id, now):
+        self.db.execute("UPDATE hook_runs SET starts = starts + 1, started_at = ? "
+                        "WHERE id = ? AND state = 'pending'", (now, run_id))
+
+    def ended(self, run_id, outcome, ended_at):
+        """The hook of run RUN_ID has ended: OUTCOME has its exit_code, signal,
+        timed_out, error and duration."""
+        self.db.execute(
+            "UPDATE hook_runs SET state = 'done', ended_at = ?, duration = ?, exit_code = ?, "
+            "signal = ?, timed_out = ?, error = ? WHERE id = ? AND state = 'pending'",
+            (ended_at, outcome["duration"], outcome["exit_code"], outcome["signal"],
+             int(outcome["timed_out"]), outcome["error"], run_id))
+
+    def of_jobs(self, job_ids):
+        """{job id: its hook runs, oldest first} for those of JOB_IDS that have any."""
+        found = {}
+        if not job_ids or not self.db.execute("SELECT 1 FROM hook_runs LIMIT 1").fetchone():
+            return found   # (the usual case: no hooks at all, and no query per job)
+        if len(job_ids) <= 500:
+            rows = self.db.execute(f"SELECT * FROM hook_runs WHERE job_id IN "
+                                   f"({', '.join('?' * len(job_ids))}) ORDER BY id", job_ids)
+        else:   # (status of a long queue: one pass, not a query per 500 jobs)
+            rows = self.db.execute("SELECT * FROM hook_runs WHERE job_id BETWEEN ? AND ? "
+                                   "ORDER BY id", (min(job_ids), max(job_ids)))
+        wanted = set(job_ids)
+        for row in rows:
+            if row["job_id"] in wanted:
+                found.setdefault(row["job_id"], []).append(row)
+        return found
+
+
 def first_state(options):
     """BLOCKED if a new job with OPTIONS may not start yet: it waits for other jobs
     (the caller says so), or its start time is to come; else WAITING."""
@@ -3012,6 +3146,7 @@ def job_to_json(row, log_dir):
         "nohup": bool(row["nohup"]),
         "schedule": row["schedule"],
         "scheduled_for": iso_time(row["scheduled_for"]),
+        "on_end": json.loads(row["on_end"] or "null"),
     }
 
 
@@ -3041,6 +3176,16 @@ def split_parts(row):
 def attempt_slots(row):
     """The slots a running job (or one attempt of it) holds."""
     return json.loads(row["slots"]) if row["slots"] else [row["slot"]]
+
+
+def hook_run_to_json(row, running):
+    """One hook run of a job (RUNNING: its hook runs now), for jobs and status."""
+    return {"program": json.loads(row["argv"]), "from": row["origin"],
+            "state": "running" if running else row["state"], "starts": row["starts"],
+            "exit_code": row["exit_code"], "signal": row["signal"],
+            "timed_out": bool(row["timed_out"]), "error": row["error"],
+            "duration": row["duration"], "started_at": iso_time(row["started_at"]),
+            "ended_at": iso_time(row["ended_at"])}
 
 
 def attempt_to_json(row):
@@ -3928,6 +4073,34 @@ def job_environment(submitter_environment, worker_variables, job_variables, job_
         if ssh_config is not None:
             environment[SSH_JOBS_CONFIG_VARIABLE] = ssh_config
     return environment
+
+
+def hook_environment(submitter_environment, job_variables, run, job_id, log, args, task=None):
+    """The environment of a job's hook: the job's own, less what only its attempts
+    get (the worker's variables, SLAVE_*, SLOT...), plus what RUN (a hook_runs
+    row) says of the end: JOB_ID, JOB_RESULT, JOB_EXIT_CODE and JOB_SIGNAL
+    (empty when none), JOB_LOG, JOB_WORKER (empty if it never ran),
+    JOB_ATTEMPTS and JOB_ARGS (ARGS as JSON); and TASK, as job_environment takes it."""
+    environment = dict(submitter_environment)
+    for name in (*TASK_VARIABLES, SSH_SHIM_VARIABLE, SSH_CONTROL_VARIABLE,
+                 SSH_JOBS_CONFIG_VARIABLE):
+        environment.pop(name, None)   # the submitter's, if a job submitted this one
+    environment.update(job_variables)
+    environment.update(
+        JOB_ID=str(job_id), JOB_RESULT=run["job_result"],
+        JOB_EXIT_CODE=_text_or_empty(run["job_exit_code"]),
+        JOB_SIGNAL=_text_or_empty(run["job_signal"]), JOB_LOG=log,
+        JOB_WORKER=_text_or_empty(run["job_worker"]), JOB_ATTEMPTS=str(run["job_attempts"]),
+        JOB_ARGS=json.dumps(args))
+    if task is not None:
+        for name, value in zip(TASK_VARIABLES, task):
+            if value is not None:
+                environment[name] = str(value)
+    return environment
+
+
+def _text_or_empty(value):
+    return "" if value is None else str(value)
 
 
 def split_variables(parts, index):
@@ -5630,7 +5803,8 @@ class Timers:
 # Queue: the lifecycle of jobs and workers #####################################
 ###############################################################################
 
-# Queue (jobs) and Workers are the only code that writes to the Store.  Each
+# Queue (jobs) and Workers are the only code that writes to the Store (but for
+# Hooks, which writes its own hook_runs rows, never a job's).  Each
 # change is one transaction (Changes); the in-memory copies (Worker, what wait
 # clients know) follow once it is committed, never before.  What the rest of
 # the server must hear of goes through Events, which the Server implements.
@@ -7155,6 +7329,245 @@ class Runner:
 
 
 ###############################################################################
+# Hooks: programs run when jobs end ############################################
+###############################################################################
+
+class HookRun:
+    """One hook running, as the server watches it: its process (the leader of a
+    session and process group of its own), the pidfd that tells its end, and
+    the pipe of its output."""
+
+    def __init__(self, row, process, pidfd):
+        self.id = row["id"]
+        self.job_id = row["job_id"]
+        self.process = process
+        self.pidfd = pidfd
+        self.began = time.monotonic()   # for its duration, whatever the clock does
+        self.lines = LineReader()
+        self.logged = 0                 # bytes of its output that server.log took
+        self.timed_out = False
+        self.ended = False              # reaped: its pid and group id are ours no more
+
+
+class Hooks:
+    """Completion hooks (add_job --on-end, start --on-end).  As a job moves to done,
+    a trigger makes a pending row of hook_runs for each of its hooks (see
+    migration 11); this unit runs the pending ones, HOOKS_AT_ONCE at a time, each
+    a process of its own: no shell, stdin /dev/null, its output logged in
+    server.log as it comes, its end told by a pidfd, cut at the hook timeout
+    (SIGTERM to its process group, SIGKILL HOOK_KILL_GRACE later).  Once it has
+    ended, one transaction records how and marks the row done; a server that
+    goes first (stop, kill -9) runs it again at its next start: at least once.
+    It writes only its own rows, never a job's."""
+
+    def __init__(self, store, timers, selector, log, log_dir):
+        self.store = store
+        self.rows = store.hook_rows
+        self.timers = timers
+        self.selector = selector
+        self.log = log
+        self.log_dir = log_dir
+        self.on_end = None              # start --on-end (see Server.load)
+        self.timeout = DEFAULT_HOOK_TIMEOUT
+        self.running = {}               # hook run id -> HookRun
+        self.saving = set()             # ids of runs ended whose end is not saved yet
+        self.woken = False              # a look at the pending runs is due
+        self.delay = RetryDelay()       # while the disk refuses to record a start
+
+    def load(self):
+        self.on_end = self.store.setting("on_end")
+        self.timeout = self.store.setting("hook_timeout", DEFAULT_HOOK_TIMEOUT)
+        self.wake()   # what ended while no server ran, or a kill -9 cut short
+
+    def wake(self):
+        """Jobs have ended: hooks may be pending.  The look is a timer due now, so
+        that a batch of ends costs one."""
+        if not self.woken:
+            self.woken = True
+            self.timers.add(time.time(), self.start_pending)
+
+    def start_pending(self):
+        self.woken = False
+        room = HOOKS_AT_ONCE - len(self.running)
+        if room > 0:
+            for row in self.rows.pending(room, set(self.running) | self.saving):
+                if not self.start(row):
+                    return
+
+    def start(self, row):
+        """Start the hook of ROW (recorded first: a run started twice says so);
+        False if the disk refused that, which is tried again after a pause."""
+        try:
+            with self.store.transaction():
+                self.rows.started(row["id"], time.time())
+        except self.timers.storage_errors as error:
+            if not self.delay.seconds:
+                self.log.error("hooks cannot start (%s); tried again until they can", error)
+            self.woken = True
+            self.timers.add(time.time() + self.delay.next(), self.start_pending)
+            return False
+        self.delay.reset()
+        job = self.store.job(row["job_id"])
+        began = time.monotonic()
+        try:
+            process = self.spawn(row, job)
+        except OSError as error:
+            self.log.warning("job %s: its hook %s cannot run: %s", row["job_id"],
+                             json.loads(row["argv"])[0], error.strerror or error)
+            self.finish(row["id"], row["job_id"], {
+                "exit_code": None, "signal": None, "timed_out": False,
+                "duration": time.monotonic() - began,
+                "error": f"cannot run it: {error.strerror or error}"
+                         + (f" ({error.filename})" if error.filename else "")})
+            return True
+        self.watch(row, process)
+        return True
+
+    def spawn(self, row, job):
+        """The hook's process: in the job's directory, with the job's umask and its
+        environment (see hook_environment).  Raises OSError."""
+        import subprocess
+        task = None if job["array_id"] is None else \
+            (job["array_id"], job["task_id"], job["task_arg"])
+        environment = hook_environment(
+            self.store.environment(job["environment_id"]), json.loads(job["variables"]), row,
+            job["id"], row["job_log"] or job_log_path(self.log_dir, job["id"]),
+            json.loads(job["args"]), task)
+        # A session of its own: its process group is what a timeout ends, and a
+        # terminal's signals to the server's group do not reach it.
+        process = subprocess.Popen(json.loads(row["argv"]), cwd=job["cwd"], env=environment,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   umask=job["umask"])
+        os.set_blocking(process.stdout.fileno(), False)
+        return process
+
+    def watch(self, row, process):
+        try:
+            pidfd = os.pidfd_open(process.pid)
+        except OSError as error:   # out of descriptors: it could never be waited for
+            process.kill()
+            process.wait()
+            process.stdout.close()
+            raise OSError(error.errno, f"cannot watch it: {error.strerror}") from None
+        run = self.running[row["id"]] = HookRun(row, process, pidfd)
+        self.selector.register(pidfd, EVENT_READ, lambda events: self.ended(run))
+        self.selector.register(process.stdout, EVENT_READ, lambda events: self.read(run))
+        self.timers.add(time.time() + self.timeout, lambda: self.cut(run), run)
+        import shlex
+        self.log.info("job %s: hook started: %s (pid %s)", run.job_id,
+                      shlex.join(process.args), process.pid)
+
+    # --- its output -----------------------------------------------------------
+
+    def read(self, run, reads=1):
+        """Log what the hook wrote, READS chunks at most (one per event: other events
+        get their turn; more at its end, the rest of what is in the pipe)."""
+        for _ in range(reads):
+            try:
+                chunk = os.read(run.process.stdout.fileno(), 1 << 16)
+            except BlockingIOError:
+                return
+            if not chunk:
+                self.close_output(run)
+                return
+            self.log_lines(run, run.lines.feed(chunk))
+            if len(run.lines.pending) > HOOK_OUTPUT_LIMIT:   # a line that never ends
+                self.log_lines(run, [bytes(run.lines.pending)])
+                run.lines.pending.clear()
+
+    def log_lines(self, run, lines):
+        for line in lines:
+            if run.logged < HOOK_OUTPUT_LIMIT:
+                self.log.info("job %s: hook: %s", run.job_id,
+                              line.decode(errors="replace")[:HOOK_LINE_LIMIT])
+                run.logged += len(line) + 1
+                if run.logged >= HOOK_OUTPUT_LIMIT:
+                    self.log.info("job %s: hook: (the rest of its output is not logged)",
+                                  run.job_id)
+
+    def close_output(self, run):
+        stdout = run.process.stdout
+        if not stdout.closed:
+            self.selector.unregister(stdout)
+            stdout.close()
+
+    # --- its end --------------------------------------------------------------
+
+    def ended(self, run):
+        """The hook's process has exited: log the rest of its output, end what it left
+        in its group (while its zombie keeps that group id ours), reap it, and
+        record how it went."""
+        self.selector.unregister(run.pidfd)
+        os.close(run.pidfd)
+        if not run.process.stdout.closed:
+            self.read(run, reads=16)
+            self.log_lines(run, [bytes(run.lines.pending)] if run.lines.pending else [])
+            self.close_output(run)   # (what it left behind may hold the pipe: not waited for)
+        self.signal_group(run, signal.SIGTERM)
+        status = run.process.wait()
+        run.ended = True
+        del self.running[run.id]
+        outcome = {"exit_code": status if status >= 0 else None,
+                   "signal": -status if status < 0 else None, "timed_out": run.timed_out,
+                   "error": None, "duration": time.monotonic() - run.began}
+        how = (f"timed out after {self.timeout:g}s" if run.timed_out else
+               f"exit {status}" if status >= 0 else f"signal {-status}")
+        log = self.log.info if status == 0 else self.log.warning
+        log("job %s: hook ended (%s) in %.1fs", run.job_id, how, outcome["duration"])
+        self.finish(run.id, run.job_id, outcome)
+
+    def finish(self, run_id, job_id, outcome):
+        """Record how hook run RUN_ID went (while the disk refuses, again after a
+        pause: meanwhile it is not started again), then start the next ones."""
+        ended_at = time.time()
+        self.saving.add(run_id)
+
+        def save():
+            with self.store.transaction():
+                self.rows.ended(run_id, outcome, ended_at)
+
+        def saved():
+            self.saving.discard(run_id)
+            self.wake()
+        self.timers.until_saved(f"job {job_id}: recording how its hook ended", save, saved)
+
+    def cut(self, run):
+        """The hook timeout has passed: end its process group, as kill ends a job's."""
+        if run.ended:
+            return
+        run.timed_out = True
+        self.log.warning("job %s: its hook still runs after %gs (start --hook-timeout); "
+                         "ending it (SIGTERM, SIGKILL %gs later)", run.job_id, self.timeout,
+                         HOOK_KILL_GRACE)
+        self.signal_group(run, signal.SIGTERM)
+        self.timers.add(time.time() + HOOK_KILL_GRACE,
+                        lambda: self.signal_group(run, signal.SIGKILL), run)
+
+    def signal_group(self, run, number):
+        if run.ended:
+            return   # reaped: its group id may be another's now
+        try:
+            os.killpg(run.process.pid, number)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self):
+        """At stop: the hooks running end (SIGTERM); their runs stay pending, so the
+        next start runs them again (at least once)."""
+        for run in self.running.values():
+            self.signal_group(run, signal.SIGTERM)
+            self.log.info("job %s: its hook was ended by the server's stop; it runs again "
+                          "at the next start", run.job_id)
+
+    def describe(self):
+        """start --on-end and the runs, as status --json shows them."""
+        return {"on_end": self.on_end, "timeout": self.timeout, "at_once": HOOKS_AT_ONCE,
+                "running": sorted(run.job_id for run in self.running.values()),
+                "pending": self.rows.pending_count() - len(self.running) - len(self.saving)}
+
+
+###############################################################################
 # Services #####################################################################
 ###############################################################################
 
@@ -7866,6 +8279,7 @@ def schedule_to_json(row, last_state):
         "on": json.loads(options.get("run_on") or "null"),
         "prefer": json.loads(options.get("prefer") or "null"),
         "exclude": json.loads(options.get("exclude") or "null"),
+        "on_end": json.loads(options.get("on_end") or "null"),
         **{name: options.get(name, JOB_OPTIONS[name])
            for name in ("ssh_reuse", "priority", "retries", "retry_delay", "timeout")},
     }
@@ -8612,6 +9026,7 @@ class Handlers:
         self.runner = server.runner
         self.services = server.services
         self.schedules = server.schedules
+        self.hooks = server.hooks
         self.clients = server.clients
         self.log_dir = server.log_dir
 
@@ -8633,6 +9048,14 @@ class Handlers:
         children = self.store.families.children_of([job["id"] for job in jobs])
         for job in jobs:
             job["children"] = children.get(job["id"], [])
+        return jobs
+
+    def with_hooks(self, jobs):
+        """JOBS (JSON) with their hook runs (see hook_run_to_json), oldest first."""
+        runs = self.store.hook_rows.of_jobs([job["id"] for job in jobs])
+        for job in jobs:
+            job["hooks"] = [hook_run_to_json(row, row["id"] in self.hooks.running)
+                            for row in runs.get(job["id"], ())]
         return jobs
 
     def with_dependencies(self, jobs):
@@ -8661,11 +9084,12 @@ class Handlers:
         waiting_limit = params["waiting_limit"]
         waiting = self.store.jobs_in_state(JobState.WAITING,
                                            -1 if waiting_limit is None else waiting_limit)
-        running = [job_to_json(row, self.log_dir)
-                   for row in self.store.jobs_in_state(JobState.RUNNING)]
+        running = self.with_hooks([job_to_json(row, self.log_dir)
+                                   for row in self.store.jobs_in_state(JobState.RUNNING)])
         slaves = [worker.to_json([job for job in running if worker.name in job_workers(job)])
                   for worker in self.workers.all()]
-        waitlist = self.with_dependencies([job_to_json(row, self.log_dir) for row in waiting])
+        waitlist = self.with_hooks(self.with_dependencies([job_to_json(row, self.log_dir)
+                                                           for row in waiting]))
         arrays = self.arrays()
         self.say_why_they_wait(waitlist, arrays)
         schedules = self.schedules.describe()
@@ -8677,6 +9101,7 @@ class Handlers:
                        "data_dir": self.server.data_dir, "log_dir": self.log_dir},
             "paused": self.queue.paused,
             "placement": self.queue.placement,
+            "hooks": self.hooks.describe(),
             "slaves": slaves,
             "job_waitlist": waitlist,
             "running_jobs": running,
@@ -8996,6 +9421,9 @@ class Handlers:
     def jobs(self, client, params):
         """Jobs from the history, filtered; or one job in full."""
         state, result = params["state"]
+        return self.with_hooks(self.find_jobs(params, state, result))
+
+    def find_jobs(self, params, state, result):
         if params["tree"] and params["id"] is None:
             return self.with_children([job_to_json(row, self.log_dir)
                                        for row in self.store.families.members()])
@@ -9109,7 +9537,7 @@ class Server(Events):
 
     def __init__(self, data_dir, log_dir, log, job_fd_limit, spawner,
                  check_interval=DEFAULT_CHECK_INTERVAL, ssh_config=KEEP_SSH_CONFIG,
-                 down_after=None, placement=None):
+                 down_after=None, placement=None, hook_settings=None):
         import selectors   # here: clients do not need it
         self.data_dir = data_dir
         self.log_dir = log_dir
@@ -9118,6 +9546,9 @@ class Server(Events):
         self.ssh_config = ssh_config   # the queue's (see load): None for ssh's defaults
         self.down_after = down_after   # ditto: failures in a row that set a worker aside
         self.placement = placement     # ditto: spread or pack (see plan_starts)
+        # ditto: what start said of hooks, {"on_end": argv, or None to clear it;
+        # "hook_timeout": seconds}, each only if it said it
+        self.hook_settings = hook_settings or {}
         self.paths = data_dir_paths(data_dir)
         self.store = Store(self.paths["database"])
         self.selector = selectors.DefaultSelector()
@@ -9135,6 +9566,7 @@ class Server(Events):
                                  self.probes, log)
         self.runner.replica_running = self.services.replica_running
         self.schedules = Schedules(self.store, self.queue, self.workers, self.timers, log)
+        self.hooks = Hooks(self.store, self.timers, self.selector, log, log_dir)
         self.health = HealthMonitor(self.workers, self.timers, self.selector, log, log_dir,
                                     check_interval)
         self.clients = Clients(self.selector, log, self.store, self.paths, data_dir, log_dir,
@@ -9152,6 +9584,12 @@ class Server(Events):
         if self.placement is not None:
             with self.store.transaction():
                 self.store.set_setting("placement", self.placement)
+        with self.store.transaction():   # before recovery: the ends it records get them
+            for key, value in self.hook_settings.items():
+                if value is None:
+                    self.store.drop_setting(key)
+                else:
+                    self.store.set_setting(key, value)
         self.ssh_config = self.health.ssh_config = self.store.setting("ssh_config", None)
         self.workers.load(self.down_after)
         # First: recovery may remove a drained worker, and write.
@@ -9160,6 +9598,7 @@ class Server(Events):
         self.queue.load()
         self.services.converge_all()
         self.schedules.load()
+        self.hooks.load()
 
     # --- what the lifecycle tells the rest (Events) ----------------------------
 
@@ -9168,6 +9607,7 @@ class Server(Events):
         if state == JobState.DONE:
             self.activity.ended(len(job_ids))
             self.schedules.runs_ended(job_ids)
+            self.hooks.wake()
 
     def jobs_removed(self, job_ids):
         self.clients.jobs_removed(job_ids)
@@ -9274,6 +9714,7 @@ class Server(Events):
         self.clients.close()
         self.health.stop()
         self.probes.stop()
+        self.hooks.stop()
         self.runner.release_ssh_root()
         self.store.close()
         self.spawner.close()
@@ -9285,7 +9726,7 @@ class Server(Events):
 
 
 def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL,
-               ssh_config=KEEP_SSH_CONFIG, down_after=None, placement=None):
+               ssh_config=KEEP_SSH_CONFIG, down_after=None, placement=None, hook_settings=None):
     """Own DATA_DIR, recover, listen, and serve until stopped."""
     if not hasattr(os, "pidfd_open"):
         raise UserError("the server needs Linux 5.3 or later (pidfd) and Python 3.10+")
@@ -9296,7 +9737,8 @@ def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL,
     import sqlite3
     try:
         lock, server = open_server(data_dir, log_dir, paths, filelock, notify, spawner,
-                                   check_interval, ssh_config, down_after, placement)
+                                   check_interval, ssh_config, down_after, placement,
+                                   hook_settings)
     except (OSError, sqlite3.Error) as error:
         # The disk may be full or read-only: say so, and what to do.
         fault = storage_fault(getattr(error, "filename", None) or data_dir, error)
@@ -9326,7 +9768,7 @@ def run_server(data_dir, log_dir, notify, check_interval=DEFAULT_CHECK_INTERVAL,
 
 
 def open_server(data_dir, log_dir, paths, filelock, notify, spawner, check_interval,
-                ssh_config, down_after, placement=None):
+                ssh_config, down_after, placement=None, hook_settings=None):
     """Take the data dir, recover and listen; return (lock, server) ready to serve."""
     import resource
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
@@ -9348,7 +9790,7 @@ def open_server(data_dir, log_dir, paths, filelock, notify, spawner, check_inter
     spawner.log = log
     try:
         server = Server(data_dir, log_dir, log, job_fd_limit, spawner, check_interval,
-                        ssh_config, down_after, placement)
+                        ssh_config, down_after, placement, hook_settings)
         server.load()
         server.clients.listen()
     except BaseException:
@@ -9590,10 +10032,11 @@ def command_start(options):
     log_dir = resolve_dir(options.log_dir or options.log_dir_positional or DEFAULT_LOG_DIR)
     check_interval = parse_duration(options.check_interval, "--check-interval")
     ssh_config = start_ssh_config(options)
+    hook_settings = start_hook_settings(options)
     if options.foreground:
         run_server(data_dir, log_dir, notify=options.notify, check_interval=check_interval,
                    ssh_config=ssh_config, down_after=options.down_after,
-                   placement=options.placement)
+                   placement=options.placement, hook_settings=hook_settings)
         return 0
     import subprocess
     server = subprocess.Popen(
@@ -9602,7 +10045,8 @@ def command_start(options):
          "--check-interval", str(check_interval)] +
         ([] if ssh_config is KEEP_SSH_CONFIG else ["--ssh-config", ssh_config or "default"]) +
         ([] if options.down_after is None else ["--down-after", str(options.down_after)]) +
-        ([] if options.placement is None else ["--placement", options.placement]),
+        ([] if options.placement is None else ["--placement", options.placement]) +
+        start_hook_arguments(hook_settings),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True, cwd="/")
     output = []
@@ -9616,6 +10060,35 @@ def command_start(options):
     server.wait()
     message = "\n".join(output).strip() or f"the server exited with status {server.returncode}"
     raise UserError(message[len("Error: "):] if message.startswith("Error: ") else message)
+
+
+def start_hook_settings(options):
+    """What start says of hooks: {"on_end": argv, or None (--no-on-end) to clear it;
+    "hook_timeout": seconds}, each only if given (the queue keeps what it has)."""
+    settings = {}
+    if options.on_end is not None and options.no_on_end:
+        raise UserError("--on-end sets the hook of every job and --no-on-end clears it: "
+                        "choose one")
+    if options.on_end is not None:
+        settings["on_end"] = hook_command(options.on_end)
+    elif options.no_on_end:
+        settings["on_end"] = None
+    if options.hook_timeout is not None:
+        settings["hook_timeout"] = parse_duration(options.hook_timeout, "--hook-timeout",
+                                                  positive=True)
+    return settings
+
+
+def start_hook_arguments(settings):
+    """START_HOOK_SETTINGS's, as the background server's own start takes them again."""
+    import shlex
+    arguments = []
+    if "on_end" in settings:
+        arguments += ["--no-on-end"] if settings["on_end"] is None else \
+            ["--on-end", shlex.join(settings["on_end"])]
+    if "hook_timeout" in settings:
+        arguments += ["--hook-timeout", format(settings["hook_timeout"], "f")]
+    return arguments
 
 
 def start_ssh_config(options):
@@ -10007,7 +10480,33 @@ def job_policy(options):
         "timeout": None if options.timeout is None else
         parse_duration(options.timeout, "--timeout", positive=True),
         "not_before": None if not_before is None else iso_time(not_before),
+        "on_end": None if getattr(options, "on_end", None) is None else
+        hook_command(options.on_end),
     }
+
+
+def hook_command(text, flag="--on-end"):
+    """--on-end's PROGRAM [ARGS...], one word for argparse, split into an argv as a
+    POSIX shell would split it (but nothing is run to do it, and no shell ever
+    runs the hook); PROGRAM resolved as add_job's SCRIPT is, to an absolute path."""
+    import shlex
+    try:
+        words = shlex.split(text)
+    except ValueError as error:
+        raise UserError(f"{flag} {text!r}: {error}; it is split into words as a shell "
+                        "would, so fix its quoting") from None
+    if not words:
+        raise UserError(f"{flag} needs a program, like {flag} 'notify-send \"job done\"'")
+    program = words[0]
+    if "/" not in program and not os.path.exists(program):
+        import shutil
+        program = shutil.which(program) or program
+    program = os.path.abspath(program)
+    try:
+        check_script(program, shown=words[0], what=f"{flag} program")
+    except UserError as error:
+        raise UserError(f"{error} (give a path, or a command on PATH)") from None
+    return [program, *words[1:]]
 
 
 def host_list(texts, flag):
@@ -10597,7 +11096,7 @@ def render_job(job):
     for key in ("id", "task", "state", "result", "exit_code", "signal", "reason", "worker",
                 "slots", "parts", "attempt", "retries", "priority", "timeout", "not_before",
                 "script", "args", "cwd", "envs", "submitted_at", "started_at", "ended_at",
-                "log", "parent", "children", "schedule"):
+                "log", "parent", "children", "schedule", "on_end"):
         value = job[key]
         if key == "schedule":
             if value is None:
@@ -10617,6 +11116,11 @@ def render_job(job):
             value = f"{value} (nohup: outlives its end)"
         elif key == "children":
             value = ", ".join(map(str, value)) if value else None
+        elif key == "on_end":
+            if value is None:
+                continue   # (a line for jobs with a hook of their own only)
+            import shlex
+            value = shlex.join(value)
         elif key == "signal" and value is not None:
             value = f"{value} ({_signal_name(value)})"
         elif isinstance(value, (list, dict)):
@@ -10631,7 +11135,27 @@ def render_job(job):
                      f"(exit {_exit_text(attempt)}), {_local_time(attempt['started_at'])} to "
                      f"{_local_time(attempt['ended_at'])}"
                      + (f": {attempt['reason']}" if attempt["reason"] else ""))
+    lines += hook_lines(job.get("hooks", ()))
     return "\n".join(lines)
+
+
+def hook_lines(hooks):
+    """jobs ID's lines on the job's hook runs: how each went, or that it is to run."""
+    import shlex
+    lines = ["hooks:"] if hooks else []
+    for hook in hooks:
+        if hook["state"] != "done":
+            how = hook["state"] + (" (again: it had not finished when the server went)"
+                                   if hook["starts"] > (hook["state"] == "running") else "")
+        elif hook["error"]:
+            how = hook["error"]
+        else:
+            how = ("timed out, " if hook["timed_out"] else "") + \
+                (f"exit {hook['exit_code']}" if hook["exit_code"] is not None else
+                 _signal_name(hook["signal"])) + \
+                f" after {hook['duration']:.1f}s, at {_local_time(hook['ended_at'])}"
+        lines.append(f"  {shlex.join(hook['program'])} ({hook['from']}'s --on-end): {how}")
+    return lines
 
 
 def _exit_text(job):
@@ -11816,7 +12340,11 @@ EXAMPLES = {
     "start": "./cli.py start\n  ./cli.py start --server_data_dir ~/queue --log_dir ~/queue/logs\n"
              "  ./cli.py start --foreground          # under systemd or screen\n"
              "  ./cli.py start --ssh-config ~/cluster/ssh_config\n"
-             "  ./cli.py start --placement pack     # best fit: big workers kept for big jobs",
+             "  ./cli.py start --placement pack     # best fit: big workers kept for big jobs\n"
+             "  ./cli.py start --on-end ./notify.sh  # runs as each job ends (remembered)\n"
+             "  ./cli.py start --on-end ./chat.sh --hook-timeout 30s   # see README: "
+             "Completion hooks\n"
+             "  ./cli.py start --no-on-end           # jobs' own --on-end still run",
     "stop": "./cli.py stop",
     "status": "./cli.py status\n  ./cli.py status --json > state.json",
     "add_slave": "./cli.py add_slave node1 node2 alice@10.0.0.7 alice@10.0.0.8:2222 '[fd00::5]'\n"
@@ -11842,7 +12370,10 @@ EXAMPLES = {
                "                                               # each part: mpirun -H "
                "$SPLIT_HOSTS ...\n"
                "  # in a job's script: children, killed when the script ends\n"
-               "  ./cli.py add_job ./step.sh part-1; ./cli.py add_job --nohup ./report.sh",
+               "  ./cli.py add_job ./step.sh part-1; ./cli.py add_job --nohup ./report.sh\n"
+               "  # when it has ended (see README, Completion hooks):\n"
+               "  ./cli.py add_job --on-end 'notify-send \"job ended\"' ./train.sh\n"
+               "  ./cli.py add_job --on-end ./collect.sh ./sweep.sh ::: 1 2 3   # each task",
     "remove_job": "./cli.py remove_job 12 13\n  ./cli.py remove_job ./job.sh input-1.dat\n"
                   "  ./cli.py remove_job 7     # the tasks of array 7 still waiting",
     "load_status": "./cli.py status --json > state.json\n  ./cli.py load_status state.json",
@@ -11971,6 +12502,20 @@ def attempt_arguments(where):
                             "it ends as timed_out, and is retried if --retries allows.")
 
 
+def on_end_argument(where):
+    """--on-end, of add_job and add_schedule."""
+    where.add_argument("--on-end", metavar="'PROGRAM [ARGS...]'",
+                       help="Once the job has ended for good (after its retries; also "
+                            "killed or skipped before it ran), run PROGRAM on this machine, "
+                            "without a shell, in the job's directory, with the job's "
+                            "environment plus JOB_ID, JOB_RESULT, JOB_EXIT_CODE, JOB_SIGNAL, "
+                            "JOB_LOG, JOB_WORKER, JOB_ATTEMPTS and JOB_ARGS (JSON). One word: "
+                            "quote it; it is split as a shell would split it, and PROGRAM is "
+                            "looked up now (a path, or a command on PATH). Its output goes to "
+                            "server.log; jobs ID shows how it went. It runs at least once: "
+                            "again if the server stopped or died while it ran.")
+
+
 def split_argument(where):
     where.add_argument("--split", action="store_true",
                        help="Let the --slots K come from several workers (an MPI-style "
@@ -12063,6 +12608,20 @@ def build_parser(only=None):
                             "'pack' (the one with the fewest free slots that still holds "
                             "the job, so large workers stay free for large jobs). Remembered "
                             f"across restarts (default: {PLACEMENTS[0]}).")
+    hooks = start.add_argument_group("completion hooks (see add_job --on-end)")
+    hooks.add_argument("--on-end", metavar="'PROGRAM [ARGS...]'",
+                       help="Run PROGRAM on this machine each time any job ends for good (as "
+                            "add_job --on-end does; a job's own --on-end runs too). One word: "
+                            "quote it; it is split as a shell would split it, and PROGRAM is "
+                            "looked up now (a path, or a command on PATH). Remembered across "
+                            "restarts: a start without --on-end keeps it.")
+    hooks.add_argument("--no-on-end", action="store_true",
+                       help="Clear the --on-end that the queue has (jobs' own stay).")
+    hooks.add_argument("--hook-timeout", metavar="DURATION",
+                       help="End a hook that runs longer than this, like 30s or 5m "
+                            "(SIGTERM to its process group, SIGKILL "
+                            f"{HOOK_KILL_GRACE:g}s later); it is recorded as timed out. "
+                            f"Remembered across restarts (default: {DEFAULT_HOOK_TIMEOUT:g}s).")
     start.add_argument("--notify", action="store_true", help=argparse.SUPPRESS)
 
     add("stop")
@@ -12161,6 +12720,7 @@ def build_parser(only=None):
                              "and are killed when it ends; with --nohup they run on (they "
                              "are still its family: a kill of it kills them too).")
     attempt_arguments(add_job.add_argument_group("how often it runs"))
+    on_end_argument(add_job.add_argument_group("when it ends"))
 
     remove_job = add("remove_job")
     remove_job.add_argument("first", metavar="ID | SCRIPT",
@@ -12285,6 +12845,7 @@ def build_parser(only=None):
     when.add_argument("--priority", type=int, default=0, metavar="N",
                       help="Higher starts first (default: 0; may be negative).")
     attempt_arguments(when)
+    on_end_argument(when)
     # job_policy reads these of add_job: a run starts when it is due, after nothing.
     add_schedule.set_defaults(at=None, delay=None, after=None, after_any=None)
 

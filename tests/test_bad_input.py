@@ -303,6 +303,11 @@ def test_edit_slave_refuses(queue, argv, expect):
     ("args-file-and-groups", ["add_job", "--args-file", "ARGS_FILE", "SCRIPT", ":::", "a"],
      "not both"),
     ("empty-group", ["add_job", "SCRIPT", "a", ":::"], "at least one argument"),
+    ("on-end-missing", ["add_job", "--on-end", "/nonexistent/notify", "SCRIPT"],
+     "no such --on-end program"),
+    ("on-end-empty", ["add_job", "--on-end", "", "SCRIPT"], "--on-end needs a program"),
+    ("on-end-bad-quoting", ["add_job", "--on-end", "SCRIPT 'x", "SCRIPT"], "fix its quoting"),
+    ("on-end-not-executable", ["add_job", "--on-end", "PLAIN", "SCRIPT"], "chmod +x"),
 )
 def test_add_job_refuses(queue, argv, expect):
     refused(queue, argv, expect)
@@ -410,6 +415,11 @@ def test_pause_and_resume_refuse(queue, argv, expect):
 
 @rows(
     ("start-twice", ["start"], "already running"),
+    ("start-on-end-missing", ["start", "--on-end", "/nonexistent/notify"],
+     "no such --on-end program"),
+    ("start-on-end-and-no-on-end", ["start", "--on-end", "SCRIPT", "--no-on-end"],
+     "choose one"),
+    ("start-hook-timeout-0", ["start", "--hook-timeout", "0", "ELSEWHERE"], "longer than 0"),
     ("start-check-interval-negative", ["start", "--check-interval=-1", "ELSEWHERE"],
      "not a duration"),
     ("start-check-interval-nan", ["start", "--check-interval", "nan", "ELSEWHERE"],

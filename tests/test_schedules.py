@@ -265,3 +265,21 @@ def test_a_run_whose_on_workers_are_gone_is_skipped_with_the_reason(server):
     wait_until(lambda: json.loads(server.ok("jobs", job_id, "--json"))["result"] == "skipped",
                20, "the run to be skipped")
     assert "no allowed worker left" in json.loads(server.ok("jobs", job_id, "--json"))["reason"]
+
+
+def test_a_schedules_on_end_hook_runs_for_each_run(server, tmp_path):
+    server.ok("add_slave", "w1")
+    seen = server.root / "hook.seen"
+    hook = server.write_script("hook.sh", f'echo "$JOB_ID $JOB_RESULT" >> "{seen}"\n')
+    server.ok("add_schedule", "hooked", "--every", "1h", "--on-end", str(hook), "--",
+              server.script)
+    assert schedules(server)["hooked"]["on_end"] == [str(hook)]
+    job_id = int(server.ok("run_schedule", "hooked"))
+    server.ok("wait", job_id)
+    wait_until(lambda: seen.exists() and seen.read_text() == f"{job_id} succeeded\n",
+               20, "the hook")
+    path = tmp_path / "status.json"
+    path.write_text(server.ok("status", "--json"))
+    server.ok("remove_schedule", "hooked")
+    server.ok("load_status", path)
+    assert schedules(server)["hooked"]["on_end"] == [str(hook)]
