@@ -3009,7 +3009,7 @@ class ScheduleRows:
 
 
 class HookRows:
-    """The hook runs (see migration 11): one per hook to run for one end of a job,
+    """The hook runs (see migration 12): one per hook to run for one end of a job,
     made by a trigger as the job moves to done; pending until its hook has run."""
 
     def __init__(self, store):
@@ -7352,7 +7352,7 @@ class HookRun:
 class Hooks:
     """Completion hooks (add_job --on-end, start --on-end).  As a job moves to done,
     a trigger makes a pending row of hook_runs for each of its hooks (see
-    migration 11); this unit runs the pending ones, HOOKS_AT_ONCE at a time, each
+    migration 12); this unit runs the pending ones, HOOKS_AT_ONCE at a time, each
     a process of its own: no shell, stdin /dev/null, its output logged in
     server.log as it comes, its end told by a pidfd, cut at the hook timeout
     (SIGTERM to its process group, SIGKILL HOOK_KILL_GRACE later).  Once it has
