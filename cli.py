@@ -54,10 +54,14 @@ Run `./cli.py COMMAND --help` for each command.
 #   Schedules                         Schedules: rules that queue jobs, on the one timer
 #   Health monitor                    HelperPipe (a helper process's pipes, never blocking
 #                                     the loop); HealthMonitor: the checker's results
-#   Clients                           Clients: the socket, replies, waiters, `wait`
+#   Activity                          what the live views show that the database does
+#                                     not keep: starts and ends per minute, waits, latency
+#   Clients                           Clients: the socket, replies, waiters, `wait`, and
+#                                     the live views' snapshots (watch)
 #   Request handlers                  Handlers: one thin method per request
 #   Server                            Server: the wiring and the event loop; run_server
-#   Client commands, Quickstart (from a fresh machine to jobs run on localhost),
+#   Client commands, Live views (top), Quickstart (from a fresh machine to jobs run
+#   on localhost),
 #   Argument parsing, main()
 #
 # The path of one job:  `add_job` (command_add_job) sends a request line;
@@ -11730,9 +11734,9 @@ def top_counts_line(snapshot):
                      ("waiting", "running", "succeeded", "failed")) + \
         "".join(f", {counts[name]} {name}" for name in ("killed", "timed_out", "skipped")
                 if counts.get(name))
-    text += f"  |  {snapshot['ends_per_minute']:g} ended/min"
+    text += f" | {snapshot['ends_per_minute']:g} ends/min"
     if snapshot["seconds_left"] is not None and counts.get("waiting"):
-        text += f", about {_duration_text(snapshot['seconds_left'])} left"
+        text += f", ~{_duration_text(snapshot['seconds_left'])} left"
     return text
 
 
@@ -11749,7 +11753,7 @@ def top_worker_line(worker):
 def top_job_line(job, now):
     where = f"{job['worker']}:{job['slot']}"
     ran = _elapsed(now - parse_iso_time(job["started_at"])) if job["started_at"] else "-"
-    return f"  {job['id']:>6}  {where:<18.18} {ran:>9}  {_command_line(job, 200)}"
+    return f"  {job['id']:>6}  {where:<14.14} {ran:>9}  {_command_line(job, 200)}"
 
 
 def top_window(jobs, selected, size):
