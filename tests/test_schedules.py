@@ -81,29 +81,35 @@ def test_overlap_lets_runs_overlap(server):
     assert runs_of(server, "many")   # its jobs stay
 
 
-def posix_zone_just_before_a_minute():
-    """A TZ whose local time is now about 5 seconds before a whole minute, 5 hours
-    ahead of UTC: (TZ, the local HH:MM that minute shows)."""
-    now = time.time()
-    offset = 5 * 3600 + int((55 - now) % 60)
-    local = now + offset
+def posix_zone_ahead(seconds_past_minute):
+    """A TZ 5 hours ahead of UTC (and some seconds) in which the local time is now
+    SECONDS_PAST_MINUTE seconds past a whole minute."""
+    offset = 5 * 3600 + int((seconds_past_minute - time.time()) % 60)
     hours, rest = divmod(offset, 3600)
-    zone = f"XYZ-{hours:02}:{rest // 60:02}:{rest % 60:02}"   # POSIX: west is positive
-    return zone, time.strftime("%H:%M", time.gmtime(local + 30))
+    return f"XYZ-{hours:02}:{rest // 60:02}:{rest % 60:02}", offset   # POSIX: west is +
+
+
+def next_local_minute(offset, margin=3):
+    """The next whole minute of local time (UTC + OFFSET) at least MARGIN seconds away,
+    as HH:MM."""
+    local = time.time() + offset + margin
+    return time.strftime("%H:%M", time.gmtime(local - local % 60 + 60))
 
 
 def test_a_daily_time_a_minute_ahead_fires_once_in_the_servers_zone(cli):
-    zone, minute = posix_zone_just_before_a_minute()
+    zone, offset = posix_zone_ahead(40)
     cli.ok("start", env=dict(cli.env, TZ=zone))
     cli.ok("add_slave", "w1")
+    minute = next_local_minute(offset)
     cli.ok("add_schedule", "daily", "--daily", minute, "--", cli.script)
     first_due = datetime.fromisoformat(schedules(cli)["daily"]["next_due"].replace("Z", "+00:00"))
-    assert first_due.timestamp() - time.time() < 20
-    wait_until(lambda: schedules(cli)["daily"]["runs"] == 1, 30, "the daily run")
+    assert 0 < first_due.timestamp() - time.time() < 65
+    assert time.strftime("%H:%M", time.gmtime(first_due.timestamp() + offset)) == minute
+    wait_until(lambda: schedules(cli)["daily"]["runs"] == 1, 90, "the daily run")
     cli.wait_for_counts(succeeded=1)
     record = cli.record(runs_of(cli, "daily")[0]["id"])
     assert record["env"]["SCHEDULED_FOR"].startswith(
-        time.strftime("%Y-%m-%d", time.gmtime(first_due.timestamp() + 5 * 3600)) +
+        time.strftime("%Y-%m-%d", time.gmtime(first_due.timestamp() + offset)) +
         f"T{minute}:00+05:")
     let_time_pass(2)
     daily = schedules(cli)["daily"]
