@@ -3248,14 +3248,113 @@ def _duration_text(seconds):
 # Scheduling policy (pure functions, no I/O) ###################################
 ###############################################################################
 
+GPU_UNITS = 1000   # a GPU in thousandths: --gpus 0.5 is 500, and sums stay exact
+
+
+class ResourceNeed:
+    """What a job asks for beyond slots: GPUS in thousandths (a share of one device
+    below GPU_UNITS, else whole devices), MEM bytes, NAMED {name: count}."""
+
+    def __init__(self, gpus=0, mem=0, named=None):
+        self.gpus = gpus
+        self.mem = mem
+        self.named = dict(named or {})
+
+    def __bool__(self):
+        return bool(self.gpus or self.mem or any(self.named.values()))
+
+
+class Resources:
+    """What one worker has beyond slots, and how much of it is free: GPUs by device
+    id (each GPU_UNITS, shared by jobs that take less), memory in bytes, named
+    countable resources.  HELD: the grants of the jobs running there."""
+
+    def __init__(self, gpus=(), mem=0, named=None, held=()):
+        self.devices = list(gpus)                         # in the order declared
+        self.gpu_free = {device: GPU_UNITS for device in self.devices}
+        self.mem_total = self.mem_free = mem
+        self.named_total = dict(named or {})
+        self.named_free = dict(self.named_total)
+        for grant in held:
+            self.hold(grant)
+
+    def copy(self):
+        twin = Resources()
+        twin.devices, twin.gpu_free = self.devices, dict(self.gpu_free)
+        twin.mem_total, twin.mem_free = self.mem_total, self.mem_free
+        twin.named_total, twin.named_free = self.named_total, dict(self.named_free)
+        return twin
+
+    def hold(self, grant):
+        """Count GRANT (see take) as in use.  A device or resource the worker no longer
+        has (edited down) is in use all the same: its free amount goes below 0, so
+        nothing more is granted until the holders end."""
+        for device in grant.get("gpus", ()):
+            self.gpu_free[device] = self.gpu_free.get(device, 0) - grant["gpu_share"]
+        self.mem_free -= grant.get("mem", 0)
+        for name, count in grant.get("named", {}).items():
+            self.named_free[name] = self.named_free.get(name, 0) - count
+
+    def could_fit(self, need):
+        """Whether NEED fits here once everything running has ended."""
+        return (need.gpus <= GPU_UNITS * len(self.devices) if need.gpus >= GPU_UNITS else
+                not need.gpus or bool(self.devices)) and need.mem <= self.mem_total and \
+            all(count <= self.named_total.get(name, 0) for name, count in need.named.items())
+
+    def choose_gpus(self, amount):
+        """The devices a job taking AMOUNT thousandths of GPUs gets now, or None.  A
+        share goes to the device with the least room that still holds it (whole
+        devices stay free for jobs that need them); whole GPUs are the free
+        devices first declared."""
+        if not amount:
+            return []
+        if amount < GPU_UNITS:
+            room = [(free, position, device) for position, (device, free)
+                    in enumerate(self.gpu_free.items()) if free >= amount]
+            return [min(room)[2]] if room else None
+        whole = [device for device in self.devices if self.gpu_free.get(device) == GPU_UNITS]
+        count = amount // GPU_UNITS
+        return whole[:count] if len(whole) >= count else None
+
+    def fits(self, need):
+        return self.choose_gpus(need.gpus) is not None and need.mem <= self.mem_free and \
+            all(count <= self.named_free.get(name, 0) for name, count in need.named.items())
+
+    def take(self, need):
+        """Hold NEED (which fits) and return its grant: {"gpus": [device ids],
+        "gpu_share": thousandths of each, "mem": bytes, "named": {name: count}}."""
+        devices = self.choose_gpus(need.gpus)
+        grant = {"gpus": devices, "gpu_share": min(need.gpus, GPU_UNITS) if devices else 0,
+                 "mem": need.mem, "named": {name: count for name, count in need.named.items()
+                                            if count}}
+        self.hold(grant)
+        return grant
+
+    def missing(self, need):
+        """How far NEED is from fitting now, GPUs first: for choosing the worker a job
+        that fits nowhere reserves (the closest)."""
+        if need.gpus >= GPU_UNITS:
+            whole = sum(1 for free in self.gpu_free.values() if free == GPU_UNITS)
+            gpus = max(0, need.gpus // GPU_UNITS - whole)
+        else:
+            gpus = int(bool(need.gpus) and self.choose_gpus(need.gpus) is None)
+        return (gpus, max(0, need.mem - self.mem_free),
+                sum(max(0, count - self.named_free.get(name, 0))
+                    for name, count in need.named.items()))
+
+
+NO_RESOURCES = Resources()
+
+
 class WorkerCapacity:
     """What the scheduler needs to know of one worker."""
 
-    def __init__(self, name, slots, busy_slots, accepting=True):
+    def __init__(self, name, slots, busy_slots, accepting=True, resources=NO_RESOURCES):
         self.name = name
         self.slots = slots
         self.busy_slots = set(busy_slots)
         self.accepting = accepting     # active, and not down
+        self.resources = resources     # GPUs, memory, named resources (see Resources)
 
     @property
     def free_slots(self):
@@ -3276,7 +3375,8 @@ class WorkerCapacity:
 class JobNeeds:
     """What the scheduler needs to know of one waiting job."""
 
-    def __init__(self, job_id, slots=1, on=None, prefer=(), exclude=(), avoid=(), split=False):
+    def __init__(self, job_id, slots=1, on=None, prefer=(), exclude=(), avoid=(), split=False,
+                 need=None):
         self.job_id = job_id
         self.slots = slots
         self.split = split and slots > 1   # may run as parts on several workers (--split)
@@ -3284,11 +3384,22 @@ class JobNeeds:
         self.prefer = set(prefer)
         self.exclude = set(exclude)
         self.avoid = set(avoid)        # workers its earlier attempts failed on
+        self.need = need or ResourceNeed()   # GPUs, memory, named resources
 
     @property
     def plain(self):
         return self.slots == 1 and self.on is None and not (self.prefer or self.exclude or
-                                                             self.avoid)
+                                                             self.avoid or self.need)
+
+    def fits(self, worker):
+        """Whether WORKER (a WorkerCapacity) holds all this job needs now."""
+        return worker.free_slots >= self.slots and \
+            (not self.need or worker.resources.fits(self.need))
+
+    def could_fit(self, worker):
+        """Whether WORKER could hold it all once its running jobs have ended."""
+        return worker.accepting and worker.slots >= self.slots and \
+            (not self.need or worker.resources.could_fit(self.need))
 
     def allowed(self, capacity, among=None):
         """The workers of CAPACITY (name -> WorkerCapacity) this job may run on; only
@@ -3347,7 +3458,10 @@ def plan_starts(jobs, workers, placement="spread"):
     """
     import heapq
     capacity = {worker.name: WorkerCapacity(worker.name, worker.slots, worker.busy_slots,
-                                            worker.accepting) for worker in workers}
+                                            worker.accepting,
+                                            worker.resources if worker.resources is NO_RESOURCES
+                                            else worker.resources.copy())
+                for worker in workers}
     order = {name: position for position, name in enumerate(capacity)}
     sign = 1 if placement == "pack" else -1   # the heap's key: sign * free slots
     heap = [(sign * worker.free_slots, order[name], name) for name, worker in capacity.items()
@@ -3379,12 +3493,14 @@ def plan_starts(jobs, workers, placement="spread"):
         else:
             avoid = job.avoid if job.must_avoid(capacity, big_enough) else ()
             fits = [worker for worker in job.allowed(capacity, open_workers)
-                    if worker.free_slots >= job.slots and worker.name not in avoid]
+                    if job.fits(worker) and worker.name not in avoid]
             if fits:
                 worker = min(fits, key=lambda worker: (worker.name not in job.prefer,
                                                        sign * worker.free_slots,
                                                        order[worker.name]))
                 starts.append((job.job_id, worker.name, worker.take(job.slots)))
+                if job.need:
+                    starts.grants[job.job_id] = worker.resources.take(job.need)
                 if job.split:
                     starts.parts[job.job_id] = [starts[-1][1:]]
             elif job.split:
@@ -3395,12 +3511,12 @@ def plan_starts(jobs, workers, placement="spread"):
                     open_workers.difference_update(
                         name for name, _ in parts if not capacity[name].free_slots)
                 continue
-            elif job.slots > 1:
-                could = [worker for worker in job.allowed(capacity) if worker.accepting and
-                         worker.slots >= job.slots and worker.name not in reserved and
-                         worker.name not in avoid]
+            elif job.slots > 1 or job.need:
+                could = [worker for worker in job.allowed(capacity) if job.could_fit(worker)
+                         and worker.name not in reserved and worker.name not in avoid]
                 if could:
-                    worker = min(could, key=lambda worker: (-worker.free_slots,
+                    worker = min(could, key=lambda worker: (worker.resources.missing(job.need),
+                                                            -worker.free_slots,
                                                             order[worker.name]))
                     reserved.add(worker.name)
                     open_workers.discard(worker.name)
@@ -3424,6 +3540,7 @@ class Plan(list):
     def __init__(self):
         super().__init__()
         self.parts = {}   # (each Plan its own: a class-wide dict would be shared)
+        self.grants = {}  # job id -> the GPUs, memory and resources it takes (Resources.take)
 
 
 def _split_parts(job, capacity, open_workers, reserved, avoid, order):

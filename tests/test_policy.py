@@ -657,3 +657,68 @@ def test_schedule_rules_are_checked_and_stored_in_one_form():
 def test_bad_schedule_rules(rule, message):
     with pytest.raises(cli.UserError, match=re.escape(message)):
         cli.schedule_rule(**rule)
+
+
+# --- resources beyond slots (issue 19): GPUs by device, memory, named resources ---
+
+def gpu_worker(name, slots, devices, held=(), mem=0, named=None, busy=()):
+    return cli.WorkerCapacity(name, slots, busy, True,
+                              cli.Resources(devices, mem, named, held))
+
+
+def gpu_jobs(*ids, gpus=0, mem=0, named=None, slots=1):
+    return [cli.JobNeeds(job_id, slots, need=cli.ResourceNeed(int(gpus * cli.GPU_UNITS), mem,
+                                                               named)) for job_id in ids]
+
+
+def test_gpu_jobs_get_distinct_devices_and_wait_when_none_is_free():
+    workers = [gpu_worker("a", 8, ["0", "1", "2", "3"])]
+    starts = plan(gpu_jobs(1, 2, gpus=1) + gpu_jobs(3, gpus=2) + gpu_jobs(4, gpus=1), workers)
+    assert [job_id for job_id, _, _ in starts] == [1, 2, 3]
+    assert [starts.grants[job_id]["gpus"] for job_id in (1, 2, 3)] == [["0"], ["1"], ["2", "3"]]
+    assert starts.reserved == {"a"}   # job 4 waits for a device, and keeps its place
+    assert workers[0].resources.gpu_free == {"0": 1000, "1": 1000, "2": 1000, "3": 1000}
+
+
+def test_gpu_shares_pack_onto_one_device_and_leave_whole_ones_free():
+    held = [{"gpus": ["1"], "gpu_share": 500}]
+    workers = [gpu_worker("a", 8, ["0", "1", "2"], held)]
+    starts = plan(gpu_jobs(1, gpus=0.5) + gpu_jobs(2, gpus=0.5) + gpu_jobs(3, gpus=2), workers)
+    # Job 1 fills device 1; job 2 takes half of device 0; two whole devices are not
+    # left for job 3 (0 is half used), so it waits.
+    assert [(job_id, starts.grants[job_id]["gpus"]) for job_id, _, _ in starts] == \
+        [(1, ["1"]), (2, ["0"])]
+    assert starts.grants[1] == {"gpus": ["1"], "gpu_share": 500, "mem": 0, "named": {}}
+
+
+def test_every_resource_must_be_free_at_once_on_one_worker():
+    workers = [gpu_worker("a", 4, ["0"], mem=16 << 30, named={"licence": 1}),
+               gpu_worker("b", 4, ["0", "1"], mem=64 << 30)]
+    starts = plan(gpu_jobs(1, gpus=1, mem=32 << 30) + gpu_jobs(2, named={"licence": 1}) +
+                  gpu_jobs(3, named={"licence": 1}), workers)
+    assert [(job_id, worker) for job_id, worker, _ in starts] == [(1, "b"), (2, "a")]
+    assert starts.grants[2]["named"] == {"licence": 1}
+    assert starts.reserved == {"a"}   # job 3 waits for the licence, on the worker that has one
+
+
+def test_a_job_wanting_4_gpus_is_not_starved_by_a_stream_of_1_gpu_jobs():
+    # Two of four devices busy: the 4-GPU job reserves the worker, and the 1-GPU jobs
+    # behind it do not take the devices that free up.
+    held = [{"gpus": ["0"], "gpu_share": 1000}, {"gpus": ["1"], "gpu_share": 1000}]
+    workers = [gpu_worker("a", 8, ["0", "1", "2", "3"], held, busy=[0, 1])]
+    starts = plan(gpu_jobs(1, gpus=4) + gpu_jobs(2, 3, gpus=1), workers)
+    assert list(starts) == [] and starts.reserved == {"a"}
+
+
+def test_a_worker_edited_down_below_what_runs_grants_nothing_more():
+    held = [{"gpus": ["0"], "gpu_share": 1000}, {"gpus": ["3"], "gpu_share": 1000}]
+    workers = [gpu_worker("a", 8, ["0", "1"], held)]   # devices 2 and 3 were removed
+    starts = plan(gpu_jobs(1, 2, gpus=1), workers)
+    assert [starts.grants[job_id]["gpus"] for job_id, _, _ in starts] == [["1"]]
+
+
+def test_plain_jobs_take_no_gpu_and_may_run_beside_gpu_jobs():
+    workers = [gpu_worker("a", 2, ["0"])]
+    starts = plan(jobs(1) + gpu_jobs(2, gpus=1), workers)
+    assert [(job_id, slots) for job_id, _, slots in starts] == [(1, [0]), (2, [1])]
+    assert 1 not in starts.grants and starts.grants[2]["gpus"] == ["0"]
