@@ -3344,6 +3344,58 @@ class Resources:
 
 
 NO_RESOURCES = Resources()
+SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?)(?:i?B)?\Z", re.IGNORECASE)
+SIZE_UNITS = "KMGTP"
+
+
+def parse_size(text, what):
+    """Bytes from 512, 512M, 16G, 1.5T (powers of 1024, as free -h shows them)."""
+    match = SIZE.match(text.strip())
+    if not match:
+        raise UserError(f"{what} {text!r} is not an amount of memory: write it like 512M, "
+                        "16G or 1.5T")
+    unit = match[2].upper()
+    return int(float(match[1]) * 1024 ** (SIZE_UNITS.index(unit) + 1 if unit else 0))
+
+
+def size_text(count):
+    """16G, 1.5T, 512M: COUNT bytes as --mem takes them."""
+    for power in range(len(SIZE_UNITS), 0, -1):
+        if count >= 1024 ** power:
+            return f"{count / 1024 ** power:.3g}{SIZE_UNITS[power - 1]}"
+    return str(count)
+
+
+def gpu_text(thousandths):
+    return f"{thousandths / GPU_UNITS:g} GPU" + ("s" if thousandths > GPU_UNITS else "")
+
+
+def resource_shortfall(need, workers):
+    """Why a job with NEED (ResourceNeed) cannot start on any of WORKERS (the
+    accepting ones it may use, WorkerCapacity) now: the first resource short on
+    every one, and the most of it free on one worker; None if one holds it all."""
+    if not need or any(worker.resources.fits(need) for worker in workers):
+        return None
+    resources = [worker.resources for worker in workers]
+    if need.gpus and not all(resource.choose_gpus(need.gpus) is not None
+                             for resource in resources):
+        if need.gpus >= GPU_UNITS:
+            most = max((sum(1 for free in resource.gpu_free.values() if free == GPU_UNITS)
+                        for resource in resources), default=0)
+            return f"needs {gpu_text(need.gpus)} together; most free on one worker: {most}"
+        most = max((free for resource in resources for free in resource.gpu_free.values()),
+                   default=0)
+        return (f"needs {gpu_text(need.gpus)} of one device; most free on one device: "
+                f"{gpu_text(max(0, most))}")
+    if need.mem and not all(need.mem <= resource.mem_free for resource in resources):
+        most = max((resource.mem_free for resource in resources), default=0)
+        return f"needs {size_text(need.mem)} memory; most free on one worker: " \
+               f"{size_text(max(0, most))}"
+    for name, count in need.named.items():
+        most = max((resource.named_free.get(name, 0) for resource in resources), default=0)
+        if most < count:
+            return f"needs {name}={count}; most free on one worker: {max(0, most)}"
+    return "its resources free together on one worker"
 
 
 class WorkerCapacity:

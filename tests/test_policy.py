@@ -722,3 +722,25 @@ def test_plain_jobs_take_no_gpu_and_may_run_beside_gpu_jobs():
     starts = plan(jobs(1) + gpu_jobs(2, gpus=1), workers)
     assert [(job_id, slots) for job_id, _, slots in starts] == [(1, [0]), (2, [1])]
     assert 1 not in starts.grants and starts.grants[2]["gpus"] == ["0"]
+
+
+def test_sizes_are_read_and_written_as_free_h_shows_them():
+    assert [cli.parse_size(text, "--mem") for text in ("512", "16G", "1.5T", "256MiB", "2g")] \
+        == [512, 16 << 30, 3 << 39, 256 << 20, 2 << 30]
+    assert [cli.size_text(count) for count in (512, 16 << 30, 3 << 39, 1536 << 20)] == \
+        ["512", "16G", "1.5T", "1.5G"]
+    with pytest.raises(cli.UserError, match="is not an amount of memory"):
+        cli.parse_size("lots", "--mem")
+
+
+def test_a_resource_job_says_what_it_waits_for():
+    held = [{"gpus": ["0"], "gpu_share": 1000, "mem": 8 << 30}]
+    workers = [gpu_worker("a", 8, ["0", "1"], held, mem=16 << 30, named={"licence": 1})]
+    def reason(**need):
+        return cli.resource_shortfall(cli.ResourceNeed(**need), workers)
+    assert reason(gpus=2000) == "needs 2 GPUs together; most free on one worker: 1"
+    assert reason(gpus=1000) is None
+    assert reason(mem=12 << 30) == "needs 12G memory; most free on one worker: 8G"
+    assert reason(named={"licence": 2}) == "needs licence=2; most free on one worker: 1"
+    workers[0].resources.hold({"gpus": ["1"], "gpu_share": 700})
+    assert reason(gpus=500) == "needs 0.5 GPU of one device; most free on one device: 0.3 GPU"
