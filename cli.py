@@ -138,6 +138,7 @@ MAX_JOB_ID = 2 ** 63 - 1         # SQLite's largest integer
 # JSON readers that use doubles.
 MAX_LOADED_JOB_ID = 2 ** 53
 MAX_DURATION = 100 * 365 * 86400
+BACKFILL_DEPTH = 100             # jobs a pass looks at for backfill once every worker is full
 LIVE_MIN_INTERVAL = 0.2          # live views: at most 5 snapshots a second
 LIVE_COST_SHARE = 0.02           # ... and their making at most 2% of the server's time
 LIVE_LIST_LIMIT = 100            # running and waiting jobs a snapshot lists (and counts all)
@@ -3295,6 +3296,12 @@ class Resources:
         for name, count in grant.get("named", {}).items():
             self.named_free[name] = self.named_free.get(name, 0) - count
 
+    def release(self, grant):
+        """GRANT is no longer in use (for reckoning when a reserved job could start)."""
+        self.hold({"gpus": grant.get("gpus", ()), "gpu_share": -grant.get("gpu_share", 0),
+                   "mem": -grant.get("mem", 0),
+                   "named": {name: -count for name, count in grant.get("named", {}).items()}})
+
     def could_fit(self, need):
         """Whether NEED fits here once everything running has ended."""
         return (need.gpus <= GPU_UNITS * len(self.devices) if need.gpus >= GPU_UNITS else
@@ -3401,12 +3408,16 @@ def resource_shortfall(need, workers):
 class WorkerCapacity:
     """What the scheduler needs to know of one worker."""
 
-    def __init__(self, name, slots, busy_slots, accepting=True, resources=NO_RESOURCES):
+    def __init__(self, name, slots, busy_slots, accepting=True, resources=NO_RESOURCES,
+                 running=()):
         self.name = name
         self.slots = slots
         self.busy_slots = set(busy_slots)
         self.accepting = accepting     # active, and not down
         self.resources = resources     # GPUs, memory, named resources (see Resources)
+        # Its running jobs as (expected end or None without --estimate, slot count,
+        # grant or None): when a job that reserves it could start (backfill).
+        self.running = list(running)
 
     @property
     def free_slots(self):
@@ -3428,8 +3439,9 @@ class JobNeeds:
     """What the scheduler needs to know of one waiting job."""
 
     def __init__(self, job_id, slots=1, on=None, prefer=(), exclude=(), avoid=(), split=False,
-                 need=None):
+                 need=None, estimate=None):
         self.job_id = job_id
+        self.estimate = estimate       # seconds it expects to run (--estimate), or None
         self.slots = slots
         self.split = split and slots > 1   # may run as parts on several workers (--split)
         self.on = on                   # None: any worker
@@ -3481,7 +3493,7 @@ class JobNeeds:
 PLACEMENTS = ("spread", "pack")   # start --placement; the first is the default
 
 
-def plan_starts(jobs, workers, placement="spread"):
+def plan_starts(jobs, workers, placement="spread", now=0.0):
     """Which waiting jobs start now, where, and in which slots.
 
     JOBS (JobNeeds) come in the order they should start: priority, then age.
@@ -3497,11 +3509,16 @@ def plan_starts(jobs, workers, placement="spread"):
     worker frees its slot at once and would otherwise take every retry before
     its health check notices.  Once it has failed everywhere, anywhere will do.
 
-    A multi-slot job that fits nowhere reserves the allowed worker closest to
-    fitting (the most free slots): nothing after it starts there, so the slots
-    it needs free up instead of going to a stream of small jobs.  We cannot
-    know which worker frees first (jobs have no run-time estimates), and
-    ageing would still let small jobs take every freed slot in between.
+    A multi-slot job, or one that needs GPUs, memory or named resources, that
+    fits nowhere reserves the allowed worker closest to fitting (the most free
+    slots; GPUs first): nothing after it starts there, so what it needs frees
+    up instead of going to a stream of small jobs; ageing would still let
+    small jobs take every freed slot in between.  Backfill (Slurm's): when
+    every job running on the reserved worker has an --estimate, the reserving
+    job could start there at a known time (reservation_time, from NOW); a
+    later job with an estimate that fits there now and ends by then starts
+    anyway.  A job that outlives its estimate makes that time now: the
+    reservation holds from then on.  Without estimates nothing is backfilled.
 
     Returns a Plan: [(job_id, worker name, [slots])], with the reserved
     workers' names in .reserved and, for each --split job, all its parts in
@@ -3512,7 +3529,7 @@ def plan_starts(jobs, workers, placement="spread"):
     capacity = {worker.name: WorkerCapacity(worker.name, worker.slots, worker.busy_slots,
                                             worker.accepting,
                                             worker.resources if worker.resources is NO_RESOURCES
-                                            else worker.resources.copy())
+                                            else worker.resources.copy(), worker.running)
                 for worker in workers}
     order = {name: position for position, name in enumerate(capacity)}
     sign = 1 if placement == "pack" else -1   # the heap's key: sign * free slots
@@ -3525,7 +3542,25 @@ def plan_starts(jobs, workers, placement="spread"):
     open_workers = {name for name, worker in capacity.items() if worker.free_slots > 0}
     starts = Plan()
     starts.reserved = reserved
+    shadows = {}             # reserved worker -> when its reserving job could start there
+    backfill_looks = 0       # jobs looked at for backfill once no worker is open
     accepting_sizes = None   # sorted slots of the accepting workers, once a retry asks
+
+    def start(job, worker):
+        starts.append((job.job_id, worker.name, worker.take(job.slots)))
+        grant = worker.resources.take(job.need) if job.need else None
+        if grant is not None:
+            starts.grants[job.job_id] = grant
+        worker.running.append((None if job.estimate is None else now + job.estimate,
+                               job.slots, grant))
+
+    def backfilled(job):
+        """Start JOB on a reserved worker it ends on before the reservation's time."""
+        worker = _backfill_worker(job, capacity, shadows, now)
+        if worker is not None:
+            start(job, worker)
+            starts.backfilled.append(job.job_id)
+        return worker is not None
 
     def big_enough(slots):
         import bisect
@@ -3536,12 +3571,21 @@ def plan_starts(jobs, workers, placement="spread"):
         return len(accepting_sizes) - bisect.bisect_left(accepting_sizes, slots)
     for job in jobs:
         if not open_workers:
-            break
+            if not shadows or backfill_looks >= BACKFILL_DEPTH:
+                break
+            backfill_looks += 1
+            backfilled(job)
+            continue
         if job.plain:
             worker = _most_free(heap, capacity, reserved, sign)
             if worker is None:
-                break          # no free slot left but on reserved workers
-            starts.append((job.job_id, worker.name, worker.take(1)))
+                # No free slot left but on reserved workers.
+                if not shadows or backfill_looks >= BACKFILL_DEPTH:
+                    break
+                backfill_looks += 1
+                backfilled(job)
+                continue
+            start(job, worker)
         else:
             avoid = job.avoid if job.must_avoid(capacity, big_enough) else ()
             fits = [worker for worker in job.allowed(capacity, open_workers)
@@ -3550,9 +3594,7 @@ def plan_starts(jobs, workers, placement="spread"):
                 worker = min(fits, key=lambda worker: (worker.name not in job.prefer,
                                                        sign * worker.free_slots,
                                                        order[worker.name]))
-                starts.append((job.job_id, worker.name, worker.take(job.slots)))
-                if job.need:
-                    starts.grants[job.job_id] = worker.resources.take(job.need)
+                start(job, worker)
                 if job.split:
                     starts.parts[job.job_id] = [starts[-1][1:]]
             elif job.split:
@@ -3563,6 +3605,8 @@ def plan_starts(jobs, workers, placement="spread"):
                     open_workers.difference_update(
                         name for name, _ in parts if not capacity[name].free_slots)
                 continue
+            elif shadows and backfilled(job):
+                continue
             elif job.slots > 1 or job.need:
                 could = [worker for worker in job.allowed(capacity) if job.could_fit(worker)
                          and worker.name not in reserved and worker.name not in avoid]
@@ -3572,6 +3616,9 @@ def plan_starts(jobs, workers, placement="spread"):
                                                             order[worker.name]))
                     reserved.add(worker.name)
                     open_workers.discard(worker.name)
+                    shadows[worker.name] = reservation_time(job, worker, now)
+                    if shadows[worker.name] is None:
+                        del shadows[worker.name]
                 continue
             else:
                 continue
@@ -3593,6 +3640,7 @@ class Plan(list):
         super().__init__()
         self.parts = {}   # (each Plan its own: a class-wide dict would be shared)
         self.grants = {}  # job id -> the GPUs, memory and resources it takes (Resources.take)
+        self.backfilled = []   # the jobs started on a reserved worker (see plan_starts)
 
 
 def _split_parts(job, capacity, open_workers, reserved, avoid, order):
@@ -3637,6 +3685,39 @@ def _split_parts(job, capacity, open_workers, reserved, avoid, order):
         reserved.add(worker.name)
         open_workers.discard(worker.name)
     return []
+
+
+def reservation_time(job, worker, now):
+    """When JOB could start on WORKER (whose running jobs hold what it lacks) if they end
+    as their estimates say: NOW at the earliest (one that overran may end any
+    moment); None if it waits on a job without an estimate."""
+    slots = worker.slots - len(worker.busy_slots)
+    resources = worker.resources.copy()
+    if slots >= job.slots and (not job.need or resources.fits(job.need)):
+        return now
+    for end, count, grant in sorted(worker.running, key=lambda run: (run[0] is None,
+                                                                      run[0] or 0)):
+        if end is None:
+            return None
+        slots += count
+        if grant:
+            resources.release(grant)
+        if slots >= job.slots and (not job.need or resources.fits(job.need)):
+            return max(end, now)
+    return None
+
+
+def _backfill_worker(job, capacity, shadows, now):
+    """A reserved worker where JOB (with an estimate) fits now and ends before the
+    reserving job could start there; None."""
+    if job.estimate is None:
+        return None
+    for name, shadow in shadows.items():
+        worker = capacity[name]
+        if now + job.estimate <= shadow and job.fits(worker) and \
+                job.allowed(capacity, {name}) and name not in job.avoid:
+            return worker
+    return None
 
 
 def _most_free(heap, capacity, reserved, sign=-1):

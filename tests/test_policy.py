@@ -744,3 +744,43 @@ def test_a_resource_job_says_what_it_waits_for():
     assert reason(named={"licence": 2}) == "needs licence=2; most free on one worker: 1"
     workers[0].resources.hold({"gpus": ["1"], "gpu_share": 700})
     assert reason(gpus=500) == "needs 0.5 GPU of one device; most free on one device: 0.3 GPU"
+
+
+def running(*runs):
+    """Running jobs as WorkerCapacity.running takes them: (end, slots, grant)."""
+    return list(runs)
+
+
+def test_backfill_starts_a_short_job_before_the_reserved_big_one_could_start():
+    # 4 slots, 3 busy until t=100 (estimated): a 4-slot job reserves the worker and
+    # could start at 100.  A 1-slot job of 50 s fits before; one of 200 s does not.
+    worker = cli.WorkerCapacity("a", 4, [0, 1, 2], True, cli.NO_RESOURCES,
+                                running((100.0, 3, None)))
+    queue = jobs(1, slots=4) + [cli.JobNeeds(2, estimate=200), cli.JobNeeds(3, estimate=50),
+                                cli.JobNeeds(4)]
+    starts = cli.plan_starts(queue, [worker], now=10.0)
+    assert [job_id for job_id, _, _ in starts] == [3] and starts.backfilled == [3]
+    assert starts.reserved == {"a"}
+
+
+def test_no_backfill_without_estimates_or_once_a_running_job_overran():
+    queue = jobs(1, slots=4) + [cli.JobNeeds(2, estimate=5)]
+    unknown = cli.WorkerCapacity("a", 4, [0, 1, 2], True, cli.NO_RESOURCES,
+                                 running((None, 3, None)))
+    assert list(cli.plan_starts(queue, [unknown], now=10.0)) == []
+    overran = cli.WorkerCapacity("a", 4, [0, 1, 2], True, cli.NO_RESOURCES,
+                                 running((8.0, 3, None)))   # expected to end at 8; now 10
+    assert list(cli.plan_starts(queue, [overran], now=10.0)) == []
+
+
+def test_backfill_of_gpu_jobs_counts_devices_that_free_up():
+    held = {"gpus": ["0", "1"], "gpu_share": 1000}
+    worker = cli.WorkerCapacity("a", 8, [0], True, cli.Resources(["0", "1", "2", "3"], 0,
+                                                                  None, [held]),
+                                running((300.0, 1, held)))
+    queue = gpu_jobs(1, gpus=4) + [
+        cli.JobNeeds(2, need=cli.ResourceNeed(1000), estimate=400),
+        cli.JobNeeds(3, need=cli.ResourceNeed(2000), estimate=100)]
+    starts = cli.plan_starts(queue, [worker], now=0.0)
+    assert [(job_id, starts.grants[job_id]["gpus"]) for job_id, _, _ in starts] == \
+        [(3, ["2", "3"])]
