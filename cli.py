@@ -138,6 +138,7 @@ MAX_JOB_ID = 2 ** 63 - 1         # SQLite's largest integer
 # JSON readers that use doubles.
 MAX_LOADED_JOB_ID = 2 ** 53
 MAX_DURATION = 100 * 365 * 86400
+MAX_GPUS = 1024                  # per worker, and per job
 BACKFILL_DEPTH = 100             # jobs a pass looks at for backfill once every worker is full
 LIVE_MIN_INTERVAL = 0.2          # live views: at most 5 snapshots a second
 LIVE_COST_SHARE = 0.02           # ... and their making at most 2% of the server's time
@@ -3371,6 +3372,57 @@ def size_text(count):
         if count >= 1024 ** power:
             return f"{count / 1024 ** power:.3g}{SIZE_UNITS[power - 1]}"
     return str(count)
+
+
+def worker_gpus(text):
+    """add_slave --gpus: a count (4: devices 0-3) or device ids (0,2,5); the ids."""
+    text = text.strip()
+    if plain_number(text):
+        count = int(text)
+        if not 0 < count <= MAX_GPUS:
+            raise UserError(f"--gpus {text}: a worker has 1 to {MAX_GPUS} GPUs")
+        return [str(device) for device in range(count)]
+    devices = [device.strip() for device in text.split(",")]
+    if not all(plain_number(device) for device in devices) or len(set(devices)) < len(devices) \
+            or len(devices) > MAX_GPUS:
+        raise UserError(f"--gpus {text!r}: give a count (--gpus 4) or distinct device ids "
+                        "(--gpus 0,2,5)")
+    return [str(int(device)) for device in devices]
+
+
+def job_gpus(text):
+    """add_job --gpus: whole GPUs (2), or a share of one (0.5); in thousandths."""
+    text = text.strip()
+    if "," in text:
+        raise UserError(f"--gpus {text}: a job asks for a number of GPUs, not device ids; "
+                        "it gets free ones in CUDA_VISIBLE_DEVICES (pin a job to a worker "
+                        "with --on)")
+    try:
+        amount = round(float(text) * GPU_UNITS)
+    except ValueError:
+        raise UserError(f"--gpus {text!r} is not a number of GPUs (like 2, or 0.5 to share "
+                        "one)") from None
+    if not 0 < amount <= MAX_GPUS * GPU_UNITS or \
+            abs(float(text) * GPU_UNITS - amount) > 1e-6:
+        raise UserError(f"--gpus {text}: ask for 1 to {MAX_GPUS} GPUs, or a share of one "
+                        "in thousandths (0.5, 0.25)")
+    if amount > GPU_UNITS and amount % GPU_UNITS:
+        raise UserError(f"--gpus {text}: more than one GPU must be whole GPUs (shares are of "
+                        "one device: 0.5, not 1.5)")
+    return amount
+
+
+def resource_variables(grant):
+    """What a job's grant puts in its environment: CUDA_VISIBLE_DEVICES and GPU_IDS
+    (its devices, comma-separated), MEM (bytes) and RESOURCE_<NAME> per named one."""
+    variables = {}
+    if grant.get("gpus"):
+        variables["CUDA_VISIBLE_DEVICES"] = variables["GPU_IDS"] = ",".join(grant["gpus"])
+    if grant.get("mem"):
+        variables["MEM"] = str(grant["mem"])
+    for name, count in grant.get("named", {}).items():
+        variables["RESOURCE_" + re.sub(r"[^A-Za-z0-9_]", "_", name).upper()] = str(count)
+    return variables
 
 
 def gpu_text(thousandths):

@@ -784,3 +784,26 @@ def test_backfill_of_gpu_jobs_counts_devices_that_free_up():
     starts = cli.plan_starts(queue, [worker], now=0.0)
     assert [(job_id, starts.grants[job_id]["gpus"]) for job_id, _, _ in starts] == \
         [(3, ["2", "3"])]
+
+
+def test_gpu_options_of_workers_and_jobs():
+    assert cli.worker_gpus("4") == ["0", "1", "2", "3"]
+    assert cli.worker_gpus("0, 2,5") == ["0", "2", "5"]
+    assert [cli.job_gpus(text) for text in ("2", "0.5", "0.25", "1")] == [2000, 500, 250, 1000]
+    for bad, message in [("1.5", "shares are of one device"), ("0,1", "not device ids"),
+                         ("0", "ask for 1 to"), ("-1", "ask for 1 to"), ("x", "not a number"),
+                         ("0.0001", "in thousandths")]:
+        with pytest.raises(cli.UserError, match=re.escape(message)):
+            cli.job_gpus(bad)
+    for bad in ("0", "1,1", "a,b"):
+        with pytest.raises(cli.UserError):
+            cli.worker_gpus(bad)
+
+
+def test_a_grant_reaches_the_job_as_variables():
+    grant = {"gpus": ["1", "3"], "gpu_share": 1000, "mem": 16 << 30,
+             "named": {"licence": 1, "fpga-slot": 2}}
+    assert cli.resource_variables(grant) == {
+        "CUDA_VISIBLE_DEVICES": "1,3", "GPU_IDS": "1,3", "MEM": str(16 << 30),
+        "RESOURCE_LICENCE": "1", "RESOURCE_FPGA_SLOT": "2"}
+    assert cli.resource_variables({"gpus": [], "gpu_share": 0, "mem": 0, "named": {}}) == {}
