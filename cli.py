@@ -127,7 +127,8 @@ DEFAULT_CHECK_INTERVAL = 30.0    # seconds between health checks of a worker
 HEALTH_CHECKS_AT_ONCE = 16       # connections the health checker opens at the same time
 HEALTH_CHECKER = "_health_checker"   # the hidden command the server runs it as
 PROBER = "_prober"                   # ... and the replicas' health prober
-DASHBOARD = "_dashboard"             # ... and the dashboard's web server
+PROBES_AT_ONCE = 32                  # probes the prober runs at a time
+DASHBOARD = "_dashboard"             # the hidden command of the dashboard's web server
 DEFAULT_DASHBOARD_LISTEN = "127.0.0.1:8750"
 DASHBOARD_TOKEN_FILE = "dashboard.token"
 DASHBOARD_COOKIE_DAYS = 30       # how long a browser keeps the dashboard's token cookie
@@ -135,7 +136,8 @@ DASHBOARD_KEEPALIVE = 15.0       # seconds between comments on a quiet event str
                                  # browser that went away is noticed when one fails)
 DASHBOARD_LOG_TAIL = 65536       # bytes of a job's log its page starts with
 DASHBOARD_LOG_FOLLOW = 0.5       # seconds between looks at a followed log (as logs -f)
-PROBES_AT_ONCE = 32                  # probes the prober runs at a time
+DASHBOARD_SNAPSHOTS = 1.0        # seconds between the dashboard's snapshots, at least: a
+                                 # page redraws once a second (top takes 5 a second)
 STATUS_TABLE_HEAD = 10           # waiting jobs shown by the status table
 HEALTH_TEXT_WIDTH = 30           # the status table's "last check" cells (see _health_text)
 JOBS_TABLE_LAST = 50             # jobs shown by the jobs table without --last
@@ -905,6 +907,13 @@ def _listen_address(value, name):
     if not isinstance(value, str):
         raise UserError("malformed request: listen must be a string HOST:PORT")
     return listen_text(*parse_listen_address(value))
+
+
+def _snapshot_interval(value, name):
+    if not _seconds(value, LIVE_MIN_INTERVAL, 3600):
+        raise UserError(f"malformed request: interval must be from {LIVE_MIN_INTERVAL:g} to "
+                        "3600 seconds")
+    return value
 
 
 def _offset(value, name):
@@ -1694,7 +1703,7 @@ REQUESTS = {
     "wait": Request("wait", _wait_whole, ids=(_optional_job_ids, None),
                     children_of=(_optional_job_id, None)),
     "pause": Request("pause", hosts=(_hosts_or_empty, [])),
-    "watch": Request("watch"),
+    "watch": Request("watch", interval=(_snapshot_interval, LIVE_MIN_INTERVAL)),
     "dashboard": Request("dashboard", _dashboard_whole, listen=(_listen_address, None),
                          metrics_open=(_flag, False), stop=(_flag, False)),
     "add_schedule": Request("add_schedule", _add_schedule_whole, name=_schedule_name,
@@ -8668,11 +8677,18 @@ class Activity:
 
 class Watcher:
     """A live-view client (top, the dashboard): it gets a snapshot of the queue when
-    something changed, at most as often as the snapshots' cost allows."""
+    something changed, at most once per its INTERVAL and as often as the
+    snapshots' cost allows."""
 
-    def __init__(self, client):
+    def __init__(self, client, interval):
         self.client = client
+        self.interval = interval
         self.dirty = True
+        self.due = 0.0              # monotonic: its next snapshot, at the soonest
+
+    def ready(self, now):
+        """Something new, the last snapshot read, and its interval over."""
+        return self.dirty and not self.client.outgoing and self.due <= now
 
 
 ###############################################################################
@@ -9127,10 +9143,10 @@ class Clients:
                       len(subscription.pending))
         return DEFERRED
 
-    def watch(self, client):
-        """A live-view client gets a snapshot now and after each change (see
-        Server.send_snapshots) until it disconnects."""
-        self.watchers.append(Watcher(client))
+    def watch(self, client, interval):
+        """A live-view client gets a snapshot now and after each change, at most once
+        per INTERVAL seconds (see Server.send_snapshots), until it disconnects."""
+        self.watchers.append(Watcher(client, interval))
         return DEFERRED
 
     def live_changed(self):
@@ -9138,16 +9154,20 @@ class Clients:
         for watcher in self.watchers:
             watcher.dirty = True
 
-    def send_snapshot(self, snapshot):
-        """SNAPSHOT (an event line) to each watcher that has something new and has read
-        the last one (a slow reader skips snapshots instead of piling them up)."""
+    def send_snapshot(self, snapshot, now):
+        """SNAPSHOT (an event line) to each watcher that is ready for it (a slow reader
+        skips snapshots instead of piling them up)."""
         for watcher in self.watchers:
-            if watcher.dirty and not watcher.client.outgoing:
+            if watcher.ready(now):
                 watcher.dirty = False
+                watcher.due = now + watcher.interval
                 self.send_line(watcher.client, snapshot)
 
-    def snapshot_wanted(self):
-        return any(watcher.dirty and not watcher.client.outgoing for watcher in self.watchers)
+    def snapshot_due(self):
+        """When the next snapshot is wanted (monotonic), by the watchers that have
+        something new and have read the last one; None if none has."""
+        return min((watcher.due for watcher in self.watchers
+                    if watcher.dirty and not watcher.client.outgoing), default=None)
 
     def jobs_moved(self, job_ids, state):
         """Tell the wait clients watching any of JOB_IDS where those jobs are now."""
@@ -9405,7 +9425,7 @@ class Handlers:
         }
 
     def watch(self, client, params):
-        return self.clients.watch(client)
+        return self.clients.watch(client, params["interval"])
 
     def dashboard(self, client, params):
         if params["stop"]:
@@ -9839,7 +9859,7 @@ class Server(Events):
         self.dashboard = Dashboard(self.store, self.timers, self.selector, log, self.paths,
                                    data_dir, log_dir)
         self.next_snapshot = 0.0    # monotonic: the live views' next snapshot, at the soonest
-        self.snapshot_timer = False
+        self.snapshot_timer = None  # monotonic: when the pending snapshot timer fires
 
     def load(self):
         """Read the queue, recover what ran while no server did, and settle the rest."""
@@ -9952,19 +9972,24 @@ class Server(Events):
         """The live views' next snapshot, once something changed, but at most as often
         as keeps its cost under LIVE_COST_SHARE of the loop's time: a live view
         never slows the scheduler much, however big the queue."""
-        if not self.clients.snapshot_wanted():
+        due = self.clients.snapshot_due()
+        if due is None:
             return
         now = time.monotonic()
-        if now < self.next_snapshot:
-            if not self.snapshot_timer:   # wake the loop then: nothing else may
-                self.snapshot_timer = True
-                self.timers.add(time.time() + self.next_snapshot - now,
-                                lambda: setattr(self, "snapshot_timer", False))
+        due = max(due, self.next_snapshot)
+        if now < due:
+            # Wake the loop then (nothing else may), unless a timer will sooner.
+            if self.snapshot_timer is None or due < self.snapshot_timer:
+                self.snapshot_timer = due
+                self.timers.add(time.time() + due - now, self.snapshot_timer_due)
             return
         snapshot = encode_event(dict(self.clients.handlers.live(), event="live"))
         cost = time.monotonic() - now
         self.next_snapshot = now + max(LIVE_MIN_INTERVAL, cost / LIVE_COST_SHARE)
-        self.clients.send_snapshot(snapshot)
+        self.clients.send_snapshot(snapshot, now)
+
+    def snapshot_timer_due(self):
+        self.snapshot_timer = None   # (the loop sends the snapshot: see serve)
 
     def guarded(self, callback, *args):
         """Run one event's work; a bug in it is logged, not fatal to the queue."""
@@ -12120,6 +12145,7 @@ header{position:sticky;top:0;z-index:1;background:#263238;color:#eee;padding:8px
 header a{color:#eee}main{padding:4px 16px 16px}
 section{background:#fff;border:1px solid #ddd;border-radius:6px;margin:10px 0;padding:8px 12px}
 section:empty{display:none}h2{font-size:15px;margin:2px 0 6px}
+main>section{content-visibility:auto;contain-intrinsic-size:auto 300px}
 table{border-collapse:collapse;width:100%}
 td,th{text-align:left;padding:2px 8px;border-bottom:1px solid #eee;white-space:nowrap;
  vertical-align:top}
@@ -12141,7 +12167,7 @@ pre{background:#111;color:#ddd;padding:8px;max-height:65vh;overflow:auto;white-s
 const PAGE = 100, $ = id => document.getElementById(id);
 const h = v => String(v ?? "").replace(/[&<>"']/g,
   c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"})[c]);
-let snap = null, skew = 0, queued = false, confirming = null, jobId = null;
+let snap = null, fresh = false, skew = 0, queued = false, confirming = null, jobId = null;
 const pages = {running: 0, waiting: 0, done: 0}, paged = {}, drawn = {};
 
 function say(text) { $("message").textContent = text || ""; }
@@ -12183,16 +12209,24 @@ function live() {
     .map(id => `<section id="${id}"></section>`).join("");
   const events = new EventSource("/events");
   events.addEventListener("live", e => {
-    snap = JSON.parse(e.data); skew = Date.parse(snap.now) - Date.now(); say(""); draw();
+    const first = !snap;
+    snap = JSON.parse(e.data); skew = Date.parse(snap.now) - Date.now(); say("");
+    if (first) draw(); else fresh = true;
   });
   events.addEventListener("lost", e => say("lost the server: " + JSON.parse(e.data).error));
   events.onerror = () => say("lost the dashboard's web server; trying again...");
-  setInterval(draw, 1000);   // the clocks
+  // Drawn once a second at most (snapshots come up to 5 times), and only the clocks
+  // when nothing else changed: a browser beside the server must cost it little.
+  setInterval(() => { if (fresh) draw(); else tick(); }, 1000);
+}
+function tick() {
+  for (const cell of document.querySelectorAll("[data-since]"))
+    cell.textContent = span(seconds(cell.dataset.since)) + (cell.dataset.ago ? " ago" : "");
 }
 function draw() {
   if (queued) return;
   queued = true;
-  requestAnimationFrame(() => { queued = false; if (snap) render(); });
+  requestAnimationFrame(() => { queued = false; fresh = false; if (snap) { render(); tick(); } });
 }
 function put(id, html) {
   const section = $(id);
@@ -12216,12 +12250,13 @@ function render() {
   put("running", list("running", "Running", ["job", "worker:slot", "for", "attempt", "command", ""],
     j => [td(link(j)), td(h(j.parts ? j.parts.map(p => p[0] + ":" + p[1].join("+")).join(" ")
                                      : j.worker + ":" + j.slot)),
-          td(span(seconds(j.started_at))), td(j.attempt), td(h(command(j)), "cmd"), td(killButton(j))]));
+          `<td data-since="${h(j.started_at)}"></td>`, td(j.attempt), td(h(command(j)), "cmd"), td(killButton(j))]));
   put("waiting", list("waiting", "Waiting", ["job", "priority", "waiting for", "command", ""],
     j => [td(link(j)), td(j.priority), td(h(j.waiting_for || "")), td(h(command(j)), "cmd"),
           td(killButton(j))]));
   put("ends", list("done", "Ended", ["job", "how", "ended", "worker", "command", ""],
-    j => [td(link(j)), td(ended(j)), td(span(seconds(j.ended_at)) + " ago"), td(h(j.worker || "-")),
+    j => [td(link(j)), td(ended(j)), `<td data-since="${h(j.ended_at)}" data-ago="1"></td>`,
+          td(h(j.worker || "-")),
           td(h(command(j)), "cmd"),
           td(j.result !== "succeeded" ? `<button data-act="retry" data-id="${j.id}">retry</button>` : "")]));
 }
@@ -12470,7 +12505,8 @@ class LiveFeed:
                     self.thread, self.line = None, None
                     return
             try:
-                why = self.follow(connect(self.data_dir, "watch", {}))
+                why = self.follow(connect(self.data_dir, "watch",
+                                          {"interval": DASHBOARD_SNAPSHOTS}))
             except (UserError, OSError) as error:
                 why = str(error)
             with self.changed:
