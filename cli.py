@@ -12164,7 +12164,9 @@ pre{background:#111;color:#ddd;padding:8px;max-height:65vh;overflow:auto;white-s
 <span id="message" role="status"></span></header><main id="main">connecting...</main>
 <script>
 "use strict";
-const PAGE = 100, $ = id => document.getElementById(id);
+// 25 rows a list: a redraw beside a busy server stays cheap (layout and paint grow
+// with the rows).
+const SHOWN = 25, $ = id => document.getElementById(id);
 const h = v => String(v ?? "").replace(/[&<>"']/g,
   c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"})[c]);
 let snap = null, fresh = false, skew = 0, queued = false, confirming = null, jobId = null;
@@ -12284,15 +12286,18 @@ function services() {
       td(`<input type="number" min="0" value="${s.replicas}" id="scale-${h(s.name)}">` +
          ` <button data-act="scale" data-service="${h(s.name)}">scale</button>`)]));
 }
+// Lists show SHOWN jobs a page: the first pages are the snapshot's (its first 100),
+// deeper ones come from the jobs request (running and waiting ones on by id from
+// where the snapshot ends; ended ones newest first, after the latest ends).
 function list(kind, title, heads, row) {
   const c = snap.counts, total = kind === "done"
     ? Object.keys(c).filter(k => k !== "waiting" && k !== "running").reduce((n, k) => n + c[k], 0)
     : c[kind] || 0;
-  const page = pages[kind], jobs = page === 0
-    ? (kind === "done" ? snap.recent.concat(snap.failures.filter(
-        f => !snap.recent.some(r => r.id === f.id))) : snap[kind])
+  const page = pages[kind], live = kind === "done" ? snap.recent.concat(snap.failures.filter(
+    f => !snap.recent.some(r => r.id === f.id))) : snap[kind];
+  const jobs = fromSnapshot(kind, page, live, total) ? live.slice(page * SHOWN, (page + 1) * SHOWN)
     : paged[kind] || [];
-  const count = Math.max(1, kind === "done" ? Math.ceil(total / PAGE) + 1 : Math.ceil(total / PAGE));
+  const count = Math.max(1, Math.ceil(total / SHOWN) + (kind === "done" ? 1 : 0));
   const pager = count > 1 ? ` <button data-act="page" data-list="${kind}" data-step="-1"` +
     `${page ? "" : " disabled"}>&lt;</button> page ${page + 1} of ${count} ` +
     `<button data-act="page" data-list="${kind}" data-step="1"${page + 1 < count ? "" : " disabled"}` +
@@ -12301,17 +12306,20 @@ function list(kind, title, heads, row) {
   return `<h2>${title} (${total})${pager}${note}</h2>` +
     (jobs.length ? table(heads, jobs.map(row)) : '<span class="dim">none</span>');
 }
-// A deeper page comes from the jobs request: running and waiting ones go on
-// by id from where the snapshot's first 100 end; ended ones newest first.
+function fromSnapshot(kind, page, live, total) {
+  return kind === "done" ? page === 0 : (page + 1) * SHOWN <= live.length || live.length >= total;
+}
 function loadPage(kind) {
-  const page = pages[kind];
-  if (!page) { paged[kind] = null; return draw(); }
-  const c = snap.counts;
+  const page = pages[kind], c = snap.counts;
+  const total = kind === "done" ? 0 : c[kind] || 0;
+  if (fromSnapshot(kind, page, kind === "done" ? [] : snap[kind], total)) {
+    paged[kind] = null; return draw();
+  }
   let query;
-  if (kind === "done") query = `state=done&last=${PAGE}&offset=${(page - 1) * PAGE}`;
+  if (kind === "done") query = `state=done&last=${SHOWN}&offset=${(page - 1) * SHOWN}`;
   else {
-    const total = c[kind] || 0, offset = Math.max(0, total - PAGE * (page + 1));
-    query = `state=${kind}&last=${Math.min(PAGE, total - PAGE * page)}&offset=${offset}`;
+    const first = page * SHOWN, count = Math.min(SHOWN, total - first);
+    query = `state=${kind}&last=${count}&offset=${total - first - count}`;
   }
   fetch("/api/jobs?" + query).then(r => r.json()).then(r => {
     if (!r.ok) return say(r.error);

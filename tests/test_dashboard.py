@@ -310,7 +310,7 @@ def test_metrics_parse_as_prometheus_text(server):
     assert ask(f"{base}/")[0] == 401 and ask(f"{base}/events")[0] == 401
 
 
-def test_lists_are_paged_through_the_jobs_request(server):
+def test_lists_are_paged_through_the_jobs_request(server, browser):
     server.ok("pause")
     server.ok("add_job", "--array", "1-250", server.script)
     base, token = open_dashboard(server)
@@ -329,6 +329,18 @@ def test_lists_are_paged_through_the_jobs_request(server):
     assert page(100, 50) == list(range(101, 151))
     status, _, body = ask(f"{base}/api/jobs?state=nonsense", headers=bearer(token))
     assert status == 400 and "unknown state" in json.loads(body)["error"]
+    # The page: 25 rows a list; pages 1 to 4 are the snapshot's, the 5th is asked for.
+    page = browser.new_page()
+    page.goto(f"{base}/?token={token}")
+    wait_until(lambda: "Waiting (250) < page 1 of 10 >" in page.text(), what="the pager")
+    for number in range(2, 6):
+        assert page.click("#waiting button[data-step='1']")
+        wait_until(lambda: f"page {number} of 10" in page.text(), what=f"page {number}")
+    wait_until(lambda: page.evaluate("!!document.querySelector('a[href=\"/job/101\"]')"),
+               what="jobs 101-125")
+    shown = page.evaluate("[...document.querySelectorAll('#waiting a')].map(a => +a.textContent)")
+    assert shown == list(range(101, 126))
+    page.close()
 
 
 def test_a_service_is_scaled_from_the_dashboard(server):
