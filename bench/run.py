@@ -8,6 +8,10 @@
 Workloads (medians over the runs, min-max beside them):
   B1 dispatch    N jobs of `exit 0`, 4 workers x 4 slots, one add_job ::: call
                  ended by wait; against parallel -j16 and xargs -P16
+  B1D dashboard  B1's cli.py figure with no dashboard page open, with its event
+                 stream read (a browser elsewhere), and with the page open in a
+                 headless Chromium here, each on a fresh queue, in turns (needs
+                 chromium: tests/setup.sh installs it)
   B2 SSH jobs    jobs running `ssh "$SLAVE_IP" true` on 4 real sshd workers x 4
                  slots, with and without connection reuse; against parallel
                  -S 4/w1,... with and without -M
@@ -23,6 +27,9 @@ It is a benchmark, not a test: it never fails on a number.  B4 (queue size)
 is bench/bulk.py.
 """
 import argparse
+import contextlib
+import http.client
+import itertools
 import json
 import os
 import shutil
@@ -30,7 +37,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,6 +117,109 @@ def b1_dispatch(sandbox, root, jobs):
     figures["B1 xargs -P16 (jobs/s)"] = jobs / timed(
         lambda: run_shell(f"xargs -P16 -n1 {job} < {arguments}", env, root))
     return figures
+
+
+def b1_dashboard(sandbox, root, jobs):
+    """B1's rate with no page open, with the page's event stream read by a client here
+    (a browser elsewhere, through ssh -L: what the server and the dashboard's web
+    server pay), and with the page open in Chromium on this machine (which also
+    pays for the browser's drawing).  The order turns from run to run, so that a
+    machine getting busier favours none."""
+    job, arguments = script(root, "exit0.sh", "exit 0\n"), numbers(root, jobs)
+    cases = list(B1D_CASES)
+    turn = next(B1D_TURNS) % len(cases)
+    figures = {}
+    for case in cases[turn:] + cases[:turn]:
+        with Queue(root / f"b1d-{len(figures)}", sandbox.env()) as queue:
+            queue("add_slave", "--skip_ssh_auth_check", "--slots", 4, "w1", "w2", "w3", "w4")
+            with B1D_CASES[case](queue):
+                figures[f"B1D {case} (jobs/s)"] = queue_rate(queue, job, arguments, jobs)
+    return figures
+
+
+@contextlib.contextmanager
+def no_page(queue):
+    yield
+
+
+@contextlib.contextmanager
+def event_stream(queue):
+    """The dashboard's /events read to the end of the run, as a browser's would be."""
+    url = queue("dashboard", "--listen", "127.0.0.1:0").strip()
+    base, token = url.split("/?token=")
+    parts = urllib.parse.urlsplit(base)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port)
+    connection.request("GET", "/events", headers={"Authorization": f"Bearer {token}"})
+    response = connection.getresponse()
+    threading.Thread(target=drain, args=(response,), daemon=True).start()
+    yield
+    connection.close()
+
+
+def drain(response):
+    try:
+        while response.readline():
+            pass
+    except (OSError, ValueError):
+        pass   # closed at the end of the run
+
+
+@contextlib.contextmanager
+def chromium_page(queue):
+    from browser import Browser
+    url = queue("dashboard", "--listen", "127.0.0.1:0").strip()
+    browser = Browser()
+    try:
+        page = browser.new_page()
+        page.goto(url)
+        deadline = time.monotonic() + 30
+        while "Workers (4)" not in page.text():
+            if time.monotonic() > deadline:
+                raise SystemExit("B1D: the dashboard page did not show the workers")
+            time.sleep(0.1)
+        settle(browser.process.pid)
+        yield
+    finally:
+        browser.close()
+
+
+def settle(pid, limit=30.0):
+    """Wait (at most LIMIT seconds) until the processes of PID use under 5% of a CPU:
+    a browser's start goes on for seconds after its first page, and an open page
+    is what is measured, not a start."""
+    deadline = time.monotonic() + limit
+    used = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = cpu_seconds(pid)
+        if now - used < 0.05:
+            return
+        used = now
+
+
+def cpu_seconds(pid):
+    """CPU time of PID and its descendants, from /proc."""
+    stats, children = {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    stats[int(entry)] = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(stats[int(entry)][1]), []).append(int(entry))
+    total, stack = 0.0, [pid]
+    while stack:
+        process = stack.pop()
+        if process in stats:
+            total += (int(stats[process][11]) + int(stats[process][12])) / os.sysconf("SC_CLK_TCK")
+        stack += children.get(process, [])
+    return total
+
+
+B1D_CASES = {"no page open": no_page, "the event stream read (a browser elsewhere)": event_stream,
+             "the page open in Chromium here": chromium_page}
+B1D_TURNS = itertools.count()
 
 
 def b2_ssh(sandbox, root, jobs):
@@ -244,11 +356,13 @@ def placement_waits(sandbox, root, rounds, placement):
     return waits
 
 
-WORKLOADS = {"B1": (b1_dispatch, 5000, 1000), "B2": (b2_ssh, 500, 100),
+WORKLOADS = {"B1": (b1_dispatch, 5000, 1000), "B1D": (b1_dashboard, 5000, 1000),
+             "B2": (b2_ssh, 500, 100),
              "B3": (b3_latency, 100_000, 10_000), "B5": (b5_many_workers, 20_000, 2000),
              "B6": (b6_refill, 1000, 200), "B7": (b7_placement, 40, 16)}
 TARGETS = {
     "B1": "cli.py >= 3x GNU parallel, >= 0.5x xargs",
+    "B1D": "with a page open >= 0.95x with none (issue 18)",
     "B2": "cli.py >= 3x parallel -S, >= parallel -S -M",
     "B3": "add_job, status --json within 10 ms of the floor; no growth with the queue",
     "B5": "cli.py >= 0.8x its B1 rate",
@@ -296,6 +410,11 @@ def main():
                   f"{min(values):.1f}-{max(values):.1f} |")
         print(f"| *{name} target: {TARGETS[name]}* | | |")
     print()
+    if "B1D" in results:
+        medians = {row: statistics.median(values) for row, values in results["B1D"].items()}
+        alone = medians["B1D no page open (jobs/s)"]
+        for case in list(B1D_CASES)[1:]:
+            print(f"- B1D: {case} / no page open = {medians[f'B1D {case} (jobs/s)'] / alone:.3f}x")
     for name, rows in results.items():
         medians = {row: statistics.median(values) for row, values in rows.items()}
         ours = next((value for row, value in medians.items() if "cli.py" in row), None)
