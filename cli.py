@@ -12332,12 +12332,13 @@ function charts() {
     `${a.starts} started, ${a.ends} ended</h2><div class="charts">` +
     `<figure>${perMinute(a.per_minute)}<figcaption>starts (blue) and ends (green) ` +
     `per minute, last hour</figcaption></figure>` +
-    `<figure>${histogram(a.waits)}<figcaption>queue wait (${a.waits.counts.reduce((x, y) => x + y, 0)} ` +
-    `starts)</figcaption></figure>` +
-    `<figure>${histogram(a.latency)}<figcaption>scheduling latency</figcaption></figure></div>`;
+    `<figure>${histogram(a.waits)}<figcaption>queue wait: starts by how long they waited, up ` +
+    `to each bound</figcaption></figure>` +
+    `<figure>${histogram(a.latency)}<figcaption>scheduling latency: from room for a job to ` +
+    `its start</figcaption></figure></div>`;
 }
 function perMinute(minutes) {
-  const W = 360, H = 90, top = Math.max(1, ...minutes.map(m => Math.max(m[1], m[2])));
+  const W = 300, H = 90, top = Math.max(1, ...minutes.map(m => Math.max(m[1], m[2])));
   const line = (k, color) => `<polyline fill="none" stroke="${color}" stroke-width="1.5" points="` +
     minutes.map((m, i) => `${(i * W / 59).toFixed(1)},${(H - m[k] * H / top).toFixed(1)}`).join(" ") + '"/>';
   return `<svg width="${W + 40}" height="${H + 14}"><g transform="translate(36,2)">` +
@@ -12348,8 +12349,8 @@ function perMinute(minutes) {
 function histogram(histo) {
   const label = b => b < 1 ? b * 1000 + "ms" : b < 60 ? b + "s" : b < 3600 ? b / 60 + "m"
     : b < 86400 ? b / 3600 + "h" : b / 86400 + "d";
-  const names = histo.bounds.map(b => "&le;" + label(b)).concat(["&gt;" + label(histo.bounds.at(-1))]);
-  const W = 40, H = 70, top = Math.max(1, ...histo.counts);
+  const names = histo.bounds.map(label).concat(["&gt;" + label(histo.bounds.at(-1))]);
+  const W = 38, H = 70, top = Math.max(1, ...histo.counts);
   return `<svg width="${names.length * W}" height="${H + 26}">` + histo.counts.map((n, i) => {
     const height = n * H / top;
     return `<rect x="${i * W + 3}" y="${H - height + 12}" width="${W - 6}" height="${height}" fill="#8e24aa"/>` +
