@@ -12585,14 +12585,15 @@ class DashboardSite:
 
     def get(self, handler, path, params):
         page = path == "/" or re.fullmatch(r"/job/[0-9]{1,19}", path)
-        job = re.fullmatch(r"/(?:api/job|job)/([0-9]{1,19})(/log)?", path)
+        job_path = re.fullmatch(r"/(?:api/job|job)/([0-9]{1,19})(/log)?", path)
         if page and "token" in params:
             # The token leaves the address bar (and the history) for a cookie that no
             # script reads (HttpOnly) and no other site's request carries (Strict).
             handler.send_response(303)
             handler.send_header("Location", path)
             handler.send_header("Set-Cookie", f"{self.cookie}={self.token}; HttpOnly; "
-                                f"SameSite=Strict; Path=/; Max-Age={DASHBOARD_COOKIE_DAYS * 86400}")
+                                "SameSite=Strict; Path=/; "
+                                f"Max-Age={DASHBOARD_COOKIE_DAYS * 86400}")
             self.end_headers(handler, b"")
         elif page:
             self.send(handler, 200, "text/html; charset=utf-8", self.page,
@@ -12604,12 +12605,12 @@ class DashboardSite:
         elif path == "/api/jobs":
             self.send_reply(handler, lambda: [dashboard_job(job) for job in request(
                 self.data_dir, "jobs", **jobs_page(params))])
-        elif job and path.startswith("/api/"):
+        elif job_path and path.startswith("/api/"):
             # An int: job N itself, even where N is also an array's id.
             self.send_reply(handler, lambda: dashboard_job(
-                request(self.data_dir, "jobs", id=int(job[1]))[0]))
-        elif job and job[2]:
-            self.send_log(handler, job[1])
+                request(self.data_dir, "jobs", id=int(job_path[1]))[0]))
+        elif job_path and job_path[2]:
+            self.send_log(handler, job_path[1])
         else:
             self.send_text(handler, 404, f"no page {path} here")
 
