@@ -12219,7 +12219,7 @@ function live() {
   events.onerror = () => say("lost the dashboard's web server; trying again...");
   // Drawn once a second at most (snapshots come up to 5 times), and only the clocks
   // when nothing else changed: a browser beside the server must cost it little.
-  setInterval(() => { if (fresh) draw(); else tick(); }, 1000);
+  setInterval(() => { if (document.hidden) return; if (fresh) draw(); else tick(); }, 1000);
 }
 function tick() {
   for (const cell of document.querySelectorAll("[data-since]"))
@@ -12437,6 +12437,7 @@ def dashboard_main():
     class Handler(http.server.BaseHTTPRequestHandler):
         server_version = "cli.py-dashboard"
         sys_version = ""
+        timeout = 60   # seconds: a connection that sends nothing (or reads nothing) ends
 
         def do_GET(self):
             site.serve(self, "GET")

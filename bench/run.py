@@ -411,10 +411,15 @@ def main():
         print(f"| *{name} target: {TARGETS[name]}* | | |")
     print()
     if "B1D" in results:
-        medians = {row: statistics.median(values) for row, values in results["B1D"].items()}
-        alone = medians["B1D no page open (jobs/s)"]
+        alone = results["B1D"]["B1D no page open (jobs/s)"]
         for case in list(B1D_CASES)[1:]:
-            print(f"- B1D: {case} / no page open = {medians[f'B1D {case} (jobs/s)'] / alone:.3f}x")
+            # Each run's own ratio first (its three queues ran one after the other),
+            # then their median: steadier than a ratio of medians on a shared machine.
+            ratios = [value / base for value, base in zip(results["B1D"][f"B1D {case} (jobs/s)"],
+                                                          alone)]
+            print(f"- B1D: {case} / no page open, run by run: "
+                  f"{', '.join(f'{ratio:.3f}' for ratio in ratios)}; median "
+                  f"{statistics.median(ratios):.3f}x")
     for name, rows in results.items():
         medians = {row: statistics.median(values) for row, values in rows.items()}
         ours = next((value for row, value in medians.items() if "cli.py" in row), None)
