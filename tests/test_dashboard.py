@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from browser import Browser
-from conftest import wait_until
+from conftest import process_alive, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +272,17 @@ def test_the_dashboard_comes_back_after_a_restart_and_after_its_helper_dies(serv
     assert ask(f"{base}/metrics", headers=bearer(token))[0] == 200
     log = (server.log_dir / "server.log").read_text()
     assert "the dashboard's web server stopped" in log and "a new web server starts in" in log
+
+
+def test_a_server_killed_takes_its_web_server_with_it(server):
+    base, token = open_dashboard(server)
+    helper = server.status()["dashboard"]["pid"]
+    os.kill(server.server_pid(), signal.SIGKILL)
+    # Its stdin was the server's pipe: EOF ends it, and the port is free again.
+    wait_until(lambda: not process_alive(helper), timeout=10, what="the web server to end")
+    server.ok("start")
+    wait_until(lambda: server.status()["dashboard"]["running"], what="the dashboard")
+    assert ask(f"{base}/metrics", headers=bearer(token))[0] == 200
 
 
 # --- data ----------------------------------------------------------------------------------
