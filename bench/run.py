@@ -17,6 +17,8 @@ Workloads (medians over the runs, min-max beside them):
                  -S 4/w1,... with and without -M
   B3 latency     one add_job / status --json / status, next to the floor:
                  starting Python and compiling cli.py
+  B4D dashboard  the dashboard with N jobs waiting: the server's snapshot,
+  with a queue   /metrics, a deep page of jobs, the page opened in Chromium
   B5 workers     500 workers x 2 slots (registered without the SSH check)
   B6 refill      time from a job's end to the next start on the same slot
   B7 placement   a mixed stream of 1-, 4- and 16-slot jobs of 1 s (every 0.5 s:
@@ -242,6 +244,55 @@ B1D_CASES = {"no page open": no_page, "the event stream read (a browser elsewher
 B1D_TURNS = itertools.count()
 
 
+def b4d_dashboard_queue(sandbox, root, jobs):
+    """The dashboard with JOBS waiting: the server's snapshot, /metrics, a deep page
+    of the jobs request, and the page in Chromium until it shows the count."""
+    sys.path.insert(0, str(ROOT))
+    import cli
+    from browser import Browser
+    with Queue(root / "b4d", sandbox.env()) as queue:
+        queue("add_slave", "--skip_ssh_auth_check", "--slots", 4, "w1", "w2", "w3", "w4")
+        queue("pause")
+        queue("add_job", "--array", f"1-{jobs}", script(root, "exit0.sh", "exit 0\n"))
+        url = queue("dashboard", "--listen", "127.0.0.1:0").strip()
+        base, token = url.split("/?token=")
+
+        def snapshot():
+            with cli.connect(str(queue.root / ".data"), "watch", {}) as connection:
+                reader = cli.LineReader()
+                while not reader.feed(connection.recv(1 << 20)):
+                    pass
+
+        def get(path):
+            parts = urllib.parse.urlsplit(base)
+            connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+            connection.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+            connection.getresponse().read()
+            connection.close()
+        figures = {}
+        for label, action in (("the server's snapshot (watch)", snapshot),
+                              ("/metrics", lambda: get("/metrics")),
+                              ("a page of 25 at the deepest offset",
+                               lambda: get(f"/api/jobs?state=waiting&last=25&offset={jobs - 25}"))):
+            times = []
+            for _ in range(3):
+                time.sleep(1.5)   # past the last snapshot's share of the server's time
+                times.append(timed(action) * 1000)
+            figures[f"B4D {label} with {jobs:,} waiting (ms)"] = statistics.median(times)
+        browser = Browser()
+        try:
+            page = browser.new_page()
+            started = time.perf_counter()
+            page.goto(url)
+            while f"Waiting ({jobs})" not in page.text():
+                time.sleep(0.01)
+            figures[f"B4D the page showing its lists with {jobs:,} waiting (ms)"] = \
+                (time.perf_counter() - started) * 1000
+        finally:
+            browser.close()
+    return figures
+
+
 def b2_ssh(sandbox, root, jobs):
     job = script(root, "ssh_true.sh", 'exec ssh "$SLAVE_IP" true\n')
     arguments = numbers(root, jobs)
@@ -377,13 +428,14 @@ def placement_waits(sandbox, root, rounds, placement):
 
 
 WORKLOADS = {"B1": (b1_dispatch, 5000, 1000), "B1D": (b1_dashboard, 5000, 1000),
-             "B2": (b2_ssh, 500, 100),
+             "B2": (b2_ssh, 500, 100), "B4D": (b4d_dashboard_queue, 100_000, 10_000),
              "B3": (b3_latency, 100_000, 10_000), "B5": (b5_many_workers, 20_000, 2000),
              "B6": (b6_refill, 1000, 200), "B7": (b7_placement, 40, 16)}
 TARGETS = {
     "B1": "cli.py >= 3x GNU parallel, >= 0.5x xargs",
     "B1D": "with a page open >= 0.95x with none (issue 18)",
     "B2": "cli.py >= 3x parallel -S, >= parallel -S -M",
+    "B4D": "responsive with 100,000 jobs (issue 18)",
     "B3": "add_job, status --json within 10 ms of the floor; no growth with the queue",
     "B5": "cli.py >= 0.8x its B1 rate",
     "B6": "median < 5 ms, p99 < 20 ms",
