@@ -54,14 +54,17 @@ Run `./cli.py COMMAND --help` for each command.
 #   Schedules                         Schedules: rules that queue jobs, on the one timer
 #   Health monitor                    HelperPipe (a helper process's pipes, never blocking
 #                                     the loop); HealthMonitor: the checker's results
-#   Activity                          what the live views show that the database does
-#                                     not keep: starts and ends per minute, waits, latency
+#   Activity                          Activity, Histogram: starts, ends, waits, latency
+#                                     (runtime state for the live views and /metrics)
+#   Dashboard: the server's side      Dashboard: its setting, token file, TCP socket and
+#                                     helper process (restarted if it dies)
 #   Clients                           Clients: the socket, replies, waiters, `wait`, and
 #                                     the live views' snapshots (watch)
 #   Request handlers                  Handlers: one thin method per request
 #   Server                            Server: the wiring and the event loop; run_server
-#   Client commands, Live views (top), Quickstart (from a fresh machine to jobs run
-#   on localhost),
+#   Client commands, Live views (top: TopView; the dashboard: command_dashboard, and
+#   its helper process dashboard_main with LiveFeed, DashboardSite, DASHBOARD_PAGE
+#   and metrics_text), Quickstart (from a fresh machine to jobs run on localhost),
 #   Argument parsing, main()
 #
 # The path of one job:  `add_job` (command_add_job) sends a request line;
@@ -126,6 +129,16 @@ HEALTH_CHECKS_AT_ONCE = 16       # connections the health checker opens at the s
 HEALTH_CHECKER = "_health_checker"   # the hidden command the server runs it as
 PROBER = "_prober"                   # ... and the replicas' health prober
 PROBES_AT_ONCE = 32                  # probes the prober runs at a time
+DASHBOARD = "_dashboard"             # the hidden command of the dashboard's web server
+DEFAULT_DASHBOARD_LISTEN = "127.0.0.1:8750"
+DASHBOARD_TOKEN_FILE = "dashboard.token"
+DASHBOARD_COOKIE_DAYS = 30       # how long a browser keeps the dashboard's token cookie
+DASHBOARD_KEEPALIVE = 15.0       # seconds between comments on a quiet event stream (a
+                                 # browser that went away is noticed when one fails)
+DASHBOARD_LOG_TAIL = 65536       # bytes of a job's log its page starts with
+DASHBOARD_LOG_FOLLOW = 0.5       # seconds between looks at a followed log (as logs -f)
+DASHBOARD_SNAPSHOTS = 1.0        # seconds between the dashboard's snapshots, at least: a
+                                 # page redraws once a second (top takes 5 a second)
 STATUS_TABLE_HEAD = 10           # waiting jobs shown by the status table
 HEALTH_TEXT_WIDTH = 30           # the status table's "last check" cells (see _health_text)
 JOBS_TABLE_LAST = 50             # jobs shown by the jobs table without --last
@@ -205,6 +218,7 @@ def data_dir_paths(data_dir):
         "pid": os.path.join(data_dir, PID_FILE),
         "run": os.path.join(data_dir, RUN_DIR),
         "socket": socket_path(data_dir),
+        "dashboard_token": os.path.join(data_dir, DASHBOARD_TOKEN_FILE),
     }
 
 
@@ -856,6 +870,58 @@ def _endpoints(value, name):
                 not whole_number(endpoint.get("port"), 1, MAX_PORT) or
                 "\0" in endpoint["host"] + endpoint["user"]):
             raise UserError("malformed request: an endpoint needs a host, a port and a user")
+    return value
+
+
+def parse_listen_address(text):
+    """(host, port) of --listen HOST:PORT: an IPv4 address, [IPv6] or localhost, and a
+    port (0: one the system picks).  Names other than localhost are refused: what
+    they resolve to could change under a dashboard that must stay where it was put."""
+    import ipaddress
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.%a-z]+\]|[^:\[\]]+):([0-9]{1,5})", text or "")
+    if not match or int(match[2]) > MAX_PORT:
+        raise UserError(f"{text!r} is not HOST:PORT: write it like "
+                        f"{DEFAULT_DASHBOARD_LISTEN} or [::1]:8750 (port 0: any free port)")
+    host = match[1].strip("[]")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise UserError(f"{text}: {host} is not an IP address (or localhost); give "
+                        "the address to listen on, like 127.0.0.1, or 0.0.0.0 for every "
+                        "network") from None
+    return host, int(match[2])
+
+
+def listen_text(host, port):
+    """HOST:PORT as a URL writes it: [IPv6]:PORT."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(host):
+    import ipaddress
+    return ipaddress.ip_address(host).is_loopback
+
+
+def _listen_address(value, name):
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UserError("malformed request: listen must be a string HOST:PORT")
+    return listen_text(*parse_listen_address(value))
+
+
+def _snapshot_interval(value, name):
+    if not _seconds(value, LIVE_MIN_INTERVAL, 3600):
+        raise UserError(f"malformed request: interval must be from {LIVE_MIN_INTERVAL:g} to "
+                        "3600 seconds")
+    return value
+
+
+def _offset(value, name):
+    if not whole_number(value, 0, MAX_JOB_ID):
+        raise UserError("malformed request: offset must be a whole number of at least 0")
     return value
 
 
@@ -1569,6 +1635,13 @@ def _load_services_whole(params, given):
     return {"services": validate_services(services_in(params["document"]), defaults)}
 
 
+def _dashboard_whole(params, given):
+    if params["stop"] and (params["listen"] is not None or params["metrics_open"]):
+        raise UserError("dashboard --stop takes no --listen or --metrics-open: it turns the "
+                        "dashboard off")
+    return {}
+
+
 def _wait_whole(params, given):
     if params["ids"] is not None and params["children_of"] is not None:
         raise UserError("wait takes either job ids or --children, not both")
@@ -1628,12 +1701,14 @@ REQUESTS = {
                     state=(_state_filter, (None, None)), last=(_last, None),
                     worker=(_optional_string, None), script=(_optional_string, None),
                     array=(_optional_job_id, None), tree=(_flag, False),
-                    schedule=(_optional_string, None)),
+                    schedule=(_optional_string, None), offset=(_offset, 0)),
     "purge": Request("purge", older_than=(_age, 0)),
     "wait": Request("wait", _wait_whole, ids=(_optional_job_ids, None),
                     children_of=(_optional_job_id, None)),
     "pause": Request("pause", hosts=(_hosts_or_empty, [])),
-    "watch": Request("watch"),
+    "watch": Request("watch", interval=(_snapshot_interval, LIVE_MIN_INTERVAL)),
+    "dashboard": Request("dashboard", _dashboard_whole, listen=(_listen_address, None),
+                         metrics_open=(_flag, False), stop=(_flag, False)),
     "add_schedule": Request("add_schedule", _add_schedule_whole, name=_schedule_name,
                             every=(_anything, None), daily=(_anything, None),
                             days=(_anything, None), cron=(_anything, None),
@@ -2449,8 +2524,9 @@ class Store:
             "ORDER BY ended_at DESC LIMIT ?", (LIVE_FAILURE_SCAN, count)).fetchall()
 
     def find_jobs(self, state=None, result=None, worker=None, script=None, last=None,
-                  array=None, schedule=None):
-        """Jobs matching every filter given, oldest first (the LAST most recent if given)."""
+                  array=None, schedule=None, offset=0):
+        """Jobs matching every filter given, oldest first (the LAST most recent if given,
+        after skipping the OFFSET most recent: a page of a long list)."""
         conditions, values = [], []
         for column, value in (("state", state), ("result", result), ("array_id", array),
                               ("schedule", schedule)):
@@ -2468,10 +2544,10 @@ class Store:
             conditions.append("(script = ? OR substr(script, -length(?) - 1) = '/' || ?)")
             values += [script, script, script]
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-        if last is None:
+        if last is None and not offset:
             return self.db.execute(f"SELECT * FROM jobs {where} ORDER BY id", values).fetchall()
-        rows = self.db.execute(f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?",
-                               (*values, last)).fetchall()
+        rows = self.db.execute(f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ? OFFSET ?",
+                               (*values, -1 if last is None else last, offset)).fetchall()
         return rows[::-1]
 
     def jobs_by_id(self, job_ids, columns="id, state, result"):
@@ -8601,24 +8677,25 @@ def local_iso_time(moment, zone):
 # Health monitor ###############################################################
 ###############################################################################
 
-def start_helper_process(command, log_dir):
-    """Start cli.py's hidden COMMAND (the health checker, the prober), its pipes set
-    never to block the loop and its stderr going to server.log.  Raises OSError."""
+def start_helper_process(command, log_dir, pass_fds=()):
+    """Start cli.py's hidden COMMAND (the health checker, the prober, the dashboard),
+    its pipes set never to block the loop, its stderr going to server.log, and
+    PASS_FDS open in it.  Raises OSError."""
     import subprocess
     with open(os.path.join(log_dir, SERVER_LOG_FILE), "ab") as errors:
         process = subprocess.Popen([sys.executable, os.path.abspath(__file__), command],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=errors, cwd="/")
+                                   stderr=errors, cwd="/", pass_fds=pass_fds)
     for stream in (process.stdin, process.stdout):
         os.set_blocking(stream.fileno(), False)
     return process
 
 
 class HelperPipe:
-    """A helper process of the server's (the health checker, the prober) and its
-    pipes: JSON lines written to its stdin without ever blocking the loop (what
-    the pipe does not take waits for EVENT_WRITE), JSON lines read from its
-    stdout handed to ON_LINE, and ON_GONE called if it dies."""
+    """A helper process of the server's (the health checker, the prober, the
+    dashboard) and its pipes: JSON lines written to its stdin without ever
+    blocking the loop (what the pipe does not take waits for EVENT_WRITE), JSON
+    lines read from its stdout handed to ON_LINE, and ON_GONE called if it dies."""
 
     def __init__(self, command, name, selector, log, log_dir, on_line, on_gone):
         self.command = command
@@ -8636,10 +8713,10 @@ class HelperPipe:
     def running(self):
         return self.process is not None
 
-    def start(self):
-        """Start the process; False (logged) if it cannot be."""
+    def start(self, pass_fds=()):
+        """Start the process (with PASS_FDS open in it); False (logged) if it cannot be."""
         try:
-            self.process = start_helper_process(self.command, self.log_dir)
+            self.process = start_helper_process(self.command, self.log_dir, pass_fds)
         except OSError as error:
             self.log.error("cannot start %s: %s", self.name, error)
             return False
@@ -8903,11 +8980,195 @@ class Activity:
 
 class Watcher:
     """A live-view client (top, the dashboard): it gets a snapshot of the queue when
-    something changed, at most as often as the snapshots' cost allows."""
+    something changed, at most once per its INTERVAL and as often as the
+    snapshots' cost allows."""
 
-    def __init__(self, client):
+    def __init__(self, client, interval):
         self.client = client
+        self.interval = interval
         self.dirty = True
+        self.due = 0.0              # monotonic: its next snapshot, at the soonest
+
+    def ready(self, now):
+        """Something new, the last snapshot read, and its interval over."""
+        return self.dirty and not self.client.outgoing and self.due <= now
+
+
+###############################################################################
+# Dashboard: the server's side #################################################
+###############################################################################
+
+class Dashboard:
+    """The web dashboard as the server runs it: off until the `dashboard` request
+    turns it on, then a setting (the next start brings it back, on the address it
+    had) until `dashboard --stop`.  The TCP socket is bound here, so that a port
+    already taken is that request's error, and a helper that dies is replaced on
+    the same socket.  The helper process (dashboard_main) serves HTTP and is a
+    client of this server like any command: no page costs the loop more than a
+    request does.  Kept: the setting and the token file; rebuilt on start: the
+    socket and the process."""
+
+    def __init__(self, store, timers, selector, log, paths, data_dir, log_dir):
+        self.store = store
+        self.timers = timers
+        self.log = log
+        self.token_path = paths["dashboard_token"]
+        self.data_dir = data_dir
+        self.pipe = HelperPipe(DASHBOARD, "the dashboard's web server", selector, log,
+                               log_dir, self.said, self.gone)
+        self.listener = None        # the bound socket, while it could be bound
+        self.settings = None        # {"listen": HOST:PORT as bound, "metrics_open"} while on
+        self.error = None           # why the kept setting is not served (its port taken)
+        self.started_at = 0.0       # monotonic: when the helper last started
+        self.restart_delay = RESTART_FIRST
+        self.generation = 0         # bumped by each change: older restart timers are stale
+
+    def load(self):
+        """Serve the kept setting again, at start.  A port taken meanwhile is logged
+        and shown by status: the queue runs on without its dashboard."""
+        self.settings = self.store.setting("dashboard")
+        if self.settings is None:
+            return
+        try:
+            self.listener = bind_dashboard(self.settings["listen"])
+            self.start_helper()
+        except UserError as error:
+            self.error = str(error)
+            self.log.error("dashboard: %s", error)
+
+    def turn_on(self, listen, metrics_open):
+        """Serve on LISTEN (HOST:PORT; None: the default), /metrics without the token
+        if METRICS_OPEN.  What a call leaves out is the safe default, so a plain
+        `dashboard` always means loopback and a closed /metrics."""
+        listen = listen or DEFAULT_DASHBOARD_LISTEN
+        moved = self.listener is None or self.settings is None or \
+            listen != self.settings["listen"]
+        listener = bind_dashboard(listen) if moved else self.listener
+        settings = {"listen": listen_text(*listener.getsockname()[:2]),
+                    "metrics_open": metrics_open}
+        try:
+            token = self.token()
+            with self.store.transaction():
+                self.store.set_setting("dashboard", settings)
+        except BaseException:
+            if moved:
+                listener.close()   # nothing was changed
+            raise
+        if moved or settings != self.settings or not self.pipe.running():
+            self.pipe.stop()
+            if moved and self.listener is not None:
+                self.listener.close()
+            self.listener, self.settings, self.error = listener, settings, None
+            self.generation += 1
+            self.restart_delay = RESTART_FIRST
+            self.start_helper()
+        return dict(self.describe(), token=token, loopback=is_loopback(
+            parse_listen_address(settings["listen"])[0]))
+
+    def turn_off(self):
+        """Stop serving, forget the setting, and delete the token: the next
+        `dashboard` makes a new one, so that old links and cookies stop working."""
+        was_on = self.settings is not None
+        with self.store.transaction():
+            self.store.drop_setting("dashboard")
+        self.stop()
+        self.settings, self.error = None, None
+        self.generation += 1
+        try:
+            os.unlink(self.token_path)
+        except FileNotFoundError:
+            pass
+        return {"was_on": was_on}
+
+    def token(self):
+        """The token every request to the dashboard needs, made (owner-only) the first
+        time it is turned on and kept across restarts, so that an open page
+        reconnects to the server started again."""
+        try:
+            with open(self.token_path) as stream:
+                token = stream.read().strip()
+            if token:
+                return token
+        except FileNotFoundError:
+            pass
+        import secrets
+        token = secrets.token_urlsafe(32)
+        temporary = self.token_path + ".tmp"
+        try:
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w") as stream:
+                stream.write(token + "\n")
+            os.chmod(temporary, 0o600)   # (one left by an earlier try keeps its mode)
+            os.replace(temporary, self.token_path)
+        except OSError as error:
+            raise UserError(f"cannot write the dashboard's token to {self.token_path}: "
+                            f"{error.strerror or error}; nothing was changed") from None
+        return token
+
+    def start_helper(self):
+        if not self.pipe.start(pass_fds=(self.listener.fileno(),)):
+            self.gone()   # (logged): tried again later
+            return
+        self.started_at = time.monotonic()
+        # Through the pipe, not argv: other users can read a process's argv.
+        self.pipe.write({"listen_fd": self.listener.fileno(), "data_dir": self.data_dir,
+                         "token": self.token(), **self.settings})
+
+    def said(self, message):
+        self.log.info("dashboard: %s", message.get("log"))
+
+    def gone(self):
+        """The helper died: a new one on the same socket, RESTART_FIRST later, doubling
+        up to RESTART_MAX while each dies young."""
+        if self.settings is None or self.listener is None:
+            return
+        if time.monotonic() - self.started_at >= RESTART_STEADY:
+            self.restart_delay = RESTART_FIRST
+        delay, self.restart_delay = self.restart_delay, min(2 * self.restart_delay, RESTART_MAX)
+        self.log.warning("dashboard: a new web server starts in %gs", delay)
+        generation = self.generation
+        self.timers.add(time.time() + delay, lambda: self.restart(generation))
+
+    def restart(self, generation):
+        if generation == self.generation and self.settings is not None and \
+                not self.pipe.running():
+            self.start_helper()
+
+    def describe(self):
+        """The dashboard as status shows it (never its token)."""
+        if self.settings is None:
+            return {"on": False}
+        return {"on": True, "running": self.pipe.running(), "listen": self.settings["listen"],
+                "url": f"http://{self.settings['listen']}/",
+                "metrics_open": self.settings["metrics_open"],
+                "pid": self.pipe.process.pid if self.pipe.running() else None,
+                "error": self.error, "token_file": self.token_path}
+
+    def stop(self):
+        """The helper and the socket go (the server stops); the setting stays."""
+        self.pipe.stop()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+
+def bind_dashboard(listen):
+    """A TCP socket listening on LISTEN (HOST:PORT); UserError if it cannot be."""
+    host, port = parse_listen_address(listen)
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                             socket.SOCK_STREAM)
+    try:
+        # A server started again takes its port back at once despite the last one's
+        # connections in TIME_WAIT; Linux still refuses a port another socket listens on.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(64)
+    except OSError as error:
+        listener.close()
+        raise UserError(f"cannot listen on {listen}: {error.strerror or error}; nothing was "
+                        f"changed: choose another port with --listen {listen_text(host, 0)[:-1]}"
+                        "PORT (0: any free one)") from None
+    return listener
 
 
 ###############################################################################
@@ -9185,10 +9446,10 @@ class Clients:
                       len(subscription.pending))
         return DEFERRED
 
-    def watch(self, client):
-        """A live-view client gets a snapshot now and after each change (see
-        Server.send_snapshots) until it disconnects."""
-        self.watchers.append(Watcher(client))
+    def watch(self, client, interval):
+        """A live-view client gets a snapshot now and after each change, at most once
+        per INTERVAL seconds (see Server.send_snapshots), until it disconnects."""
+        self.watchers.append(Watcher(client, interval))
         return DEFERRED
 
     def live_changed(self):
@@ -9196,16 +9457,20 @@ class Clients:
         for watcher in self.watchers:
             watcher.dirty = True
 
-    def send_snapshot(self, snapshot):
-        """SNAPSHOT (an event line) to each watcher that has something new and has read
-        the last one (a slow reader skips snapshots instead of piling them up)."""
+    def send_snapshot(self, snapshot, now):
+        """SNAPSHOT (an event line) to each watcher that is ready for it (a slow reader
+        skips snapshots instead of piling them up)."""
         for watcher in self.watchers:
-            if watcher.dirty and not watcher.client.outgoing:
+            if watcher.ready(now):
                 watcher.dirty = False
+                watcher.due = now + watcher.interval
                 self.send_line(watcher.client, snapshot)
 
-    def snapshot_wanted(self):
-        return any(watcher.dirty and not watcher.client.outgoing for watcher in self.watchers)
+    def snapshot_due(self):
+        """When the next snapshot is wanted (monotonic), by the watchers that have
+        something new and have read the last one; None if none has."""
+        return min((watcher.due for watcher in self.watchers
+                    if watcher.dirty and not watcher.client.outgoing), default=None)
 
     def jobs_moved(self, job_ids, state):
         """Tell the wait clients watching any of JOB_IDS where those jobs are now."""
@@ -9416,6 +9681,7 @@ class Handlers:
             "schedules": schedules,
             "arrays": arrays,
             "environments": {str(key): value for key, value in environments.items()},
+            "dashboard": self.server.dashboard.describe(),
         }
 
     def say_why_they_wait(self, waitlist, arrays):
@@ -9446,7 +9712,9 @@ class Handlers:
             "server": {"pid": os.getpid(), "version": VERSION,
                        "data_dir": self.server.data_dir},
             "now": iso_time(time.time()), "paused": self.queue.paused, "counts": counts,
-            "workers": [dict(worker.to_json([]), used=sorted(worker.busy_slots))
+            # Without variables: a live view shows where things run, not their secrets.
+            "workers": [without_variables(dict(worker.to_json([]),
+                                               used=sorted(worker.busy_slots)))
                         for worker in self.workers.all()],
             "running": running, "waiting": [live_job(job) for job in waiting],
             "recent": [live_job(job_to_json(row, self.log_dir))
@@ -9456,11 +9724,16 @@ class Handlers:
             "ends_per_minute": round(rate, 1),
             "seconds_left": None if not rate else round(counts["waiting"] * 60 / rate),
             "activity": self.server.activity.to_json(),
-            "services": self.services.describe(),
+            "services": [without_variables(service) for service in self.services.describe()],
         }
 
     def watch(self, client, params):
-        return self.clients.watch(client)
+        return self.clients.watch(client, params["interval"])
+
+    def dashboard(self, client, params):
+        if params["stop"]:
+            return self.server.dashboard.turn_off()
+        return self.server.dashboard.turn_on(params["listen"], params["metrics_open"])
 
     def arrays(self):
         """The arrays with tasks still waiting or running, and their tasks by state."""
@@ -9740,7 +10013,8 @@ class Handlers:
         if params["id"] is not None and self.arrays_named([params["id"]]):
             # An array named whole: its tasks, as a list.
             rows = self.store.find_jobs(state, result, params["worker"], params["script"],
-                                        params["last"], int(params["id"]), params["schedule"])
+                                        params["last"], int(params["id"]), params["schedule"],
+                                        params["offset"])
             return self.with_children(
                 self.with_dependencies([job_to_json(row, self.log_dir) for row in rows]))
         if params["id"] is not None:
@@ -9758,7 +10032,8 @@ class Handlers:
             job["attempts"] = [attempt_to_json(attempt) for attempt in self.store.attempts(job_id)]
             return [job]
         rows = self.store.find_jobs(state, result, params["worker"], params["script"],
-                                    params["last"], params["array"], params["schedule"])
+                                    params["last"], params["array"], params["schedule"],
+                                    params["offset"])
         return self.with_children(
             self.with_dependencies([job_to_json(row, self.log_dir) for row in rows]))
 
@@ -9805,6 +10080,11 @@ class Handlers:
         return self.reply_when_ended(client, stopping, lambda: {
             "workers": len(workers), "jobs": len(jobs), "ids_kept": keep_ids,
             "notes": notes, "services": shown})
+
+
+def without_variables(described):
+    """A worker or service (JSON) without its -e variables, for the live views."""
+    return {key: value for key, value in described.items() if key != "envs"}
 
 
 def public_difference(difference):
@@ -9879,8 +10159,10 @@ class Server(Events):
                                paused=lambda: self.queue.paused)
         self.clients.handlers = Handlers(self)   # (they need the clients too)
         self.activity = Activity()
+        self.dashboard = Dashboard(self.store, self.timers, self.selector, log, self.paths,
+                                   data_dir, log_dir)
         self.next_snapshot = 0.0    # monotonic: the live views' next snapshot, at the soonest
-        self.snapshot_timer = False
+        self.snapshot_timer = None  # monotonic: when the pending snapshot timer fires
 
     def load(self):
         """Read the queue, recover what ran while no server did, and settle the rest."""
@@ -9964,6 +10246,8 @@ class Server(Events):
         self.selector.register(wakeup_read, EVENT_READ,
                                lambda events: wakeup_read.recv(4096))
         self.health.update()
+        # Here, not in load: its helper asks what the socket serves.
+        self.guarded(self.dashboard.load)
         while not self.stopping:
             # Everything that follows from the last events, before sleeping again:
             # what the scheduler starts is news for the clients too.
@@ -9991,19 +10275,24 @@ class Server(Events):
         """The live views' next snapshot, once something changed, but at most as often
         as keeps its cost under LIVE_COST_SHARE of the loop's time: a live view
         never slows the scheduler much, however big the queue."""
-        if not self.clients.snapshot_wanted():
+        due = self.clients.snapshot_due()
+        if due is None:
             return
         now = time.monotonic()
-        if now < self.next_snapshot:
-            if not self.snapshot_timer:   # wake the loop then: nothing else may
-                self.snapshot_timer = True
-                self.timers.add(time.time() + self.next_snapshot - now,
-                                lambda: setattr(self, "snapshot_timer", False))
+        due = max(due, self.next_snapshot)
+        if now < due:
+            # Wake the loop then (nothing else may), unless a timer will sooner.
+            if self.snapshot_timer is None or due < self.snapshot_timer:
+                self.snapshot_timer = due
+                self.timers.add(time.time() + due - now, self.snapshot_timer_due)
             return
         snapshot = encode_event(dict(self.clients.handlers.live(), event="live"))
         cost = time.monotonic() - now
         self.next_snapshot = now + max(LIVE_MIN_INTERVAL, cost / LIVE_COST_SHARE)
-        self.clients.send_snapshot(snapshot)
+        self.clients.send_snapshot(snapshot, now)
+
+    def snapshot_timer_due(self):
+        self.snapshot_timer = None   # (the loop sends the snapshot: see serve)
 
     def guarded(self, callback, *args):
         """Run one event's work; a bug in it is logged, not fatal to the queue."""
@@ -10018,6 +10307,7 @@ class Server(Events):
     def shutdown(self):
         """Stop listening and let go of the data dir; jobs keep running."""
         self.clients.close()
+        self.dashboard.stop()
         self.health.stop()
         self.probes.stop()
         self.hooks.stop()
@@ -10492,6 +10782,11 @@ def render_status(status):
     lines = [f"server pid {status['server']['pid']}, data dir {status['server']['data_dir']}, "
              f"job logs in {status['server']['log_dir']}, placement "
              f"{status.get('placement', PLACEMENTS[0])}"]
+    dashboard = status.get("dashboard", {})
+    if dashboard.get("on"):
+        lines.append(f"dashboard on {dashboard['url']} (./cli.py dashboard prints it with its "
+                     "token)" + (f"; not served: {dashboard['error']}" if dashboard["error"]
+                                 else ""))
     if status["paused"]:
         lines.append("QUEUE PAUSED: no new job starts (./cli.py resume)")
     now = time.time()
@@ -12079,6 +12374,850 @@ def log_tail(path, count):
 
 
 ###############################################################################
+# Live views: the dashboard ####################################################
+###############################################################################
+
+# The dashboard's web server is a helper process of the server's (cli.py
+# _dashboard; the server's side is Dashboard) and a client of it like any
+# command: the live pages share one `watch` connection (LiveFeed), and each
+# action is the request the command line sends.  http.server is imported here
+# only, by that process.
+
+def command_dashboard(options):
+    """Serve a live web page of the queue: workers, jobs, charts, and actions.
+
+    The server starts a web server of its own (a helper process) on
+    127.0.0.1:8750, or where --listen says, and brings it back at each start
+    until `dashboard --stop`.  This prints its URL with the token that every
+    request needs (kept owner-only in DATA_DIR/dashboard.token); the page moves
+    the token into a cookie.  From another machine, forward the port: ssh -L
+    8750:127.0.0.1:8750 HOST, then open the URL there.  The page pauses and
+    resumes the queue and workers, kills (after a confirmation) and retries
+    jobs, and scales services, through the same requests as the commands.
+    /metrics serves Prometheus's text format.  Each call gives the whole
+    setting: what it leaves out is the default (loopback, /metrics closed).
+    """
+    if options.stop:
+        reply = request(options.data_dir, "dashboard", stop=True)
+        print("dashboard stopped; its token is deleted" if reply["was_on"]
+              else "the dashboard was not on")
+        return 0
+    reply = request(options.data_dir, "dashboard", listen=options.listen,
+                    metrics_open=options.metrics_open)
+    if not reply["loopback"]:
+        print(f"Warning: the dashboard listens on {reply['listen']}, where other machines may "
+              "reach it: whoever has its token can pause, kill and retry jobs, and plain HTTP "
+              "carries the token unencrypted; prefer 127.0.0.1 with ssh -L", file=sys.stderr)
+    if reply["metrics_open"]:
+        print(f"{reply['url']}metrics answers anyone, without the token (--metrics-open)",
+              file=sys.stderr)
+    print(f"{reply['url']}?token={reply['token']}")
+    return 0
+
+
+def listen_argument(text):
+    """argparse type for dashboard --listen."""
+    try:
+        return listen_text(*parse_listen_address(text))
+    except UserError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+DASHBOARD_ACTIONS = ("pause", "resume", "kill", "retry", "scale")
+# What a job's page shows of a job: where it is and what it runs, never its
+# environment or its -e variables.
+DASHBOARD_JOB_FIELDS = LIVE_JOB_FIELDS + (
+    "attempts", "children", "parent", "after", "after_any", "retries", "timeout",
+    "not_before", "slots_wanted", "on", "prefer", "exclude", "hooks")
+SECURITY_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+                    ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer"))
+
+
+# The whole page: one HTML document for the live view (/) and a job's page
+# (/job/ID), with its style and script inline (no network needed beyond the
+# dashboard itself).  The script builds the tables from the snapshots (/events)
+# and draws the charts as SVG; it escapes every value it shows (h).
+DASHBOARD_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,"><title>cli.py dashboard</title>
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222;background:#f4f4f2}
+header{position:sticky;top:0;z-index:1;background:#263238;color:#eee;padding:8px 16px;
+ display:flex;gap:14px;align-items:center;flex-wrap:wrap}
+header a{color:#eee}main{padding:4px 16px 16px}
+section{background:#fff;border:1px solid #ddd;border-radius:6px;margin:10px 0;padding:8px 12px}
+section:empty{display:none}h2{font-size:15px;margin:2px 0 6px}
+main>section{content-visibility:auto;contain-intrinsic-size:auto 300px}
+table{border-collapse:collapse;width:100%}
+td,th{text-align:left;padding:2px 8px;border-bottom:1px solid #eee;white-space:nowrap;
+ vertical-align:top}
+th{font-weight:600;color:#555}td.cmd{white-space:normal;word-break:break-all;
+ font:12px ui-monospace,monospace}
+button{font:inherit;padding:0 8px;cursor:pointer}button.danger{color:#b00020}
+input{width:5em}.paused{background:#ffd54f;color:#222;padding:1px 8px;border-radius:4px}
+.bad{color:#b00020}.good{color:#2e7d32}.dim{color:#777}
+.charts{display:flex;gap:24px;flex-wrap:wrap}.charts figure{margin:0}
+figcaption{font-size:12px;color:#555}svg text{font-size:10px;fill:#555}
+pre{background:#111;color:#ddd;padding:8px;max-height:65vh;overflow:auto;white-space:pre-wrap;
+ word-break:break-all;margin:0}
+#message{color:#ffcc80}
+</style></head>
+<body><header><b>cli.py</b><span id="where"></span><span id="summary"></span>
+<span id="message" role="status"></span></header><main id="main">connecting...</main>
+<script>
+"use strict";
+// 25 rows a list: a redraw beside a busy server stays cheap (layout and paint grow
+// with the rows).
+const SHOWN = 25, $ = id => document.getElementById(id);
+const h = v => String(v ?? "").replace(/[&<>"']/g,
+  c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"})[c]);
+let snap = null, fresh = false, skew = 0, queued = false, confirming = null, jobId = null;
+const pages = {running: 0, waiting: 0, done: 0}, paged = {}, drawn = {};
+
+function say(text) { $("message").textContent = text || ""; }
+function post(action, body) {
+  say(action + "...");
+  return fetch("/api/" + action, {method: "POST", body: JSON.stringify(body),
+                                  headers: {"Content-Type": "application/json"}})
+    .then(r => r.json()).then(r => { say(r.ok ? "" : r.error); if (jobId) loadJob(); })
+    .catch(e => say(String(e)));
+}
+function seconds(t) { return t ? (Date.now() + skew - Date.parse(t)) / 1000 : null; }
+function span(s) {
+  if (s == null) return "-";
+  s = Math.max(0, Math.round(s));
+  return s < 60 ? s + "s" : s < 3600 ? Math.floor(s / 60) + "m " + s % 60 + "s"
+    : Math.floor(s / 3600) + "h " + Math.floor(s % 3600 / 60) + "m";
+}
+function command(j) { return [j.script.split("/").pop()].concat(j.args || []).join(" "); }
+function link(j) { return `<a href="/job/${j.id}">${j.id}</a>`; }
+function ended(j) {
+  const how = j.exit_code != null ? "exit " + j.exit_code : j.signal != null ? "signal " + j.signal : "";
+  return `<span class="${j.result === "succeeded" ? "good" : "bad"}">${h(j.result)}</span> ${h(how)}`;
+}
+function killButton(j) {
+  return confirming === j.id
+    ? `<button class="danger" data-act="kill-yes" data-id="${j.id}">kill job ${j.id}?</button>` +
+      ` <button data-act="kill-no">no</button>`
+    : `<button class="danger" data-act="kill" data-id="${j.id}">kill</button>`;
+}
+function table(heads, rows) {
+  return `<table><tr>${heads.map(x => `<th>${x}</th>`).join("")}</tr>` +
+    rows.map(r => `<tr>${r.join("")}</tr>`).join("") + "</table>";
+}
+const td = (x, cls) => `<td${cls ? ` class="${cls}"` : ""}>${x}</td>`;
+
+// --- the live view -----------------------------------------------------------
+function live() {
+  $("main").innerHTML = ["charts", "workers", "services", "running", "waiting", "ends"]
+    .map(id => `<section id="${id}"></section>`).join("");
+  const events = new EventSource("/events");
+  events.addEventListener("live", e => {
+    const first = !snap;
+    snap = JSON.parse(e.data); skew = Date.parse(snap.now) - Date.now(); say("");
+    if (first) draw(); else fresh = true;
+  });
+  events.addEventListener("lost", e => say("lost the server: " + JSON.parse(e.data).error));
+  events.onerror = () => say("lost the dashboard's web server; trying again...");
+  // Drawn once a second at most (snapshots come up to 5 times), and only the clocks
+  // when nothing else changed: a browser beside the server must cost it little.
+  setInterval(() => { if (document.hidden) return; if (fresh) draw(); else tick(); }, 1000);
+}
+function tick() {
+  for (const cell of document.querySelectorAll("[data-since]"))
+    cell.textContent = span(seconds(cell.dataset.since)) + (cell.dataset.ago ? " ago" : "");
+}
+function draw() {
+  if (queued) return;
+  queued = true;
+  requestAnimationFrame(() => { queued = false; fresh = false; if (snap) { render(); tick(); } });
+}
+function put(id, html) {
+  const section = $(id);
+  // A field being typed into is left alone until it is left.
+  if (drawn[id] === html || section.contains(document.activeElement) &&
+      document.activeElement.tagName === "INPUT") return;
+  drawn[id] = html; section.innerHTML = html;
+}
+function render() {
+  const c = snap.counts, done = Object.keys(c).filter(k => k !== "waiting" && k !== "running");
+  $("where").textContent = snap.server.data_dir;
+  const left = snap.seconds_left != null && c.waiting ? `, about ${span(snap.seconds_left)} left` : "";
+  $("summary").innerHTML = ["waiting", "running", ...done].map(k => `${c[k] || 0} ${k}`).join(", ") +
+    ` | ${snap.ends_per_minute} ended/min${left} ` +
+    (snap.paused ? '<span class="paused">QUEUE PAUSED</span> ' : "") +
+    `<button id="queue" data-act="${snap.paused ? "resume" : "pause"}">` +
+    `${snap.paused ? "resume" : "pause"} queue</button>`;
+  put("charts", charts());
+  put("workers", workers());
+  put("services", services());
+  put("running", list("running", "Running", ["job", "worker:slot", "for", "attempt", "command", ""],
+    j => [td(link(j)), td(h(j.parts ? j.parts.map(p => p[0] + ":" + p[1].join("+")).join(" ")
+                                     : j.worker + ":" + j.slot)),
+          `<td data-since="${h(j.started_at)}"></td>`, td(j.attempt), td(h(command(j)), "cmd"), td(killButton(j))]));
+  put("waiting", list("waiting", "Waiting", ["job", "priority", "waiting for", "command", ""],
+    j => [td(link(j)), td(j.priority), td(h(j.waiting_for || "")), td(h(command(j)), "cmd"),
+          td(killButton(j))]));
+  put("ends", list("done", "Ended", ["job", "how", "ended", "worker", "command", ""],
+    j => [td(link(j)), td(ended(j)), `<td data-since="${h(j.ended_at)}" data-ago="1"></td>`,
+          td(h(j.worker || "-")),
+          td(h(command(j)), "cmd"),
+          td(j.result !== "succeeded" ? `<button data-act="retry" data-id="${j.id}">retry</button>` : "")]));
+}
+function workers() {
+  const rows = snap.workers.map(w => {
+    const used = w.used.length, width = w.slots ? Math.round(120 * used / w.slots) : 0;
+    const bar = `<svg width="120" height="12"><rect width="120" height="12" fill="#e0e0e0"/>` +
+      `<rect width="${width}" height="12" fill="#42a5f5"/></svg>`;
+    const paused = w.state === "paused";
+    return [td(h(w.ip)), td(bar + ` ${used}/${w.slots}`), td(h(w.status)),
+            td(`<span class="${w.health === "up" ? "good" : "bad"}">${h(w.health)}</span> ` +
+               h(w.health !== "up" && w.check_reason || "")),
+            td(`<button data-act="${paused ? "resume" : "pause"}-worker" data-worker="${h(w.ip)}">` +
+               `${paused ? "resume" : "pause"}</button>`)];
+  });
+  return `<h2>Workers (${rows.length})</h2>` + (rows.length ? table(["worker", "slots", "status",
+    "health", ""], rows) : '<span class="dim">none: add one with ./cli.py add_slave HOST</span>');
+}
+function services() {
+  if (!snap.services.length) return "";
+  return `<h2>Services (${snap.services.length})</h2>` + table(
+    ["service", "desired", "running", "healthy", "restarts", "last end", "scale to"],
+    snap.services.map(s => [td(h(s.name) + (s.enabled ? "" : ' <span class="dim">(stopped)</span>')),
+      td(s.replicas), td(s.running), td(s.healthy), td(s.restarts), td(h(s.last_end || "-")),
+      td(`<input type="number" min="0" value="${s.replicas}" id="scale-${h(s.name)}">` +
+         ` <button data-act="scale" data-service="${h(s.name)}">scale</button>`)]));
+}
+// Lists show SHOWN jobs a page: the first pages are the snapshot's (its first 100),
+// deeper ones come from the jobs request (running and waiting ones on by id from
+// where the snapshot ends; ended ones newest first, after the latest ends).
+function list(kind, title, heads, row) {
+  const c = snap.counts, total = kind === "done"
+    ? Object.keys(c).filter(k => k !== "waiting" && k !== "running").reduce((n, k) => n + c[k], 0)
+    : c[kind] || 0;
+  const page = pages[kind], live = kind === "done" ? snap.recent.concat(snap.failures.filter(
+    f => !snap.recent.some(r => r.id === f.id))) : snap[kind];
+  const jobs = fromSnapshot(kind, page, live, total) ? live.slice(page * SHOWN, (page + 1) * SHOWN)
+    : paged[kind] || [];
+  const count = Math.max(1, Math.ceil(total / SHOWN) + (kind === "done" ? 1 : 0));
+  const pager = count > 1 ? ` <button data-act="page" data-list="${kind}" data-step="-1"` +
+    `${page ? "" : " disabled"}>&lt;</button> page ${page + 1} of ${count} ` +
+    `<button data-act="page" data-list="${kind}" data-step="1"${page + 1 < count ? "" : " disabled"}` +
+    `>&gt;</button>` : "";
+  const note = kind === "done" && page === 0 ? ' <span class="dim">(latest ends and failures)</span>' : "";
+  return `<h2>${title} (${total})${pager}${note}</h2>` +
+    (jobs.length ? table(heads, jobs.map(row)) : '<span class="dim">none</span>');
+}
+function fromSnapshot(kind, page, live, total) {
+  return kind === "done" ? page === 0 : (page + 1) * SHOWN <= live.length || live.length >= total;
+}
+function loadPage(kind) {
+  const page = pages[kind], c = snap.counts;
+  const total = kind === "done" ? 0 : c[kind] || 0;
+  if (fromSnapshot(kind, page, kind === "done" ? [] : snap[kind], total)) {
+    paged[kind] = null; return draw();
+  }
+  let query;
+  if (kind === "done") query = `state=done&last=${SHOWN}&offset=${(page - 1) * SHOWN}`;
+  else {
+    const first = page * SHOWN, count = Math.min(SHOWN, total - first);
+    query = `state=${kind}&last=${count}&offset=${total - first - count}`;
+  }
+  fetch("/api/jobs?" + query).then(r => r.json()).then(r => {
+    if (!r.ok) return say(r.error);
+    paged[kind] = kind === "done" ? r.result.reverse() : r.result; draw();
+  });
+}
+function charts() {
+  const a = snap.activity;
+  return `<h2>Activity since ${new Date(Date.parse(a.since)).toLocaleString()}: ` +
+    `${a.starts} started, ${a.ends} ended</h2><div class="charts">` +
+    `<figure>${perMinute(a.per_minute)}<figcaption>starts (blue) and ends (green) ` +
+    `per minute, last hour</figcaption></figure>` +
+    `<figure>${histogram(a.waits)}<figcaption>queue wait: starts by how long they waited, up ` +
+    `to each bound</figcaption></figure>` +
+    `<figure>${histogram(a.latency)}<figcaption>scheduling latency: from room for a job to ` +
+    `its start</figcaption></figure></div>`;
+}
+function perMinute(minutes) {
+  const W = 300, H = 90, top = Math.max(1, ...minutes.map(m => Math.max(m[1], m[2])));
+  const line = (k, color) => `<polyline fill="none" stroke="${color}" stroke-width="1.5" points="` +
+    minutes.map((m, i) => `${(i * W / 59).toFixed(1)},${(H - m[k] * H / top).toFixed(1)}`).join(" ") + '"/>';
+  return `<svg width="${W + 40}" height="${H + 14}"><g transform="translate(36,2)">` +
+    `<line x1="0" y1="${H}" x2="${W}" y2="${H}" stroke="#ccc"/>` + line(1, "#1e88e5") + line(2, "#43a047") +
+    `<text x="-4" y="8" text-anchor="end">${top}</text><text x="-4" y="${H}" text-anchor="end">0</text>` +
+    `<text x="0" y="${H + 11}">-60m</text><text x="${W}" y="${H + 11}" text-anchor="end">now</text></g></svg>`;
+}
+function histogram(histo) {
+  const label = b => b < 1 ? b * 1000 + "ms" : b < 60 ? b + "s" : b < 3600 ? b / 60 + "m"
+    : b < 86400 ? b / 3600 + "h" : b / 86400 + "d";
+  const names = histo.bounds.map(label).concat(["&gt;" + label(histo.bounds.at(-1))]);
+  const W = 38, H = 70, top = Math.max(1, ...histo.counts);
+  return `<svg width="${names.length * W}" height="${H + 26}">` + histo.counts.map((n, i) => {
+    const height = n * H / top;
+    return `<rect x="${i * W + 3}" y="${H - height + 12}" width="${W - 6}" height="${height}" fill="#8e24aa"/>` +
+      `<text x="${i * W + W / 2}" y="${H - height + 10}" text-anchor="middle">${n || ""}</text>` +
+      `<text x="${i * W + W / 2}" y="${H + 24}" text-anchor="middle">${names[i]}</text>`;
+  }).join("") + "</svg>";
+}
+
+// --- a job's page --------------------------------------------------------------
+function jobPage(id) {
+  jobId = id;
+  $("main").innerHTML = '<p><a href="/">&larr; the queue</a></p><section id="job"></section>' +
+    '<section id="attempts"></section><section><h2>Log <span id="follow" class="dim"></span></h2>' +
+    '<pre id="log"></pre></section>';
+  loadJob();
+  const log = $("log"), events = new EventSource(`/job/${id}/log`);
+  $("follow").textContent = "(following)";
+  events.addEventListener("log", e => {
+    const bottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+    log.textContent = (log.textContent + JSON.parse(e.data)).slice(-1000000);
+    if (bottom) log.scrollTop = log.scrollHeight;
+  });
+  events.addEventListener("end", () => {
+    events.close(); $("follow").textContent = "(the job has ended)"; loadJob();
+  });
+}
+function loadJob() {
+  fetch(`/api/job/${jobId}`).then(r => r.json()).then(r => {
+    if (!r.ok) return say(r.error);
+    const j = r.result, where = j.worker ? `${j.worker}:${(j.slots || [j.slot]).join("+")}` : "-";
+    $("where").textContent = `job ${j.id}`;
+    const action = j.state === "done"
+      ? (j.result !== "succeeded" ? `<button data-act="retry" data-id="${j.id}">retry</button>` : "")
+      : killButton(j);
+    put("job", `<h2>Job ${j.id}: ${j.state === "done" ? ended(j) : h(j.state)} ${action}</h2>` +
+      table(["", ""], [["command", h([j.script].concat(j.args).join(" "))], ["directory", h(j.cwd)],
+        ["worker", h(where)], ["attempt", j.attempt], ["submitted", h(j.submitted_at)],
+        ["started", h(j.started_at || "-")], ["ended", h(j.ended_at || "-")],
+        ["reason", h(j.reason || "-")], ["log", h(j.log)]].map(r => [td(r[0]), td(r[1], "cmd")])));
+    put("attempts", `<h2>Attempts (${j.attempts.length} ended)</h2>` + (j.attempts.length ? table(
+      ["attempt", "worker", "how", "started", "ended", "reason"],
+      j.attempts.map(t => [td(t.attempt), td(h(t.worker || "-")), td(ended(t)),
+        td(h(t.started_at || "-")), td(h(t.ended_at || "-")), td(h(t.reason || ""), "cmd")]))
+      : '<span class="dim">none yet</span>'));
+  });
+}
+
+document.addEventListener("click", e => {
+  const b = e.target.closest("button[data-act]");
+  if (!b) return;
+  const act = b.dataset.act, id = Number(b.dataset.id);
+  if (act === "pause" || act === "resume") post(act, {});
+  else if (act.endsWith("-worker")) post(act.split("-")[0], {worker: b.dataset.worker});
+  else if (act === "kill") confirming = id;
+  else if (act === "kill-yes") { confirming = null; post("kill", {id: id}); }
+  else if (act === "kill-no") confirming = null;
+  else if (act === "retry") post("retry", {id: id});
+  else if (act === "scale")
+    post("scale", {service: b.dataset.service,
+                   replicas: Number($("scale-" + b.dataset.service).value)});
+  else if (act === "page") { pages[b.dataset.list] += Number(b.dataset.step); loadPage(b.dataset.list); }
+  if (jobId) loadJob(); else draw();
+});
+const route = location.pathname.match(/^\\/job\\/([0-9]+)$/);
+if (route) jobPage(route[1]); else live();
+</script></body></html>
+"""
+
+
+def dashboard_main():
+    """The dashboard's web server (cli.py _dashboard), a process of the server's own so
+    that no page ever holds up its loop.  It reads its settings as one JSON line on
+    stdin ({"listen_fd", "listen", "token", "metrics_open", "data_dir"}; the socket
+    is the server's, open here) and serves HTTP on it, a thread per connection.
+    EOF on stdin (the server is gone) ends it."""
+    import http.server
+    import threading
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # (^C of a foreground server: it decides)
+    settings = json.loads(sys.stdin.buffer.readline() or b"null")
+    if not settings:
+        return   # the server went before it said anything
+    site = DashboardSite(settings)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        server_version = "cli.py-dashboard"
+        sys_version = ""
+        timeout = 60   # seconds: a connection that sends nothing (or reads nothing) ends
+
+        def do_GET(self):
+            site.serve(self, "GET")
+
+        def do_POST(self):
+            site.serve(self, "POST")
+
+        def log_message(self, format, *args):
+            pass   # a request line may carry ?token=: none goes to server.log
+
+    listener = socket.socket(fileno=settings["listen_fd"])
+    web = http.server.ThreadingHTTPServer(listener.getsockname()[:2], Handler,
+                                          bind_and_activate=False)
+    web.socket.close()
+    web.socket = listener
+
+    def end_with_the_server():
+        while os.read(0, 4096):
+            pass
+        os._exit(0)
+    threading.Thread(target=end_with_the_server, daemon=True).start()
+    web.serve_forever(poll_interval=None)   # (None: it sleeps until a browser connects)
+
+
+class LiveFeed:
+    """The server's live snapshots for the dashboard's pages: one `watch` connection
+    while any page (or /metrics) reads, however many there are, and the latest
+    line.  A reader takes the newest line and skips those it was too slow for."""
+
+    def __init__(self, data_dir):
+        import threading
+        self.data_dir = data_dir
+        self.changed = threading.Condition()
+        self.line = None          # the latest: a snapshot's JSON line, or a "lost" event's
+        self.number = 0           # lines so far
+        self.readers = 0
+        self.connection = None    # the watch, while one is open
+        self.thread = None
+
+    def join(self):
+        import threading
+        with self.changed:
+            self.readers += 1
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.watch, daemon=True)
+                self.thread.start()
+
+    def leave(self):
+        with self.changed:
+            self.readers -= 1
+            if self.readers == 0 and self.connection is not None:
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)   # wakes the watch: it ends
+                except OSError:
+                    pass   # it has ended already
+
+    def next(self, seen, timeout):
+        """(number, line) of the newest line after line number SEEN; SEEN's again
+        after TIMEOUT seconds without one."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.number != seen and self.line is not None,
+                                  timeout)
+            return (self.number, self.line) if self.line is not None else (seen, None)
+
+    def publish(self, line):
+        with self.changed:
+            self.line = line
+            self.number += 1
+            self.changed.notify_all()
+
+    def watch(self):
+        while True:
+            with self.changed:
+                if self.readers == 0:
+                    self.thread, self.line = None, None
+                    return
+            try:
+                why = self.follow(connect(self.data_dir, "watch",
+                                          {"interval": DASHBOARD_SNAPSHOTS}))
+            except (UserError, OSError) as error:
+                why = str(error)
+            with self.changed:
+                if self.readers == 0:
+                    continue
+            self.publish(json.dumps({"event": "lost", "error": why}).encode())
+            time.sleep(1.0)   # the server may be starting again: ask once a second
+
+    def follow(self, connection):
+        """Publish what CONNECTION (a watch) sends until it ends; why it ended."""
+        with connection:
+            with self.changed:
+                if self.readers == 0:
+                    return None
+                self.connection = connection
+            try:
+                lines = LineReader()
+                while True:
+                    chunk = connection.recv(1 << 20)
+                    if not chunk:
+                        return f"the server for {self.data_dir} went away"
+                    for line in lines.feed(chunk):
+                        if line.startswith(b'{"ok"'):   # the last line: the server stops
+                            return json.loads(line).get("error")
+                        self.publish(line)
+            finally:
+                with self.changed:
+                    self.connection = None
+
+
+class DashboardSite:
+    """What the dashboard serves, and to whom: the token (from ?token= once, then a
+    cookie; or an Authorization: Bearer header) for everything, and the page's own
+    origin for actions."""
+
+    def __init__(self, settings):
+        self.data_dir = settings["data_dir"]
+        self.token = settings["token"]
+        self.metrics_open = settings["metrics_open"]
+        # Cookies ignore ports: two queues' dashboards on one host need two names.
+        self.cookie = f"cli_py_dashboard_{settings['listen'].rsplit(':', 1)[1]}"
+        self.feed = LiveFeed(self.data_dir)
+        self.page = DASHBOARD_PAGE.encode()
+        self.page_policy = content_policy(DASHBOARD_PAGE)
+
+    def serve(self, handler, method):
+        import urllib.parse
+        path, _, query = handler.path.partition("?")
+        params = urllib.parse.parse_qs(query)
+        try:
+            refusal = self.refusal(handler, method, path, params)
+            if refusal is not None:
+                self.send_text(handler, *refusal)
+            elif method == "POST":
+                self.act(handler, path)
+            else:
+                self.get(handler, path, params)
+        except (BrokenPipeError, ConnectionResetError):
+            pass   # the browser went away
+        except Exception:   # noqa: BLE001 - a bug: logged (stderr is server.log), answered 500
+            import traceback
+            traceback.print_exc()
+            try:
+                self.send_text(handler, 500, "internal error: see the server's server.log")
+            except OSError:
+                pass
+
+    def get(self, handler, path, params):
+        page = path == "/" or re.fullmatch(r"/job/[0-9]{1,19}", path)
+        job_path = re.fullmatch(r"/(?:api/job|job)/([0-9]{1,19})(/log)?", path)
+        if page and "token" in params:
+            # The token leaves the address bar (and the history) for a cookie that no
+            # script reads (HttpOnly) and no other site's request carries (Strict).
+            handler.send_response(303)
+            handler.send_header("Location", path)
+            handler.send_header("Set-Cookie", f"{self.cookie}={self.token}; HttpOnly; "
+                                "SameSite=Strict; Path=/; "
+                                f"Max-Age={DASHBOARD_COOKIE_DAYS * 86400}")
+            self.end_headers(handler, b"")
+        elif page:
+            self.send(handler, 200, "text/html; charset=utf-8", self.page,
+                      (("Content-Security-Policy", self.page_policy),))
+        elif path == "/events":
+            self.send_events(handler)
+        elif path == "/metrics":
+            self.send_metrics(handler)
+        elif path == "/api/jobs":
+            self.send_reply(handler, lambda: [dashboard_job(job) for job in request(
+                self.data_dir, "jobs", **jobs_page(params))])
+        elif job_path and path.startswith("/api/"):
+            # An int: job N itself, even where N is also an array's id.
+            self.send_reply(handler, lambda: dashboard_job(
+                request(self.data_dir, "jobs", id=int(job_path[1]))[0]))
+        elif job_path and job_path[2]:
+            self.send_log(handler, job_path[1])
+        else:
+            self.send_text(handler, 404, f"no page {path} here")
+
+    # --- who may ask ----------------------------------------------------------
+
+    def refusal(self, handler, method, path, params):
+        """(status, why) if the request may not be served; None if it may."""
+        import hmac
+        if method == "GET" and path == "/metrics" and self.metrics_open:
+            return None
+        given = self.credential(handler, params if method == "GET" else {})
+        if given is None:
+            return 401, ("this dashboard needs its token: open the URL that ./cli.py "
+                         "dashboard printed")
+        if not hmac.compare_digest(given.encode(errors="surrogateescape"),
+                                   self.token.encode()):
+            return 403, ("wrong token (the dashboard was turned off and on again?): open "
+                         "the URL that ./cli.py dashboard prints")
+        if method == "POST":
+            # The cookie is SameSite=Strict already; the origin is checked all the same.
+            if handler.headers.get("Origin") != f"http://{handler.headers.get('Host')}":
+                return 403, "refused: actions come from the dashboard's own page only (Origin)"
+            if handler.headers.get_content_type() != "application/json":
+                return 415, "an action is a JSON object (Content-Type: application/json)"
+        return None
+
+    def credential(self, handler, params):
+        """The token the request gives: ?token= (GET only), Authorization: Bearer, or
+        the cookie; None if none."""
+        import http.cookies
+        if params.get("token"):
+            return params["token"][0]
+        authorization = handler.headers.get("Authorization", "")
+        if authorization.startswith("Bearer "):
+            return authorization[len("Bearer "):].strip()
+        cookies = http.cookies.SimpleCookie()
+        try:
+            cookies.load(handler.headers.get("Cookie", ""))
+        except http.cookies.CookieError:
+            return None
+        return cookies[self.cookie].value if self.cookie in cookies else None
+
+    # --- actions --------------------------------------------------------------
+
+    def act(self, handler, path):
+        """POST /api/ACTION with a JSON object: the request the command line sends for
+        it, checked by the server as the command line's is."""
+        action = path[len("/api/"):] if path.startswith("/api/") else None
+        if action not in DASHBOARD_ACTIONS:
+            self.send_text(handler, 404, f"no action {path} here")
+            return
+        try:
+            length = int(handler.headers.get("Content-Length") or 0)
+            posted = json.loads(handler.rfile.read(length)) if 0 < length <= 4096 else None
+        except ValueError:
+            posted = None
+        if not isinstance(posted, dict):
+            self.send_text(handler, 400, "an action is a JSON object of at most 4 kB")
+            return
+        command, params = action_request(action, posted)
+        self.send_reply(handler, lambda: request(self.data_dir, command, **params))
+
+    # --- replies ----------------------------------------------------------------
+
+    def send_reply(self, handler, make):
+        """MAKE's result as {"ok": true, "result"}, or the server's refusal as {"ok":
+        false, "error"}: the message the command line would print."""
+        try:
+            status, reply = 200, {"ok": True, "result": make()}
+        except LostServer as error:
+            status, reply = 503, {"ok": False, "error": str(error)}
+        except UserError as error:
+            status, reply = 400, {"ok": False, "error": str(error)}
+        self.send(handler, status, "application/json", json.dumps(reply).encode())
+
+    def send_text(self, handler, status, text):
+        headers = (("WWW-Authenticate", 'Bearer realm="cli.py dashboard"'),) \
+            if status == 401 else ()
+        self.send(handler, status, "text/plain; charset=utf-8", f"{status}: {text}\n".encode(),
+                  headers)
+
+    def send(self, handler, status, content_type, body, headers=()):
+        handler.send_response(status)
+        handler.send_header("Content-Type", content_type)
+        for name, value in headers:
+            handler.send_header(name, value)
+        self.end_headers(handler, body)
+
+    def end_headers(self, handler, body):
+        for name, value in SECURITY_HEADERS:
+            handler.send_header(name, value)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def start_stream(self, handler):
+        """Server-Sent Events: the response stays open; the browser reconnects by itself."""
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        for name, value in SECURITY_HEADERS:
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.write(b"retry: 2000\n\n")
+
+    # --- live data ------------------------------------------------------------
+
+    def send_events(self, handler):
+        """/events: each snapshot of the queue as it comes (a "live" event), or why
+        there is none (a "lost" event)."""
+        self.start_stream(handler)
+        self.feed.join()
+        try:
+            seen = 0
+            while True:
+                number, line = self.feed.next(seen, DASHBOARD_KEEPALIVE)
+                if number == seen:
+                    handler.wfile.write(b": still here\n\n")   # a closed tab shows here
+                    continue
+                seen = number
+                kind = b"lost" if line.startswith(b'{"event": "lost"') else b"live"
+                handler.wfile.write(b"event: " + kind + b"\ndata: " + line + b"\n\n")
+        finally:
+            self.feed.leave()
+
+    def send_metrics(self, handler):
+        """/metrics: the latest snapshot in Prometheus's text format.  With no page
+        open, a scrape costs the server one snapshot."""
+        self.feed.join()
+        try:
+            _, line = self.feed.next(0, 10.0)
+        finally:
+            self.feed.leave()
+        snapshot = json.loads(line) if line is not None else {}
+        if snapshot.get("event") != "live":
+            self.send_text(handler, 503, snapshot.get("error") or
+                           "the server sent no snapshot within 10 s")
+            return
+        self.send(handler, 200, "text/plain; version=0.0.4; charset=utf-8",
+                  metrics_text(snapshot).encode())
+
+    def send_log(self, handler, name):
+        """/job/ID/log: the tail of a job's log, then what it writes as it writes it
+        ("log" events), until the job has ended ("end")."""
+        import codecs
+        import select
+        try:
+            job = request(self.data_dir, "jobs", id=int(name))[0]
+            waiting = connect(self.data_dir, "wait", {"ids": [job["id"]]})
+        except UserError as error:
+            self.send_text(handler, 404, str(error))
+            return
+        self.start_stream(handler)
+        text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        offset, quiet = log_start(job["log"]), time.monotonic()
+        with waiting:
+            lines = LineReader()
+            while True:
+                readable = select.select([waiting], [], [], DASHBOARD_LOG_FOLLOW)[0]
+                chunk, offset = read_log(job["log"], offset)
+                # wait's reply (not its progress lines) says the job has ended; so
+                # does the server going away, as far as following goes.
+                ended = readable and any(line.startswith(b'{"ok"') for line in
+                                         lines.feed(waiting.recv(1 << 16) or b'{"ok"\n'))
+                if ended:
+                    chunk += read_log(job["log"], offset)[0]
+                if chunk:
+                    handler.wfile.write(b"event: log\ndata: " + json.dumps(
+                        text.decode(chunk)).encode() + b"\n\n")
+                    quiet = time.monotonic()
+                if ended:
+                    handler.wfile.write(b"event: end\ndata: {}\n\n")
+                    return
+                if time.monotonic() - quiet > DASHBOARD_KEEPALIVE:
+                    handler.wfile.write(b": still here\n\n")
+                    quiet = time.monotonic()
+
+
+def action_request(action, posted):
+    """(command, params) of the request that the page's ACTION stands for; the server
+    checks the values as it checks the command line's."""
+    if action in ("pause", "resume"):
+        worker = posted.get("worker")
+        return action, {"hosts": [] if worker is None else [worker]}
+    if action in ("kill", "retry"):
+        return action, {"ids": [posted.get("id")]}
+    return action, {"name": posted.get("service"), "replicas": posted.get("replicas")}
+
+
+def jobs_page(params):
+    """The jobs request of /api/jobs?state=S&last=N&offset=O: a page of a list."""
+    page = {"state": params.get("state", ["running"])[0]}
+    for name in ("last", "offset"):
+        value = params.get(name, [""])[0]
+        if value:
+            if not plain_number(value):
+                raise UserError(f"{name} must be a whole number")
+            page[name] = int(value)
+    page.setdefault("last", LIVE_LIST_LIMIT)
+    return page
+
+
+def dashboard_job(job):
+    return {key: job[key] for key in DASHBOARD_JOB_FIELDS if key in job}
+
+
+def log_start(path):
+    """Where a job's page starts reading its log: its last DASHBOARD_LOG_TAIL bytes."""
+    try:
+        return max(0, os.path.getsize(path) - DASHBOARD_LOG_TAIL)
+    except OSError:
+        return 0
+
+
+def read_log(path, offset):
+    """(what the log at PATH holds from OFFSET on, at most 1 MB; the new offset)."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(offset)
+            chunk = log.read(1 << 20)
+    except OSError:
+        return b"", offset
+    return chunk, offset + len(chunk)
+
+
+def content_policy(page):
+    """The page's Content-Security-Policy: its own inline script and style (by their
+    hashes), requests to its own origin, nothing else; no framing."""
+    import base64
+    import hashlib
+
+    def hashes(tag):
+        return " ".join("'sha256-" + base64.b64encode(hashlib.sha256(body.encode()).digest())
+                        .decode() + "'" for body in re.findall(f"<{tag}>(.*?)</{tag}>", page,
+                                                              re.S))
+    return (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+            "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'")
+
+
+# --- /metrics: Prometheus's text format ------------------------------------------
+
+def metrics_text(snapshot):
+    """A snapshot (Handlers.live) as Prometheus text: jobs by state, starts and ends,
+    workers by state and health, slots, and the two histograms."""
+    lines = []
+
+    def family(name, kind, text, samples):
+        lines.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
+        # repr, not :g, which would round a count of millions.
+        lines.extend(f"{name}{suffix}{metric_labels(labels)} {value!r}"
+                     for suffix, labels, value in samples)
+    counts = snapshot["counts"]
+    family("cli_py_jobs", "gauge", "Jobs in the database: waiting, running, or how they ended.",
+           [("", {"state": state}, counts.get(state, 0))
+            for state in ("waiting", "running", *(result.value for result in JobResult))])
+    activity = snapshot["activity"]
+    family("cli_py_job_starts_total", "counter", "Attempts started since the server started.",
+           [("", {}, activity["starts"])])
+    family("cli_py_job_ends_total", "counter", "Jobs ended since the server started.",
+           [("", {}, activity["ends"])])
+    family("cli_py_queue_paused", "gauge", "1 while the queue is paused.",
+           [("", {}, int(snapshot["paused"]))])
+    workers = snapshot["workers"]
+    family("cli_py_workers", "gauge", "Workers by state and health.",
+           [("", {"state": state.value, "health": health.value},
+             sum(worker["state"] == state.value and worker["health"] == health.value
+                 for worker in workers))
+            for state in WorkerState for health in WorkerHealth])
+    family("cli_py_slots", "gauge", "Slots of all workers.",
+           [("", {}, sum(worker["slots"] for worker in workers))])
+    family("cli_py_slots_used", "gauge", "Slots running jobs.",
+           [("", {}, sum(len(worker["used"]) for worker in workers))])
+    family("cli_py_worker_slots", "gauge", "Slots of each worker.",
+           [("", {"worker": worker["ip"]}, worker["slots"]) for worker in workers])
+    family("cli_py_worker_slots_used", "gauge", "Slots of each worker running jobs.",
+           [("", {"worker": worker["ip"]}, len(worker["used"])) for worker in workers])
+    for name, key, text in (
+            ("cli_py_queue_wait_seconds", "waits",
+             "How long jobs waited in the queue before they started (since the server started)."),
+            ("cli_py_scheduling_latency_seconds", "latency",
+             "From a free slot or a ready job to the start it allowed.")):
+        family(name, "histogram", text, histogram_samples(activity[key]))
+    return "\n".join(lines) + "\n"
+
+
+def histogram_samples(histogram):
+    """A Histogram's JSON as (suffix, labels, value): cumulative buckets, +Inf, sum, count."""
+    samples, total = [], 0
+    for bound, count in zip(histogram["bounds"] + ["+Inf"], histogram["counts"]):
+        total += count
+        samples.append(("_bucket", {"le": bound if bound == "+Inf" else f"{bound:g}"}, total))
+    return samples + [("_sum", {}, histogram["sum"]), ("_count", {}, total)]
+
+
+def metric_labels(labels):
+    if not labels:
+        return ""
+    escaped = {name: str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+               for name, value in labels.items()}
+    return "{" + ",".join(f'{name}="{value}"' for name, value in escaped.items()) + "}"
+
+
+###############################################################################
 # Quickstart ###################################################################
 ###############################################################################
 
@@ -12624,6 +13763,7 @@ COMMANDS = {
     "services": command_services,
     "add_schedule": command_add_schedule,
     "top": command_top,
+    "dashboard": command_dashboard,
     "schedules": command_schedules,
     "pause_schedule": command_pause_schedule,
     "resume_schedule": command_resume_schedule,
@@ -12702,6 +13842,14 @@ EXAMPLES = {
                     "--retries 2 -- ./sweep.sh",
     "schedules": "./cli.py schedules\n  ./cli.py schedules backup --json",
     "top": "./cli.py top\n  ./cli.py --server_data_dir /srv/queue/.data top",
+    "dashboard": "./cli.py dashboard                 # prints http://127.0.0.1:8750/?token=...\n"
+                 "  ssh -L 8750:127.0.0.1:8750 server   # on your laptop: then open that URL\n"
+                 "  ./cli.py dashboard --listen 127.0.0.1:9000   # another port\n"
+                 "  ./cli.py dashboard --listen 0.0.0.0:8750     # every network (warns)\n"
+                 "  ./cli.py dashboard --metrics-open   # /metrics without the token\n"
+                 "  curl -H \"Authorization: Bearer $(cat .data/dashboard.token)\" "
+                 "http://127.0.0.1:8750/metrics\n"
+                 "  ./cli.py dashboard --stop           # off, and the token deleted",
     "pause_schedule": "./cli.py pause_schedule backup",
     "resume_schedule": "./cli.py resume_schedule backup",
     "remove_schedule": "./cli.py remove_schedule backup",
@@ -13157,6 +14305,19 @@ def build_parser(only=None):
 
     add("top")
 
+    dashboard = add("dashboard")
+    dashboard.add_argument("--listen", type=listen_argument, metavar="HOST:PORT",
+                           help=f"Where the web server listens (default: "
+                                f"{DEFAULT_DASHBOARD_LISTEN}, this machine only). HOST is an "
+                                "IP address: 0.0.0.0 or [::] for every network, which prints "
+                                "a warning. Port 0 takes any free port.")
+    dashboard.add_argument("--metrics-open", action="store_true",
+                           help="Serve /metrics without the token, for a Prometheus server on "
+                                "a trusted network; every other page still needs it.")
+    dashboard.add_argument("--stop", action="store_true",
+                           help="Turn the dashboard off and delete its token (the next "
+                                "dashboard makes a new one).")
+
     schedules = add("schedules")
     schedules.add_argument("name", nargs="?", metavar="NAME", help="Show this schedule only.")
     schedules.add_argument("--json", action="store_true", help="Print JSON.")
@@ -13313,6 +14474,9 @@ def check_conflicts(options):
     if command in ("add_job", "add_schedule") and options.retry_delay is not None and \
             not options.retries:
         raise UserError("--retry-delay needs --retries N (how many more attempts)")
+    if command == "dashboard" and options.stop and (options.listen or options.metrics_open):
+        raise UserError("dashboard --stop takes no --listen or --metrics-open: it turns the "
+                        "dashboard off")
     if command == "edit_slave":
         both = {text.partition("=")[0] for text in options.env} & set(options.unset)
         if both:
@@ -13335,6 +14499,9 @@ def main(argv=None):
         return 0
     if argv == [HEALTH_CHECKER]:
         health_checker_main()
+        return 0
+    if argv == [DASHBOARD]:
+        dashboard_main()
         return 0
     try:
         options = parse_arguments(argv)

@@ -8,11 +8,17 @@
 Workloads (medians over the runs, min-max beside them):
   B1 dispatch    N jobs of `exit 0`, 4 workers x 4 slots, one add_job ::: call
                  ended by wait; against parallel -j16 and xargs -P16
+  B1D dashboard  B1's cli.py figure with no dashboard page open, with its event
+                 stream read (a browser elsewhere), and with the page open in a
+                 headless Chromium here, each on a fresh queue, in turns (needs
+                 chromium: tests/setup.sh installs it)
   B2 SSH jobs    jobs running `ssh "$SLAVE_IP" true` on 4 real sshd workers x 4
                  slots, with and without connection reuse; against parallel
                  -S 4/w1,... with and without -M
   B3 latency     one add_job / status --json / status, next to the floor:
                  starting Python and compiling cli.py
+  B4D dashboard  the dashboard with N jobs waiting: the server's snapshot,
+  with a queue   /metrics, a deep page of jobs, the page opened in Chromium
   B5 workers     500 workers x 2 slots (registered without the SSH check)
   B6 refill      time from a job's end to the next start on the same slot
   B7 placement   a mixed stream of 1-, 4- and 16-slot jobs of 1 s (every 0.5 s:
@@ -23,6 +29,9 @@ It is a benchmark, not a test: it never fails on a number.  B4 (queue size)
 is bench/bulk.py.
 """
 import argparse
+import contextlib
+import http.client
+import itertools
 import json
 import os
 import shutil
@@ -30,7 +39,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +118,178 @@ def b1_dispatch(sandbox, root, jobs):
         lambda: run_shell(f"parallel -j16 {job} :::: {arguments}", env, root))
     figures["B1 xargs -P16 (jobs/s)"] = jobs / timed(
         lambda: run_shell(f"xargs -P16 -n1 {job} < {arguments}", env, root))
+    return figures
+
+
+def b1_dashboard(sandbox, root, jobs):
+    """B1's rate with no page open, with the page's event stream read by a client here
+    (a browser elsewhere, through ssh -L: what the server and the dashboard's web
+    server pay), and with the page open in Chromium on this machine (which also
+    pays for the browser's drawing).  The order turns from run to run, so that a
+    machine getting busier favours none."""
+    job, arguments = script(root, "exit0.sh", "exit 0\n"), numbers(root, jobs)
+    cases = list(B1D_CASES)
+    turn = next(B1D_TURNS) % len(cases)
+    figures = {}
+    for case in cases[turn:] + cases[:turn]:
+        with Queue(root / f"b1d-{len(figures)}", sandbox.env()) as queue:
+            queue("add_slave", "--skip_ssh_auth_check", "--slots", 4, "w1", "w2", "w3", "w4")
+            with B1D_CASES[case](queue) as browser:
+                # CPU time is a steadier witness than the rate on a shared machine.
+                processes = {"server": int((queue.root / ".data" / "server.pid").read_text())}
+                helper = json.loads(queue("status", "--json"))["dashboard"].get("pid")
+                if helper:
+                    processes["dashboard's web server"] = helper
+                before = {name: process_cpu(pid) for name, pid in processes.items()}
+                browser_before = cpu_seconds(browser) if browser else 0.0
+                figures[f"B1D {case} (jobs/s)"] = queue_rate(queue, job, arguments, jobs)
+                for name, pid in processes.items():
+                    figures[f"B1D CPU of the {name}, {case} (ms per 1,000 jobs)"] = \
+                        (process_cpu(pid) - before[name]) * 1e6 / jobs
+                if browser:
+                    figures["B1D CPU of Chromium (ms per 1,000 jobs)"] = \
+                        (cpu_seconds(browser) - browser_before) * 1e6 / jobs
+    return figures
+
+
+def process_cpu(pid):
+    """CPU seconds of the one process PID (not its children)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def no_page(queue):
+    yield None
+
+
+@contextlib.contextmanager
+def event_stream(queue):
+    """The dashboard's /events read to the end of the run, as a browser's would be."""
+    url = queue("dashboard", "--listen", "127.0.0.1:0").strip()
+    base, token = url.split("/?token=")
+    parts = urllib.parse.urlsplit(base)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port)
+    connection.request("GET", "/events", headers={"Authorization": f"Bearer {token}"})
+    response = connection.getresponse()
+    threading.Thread(target=drain, args=(response,), daemon=True).start()
+    yield None
+    connection.close()
+
+
+def drain(response):
+    try:
+        while response.readline():
+            pass
+    except (OSError, ValueError):
+        pass   # closed at the end of the run
+
+
+@contextlib.contextmanager
+def chromium_page(queue):
+    from browser import Browser
+    url = queue("dashboard", "--listen", "127.0.0.1:0").strip()
+    browser = Browser()
+    try:
+        page = browser.new_page()
+        page.goto(url)
+        deadline = time.monotonic() + 30
+        while "Workers (4)" not in page.text():
+            if time.monotonic() > deadline:
+                raise SystemExit("B1D: the dashboard page did not show the workers")
+            time.sleep(0.1)
+        settle(browser.process.pid)
+        yield browser.process.pid
+    finally:
+        browser.close()
+
+
+def settle(pid, limit=30.0):
+    """Wait (at most LIMIT seconds) until the processes of PID use under 5% of a CPU:
+    a browser's start goes on for seconds after its first page, and an open page
+    is what is measured, not a start."""
+    deadline = time.monotonic() + limit
+    used = cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = cpu_seconds(pid)
+        if now - used < 0.05:
+            return
+        used = now
+
+
+def cpu_seconds(pid):
+    """CPU time of PID and its descendants, from /proc."""
+    stats, children = {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    stats[int(entry)] = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(stats[int(entry)][1]), []).append(int(entry))
+    total, stack = 0.0, [pid]
+    while stack:
+        process = stack.pop()
+        if process in stats:
+            total += (int(stats[process][11]) + int(stats[process][12])) / os.sysconf("SC_CLK_TCK")
+        stack += children.get(process, [])
+    return total
+
+
+B1D_CASES = {"no page open": no_page, "the event stream read (a browser elsewhere)": event_stream,
+             "the page open in Chromium here": chromium_page}
+B1D_TURNS = itertools.count()
+
+
+def b4d_dashboard_queue(sandbox, root, jobs):
+    """The dashboard with JOBS waiting: the server's snapshot, /metrics, a deep page
+    of the jobs request, and the page in Chromium until it shows the count."""
+    sys.path.insert(0, str(ROOT))
+    import cli
+    from browser import Browser
+    with Queue(root / "b4d", sandbox.env()) as queue:
+        queue("add_slave", "--skip_ssh_auth_check", "--slots", 4, "w1", "w2", "w3", "w4")
+        queue("pause")
+        queue("add_job", "--array", f"1-{jobs}", script(root, "exit0.sh", "exit 0\n"))
+        url = queue("dashboard", "--listen", "127.0.0.1:0").strip()
+        base, token = url.split("/?token=")
+
+        def snapshot():
+            with cli.connect(str(queue.root / ".data"), "watch", {}) as connection:
+                reader = cli.LineReader()
+                while not reader.feed(connection.recv(1 << 20)):
+                    pass
+
+        def get(path):
+            parts = urllib.parse.urlsplit(base)
+            connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+            connection.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+            connection.getresponse().read()
+            connection.close()
+        figures = {}
+        for label, action in (("the server's snapshot (watch)", snapshot),
+                              ("/metrics", lambda: get("/metrics")),
+                              ("a page of 25 at the deepest offset",
+                               lambda: get(f"/api/jobs?state=waiting&last=25&offset={jobs - 25}"))):
+            times = []
+            for _ in range(3):
+                time.sleep(1.5)   # past the last snapshot's share of the server's time
+                times.append(timed(action) * 1000)
+            figures[f"B4D {label} with {jobs:,} waiting (ms)"] = statistics.median(times)
+        browser = Browser()
+        try:
+            page = browser.new_page()
+            started = time.perf_counter()
+            page.goto(url)
+            while f"Waiting ({jobs})" not in page.text():
+                time.sleep(0.01)
+            figures[f"B4D the page showing its lists with {jobs:,} waiting (ms)"] = \
+                (time.perf_counter() - started) * 1000
+        finally:
+            browser.close()
     return figures
 
 
@@ -244,12 +427,15 @@ def placement_waits(sandbox, root, rounds, placement):
     return waits
 
 
-WORKLOADS = {"B1": (b1_dispatch, 5000, 1000), "B2": (b2_ssh, 500, 100),
+WORKLOADS = {"B1": (b1_dispatch, 5000, 1000), "B1D": (b1_dashboard, 5000, 1000),
+             "B2": (b2_ssh, 500, 100), "B4D": (b4d_dashboard_queue, 100_000, 10_000),
              "B3": (b3_latency, 100_000, 10_000), "B5": (b5_many_workers, 20_000, 2000),
              "B6": (b6_refill, 1000, 200), "B7": (b7_placement, 40, 16)}
 TARGETS = {
     "B1": "cli.py >= 3x GNU parallel, >= 0.5x xargs",
+    "B1D": "with a page open >= 0.95x with none (issue 18)",
     "B2": "cli.py >= 3x parallel -S, >= parallel -S -M",
+    "B4D": "responsive with 100,000 jobs (issue 18)",
     "B3": "add_job, status --json within 10 ms of the floor; no growth with the queue",
     "B5": "cli.py >= 0.8x its B1 rate",
     "B6": "median < 5 ms, p99 < 20 ms",
@@ -296,6 +482,16 @@ def main():
                   f"{min(values):.1f}-{max(values):.1f} |")
         print(f"| *{name} target: {TARGETS[name]}* | | |")
     print()
+    if "B1D" in results:
+        alone = results["B1D"]["B1D no page open (jobs/s)"]
+        for case in list(B1D_CASES)[1:]:
+            # Each run's own ratio first (its three queues ran one after the other),
+            # then their median: steadier than a ratio of medians on a shared machine.
+            ratios = [value / base for value, base in zip(results["B1D"][f"B1D {case} (jobs/s)"],
+                                                          alone)]
+            print(f"- B1D: {case} / no page open, run by run: "
+                  f"{', '.join(f'{ratio:.3f}' for ratio in ratios)}; median "
+                  f"{statistics.median(ratios):.3f}x")
     for name, rows in results.items():
         medians = {row: statistics.median(values) for row, values in rows.items()}
         ours = next((value for row, value in medians.items() if "cli.py" in row), None)

@@ -10,6 +10,8 @@ setup_machine() {
     command -v losetup >/dev/null && command -v mount >/dev/null || missing+=(mount)
     # wait's progress line is tested in a real terminal (tests/test_wait.py).
     command -v tmux >/dev/null || missing+=(tmux)
+    # The dashboard's page is tested in a real headless browser (tests/test_dashboard.py).
+    command -v chromium >/dev/null || missing+=(chromium)
     python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' 2>/dev/null \
         || missing+=(python3-venv)
     # tests/test_quickstart.py runs quickstart as a new user (useradd, runuser) with the
