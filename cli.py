@@ -2371,12 +2371,6 @@ class Store:
              service, replica, int(options.get("split", False)), schedule, scheduled_for,
              *(options[name] for name in JOB_OPTIONS))).lastrowid
 
-    def schedules_succeeded(self, job_ids, names):
-        """Whether any of JOB_IDS is a run of a schedule in NAMES that succeeded."""
-        return any(self.db.execute(
-            f"SELECT 1 FROM jobs WHERE id IN ({', '.join('?' * len(chunk))}) AND schedule IN "
-            f"({', '.join('?' * len(names))}) AND result = 'succeeded' LIMIT 1",
-            (*chunk, *names)).fetchone() for chunk in _chunks(list(job_ids)))
 
     def insert_jobs(self, script, arg_lists, cwd, environment_id, variables, umask, options,
                     array=None, parent=None, nohup=False):
@@ -3080,6 +3074,13 @@ class ScheduleRows:
             "SELECT id, ended_at FROM jobs WHERE schedule = ? AND id > ? AND state = 'done' "
             "AND result = 'succeeded' ORDER BY id DESC LIMIT 1",
             (name, after_job or 0)).fetchone()
+
+    def succeeded_among(self, job_ids, names):
+        """Whether any of JOB_IDS is a run of a schedule in NAMES that succeeded."""
+        return any(self.db.execute(
+            f"SELECT 1 FROM jobs WHERE id IN ({', '.join('?' * len(chunk))}) AND schedule IN "
+            f"({', '.join('?' * len(names))}) AND result = 'succeeded' LIMIT 1",
+            (*chunk, *names)).fetchone() for chunk in _chunks(list(job_ids)))
 
     def job_states(self, job_ids):
         """{job id: (state, result)} of the latest runs JOB_IDS."""
@@ -8608,7 +8609,7 @@ class Schedules:
 
     def runs_ended(self, job_ids):
         """Jobs ended: the schedules that follow theirs may fire."""
-        if self.followed and self.store.schedules_succeeded(job_ids, self.followed):
+        if self.followed and self.rows.succeeded_among(job_ids, self.followed):
             self.timers.until_saved("following schedules", self.follow)
 
     def follow(self):
