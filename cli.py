@@ -9585,9 +9585,80 @@ class Clients:
 # Request handlers #############################################################
 ###############################################################################
 
-class Handlers:
+class ServiceHandlers:
+    """The requests about services (a part of Handlers: it sets what they use)."""
+
+    def add_service(self, client, params):
+        """Declare a service and queue its replicas."""
+        self.services.add(params["name"], params["script"], params["args"], params["cwd"],
+                          params["environment"], params["variables"], params["umask"],
+                          params["options"], params["replicas"], params["port"],
+                          params["health"])
+        return self.services.describe(params["name"])[0]
+
+    def scale(self, client, params):
+        stopping = self.services.scale(params["name"], params["replicas"], params["grace"])
+        return self.reply_when_ended(client, stopping,
+                                     lambda: self.services.describe(params["name"])[0])
+
+    def stop_service(self, client, params):
+        stopping = self.services.set_enabled(params["name"], False, params["grace"])
+        return self.reply_when_ended(client, stopping,
+                                     lambda: self.services.describe(params["name"])[0])
+
+    def start_service(self, client, params):
+        self.services.set_enabled(params["name"], True, DEFAULT_KILL_GRACE)
+        return self.services.describe(params["name"])[0]
+
+    def remove_service(self, client, params):
+        stopping = self.services.remove(params["name"], params["grace"])
+        return self.reply_when_ended(client, stopping, lambda: {"stopped": stopping})
+
+    def list_services(self, client, params):
+        return self.services.describe(params["name"])
+
+    def load_services(self, client, params):
+        """Make the services those of a document; reply once the replicas stopped have ended."""
+        differences, stopping = self.services.load(params["services"], params["grace"])
+        shown = [public_difference(difference) for difference in differences]
+        return self.reply_when_ended(client, stopping,
+                                     lambda: {"changes": shown, "stopped": stopping})
+
+
+class ScheduleHandlers:
+    """The requests about schedules (a part of Handlers: it sets what they use)."""
+
+    def add_schedule(self, client, params):
+        return self.schedules.add(
+            params["name"], params["rule"], params["script"], params["args"], params["cwd"],
+            params["environment"], params["variables"], params["umask"], params["options"],
+            params["overlap"], params["skip_missed"])
+
+    def list_schedules(self, client, params):
+        name = params["name"]
+        return self.schedules.describe(None if name is None else
+                                       [self.schedules.existing(name)])
+
+    def pause_schedule(self, client, params):
+        self.schedules.set_enabled(params["name"], False)
+        return {}
+
+    def resume_schedule(self, client, params):
+        self.schedules.set_enabled(params["name"], True)
+        return {}
+
+    def remove_schedule(self, client, params):
+        self.schedules.remove(params["name"])
+        return {}
+
+    def run_schedule(self, client, params):
+        return {"id": self.schedules.run_now(params["name"])}
+
+
+class Handlers(ServiceHandlers, ScheduleHandlers):
     """One method per request of REQUESTS, which has checked its parameters: each
-    asks the Queue, Workers or Runner to act and shapes the reply."""
+    asks the Queue, Workers or Runner to act and shapes the reply (those about
+    services and schedules are in ServiceHandlers and ScheduleHandlers)."""
 
     def __init__(self, server):
         self.server = server
@@ -9928,70 +9999,6 @@ class Handlers:
         bare = [name for name in names or () if isinstance(name, str) and "." not in name]
         arrays = self.store.arrays.among([int(name) for name in bare]) if bare else {}
         return [name for name in bare if int(name) in arrays]
-
-    def add_service(self, client, params):
-        """Declare a service and queue its replicas."""
-        self.services.add(params["name"], params["script"], params["args"], params["cwd"],
-                          params["environment"], params["variables"], params["umask"],
-                          params["options"], params["replicas"], params["port"],
-                          params["health"])
-        return self.services.describe(params["name"])[0]
-
-    def scale(self, client, params):
-        stopping = self.services.scale(params["name"], params["replicas"], params["grace"])
-        return self.reply_when_ended(client, stopping,
-                                     lambda: self.services.describe(params["name"])[0])
-
-    def stop_service(self, client, params):
-        stopping = self.services.set_enabled(params["name"], False, params["grace"])
-        return self.reply_when_ended(client, stopping,
-                                     lambda: self.services.describe(params["name"])[0])
-
-    def start_service(self, client, params):
-        self.services.set_enabled(params["name"], True, DEFAULT_KILL_GRACE)
-        return self.services.describe(params["name"])[0]
-
-    def remove_service(self, client, params):
-        stopping = self.services.remove(params["name"], params["grace"])
-        return self.reply_when_ended(client, stopping, lambda: {"stopped": stopping})
-
-    def list_services(self, client, params):
-        return self.services.describe(params["name"])
-
-    def load_services(self, client, params):
-        """Make the services those of a document; reply once the replicas stopped have ended."""
-        differences, stopping = self.services.load(params["services"], params["grace"])
-        shown = [public_difference(difference) for difference in differences]
-        return self.reply_when_ended(client, stopping,
-                                     lambda: {"changes": shown, "stopped": stopping})
-
-    # --- schedules ------------------------------------------------------------
-
-    def add_schedule(self, client, params):
-        return self.schedules.add(
-            params["name"], params["rule"], params["script"], params["args"], params["cwd"],
-            params["environment"], params["variables"], params["umask"], params["options"],
-            params["overlap"], params["skip_missed"])
-
-    def list_schedules(self, client, params):
-        name = params["name"]
-        return self.schedules.describe(None if name is None else
-                                       [self.schedules.existing(name)])
-
-    def pause_schedule(self, client, params):
-        self.schedules.set_enabled(params["name"], False)
-        return {}
-
-    def resume_schedule(self, client, params):
-        self.schedules.set_enabled(params["name"], True)
-        return {}
-
-    def remove_schedule(self, client, params):
-        self.schedules.remove(params["name"])
-        return {}
-
-    def run_schedule(self, client, params):
-        return {"id": self.schedules.run_now(params["name"])}
 
     def priority(self, client, params):
         job_ids = self.waiting_named(params["ids"])
