@@ -610,7 +610,8 @@ JOB_STATE_COLUMNS = {
     JobState.BLOCKED: _WAITING_COLUMNS,
     JobState.RUNNING: {"worker": REQUIRED, "slot": REQUIRED, "slots": REQUIRED,
                        "split_parts": None, "started_at": REQUIRED, "attempt": REQUIRED,
-                       "log": REQUIRED, "reason": None, "exit_code": None, "signal": None},
+                       "log": REQUIRED, "reason": None, "exit_code": None, "signal": None,
+                       "resource_grant": None},
     JobState.DONE: {"result": REQUIRED, "ended_at": REQUIRED, "reason": REQUIRED,
                     "exit_code": None, "signal": None},
 }
@@ -1101,9 +1102,112 @@ def _job_options(source, split_allowed=False):
         "not_before": _option_time(source, "not_before"),
         "slots_wanted": _option_int(source, "slots_wanted", 1, MAX_SLOTS),
         "on_end": _option_program(source, "on_end"),
+        "resources": _option_resources(source, split_allowed and source.get("split")),
+        "estimate": _option_seconds(source, "estimate"),
         **hosts,
         **({"split": _split_option(source)} if split_allowed else {}),
     }
+
+
+RESOURCE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}\Z")
+MAX_RESOURCE_COUNT = 10 ** 12
+MAX_MEMORY = 2 ** 60
+
+
+def _resource_counts(value, what, low):
+    """The named resources of a resources object (all its keys but gpus and mem):
+    {name: whole number from LOW}."""
+    named = {}
+    for name, count in value.items():
+        if name in ("gpus", "mem"):
+            continue
+        if not isinstance(name, str) or not RESOURCE_NAME.match(name) or name == "slots":
+            raise UserError(f"{what}: {name!r} is not a resource name (a letter, then letters, "
+                            "digits, _ or -; not gpus, mem or slots)")
+        if not whole_number(count, low, MAX_RESOURCE_COUNT):
+            raise UserError(f"{what}: {name} must be a whole number from {low}, not {count!r}")
+        if count:
+            named[name] = count
+    return named
+
+
+def _memory(value, what, low=0):
+    if not whole_number(value, low, MAX_MEMORY):
+        raise UserError(f"{what}: mem must be a number of bytes from {low}, not {value!r}")
+    return value
+
+
+def _option_resources(source, split=False):
+    """A job's resources as requests and documents carry them, {"gpus": GPUs (0.5 shares
+    one), "mem": bytes, NAME: count} (each optional); in the column form (JSON,
+    GPUs in thousandths: see migration 13), or None for none."""
+    value = source.get("resources")
+    if value is None or value == {}:
+        return None
+    if not isinstance(value, dict):
+        raise UserError("'resources' must be an object: {\"gpus\": 1, \"mem\": BYTES, "
+                        "NAME: COUNT}")
+    need = {}
+    gpus = value.get("gpus", 0)
+    if isinstance(gpus, bool) or not isinstance(gpus, (int, float)):
+        raise UserError(f"resources: gpus must be a number of GPUs, not {gpus!r}")
+    if gpus:
+        need["gpus"] = job_gpus(repr(gpus))
+        if split and need["gpus"] % GPU_UNITS:
+            raise UserError(f"--gpus {gpus:g} with --split: a split job takes whole GPUs per "
+                            "slot (ask for 1 per slot, or do not split)")
+    if value.get("mem"):
+        need["mem"] = _memory(value["mem"], "resources")
+    named = _resource_counts(value, "resources", 0)
+    if named:
+        need["named"] = named
+    return json.dumps(need) if need else None
+
+
+def _worker_resources(value, name="resources", edit=False):
+    """A worker's resources as add_slave sends them, {"gpus": [device ids], "mem":
+    bytes, NAME: count}, in the column form (JSON, or None for none).  EDIT
+    (edit_slave: a change to them): gpus [] or mem 0 takes them away, and so
+    does NAME: 0; the result is the change, to merge (merged_resources)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise UserError(f"malformed request: {name} must be an object")
+    declared = {}
+    if "gpus" in value:
+        gpus = value["gpus"]
+        if not isinstance(gpus, list) or len(gpus) > MAX_GPUS or \
+                not all(isinstance(device, str) and plain_number(device) for device in gpus) \
+                or len(set(gpus)) < len(gpus) or not (gpus or edit):
+            raise UserError("--gpus: give a count (--gpus 4) or distinct device ids "
+                            "(--gpus 0,2,5)")
+        declared["gpus"] = gpus
+    if "mem" in value:
+        declared["mem"] = _memory(value["mem"], "--mem", 0 if edit else 1)
+    named = _resource_counts(value, "--resource", 0 if edit else 1)
+    if named or edit and len(value) > len(declared):
+        declared["named"] = named if not edit else \
+            {key: count for key, count in value.items() if key not in ("gpus", "mem")}
+    if edit:
+        return declared
+    return json.dumps(declared) if declared else None
+
+
+def _worker_resources_change(value, name):
+    return _worker_resources(value, name, edit=True)
+
+
+def merged_resources(column, change):
+    """A worker's resources column after edit_slave's CHANGE (see _worker_resources)."""
+    resources = json.loads(column or "{}")
+    if "gpus" in change:
+        resources["gpus"] = change["gpus"]
+    if "mem" in change:
+        resources["mem"] = change["mem"]
+    named = {**resources.get("named", {}), **change.get("named", {})}
+    resources["named"] = {name: count for name, count in named.items() if count}
+    resources = {key: value for key, value in resources.items() if value}
+    return json.dumps(resources) if resources else None
 
 
 def _split_option(source):
@@ -1336,9 +1440,29 @@ def _status_worker(slave, where):
         down_after = _down_after(slave.get("down_after"))
     except UserError as error:
         raise UserError(f"{where}: {error}") from None
+    try:
+        resources = _worker_resources(_declared_resources(slave.get("resources") or {}),
+                                      "'resources'")
+    except UserError as error:
+        raise UserError(f"{where}: {error}") from None
     return {"ip": name, "slots": slots, "envs": slave.get("envs", {}),
             "ssh_checked": bool(slave.get("ssh_checked", False)), "state": state,
-            "ssh_reuse": ssh_reuse, "down_after": down_after}
+            "ssh_reuse": ssh_reuse, "down_after": down_after, "resources": resources}
+
+
+def _declared_resources(shown):
+    """What a worker declares, from its resources as status --json shows them
+    ({"gpus": {"ids": [...]}, "mem": {"total": BYTES}, NAME: {"total": COUNT}}: see
+    Worker.resources_json) or as add_slave sends them."""
+    if not isinstance(shown, dict):
+        raise UserError("'resources' must be an object")
+    declared = {}
+    for name, value in shown.items():
+        if isinstance(value, dict):
+            value = value.get("ids") if name == "gpus" else value.get("total")
+        if value not in (None, 0, []):
+            declared[name] = value
+    return declared
 
 
 def _entry_command(entry, defaults):
@@ -1660,14 +1784,15 @@ REQUESTS = {
                          slots_of=(_slots_of, {}),
                          variables=(_variables("add_slave"), {}), ssh_reuse=(_flag, True),
                          down_after=(_down_after, None), endpoints=(_endpoints, {}),
-                         ssh_checked=(_truth, False)),
+                         ssh_checked=(_truth, False), resources=(_worker_resources, None)),
     "remove_slave": Request("remove_slave", hosts=_hosts, mode=(_removal_mode, None),
                             grace=(_grace, DEFAULT_KILL_GRACE)),
     "edit_slave": Request("edit_slave", _edit_slave_whole, host=(_optional_string, None),
                           hosts=(_hosts_or_empty, []), slots=(_optional_slots_flag, None),
                           variables=(_variables("edit_slave -e"), {}),
                           unset=(_strings_or_empty, []), ssh_reuse=(_flag, ABSENT),
-                          down_after=(_down_after, ABSENT)),
+                          down_after=(_down_after, ABSENT),
+                          resources=(_worker_resources_change, None)),
     "add_job": Request("add_job", _add_job_whole, script=_string,
                        args=(_strings_or_empty, None), args_list=(_arg_lists, None),
                        variables=(_variables("add_job -e"), {}),
@@ -2039,13 +2164,27 @@ MIGRATIONS = [
                NEW.attempt, NEW.log, NEW.ended_at FROM settings WHERE key = 'on_end';
     END;
     """,
+    # 13: resources beyond slots.  A worker's: JSON {"gpus": [device ids], "mem":
+    # bytes, "named": {name: count}}, NULL for none.  A job's need: the same form
+    # but "gpus" in thousandths of a GPU (GPU_UNITS; a --split job's per slot), and
+    # its --estimate in seconds.  resource_grant: what its latest attempt holds (or held),
+    # JSON {worker: its Resources.take grant there}; written with the move to running, so
+    # that a restart rebuilds every holding from the rows, and kept after it ends:
+    # a retry on the same worker asks for the same devices.  Only new columns.
+    """
+    ALTER TABLE workers ADD COLUMN resources TEXT;
+    ALTER TABLE jobs ADD COLUMN resources TEXT;
+    ALTER TABLE jobs ADD COLUMN estimate REAL;
+    ALTER TABLE jobs ADD COLUMN resource_grant TEXT;
+    """,
 ]
 
 # Per-job options beyond the command itself: column -> default.  add_job,
 # load_status and the JSON forms all take them from here (see _job_options).
 JOB_OPTIONS = {"ssh_reuse": True, "priority": 0, "retries": 0, "retry_delay": 0.0,
                "timeout": None, "not_before": None, "slots_wanted": 1, "run_on": None,
-               "prefer": None, "exclude": None, "on_end": None}
+               "prefer": None, "exclude": None, "on_end": None, "resources": None,
+               "estimate": None}
 
 
 def storage_fault(path, error):
@@ -2211,23 +2350,25 @@ class Store:
         return self.db.execute("SELECT * FROM workers ORDER BY position").fetchall()
 
     def insert_worker(self, name, slots, variables, ssh_checked, state=WorkerState.ACTIVE,
-                      ssh_reuse=True, endpoint=None, down_after=None):
+                      ssh_reuse=True, endpoint=None, down_after=None, resources=None):
         """Register NAME in STATE, its first; ENDPOINT (see resolved_endpoint), if
-        given, is where ssh goes for it."""
+        given, is where ssh goes for it; RESOURCES: see migration 13."""
         endpoint = endpoint or {}
         self.db.execute(
             "INSERT INTO workers (name, slots, variables, state, ssh_checked, ssh_reuse, "
-            "added_at, ssh_host, ssh_port, ssh_user, down_after) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "added_at, ssh_host, ssh_port, ssh_user, down_after, resources) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (name, slots, json.dumps(variables), state.value, int(ssh_checked), int(ssh_reuse),
              time.time(), endpoint.get("host"), endpoint.get("port"), endpoint.get("user"),
-             down_after))
+             down_after, resources))
 
-    def update_worker(self, name, slots, variables, ssh_reuse, down_after, ssh_checked=None):
+    def update_worker(self, name, slots, variables, ssh_reuse, down_after, resources,
+                      ssh_checked=None):
         """A worker's settings (its state moves only through change_worker_state)."""
         self.db.execute("UPDATE workers SET slots = ?, variables = ?, ssh_reuse = ?, "
-                        "down_after = ?, ssh_checked = coalesce(?, ssh_checked) WHERE name = ?",
-                        (slots, json.dumps(variables), int(ssh_reuse), down_after,
+                        "down_after = ?, resources = ?, ssh_checked = coalesce(?, ssh_checked) "
+                        "WHERE name = ?",
+                        (slots, json.dumps(variables), int(ssh_reuse), down_after, resources,
                          None if ssh_checked is None else int(ssh_checked), name))
 
     def set_worker_endpoint(self, name, endpoint):
@@ -3230,6 +3371,10 @@ def job_to_json(row, log_dir):
         "schedule": row["schedule"],
         "scheduled_for": iso_time(row["scheduled_for"]),
         "on_end": json.loads(row["on_end"] or "null"),
+        "resources": need_json(row["resources"]),
+        "estimate": row["estimate"],
+        "grant": {worker: grant_json(grant) for worker, grant in
+                  previous_grants(row).items()} or None,
     }
 
 
@@ -3248,6 +3393,11 @@ def live_job(job):
 def job_workers(job):
     """The workers a job (its JSON form) runs or ran on: those of its parts, if split."""
     return [worker for worker, _ in job["parts"]] if job.get("parts") else [job["worker"]]
+
+
+def previous_grants(row):
+    """{worker: grant} of what a job's latest attempt holds or held (see migration 13)."""
+    return json.loads(row["resource_grant"]) if row["resource_grant"] else {}
 
 
 def split_parts(row):
@@ -3342,6 +3492,27 @@ class ResourceNeed:
     def __bool__(self):
         return bool(self.gpus or self.mem or any(self.named.values()))
 
+    @classmethod
+    def of(cls, column):
+        """The need a job's resources column (JSON, see migration 13) holds, or None."""
+        if not column:
+            return None
+        need = json.loads(column)
+        return cls(need.get("gpus", 0), need.get("mem", 0), need.get("named"))
+
+    @classmethod
+    def shown(cls, shown):
+        """The need of a job's resources in their public form (need_json), or None."""
+        if not shown:
+            return None
+        named = {name: count for name, count in shown.items() if name not in ("gpus", "mem")}
+        return cls(round(shown.get("gpus", 0) * GPU_UNITS), shown.get("mem", 0), named)
+
+    def times(self, count):
+        """COUNT times this need: what COUNT slots of a --split job take (per slot)."""
+        return ResourceNeed(self.gpus * count, self.mem * count,
+                            {name: amount * count for name, amount in self.named.items()})
+
 
 class Resources:
     """What one worker has beyond slots, and how much of it is free: GPUs by device
@@ -3386,13 +3557,18 @@ class Resources:
                 not need.gpus or bool(self.devices)) and need.mem <= self.mem_total and \
             all(count <= self.named_total.get(name, 0) for name, count in need.named.items())
 
-    def choose_gpus(self, amount):
-        """The devices a job taking AMOUNT thousandths of GPUs gets now, or None.  A
-        share goes to the device with the least room that still holds it (whole
-        devices stay free for jobs that need them); whole GPUs are the free
-        devices first declared."""
+    def choose_gpus(self, amount, prefer=()):
+        """The devices a job taking AMOUNT thousandths of GPUs gets now, or None.
+        PREFER, the devices it held in its previous attempt here: those again if
+        they have room (a retry keeps its GPUs).  Else a share goes to the device
+        with the least room that still holds it (whole devices stay free for jobs
+        that need them); whole GPUs are the free devices first declared."""
         if not amount:
             return []
+        share = min(amount, GPU_UNITS)
+        if prefer and len(prefer) * share == max(amount, share) and \
+                all(self.gpu_free.get(device, 0) >= share for device in prefer):
+            return list(prefer)
         if amount < GPU_UNITS:
             room = [(free, position, device) for position, (device, free)
                     in enumerate(self.gpu_free.items()) if free >= amount]
@@ -3405,10 +3581,11 @@ class Resources:
         return self.choose_gpus(need.gpus) is not None and need.mem <= self.mem_free and \
             all(count <= self.named_free.get(name, 0) for name, count in need.named.items())
 
-    def take(self, need):
+    def take(self, need, prefer=()):
         """Hold NEED (which fits) and return its grant: {"gpus": [device ids],
-        "gpu_share": thousandths of each, "mem": bytes, "named": {name: count}}."""
-        devices = self.choose_gpus(need.gpus)
+        "gpu_share": thousandths of each, "mem": bytes, "named": {name: count}};
+        PREFER: see choose_gpus."""
+        devices = self.choose_gpus(need.gpus, prefer)
         grant = {"gpus": devices, "gpu_share": min(need.gpus, GPU_UNITS) if devices else 0,
                  "mem": need.mem, "named": {name: count for name, count in need.named.items()
                                             if count}}
@@ -3502,6 +3679,97 @@ def resource_variables(grant):
     return variables
 
 
+def grant_json(grant):
+    """What a job holds on one worker, as its environment tells it: {"gpus": [ids],
+    "gpu_share": GPUs of each, "mem": bytes, NAME: count}, only what it has."""
+    if not grant:
+        return {}
+    shown = {}
+    if grant.get("gpus"):
+        shown["gpus"] = grant["gpus"]
+        shown["gpu_share"] = grant["gpu_share"] / GPU_UNITS
+    if grant.get("mem"):
+        shown["mem"] = grant["mem"]
+    return {**shown, **grant.get("named", {})}
+
+
+def grant_text(grants):
+    """What a running job holds (its JSON "grant"), short: gpu 1,3 16G licence=1."""
+    words = []
+    for worker, grant in (grants or {}).items():
+        if grant.get("gpus"):
+            words.append("gpu " + ",".join(grant["gpus"])
+                         + (f" ({grant['gpu_share']:g} each)" if grant["gpu_share"] < 1 else ""))
+        if grant.get("mem"):
+            words.append(size_text(grant["mem"]))
+        words += [f"{name}={count}" for name, count in grant.items()
+                  if name not in ("gpus", "gpu_share", "mem")]
+        if len(grants) > 1:
+            words[-1:] = [f"{words[-1]} on {worker}"] if words else []
+    return " ".join(words) or "-"
+
+
+def need_json(column):
+    """A job's resources column in its public form (status --json, jobs --json,
+    load_status): {"gpus": GPUs, "mem": bytes, NAME: count}; None for none."""
+    if not column:
+        return None
+    need = json.loads(column)
+    shown = {}
+    if need.get("gpus"):
+        shown["gpus"] = need["gpus"] / GPU_UNITS
+        if need["gpus"] % GPU_UNITS == 0:
+            shown["gpus"] = need["gpus"] // GPU_UNITS
+    if need.get("mem"):
+        shown["mem"] = need["mem"]
+    return {**shown, **need.get("named", {})}
+
+
+def resource_totals(slaves):
+    """Each resource over all workers (their JSON), {"total", "used"}: status --json."""
+    totals = {}
+    for slave in slaves:
+        for name, usage in slave.get("resources", {}).items():
+            total = totals.setdefault(name, {"total": 0, "used": 0})
+            total["total"] += usage["total"]
+            total["used"] += usage["used"]
+    return totals
+
+
+def resource_usage_lines(shown):
+    """A worker's resources as status shows them (Worker.resources_json), one short
+    phrase each: gpus 1.5/4 (0,1 in use), mem 16G/256G, licence 1/2."""
+    phrases = []
+    for name, usage in shown.items():
+        if name == "gpus":
+            busy = ",".join(usage.get("in_use", ()))
+            phrases.append(f"gpus {usage['used']:g}/{usage['total']}"
+                           + (f" ({busy} in use)" if busy else ""))
+        elif name == "mem":
+            phrases.append(f"mem {size_text(usage['used'])}/{size_text(usage['total'])}")
+        else:
+            phrases.append(f"{name} {usage['used']}/{usage['total']}")
+    return phrases
+
+
+def resources_text(column, per_slot=False):
+    """A worker's or job's resources column in a few words: 4 GPUs (0,1,2,3), 256G
+    memory, licence=2."""
+    if not column:
+        return ""
+    resources = json.loads(column)
+    words = []
+    gpus = resources.get("gpus")
+    if isinstance(gpus, list):
+        words.append(f"{len(gpus)} GPU{'s' * (len(gpus) != 1)} ({','.join(gpus)})")
+    elif gpus:
+        words.append(gpu_text(gpus) + " per slot" * per_slot)
+    if resources.get("mem"):
+        words.append(f"{size_text(resources['mem'])} memory")
+    words += [f"{name}={count}" for name, count in resources.get("named", {}).items()]
+    return ", ".join(words)
+
+
 def gpu_text(thousandths):
     return f"{thousandths / GPU_UNITS:g} GPU" + ("s" if thousandths > GPU_UNITS else "")
 
@@ -3518,7 +3786,8 @@ def resource_shortfall(need, workers):
         if need.gpus >= GPU_UNITS:
             most = max((sum(1 for free in resource.gpu_free.values() if free == GPU_UNITS)
                         for resource in resources), default=0)
-            return f"needs {gpu_text(need.gpus)} together; most free on one worker: {most}"
+            return f"needs {gpu_text(need.gpus)}{' together' * (need.gpus > GPU_UNITS)}; " \
+                f"most free on one worker: {most}"
         most = max((free for resource in resources for free in resource.gpu_free.values()),
                    default=0)
         return (f"needs {gpu_text(need.gpus)} of one device; most free on one device: "
@@ -3534,6 +3803,57 @@ def resource_shortfall(need, workers):
     return "its resources free together on one worker"
 
 
+def resources_beyond(need, split_slots, allowed, declared_names, pinned):
+    """Why a job asking for NEED (ResourceNeed; per slot if SPLIT_SLOTS, its slots
+    when --split) could never start, or None: ALLOWED maps the workers it may
+    use to (slots, Resources declared); DECLARED_NAMES: the named resources any
+    worker declares; PINNED: it names its workers (--on)."""
+    unknown = sorted(set(need.named) - declared_names)
+    if unknown:
+        return (f"unknown resource {unknown[0]!r}: no worker declares it (declare it with "
+                f"./cli.py add_slave --resource {unknown[0]}=COUNT HOST, or edit_slave)")
+    which = "in --on " if pinned else ""
+    if split_slots:
+        # Each worker holds as many of its slots as its resources allow.
+        def held(slots, resources):
+            count = min(slots, split_slots)
+            while count and not resources.could_fit(need.times(count)):
+                count -= 1
+            return count
+        together = sum(held(*worker) for worker in allowed.values())
+        if together < split_slots:
+            return (f"the workers {which}hold {together} slots with {need_text(need)} each "
+                    f"together, fewer than --slots {split_slots}: declare more (./cli.py "
+                    "edit_slave), or ask for fewer")
+        return None
+    if any(resources.could_fit(need) for _, resources in allowed.values()):
+        return None
+    resources = [resources for _, resources in allowed.values()]
+    if need.gpus and not any(resources.could_fit(ResourceNeed(need.gpus))
+                             for resources in resources):
+        most = max((len(resources.devices) for resources in resources), default=0)
+        return (f"no worker {which}has {gpu_text(need.gpus)} (the most is {most}): declare "
+                f"them with ./cli.py add_slave --gpus N HOST (or edit_slave), or ask for fewer")
+    if need.mem and not any(need.mem <= resources.mem_total for resources in resources):
+        most = max((resources.mem_total for resources in resources), default=0)
+        return (f"no worker {which}has {size_text(need.mem)} memory (the most is "
+                f"{size_text(most)}): declare it with ./cli.py edit_slave --mem SIZE HOST, or "
+                "ask for less")
+    for name, count in need.named.items():
+        most = max((resources.named_total.get(name, 0) for resources in resources), default=0)
+        if most < count:
+            return (f"no worker {which}has {name}={count} (the most is {most}): declare it "
+                    f"with ./cli.py edit_slave --resource {name}=COUNT HOST, or ask for fewer")
+    return f"no worker {which}has {need_text(need)} together: ask for less"
+
+
+def need_text(need):
+    """A ResourceNeed in a few words: 2 GPUs, 16G memory, licence=1."""
+    return ", ".join([gpu_text(need.gpus)] * bool(need.gpus) +
+                     [f"{size_text(need.mem)} memory"] * bool(need.mem) +
+                     [f"{name}={count}" for name, count in need.named.items()])
+
+
 class WorkerCapacity:
     """What the scheduler needs to know of one worker."""
 
@@ -3545,8 +3865,10 @@ class WorkerCapacity:
         self.accepting = accepting     # active, and not down
         self.resources = resources     # GPUs, memory, named resources (see Resources)
         # Its running jobs as (expected end or None without --estimate, slot count,
-        # grant or None): when a job that reserves it could start (backfill).
-        self.running = list(running)
+        # grant or None): when a job that reserves it could start (backfill).  Read
+        # only (not copied: a pass may never look); STARTED: those a plan adds.
+        self.running = running
+        self.started = []
 
     @property
     def free_slots(self):
@@ -3568,16 +3890,26 @@ class JobNeeds:
     """What the scheduler needs to know of one waiting job."""
 
     def __init__(self, job_id, slots=1, on=None, prefer=(), exclude=(), avoid=(), split=False,
-                 need=None, estimate=None):
+                 need=None, estimate=None, previous=None):
         self.job_id = job_id
         self.estimate = estimate       # seconds it expects to run (--estimate), or None
+        # {worker name: grant} of its previous attempt: a retry there gets the same
+        # devices if they are free.
+        self.previous = previous or {}
         self.slots = slots
         self.split = split and slots > 1   # may run as parts on several workers (--split)
         self.on = on                   # None: any worker
         self.prefer = set(prefer)
         self.exclude = set(exclude)
         self.avoid = set(avoid)        # workers its earlier attempts failed on
-        self.need = need or ResourceNeed()   # GPUs, memory, named resources
+        # GPUs, memory, named resources: a --split job's per slot (per_slot), and so
+        # for all of its slots when one worker holds them.
+        self.per_slot = need if self.split and need else None
+        self.need = (need.times(slots) if self.per_slot else need) or ResourceNeed()
+
+    def preferred_gpus(self, worker_name):
+        """The devices its previous attempt held on WORKER_NAME (see previous)."""
+        return (self.previous.get(worker_name) or {}).get("gpus", ())
 
     @property
     def plain(self):
@@ -3677,10 +4009,11 @@ def plan_starts(jobs, workers, placement="spread", now=0.0):
 
     def start(job, worker):
         starts.append((job.job_id, worker.name, worker.take(job.slots)))
-        grant = worker.resources.take(job.need) if job.need else None
+        grant = worker.resources.take(job.need, job.preferred_gpus(worker.name)) \
+            if job.need else None
         if grant is not None:
-            starts.grants[job.job_id] = grant
-        worker.running.append((None if job.estimate is None else now + job.estimate,
+            starts.grants[job.job_id] = {worker.name: grant}
+        worker.started.append((None if job.estimate is None else now + job.estimate,
                                job.slots, grant))
 
     def backfilled(job):
@@ -3729,10 +4062,12 @@ def plan_starts(jobs, workers, placement="spread", now=0.0):
             elif job.split:
                 parts = _split_parts(job, capacity, open_workers, reserved, avoid, order)
                 if parts:
-                    starts.append((job.job_id, *parts[0]))
-                    starts.parts[job.job_id] = parts
+                    starts.append((job.job_id, *parts[0][:2]))
+                    starts.parts[job.job_id] = [part[:2] for part in parts]
+                    if job.per_slot:
+                        starts.grants[job.job_id] = {name: grant for name, _, grant in parts}
                     open_workers.difference_update(
-                        name for name, _ in parts if not capacity[name].free_slots)
+                        name for name, _, _ in parts if not capacity[name].free_slots)
                 continue
             elif shadows and backfilled(job):
                 continue
@@ -3768,17 +4103,20 @@ class Plan(list):
     def __init__(self):
         super().__init__()
         self.parts = {}   # (each Plan its own: a class-wide dict would be shared)
-        self.grants = {}  # job id -> the GPUs, memory and resources it takes (Resources.take)
+        # job id -> {worker: the GPUs, memory and resources it takes there (Resources.take)}
+        self.grants = {}
         self.backfilled = []   # the jobs started on a reserved worker (see plan_starts)
 
 
 def _split_parts(job, capacity, open_workers, reserved, avoid, order):
-    """The parts of a --split job that no one worker holds: [(worker name, [slots])],
-    taken from CAPACITY; or [] if it cannot start now, and then the workers it
-    waits for are RESERVED.
+    """The parts of a --split job that no one worker holds: [(worker name, [slots],
+    grant or None)], taken from CAPACITY; or [] if it cannot start now, and then
+    the workers it waits for are RESERVED.
 
     The fewest workers: most free slots first, the last part taking only what
-    is left (6 over 4+4 free: 4+2).  All or nothing: a part never starts alone.
+    is left (6 over 4+4 free: 4+2); a job with resources per slot counts on
+    each worker only the slots whose resources are free too.  All or nothing:
+    a part never starts alone.
     What it reserves keeps it from starving behind small jobs, as for one
     worker: one allowed worker that could hold it all, if any (the most free);
     else as many as could hold it together, most free first.
@@ -3788,13 +4126,25 @@ def _split_parts(job, capacity, open_workers, reserved, avoid, order):
 
     def most_free(worker):
         return (-worker.free_slots, order[worker.name])
-    usable = sorted((worker for worker in allowed if worker.name in open_workers),
-                    key=most_free)
-    if sum(worker.free_slots for worker in usable) >= job.slots:
+
+    def room(worker):
+        """The slots of it this job could take now, resources and all."""
+        most = min(worker.free_slots, job.slots)
+        if job.per_slot:
+            while most and not worker.resources.fits(job.per_slot.times(most)):
+                most -= 1
+        return most
+    rooms = {worker.name: room(worker) for worker in allowed if worker.name in open_workers}
+    usable = sorted((worker for worker in allowed if rooms.get(worker.name)),
+                    key=lambda worker: (-rooms[worker.name], order[worker.name]))
+    if sum(rooms.values()) >= job.slots:
         parts, wanted = [], job.slots
         for worker in usable:
-            share = min(wanted, worker.free_slots)
-            parts.append((worker.name, worker.take(share)))
+            share = min(wanted, rooms[worker.name])
+            grant = worker.resources.take(job.per_slot.times(share),
+                                          job.preferred_gpus(worker.name)) \
+                if job.per_slot else None
+            parts.append((worker.name, worker.take(share), grant))
             wanted -= share
             if not wanted:
                 return parts
@@ -3824,8 +4174,9 @@ def reservation_time(job, worker, now):
     resources = worker.resources.copy()
     if slots >= job.slots and (not job.need or resources.fits(job.need)):
         return now
-    for end, count, grant in sorted(worker.running, key=lambda run: (run[0] is None,
-                                                                      run[0] or 0)):
+    import itertools
+    for end, count, grant in sorted(itertools.chain(worker.running, worker.started),
+                                    key=lambda run: (run[0] is None, run[0] or 0)):
         if end is None:
             return None
         slots += count
@@ -3978,6 +4329,12 @@ def waiting_reason(job, workers, paused, now, failed_on=(), array_limit=None):
     if failed_on and untried:
         return f"a worker it has not failed on ({', '.join(untried[:3])}" + \
             (", ...)" if len(untried) > 3 else ")")
+    need = ResourceNeed.shown(job.get("resources"))
+    if need and not split:
+        shortfall = resource_shortfall(need, [worker for worker in allowed if worker.accepting
+                                              and worker.slots >= wanted])
+        if shortfall:
+            return shortfall
     if split:
         return f"{wanted} free slots at once (--split)"
     return f"{wanted} free slots on one worker" if wanted > 1 else f"a free slot {where}"
@@ -6275,6 +6632,11 @@ class Worker:
         self.works = False          # its last attempt that said anything went well
         self.set_aside_at = 0.0     # when weigh_attempt last set it aside
         self.busy_slots = set()
+        self.resources_column = row["resources"]   # its GPUs, memory, named resources
+        self.resources = json.loads(row["resources"] or "{}")
+        # job id -> (expected end or None, its slots here, its grant here or None): what
+        # runs on it, for the resources held and the backfill of plan_starts.
+        self.running = {}
 
     def job_endpoint(self):
         """SLAVE_HOST, SLAVE_PORT and SLAVE_USER: as ssh resolved them, or (until the
@@ -6289,7 +6651,40 @@ class Worker:
     def capacity(self):
         return WorkerCapacity(self.name, self.slots, self.busy_slots,
                               self.state == WorkerState.ACTIVE and
-                              self.health == WorkerHealth.UP)
+                              self.health == WorkerHealth.UP, self.free_resources(),
+                              self.running.values())
+
+    def free_resources(self):
+        """Its Resources, less the grants of the jobs running on it (NO_RESOURCES if it
+        declares none and none are held: the common case costs nothing)."""
+        held = [grant for _, _, grant in self.running.values() if grant]
+        if not self.resources and not held:
+            return NO_RESOURCES
+        return Resources(self.resources.get("gpus", ()), self.resources.get("mem", 0),
+                         self.resources.get("named"), held)
+
+    def resources_json(self):
+        """Each resource it declares (or that running jobs still hold after an edit)
+        as {"total", "used"}; GPUs with their device ids and which are in use."""
+        if not self.resources and not any(grant for _, _, grant in self.running.values()):
+            return {}
+        free = self.free_resources()
+        declared = set(free.devices)   # (a device edited away is used by its holders alone)
+        used = {device: GPU_UNITS * (device in declared) - share
+                for device, share in free.gpu_free.items()}
+        shown = {}
+        if free.gpu_free:
+            shown["gpus"] = {"total": len(free.devices),
+                             "used": sum(used.values()) / GPU_UNITS,
+                             "ids": free.devices,
+                             "in_use": {device: amount / GPU_UNITS
+                                        for device, amount in used.items() if amount}}
+        if free.mem_total or free.mem_free:
+            shown["mem"] = {"total": free.mem_total, "used": free.mem_total - free.mem_free}
+        for name in dict.fromkeys([*free.named_total, *free.named_free]):
+            total = free.named_total.get(name, 0)
+            shown[name] = {"total": total, "used": total - free.named_free.get(name, 0)}
+        return shown
 
     def to_json(self, running_jobs):
         """The worker as status shows it, with the jobs (JSON) running on it."""
@@ -6307,7 +6702,8 @@ class Worker:
             "running_jobs": running_jobs, "ssh_checked": self.ssh_checked,
             "ssh_reuse": self.ssh_reuse, "health": self.health.value,
             "checked_at": iso_time(self.checked_at), "check_reason": self.check_reason,
-            "endpoint": self.job_endpoint(), "down_after": self.down_after}
+            "endpoint": self.job_endpoint(), "down_after": self.down_after,
+            "resources": self.resources_json()}
 
 
 class Workers:
@@ -6367,8 +6763,9 @@ class Workers:
     # --- commands ---------------------------------------------------------
 
     def add(self, hosts, slots, variables, ssh_checked, ssh_reuse, down_after, endpoints,
-            slots_of):
-        """Register HOSTS, all or none, with SLOTS each (or those of SLOTS_OF)."""
+            slots_of, resources=None):
+        """Register HOSTS, all or none, with SLOTS each (or those of SLOTS_OF) and
+        RESOURCES (see migration 13)."""
         entries = {address.alias: address.config_entry()
                    for address in map(worker_address, self.by_name) if address.needs_alias}
         for host in hosts:
@@ -6385,11 +6782,14 @@ class Workers:
             for host in hosts:
                 self.store.insert_worker(host, slots_of.get(host, slots), variables,
                                          ssh_checked, ssh_reuse=ssh_reuse,
-                                         endpoint=endpoints.get(host), down_after=down_after)
+                                         endpoint=endpoints.get(host), down_after=down_after,
+                                         resources=resources)
         for row in self.store.workers():
             if row["name"] in hosts:
                 self.by_name[row["name"]] = Worker(row)
-                self.log.info("worker %s: added with %d slot(s)", row["name"], row["slots"])
+                self.log.info("worker %s: added with %d slot(s)%s", row["name"], row["slots"],
+                              f" and {resources_text(row['resources'])}"
+                              if row["resources"] else "")
         self.events.workers_changed()
 
     def drain(self, host):
@@ -6440,9 +6840,11 @@ class Workers:
                 if worker.health == WorkerHealth.SET_ASIDE or worker.set_aside_at:
                     self.set_health(worker, WorkerHealth.UP, None, time.time())
 
-    def edit(self, hosts, slots, updates, unset, ssh_reuse, down_after):
-        """Change the slots, variables, connection sharing or --down-after (ABSENT:
-        unchanged) of the workers HOSTS, all or none; running jobs are not touched."""
+    def edit(self, hosts, slots, updates, unset, ssh_reuse, down_after, resources=None):
+        """Change the slots, variables, connection sharing, --down-after (ABSENT:
+        unchanged) or RESOURCES (a change: see _worker_resources) of the workers
+        HOSTS, all or none.  Running jobs are not touched: they keep what they
+        hold, and what a worker no longer has frees only as they end."""
         edits = []
         for host in hosts:
             worker = self.named(host)
@@ -6457,17 +6859,26 @@ class Workers:
                 "variables": {name: value for name, value in
                               {**worker.variables, **updates}.items() if name not in unset},
                 "ssh_reuse": worker.ssh_reuse if ssh_reuse is ABSENT else ssh_reuse,
-                "down_after": worker.down_after if down_after is ABSENT else down_after}))
+                "down_after": worker.down_after if down_after is ABSENT else down_after,
+                "resources": worker.resources_column if resources is None else
+                merged_resources(worker.resources_column, resources)}))
         with self.store.transaction():
             for worker, edit in edits:
                 self.store.update_worker(worker.name, **edit)
         for worker, edit in edits:
             for name, value in edit.items():
-                setattr(worker, name, value)
-            self.log.info("worker %s: edited (%d slot(s), variables %s, ssh reuse %s)",
+                if name == "resources":
+                    worker.resources_column = value
+                    worker.resources = json.loads(value or "{}")
+                else:
+                    setattr(worker, name, value)
+            self.log.info("worker %s: edited (%d slot(s), variables %s, ssh reuse %s%s)",
                           worker.name, worker.slots,
                           " ".join(sorted(worker.variables)) or "none",
-                          "on" if worker.ssh_reuse else "off")
+                          "on" if worker.ssh_reuse else "off",
+                          f", {resources_text(worker.resources_column)}"
+                          if worker.resources else "")
+        self.events.room_changed()   # (more resources may let a waiting job start)
         self.events.workers_changed(hosts)
         return [worker for worker, _ in edits]
 
@@ -6491,22 +6902,25 @@ class Workers:
             if worker is None:
                 self.store.insert_worker(entry["ip"], entry["slots"], entry["envs"],
                                          entry["ssh_checked"], entry["state"],
-                                         entry["ssh_reuse"], down_after=entry["down_after"])
+                                         entry["ssh_reuse"], down_after=entry["down_after"],
+                                         resources=entry["resources"])
                 continue
             self.store.update_worker(entry["ip"], entry["slots"], entry["envs"],
                                      entry["ssh_reuse"], entry["down_after"],
-                                     ssh_checked=entry["ssh_checked"])
+                                     entry["resources"], ssh_checked=entry["ssh_checked"])
             if worker.state != entry["state"]:
                 self.change_state(changes, worker, entry["state"])
         changes.then(lambda: self.reload())
         return gone
 
     def reload(self):
-        """Read the workers again after load_status, keeping the slots in use."""
-        busy = {name: worker.busy_slots for name, worker in self.by_name.items()}
+        """Read the workers again after load_status, keeping the slots and resources
+        in use."""
+        old = self.by_name
         self.by_name = {row["name"]: Worker(row) for row in self.store.workers()}
         for name, worker in self.by_name.items():
-            worker.busy_slots = busy.get(name, set())
+            if name in old:
+                worker.busy_slots, worker.running = old[name].busy_slots, old[name].running
 
     def as_replaced(self, entries):
         """The workers as replace(ENTRIES) would leave them, for check_placement only:
@@ -6527,8 +6941,10 @@ class Workers:
                 "state": entry["state"].value, "ssh_checked": entry["ssh_checked"],
                 "ssh_reuse": entry["ssh_reuse"], "health": WorkerHealth.UP.value,
                 "checked_at": None, "check_reason": None, "ssh_host": None, "ssh_port": None,
-                "ssh_user": None, "down_after": entry["down_after"]})
+                "ssh_user": None, "down_after": entry["down_after"],
+                "resources": entry["resources"]})
             worker.slots, worker.state = entry["slots"], entry["state"]
+            worker.resources = json.loads(entry["resources"] or "{}")
             preview.by_name[entry["ip"]] = worker
         return preview
 
@@ -6564,6 +6980,18 @@ class Workers:
             which = "in --on " if lists["run_on"] else ""
             raise UserError(f"no worker {which}has {wanted} slots (the most is {most}): add one "
                             f"with ./cli.py add_slave --slots {wanted} HOST, or ask for fewer")
+        need = ResourceNeed.of(options.get("resources"))
+        if need:
+            why = resources_beyond(
+                need, wanted if options.get("split") else None,
+                {worker.name: (worker.slots, Resources(worker.resources.get("gpus", ()),
+                                                       worker.resources.get("mem", 0),
+                                                       worker.resources.get("named")))
+                 for worker in allowed},
+                {name for worker in self.by_name.values()
+                 for name in worker.resources.get("named", {})}, bool(lists["run_on"]))
+            if why:
+                raise UserError(why)
         return allowed
 
     def usable_slots(self):
@@ -6573,15 +7001,21 @@ class Workers:
 
     # --- slots ----------------------------------------------------------
 
-    def hold_slots(self, worker_name, slots):
+    def hold(self, worker_name, job_id, slots, grant, expected_end):
+        """Job JOB_ID runs on WORKER_NAME: it holds SLOTS there and GRANT (its GPUs,
+        memory, named resources; see Resources.take), until EXPECTED_END if it
+        has an --estimate."""
         worker = self.by_name.get(worker_name)
         if worker is not None:
             worker.busy_slots.update(slots)
+            worker.running[job_id] = (expected_end, len(slots), grant or None)
 
-    def free_slots(self, worker_name, slots):
+    def release(self, worker_name, job_id, slots):
+        """Job JOB_ID has ended on WORKER_NAME: what it held there is free."""
         worker = self.by_name.get(worker_name)
         if worker is not None:
             worker.busy_slots.difference_update(slots)
+            worker.running.pop(job_id, None)
             self.forget_if_drained(worker)
 
     # --- health -----------------------------------------------------------
@@ -6791,6 +7225,8 @@ class Queue:
                                "log": job_log_path(self.log_dir, job_id)}
                     if job_id in starts.parts:
                         columns["split_parts"] = json.dumps(starts.parts[job_id])
+                    if job_id in starts.grants:
+                        columns["resource_grant"] = json.dumps(starts.grants[job_id])
                     self.store.change_jobs([job_id], JobState.WAITING, JobState.RUNNING,
                                            **columns)
                     started.append({**dict(jobs[job_id]), **columns, "reason": None,
@@ -6846,7 +7282,9 @@ class Queue:
                          row["run_on"] and json.loads(row["run_on"]),
                          row["prefer"] and json.loads(row["prefer"]) or (),
                          row["exclude"] and json.loads(row["exclude"]) or (),
-                         failed_on.get(row["id"], ()), row["split"]) for row in rows]
+                         failed_on.get(row["id"], ()), row["split"],
+                         ResourceNeed.of(row["resources"]), row["estimate"],
+                         previous_grants(row)) for row in rows]
 
     def schedule_later(self, why):
         """Jobs could not start (the database refused, or their supervisors found no
@@ -7351,6 +7789,11 @@ class Attempt:
         # (worker, slots) of each part: one, but for a --split job across workers.
         self.parts = [(worker, slots) for worker, slots in split_parts(row) or
                       [(self.worker, self.slots)]]
+        # {worker: the GPUs, memory and named resources it holds there}; when it
+        # is expected to end (--estimate), for backfill.
+        self.grants = previous_grants(row)
+        self.expected_end = None if row["estimate"] is None or row["started_at"] is None \
+            else row["started_at"] + row["estimate"]
         self.pid = pid
         self.control_dirs = []   # its workers' SSH masters' directories, if its ssh shares them
         self.pidfd = pidfd       # None: a live supervisor we could not watch (see adopt),
@@ -7506,6 +7949,7 @@ class Runner:
         if part is not None:
             parts = split_parts(row)
             environment.update(split_variables(parts, parts.index(list(part))))
+        environment.update(resource_variables(previous_grants(row).get(worker_name) or {}))
         return environment
 
     def start_attempt(self, row):
@@ -7545,7 +7989,8 @@ class Runner:
         """ATTEMPT runs (or is being settled): it holds its slots until forget."""
         self.running[attempt.job_id] = attempt
         for worker, slots in attempt.parts:
-            self.workers.hold_slots(worker, slots)
+            self.workers.hold(worker, attempt.job_id, slots, attempt.grants.get(worker),
+                              attempt.expected_end)
         return attempt
 
     def watch(self, row, pid, pidfd):
@@ -7687,7 +8132,7 @@ class Runner:
         if self.running.get(attempt.job_id) is attempt:
             del self.running[attempt.job_id]
         for worker, slots in attempt.parts:
-            self.workers.free_slots(worker, slots)
+            self.workers.release(worker, attempt.job_id, slots)
             if attempt.control_dirs:
                 self.release_control_dir(worker)
 
@@ -9746,6 +10191,7 @@ class Handlers(ServiceHandlers, ScheduleHandlers):
             "placement": self.queue.placement,
             "hooks": self.hooks.describe(),
             "slaves": slaves,
+            "resources": resource_totals(slaves),
             "job_waitlist": waitlist,
             "running_jobs": running,
             "counts": self.store.counts(),
@@ -9823,7 +10269,7 @@ class Handlers(ServiceHandlers, ScheduleHandlers):
     def add_slave(self, client, params):
         self.workers.add(params["hosts"], params["slots"], params["variables"],
                          params["ssh_checked"], params["ssh_reuse"], params["down_after"],
-                         params["endpoints"], params["slots_of"])
+                         params["endpoints"], params["slots_of"], params["resources"])
         return params["hosts"]
 
     def remove_slave(self, client, params):
@@ -9859,10 +10305,12 @@ class Handlers(ServiceHandlers, ScheduleHandlers):
         edited = [{"host": worker.name, "slots": worker.slots,
                    "variables": sorted(worker.variables),
                    "slots_in_use": len(worker.busy_slots), "ssh_reuse": worker.ssh_reuse,
-                   "down_after": self.workers.down_after_of(worker.name)}
+                   "down_after": self.workers.down_after_of(worker.name),
+                   "resources": worker.resources_json()}
                   for worker in self.workers.edit(
                       params["hosts"], params["slots"], params["variables"],
-                      params["unset"], params["ssh_reuse"], params["down_after"])]
+                      params["unset"], params["ssh_reuse"], params["down_after"],
+                      params["resources"])]
         return {**edited[0], "edited": edited}   # (the first alone: what one host got)
 
     def pause(self, client, params):
@@ -10798,7 +11246,10 @@ def render_status(status):
     if status["paused"]:
         lines.append("QUEUE PAUSED: no new job starts (./cli.py resume)")
     now = time.time()
+    with_resources = any(slave.get("resources") for slave in status["slaves"])
     workers = [[slave["ip"], slave["status"], f"{slave['slots_in_use']}/{slave['slots']}",
+                *[", ".join(resource_usage_lines(slave.get("resources", {}))) or "-"]
+                * with_resources,
                 " ".join(str(job["id"]) for job in slave["running_jobs"]) or "-",
                 _health_text(slave, now), " ".join(sorted(slave["envs"])) or "-"]
                for slave in status["slaves"]]
@@ -10808,16 +11259,21 @@ def render_status(status):
         lines += ["", f"Schedules ({len(status['schedules'])})",
                   render_schedules(status["schedules"])]
     lines += ["", f"Workers ({len(workers)})"]
-    lines.append(tabulate(workers, headers=["worker", "status", "slots", "jobs",
+    lines.append(tabulate(workers, headers=["worker", "status", "slots",
+                                            *["resources"] * with_resources, "jobs",
                                             "last check", "variables"])
                  if workers else "  none: add one with ./cli.py add_slave HOST")
+    if status.get("resources"):
+        lines.append("Resources: " + ", ".join(resource_usage_lines(status["resources"])))
+    holding = any(job.get("grant") for job in status["running_jobs"])
     running = [[job["id"], "+".join(job_workers(job)), job["slot"],
+                *[grant_text(job.get("grant"))] * holding,
                 _elapsed(now - parse_iso_time(job["started_at"])), _command_line(job), job["log"]]
                for job in status["running_jobs"]]
     if running:
         lines += ["", f"Running ({len(running)})",
-                  tabulate(running, headers=["job", "worker", "slot", "running for", "command",
-                                             "log"])]
+                  tabulate(running, headers=["job", "worker", "slot", *["holds"] * holding,
+                                             "running for", "command", "log"])]
     if status.get("arrays"):
         lines += ["", f"Arrays ({len(status['arrays'])})"]
         lines += [array_line(array) for array in status["arrays"]]
@@ -10929,6 +11385,7 @@ def command_add_slave(options):
     hosts = unique_hosts([host for host, _ in named])
     slots_of = dict(named)
     variables = dict(parse_assignment(text) for text in options.env)
+    resources = worker_resources(options)
     timeout = parse_duration(options.timeout, "--timeout", limit=MAX_SSH_TIMEOUT, positive=True)
     registered = set(request(options.data_dir, "workers"))
     for host in hosts:
@@ -10950,9 +11407,11 @@ def command_add_slave(options):
                           if slots_of[host] != options.slots},
                 variables=variables, ssh_checked=not options.skip_ssh_auth_check,
                 ssh_reuse=options.ssh_reuse, down_after=options.down_after,
-                endpoints={host: results[host][1] for host in passed})
+                endpoints={host: results[host][1] for host in passed}, resources=resources)
+        declared = resources_text(_worker_resources(resources))
         for host in passed:
-            print(f"added {host} ({slots_of[host]} slot{'s' if slots_of[host] > 1 else ''})")
+            print(f"added {host} ({slots_of[host]} slot{'s' if slots_of[host] > 1 else ''}"
+                  + (f", {declared})" if declared else ")"))
     if failures:
         raise UserError(f"{len(failures)} of {len(hosts)} worker(s) not added: fix the "
                         "reasons above (see Troubleshooting in README.md) and add them again")
@@ -11091,7 +11550,56 @@ def job_policy(options):
         "not_before": None if not_before is None else iso_time(not_before),
         "on_end": None if getattr(options, "on_end", None) is None else
         hook_command(options.on_end),
+        "resources": job_resources(options),
+        "estimate": None if options.estimate is None else
+        parse_duration(options.estimate, "--estimate", positive=True),
     }
+
+
+def job_resources(options):
+    """--gpus, --mem and --resource of add_job, add_service and add_schedule, as the
+    request carries them; None for none."""
+    resources = {}
+    if options.gpus is not None:
+        gpus = job_gpus(options.gpus)
+        resources["gpus"] = gpus // GPU_UNITS if gpus % GPU_UNITS == 0 else gpus / GPU_UNITS
+    if options.mem is not None:
+        resources["mem"] = parse_size(options.mem, "--mem")
+        if not resources["mem"]:
+            raise UserError("--mem 0: ask for some memory (like --mem 16G), or leave it out")
+    for text in options.resource:
+        name, count = resource_assignment(text, 1)
+        resources[name] = count
+    return resources or None
+
+
+def resource_assignment(text, low):
+    """--resource NAME=COUNT: (NAME, COUNT), COUNT a whole number from LOW."""
+    name, equals, count = text.partition("=")
+    if not equals or not RESOURCE_NAME.match(name) or name in ("gpus", "mem", "slots"):
+        raise UserError(f"--resource {text!r}: write NAME=COUNT, like licence=1 (NAME a "
+                        "letter, then letters, digits, _ or -; for GPUs and memory use --gpus "
+                        "and --mem)")
+    if not plain_number(count.strip()) or int(count) < low or int(count) > MAX_RESOURCE_COUNT:
+        raise UserError(f"--resource {text!r}: COUNT must be a whole number from {low}")
+    return name, int(count)
+
+
+def worker_resources(options, edit=False):
+    """add_slave's (or, if EDIT, edit_slave's) --gpus, --mem and --resource, as the
+    request carries them: None for none (or no change)."""
+    resources = {}
+    if options.gpus is not None:
+        resources["gpus"] = [] if edit and options.gpus.strip() == "0" else \
+            worker_gpus(options.gpus)
+    if options.mem is not None:
+        resources["mem"] = parse_size(options.mem, "--mem")
+        if not (resources["mem"] or edit):
+            raise UserError("--mem 0: declare some memory (like --mem 256G), or leave it out")
+    for text in options.resource:
+        name, count = resource_assignment(text, 0 if edit else 1)
+        resources[name] = count
+    return resources or None
 
 
 def hook_command(text, flag="--on-end"):
@@ -11306,7 +11814,8 @@ def command_add_service(options):
                      on=host_list(options.on, "--on"),
                      prefer=host_list(options.prefer, "--prefer"),
                      exclude=host_list(options.exclude, "--exclude"),
-                     ssh_reuse=options.ssh_reuse, health=health)
+                     ssh_reuse=options.ssh_reuse, health=health,
+                     resources=job_resources(options))
     jobs = [instance["job"] for instance in result["instances"]]
     print(f"service {result['name']}: {result['replicas']} replica(s)"
           + (f" ({describe_ids(jobs)})" if jobs else ""))
@@ -11705,9 +12214,16 @@ def render_job(job):
     for key in ("id", "task", "state", "result", "exit_code", "signal", "reason", "worker",
                 "slots", "parts", "attempt", "retries", "priority", "timeout", "not_before",
                 "script", "args", "cwd", "envs", "submitted_at", "started_at", "ended_at",
-                "log", "parent", "children", "schedule", "on_end"):
-        value = job[key]
-        if key == "schedule":
+                "log", "parent", "children", "schedule", "on_end", "resources", "estimate",
+                "grant"):
+        value = job.get(key)
+        if key in ("resources", "estimate", "grant"):
+            if not value:
+                continue   # (lines for jobs that ask for resources or give an estimate)
+            value = need_text(ResourceNeed.shown(value)) + " per slot" * job["split"] \
+                if key == "resources" else _duration_text(value) if key == "estimate" \
+                else grant_text(value)
+        elif key == "schedule":
             if value is None:
                 continue
             value += f" (due {_local_time(job['scheduled_for'], '%Y-%m-%d %H:%M:%S')})"
@@ -12035,11 +12551,14 @@ def command_edit_slave(options):
     if options.down_after is not None and options.down_after != "default" and \
             not (plain_number(options.down_after) and int(options.down_after) <= MAX_DOWN_AFTER):
         _bad_down_after(options.down_after)
+    resources = worker_resources(options, edit=True)
     if options.slots is None and not variables and not options.unset and \
-            options.ssh_reuse is None and options.down_after is None:
+            options.ssh_reuse is None and options.down_after is None and resources is None:
         raise UserError("nothing to change: give --slots, -e NAME=VALUE, --unset NAME, "
-                        "--down-after K or --[no-]ssh-reuse")
+                        "--down-after K, --[no-]ssh-reuse, --gpus, --mem or --resource")
     changes = {} if options.ssh_reuse is None else {"ssh_reuse": options.ssh_reuse}
+    if resources is not None:
+        changes["resources"] = resources
     if options.down_after is not None:
         changes["down_after"] = None if options.down_after == "default" else \
             int(options.down_after)
@@ -12051,7 +12570,8 @@ def command_edit_slave(options):
         print(f"{worker['host']}: {worker['slots']} slot(s) ({worker['slots_in_use']} in use), "
               f"variables: {' '.join(worker['variables']) or 'none'}, "
               f"ssh reuse: {'on' if worker['ssh_reuse'] else 'off'}, set aside after "
-              + (f"{down_after} failures in a row" if down_after else "no failures (off)"))
+              + (f"{down_after} failures in a row" if down_after else "no failures (off)")
+              + "".join(f", {line}" for line in resource_usage_lines(worker["resources"])))
     return 0
 
 
@@ -13804,7 +14324,9 @@ EXAMPLES = {
     "add_slave": "./cli.py add_slave node1 node2 alice@10.0.0.7 alice@10.0.0.8:2222 '[fd00::5]'\n"
                  "  ./cli.py add_slave --slots 8 -e SCRATCH=/scratch bignode\n"
                  "  ./cli.py add_slave --slots 4 'node[01-16]' 'gpu[1-4,7]'   # host ranges\n"
-                 "  ./cli.py add_slave --hosts-file cluster.txt   # lines like node1 or 8/node2",
+                 "  ./cli.py add_slave --hosts-file cluster.txt   # lines like node1 or 8/node2\n"
+                 "  ./cli.py add_slave --slots 32 --gpus 4 --mem 256G 'gpu[1-2]'   # GPUs 0-3\n"
+                 "  ./cli.py add_slave --gpus 0,2,5 --resource licence=2 gpu3",
     "remove_slave": "./cli.py remove_slave node1\n  ./cli.py remove_slave --wait node2\n"
                     "  ./cli.py remove_slave --kill node3\n"
                     "  ./cli.py remove_slave --wait 'node[09-16]'",
@@ -13827,7 +14349,12 @@ EXAMPLES = {
                "  ./cli.py add_job ./step.sh part-1; ./cli.py add_job --nohup ./report.sh\n"
                "  # when it has ended (see README, Completion hooks):\n"
                "  ./cli.py add_job --on-end 'notify-send \"job ended\"' ./train.sh\n"
-               "  ./cli.py add_job --on-end ./collect.sh ./sweep.sh ::: 1 2 3   # each task",
+               "  ./cli.py add_job --on-end ./collect.sh ./sweep.sh ::: 1 2 3   # each task\n"
+               "  # GPUs and other resources (see README): its own devices in "
+               "CUDA_VISIBLE_DEVICES\n"
+               "  ./cli.py add_job --gpus 2 --mem 32G --slots 8 ./train.sh\n"
+               "  ./cli.py add_job --gpus 0.5 ./infer.sh ::: shard-*   # two per GPU\n"
+               "  ./cli.py add_job --resource licence=1 --estimate 20m ./solve.sh",
     "remove_job": "./cli.py remove_job 12 13\n  ./cli.py remove_job ./job.sh input-1.dat\n"
                   "  ./cli.py remove_job 7     # the tasks of array 7 still waiting",
     "load_status": "./cli.py status --json > state.json\n  ./cli.py load_status state.json",
@@ -13901,7 +14428,9 @@ EXAMPLES = {
     "edit_slave": "./cli.py edit_slave node1 --slots 8\n"
                   "  ./cli.py edit_slave node1 -e SCRATCH=/fast --unset OLD_VAR\n"
                   "  ./cli.py edit_slave node1 --down-after 0     # never set it aside\n"
-                  "  ./cli.py edit_slave 'node[01-16]' --slots 4",
+                  "  ./cli.py edit_slave 'node[01-16]' --slots 4\n"
+                  "  ./cli.py edit_slave gpu1 --gpus 0,1,3      # device 2 is out of service\n"
+                  "  ./cli.py edit_slave gpu1 --mem 512G --resource licence=0",
 }
 
 
@@ -13946,10 +14475,21 @@ def placement_arguments(where, what):
     where.add_argument("--no-ssh-reuse", dest="ssh_reuse", action="store_false",
                        help=f"The {what}'s ssh, scp and rsync calls each open a new "
                             "connection instead of sharing one per host.")
+    where.add_argument("--gpus", metavar="N",
+                       help=f"Take N GPUs of one worker (see add_slave --gpus); the {what} "
+                            "gets their device ids in CUDA_VISIBLE_DEVICES and GPU_IDS, and "
+                            "keeps them while it runs. A fraction shares one device: two "
+                            "--gpus 0.5 see the same id. With --split: per slot.")
+    where.add_argument("--mem", metavar="SIZE",
+                       help="Take SIZE of a worker's declared memory, like 16G (in MEM, "
+                            "bytes). Accounting only: nothing enforces it on the worker.")
+    where.add_argument("--resource", action="append", default=[], metavar="NAME=COUNT",
+                       help="Take COUNT of a worker's named resource NAME, like licence=1 "
+                            "(in RESOURCE_NAME); repeatable.")
 
 
 def attempt_arguments(where):
-    """--retries, --retry-delay and --timeout, of add_job and add_schedule."""
+    """--retries, --retry-delay, --timeout and --estimate, of add_job and add_schedule."""
     where.add_argument("--retries", type=retry_count, default=0, metavar="N",
                        help="Run a failed job (non-zero exit, timed out, or its supervisor "
                             "lost) up to N more times, on a worker it has not failed on "
@@ -13962,6 +14502,11 @@ def attempt_arguments(where):
                        help="Kill an attempt that runs longer than this, like 30m or 2h, "
                             f"as kill does (SIGTERM, SIGKILL {DEFAULT_KILL_GRACE:g}s later); "
                             "it ends as timed_out, and is retried if --retries allows.")
+    where.add_argument("--estimate", metavar="DURATION",
+                       help="How long it is expected to run, like 20m: then it may start "
+                            "on a worker kept for a bigger job, if it ends before that job "
+                            "could start there (backfill). Outliving it kills nothing "
+                            "(that is --timeout); the bigger job just waits for it.")
 
 
 def on_end_argument(where):
@@ -14117,6 +14662,7 @@ def build_parser(only=None):
     add_slave.add_argument("--down-after", type=down_after_count, metavar="K",
                            help="Set these workers aside after K failures in a row (see start "
                                 "--down-after; 0: never; default: the server's).")
+    worker_resource_arguments(add_slave, edit=False)
     add_slave.add_argument("--timeout", default=f"{DEFAULT_SSH_TIMEOUT:g}", metavar="SECONDS",
                            help=f"How long the SSH check waits for each host (default: "
                                 f"{DEFAULT_SSH_TIMEOUT:g}).")
@@ -14434,7 +14980,26 @@ def build_parser(only=None):
     edit_slave.add_argument("--ssh-reuse", action=argparse.BooleanOptionalAction, default=None,
                             help="Whether jobs started here from now on share SSH "
                                  "connections (turning it off stops the shared ones).")
+    worker_resource_arguments(edit_slave, edit=True)
     return parser
+
+
+def worker_resource_arguments(parser, edit):
+    """--gpus, --mem and --resource of add_slave and edit_slave (EDIT: 0 takes away)."""
+    resources = parser.add_argument_group("resources beyond slots (see README: GPUs and "
+                                          "other resources)")
+    resources.add_argument("--gpus", metavar="N | IDS",
+                           help="Its GPUs: a count (4: devices 0-3) or device ids (0,2,5). "
+                                "Jobs with --gpus get their own devices in "
+                                "CUDA_VISIBLE_DEVICES." + (" 0: none any more; jobs holding "
+                                                           "one keep it until they end."
+                                                           if edit else ""))
+    resources.add_argument("--mem", metavar="SIZE",
+                           help="Memory jobs may ask for with --mem, like 256G (accounting "
+                                "only: nothing enforces it)." + (" 0: none." if edit else ""))
+    resources.add_argument("--resource", action="append", default=[], metavar="NAME=COUNT",
+                           help="A named countable resource, like licence=2 or scratch=4; "
+                                "repeatable." + (" NAME=0 takes it away." if edit else ""))
 
 
 def command_named(argv):

@@ -666,6 +666,12 @@ def gpu_worker(name, slots, devices, held=(), mem=0, named=None, busy=()):
                               cli.Resources(devices, mem, named, held))
 
 
+def only(grants):
+    """The grant of a job that runs on one worker (Plan.grants: {worker: grant})."""
+    (grant,) = grants.values()
+    return grant
+
+
 def gpu_jobs(*ids, gpus=0, mem=0, named=None, slots=1):
     return [cli.JobNeeds(job_id, slots, need=cli.ResourceNeed(int(gpus * cli.GPU_UNITS), mem,
                                                                named)) for job_id in ids]
@@ -675,7 +681,7 @@ def test_gpu_jobs_get_distinct_devices_and_wait_when_none_is_free():
     workers = [gpu_worker("a", 8, ["0", "1", "2", "3"])]
     starts = plan(gpu_jobs(1, 2, gpus=1) + gpu_jobs(3, gpus=2) + gpu_jobs(4, gpus=1), workers)
     assert [job_id for job_id, _, _ in starts] == [1, 2, 3]
-    assert [starts.grants[job_id]["gpus"] for job_id in (1, 2, 3)] == [["0"], ["1"], ["2", "3"]]
+    assert [only(starts.grants[job_id])["gpus"] for job_id in (1, 2, 3)] == [["0"], ["1"], ["2", "3"]]
     assert starts.reserved == {"a"}   # job 4 waits for a device, and keeps its place
     assert workers[0].resources.gpu_free == {"0": 1000, "1": 1000, "2": 1000, "3": 1000}
 
@@ -686,9 +692,9 @@ def test_gpu_shares_pack_onto_one_device_and_leave_whole_ones_free():
     starts = plan(gpu_jobs(1, gpus=0.5) + gpu_jobs(2, gpus=0.5) + gpu_jobs(3, gpus=2), workers)
     # Job 1 fills device 1; job 2 takes half of device 0; two whole devices are not
     # left for job 3 (0 is half used), so it waits.
-    assert [(job_id, starts.grants[job_id]["gpus"]) for job_id, _, _ in starts] == \
+    assert [(job_id, only(starts.grants[job_id])["gpus"]) for job_id, _, _ in starts] == \
         [(1, ["1"]), (2, ["0"])]
-    assert starts.grants[1] == {"gpus": ["1"], "gpu_share": 500, "mem": 0, "named": {}}
+    assert only(starts.grants[1]) == {"gpus": ["1"], "gpu_share": 500, "mem": 0, "named": {}}
 
 
 def test_every_resource_must_be_free_at_once_on_one_worker():
@@ -697,7 +703,7 @@ def test_every_resource_must_be_free_at_once_on_one_worker():
     starts = plan(gpu_jobs(1, gpus=1, mem=32 << 30) + gpu_jobs(2, named={"licence": 1}) +
                   gpu_jobs(3, named={"licence": 1}), workers)
     assert [(job_id, worker) for job_id, worker, _ in starts] == [(1, "b"), (2, "a")]
-    assert starts.grants[2]["named"] == {"licence": 1}
+    assert only(starts.grants[2])["named"] == {"licence": 1}
     assert starts.reserved == {"a"}   # job 3 waits for the licence, on the worker that has one
 
 
@@ -714,14 +720,14 @@ def test_a_worker_edited_down_below_what_runs_grants_nothing_more():
     held = [{"gpus": ["0"], "gpu_share": 1000}, {"gpus": ["3"], "gpu_share": 1000}]
     workers = [gpu_worker("a", 8, ["0", "1"], held)]   # devices 2 and 3 were removed
     starts = plan(gpu_jobs(1, 2, gpus=1), workers)
-    assert [starts.grants[job_id]["gpus"] for job_id, _, _ in starts] == [["1"]]
+    assert [only(starts.grants[job_id])["gpus"] for job_id, _, _ in starts] == [["1"]]
 
 
 def test_plain_jobs_take_no_gpu_and_may_run_beside_gpu_jobs():
     workers = [gpu_worker("a", 2, ["0"])]
     starts = plan(jobs(1) + gpu_jobs(2, gpus=1), workers)
     assert [(job_id, slots) for job_id, _, slots in starts] == [(1, [0]), (2, [1])]
-    assert 1 not in starts.grants and starts.grants[2]["gpus"] == ["0"]
+    assert 1 not in starts.grants and only(starts.grants[2])["gpus"] == ["0"]
 
 
 def test_sizes_are_read_and_written_as_free_h_shows_them():
@@ -782,8 +788,59 @@ def test_backfill_of_gpu_jobs_counts_devices_that_free_up():
         cli.JobNeeds(2, need=cli.ResourceNeed(1000), estimate=400),
         cli.JobNeeds(3, need=cli.ResourceNeed(2000), estimate=100)]
     starts = cli.plan_starts(queue, [worker], now=0.0)
-    assert [(job_id, starts.grants[job_id]["gpus"]) for job_id, _, _ in starts] == \
+    assert [(job_id, only(starts.grants[job_id])["gpus"]) for job_id, _, _ in starts] == \
         [(3, ["2", "3"])]
+
+
+def test_a_retry_gets_the_devices_it_held_before_when_they_are_free():
+    workers = [gpu_worker("a", 8, ["0", "1", "2", "3"])]
+    queue = [cli.JobNeeds(1, need=cli.ResourceNeed(2000),
+                          previous={"a": {"gpus": ["1", "3"], "gpu_share": 1000}}),
+             cli.JobNeeds(2, need=cli.ResourceNeed(1000),
+                          previous={"b": {"gpus": ["3"], "gpu_share": 1000}})]
+    starts = plan(queue, workers)
+    assert only(starts.grants[1])["gpus"] == ["1", "3"]   # the same devices again
+    assert only(starts.grants[2])["gpus"] == ["0"]        # held on another worker: any
+
+
+def test_a_split_job_takes_its_gpus_per_slot_on_each_worker():
+    # 3 slots of 1 GPU each: worker a has 6 free slots but 2 free devices, b 2 of 2.
+    held = [{"gpus": ["0", "1"], "gpu_share": 1000}]
+    workers = [gpu_worker("a", 8, ["0", "1", "2", "3"], held, busy=[0, 1]),
+               gpu_worker("b", 2, ["0", "1"])]
+    job = cli.JobNeeds(1, slots=3, split=True, need=cli.ResourceNeed(1000))
+    starts = plan([job], workers)
+    assert starts.parts[1] == [("a", [2, 3]), ("b", [0])]
+    assert starts.grants[1] == {"a": {"gpus": ["2", "3"], "gpu_share": 1000, "mem": 0,
+                                      "named": {}},
+                                "b": {"gpus": ["0"], "gpu_share": 1000, "mem": 0, "named": {}}}
+    # Whole on one worker when one holds it all: 3 GPUs on a fresh 4-GPU worker.
+    starts = plan([job], [gpu_worker("c", 4, ["0", "1", "2", "3"])])
+    assert only(starts.grants[1])["gpus"] == ["0", "1", "2"]
+
+
+def test_a_job_asking_more_than_any_worker_has_is_refused_with_the_reason():
+    allowed = {"a": (8, cli.Resources(["0", "1"], 64 << 30, {"licence": 2})),
+               "b": (4, cli.Resources(["0"], 16 << 30))}
+
+    def why(split=None, **need):
+        return cli.resources_beyond(cli.ResourceNeed(**need), split, allowed, {"licence"},
+                                    False)
+    assert why(gpus=2000) is None and why(gpus=500, mem=64 << 30) is None
+    assert why(gpus=4000) == ("no worker has 4 GPUs (the most is 2): declare them with "
+                              "./cli.py add_slave --gpus N HOST (or edit_slave), or ask for fewer")
+    assert "no worker has 128G memory (the most is 64G)" in why(mem=128 << 30)
+    assert "no worker has licence=3 (the most is 2)" in why(named={"licence": 3})
+    assert why(named={"matlab": 1}).startswith("unknown resource 'matlab': no worker declares")
+    assert why(gpus=2000, named={"licence": 1}) is None
+    # Each alone fits somewhere, not together on one worker.
+    assert why(gpus=2000, mem=32 << 30, named={"licence": 2}) is None
+    assert why(gpus=1000, mem=16 << 30) is None
+    allowed["b"] = (4, cli.Resources(["0"], 16 << 30, {"licence": 1}))
+    assert why(gpus=2000, mem=128 << 30) is not None
+    assert why(split=3, gpus=1000) is None              # 2 on a, 1 on b
+    assert "hold 3 slots with 1 GPU each together, fewer than --slots 4" in why(split=4,
+                                                                               gpus=1000)
 
 
 def test_gpu_options_of_workers_and_jobs():

@@ -13,7 +13,7 @@ REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
 
 # The newest commit of main with each earlier database schema (migrations 1 to 5).
 EARLIER = {1: "3e5da3d", 2: "621b81c", 3: "48153f9", 4: "232af9c", 5: "fc47386",
-           6: "de33222", 7: "f8f1638"}
+           6: "de33222", 7: "f8f1638", 8: "106921d"}
 
 
 def earlier_cli(commit, directory):
