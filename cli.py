@@ -1527,7 +1527,7 @@ def _submitted_at(text):
 # A service in a document (load_services, load_status) has the fields services
 # --json prints; the ones it prints about the running replicas are left out.
 SERVICE_FIELDS = ("name", "script", "args", "cwd", "envs", "replicas", "port", "enabled",
-                  "health", "slots", "on", "prefer", "exclude", "ssh_reuse")
+                  "health", "slots", "on", "prefer", "exclude", "ssh_reuse", "resources")
 SERVICE_READ_ONLY_FIELDS = ("running", "healthy", "restarts", "last_end", "instances")
 
 
@@ -1589,7 +1589,7 @@ def _service_entry(entry, defaults):
                         "with an optional \"interval\" (seconds, at least 0.1) and "
                         "\"failures\" (1 to 1000)") from None
     placement = {"slots_wanted": _slot_count(entry.get("slots", 1), "'slots'")}
-    for key in ("on", "prefer", "exclude", "ssh_reuse"):
+    for key in ("on", "prefer", "exclude", "ssh_reuse", "resources"):
         if entry.get(key) is not None:
             placement[key] = entry[key]
     params = {"port": port, "replicas": replicas, "health": health, "variables": variables}
@@ -1605,7 +1605,8 @@ def _service_entry(entry, defaults):
 SCHEDULE_FIELDS = ("name", "rule", "script", "args", "cwd", "envs", "environment", "umask",
                    "overlap", "skip_missed", "paused", "next_due", "runs", "skipped",
                    "slots_wanted", "split", "on", "prefer", "exclude", "ssh_reuse",
-                   "priority", "retries", "retry_delay", "timeout", "on_end")
+                   "priority", "retries", "retry_delay", "timeout", "on_end", "resources",
+                   "estimate")
 SCHEDULE_READ_ONLY_FIELDS = ("rule_text", "last_job", "last_state", "last_result")
 
 
@@ -3508,6 +3509,11 @@ class ResourceNeed:
         named = {name: count for name, count in shown.items() if name not in ("gpus", "mem")}
         return cls(round(shown.get("gpus", 0) * GPU_UNITS), shown.get("mem", 0), named)
 
+    def kinds(self):
+        """The resources it asks for by kind: gpus, mem and the names."""
+        return {kind for kind, amount in (("gpus", self.gpus), ("mem", self.mem),
+                                          *self.named.items()) if amount}
+
     def times(self, count):
         """COUNT times this need: what COUNT slots of a --split job take (per slot)."""
         return ResourceNeed(self.gpus * count, self.mem * count,
@@ -3974,7 +3980,11 @@ def plan_starts(jobs, workers, placement="spread", now=0.0):
     fits nowhere reserves the allowed worker closest to fitting (the most free
     slots; GPUs first): nothing after it starts there, so what it needs frees
     up instead of going to a stream of small jobs; ageing would still let
-    small jobs take every freed slot in between.  Backfill (Slurm's): when
+    small jobs take every freed slot in between.  A job short only of
+    resources (its slots are free) keeps its slots and the kinds of resource
+    it asks for (.kept): later jobs that take none of those still start
+    there, so a waiting 4-GPU job idles the GPUs it waits for, not the
+    worker's CPUs.  Backfill (Slurm's): when
     every job running on the reserved worker has an --estimate, the reserving
     job could start there at a known time (reservation_time, from NOW); a
     later job with an estimate that fits there now and ends by then starts
@@ -3998,11 +4008,13 @@ def plan_starts(jobs, workers, placement="spread", now=0.0):
             if worker.free_slots > 0]
     heapq.heapify(heap)
     reserved = set()
+    kept = {}    # worker -> the kinds of resource a job short of them keeps there
     # Workers with a free slot that no reservation holds: a job with wishes
     # looks only at these, so a full cluster costs it nothing.
     open_workers = {name for name, worker in capacity.items() if worker.free_slots > 0}
     starts = Plan()
     starts.reserved = reserved
+    starts.kept = kept
     shadows = {}             # reserved worker -> when its reserving job could start there
     backfill_looks = 0       # jobs looked at for backfill once no worker is open
     accepting_sizes = None   # sorted slots of the accepting workers, once a retry asks
@@ -4051,7 +4063,8 @@ def plan_starts(jobs, workers, placement="spread", now=0.0):
         else:
             avoid = job.avoid if job.must_avoid(capacity, big_enough) else ()
             fits = [worker for worker in job.allowed(capacity, open_workers)
-                    if job.fits(worker) and worker.name not in avoid]
+                    if job.fits(worker) and worker.name not in avoid and
+                    not (kept and job.need and kept.get(worker.name, set()) & job.need.kinds())]
             if fits:
                 worker = min(fits, key=lambda worker: (worker.name not in job.prefer,
                                                        sign * worker.free_slots,
@@ -4072,17 +4085,25 @@ def plan_starts(jobs, workers, placement="spread", now=0.0):
             elif shadows and backfilled(job):
                 continue
             elif job.slots > 1 or job.need:
+                kinds = job.need.kinds() if job.need else set()
                 could = [worker for worker in job.allowed(capacity) if job.could_fit(worker)
-                         and worker.name not in reserved and worker.name not in avoid]
+                         and worker.name not in reserved and worker.name not in avoid
+                         and not kept.get(worker.name, set()) & kinds]
                 if could:
                     worker = min(could, key=lambda worker: (worker.resources.missing(job.need),
                                                             -worker.free_slots,
                                                             order[worker.name]))
-                    reserved.add(worker.name)
-                    open_workers.discard(worker.name)
-                    shadows[worker.name] = reservation_time(job, worker, now)
-                    if shadows[worker.name] is None:
-                        del shadows[worker.name]
+                    shadow = reservation_time(job, worker, now)
+                    if kinds and worker.free_slots >= job.slots:
+                        worker.take(job.slots)   # (held for it, as the kinds below)
+                        kept.setdefault(worker.name, set()).update(kinds)
+                    else:
+                        reserved.add(worker.name)
+                    starts.holders.setdefault(worker.name, job.job_id)
+                    if not worker.free_slots or worker.name in reserved:
+                        open_workers.discard(worker.name)
+                    if shadow is not None:
+                        shadows[worker.name] = min(shadow, shadows.get(worker.name, shadow))
                 continue
             else:
                 continue
@@ -4098,6 +4119,7 @@ class Plan(list):
     and no reservation holds."""
 
     reserved = frozenset()
+    kept = {}
     left = 0
 
     def __init__(self):
@@ -4106,6 +4128,7 @@ class Plan(list):
         # job id -> {worker: the GPUs, memory and resources it takes there (Resources.take)}
         self.grants = {}
         self.backfilled = []   # the jobs started on a reserved worker (see plan_starts)
+        self.holders = {}      # worker -> the job it is reserved or kept for
 
 
 def _split_parts(job, capacity, open_workers, reserved, avoid, order):
@@ -4286,14 +4309,16 @@ def find_cycle(prerequisites):
     return None
 
 
-def waiting_reason(job, workers, paused, now, failed_on=(), array_limit=None):
+def waiting_reason(job, workers, paused, now, failed_on=(), array_limit=None, holders=None):
     """Why a waiting job (its JSON form) has not started yet, in a few words.
 
     WORKERS: WorkerCapacity of every registered worker (accepting: active and
     up); FAILED_ON: the workers its earlier attempts failed on; ARRAY_LIMIT, for
-    a task of an array with %K: (K, its tasks running).  Order matters: the
-    first thing that holds the job back is named.
+    a task of an array with %K: (K, its tasks running); HOLDERS: {worker: job
+    id} of the workers the latest scheduling pass kept for a job (Plan.holders).
+    Order matters: the first thing that holds the job back is named.
     """
+    holders = holders or {}
     if job["after"] or job["after_any"]:
         def some(ids):
             return ", ".join(map(str, ids[:5])) + (", ..." if len(ids) > 5 else "")
@@ -4335,6 +4360,12 @@ def waiting_reason(job, workers, paused, now, failed_on=(), array_limit=None):
                                               and worker.slots >= wanted])
         if shortfall:
             return shortfall
+    fits_now = [worker for worker in allowed if worker.accepting and
+                worker.free_slots >= wanted and (not need or worker.resources.fits(need))]
+    if not split and fits_now and all(holders.get(worker.name, job.get("id")) != job.get("id")
+                                      for worker in fits_now):
+        return f"room on {fits_now[0].name} is kept for job {holders[fits_now[0].name]}, " \
+            "ahead of it"
     if split:
         return f"{wanted} free slots at once (--split)"
     return f"{wanted} free slots on one worker" if wanted > 1 else f"a free slot {where}"
@@ -7118,6 +7149,7 @@ class Queue:
         self.placement = PLACEMENTS[0]   # start --placement (see plan_starts)
         self.schedule_needed = True
         self.release_at = None     # when the timer that unblocks delayed jobs fires
+        self.holders = {}          # worker -> the job the latest pass kept it for
         self.schedule_delay = RetryDelay()   # while jobs cannot start (schedule_later)
         self.schedule_retry_pending = False
         self.families = Families(store, self, events, log)
@@ -7246,17 +7278,20 @@ class Queue:
         ready jobs.  Returns (starts, {job id: row}).
         """
         free = sum(capacity.free_slots for capacity in capacities)
+        self.holders = {}
         if not free:
             return [], {}
         # Two passes at most: the head of the queue, which usually fills every
         # free slot; then, if room is left that those jobs cannot use, a deeper
         # look (a job that is pinned or too big must not idle the others).
         head = max(free, 64)
+        now = time.time()   # (for backfill: when the running jobs are expected to end)
         rows, more = self.ready_rows(head)
-        starts = plan_starts(self.job_needs(rows), capacities, self.placement)
+        starts = plan_starts(self.job_needs(rows), capacities, self.placement, now)
         if starts.left and more:
             rows, _ = self.ready_rows(SCHEDULE_SCAN_LIMIT)
-            starts = plan_starts(self.job_needs(rows), capacities, self.placement)
+            starts = plan_starts(self.job_needs(rows), capacities, self.placement, now)
+        self.holders = starts.holders   # (why the others wait: see waiting_reason)
         return starts, {row["id"]: row for row in rows}
 
     def ready_rows(self, limit):
@@ -8712,6 +8747,7 @@ class Services:
                 "on": json.loads(options["run_on"]) if options["run_on"] else None,
                 "prefer": json.loads(options["prefer"]) if options["prefer"] else None,
                 "exclude": json.loads(options["exclude"]) if options["exclude"] else None,
+                "resources": need_json(options.get("resources")),
                 "instances": replicas})
         return described
 
@@ -9108,8 +9144,10 @@ def schedule_to_json(row, last_state):
         "prefer": json.loads(options.get("prefer") or "null"),
         "exclude": json.loads(options.get("exclude") or "null"),
         "on_end": json.loads(options.get("on_end") or "null"),
+        "resources": need_json(options.get("resources")),
         **{name: options.get(name, JOB_OPTIONS[name])
-           for name in ("ssh_reuse", "priority", "retries", "retry_delay", "timeout")},
+           for name in ("ssh_reuse", "priority", "retries", "retry_delay", "timeout",
+                        "estimate")},
     }
 
 
@@ -10212,7 +10250,7 @@ class Handlers(ServiceHandlers, ScheduleHandlers):
         for job in waitlist:
             job["waiting_for"] = waiting_reason(job, capacities, self.queue.paused, now,
                                                 failed_on.get(job["id"], ()),
-                                                limits.get(job["array"]))
+                                                limits.get(job["array"]), self.queue.holders)
 
     def live(self):
         """What the live views show (see watch): the workers; the first LIVE_LIST_LIMIT

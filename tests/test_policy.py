@@ -682,7 +682,9 @@ def test_gpu_jobs_get_distinct_devices_and_wait_when_none_is_free():
     starts = plan(gpu_jobs(1, 2, gpus=1) + gpu_jobs(3, gpus=2) + gpu_jobs(4, gpus=1), workers)
     assert [job_id for job_id, _, _ in starts] == [1, 2, 3]
     assert [only(starts.grants[job_id])["gpus"] for job_id in (1, 2, 3)] == [["0"], ["1"], ["2", "3"]]
-    assert starts.reserved == {"a"}   # job 4 waits for a device, and keeps its place
+    # Job 4 waits for a device, and keeps its place: its slot, and the GPUs.
+    assert starts.kept == {"a": {"gpus"}} and not starts.reserved
+    assert len(workers[0].busy_slots) == 0   # (the plan works on copies)
     assert workers[0].resources.gpu_free == {"0": 1000, "1": 1000, "2": 1000, "3": 1000}
 
 
@@ -704,7 +706,8 @@ def test_every_resource_must_be_free_at_once_on_one_worker():
                   gpu_jobs(3, named={"licence": 1}), workers)
     assert [(job_id, worker) for job_id, worker, _ in starts] == [(1, "b"), (2, "a")]
     assert only(starts.grants[2])["named"] == {"licence": 1}
-    assert starts.reserved == {"a"}   # job 3 waits for the licence, on the worker that has one
+    # Job 3 waits for the licence, on the worker that has one.
+    assert starts.kept == {"a": {"licence"}}
 
 
 def test_a_job_wanting_4_gpus_is_not_starved_by_a_stream_of_1_gpu_jobs():
@@ -713,6 +716,22 @@ def test_a_job_wanting_4_gpus_is_not_starved_by_a_stream_of_1_gpu_jobs():
     held = [{"gpus": ["0"], "gpu_share": 1000}, {"gpus": ["1"], "gpu_share": 1000}]
     workers = [gpu_worker("a", 8, ["0", "1", "2", "3"], held, busy=[0, 1])]
     starts = plan(gpu_jobs(1, gpus=4) + gpu_jobs(2, 3, gpus=1), workers)
+    assert list(starts) == [] and starts.kept == {"a": {"gpus"}}
+
+
+def test_a_job_waiting_for_gpus_keeps_them_but_not_the_workers_cpus():
+    # 8 slots, 2 of 4 devices busy: the 4-GPU job keeps the GPUs and one slot; plain
+    # jobs and jobs that take other resources still start there, up to 7 slots.
+    held = [{"gpus": ["0", "1"], "gpu_share": 1000}]
+    workers = [gpu_worker("a", 8, ["0", "1", "2", "3"], held, mem=64 << 30, busy=[0])]
+    queue = gpu_jobs(1, gpus=4) + gpu_jobs(2, gpus=1) + jobs(3, 4, 5) + \
+        gpu_jobs(6, mem=8 << 30) + jobs(7, 8, 9, 10)
+    starts = plan(queue, workers)
+    assert [job_id for job_id, _, _ in starts] == [3, 4, 5, 6, 7, 8]
+    assert sorted(slot for _, _, slots in starts for slot in slots) == [2, 3, 4, 5, 6, 7]
+    # A job short of slots as well reserves the whole worker, as before.
+    workers = [gpu_worker("a", 4, ["0", "1", "2", "3"], held, busy=[0, 1, 2])]
+    starts = plan(gpu_jobs(1, gpus=4, slots=2) + jobs(2), workers)
     assert list(starts) == [] and starts.reserved == {"a"}
 
 
