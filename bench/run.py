@@ -25,6 +25,11 @@ Workloads (medians over the runs, min-max beside them):
                  four 1-slot, one 4-slot, and every other time one 16-slot, ~85%
                  load) on 1x16 + 2x4 + 4x1 slots; median queue wait (start - --at)
                  of the 16-slot jobs and of all jobs, start --placement spread vs pack
+  B8 backfill    a batch on 2 workers of 4 (fake) GPUs, N groups of one 4-GPU job
+                 of 3 s then six 1-GPU jobs of 1-3 s, queued at once; GPU
+                 utilisation, the whole batch's time, and how much later each
+                 4-GPU job started than without --estimate: with right
+                 estimates, and with 1 in 5 a third short (overrunning by 50%)
 It is a benchmark, not a test: it never fails on a number.  B4 (queue size)
 is bench/bulk.py.
 """
@@ -427,10 +432,72 @@ def placement_waits(sandbox, root, rounds, placement):
     return waits
 
 
+BACKFILL_CASES = ("no estimates", "right estimates", "1 in 5 estimates short")
+
+
+def b8_backfill(sandbox, root, groups):
+    figures, first_case = {}, None
+    for case in BACKFILL_CASES:
+        runs, makespan, overrun = backfill_batch(sandbox, root / case.replace(" ", "-"),
+                                                 groups, case)
+        busy = sum(gpus * (end - start) for gpus, start, end in runs)
+        figures[f"B8 {case}: GPU utilisation (%)"] = 100 * busy / (8 * makespan)
+        figures[f"B8 {case}: whole batch (s)"] = makespan
+        big = [start for gpus, start, _ in runs if gpus == 4]
+        if first_case is None:
+            first_case = big
+        else:
+            # Each 4-GPU job against itself without estimates (the same place in the queue).
+            figures[f"B8 {case}: most a 4-GPU job started later than with none (s)"] = \
+                max(max(mine - theirs for mine, theirs in zip(big, first_case)), 0.0)
+        if overrun:
+            figures[f"B8 {case}: longest overrun of a short estimate (s)"] = overrun
+    return figures
+
+
+def backfill_batch(sandbox, root, groups, case):
+    """The B8 batch in CASE: [(gpus, started, ended)] of its jobs in queue order, in
+    seconds from its submission; then its last end, and the longest overrun of an
+    estimate."""
+    from datetime import datetime
+    job = str(script(root.parent, "sleeps.sh", 'sleep "$1"\n'))
+    slaves = [{"ip": name, "slots": 16, "resources": {"gpus": ["0", "1", "2", "3"]}}
+              for name in ("w1", "w2")]
+    batch, overrun = [], 0.0
+    for group in range(groups):
+        # A 4-GPU job of 3 s, then six 1-GPU jobs of 1, 2 or 3 s: 24 GPU-seconds.
+        for number, (gpus, duration) in enumerate([(4, 3)] + [(1, 1 + (group + n) % 3)
+                                                              for n in range(6)]):
+            estimate = None if case == BACKFILL_CASES[0] else duration
+            if case == BACKFILL_CASES[2] and gpus == 1 and (group * 7 + number) % 5 == 0:
+                estimate = duration * 2 / 3
+                overrun = max(overrun, duration - estimate)
+            batch.append({"script": job, "args": [str(duration)], "resources": {"gpus": gpus},
+                          "estimate": estimate})
+    document = root.parent / f"{root.name}-batch.json"
+    document.write_text(json.dumps({"slaves": slaves, "job_waitlist": batch}))
+    with Queue(root, sandbox.env()) as queue:
+        queue("pause")
+        queue("load_status", document)
+        submitted = time.time()
+        queue("resume")
+        queue("wait", "--quiet")
+        placed = json.loads(queue("jobs", "--json"))
+
+    def moment(text):
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    # (From the submission: runs of different cases are compared job by job.)
+    runs = [(entry["resources"]["gpus"], moment(entry["started_at"]) - submitted,
+             moment(entry["ended_at"]) - submitted)
+            for entry in sorted(placed, key=lambda entry: entry["id"])]
+    return runs, max(end for *_, end in runs), overrun
+
+
 WORKLOADS = {"B1": (b1_dispatch, 5000, 1000), "B1D": (b1_dashboard, 5000, 1000),
              "B2": (b2_ssh, 500, 100), "B4D": (b4d_dashboard_queue, 100_000, 10_000),
              "B3": (b3_latency, 100_000, 10_000), "B5": (b5_many_workers, 20_000, 2000),
-             "B6": (b6_refill, 1000, 200), "B7": (b7_placement, 40, 16)}
+             "B6": (b6_refill, 1000, 200), "B7": (b7_placement, 40, 16),
+             "B8": (b8_backfill, 12, 6)}
 TARGETS = {
     "B1": "cli.py >= 3x GNU parallel, >= 0.5x xargs",
     "B1D": "with a page open >= 0.95x with none (issue 18)",
@@ -440,6 +507,8 @@ TARGETS = {
     "B5": "cli.py >= 0.8x its B1 rate",
     "B6": "median < 5 ms, p99 < 20 ms",
     "B7": "pack starts 16-slot jobs sooner than spread (issue 16)",
+    "B8": "estimates raise utilisation; no 4-GPU job starts later than without them "
+          "by more than the overrun of short estimates (issue 19)",
 }
 
 
@@ -468,7 +537,7 @@ def main():
             function, size, quick_size = WORKLOADS[name]
             size = quick_size if options.quick else size
             for run in range(runs):
-                unit = "rounds" if name == "B7" else "jobs"
+                unit = {"B7": "rounds", "B8": "groups"}.get(name, "jobs")
                 print(f"{name} run {run + 1}/{runs} ({size:,} {unit}) ...", file=sys.stderr)
                 root = Path(tempfile.mkdtemp(dir=scratch))
                 for row, value in function(sandbox, root, size).items():
