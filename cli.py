@@ -33,7 +33,8 @@ Run `./cli.py COMMAND --help` for each command.
 #                                     change_jobs / change_worker_state /
 #                                     change_worker_health write the states;
 #                                     FamilyRows: parents and children
-#   Scheduling policy                 pure functions: plan_starts, waiting_reason, ...
+#   Scheduling policy                 pure functions: plan_starts, waiting_reason, ...;
+#                                     Resources: GPUs by device, memory, named ones
 #   Job runner                        Spawner and the supervisor of each attempt
 #                                     (their own processes: exit codes survive us);
 #                                     process_of_job: is a process one of a job's?
