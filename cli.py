@@ -6669,6 +6669,7 @@ class Worker:
         # job id -> (expected end or None, its slots here, its grant here or None): what
         # runs on it, for the resources held and the backfill of plan_starts.
         self.running = {}
+        self.grants_held = 0   # how many of those hold a grant (none: nothing to reckon)
 
     def job_endpoint(self):
         """SLAVE_HOST, SLAVE_PORT and SLAVE_USER: as ssh resolved them, or (until the
@@ -6689,16 +6690,16 @@ class Worker:
     def free_resources(self):
         """Its Resources, less the grants of the jobs running on it (NO_RESOURCES if it
         declares none and none are held: the common case costs nothing)."""
-        held = [grant for _, _, grant in self.running.values() if grant]
-        if not self.resources and not held:
+        if not self.resources and not self.grants_held:
             return NO_RESOURCES
         return Resources(self.resources.get("gpus", ()), self.resources.get("mem", 0),
-                         self.resources.get("named"), held)
+                         self.resources.get("named"),
+                         [grant for _, _, grant in self.running.values() if grant])
 
     def resources_json(self):
         """Each resource it declares (or that running jobs still hold after an edit)
         as {"total", "used"}; GPUs with their device ids and which are in use."""
-        if not self.resources and not any(grant for _, _, grant in self.running.values()):
+        if not self.resources and not self.grants_held:
             return {}
         free = self.free_resources()
         declared = set(free.devices)   # (a device edited away is used by its holders alone)
@@ -6953,6 +6954,7 @@ class Workers:
         for name, worker in self.by_name.items():
             if name in old:
                 worker.busy_slots, worker.running = old[name].busy_slots, old[name].running
+                worker.grants_held = old[name].grants_held
 
     def as_replaced(self, entries):
         """The workers as replace(ENTRIES) would leave them, for check_placement only:
@@ -7040,6 +7042,8 @@ class Workers:
         worker = self.by_name.get(worker_name)
         if worker is not None:
             worker.busy_slots.update(slots)
+            if job_id not in worker.running:
+                worker.grants_held += bool(grant)
             worker.running[job_id] = (expected_end, len(slots), grant or None)
 
     def release(self, worker_name, job_id, slots):
@@ -7047,7 +7051,8 @@ class Workers:
         worker = self.by_name.get(worker_name)
         if worker is not None:
             worker.busy_slots.difference_update(slots)
-            worker.running.pop(job_id, None)
+            _, _, grant = worker.running.pop(job_id, (None, None, None))
+            worker.grants_held -= bool(grant)
             self.forget_if_drained(worker)
 
     # --- health -----------------------------------------------------------
