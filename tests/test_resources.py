@@ -102,20 +102,21 @@ def test_50_gpu_jobs_on_two_4_gpu_workers_never_share_a_device(server, gpu):
 
 def test_a_4_gpu_job_starts_in_bounded_time_while_1_gpu_jobs_keep_coming(server, gpu):
     server.ok("add_slave", "--slots", "8", "--gpus", "4", "w1")
-    server.add_job("--gpus", "1", "-e", "SLEEP=1.5", gpu, ":::", 1, 2, 3)
+    first = server.add_job("--gpus", "1", "-e", "GATED=1", gpu, ":::", 1, 2, 3)
     wait_until(lambda: len(started(server)) == 3, 20, "three 1-GPU jobs running")
     big = server.add_job("--gpus", "4", "-e", "SLEEP=0.5", gpu)
-    added_at = time.time()
-    later, waiting = [], {}
-    while time.time() < added_at + 4:
+    later = [server.add_job("--gpus", "1", "-e", "SLEEP=1", gpu) for _ in range(2)]
+    waiting = {job["id"]: job["waiting_for"] for job in server.status()["job_waitlist"]}
+    for job_id in range(first, first + 3):
+        open_gate(server, job_id)
+    gates_open = time.time()
+    while time.time() < gates_open + 3:   # 1-GPU jobs keep coming
         later.append(server.add_job("--gpus", "1", "-e", "SLEEP=1", gpu))
-        if len(later) == 2:
-            waiting = {job["id"]: job["waiting_for"] for job in server.status()["job_waitlist"]}
         time.sleep(0.2)
     server.ok("wait", timeout=120)
     records = {record["job"]: record for record in seen(server)}
-    # It started once the three that ran before it ended (1.5 s), not after the stream.
-    assert records[big]["start"] - added_at < 1.5 + 2.0
+    # It started as soon as the three that ran before it ended, not after the stream.
+    assert records[big]["start"] - gates_open < 2.0
     assert records[big]["cuda"] == "0,1,2,3"
     assert all(records[job_id]["start"] >= records[big]["end"] - 0.05 for job_id in later)
     assert [record for record in records.values() if record["clashes"]] == []
@@ -252,19 +253,22 @@ def test_a_retry_keeps_its_devices(server, gpu):
 
 def test_an_estimate_lets_a_short_job_backfill_before_a_reserved_big_one(server, gpu):
     server.ok("add_slave", "--slots", "8", "--gpus", "4", "w1")
-    server.add_job("--gpus", "2", "--estimate", "3s", "-e", "SLEEP=2.5", gpu)
+    first = server.add_job("--gpus", "2", "--estimate", "1m", "-e", "GATED=1", gpu)
     wait_until(lambda: len(started(server)) == 1, 20, "the first job running")
     big = server.add_job("--gpus", "4", "-e", "SLEEP=0.2", gpu)
-    short = server.add_job("--gpus", "1", "--estimate", "1s", "-e", "SLEEP=0.5", gpu)
-    long = server.add_job("--gpus", "1", "--estimate", "10s", "-e", "SLEEP=0.5", gpu)
+    short = server.add_job("--gpus", "1", "--estimate", "5s", "-e", "SLEEP=0.5", gpu)
+    long = server.add_job("--gpus", "1", "--estimate", "2m", "-e", "SLEEP=0.5", gpu)
     plain = server.add_job("--gpus", "1", "-e", "SLEEP=0.5", gpu)
+    wait_until(lambda: any(record["job"] == short for record in seen(server)), 30,
+               "the short job backfilled and ended")
+    open_gate(server, first)
     server.ok("wait", timeout=60)
     records = {record["job"]: record for record in seen(server)}
     # The short one ran beside the first, and was done before the big one started;
     # the long one and the one without an estimate waited for the big one.
     assert records[short]["end"] <= records[big]["start"] + 0.05
     assert all(records[job_id]["start"] >= records[big]["end"] - 0.05 for job_id in (long, plain))
-    assert json.loads(server.ok("jobs", short, "--json"))["estimate"] == 1.0
+    assert json.loads(server.ok("jobs", short, "--json"))["estimate"] == 5.0
 
 
 def test_resources_survive_status_json_and_load_status(server, gpu, tmp_path):
