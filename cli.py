@@ -30,8 +30,8 @@ Run `./cli.py COMMAND --help` for each command.
 #                                     check_request, replies, LineReader
 #   Storage                           Store: SQLite, migrations, every SQL statement
 #                                     (Dependencies, ArrayRows, ServiceRows: theirs);
-#                                     change_jobs / change_worker_state /
-#                                     change_worker_health write the states;
+#                                     change_jobs / WorkerRows.change_state /
+#                                     change_health write the states;
 #                                     FamilyRows: parents and children
 #   Scheduling policy                 pure functions: plan_starts, waiting_reason, ...;
 #                                     Resources: GPUs by device, memory, named ones
@@ -2296,6 +2296,7 @@ class Store:
         self.families = FamilyRows(self)
         self.schedules = ScheduleRows(self)
         self.hook_rows = HookRows(self)
+        self.worker_rows = WorkerRows(self)
 
     def transaction(self):
         return _Transaction(self.db)
@@ -2345,62 +2346,6 @@ class Store:
                         "(SELECT DISTINCT environment_id FROM jobs UNION "
                         "SELECT environment_id FROM services UNION "
                         "SELECT environment_id FROM schedules)")
-
-    # --- workers -------------------------------------------------------------
-
-    def workers(self):
-        return self.db.execute("SELECT * FROM workers ORDER BY position").fetchall()
-
-    def insert_worker(self, name, slots, variables, ssh_checked, state=WorkerState.ACTIVE,
-                      ssh_reuse=True, endpoint=None, down_after=None, resources=None):
-        """Register NAME in STATE, its first; ENDPOINT (see resolved_endpoint), if
-        given, is where ssh goes for it; RESOURCES: see migration 13."""
-        endpoint = endpoint or {}
-        self.db.execute(
-            "INSERT INTO workers (name, slots, variables, state, ssh_checked, ssh_reuse, "
-            "added_at, ssh_host, ssh_port, ssh_user, down_after, resources) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (name, slots, json.dumps(variables), state.value, int(ssh_checked), int(ssh_reuse),
-             time.time(), endpoint.get("host"), endpoint.get("port"), endpoint.get("user"),
-             down_after, resources))
-
-    def update_worker(self, name, slots, variables, ssh_reuse, down_after, resources,
-                      ssh_checked=None):
-        """A worker's settings (its state moves only through change_worker_state)."""
-        self.db.execute("UPDATE workers SET slots = ?, variables = ?, ssh_reuse = ?, "
-                        "down_after = ?, resources = ?, ssh_checked = coalesce(?, ssh_checked) "
-                        "WHERE name = ?",
-                        (slots, json.dumps(variables), int(ssh_reuse), down_after, resources,
-                         None if ssh_checked is None else int(ssh_checked), name))
-
-    def set_worker_endpoint(self, name, endpoint):
-        self.db.execute("UPDATE workers SET ssh_host = ?, ssh_port = ?, ssh_user = ? "
-                        "WHERE name = ?",
-                        (endpoint["host"], endpoint["port"], endpoint["user"], name))
-
-    def change_worker_state(self, name, old, new):
-        """The one way a worker's state is written: a move WORKER_TRANSITIONS allows, on
-        a worker that was OLD."""
-        check_transition(WORKER_TRANSITIONS, old, new)
-        changed = self.db.execute("UPDATE workers SET state = ? WHERE name = ? AND state = ?",
-                                  (new.value, name, old.value)).rowcount
-        if changed != 1:
-            raise LostRace(f"worker {name} was not {old.value}")
-
-    def change_worker_health(self, name, old, new, reason, checked_at):
-        """The one way a worker's health is written: a move the table allows (or a new
-        reason for the same health), on a worker that was OLD."""
-        if new != old:
-            check_transition(HEALTH_TRANSITIONS, old, new)
-        changed = self.db.execute(
-            "UPDATE workers SET health = ?, check_reason = ?, checked_at = ? "
-            "WHERE name = ? AND health = ?",
-            (new.value, reason, checked_at, name, old.value)).rowcount
-        if changed != 1:
-            raise LostRace(f"worker {name} was not {old.value}")
-
-    def delete_worker(self, name):
-        self.db.execute("DELETE FROM workers WHERE name = ?", (name,))
 
     # --- jobs: the one state change ------------------------------------------
 
@@ -2758,6 +2703,67 @@ class Store:
         return self.db.execute("SELECT count(*) FROM attempts WHERE job_id = ? AND "
                                "attempt > ? AND exit_code = ?",
                                (job_id, after, SSH_EXIT_STATUS)).fetchone()[0]
+
+
+class WorkerRows:
+    """The workers table: registered, edited, moved between states, removed."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def all(self):
+        return self.store.db.execute("SELECT * FROM workers ORDER BY position").fetchall()
+
+    def insert(self, name, slots, variables, ssh_checked, state=WorkerState.ACTIVE,
+                      ssh_reuse=True, endpoint=None, down_after=None, resources=None):
+        """Register NAME in STATE, its first; ENDPOINT (see resolved_endpoint), if
+        given, is where ssh goes for it; RESOURCES: see migration 13."""
+        endpoint = endpoint or {}
+        self.store.db.execute(
+            "INSERT INTO workers (name, slots, variables, state, ssh_checked, ssh_reuse, "
+            "added_at, ssh_host, ssh_port, ssh_user, down_after, resources) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (name, slots, json.dumps(variables), state.value, int(ssh_checked), int(ssh_reuse),
+             time.time(), endpoint.get("host"), endpoint.get("port"), endpoint.get("user"),
+             down_after, resources))
+
+    def update(self, name, slots, variables, ssh_reuse, down_after, resources,
+                      ssh_checked=None):
+        """A worker's settings (its state moves only through change_state)."""
+        self.store.db.execute("UPDATE workers SET slots = ?, variables = ?, ssh_reuse = ?, "
+                        "down_after = ?, resources = ?, ssh_checked = coalesce(?, ssh_checked) "
+                        "WHERE name = ?",
+                        (slots, json.dumps(variables), int(ssh_reuse), down_after, resources,
+                         None if ssh_checked is None else int(ssh_checked), name))
+
+    def set_endpoint(self, name, endpoint):
+        self.store.db.execute("UPDATE workers SET ssh_host = ?, ssh_port = ?, ssh_user = ? "
+                        "WHERE name = ?",
+                        (endpoint["host"], endpoint["port"], endpoint["user"], name))
+
+    def change_state(self, name, old, new):
+        """The one way a worker's state is written: a move WORKER_TRANSITIONS allows, on
+        a worker that was OLD."""
+        check_transition(WORKER_TRANSITIONS, old, new)
+        changed = self.store.db.execute("UPDATE workers SET state = ? WHERE name = ? AND state = ?",
+                                  (new.value, name, old.value)).rowcount
+        if changed != 1:
+            raise LostRace(f"worker {name} was not {old.value}")
+
+    def change_health(self, name, old, new, reason, checked_at):
+        """The one way a worker's health is written: a move the table allows (or a new
+        reason for the same health), on a worker that was OLD."""
+        if new != old:
+            check_transition(HEALTH_TRANSITIONS, old, new)
+        changed = self.store.db.execute(
+            "UPDATE workers SET health = ?, check_reason = ?, checked_at = ? "
+            "WHERE name = ? AND health = ?",
+            (new.value, reason, checked_at, name, old.value)).rowcount
+        if changed != 1:
+            raise LostRace(f"worker {name} was not {old.value}")
+
+    def delete(self, name):
+        self.store.db.execute("DELETE FROM workers WHERE name = ?", (name,))
 
 
 class Dependencies:
@@ -6768,7 +6774,7 @@ class Workers:
             with self.store.transaction():
                 self.store.set_setting("down_after", down_after)
         self.down_after = self.store.setting("down_after", DEFAULT_DOWN_AFTER)
-        self.by_name = {row["name"]: Worker(row) for row in self.store.workers()}
+        self.by_name = {row["name"]: Worker(row) for row in self.store.worker_rows.all()}
 
     def named(self, host):
         """The worker HOST, or an error that says how to see the registered ones."""
@@ -6790,7 +6796,7 @@ class Workers:
     def change_state(self, changes, worker, new):
         """The one way a worker's state changes: checked and saved (Store), then kept
         in memory once CHANGES commits."""
-        self.store.change_worker_state(worker.name, worker.state, new)
+        self.store.worker_rows.change_state(worker.name, worker.state, new)
         changes.then(lambda: setattr(worker, "state", new))
 
     # --- commands ---------------------------------------------------------
@@ -6813,11 +6819,11 @@ class Workers:
                                 "alias in your ssh config and add that instead")
         with self.store.transaction():
             for host in hosts:
-                self.store.insert_worker(host, slots_of.get(host, slots), variables,
+                self.store.worker_rows.insert(host, slots_of.get(host, slots), variables,
                                          ssh_checked, ssh_reuse=ssh_reuse,
                                          endpoint=endpoints.get(host), down_after=down_after,
                                          resources=resources)
-        for row in self.store.workers():
+        for row in self.store.worker_rows.all():
             if row["name"] in hosts:
                 self.by_name[row["name"]] = Worker(row)
                 self.log.info("worker %s: added with %d slot(s)%s", row["name"], row["slots"],
@@ -6839,7 +6845,7 @@ class Workers:
     def forget(self, name):
         """Remove a worker without running jobs."""
         with self.store.transaction():
-            self.store.delete_worker(name)
+            self.store.worker_rows.delete(name)
         del self.by_name[name]
         self.log.info("worker %s: removed", name)
         self.events.workers_changed([name])
@@ -6897,7 +6903,7 @@ class Workers:
                 merged_resources(worker.resources_column, resources)}))
         with self.store.transaction():
             for worker, edit in edits:
-                self.store.update_worker(worker.name, **edit)
+                self.store.worker_rows.update(worker.name, **edit)
         for worker, edit in edits:
             for name, value in edit.items():
                 if name == "resources":
@@ -6928,17 +6934,17 @@ class Workers:
                 if worker.state != WorkerState.DRAINING:
                     self.change_state(changes, worker, WorkerState.DRAINING)
             else:
-                self.store.delete_worker(name)
+                self.store.worker_rows.delete(name)
                 gone.append(name)
         for entry in workers:
             worker = self.by_name.get(entry["ip"])
             if worker is None:
-                self.store.insert_worker(entry["ip"], entry["slots"], entry["envs"],
+                self.store.worker_rows.insert(entry["ip"], entry["slots"], entry["envs"],
                                          entry["ssh_checked"], entry["state"],
                                          entry["ssh_reuse"], down_after=entry["down_after"],
                                          resources=entry["resources"])
                 continue
-            self.store.update_worker(entry["ip"], entry["slots"], entry["envs"],
+            self.store.worker_rows.update(entry["ip"], entry["slots"], entry["envs"],
                                      entry["ssh_reuse"], entry["down_after"],
                                      entry["resources"], ssh_checked=entry["ssh_checked"])
             if worker.state != entry["state"]:
@@ -6950,7 +6956,7 @@ class Workers:
         """Read the workers again after load_status, keeping the slots and resources
         in use."""
         old = self.by_name
-        self.by_name = {row["name"]: Worker(row) for row in self.store.workers()}
+        self.by_name = {row["name"]: Worker(row) for row in self.store.worker_rows.all()}
         for name, worker in self.by_name.items():
             if name in old:
                 worker.busy_slots, worker.running = old[name].busy_slots, old[name].running
@@ -7064,7 +7070,7 @@ class Workers:
         if health == worker.health and reason == worker.check_reason:
             return
         with self.store.transaction():
-            self.store.change_worker_health(name, worker.health, health, reason, at)
+            self.store.worker_rows.change_health(name, worker.health, health, reason, at)
         if health != worker.health:
             if health != WorkerHealth.UP:
                 self.log.warning("worker %s: %s (%s); no new job starts there", name,
@@ -7090,7 +7096,7 @@ class Workers:
         if worker is None or worker.endpoint == endpoint:
             return
         with self.store.transaction():
-            self.store.set_worker_endpoint(name, endpoint)
+            self.store.worker_rows.set_endpoint(name, endpoint)
         worker.endpoint = endpoint
 
     def weigh_attempt(self, row, outcome, result):

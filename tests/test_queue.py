@@ -1,7 +1,7 @@
 """The lifecycle layer on a temporary Store: no sockets, no processes.
 
 Every state change of a job or a worker goes through one checked function
-(Store.change_jobs, change_worker_state, change_worker_health); these tests
+(Store.change_jobs, WorkerRows.change_state and change_health); these tests
 try every move, legal or not, and the races that must be reported.
 """
 import itertools
@@ -180,7 +180,7 @@ def test_a_retry_waits_blocked_until_its_delay_is_over(store):
 
 def new_worker(store, state=cli.WorkerState.ACTIVE):
     with store.transaction():
-        store.insert_worker("w1", 2, {}, False, state)
+        store.worker_rows.insert("w1", 2, {}, False, state)
     return state
 
 
@@ -190,20 +190,20 @@ def test_every_worker_move_is_checked_against_the_table(store, old, new):
     new_worker(store, old)
     if new not in cli.WORKER_TRANSITIONS[old]:
         with pytest.raises(cli.IllegalTransition):
-            store.change_worker_state("w1", old, new)
-        assert store.workers()[0]["state"] == old.value
+            store.worker_rows.change_state("w1", old, new)
+        assert store.worker_rows.all()[0]["state"] == old.value
         return
-    store.change_worker_state("w1", old, new)
-    assert store.workers()[0]["state"] == new.value
+    store.worker_rows.change_state("w1", old, new)
+    assert store.worker_rows.all()[0]["state"] == new.value
 
 
 def test_a_worker_move_from_a_state_it_is_not_in_is_a_lost_race(store):
     new_worker(store, cli.WorkerState.PAUSED)
     with pytest.raises(cli.LostRace):
-        store.change_worker_state("w1", cli.WorkerState.ACTIVE, cli.WorkerState.DRAINING)
+        store.worker_rows.change_state("w1", cli.WorkerState.ACTIVE, cli.WorkerState.DRAINING)
     with pytest.raises(cli.LostRace):
-        store.change_worker_state("nobody", cli.WorkerState.ACTIVE, cli.WorkerState.PAUSED)
-    assert store.workers()[0]["state"] == "paused"
+        store.worker_rows.change_state("nobody", cli.WorkerState.ACTIVE, cli.WorkerState.PAUSED)
+    assert store.worker_rows.all()[0]["state"] == "paused"
 
 
 @pytest.mark.parametrize("old,new", list(itertools.product(HEALTHS, HEALTHS)),
@@ -211,22 +211,22 @@ def test_a_worker_move_from_a_state_it_is_not_in_is_a_lost_race(store):
 def test_every_health_move_is_checked_against_the_table(store, old, new):
     new_worker(store)
     if old != cli.WorkerHealth.UP:
-        store.change_worker_health("w1", cli.WorkerHealth.UP, old, "before", 1.0)
+        store.worker_rows.change_health("w1", cli.WorkerHealth.UP, old, "before", 1.0)
     if new != old and new not in cli.HEALTH_TRANSITIONS[old]:
         with pytest.raises(cli.IllegalTransition):
-            store.change_worker_health("w1", old, new, "now", 2.0)
-        assert store.workers()[0]["health"] == old.value
+            store.worker_rows.change_health("w1", old, new, "now", 2.0)
+        assert store.worker_rows.all()[0]["health"] == old.value
         return
-    store.change_worker_health("w1", old, new, "now", 2.0)
-    row = store.workers()[0]
+    store.worker_rows.change_health("w1", old, new, "now", 2.0)
+    row = store.worker_rows.all()[0]
     assert (row["health"], row["check_reason"], row["checked_at"]) == (new.value, "now", 2.0)
 
 
 def test_a_health_move_from_a_health_the_worker_does_not_have_is_a_lost_race(store):
     new_worker(store)
     with pytest.raises(cli.LostRace, match="worker w1 was not down"):
-        store.change_worker_health("w1", cli.WorkerHealth.DOWN, cli.WorkerHealth.UP, None, 1.0)
-    assert store.workers()[0]["health"] == "up"
+        store.worker_rows.change_health("w1", cli.WorkerHealth.DOWN, cli.WorkerHealth.UP, None, 1.0)
+    assert store.worker_rows.all()[0]["health"] == "up"
 
 
 # --- the Queue and Workers over the checked paths ------------------------------
@@ -267,20 +267,21 @@ def test_a_worker_state_in_memory_follows_the_database_only_after_commit(lifecyc
             workers.change_state(changes, worker, cli.WorkerState.PAUSED)
             raise RuntimeError("rolled back")
     assert worker.state == cli.WorkerState.ACTIVE
-    assert store.workers()[0]["state"] == "active"
+    assert store.worker_rows.all()[0]["state"] == "active"
     workers.set_paused(["w1"], True)
-    assert worker.state == cli.WorkerState.PAUSED == store.workers()[0]["state"]
+    assert worker.state == cli.WorkerState.PAUSED == store.worker_rows.all()[0]["state"]
 
 
 def test_load_status_takes_a_draining_worker_back(lifecycle, store):
     queue, workers, events = lifecycle
     new_worker(store)
     workers.load(None)
-    workers.hold_slots("w1", [0])
+    workers.hold("w1", 1, [0], None, None)
     workers.drain("w1")
     assert workers.get("w1").state == cli.WorkerState.DRAINING
     document = {"ip": "w1", "slots": 3, "envs": {}, "ssh_checked": False,
-                "state": cli.WorkerState.ACTIVE, "ssh_reuse": True, "down_after": None}
+                "state": cli.WorkerState.ACTIVE, "ssh_reuse": True, "down_after": None,
+                "resources": None}
     edits = cli.JobEdits(queue, store, workers, events, logging.getLogger("test_queue"))
     edits.load_status([document], [], None)
     assert workers.get("w1").state == cli.WorkerState.ACTIVE
@@ -354,7 +355,7 @@ def new_array(store, tasks, max_running=None, spec=None):
 def test_an_array_limit_is_never_exceeded_and_jobs_behind_it_still_start(lifecycle, store):
     queue, workers, events = lifecycle
     with store.transaction():
-        store.insert_worker("w1", 20, {}, False)
+        store.worker_rows.insert("w1", 20, {}, False)
     workers.load(None)
     first, last = new_array(store, range(1, 11), max_running=3, spec="1-10")
     behind = new_job(store)
@@ -362,13 +363,13 @@ def test_an_array_limit_is_never_exceeded_and_jobs_behind_it_still_start(lifecyc
     def start():
         rows = queue.take_starts()
         for row in rows:
-            workers.hold_slots(row["worker"], cli.attempt_slots(row))
+            workers.hold(row["worker"], row["id"], cli.attempt_slots(row), None, None)
         return sorted(row["id"] for row in rows)
     assert start() == [first, first + 1, first + 2, behind]
     assert start() == []                      # three of its tasks run: its limit
     row = store.job(first + 1)
     queue.save_end(row, {"exit_code": 0, "signal": None})
-    workers.free_slots(row["worker"], cli.attempt_slots(row))
+    workers.release(row["worker"], row["id"], cli.attempt_slots(row))
     assert start() == [first + 3]
     assert [(row["task_id"], row["array_id"]) for row in
             store.jobs_by_id(list(range(first, last + 1)), "task_id, array_id")] == \
