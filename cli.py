@@ -3570,6 +3570,10 @@ class Resources:
                 not need.gpus or bool(self.devices)) and need.mem <= self.mem_total and \
             all(count <= self.named_total.get(name, 0) for name, count in need.named.items())
 
+    def free_gpus(self):
+        """How much GPU is free here, in thousandths (what placement compares)."""
+        return sum(max(0, free) for free in self.gpu_free.values())
+
     def choose_gpus(self, amount, prefer=()):
         """The devices a job taking AMOUNT thousandths of GPUs gets now, or None.
         PREFER, the devices it held in its previous attempt here: those again if
@@ -4073,7 +4077,11 @@ def plan_starts(jobs, workers, placement="spread", now=0.0):
                     if job.fits(worker) and worker.name not in avoid and
                     not (kept and job.need and kept.get(worker.name, set()) & job.need.kinds())]
             if fits:
+                # A GPU job is placed by free GPUs first: spread puts it where most are
+                # free, pack where fewest still hold it, so whole GPU workers stay free.
                 worker = min(fits, key=lambda worker: (worker.name not in job.prefer,
+                                                       sign * worker.resources.free_gpus()
+                                                       if job.need.gpus else 0,
                                                        sign * worker.free_slots,
                                                        order[worker.name]))
                 start(job, worker)

@@ -862,6 +862,18 @@ def test_a_job_asking_more_than_any_worker_has_is_refused_with_the_reason():
                                                                                gpus=1000)
 
 
+def test_spread_puts_a_gpu_job_where_most_gpus_are_free_and_pack_where_fewest():
+    # a: 1 of 4 devices free, 12 free slots; b: all 4 free, 2 free slots.
+    def workers():
+        return [gpu_worker("a", 16, ["0", "1", "2", "3"],
+                           [{"gpus": ["0", "1", "2"], "gpu_share": 1000}], busy=[0, 1, 2, 3]),
+                gpu_worker("b", 4, ["0", "1", "2", "3"], busy=[0, 1])]
+    spread = cli.plan_starts(gpu_jobs(1, gpus=1), workers(), "spread")
+    packed = cli.plan_starts(gpu_jobs(1, gpus=1), workers(), "pack")
+    assert [worker for _, worker, _ in spread] == ["b"]   # (a has more free slots)
+    assert [worker for _, worker, _ in packed] == ["a"]   # b stays whole for a 4-GPU job
+
+
 def test_gpu_options_of_workers_and_jobs():
     assert cli.worker_gpus("4") == ["0", "1", "2", "3"]
     assert cli.worker_gpus("0, 2,5") == ["0", "2", "5"]
