@@ -4370,6 +4370,9 @@ def waiting_reason(job, workers, paused, now, failed_on=(), array_limit=None, ho
         return f"a worker it has not failed on ({', '.join(untried[:3])}" + \
             (", ...)" if len(untried) > 3 else ")")
     need = ResourceNeed.shown(job.get("resources"))
+    if need and not split and not any(worker.slots >= wanted and worker.resources.could_fit(need)
+                                      for worker in allowed):
+        return f"no worker with {need_text(need)} (add one, or declare them: edit_slave)"
     if need and not split:
         shortfall = resource_shortfall(need, [worker for worker in allowed if worker.accepting
                                               and worker.slots >= wanted])

@@ -769,6 +769,15 @@ def test_a_resource_job_says_what_it_waits_for():
     assert reason(named={"licence": 2}) == "needs licence=2; most free on one worker: 1"
     workers[0].resources.hold({"gpus": ["1"], "gpu_share": 700})
     assert reason(gpus=500) == "needs 0.5 GPU of one device; most free on one device: 0.3 GPU"
+    # As status says it: a worker that could never hold it (edited down) is named so.
+    job = {"after": [], "after_any": [], "not_before": None, "on": None, "exclude": None,
+           "slots_wanted": 1, "id": 9, "array": None}
+    assert cli.waiting_reason({**job, "resources": {"gpus": 4}}, workers, False, 0) == \
+        "no worker with 4 GPUs (add one, or declare them: edit_slave)"
+    assert cli.waiting_reason({**job, "resources": {"gpus": 2}}, workers, False, 0) == \
+        "needs 2 GPUs together; most free on one worker: 0"
+    assert cli.waiting_reason({**job, "resources": {"licence": 1}}, workers, False, 0,
+                              holders={"a": 7}) == "room on a is kept for job 7, ahead of it"
 
 
 def running(*runs):
