@@ -12931,7 +12931,10 @@ def top_worker_line(worker):
     width = min(slots, 20)
     filled = round(used * width / slots) if slots else 0
     bar = "#" * filled + "." * (width - filled)
-    return f"  {worker['ip']:<20.20} [{bar}] {used}/{slots}  {worker['status']}" + \
+    gpus = worker.get("resources", {}).get("gpus")
+    return f"  {worker['ip']:<20.20} [{bar}] {used}/{slots}" + \
+        (f" gpus {gpus['used']:g}/{gpus['total']}" if gpus else "") + \
+        f"  {worker['status']}" + \
         (f" ({worker['check_reason']})" if worker["health"] != "up" and
          worker["check_reason"] else "")
 

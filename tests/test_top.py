@@ -22,17 +22,17 @@ def screen(tmux):
 
 
 def test_top_shows_the_running_job_pauses_the_queue_and_quits(server, tmux):
-    server.ok("add_slave", "--slots", "2", "w1")
+    server.ok("add_slave", "--slots", "2", "--gpus", "4", "w1")
     gate = server.root / "gate"
     gated = server.write_script("gated.sh", f"while [ ! -e {gate} ]; do sleep 0.05; done\n")
-    job_id = server.add_job(gated, "some-input")
+    job_id = server.add_job("--gpus", "1", gated, "some-input")
     failing = server.add_job(server.write_script("failing.sh", "exit 3\n"))
     server.wait_for_counts(running=1, failed=1)
     exit_status = start_top(server, tmux)
     wait_until(lambda: f"{job_id}  w1:" in screen(tmux) and "some-input" in screen(tmux),
                what="the running job on the screen")
     shown = screen(tmux)
-    assert "Workers (1)" in shown and "w1" in shown and "1/2" in shown
+    assert "Workers (1)" in shown and "w1" in shown and "1/2 gpus 1/4" in shown
     assert "1 running" in shown and "1 failed" in shown
     assert f"{failing}  failed" in shown and "Latest failures" in shown
     assert len(shown.splitlines()) <= 24 and max(map(len, shown.splitlines())) <= 80
