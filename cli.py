@@ -13750,7 +13750,7 @@ def content_policy(page):
 
 def metrics_text(snapshot):
     """A snapshot (Handlers.live) as Prometheus text: jobs by state, starts and ends,
-    workers by state and health, slots, and the two histograms."""
+    workers by state and health, slots, resources, and the two histograms."""
     lines = []
 
     def family(name, kind, text, samples):
@@ -13783,6 +13783,15 @@ def metrics_text(snapshot):
            [("", {"worker": worker["ip"]}, worker["slots"]) for worker in workers])
     family("cli_py_worker_slots_used", "gauge", "Slots of each worker running jobs.",
            [("", {"worker": worker["ip"]}, len(worker["used"])) for worker in workers])
+    # GPUs, memory (bytes) and named resources a worker declares, and those held.
+    declared = [(worker["ip"], name, usage) for worker in workers
+                for name, usage in worker.get("resources", {}).items()]
+    family("cli_py_worker_resource", "gauge", "Each resource a worker declares (add_slave "
+           "--gpus, --mem in bytes, --resource).",
+           [("", {"worker": ip, "resource": name}, usage["total"]) for ip, name, usage in declared])
+    family("cli_py_worker_resource_used", "gauge", "How much of each resource running jobs "
+           "hold (GPUs shared with --gpus 0.5 count their share).",
+           [("", {"worker": ip, "resource": name}, usage["used"]) for ip, name, usage in declared])
     for name, key, text in (
             ("cli_py_queue_wait_seconds", "waits",
              "How long jobs waited in the queue before they started (since the server started)."),

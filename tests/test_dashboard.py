@@ -288,11 +288,12 @@ def test_a_server_killed_takes_its_web_server_with_it(server):
 # --- data ----------------------------------------------------------------------------------
 
 def test_metrics_parse_as_prometheus_text(server):
-    server.ok("add_slave", "--slots", "3", "w1")
+    server.ok("add_slave", "--slots", "3", "--gpus", "4", "--mem", "1G", "w1")
+    server.add_job("--gpus", "0.5", server.write_script("gated.sh", "sleep 30\n"))
     server.add_job(server.script)
     server.add_job(server.script)
     server.add_job(server.write_script("failing.sh", "exit 3\n"))
-    server.wait_for_counts(succeeded=2, failed=1)
+    server.wait_for_counts(succeeded=2, failed=1, running=1)
     base, token = open_dashboard(server)
     status, headers, body = ask(f"{base}/metrics", headers=bearer(token))
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
@@ -305,7 +306,10 @@ def test_metrics_parse_as_prometheus_text(server):
     assert value("cli_py_jobs", state="succeeded") == 2 and value("cli_py_jobs", state="failed") == 1
     assert value("cli_py_jobs", state="waiting") == 0
     assert families["cli_py_job_starts"].type == "counter"
-    assert value("cli_py_job_starts_total") == 3 and value("cli_py_job_ends_total") == 3
+    assert value("cli_py_job_starts_total") == 4 and value("cli_py_job_ends_total") == 3
+    assert value("cli_py_worker_resource", worker="w1", resource="gpus") == 4
+    assert value("cli_py_worker_resource_used", worker="w1", resource="gpus") == 0.5
+    assert value("cli_py_worker_resource", worker="w1", resource="mem") == 1 << 30
     assert value("cli_py_workers", state="active", health="up") == 1
     assert value("cli_py_slots") == 3 and value("cli_py_worker_slots", worker="w1") == 3
     for name in ("cli_py_queue_wait_seconds", "cli_py_scheduling_latency_seconds"):
@@ -314,7 +318,7 @@ def test_metrics_parse_as_prometheus_text(server):
         counts = [sample.value for sample in buckets]
         assert counts == sorted(counts) and buckets[-1].labels["le"] == "+Inf"
         assert value(f"{name}_count") == counts[-1] >= 1
-    assert value("cli_py_queue_wait_seconds_count") == 3   # one wait per start
+    assert value("cli_py_queue_wait_seconds_count") == 4   # one wait per start
     # --metrics-open: /metrics for anyone, nothing else.
     server.ok("dashboard", "--listen", urllib.parse.urlsplit(base).netloc, "--metrics-open")
     assert ask(f"{base}/metrics")[0] == 200
