@@ -1,8 +1,30 @@
-#!/usr/bin/env python3
+#!/bin/sh
 # /// script
 # requires-python = ">=3.10"
 # dependencies = ["fabric>=3.2", "filelock>=3.12", "tabulate>=0.9"]
 # ///
+# Run as ./cli.py, this file is first a shell script: the string below is the
+# `:` command to sh, which then runs python3 on this file as an imported module,
+# so that its bytecode is cached (Python never caches the script it runs, and
+# compiling this file costs more than starting Python).  To Python, and to
+# `python3 cli.py` or `uv run cli.py`, it is a string that does nothing.
+""":"
+exec python3 -c '
+import os, sys
+path = sys.argv.pop(1)
+sys.argv[0] = path
+sys.path[0] = os.path.dirname(os.path.abspath(path))
+sys.dont_write_bytecode = False   # (even under PYTHONDONTWRITEBYTECODE: a cache of our own)
+if not os.access(sys.path[0], os.W_OK):   # else in ~/.cache; if not writable, none at all
+    sys.pycache_prefix = os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                      os.path.expanduser("~/.cache"), "cli.py")
+from importlib import util
+spec = util.spec_from_file_location("cli", path)
+cli = sys.modules["cli"] = util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+sys.exit(cli.main())
+' "$0" "$@"
+":"""
 """cli.py: a persistent SSH job queue in one file.
 
 A background server keeps a list of workers (SSH hosts, each with a number of

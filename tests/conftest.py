@@ -238,6 +238,41 @@ def example_job_dirs():
         yield
 
 
+# --- a second local user: what another account on the machine may do ---
+
+@pytest.fixture
+def second_user():
+    """A real second local user (the CI machine runs as root, so it can make one)."""
+    if os.geteuid() != 0:
+        pytest.fail("this test creates a second local user: run the suite as root, as CI does")
+    if not shutil.which("useradd") or not shutil.which("runuser"):
+        pytest.fail("useradd and runuser are needed: apt-get install passwd util-linux")
+    name = f"clipy{os.getpid() % 100000}"
+    subprocess.run(["useradd", "--no-create-home", "--home-dir", "/nonexistent",
+                    "--shell", "/bin/sh", name], check=True, capture_output=True)
+    try:
+        if as_user(name, "test", "-r", str(CLI)).returncode != 0:
+            pytest.fail(f"{CLI} must be readable by other users for this test")
+        yield name
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
+        subprocess.run(["userdel", name], check=True, capture_output=True)
+
+
+def as_user(name, *argv, env=None):
+    return subprocess.run([shutil.which("runuser") or "/usr/sbin/runuser", "-u", name, "--",
+                           *argv], capture_output=True, text=True,
+                          env=env or {"PATH": os.defpath, "HOME": "/tmp"}, timeout=60)
+
+
+def python_for(name):
+    """A Python the other user may run (a pyenv or venv one under /root may not be)."""
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.path.exists(candidate) and as_user(name, candidate, "-c", "pass").returncode == 0:
+            return candidate
+    pytest.fail("no python3 that another user may run: apt-get install python3")
+
+
 # --- terminals: a tmux server of the test's own ---------------------------------
 
 @pytest.fixture

@@ -2,33 +2,13 @@
 import os
 import pathlib
 import shutil
-import subprocess
 import tempfile
 
 import pytest
 
-from conftest import Cli
+from conftest import Cli, as_user, python_for
 
 CLI_PY = pathlib.Path(__file__).resolve().parent.parent / "cli.py"
-
-
-@pytest.fixture
-def second_user():
-    """A real second local user (the CI machine runs as root, so it can make one)."""
-    if os.geteuid() != 0:
-        pytest.fail("this test creates a second local user: run the suite as root, as CI does")
-    if not shutil.which("useradd") or not shutil.which("runuser"):
-        pytest.fail("useradd and runuser are needed: apt-get install passwd util-linux")
-    name = f"clipy{os.getpid() % 100000}"
-    subprocess.run(["useradd", "--no-create-home", "--home-dir", "/nonexistent",
-                    "--shell", "/bin/sh", name], check=True, capture_output=True)
-    try:
-        if as_user(name, "test", "-r", str(CLI_PY)).returncode != 0:
-            pytest.fail(f"{CLI_PY} must be readable by other users for this test")
-        yield name
-    finally:
-        subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True)
-        subprocess.run(["userdel", name], check=True, capture_output=True)
 
 
 @pytest.fixture
@@ -46,20 +26,6 @@ def open_server(ssh_sandbox, workers):
     cli.run("stop")
     cli.end_leftover_jobs()
     shutil.rmtree(root, ignore_errors=True)
-
-
-def as_user(name, *argv, env=None):
-    return subprocess.run([shutil.which("runuser") or "/usr/sbin/runuser", "-u", name, "--",
-                           *argv], capture_output=True, text=True,
-                          env=env or {"PATH": os.defpath, "HOME": "/tmp"}, timeout=60)
-
-
-def python_for(name):
-    """A Python the other user may run (a pyenv or venv one under /root may not be)."""
-    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
-        if os.path.exists(candidate) and as_user(name, candidate, "-c", "pass").returncode == 0:
-            return candidate
-    pytest.fail("no python3 that another user may run: apt-get install python3")
 
 
 def test_a_second_user_can_neither_read_the_state_nor_submit_jobs(open_server, second_user):
