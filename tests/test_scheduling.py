@@ -265,13 +265,18 @@ def test_dependencies_on_jobs_that_already_ended(server):
 
 def test_dependencies_survive_a_restart(server):
     server.ok("add_slave", "--slots", "2", "w1")
-    # Long enough to outlast a stop and a start on a slow, shared machine.
-    first = server.add_job(server.script, env=dict(server.env, SLEEP="6"))
+    # The first job runs until the test lets it go, so that it outlasts the stop and
+    # the start however slow the machine (a 6 s job once ended before the status).
+    gate = server.root / "gate"
+    gated = server.write_script(
+        "gated.sh", f'while [ ! -e "{gate}" ]; do sleep 0.05; done\nexec "{server.script}"\n')
+    first = server.add_job(gated)
     second = server.add_job("--after", first, server.script)
     server.wait_for_counts(running=1)
     server.ok("stop")
     server.ok("start")
     assert server.status()["job_waitlist"][0]["after"] == [first]
+    gate.touch()
     server.ok("wait", "-q", first, second)
     assert server.record(second)["start"] >= server.record(first)["end"]
 
