@@ -93,6 +93,13 @@ sys.exit(int(os.environ.get("EXIT_CODE", "0")))
 """
 
 
+def with_our_python(env):
+    """ENV, with this interpreter's python3 first on PATH: commands run as ./cli.py, as
+    users run it (from cached bytecode: see the top of cli.py), with the python3 whose
+    packages the tests installed."""
+    return dict(env, PATH=f"{os.path.dirname(sys.executable)}:{env.get('PATH', os.defpath)}")
+
+
 def wait_until(predicate, timeout=20.0, what="condition"):
     """Poll PREDICATE until it returns something truthy, or fail after TIMEOUT seconds."""
     deadline = time.monotonic() + timeout
@@ -142,8 +149,8 @@ class Cli:
     def run(self, *args, env=None, cwd=None, timeout=60, input=None, umask=None):
         def set_umask():
             os.umask(umask)
-        return subprocess.run([sys.executable, str(CLI), *map(str, args)],
-                              cwd=cwd or self.root, env=env or self.env, input=input,
+        return subprocess.run([str(CLI), *map(str, args)], cwd=cwd or self.root,
+                              env=with_our_python(env or self.env), input=input,
                               capture_output=True, text=True, timeout=timeout,
                               preexec_fn=set_umask if umask is not None else None)
 
