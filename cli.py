@@ -18,8 +18,8 @@ sys.dont_write_bytecode = False   # (even under PYTHONDONTWRITEBYTECODE: a cache
 if not os.access(sys.path[0], os.W_OK):   # else in ~/.cache; if not writable, none at all
     sys.pycache_prefix = os.path.join(os.environ.get("XDG_CACHE_HOME") or
                                       os.path.expanduser("~/.cache"), "cli.py")
-from importlib import util
-spec = util.spec_from_file_location("cli", path)
+from importlib import machinery, util   # (an explicit loader: any file name will do)
+spec = util.spec_from_file_location("cli", path, loader=machinery.SourceFileLoader("cli", path))
 cli = sys.modules["cli"] = util.module_from_spec(spec)
 spec.loader.exec_module(cli)
 sys.exit(cli.main())
@@ -3692,7 +3692,7 @@ def job_gpus(text):
                         "with --on)")
     try:
         amount = round(float(text) * GPU_UNITS)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise UserError(f"--gpus {text!r} is not a number of GPUs (like 2, or 0.5 to share "
                         "one)") from None
     if not 0 < amount <= MAX_GPUS * GPU_UNITS or \
@@ -4110,7 +4110,7 @@ def plan_starts(jobs, workers, placement="spread", now=0.0):
                 if job.split:
                     starts.parts[job.job_id] = [starts[-1][1:]]
             elif job.split:
-                parts = _split_parts(job, capacity, open_workers, reserved, avoid, order)
+                parts = _split_parts(job, capacity, open_workers, reserved, avoid, order, kept)
                 if parts:
                     starts.append((job.job_id, *parts[0][:2]))
                     starts.parts[job.job_id] = [part[:2] for part in parts]
@@ -4168,7 +4168,7 @@ class Plan(list):
         self.holders = {}      # worker -> the job it is reserved or kept for
 
 
-def _split_parts(job, capacity, open_workers, reserved, avoid, order):
+def _split_parts(job, capacity, open_workers, reserved, avoid, order, kept=None):
     """The parts of a --split job that no one worker holds: [(worker name, [slots],
     grant or None)], taken from CAPACITY; or [] if it cannot start now, and then
     the workers it waits for are RESERVED.
@@ -4190,6 +4190,8 @@ def _split_parts(job, capacity, open_workers, reserved, avoid, order):
     def room(worker):
         """The slots of it this job could take now, resources and all."""
         most = min(worker.free_slots, job.slots)
+        if job.per_slot and (kept or {}).get(worker.name, set()) & job.per_slot.kinds():
+            return 0   # (what it needs there is kept for a job ahead of it)
         if job.per_slot:
             while most and not worker.resources.fits(job.per_slot.times(most)):
                 most -= 1
@@ -6705,7 +6707,7 @@ class Worker:
         self.busy_slots = set()
         self.resources_column = row["resources"]   # its GPUs, memory, named resources
         self.resources = json.loads(row["resources"] or "{}")
-        # job id -> (expected end or None, its slots here, its grant here or None): what
+        # (job id, attempt) -> (expected end or None, its slots here, its grant or None): what
         # runs on it, for the resources held and the backfill of plan_starts.
         self.running = {}
         self.grants_held = 0   # how many of those hold a grant (none: nothing to reckon)
@@ -7074,23 +7076,24 @@ class Workers:
 
     # --- slots ----------------------------------------------------------
 
-    def hold(self, worker_name, job_id, slots, grant, expected_end):
-        """Job JOB_ID runs on WORKER_NAME: it holds SLOTS there and GRANT (its GPUs,
-        memory, named resources; see Resources.take), until EXPECTED_END if it
-        has an --estimate."""
+    def hold(self, worker_name, attempt, slots, grant, expected_end):
+        """ATTEMPT, (job id, its number), runs on WORKER_NAME: it holds SLOTS there and
+        GRANT (its GPUs, memory, named resources; see Resources.take), until
+        EXPECTED_END if it has an --estimate.  (By attempt: an attempt whose end
+        is saved late must not free what the job's next attempt holds.)"""
         worker = self.by_name.get(worker_name)
         if worker is not None:
             worker.busy_slots.update(slots)
-            if job_id not in worker.running:
+            if attempt not in worker.running:
                 worker.grants_held += bool(grant)
-            worker.running[job_id] = (expected_end, len(slots), grant or None)
+            worker.running[attempt] = (expected_end, len(slots), grant or None)
 
-    def release(self, worker_name, job_id, slots):
-        """Job JOB_ID has ended on WORKER_NAME: what it held there is free."""
+    def release(self, worker_name, attempt, slots):
+        """ATTEMPT (see hold) has ended on WORKER_NAME: what it held there is free."""
         worker = self.by_name.get(worker_name)
         if worker is not None:
             worker.busy_slots.difference_update(slots)
-            _, _, grant = worker.running.pop(job_id, (None, None, None))
+            _, _, grant = worker.running.pop(attempt, (None, None, None))
             worker.grants_held -= bool(grant)
             self.forget_if_drained(worker)
 
@@ -8069,8 +8072,8 @@ class Runner:
         """ATTEMPT runs (or is being settled): it holds its slots until forget."""
         self.running[attempt.job_id] = attempt
         for worker, slots in attempt.parts:
-            self.workers.hold(worker, attempt.job_id, slots, attempt.grants.get(worker),
-                              attempt.expected_end)
+            self.workers.hold(worker, (attempt.job_id, attempt.number), slots,
+                              attempt.grants.get(worker), attempt.expected_end)
         return attempt
 
     def watch(self, row, pid, pidfd):
@@ -8212,7 +8215,7 @@ class Runner:
         if self.running.get(attempt.job_id) is attempt:
             del self.running[attempt.job_id]
         for worker, slots in attempt.parts:
-            self.workers.release(worker, attempt.job_id, slots)
+            self.workers.release(worker, (attempt.job_id, attempt.number), slots)
             if attempt.control_dirs:
                 self.release_control_dir(worker)
 
@@ -12654,7 +12657,8 @@ def command_edit_slave(options):
               f"variables: {' '.join(worker['variables']) or 'none'}, "
               f"ssh reuse: {'on' if worker['ssh_reuse'] else 'off'}, set aside after "
               + (f"{down_after} failures in a row" if down_after else "no failures (off)")
-              + "".join(f", {line}" for line in resource_usage_lines(worker["resources"])))
+              + "".join(f", {line}" for line in
+                        resource_usage_lines(worker.get("resources", {}))))
     return 0
 
 

@@ -65,6 +65,10 @@ def test_arguments_exit_status_and_errors_pass_through(copy):
     refused = run([str(path), "add_job", "--priority", "x", "job.sh", "two words", "-x"], env)
     assert refused.returncode == 1 and refused.stderr.startswith("Error: ")
     assert "Traceback" not in refused.stderr
+    # Installed under another name (a symlink on PATH, say), it runs the same.
+    link = path.parent / "q"
+    link.symlink_to(path)
+    assert run([str(link), "--version"], env).stdout.startswith("cli.py ")
     # Still a Python file: python3 cli.py, and sh cli.py, run it the same.
     for argv in ([sys.executable, str(path), "--version"], ["sh", str(path), "--version"]):
         assert run(argv, env).stdout.startswith("cli.py ")

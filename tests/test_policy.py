@@ -847,6 +847,16 @@ def test_a_split_job_takes_its_gpus_per_slot_on_each_worker():
     assert only(starts.grants[1])["gpus"] == ["0", "1", "2"]
 
 
+def test_a_split_job_does_not_take_gpus_kept_for_a_job_ahead_of_it():
+    held = [{"gpus": ["0", "1"], "gpu_share": 1000}]
+    workers = [gpu_worker("a", 8, ["0", "1", "2", "3"], held, busy=[0]),
+               gpu_worker("b", 8, ["0", "1", "2", "3"], held, busy=[0])]
+    split = cli.JobNeeds(2, slots=4, split=True, need=cli.ResourceNeed(1000))
+    starts = plan(gpu_jobs(1, gpus=4) + [split], workers)
+    # Job 1 keeps a's GPUs; job 2 may use b's two free ones only, which is not enough.
+    assert list(starts) == [] and starts.kept["a"] == {"gpus"}
+
+
 def test_a_job_asking_more_than_any_worker_has_is_refused_with_the_reason():
     allowed = {"a": (8, cli.Resources(["0", "1"], 64 << 30, {"licence": 2})),
                "b": (4, cli.Resources(["0"], 16 << 30))}
@@ -889,7 +899,8 @@ def test_gpu_options_of_workers_and_jobs():
     assert [cli.job_gpus(text) for text in ("2", "0.5", "0.25", "1")] == [2000, 500, 250, 1000]
     for bad, message in [("1.5", "shares are of one device"), ("0,1", "not device ids"),
                          ("0", "ask for 1 to"), ("-1", "ask for 1 to"), ("x", "not a number"),
-                         ("0.0001", "in thousandths")]:
+                         ("0.0001", "in thousandths"), ("inf", "not a number"),
+                         ("1e400", "not a number"), ("nan", "not a number")]:
         with pytest.raises(cli.UserError, match=re.escape(message)):
             cli.job_gpus(bad)
     for bad in ("0", "1,1", "a,b"):

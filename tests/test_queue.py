@@ -276,7 +276,7 @@ def test_load_status_takes_a_draining_worker_back(lifecycle, store):
     queue, workers, events = lifecycle
     new_worker(store)
     workers.load(None)
-    workers.hold("w1", 1, [0], None, None)
+    workers.hold("w1", (1, 1), [0], None, None)
     workers.drain("w1")
     assert workers.get("w1").state == cli.WorkerState.DRAINING
     document = {"ip": "w1", "slots": 3, "envs": {}, "ssh_checked": False,
@@ -363,13 +363,14 @@ def test_an_array_limit_is_never_exceeded_and_jobs_behind_it_still_start(lifecyc
     def start():
         rows = queue.take_starts()
         for row in rows:
-            workers.hold(row["worker"], row["id"], cli.attempt_slots(row), None, None)
+            workers.hold(row["worker"], (row["id"], row["attempt"]), cli.attempt_slots(row), None,
+                         None)
         return sorted(row["id"] for row in rows)
     assert start() == [first, first + 1, first + 2, behind]
     assert start() == []                      # three of its tasks run: its limit
     row = store.job(first + 1)
     queue.save_end(row, {"exit_code": 0, "signal": None})
-    workers.release(row["worker"], row["id"], cli.attempt_slots(row))
+    workers.release(row["worker"], (row["id"], row["attempt"]), cli.attempt_slots(row))
     assert start() == [first + 3]
     assert [(row["task_id"], row["array_id"]) for row in
             store.jobs_by_id(list(range(first, last + 1)), "task_id, array_id")] == \
