@@ -4122,25 +4122,7 @@ def plan_starts(jobs, workers, placement="spread", now=0.0):
             elif shadows and backfilled(job):
                 continue
             elif job.slots > 1 or job.need:
-                kinds = job.need.kinds() if job.need else set()
-                could = [worker for worker in job.allowed(capacity) if job.could_fit(worker)
-                         and worker.name not in reserved and worker.name not in avoid
-                         and not kept.get(worker.name, set()) & kinds]
-                if could:
-                    worker = min(could, key=lambda worker: (worker.resources.missing(job.need),
-                                                            -worker.free_slots,
-                                                            order[worker.name]))
-                    shadow = reservation_time(job, worker, now)
-                    if kinds and worker.free_slots >= job.slots:
-                        worker.take(job.slots)   # (held for it, as the kinds below)
-                        kept.setdefault(worker.name, set()).update(kinds)
-                    else:
-                        reserved.add(worker.name)
-                    starts.holders.setdefault(worker.name, job.job_id)
-                    if not worker.free_slots or worker.name in reserved:
-                        open_workers.discard(worker.name)
-                    if shadow is not None:
-                        shadows[worker.name] = min(shadow, shadows.get(worker.name, shadow))
+                _reserve(job, capacity, starts, avoid, order, open_workers, shadows, now)
                 continue
             else:
                 continue
@@ -4148,6 +4130,33 @@ def plan_starts(jobs, workers, placement="spread", now=0.0):
             open_workers.discard(worker.name)
     starts.left = sum(capacity[name].free_slots for name in open_workers)
     return starts
+
+
+def _reserve(job, capacity, starts, avoid, order, open_workers, shadows, now):
+    """A job that fits nowhere now keeps the allowed worker closest to fitting (see
+    plan_starts): all of it in STARTS.reserved, or, if only resources are short,
+    its slots and the kinds of resource it asks for in STARTS.kept; and when it
+    could start there, in SHADOWS (for backfill)."""
+    reserved, kept = starts.reserved, starts.kept
+    kinds = job.need.kinds() if job.need else set()
+    could = [worker for worker in job.allowed(capacity) if job.could_fit(worker)
+             and worker.name not in reserved and worker.name not in avoid
+             and not kept.get(worker.name, set()) & kinds]
+    if not could:
+        return
+    worker = min(could, key=lambda worker: (worker.resources.missing(job.need),
+                                            -worker.free_slots, order[worker.name]))
+    shadow = reservation_time(job, worker, now)
+    if kinds and worker.free_slots >= job.slots:
+        worker.take(job.slots)   # (held for it, as the kinds below)
+        kept.setdefault(worker.name, set()).update(kinds)
+    else:
+        reserved.add(worker.name)
+    starts.holders.setdefault(worker.name, job.job_id)
+    if not worker.free_slots or worker.name in reserved:
+        open_workers.discard(worker.name)
+    if shadow is not None:
+        shadows[worker.name] = min(shadow, shadows.get(worker.name, shadow))
 
 
 class Plan(list):
