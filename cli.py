@@ -1139,7 +1139,7 @@ MAX_MEMORY = 2 ** 60
 
 def _resource_counts(value, what, low):
     """The named resources of a resources object (all its keys but gpus and mem):
-    {name: whole number from LOW}."""
+    {name: whole number from LOW}; a 0 (edit_slave's NAME=0: take it away) is kept."""
     named = {}
     for name, count in value.items():
         if name in ("gpus", "mem"):
@@ -1149,8 +1149,7 @@ def _resource_counts(value, what, low):
                             "digits, _ or -; not gpus, mem or slots)")
         if not whole_number(count, low, MAX_RESOURCE_COUNT):
             raise UserError(f"{what}: {name} must be a whole number from {low}, not {count!r}")
-        if count:
-            named[name] = count
+        named[name] = count
     return named
 
 
@@ -1181,7 +1180,8 @@ def _option_resources(source, split=False):
                             "slot (ask for 1 per slot, or do not split)")
     if value.get("mem"):
         need["mem"] = _memory(value["mem"], "resources")
-    named = _resource_counts(value, "resources", 0)
+    named = {name: count for name, count in _resource_counts(value, "resources", 0).items()
+             if count}
     if named:
         need["named"] = named
     return json.dumps(need) if need else None
@@ -1208,9 +1208,8 @@ def _worker_resources(value, name="resources", edit=False):
     if "mem" in value:
         declared["mem"] = _memory(value["mem"], "--mem", 0 if edit else 1)
     named = _resource_counts(value, "--resource", 0 if edit else 1)
-    if named or edit and len(value) > len(declared):
-        declared["named"] = named if not edit else \
-            {key: count for key, count in value.items() if key not in ("gpus", "mem")}
+    if named:
+        declared["named"] = named
     if edit:
         return declared
     return json.dumps(declared) if declared else None
@@ -3791,18 +3790,16 @@ def resource_usage_lines(shown):
     return phrases
 
 
-def resources_text(column, per_slot=False):
-    """A worker's or job's resources column in a few words: 4 GPUs (0,1,2,3), 256G
-    memory, licence=2."""
+def resources_text(column):
+    """A worker's resources column in a few words: 4 GPUs (0,1,2,3), 256G memory,
+    licence=2."""
     if not column:
         return ""
     resources = json.loads(column)
     words = []
     gpus = resources.get("gpus")
-    if isinstance(gpus, list):
+    if gpus:
         words.append(f"{len(gpus)} GPU{'s' * (len(gpus) != 1)} ({','.join(gpus)})")
-    elif gpus:
-        words.append(gpu_text(gpus) + " per slot" * per_slot)
     if resources.get("mem"):
         words.append(f"{size_text(resources['mem'])} memory")
     words += [f"{name}={count}" for name, count in resources.get("named", {}).items()]
