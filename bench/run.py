@@ -21,7 +21,8 @@ Workloads (medians over the runs, min-max beside them):
                  starting Python and compiling cli.py
   B4D dashboard  the dashboard with N jobs waiting: the server's snapshot,
   with a queue   /metrics, a deep page of jobs, the page opened in Chromium
-  B5 workers     500 workers x 2 slots (registered without the SSH check)
+  B5 workers     500 workers x 2 slots, and 2,000 x 5 (registered without the SSH
+                 check)
   B6 refill      time from a job's end to the next start on the same slot
   B7 placement   a mixed stream of 1-, 4- and 16-slot jobs of 1 s (every 0.5 s:
                  four 1-slot, one 4-slot, and every other time one 16-slot, ~85%
@@ -32,6 +33,11 @@ Workloads (medians over the runs, min-max beside them):
                  utilisation, the whole batch's time, and how much later each
                  4-GPU job started than without --estimate: with right
                  estimates, and with 1 in 5 a third short (overrunning by 50%)
+  B9 at once     1,000 and 5,000 jobs of `sleep` running at once on one worker:
+                 the memory cli.py adds per running job (PSS of the server and
+                 every process of ours, the jobs' own left out), processes per
+                 job, the server's fds, the time to start them all, and add_job
+                 and status --json while they run
 It is a benchmark, not a test: it never fails on a number.  B4 (queue size)
 is bench/bulk.py.
 """
@@ -354,11 +360,14 @@ def b3_latency(sandbox, root, jobs, samples=15):
 
 def b5_many_workers(sandbox, root, jobs):
     job, arguments = script(root, "exit0.sh", "exit 0\n"), numbers(root, jobs)
-    with Queue(root / "b5", sandbox.env()) as queue:
-        queue("add_slave", "--skip_ssh_auth_check", "--slots", 2,
-              *(f"node{n}" for n in range(500)))
-        return {"B5 cli.py, 500 workers x 2 slots (jobs/s)":
-                queue_rate(queue, job, arguments, jobs)}
+    figures = {}
+    for workers, slots in ((500, 2), (2000, 5)):
+        with Queue(root / f"b5-{workers}", sandbox.env()) as queue:
+            queue("add_slave", "--skip_ssh_auth_check", "--slots", slots,
+                  *(f"node{n}" for n in range(workers)))
+            figures[f"B5 cli.py, {workers:,} workers x {slots} slots (jobs/s)"] = \
+                queue_rate(queue, job, arguments, jobs)
+    return figures
 
 
 def b6_refill(sandbox, root, jobs):
@@ -441,6 +450,84 @@ def placement_waits(sandbox, root, rounds, placement):
     return waits
 
 
+def b9_running_at_once(sandbox, root, counts):
+    """What COUNT jobs running at once cost the scheduler host: the memory the tool adds
+    (PSS of the server and every process of ours under it, the jobs' own `sleep`s
+    left out), its processes and the server's fds per running job, how long they took
+    to start, and how fast the server still answers (add_job, status --json)."""
+    figures = {}
+    job = script(root, "sleep.sh", "exec sleep 3600\n")
+    for count in counts:
+        with Queue(root / f"b9-{count}", sandbox.env()) as queue:
+            queue("add_slave", "--skip_ssh_auth_check", "--slots", count, "w1")
+            server = int((queue.root / ".data" / "server.pid").read_text())
+            idle = tool_footprint(server, queue.root / ".data" / "run")
+            started = time.perf_counter()
+            queue("add_job", job, ":::", *range(count))
+            while json.loads(queue("status", "--json"))["counts"].get("running", 0) < count:
+                time.sleep(0.2)
+            label = f"B9 {count:,} running"
+            figures[f"{label}: time to start them all (s)"] = time.perf_counter() - started
+            time.sleep(2)   # the last supervisors settled
+            busy = tool_footprint(server, queue.root / ".data" / "run")
+            figures[f"{label}: memory cli.py adds per running job (MB PSS)"] = \
+                (busy["pss"] - idle["pss"]) / count / 1024
+            figures[f"{label}: memory of the server and its helpers (MB PSS)"] = \
+                busy["server pss"] / 1024
+            figures[f"{label}: processes per running job, the job's own left out"] = \
+                (busy["processes"] - idle["processes"]) / count
+            figures[f"{label}: pids per running job, the job's own and zombies in"] = \
+                (busy["pids"] - idle["pids"]) / count
+            figures[f"{label}: the server's fds"] = busy["server fds"]
+            # As a user runs them: ./cli.py, its bytecode cached.
+            env = dict(queue.env, PATH=f"{Path(sys.executable).parent}:{queue.env['PATH']}")
+            for row, command in (("add_job", ("add_job", job)), ("status --json",
+                                                                  ("status", "--json"))):
+                figures[f"{label}: {row} meanwhile (ms)"] = 1000 * statistics.median(
+                    timed(lambda: subprocess.run([str(CLI), *map(str, command)], env=env,
+                                                 stdout=subprocess.DEVNULL, check=True))
+                    for _ in range(7))
+            queue("kill", "--grace", "0", f"1-{count + 7}")   # (the 7 add_job'ed too)
+    return figures
+
+
+def tool_footprint(server, run_dir):
+    """PSS (kB) and count of the server and the processes of ours below it, and the
+    server's open fds.  A job's processes are in the session of its supervisor (whose
+    pid its .pid file holds): they are the job's, not ours, and are left out."""
+    supervisors = set()
+    for path in run_dir.glob("*.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            supervisors.add(int(path.read_text()))
+    parents, sessions = {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+                parents.setdefault(int(fields[1]), []).append(int(entry))
+                sessions[int(entry)] = int(fields[3])
+    ours, every, stack = [], 0, [server]
+    while stack:
+        pid = stack.pop()
+        every += 1
+        if pid in supervisors or sessions.get(pid) not in supervisors:
+            ours.append(pid)
+        stack += parents.get(pid, [])
+    return {"pss": sum(pss_kb(pid) for pid in ours), "processes": len(ours), "pids": every,
+            "server pss": pss_kb(server) + sum(pss_kb(pid) for pid in parents.get(server, [])),
+            "server fds": len(os.listdir(f"/proc/{server}/fd"))}
+
+
+def pss_kb(pid):
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    return 0   # a zombie (a job's group leader) or gone
+
+
 BACKFILL_CASES = ("no estimates", "right estimates", "1 in 5 estimates short")
 
 
@@ -506,7 +593,7 @@ WORKLOADS = {"B1": (b1_dispatch, 5000, 1000), "B1D": (b1_dashboard, 5000, 1000),
              "B2": (b2_ssh, 500, 100), "B4D": (b4d_dashboard_queue, 100_000, 10_000),
              "B3": (b3_latency, 100_000, 10_000), "B5": (b5_many_workers, 20_000, 2000),
              "B6": (b6_refill, 1000, 200), "B7": (b7_placement, 40, 16),
-             "B8": (b8_backfill, 12, 6)}
+             "B8": (b8_backfill, 12, 6), "B9": (b9_running_at_once, (1000, 5000), (200,))}
 TARGETS = {
     "B1": "cli.py >= 3x GNU parallel, >= 0.5x xargs",
     "B1D": "with a page open >= 0.95x with none (issue 18)",
@@ -516,6 +603,7 @@ TARGETS = {
     "B5": "cli.py >= 0.8x its B1 rate",
     "B6": "median < 5 ms, p99 < 20 ms",
     "B7": "pack starts 16-slot jobs sooner than spread (issue 16)",
+    "B9": "memory per running job <= 0.2 MB PSS (issue 20)",
     "B8": "estimates raise utilisation; no 4-GPU job starts later than without them "
           "by more than the overrun of short estimates (issue 19)",
 }
@@ -547,7 +635,9 @@ def main():
             size = quick_size if options.quick else size
             for run in range(runs):
                 unit = {"B7": "rounds", "B8": "groups"}.get(name, "jobs")
-                print(f"{name} run {run + 1}/{runs} ({size:,} {unit}) ...", file=sys.stderr)
+                shown = "/".join(f"{n:,}" for n in size) if isinstance(size, tuple) \
+                    else f"{size:,}"
+                print(f"{name} run {run + 1}/{runs} ({shown} {unit}) ...", file=sys.stderr)
                 root = Path(tempfile.mkdtemp(dir=scratch))
                 for row, value in function(sandbox, root, size).items():
                     results.setdefault(name, {}).setdefault(row, []).append(value)
