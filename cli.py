@@ -14539,8 +14539,28 @@ EXAMPLES = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's, sized without importing shutil (2 ms at every start: argparse makes a
+    formatter for each add_argument, to check its metavar), as shutil would size it."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        if width is None:
+            columns = os.environ.get("COLUMNS", "")
+            width = int(columns) if columns.isdigit() else 0
+            if not width:
+                try:
+                    width = os.get_terminal_size(sys.__stdout__.fileno()).columns
+                except (AttributeError, ValueError, OSError):
+                    width = 80
+            width -= 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with mistakes reported like every other user error: one line, exit 1."""
+
+    def __init__(self, *args, formatter_class=None, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class or HelpFormatter, **kwargs)
 
     def error(self, message):
         self.exit(1, f"Error: {message} (see {self.prog} --help)\n")
@@ -14652,7 +14672,7 @@ def build_parser(only=None):
         help=f"The server's data directory (default: ${DATA_DIR_VARIABLE}, "
              f"else {DEFAULT_DATA_DIR}). Relative paths are taken from the current directory.")
     parser = ArgumentParser(
-        prog="cli.py", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="cli.py", parents=[common],
         description="A persistent SSH job queue: a background server runs your job script "
                     "for each queued job on a free worker (the commands call workers slaves, "
                     "as the tool this one grew out of did).",
@@ -14670,7 +14690,6 @@ def build_parser(only=None):
         description = "\n".join(line[4:] if line.startswith("    ") else line for line in lines)
         return commands.add_parser(
             name, parents=[common], help=lines[0], description=description,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
             epilog="examples:\n  " + EXAMPLES[name], **kwargs)
 
     quickstart = add("quickstart")
@@ -15123,6 +15142,9 @@ def command_named(argv):
 
 
 def parse_arguments(argv):
+    if argv == ["--version"]:   # (not worth building every command's parser for)
+        print(f"cli.py {VERSION}")
+        raise SystemExit(0)
     parser = build_parser(only=command_named(argv))
     options = parser.parse_args(argv)
     check_conflicts(options)
