@@ -96,12 +96,8 @@ def start_z(script, outcome):
             os.execv(SLEEP, ["sleep", "2147483647"])
         finally:
             os._exit(1)
-    os.close(write_end)
-    data = b""
-    while not data.endswith(b"\n"):
-        data += os.read(read_end, 64)
-    os.close(read_end)
-    return (holder, int(data)), int(data)
+    script_pid = read_pid(read_end, write_end)
+    return (holder, script_pid), script_pid
 
 
 def start_z1(script, outcome):
@@ -124,12 +120,18 @@ def start_z1(script, outcome):
             os.execv(SLEEP, ["sleep", "2147483647"])
         finally:
             os._exit(1)
+    script_pid = read_pid(read_end, write_end)
+    return (holder, script_pid), script_pid
+
+
+def read_pid(read_end, write_end):
+    """The script's pid, as the holder writes it before it becomes `sleep`."""
     os.close(write_end)
     data = b""
     while not data.endswith(b"\n"):
         data += os.read(read_end, 64)
     os.close(read_end)
-    return (holder, int(data)), int(data)
+    return int(data)
 
 
 def end_z(key, outcome):
