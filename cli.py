@@ -14549,7 +14549,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             width = int(columns) if columns.isdigit() else 0
             if not width:
                 try:
-                    width = os.get_terminal_size(sys.__stdout__.fileno()).columns
+                    width = os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
                 except (AttributeError, ValueError, OSError):
                     width = 80
             width -= 2

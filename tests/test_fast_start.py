@@ -106,3 +106,21 @@ def check_other_users_cache(root, second_user):
     bare = as_user(second_user, str(path), "--version", env=user_env)
     assert bare.returncode == 0 and bare.stdout == first.stdout, bare.stderr
     assert not list(cache.rglob("cli.*.pyc"))
+
+
+def test_a_command_imports_no_more_than_it_needs_and_help_still_fits_the_width(copy):
+    """argparse's own help formatter imports shutil (and its archive modules) at every
+    start; cli.py's sizes help itself, as shutil would: COLUMNS, the terminal, else 80."""
+    path, env = copy
+    result = run([str(path), "status"], dict(env, PYTHONPROFILEIMPORTTIME="1"))
+    assert "no server running" in result.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert "argparse" in imported   # (the import list was read)
+    assert not imported & {"shutil", "tabulate", "fabric", "filelock", "sqlite3"}, imported
+    for columns in ("50", "120"):
+        shown = run([str(path), "add_job", "--help"], dict(env, COLUMNS=columns)).stdout
+        # (the options are wrapped; the description and examples are shown as written)
+        options = shown.split("\noptions:\n", 1)[1].split("\nexamples:\n", 1)[0]
+        width = max(map(len, options.splitlines()))
+        assert int(columns) - 12 <= width <= int(columns) - 2, (columns, width)
