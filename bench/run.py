@@ -232,8 +232,8 @@ def settle(pid, limit=30.0):
         used = now
 
 
-def cpu_seconds(pid):
-    """CPU time of PID and its descendants, from /proc."""
+def process_table():
+    """Every process's /proc/PID/stat fields after its name, and {parent: [children]}."""
     stats, children = {}, {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -243,6 +243,12 @@ def cpu_seconds(pid):
             except OSError:
                 continue
             children.setdefault(int(stats[int(entry)][1]), []).append(int(entry))
+    return stats, children
+
+
+def cpu_seconds(pid):
+    """CPU time of PID and its descendants, from /proc."""
+    stats, children = process_table()
     total, stack = 0.0, [pid]
     while stack:
         process = stack.pop()
@@ -450,6 +456,9 @@ def placement_waits(sandbox, root, rounds, placement):
     return waits
 
 
+B9_SAMPLES = 7   # runs of add_job and of status --json while the jobs run
+
+
 def b9_running_at_once(sandbox, root, counts):
     """What COUNT jobs running at once cost the scheduler host: the memory the tool adds
     (PSS of the server and every process of ours under it, the jobs' own `sleep`s
@@ -486,8 +495,8 @@ def b9_running_at_once(sandbox, root, counts):
                 figures[f"{label}: {row} meanwhile (ms)"] = 1000 * statistics.median(
                     timed(lambda: subprocess.run([str(CLI), *map(str, command)], env=env,
                                                  stdout=subprocess.DEVNULL, check=True))
-                    for _ in range(7))
-            queue("kill", "--grace", "0", f"1-{count + 7}")   # (the 7 add_job'ed too)
+                    for _ in range(B9_SAMPLES))
+            queue("kill", "--grace", "0", f"1-{count + B9_SAMPLES}")   # (add_job's too)
     return figures
 
 
@@ -499,23 +508,16 @@ def tool_footprint(server, run_dir):
     for path in run_dir.glob("*.pid"):
         with contextlib.suppress(OSError, ValueError):
             supervisors.add(int(path.read_text()))
-    parents, sessions = {}, {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                with open(f"/proc/{entry}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-                parents.setdefault(int(fields[1]), []).append(int(entry))
-                sessions[int(entry)] = int(fields[3])
+    stats, children = process_table()
     ours, every, stack = [], 0, [server]
     while stack:
         pid = stack.pop()
         every += 1
-        if pid in supervisors or sessions.get(pid) not in supervisors:
+        if pid in supervisors or pid not in stats or int(stats[pid][3]) not in supervisors:
             ours.append(pid)
-        stack += parents.get(pid, [])
+        stack += children.get(pid, [])
     return {"pss": sum(pss_kb(pid) for pid in ours), "processes": len(ours), "pids": every,
-            "server pss": pss_kb(server) + sum(pss_kb(pid) for pid in parents.get(server, [])),
+            "server pss": pss_kb(server) + sum(pss_kb(pid) for pid in children.get(server, [])),
             "server fds": len(os.listdir(f"/proc/{server}/fd"))}
 
 
@@ -603,9 +605,9 @@ TARGETS = {
     "B5": "cli.py >= 0.8x its B1 rate",
     "B6": "median < 5 ms, p99 < 20 ms",
     "B7": "pack starts 16-slot jobs sooner than spread (issue 16)",
-    "B9": "memory per running job <= 0.2 MB PSS (issue 20)",
     "B8": "estimates raise utilisation; no 4-GPU job starts later than without them "
           "by more than the overrun of short estimates (issue 19)",
+    "B9": "memory per running job <= 0.2 MB PSS (issue 20)",
 }
 
 

@@ -75,23 +75,33 @@ def start_w(script, outcome):
     return pid, pid
 
 
-def start_z(script, outcome):
+def start_z(script, outcome, one_fork=False):
+    """The holder: a fork that makes the job's session, starts the script as its child
+    and becomes `sleep`.  Z forks again for the script, which is made the subreaper of
+    what it orphans; Z1 (ONE_FORK) starts it with posix_spawn, and the holder is the
+    subreaper itself (so the job's orphans, once ended, stay its zombies)."""
     read_end, write_end = os.pipe()
     holder = os.fork()
     if holder == 0:
         try:
             os.close(read_end)
             os.setsid()
-            for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            ignored = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+            for number in ignored:
                 signal.signal(number, signal.SIG_IGN)
             leader = os.posix_spawn("/bin/true", ["true"], {}, setpgroup=0)
-            child = os.fork()
-            if child == 0:
+            if one_fork:
                 LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-                os.setpgid(0, leader)
-                for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                    signal.signal(number, signal.SIG_DFL)
-                os.execve(script[0], script, os.environ)
+                child = os.posix_spawn(script[0], script, os.environ, setpgroup=leader,
+                                       setsigdef=ignored)
+            else:
+                child = os.fork()
+                if child == 0:
+                    LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+                    os.setpgid(0, leader)
+                    for number in ignored:
+                        signal.signal(number, signal.SIG_DFL)
+                    os.execve(script[0], script, os.environ)
             os.write(write_end, f"{child}\n".encode())
             os.execv(SLEEP, ["sleep", "2147483647"])
         finally:
@@ -101,27 +111,7 @@ def start_z(script, outcome):
 
 
 def start_z1(script, outcome):
-    """Z with one fork: the holder starts the script with posix_spawn, and is the
-    subreaper itself (so the job's orphans, once ended, stay its zombies)."""
-    read_end, write_end = os.pipe()
-    holder = os.fork()
-    if holder == 0:
-        try:
-            os.close(read_end)
-            os.setsid()
-            LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-            ignored = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-            for number in ignored:
-                signal.signal(number, signal.SIG_IGN)
-            leader = os.posix_spawn("/bin/true", ["true"], {}, setpgroup=0)
-            child = os.posix_spawn(script[0], script, os.environ, setpgroup=leader,
-                                   setsigdef=ignored)
-            os.write(write_end, f"{child}\n".encode())
-            os.execv(SLEEP, ["sleep", "2147483647"])
-        finally:
-            os._exit(1)
-    script_pid = read_pid(read_end, write_end)
-    return (holder, script_pid), script_pid
+    return start_z(script, outcome, one_fork=True)
 
 
 def read_pid(read_end, write_end):
