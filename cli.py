@@ -5136,18 +5136,34 @@ def _spawn_one(channel, request, setup):
 
 
 def launch_supervisor(run_dir, spec, setup):
-    """Fork a supervisor for one attempt (in the spawner); return its pid."""
+    """Fork a supervisor for one attempt (in the spawner); return its pid.
+
+    Never a second one: a spawner killed after its fork, before it could hand
+    the supervisor over, is asked again by the server (see Spawner.spawn).  The
+    lock still held, or a pid file, says that the attempt has its supervisor
+    (alive, or ended already), which the server then adopts or settles (see
+    Runner.start)."""
+    import errno
     import fcntl
     try:
         lock_fd = os.open(run_file(run_dir, spec.job_id, spec.attempt, "lock"),
-                          os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                          os.O_WRONLY | os.O_CREAT, 0o600)
     except OSError as error:
         raise LaunchError(f"cannot create its lock file: {error.strerror}") from None
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(lock_fd)
+        if error.errno != errno.EWOULDBLOCK:
+            raise LaunchError(f"cannot lock its lock file: {error.strerror}") from None
+        raise LaunchError("it has a supervisor already") from None
+    if os.path.lexists(run_file(run_dir, spec.job_id, spec.attempt, "pid")):
+        os.close(lock_fd)
+        raise LaunchError("it has had a supervisor already")
     # Block the signals the supervisor waits for before forking, so that none
     # reaches the spawner's own handler in the child.
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGCHLD})
     try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)
         pid = os.fork()
         if pid == 0:
             _supervise(run_dir, spec, lock_fd, setup)
@@ -8019,10 +8035,18 @@ class Runner:
             try:
                 self.start_attempt(row)
             except (LaunchError, OSError, self.store.sqlite3.Error) as error:
-                # Nothing forked: the job goes back to the queue (see record_end).
-                self.log.error("job %s: cannot start it: %s", row["id"], error)
-                attempt = self.hold(Attempt(row, None, None))
-                self.record_end(attempt)   # queues it again
+                # A spawner killed between its fork and its answer: the attempt has
+                # a supervisor after all, which the next spawner refused to double.
+                if self.adopt(row):
+                    self.log.warning("job %s: %s; its supervisor adopted", row["id"], error)
+                    continue
+                pid = read_pid(run_file(self.run_dir, row["id"], row["attempt"], "pid"))
+                if pid is None:
+                    # Nothing ran: the job goes back to the queue (see record_end).
+                    self.log.error("job %s: cannot start it: %s", row["id"], error)
+                else:   # it ran, and has ended already: settled by what it recorded
+                    self.log.warning("job %s: %s; settled", row["id"], error)
+                self.record_end(self.hold(Attempt(row, pid, None)))
 
     def environment_of(self, row, part=None):
         """The environment the running job ROW's script runs (or ran) with; for a --split

@@ -8,6 +8,8 @@ setup_machine() {
     # The disk-fault tests mount small tmpfs and ext4 images (tests/test_disk_faults.py).
     command -v mkfs.ext4 >/dev/null && command -v e2fsck >/dev/null || missing+=(e2fsprogs)
     command -v losetup >/dev/null && command -v mount >/dev/null || missing+=(mount)
+    # A spawner is killed at the worst moment by strace's fault injection (test_recovery.py).
+    command -v strace >/dev/null || missing+=(strace)
     # wait's progress line is tested in a real terminal (tests/test_wait.py).
     command -v tmux >/dev/null || missing+=(tmux)
     # The dashboard's page is tested in a real headless browser (tests/test_dashboard.py).

@@ -176,6 +176,38 @@ def test_a_killed_spawner_is_reaped_logged_and_replaced(server):
         (server.log_dir / "server.log").read_text()
 
 
+def test_a_spawner_killed_right_after_its_fork_neither_doubles_the_job_nor_hangs(server):
+    """strace kills the spawner as it hands a new supervisor over (its first sendmsg):
+    the server asks a new spawner, which must not start the attempt again, and the
+    server adopts the supervisor that runs, without waiting for it to end."""
+    server.ok("add_slave", "--skip_ssh_auth_check", "w1")
+    pid = server.server_pid()
+    spawner, = [child for child, (name, _) in children_of(pid).items()
+                if name == "cli.py spawner"]
+    tracer = subprocess.Popen(["strace", "-o", os.devnull, "-e", "trace=sendmsg",
+                               "-e", "inject=sendmsg:signal=SIGKILL:when=1", "-p", str(spawner)],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert "attached" in tracer.stderr.readline()
+        job = server.add_job(gated_script(server), "3")
+        wait_until(lambda: (server.results / "runs.log").exists(), what="the job to start")
+        try:   # (the server used to wait for that job to end)
+            answer = server.run("status", "--json", timeout=10)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the server does not answer while the job runs")
+        assert json.loads(answer.stdout)["counts"]["running"] == 1
+        (server.root / "gate").touch()
+        server.wait_for_counts(failed=1, running=0)
+    finally:
+        tracer.kill()
+        tracer.wait()
+    assert server.runs() == [job]   # once
+    log = (server.log_dir / "server.log").read_text()
+    assert f"job {job}: failed (exit code 3," in log   # the true exit code of that one run
+    assert f"the spawner (pid {spawner}) was killed by SIGKILL; starting a new one" in log
+    assert f"job {job}: it has a supervisor already; its supervisor adopted" in log
+
+
 def test_a_held_lock_without_pid_file_is_never_queued_again_until_released(server):
     """A supervisor that has its lock but not yet its pid file may be about to run the script."""
     server.ok("add_slave", "w1")
