@@ -5099,8 +5099,10 @@ def _spawner_main(channel):
         while True:
             readable, _, _ = select_readable([channel, wakeup_read])
             if wakeup_read in readable:
+                # Only then: each waitpid walks every child, thousands while as
+                # many jobs run, and a request must not pay for that.
                 wakeup_read.recv(4096)
-            _reap_children(None, None)
+                _reap_children(None, None)
             if channel not in readable:
                 continue
             chunk = channel.recv(1 << 20)
