@@ -176,19 +176,26 @@ def test_a_killed_spawner_is_reaped_logged_and_replaced(server):
         (server.log_dir / "server.log").read_text()
 
 
-def test_a_spawner_killed_right_after_its_fork_neither_doubles_the_job_nor_hangs(server):
-    """strace kills the spawner as it hands a new supervisor over (its first sendmsg):
-    the server asks a new spawner, which must not start the attempt again, and the
-    server adopts the supervisor that runs, without waiting for it to end."""
-    server.ok("add_slave", "--skip_ssh_auth_check", "w1")
-    pid = server.server_pid()
-    spawner, = [child for child, (name, _) in children_of(pid).items()
+def kill_spawner_at_its_answer(server, *before):
+    """strace, attached to SERVER's spawner, kills it as it hands its first new
+    supervisor over (its first sendmsg), after the faults BEFORE (strace -e inject
+    rules).  Returns (the spawner's pid, the strace process)."""
+    spawner, = [child for child, (name, _) in children_of(server.server_pid()).items()
                 if name == "cli.py spawner"]
-    tracer = subprocess.Popen(["strace", "-o", os.devnull, "-e", "trace=sendmsg",
-                               "-e", "inject=sendmsg:signal=SIGKILL:when=1", "-p", str(spawner)],
+    rules = [argument for rule in (*before, "sendmsg:signal=SIGKILL:when=1")
+             for argument in ("-e", f"inject={rule}")]
+    tracer = subprocess.Popen(["strace", "-o", os.devnull, *rules, "-p", str(spawner)],
                               stderr=subprocess.PIPE, text=True)
+    assert "attached" in tracer.stderr.readline()
+    return spawner, tracer
+
+
+def test_a_spawner_killed_right_after_its_fork_neither_doubles_the_job_nor_hangs(server):
+    """The server asks a new spawner, which must not start the attempt again, and
+    adopts the supervisor that runs, without waiting for it to end."""
+    server.ok("add_slave", "--skip_ssh_auth_check", "w1")
+    spawner, tracer = kill_spawner_at_its_answer(server)
     try:
-        assert "attached" in tracer.stderr.readline()
         job = server.add_job(gated_script(server), "3")
         wait_until(lambda: (server.results / "runs.log").exists(), what="the job to start")
         try:   # (the server used to wait for that job to end)
@@ -206,6 +213,25 @@ def test_a_spawner_killed_right_after_its_fork_neither_doubles_the_job_nor_hangs
     assert f"job {job}: failed (exit code 3," in log   # the true exit code of that one run
     assert f"the spawner (pid {spawner}) was killed by SIGKILL; starting a new one" in log
     assert f"job {job}: it has a supervisor already; its supervisor adopted" in log
+
+
+def test_a_job_that_ended_before_its_dead_spawner_could_answer_is_recorded_once(server):
+    """The spawner is held up for a second after its fork (its pidfd_open), long
+    enough for the job to end, and then killed: the new spawner finds the
+    attempt's pid file, and the server records what its supervisor wrote."""
+    server.ok("add_slave", "--skip_ssh_auth_check", "w1")
+    spawner, tracer = kill_spawner_at_its_answer(server, "pidfd_open:delay_exit=1000000:when=1")
+    try:
+        job = server.add_job(server.write_script("quick.sh", 'echo "$JOB_ID" >> '
+                                                 '"$RESULTS/runs.log"\nexit 3\n'))
+        server.wait_for_counts(failed=1, running=0)
+    finally:
+        tracer.kill()
+        tracer.wait()
+    assert server.runs() == [job]
+    log = (server.log_dir / "server.log").read_text()
+    assert f"job {job}: it has had a supervisor already; settled" in log
+    assert f"job {job}: failed (exit code 3," in log
 
 
 def test_a_held_lock_without_pid_file_is_never_queued_again_until_released(server):
