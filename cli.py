@@ -5082,7 +5082,8 @@ def _spawner_main(channel):
         setup = ChildSetup()   # before our own dispositions change
         for number in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
             signal.signal(number, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        # (SIGCHLD too: reaping waits for it, and a starter may have left it blocked)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD})
         _name_process("cli.py spawner")
         # Supervisors are forks of this process: the collector must not walk
         # (and so copy) the pages of objects they inherit.  See _supervise.
@@ -8042,7 +8043,15 @@ class Runner:
                 if self.adopt(row):
                     self.log.warning("job %s: %s; its supervisor adopted", row["id"], error)
                     continue
-                pid = read_pid(run_file(self.run_dir, row["id"], row["attempt"], "pid"))
+                pid_path = run_file(self.run_dir, row["id"], row["attempt"], "pid")
+                pid = read_pid(pid_path)
+                if pid is None and os.path.lexists(pid_path):
+                    # It ran, but cannot be told from its pid file now: keep its slot,
+                    # never start it twice (as adopt does with a supervisor it cannot watch).
+                    self.hold(self.new_attempt(row, None, None))
+                    self.log.error("job %s: %s, and its pid file cannot be read; left as "
+                                   "running, checked again at the next start", row["id"], error)
+                    continue
                 if pid is None:
                     # Nothing ran: the job goes back to the queue (see record_end).
                     self.log.error("job %s: cannot start it: %s", row["id"], error)

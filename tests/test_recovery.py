@@ -216,11 +216,11 @@ def test_a_spawner_killed_right_after_its_fork_neither_doubles_the_job_nor_hangs
 
 
 def test_a_job_that_ended_before_its_dead_spawner_could_answer_is_recorded_once(server):
-    """The spawner is held up for a second after its fork (its pidfd_open), long
-    enough for the job to end, and then killed: the new spawner finds the
-    attempt's pid file, and the server records what its supervisor wrote."""
+    """The spawner is held up for 3 s after its fork (its pidfd_open), long enough
+    for the job to end, and then killed: the new spawner finds the attempt's pid
+    file, and the server records what its supervisor wrote."""
     server.ok("add_slave", "--skip_ssh_auth_check", "w1")
-    spawner, tracer = kill_spawner_at_its_answer(server, "pidfd_open:delay_exit=1000000:when=1")
+    spawner, tracer = kill_spawner_at_its_answer(server, "pidfd_open:delay_exit=3000000:when=1")
     try:
         job = server.add_job(server.write_script("quick.sh", 'echo "$JOB_ID" >> '
                                                  '"$RESULTS/runs.log"\nexit 3\n'))
