@@ -8038,26 +8038,30 @@ class Runner:
             try:
                 self.start_attempt(row)
             except (LaunchError, OSError, self.store.sqlite3.Error) as error:
-                # A spawner killed between its fork and its answer: the attempt has
-                # a supervisor after all, which the next spawner refused to double.
-                if self.adopt(row):
-                    self.log.warning("job %s: %s; its supervisor adopted", row["id"], error)
-                    continue
-                pid_path = run_file(self.run_dir, row["id"], row["attempt"], "pid")
-                pid = read_pid(pid_path)
-                if pid is None and os.path.lexists(pid_path):
-                    # It ran, but cannot be told from its pid file now: keep its slot,
-                    # never start it twice (as adopt does with a supervisor it cannot watch).
-                    self.hold(self.new_attempt(row, None, None))
-                    self.log.error("job %s: %s, and its pid file cannot be read; left as "
-                                   "running, checked again at the next start", row["id"], error)
-                    continue
-                if pid is None:
-                    # Nothing ran: the job goes back to the queue (see record_end).
-                    self.log.error("job %s: cannot start it: %s", row["id"], error)
-                else:   # it ran, and has ended already: settled by what it recorded
-                    self.log.warning("job %s: %s; settled", row["id"], error)
-                self.record_end(self.hold(Attempt(row, pid, None)))
+                self.launch_failed(row, error)
+
+    def launch_failed(self, row, error):
+        """The running attempt ROW could not be started (ERROR).  Mostly nothing
+        ran, and the job goes back to the queue; but a spawner killed between
+        its fork and its answer leaves a supervisor after all (which the next
+        spawner refused to double): adopted, or settled if it has ended."""
+        if self.adopt(row):
+            self.log.warning("job %s: %s; its supervisor adopted", row["id"], error)
+            return
+        pid_path = run_file(self.run_dir, row["id"], row["attempt"], "pid")
+        pid = read_pid(pid_path)
+        if pid is None and os.path.lexists(pid_path):
+            # It ran, but cannot be told from its pid file now: keep its slot,
+            # never start it twice (as adopt does with a supervisor it cannot watch).
+            self.hold(self.new_attempt(row, None, None))
+            self.log.error("job %s: %s, and its pid file cannot be read; left as running, "
+                           "checked again at the next start", row["id"], error)
+            return
+        if pid is None:
+            self.log.error("job %s: cannot start it: %s", row["id"], error)
+        else:   # it ran, and has ended already: settled by what it recorded
+            self.log.warning("job %s: %s; settled", row["id"], error)
+        self.record_end(self.hold(Attempt(row, pid, None)))   # (queues it again if nothing ran)
 
     def environment_of(self, row, part=None):
         """The environment the running job ROW's script runs (or ran) with; for a --split
