@@ -128,6 +128,7 @@ from enum import Enum
 ###############################################################################
 
 VERSION = "0.1.0"
+VERSION_LINE = f"cli.py {VERSION}"   # what --version prints
 DEFAULT_DATA_DIR = ".data"
 DEFAULT_LOG_DIR = "logs"
 DATA_DIR_VARIABLE = "CLI_PY_DATA_DIR"        # overrides the default data dir
@@ -14718,7 +14719,7 @@ def build_parser(only=None):
         epilog="examples:\n  " + "\n  ".join(
             ["./cli.py start", "./cli.py add_slave --slots 4 node1 node2",
              "./cli.py add_job ./job.sh input-1.dat", "./cli.py status", "./cli.py stop"]))
-    parser.add_argument("--version", action="version", version=f"cli.py {VERSION}")
+    parser.add_argument("--version", action="version", version=VERSION_LINE)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add(name, **kwargs):
@@ -15182,7 +15183,7 @@ def command_named(argv):
 
 def parse_arguments(argv):
     if argv == ["--version"]:   # (not worth building every command's parser for)
-        print(f"cli.py {VERSION}")
+        print(VERSION_LINE)
         raise SystemExit(0)
     parser = build_parser(only=command_named(argv))
     options = parser.parse_args(argv)

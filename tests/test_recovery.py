@@ -159,12 +159,17 @@ def children_of(pid):
     return children
 
 
+def spawner_of(server):
+    spawner, = [child for child, (name, _) in children_of(server.server_pid()).items()
+                if name == "cli.py spawner"]
+    return spawner
+
+
 def test_a_killed_spawner_is_reaped_logged_and_replaced(server):
     server.ok("add_slave", "--skip_ssh_auth_check", "w1")
     server.ok("wait", "-q", server.add_job(server.script))
     pid = server.server_pid()
-    spawner, = [child for child, (name, _) in children_of(pid).items()
-                if name == "cli.py spawner"]
+    spawner = spawner_of(server)
     os.kill(spawner, signal.SIGKILL)
     wait_until(lambda: children_of(pid).get(spawner, (None, "gone"))[1] in ("Z", "gone"),
                what="the spawner to die")
@@ -180,8 +185,7 @@ def kill_spawner_at_its_answer(server, *before):
     """strace, attached to SERVER's spawner, kills it as it hands its first new
     supervisor over (its first sendmsg), after the faults BEFORE (strace -e inject
     rules).  Returns (the spawner's pid, the strace process)."""
-    spawner, = [child for child, (name, _) in children_of(server.server_pid()).items()
-                if name == "cli.py spawner"]
+    spawner = spawner_of(server)
     rules = [argument for rule in (*before, "sendmsg:signal=SIGKILL:when=1")
              for argument in ("-e", f"inject={rule}")]
     tracer = subprocess.Popen(["strace", "-o", os.devnull, *rules, "-p", str(spawner)],
